@@ -1,0 +1,138 @@
+//! `dev`: the one vocabulary of device primitives every kernel uses.
+//!
+//! Two back ends with the same functions: `ptx.rs` (inline PTX, the only file with `asm!`)
+//! on nvptx64, `emu.rs` (the CPU emulator) elsewhere. Names spell out operation, semantics
+//! and scope, `{op}_{sem}_{scope}_{type}`, like the PTX they emit:
+//!
+//! | function | PTX | pairs with |
+//! |---|---|---|
+//! | `st_release_sys_u32/u64` | `st.release.sys.global` | `ld_acquire_sys_*` |
+//! | `ld_acquire_sys_u32/u64` | `ld.acquire.sys.global` | `st_release_sys_*`, `red_add_release_sys_*` |
+//! | `st_relaxed_sys_u32/u64`, `ld_relaxed_sys_u32/u64` | `st/ld.relaxed.sys.global` | a `fence_*` on each side |
+//! | `red_add_release_sys_u32/u64` | `red.release.sys.global.add` | `ld_acquire_sys_*` |
+//! | `atom_add_relaxed_gpu_u32`, `atom_add_release_gpu_u32` | `atom.{relaxed,release}.gpu.global.add` | counters |
+//! | `atom_cas_acq_rel_sys_u32` | `atom.acq_rel.sys.global.cas` | claims, locks |
+//! | `fence_acq_rel_gpu/sys`, `fence_sc_sys` | `fence.{acq_rel,sc}.{gpu,sys}` | relaxed flags |
+//! | `ld_nc_v4`, `ld_v4`, `st_v4` | `ld.global.nc.v4.u32`, `ld.global.v4.u32`, `st.global.v4.u32` | 16-byte data moves |
+//! | `shfl_bfly_u32`, `shfl_idx_u32`, `ballot` | `shfl.sync.*`, `vote.sync.ballot` | warp-cooperative: all 32 lanes call |
+//! | `sync_threads`, `sync_warp` | `bar.sync 0`, `bar.warp.sync` | |
+//! | `static_smem`, `dyn_smem`, `atom_add_shared_u32` | `.shared` arrays, `atom.shared.add` | |
+//! | `globaltimer_ns`, `nanosleep_ns` | `%globaltimer`, `nanosleep.u32` | wait bounds |
+//!
+//! Built on them here: [`wait_until`] (every wait loop in every kernel) and [`report_error`].
+
+use crate::abi::{DeviceError, WARP_SIZE, error_code};
+
+/// 16 bytes: the unit of every token copy (one `v4.u32` load or store).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct U4 {
+    /// Word 0.
+    pub x: u32,
+    /// Word 1.
+    pub y: u32,
+    /// Word 2.
+    pub z: u32,
+    /// Word 3.
+    pub w: u32,
+}
+
+/// Bytes of the module-scope static shared-memory array ([`static_smem`]).
+pub const STATIC_SMEM_BYTES: usize = 4096;
+
+#[cfg(target_arch = "nvptx64")]
+mod ptx;
+#[cfg(target_arch = "nvptx64")]
+pub use ptx::*;
+
+#[cfg(not(target_arch = "nvptx64"))]
+mod emu;
+#[cfg(not(target_arch = "nvptx64"))]
+pub use emu::*;
+
+/// Warp index inside the block.
+#[inline(always)]
+pub fn warp_id() -> u32 {
+    thread_idx_x() / WARP_SIZE
+}
+
+/// Warps per block.
+#[inline(always)]
+pub fn num_warps() -> u32 {
+    block_dim_x() / WARP_SIZE
+}
+
+/// Spins until `done()` returns true or `timeout_ns` of `%globaltimer` time passed.
+/// Returns `false` on timeout. Every wait loop in every kernel goes through here, so every
+/// wait is bounded (the caller turns `false` into a [`report_error`]).
+#[inline(always)]
+pub fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
+    let start = globaltimer_ns();
+    let mut spins = 0u32;
+    loop {
+        if done() {
+            return true;
+        }
+        if globaltimer_ns().wrapping_sub(start) > timeout_ns {
+            return false;
+        }
+        spins = spins.wrapping_add(1);
+        backoff(spins);
+    }
+}
+
+/// Records an error in the host-visible `DeviceError` at `err` (first writer wins) and
+/// returns. Callers then leave the kernel normally: a trap would poison the CUDA context.
+///
+/// # Safety
+/// `err` points to a valid `DeviceError` in memory the device can write.
+#[inline(always)]
+pub unsafe fn report_error(err: *mut DeviceError, record: DeviceError) {
+    // SAFETY: the caller guarantees `err` is valid; fields are 4/8-byte aligned.
+    unsafe {
+        let claimed = core::ptr::addr_of_mut!((*err).claimed);
+        if atom_cas_acq_rel_sys_u32(claimed, 0, 1) != 0 {
+            return;
+        }
+        let code = record.code;
+        // Field by field: an aggregate volatile store could lower to a memcpy call.
+        core::ptr::addr_of_mut!((*err).rank).write_volatile(record.rank);
+        core::ptr::addr_of_mut!((*err).peer).write_volatile(record.peer);
+        core::ptr::addr_of_mut!((*err).block).write_volatile(record.block);
+        core::ptr::addr_of_mut!((*err).site).write_volatile(record.site);
+        core::ptr::addr_of_mut!((*err).expected).write_volatile(record.expected);
+        core::ptr::addr_of_mut!((*err).observed).write_volatile(record.observed);
+        fence_acq_rel_sys();
+        st_release_sys_u32(core::ptr::addr_of_mut!((*err).code), code);
+    }
+}
+
+/// Reports a timeout of a wait on `peer` at `site` (see [`report_error`]).
+///
+/// # Safety
+/// As [`report_error`].
+#[inline(always)]
+pub unsafe fn report_timeout(err: *mut DeviceError, rank: u32, peer: u32, site: u32, expected: u64, observed: u64) {
+    let record = DeviceError {
+        code: error_code::TIMEOUT,
+        claimed: 0,
+        rank,
+        peer,
+        block: block_idx_x(),
+        site,
+        expected,
+        observed,
+    };
+    // SAFETY: forwarded contract.
+    unsafe { report_error(err, record) }
+}
+
+/// True once an error was published into `err` (so other waits can stop early).
+///
+/// # Safety
+/// As [`report_error`].
+#[inline(always)]
+pub unsafe fn error_raised(err: *const DeviceError) -> bool {
+    // SAFETY: forwarded contract.
+    unsafe { ld_relaxed_sys_u32(core::ptr::addr_of!((*err).code)) != error_code::NONE }
+}
