@@ -26,14 +26,18 @@ pub const SITE_READY: u32 = 1;
 /// [`DeviceError::site`] of the wait for peers' `arrived` flags.
 pub const SITE_ARRIVED: u32 = 2;
 
-/// Waits, by threads `t < num_ranks`, until `flags[t][b] >= epoch`; true on success.
+/// Waits, by threads `t < num_ranks`, until the local `flags[t][b] >= epoch` (`flags` is
+/// the region's offset); true when every wait succeeded.
 #[inline(always)]
 unsafe fn wait_flags(p: &AllGatherParams, flags: u64, site: u32, failed: *mut u32) -> bool {
     let t = dev::thread_idx_x();
     let b = dev::block_idx_x();
     let num_blocks = dev::grid_dim_x();
     if t < p.num_ranks {
-        let flag = AllGatherLayout::new(p.num_ranks, num_blocks, p.block_bytes).flag_offset(flags, t, b, num_blocks) as *const u64;
+        // SAFETY: `peer_bases` has `num_ranks` entries; entry `rank` is the local buffer.
+        let local = unsafe { *(p.peer_bases as *const u64).add(p.rank as usize) };
+        let layout = AllGatherLayout::new(p.num_ranks, num_blocks, p.block_bytes);
+        let flag = layout.flag_offset(local + flags, t, b, num_blocks) as *const u64;
         let err = p.error as *mut DeviceError;
         let mut seen = 0;
         // SAFETY: `flag` lies inside the local symmetric buffer (layout computed above).
@@ -56,7 +60,8 @@ unsafe fn wait_flags(p: &AllGatherParams, flags: u64, site: u32, failed: *mut u3
     unsafe { dev::ld_relaxed_sys_u32(failed) == 0 }
 }
 
-/// Raises, by threads `t < num_ranks`, `flags[rank][b] = epoch` in peer `t`'s buffer.
+/// Raises, by threads `t < num_ranks`, `flags[rank][b] = epoch` in peer `t`'s buffer
+/// (`flags` is the region's offset).
 #[inline(always)]
 unsafe fn signal_peers(p: &AllGatherParams, flags: u64) {
     let t = dev::thread_idx_x();

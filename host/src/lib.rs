@@ -2,7 +2,13 @@
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+pub mod collective;
+pub mod device;
 mod error;
+pub mod group;
 pub mod reference;
 
+pub use device::{Device, DeviceBuffer, Event, HostMapped, LaunchConfig, Stream};
 pub use error::{Error, Result};
+pub use group::{Group, Sharing, SymmetricBuffer};
+pub use moe_ep_kernels as kernels;

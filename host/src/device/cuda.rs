@@ -1,0 +1,338 @@
+//! CUDA back end: the driver API through `cudarc::driver::sys`, loaded at run time.
+//!
+//! Memory comes from `cuMemAlloc` (never cudarc's stream-ordered pools: pool memory can't
+//! be exported with `cuIpcGetMemHandle` and isn't reachable by peers through
+//! `cuCtxEnablePeerAccess`) or from VMM (`cuMemCreate`, POSIX-fd shareable).
+use crate::{Error, Result};
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::CudaContext;
+use std::collections::HashMap;
+use std::ffi::{CStr, c_void};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Turns a driver status into a `Result`, naming the call.
+pub(crate) fn check(call: &'static str, r: CUresult) -> Result<()> {
+    if r == CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a pointer to a static string or leaves it null.
+    unsafe { sys::cuGetErrorName(r, &mut name) };
+    let name = if name.is_null() {
+        format!("{r:?}")
+    } else {
+        // SAFETY: non-null pointers from cuGetErrorName are static C strings.
+        unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+    };
+    Err(Error::Driver { call, code: r as i32, name })
+}
+
+/// Loads and initialises the driver once; a missing `libcuda` is an error, not a panic.
+pub(crate) fn driver() -> Result<()> {
+    static INIT: OnceLock<Result<()>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        // SAFETY: probing for the library has no preconditions.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoDriver("libcuda.so could not be loaded".into()));
+        }
+        // cudarc panics if a symbol is missing: keep that from escaping.
+        // SAFETY: cuInit has no preconditions.
+        match std::panic::catch_unwind(|| unsafe { sys::cuInit(0) }) {
+            Ok(r) => check("cuInit", r),
+            Err(_) => Err(Error::NoDriver("the CUDA driver lacks a required entry point".into())),
+        }
+    })
+    .clone()
+}
+
+/// Number of CUDA devices (an error when there is no driver).
+pub(crate) fn device_count() -> Result<usize> {
+    driver()?;
+    let mut n = 0;
+    // SAFETY: writes one int.
+    check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut n) })?;
+    Ok(n.max(0) as usize)
+}
+
+/// One GPU: its primary context and the loaded kernel module.
+pub(crate) struct CudaDevice {
+    pub(crate) ctx: Arc<CudaContext>,
+    module: Mutex<Option<sys::CUmodule>>,
+    functions: Mutex<HashMap<&'static str, usize>>, // name -> CUfunction
+}
+
+// SAFETY: CUDA handles may be used from any thread once the context is current there
+// (`bind` does that before each use).
+unsafe impl Send for CudaDevice {}
+// SAFETY: as above; the mutable parts sit behind mutexes.
+unsafe impl Sync for CudaDevice {}
+
+impl CudaDevice {
+    pub(crate) fn new(ordinal: usize) -> Result<Self> {
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(Error::invalid("ordinal", format!("CUDA device {ordinal} requested, {n} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Driver { call: "cuDevicePrimaryCtxRetain", code: e.0 as i32, name: format!("{e:?}") })?;
+        Ok(Self { ctx, module: Mutex::new(None), functions: Mutex::new(HashMap::new()) })
+    }
+
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| Error::Driver { call: "cuCtxSetCurrent", code: e.0 as i32, name: format!("{e:?}") })
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
+    }
+
+    pub(crate) fn attribute(&self, attr: sys::CUdevice_attribute) -> Result<i32> {
+        let mut v = 0;
+        // SAFETY: writes one int for a valid device.
+        check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut v, attr, self.ctx.cu_device()) })?;
+        Ok(v)
+    }
+
+    /// The kernel `name` of the embedded PTX, JIT-compiled on first use.
+    pub(crate) fn function(&self, name: &'static str, ptx: &str) -> Result<sys::CUfunction> {
+        self.bind()?;
+        let mut fns = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        if let Some(f) = fns.get(name) {
+            return Ok(*f as sys::CUfunction);
+        }
+        let mut module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        if module.is_none() {
+            *module = Some(load_ptx(ptx)?);
+        }
+        let m = module.ok_or_else(|| Error::KernelFault("module missing".into()))?;
+        let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("kernel", "NUL in name"))?;
+        let mut f = std::ptr::null_mut();
+        // SAFETY: `m` is a loaded module; writes one handle.
+        check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) })?;
+        fns.insert(name, f as usize);
+        Ok(f)
+    }
+
+    pub(crate) fn malloc(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        let mut p = 0;
+        // SAFETY: writes one device pointer.
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(1)) })?;
+        Ok(p)
+    }
+
+    pub(crate) fn free(&self, p: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `p` came from cuMemAlloc in this context and is freed once.
+        check("cuMemFree", unsafe { sys::cuMemFree_v2(p) })
+    }
+
+    /// Page-locked host memory mapped into the device's address space.
+    pub(crate) fn host_alloc_mapped(&self, bytes: usize) -> Result<(*mut u8, u64)> {
+        self.bind()?;
+        let mut h: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: writes one host pointer.
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut h, bytes.max(1), flags) })?;
+        let mut d = 0;
+        // SAFETY: `h` is a mapped pinned allocation.
+        if let Err(e) = check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, h, 0) }) {
+            // SAFETY: `h` was just allocated.
+            unsafe { sys::cuMemFreeHost(h) };
+            return Err(e);
+        }
+        // SAFETY: fresh allocation of `bytes` bytes.
+        unsafe { std::ptr::write_bytes(h as *mut u8, 0, bytes) };
+        Ok((h as *mut u8, d))
+    }
+
+    pub(crate) fn host_free(&self, h: *mut u8) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `h` came from cuMemHostAlloc and is freed once.
+        check("cuMemFreeHost", unsafe { sys::cuMemFreeHost(h as *mut c_void) })
+    }
+
+    pub(crate) fn stream_create(&self) -> Result<sys::CUstream> {
+        self.bind()?;
+        let mut s = std::ptr::null_mut();
+        let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+        // SAFETY: writes one stream handle.
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, flags) })?;
+        Ok(s)
+    }
+
+    pub(crate) fn ipc_handle(&self, p: u64) -> Result<[u8; 64]> {
+        self.bind()?;
+        let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: `p` is the base of a cuMemAlloc allocation.
+        check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut h, p) })?;
+        Ok(h.reserved.map(|b| b as u8))
+    }
+
+    pub(crate) fn ipc_open(&self, handle: &[u8; 64]) -> Result<u64> {
+        self.bind()?;
+        let h = sys::CUipcMemHandle { reserved: handle.map(|b| b as _) };
+        let mut p = 0;
+        let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        // SAFETY: writes one device pointer; the handle bytes came from cuIpcGetMemHandle.
+        check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut p, h, flags) })?;
+        Ok(p)
+    }
+
+    pub(crate) fn ipc_close(&self, p: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `p` came from cuIpcOpenMemHandle and is closed once.
+        check("cuIpcCloseMemHandle", unsafe { sys::cuIpcCloseMemHandle(p) })
+    }
+
+    fn vmm_prop(&self) -> sys::CUmemAllocationProp {
+        // SAFETY: an all-zero CUmemAllocationProp is a valid starting point (C struct).
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.requestedHandleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = self.ctx.ordinal() as i32;
+        prop
+    }
+
+    /// Rounds `bytes` up to the VMM allocation granularity.
+    pub(crate) fn vmm_size(&self, bytes: usize) -> Result<usize> {
+        let prop = self.vmm_prop();
+        let mut gran = 0usize;
+        let flag = sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED;
+        // SAFETY: writes one size.
+        check("cuMemGetAllocationGranularity", unsafe { sys::cuMemGetAllocationGranularity(&mut gran, &prop, flag) })?;
+        let gran = gran.max(1);
+        Ok(bytes.max(1).div_ceil(gran) * gran)
+    }
+
+    /// `cuMemCreate` (POSIX-fd shareable) of `size` bytes (a granularity multiple).
+    pub(crate) fn vmm_create(&self, size: usize) -> Result<sys::CUmemGenericAllocationHandle> {
+        self.bind()?;
+        let prop = self.vmm_prop();
+        let mut h = 0;
+        // SAFETY: writes one handle.
+        check("cuMemCreate", unsafe { sys::cuMemCreate(&mut h, size, &prop, 0) })?;
+        Ok(h)
+    }
+
+    /// Reserves a VA range, maps `handle` there and grants this device read/write.
+    pub(crate) fn vmm_map(&self, handle: sys::CUmemGenericAllocationHandle, size: usize) -> Result<u64> {
+        self.bind()?;
+        let mut va = 0;
+        // SAFETY: writes one address.
+        check("cuMemAddressReserve", unsafe { sys::cuMemAddressReserve(&mut va, size, 0, 0, 0) })?;
+        let mapped = (|| {
+            // SAFETY: `va` is a fresh reservation of `size` bytes; `handle` is a live allocation.
+            check("cuMemMap", unsafe { sys::cuMemMap(va, size, 0, handle, 0) })?;
+            // SAFETY: an all-zero access descriptor is valid (C struct); fields set below.
+            let mut access: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
+            access.location = self.vmm_prop().location;
+            access.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            // SAFETY: `va` maps `size` bytes.
+            check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(va, size, &access, 1) })
+        })();
+        if let Err(e) = mapped {
+            // SAFETY: undo the reservation (and the mapping, if it was made).
+            unsafe {
+                sys::cuMemUnmap(va, size);
+                sys::cuMemAddressFree(va, size);
+            }
+            return Err(e);
+        }
+        Ok(va)
+    }
+
+    pub(crate) fn vmm_unmap_release(&self, va: u64, size: usize, handle: sys::CUmemGenericAllocationHandle) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `va`/`size`/`handle` are a mapping made by `vmm_map` and torn down once.
+        unsafe {
+            check("cuMemUnmap", sys::cuMemUnmap(va, size))?;
+            check("cuMemAddressFree", sys::cuMemAddressFree(va, size))?;
+            check("cuMemRelease", sys::cuMemRelease(handle))
+        }
+    }
+
+    pub(crate) fn vmm_export_fd(&self, handle: sys::CUmemGenericAllocationHandle) -> Result<OwnedFd> {
+        let mut fd: RawFd = -1;
+        let kind = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        // SAFETY: writes one int (the fd) for a POSIX-fd shareable allocation.
+        check("cuMemExportToShareableHandle", unsafe {
+            sys::cuMemExportToShareableHandle(&mut fd as *mut RawFd as *mut c_void, handle, kind, 0)
+        })?;
+        // SAFETY: the driver handed us a new descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    pub(crate) fn vmm_import_fd(&self, fd: RawFd) -> Result<sys::CUmemGenericAllocationHandle> {
+        self.bind()?;
+        let mut h = 0;
+        let kind = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        // SAFETY: for POSIX fds the driver takes the fd value itself as the "pointer".
+        check("cuMemImportFromShareableHandle", unsafe {
+            sys::cuMemImportFromShareableHandle(&mut h, fd as usize as *mut c_void, kind)
+        })?;
+        Ok(h)
+    }
+
+    /// Lets this device's kernels access `peer`'s `cuMemAlloc` memory.
+    pub(crate) fn enable_peer_access(&self, peer: &CudaDevice) -> Result<()> {
+        if peer.ctx.ordinal() == self.ctx.ordinal() {
+            return Ok(());
+        }
+        let mut can = 0;
+        // SAFETY: writes one int.
+        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), peer.ctx.cu_device()) })?;
+        if can == 0 {
+            return Err(Error::Unsupported(format!("GPU {} cannot access GPU {} (no P2P)", self.ctx.ordinal(), peer.ctx.ordinal())));
+        }
+        self.bind()?;
+        // SAFETY: both contexts are live primary contexts.
+        let r = unsafe { sys::cuCtxEnablePeerAccess(peer.ctx.cu_ctx(), 0) };
+        if r == CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+            return Ok(());
+        }
+        check("cuCtxEnablePeerAccess", r)
+    }
+
+    /// Grants this device access to a VMM mapping that lives on `owner` (peer GPU memory
+    /// mapped into this process): `cuMemSetAccess` for both devices.
+    pub(crate) fn vmm_grant(&self, va: u64, size: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: zeroed C struct, fields set below.
+        let mut access: sys::CUmemAccessDesc = unsafe { std::mem::zeroed() };
+        access.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        access.location.id = self.ctx.ordinal() as i32;
+        access.flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        // SAFETY: `va` maps `size` bytes.
+        check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(va, size, &access, 1) })
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        if let Ok(Some(m)) = self.module.get_mut().map(|m| m.take()) {
+            if self.bind().is_ok() {
+                // SAFETY: the module was loaded in this context; unloaded once.
+                unsafe { sys::cuModuleUnload(m) };
+            }
+        }
+    }
+}
+
+/// `cuModuleLoadDataEx` with the JIT's error log in the error message.
+fn load_ptx(ptx: &str) -> Result<sys::CUmodule> {
+    let src = std::ffi::CString::new(ptx).map_err(|_| Error::invalid("ptx", "NUL byte in PTX"))?;
+    let mut log = vec![0u8; 8192];
+    let mut opts = [sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER, sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES];
+    let mut vals = [log.as_mut_ptr() as *mut c_void, log.len() as *mut c_void];
+    let mut m = std::ptr::null_mut();
+    // SAFETY: NUL-terminated PTX; option arrays of equal length; the log outlives the call.
+    let r = unsafe { sys::cuModuleLoadDataEx(&mut m, src.as_ptr() as *const c_void, 2, opts.as_mut_ptr(), vals.as_mut_ptr()) };
+    if let Err(Error::Driver { call, code, name }) = check("cuModuleLoadDataEx", r) {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        let jit = String::from_utf8_lossy(&log[..end]);
+        return Err(Error::Driver { call, code, name: format!("{name}; JIT log: {jit}") });
+    }
+    Ok(m)
+}

@@ -1,0 +1,667 @@
+//! Devices, memory, streams, events and kernel launches, over two back ends:
+//!
+//! * **CUDA** (`cuda.rs`): the driver API via cudarc, loaded at run time. No CUDA toolkit
+//!   is needed to build; a machine without a driver gets [`Error::NoDriver`].
+//! * **CPU** (`cpu.rs`): host memory and the kernel emulator of `moe-ep-kernels`, so every
+//!   kernel runs, unchanged, in CI. A CPU launch runs to completion before `launch` returns
+//!   (the stream is trivially ordered); drive each rank from its own thread, as processes
+//!   drive GPUs.
+//!
+//! Layering as in cudarc: `cuda.rs` wraps raw `sys` calls into `Result`s, this module is
+//! the safe, back-end-neutral API.
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+pub mod fd;
+
+use crate::{Error, Result};
+use bytemuck::Pod;
+use cudarc::driver::sys;
+use moe_ep_kernels::Kernel;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The PTX of every kernel, built by `cargo xtask ptx` from `gpu-kernels` (sm_90).
+pub const PTX: &str = include_str!("../../ptx/moe_ep_kernels.ptx");
+
+/// Where kernels run.
+#[derive(Clone)]
+pub struct Device {
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Cpu,
+    Cuda(cuda::CudaDevice),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &*self.backend {
+            Backend::Cpu => write!(f, "Device(cpu)"),
+            Backend::Cuda(d) => write!(f, "Device(cuda:{})", d.ctx.ordinal()),
+        }
+    }
+}
+
+impl Device {
+    /// The CPU emulator.
+    pub fn cpu() -> Device {
+        Device { backend: Arc::new(Backend::Cpu) }
+    }
+
+    /// CUDA device `ordinal`. Errors (never panics) when there is no driver or no such GPU.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device { backend: Arc::new(Backend::Cuda(cuda::CudaDevice::new(ordinal)?)) })
+    }
+
+    /// Number of CUDA GPUs; `Err(NoDriver)` on machines without the driver.
+    pub fn cuda_count() -> Result<usize> {
+        cuda::device_count()
+    }
+
+    /// `"cpu"` → the emulator, `"cuda"` / `"cuda:N"` → GPU N (default 0).
+    pub fn from_name(name: &str) -> Result<Device> {
+        match name.trim() {
+            "cpu" => Ok(Device::cpu()),
+            "cuda" | "gpu" => Device::cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Device::cuda(n),
+                _ => Err(Error::invalid("device", format!("`{other}`: expected cpu, cuda or cuda:N"))),
+            },
+        }
+    }
+
+    /// The device named by `MOE_EP_DEVICE` (`cpu`, `cuda`, `cuda:N`); without it, GPU 0 when
+    /// a driver and a GPU are present, else the CPU emulator.
+    pub fn from_env() -> Result<Device> {
+        match std::env::var("MOE_EP_DEVICE") {
+            Ok(name) => Device::from_name(&name),
+            Err(_) => match Device::cuda_count() {
+                Ok(n) if n > 0 => Device::cuda(0),
+                _ => Ok(Device::cpu()),
+            },
+        }
+    }
+
+    /// True for the CPU emulator.
+    pub fn is_cpu(&self) -> bool {
+        matches!(*self.backend, Backend::Cpu)
+    }
+
+    /// CUDA ordinal, `None` on the CPU.
+    pub fn ordinal(&self) -> Option<usize> {
+        match &*self.backend {
+            Backend::Cpu => None,
+            Backend::Cuda(d) => Some(d.ctx.ordinal()),
+        }
+    }
+
+    /// A human-readable name ("NVIDIA H100 80GB HBM3", "CPU emulator").
+    pub fn name(&self) -> String {
+        match &*self.backend {
+            Backend::Cpu => "CPU emulator".into(),
+            Backend::Cuda(d) => d.name(),
+        }
+    }
+
+    /// Streaming multiprocessors (the emulator reports 8).
+    pub fn num_sms(&self) -> Result<u32> {
+        match &*self.backend {
+            Backend::Cpu => Ok(8),
+            Backend::Cuda(d) => Ok(d.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32),
+        }
+    }
+
+    /// Threads per block the library's launches use here: 64 on the emulator (one OS thread
+    /// per GPU thread), `gpu` on a GPU.
+    pub fn block_dim(&self, gpu: u32) -> u32 {
+        if self.is_cpu() { 64 } else { gpu }
+    }
+
+    /// True when both are the same physical device (same memory).
+    pub fn same_as(&self, other: &Device) -> bool {
+        match (&*self.backend, &*other.backend) {
+            (Backend::Cpu, Backend::Cpu) => true,
+            (Backend::Cuda(a), Backend::Cuda(b)) => a.ctx.ordinal() == b.ctx.ordinal(),
+            _ => false,
+        }
+    }
+
+    fn cuda_backend(&self) -> Option<&cuda::CudaDevice> {
+        match &*self.backend {
+            Backend::Cuda(d) => Some(d),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// Zeroed device memory (`cuMemAlloc`; exportable with [`DeviceBuffer::ipc_handle`]).
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        match &*self.backend {
+            Backend::Cpu => Ok(DeviceBuffer::new(self, cpu::heap_alloc(bytes)? as u64, bytes, Memory::CpuHeap)),
+            Backend::Cuda(d) => {
+                let p = d.malloc(bytes)?;
+                let buf = DeviceBuffer::new(self, p, bytes, Memory::Cuda);
+                // SAFETY: `p` holds `bytes` bytes; synchronous memset before anyone uses it.
+                cuda::check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(p, 0, bytes) })?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Zeroed memory that other processes can map through a file descriptor
+    /// ([`DeviceBuffer::export_fd`], [`Device::import_fd`]): VMM `cuMemCreate` with a POSIX-fd
+    /// handle on a GPU, a memfd on the CPU. The size is rounded up to the granularity.
+    pub fn alloc_shareable(&self, bytes: usize) -> Result<DeviceBuffer> {
+        match &*self.backend {
+            Backend::Cpu => {
+                let (fd, p) = cpu::shared_create(bytes)?;
+                Ok(DeviceBuffer::new(self, p as u64, bytes, Memory::CpuShared { fd: Some(fd) }))
+            }
+            Backend::Cuda(d) => {
+                let size = d.vmm_size(bytes)?;
+                let handle = d.vmm_create(size)?;
+                let va = match d.vmm_map(handle, size) {
+                    Ok(va) => va,
+                    Err(e) => {
+                        // SAFETY: release the allocation we just created.
+                        unsafe { sys::cuMemRelease(handle) };
+                        return Err(e);
+                    }
+                };
+                let buf = DeviceBuffer::new(self, va, size, Memory::CudaVmm { handle, size });
+                // SAFETY: `va` maps `size` bytes.
+                cuda::check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(va, 0, size) })?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Maps memory another process exported with [`DeviceBuffer::export_fd`] (`bytes` as the
+    /// exporter's [`DeviceBuffer::len`]).
+    pub fn import_fd(&self, fd: &OwnedFd, bytes: usize) -> Result<DeviceBuffer> {
+        match &*self.backend {
+            Backend::Cpu => {
+                let p = cpu::shared_map(fd.as_raw_fd(), bytes)?;
+                Ok(DeviceBuffer::new(self, p as u64, bytes, Memory::CpuShared { fd: None }))
+            }
+            Backend::Cuda(d) => {
+                let handle = d.vmm_import_fd(fd.as_raw_fd())?;
+                match d.vmm_map(handle, bytes) {
+                    Ok(va) => Ok(DeviceBuffer::new(self, va, bytes, Memory::CudaVmm { handle, size: bytes })),
+                    Err(e) => {
+                        // SAFETY: release the imported handle.
+                        unsafe { sys::cuMemRelease(handle) };
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a CUDA IPC handle from another process ([`DeviceBuffer::ipc_handle`]).
+    pub fn open_ipc(&self, handle: &[u8; 64], bytes: usize) -> Result<DeviceBuffer> {
+        let d = self.cuda_backend().ok_or_else(|| Error::Unsupported("CUDA IPC handles on the CPU back end".into()))?;
+        let p = d.ipc_open(handle)?;
+        Ok(DeviceBuffer::new(self, p, bytes, Memory::CudaIpc))
+    }
+
+    /// Lets kernels on this device access `peer`'s memory (no-op for the same device).
+    pub fn enable_peer_access(&self, peer: &Device) -> Result<()> {
+        match (self.cuda_backend(), peer.cuda_backend()) {
+            (Some(a), Some(b)) => a.enable_peer_access(b),
+            (None, None) => Ok(()),
+            _ => Err(Error::invalid("peer", "cannot mix CPU and CUDA devices")),
+        }
+    }
+
+    /// Grants this device access to a VMM mapping (made in this process for another GPU).
+    pub fn grant_access(&self, buf: &DeviceBuffer) -> Result<()> {
+        match (self.cuda_backend(), &buf.mem) {
+            (Some(d), Memory::CudaVmm { size, .. }) => d.vmm_grant(buf.ptr, *size),
+            _ => Ok(()),
+        }
+    }
+
+    /// Page-locked host memory that kernels can read and write (zeroed).
+    pub fn alloc_host_mapped(&self, bytes: usize) -> Result<HostMapped> {
+        let (host, dev) = match &*self.backend {
+            Backend::Cpu => {
+                let p = cpu::heap_alloc(bytes)?;
+                (p, p as u64)
+            }
+            Backend::Cuda(d) => d.host_alloc_mapped(bytes)?,
+        };
+        Ok(HostMapped { device: self.clone(), host, dev, bytes })
+    }
+
+    /// A new stream (non-blocking w.r.t. the legacy default stream).
+    pub fn new_stream(&self) -> Result<Stream> {
+        let raw = match &*self.backend {
+            Backend::Cpu => 0,
+            Backend::Cuda(d) => d.stream_create()? as usize,
+        };
+        Ok(Stream { device: self.clone(), raw })
+    }
+}
+
+enum Memory {
+    CpuHeap,
+    CpuShared { fd: Option<OwnedFd> },
+    Cuda,
+    CudaIpc,
+    CudaVmm { handle: sys::CUmemGenericAllocationHandle, size: usize },
+}
+
+/// Memory on a device (or, on the CPU back end, in host memory), freed on drop.
+pub struct DeviceBuffer {
+    device: Device,
+    ptr: u64,
+    bytes: usize,
+    mem: Memory,
+}
+
+// SAFETY: a device address plus ownership information; no thread affinity.
+unsafe impl Send for DeviceBuffer {}
+// SAFETY: shared access only hands out the address.
+unsafe impl Sync for DeviceBuffer {}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:?}, {:#x}, {} bytes)", self.device, self.ptr, self.bytes)
+    }
+}
+
+impl DeviceBuffer {
+    fn new(device: &Device, ptr: u64, bytes: usize, mem: Memory) -> Self {
+        DeviceBuffer { device: device.clone(), ptr, bytes, mem }
+    }
+
+    /// The device address (a host address on the CPU back end).
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// True for a zero-byte buffer.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The device this memory lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.bytes => Ok(()),
+            _ => Err(Error::invalid("offset", format!("{len} bytes at {offset} exceed a {}-byte buffer", self.bytes))),
+        }
+    }
+
+    /// Copies `data` to byte `offset`, in `stream` order; returns when the copy is done.
+    pub fn write<T: Pod>(&self, stream: &Stream, offset: usize, data: &[T]) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check_range(offset, bytes.len())?;
+        match self.device.cuda_backend() {
+            None => {
+                // SAFETY: range checked; CPU "device" memory is host memory.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.ptr as *mut u8).add(offset), bytes.len()) };
+                Ok(())
+            }
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: range checked; the host slice outlives the synchronised copy.
+                cuda::check("cuMemcpyHtoDAsync", unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(self.ptr + offset as u64, bytes.as_ptr() as *const _, bytes.len(), stream.cu())
+                })?;
+                stream.synchronize()
+            }
+        }
+    }
+
+    /// Copies from byte `offset` into `out`, in `stream` order; returns when done.
+    pub fn read<T: Pod>(&self, stream: &Stream, offset: usize, out: &mut [T]) -> Result<()> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        self.check_range(offset, bytes.len())?;
+        match self.device.cuda_backend() {
+            None => {
+                // SAFETY: range checked.
+                unsafe { std::ptr::copy_nonoverlapping((self.ptr as *const u8).add(offset), bytes.as_mut_ptr(), bytes.len()) };
+                Ok(())
+            }
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: range checked; `out` outlives the synchronised copy.
+                cuda::check("cuMemcpyDtoHAsync", unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(bytes.as_mut_ptr() as *mut _, self.ptr + offset as u64, bytes.len(), stream.cu())
+                })?;
+                stream.synchronize()
+            }
+        }
+    }
+
+    /// The whole buffer as a vector of `T` (trailing bytes that don't fill a `T` are dropped).
+    pub fn to_vec<T: Pod + Default>(&self, stream: &Stream) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); self.bytes / std::mem::size_of::<T>().max(1)];
+        self.read(stream, 0, &mut v)?;
+        Ok(v)
+    }
+
+    /// Sets every byte to `value` in `stream` order (e.g. to poison outputs before a test).
+    pub fn fill(&self, stream: &Stream, value: u8) -> Result<()> {
+        match self.device.cuda_backend() {
+            None => {
+                // SAFETY: the whole allocation.
+                unsafe { std::ptr::write_bytes(self.ptr as *mut u8, value, self.bytes) };
+                Ok(())
+            }
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: the whole allocation.
+                cuda::check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(self.ptr, value, self.bytes, stream.cu()) })?;
+                stream.synchronize()
+            }
+        }
+    }
+
+    /// CUDA IPC handle of this `cuMemAlloc` buffer, for [`Device::open_ipc`] in another process.
+    pub fn ipc_handle(&self) -> Result<[u8; 64]> {
+        match (self.device.cuda_backend(), &self.mem) {
+            (Some(d), Memory::Cuda) => d.ipc_handle(self.ptr),
+            _ => Err(Error::Unsupported("IPC handles exist only for cuMemAlloc memory on a GPU".into())),
+        }
+    }
+
+    /// A descriptor of this shareable buffer ([`Device::alloc_shareable`]) for
+    /// [`Device::import_fd`] in another process (see [`fd::fetch_fd`]).
+    pub fn export_fd(&self) -> Result<OwnedFd> {
+        match (&self.mem, self.device.cuda_backend()) {
+            (Memory::CpuShared { fd: Some(fd) }, None) => Ok(fd.try_clone()?),
+            (Memory::CudaVmm { handle, .. }, Some(d)) => d.vmm_export_fd(*handle),
+            _ => Err(Error::Unsupported("only buffers from alloc_shareable can be exported as descriptors".into())),
+        }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // Errors while freeing cannot be reported from drop; the driver keeps its state.
+        match (&self.mem, self.device.cuda_backend()) {
+            // SAFETY: allocated by heap_alloc with this size.
+            (Memory::CpuHeap, _) => unsafe { cpu::heap_free(self.ptr as *mut u8, self.bytes) },
+            // SAFETY: mapped by shared_map with this size.
+            (Memory::CpuShared { .. }, _) => unsafe { cpu::shared_unmap(self.ptr as *mut u8, self.bytes) },
+            (Memory::Cuda, Some(d)) => drop(d.free(self.ptr)),
+            (Memory::CudaIpc, Some(d)) => drop(d.ipc_close(self.ptr)),
+            (Memory::CudaVmm { handle, size }, Some(d)) => drop(d.vmm_unmap_release(self.ptr, *size, *handle)),
+            _ => {}
+        }
+    }
+}
+
+/// Page-locked host memory mapped into a device: kernels write it (e.g. error records,
+/// counters) and the host reads it without a copy, even while kernels run.
+pub struct HostMapped {
+    device: Device,
+    host: *mut u8,
+    dev: u64,
+    bytes: usize,
+}
+
+// SAFETY: plain memory owned by this value.
+unsafe impl Send for HostMapped {}
+// SAFETY: reads/writes go through volatile accessors.
+unsafe impl Sync for HostMapped {}
+
+impl HostMapped {
+    /// Address kernels use.
+    pub fn device_ptr(&self) -> u64 {
+        self.dev
+    }
+
+    /// Address the host uses.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// True for a zero-byte mapping.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Volatile read of a `T` at byte `offset` (what a kernel may be writing right now).
+    pub fn read<T: Pod>(&self, offset: usize) -> Result<T> {
+        if offset % std::mem::align_of::<T>() != 0 || offset + std::mem::size_of::<T>() > self.bytes {
+            return Err(Error::invalid("offset", format!("{offset} is out of range or misaligned")));
+        }
+        // SAFETY: in range and aligned (checked above); T is Pod.
+        Ok(unsafe { std::ptr::read_volatile(self.host.add(offset) as *const T) })
+    }
+
+    /// Volatile write of a `T` at byte `offset`.
+    pub fn write<T: Pod>(&self, offset: usize, value: T) -> Result<()> {
+        if offset % std::mem::align_of::<T>() != 0 || offset + std::mem::size_of::<T>() > self.bytes {
+            return Err(Error::invalid("offset", format!("{offset} is out of range or misaligned")));
+        }
+        // SAFETY: in range and aligned (checked above); T is Pod.
+        unsafe { std::ptr::write_volatile(self.host.add(offset) as *mut T, value) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for HostMapped {
+    fn drop(&mut self) {
+        match self.device.cuda_backend() {
+            Some(d) => drop(d.host_free(self.host)),
+            // SAFETY: allocated by heap_alloc with this size.
+            None => unsafe { cpu::heap_free(self.host, self.bytes) },
+        }
+    }
+}
+
+/// Grid and block shape of a launch (1-D, as every moe-ep kernel is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// Blocks.
+    pub grid_dim: u32,
+    /// Threads per block (a multiple of 32).
+    pub block_dim: u32,
+    /// Dynamic shared memory per block.
+    pub shared_mem_bytes: u32,
+}
+
+/// An ordered queue of work on one device.
+pub struct Stream {
+    device: Device,
+    raw: usize, // CUstream on CUDA, 0 on the CPU
+}
+
+// SAFETY: CUDA streams may be used from any thread (the context is bound before each use).
+unsafe impl Send for Stream {}
+// SAFETY: as above.
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    fn cu(&self) -> sys::CUstream {
+        self.raw as sys::CUstream
+    }
+
+    /// The raw `CUstream` (null on the CPU), for interop with other CUDA libraries.
+    pub fn raw(&self) -> usize {
+        self.raw
+    }
+
+    /// The device this stream runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Launches `kernel` with `params`. On a GPU it is queued (asynchronous); on the CPU
+    /// emulator it runs to completion first. Launch errors, and errors left by earlier
+    /// work on the stream, are returned here.
+    ///
+    /// # Safety
+    /// 1. Every pointer in `params` is valid on this device for the accesses the kernel's
+    ///    documentation describes, until the kernel finishes.
+    /// 2. `P` is the parameter type the kernel was written for (guaranteed by `Kernel<P>`).
+    pub unsafe fn launch<P: Pod + Sync>(&self, kernel: &Kernel<P>, cfg: LaunchConfig, params: P) -> Result<()> {
+        if cfg.grid_dim == 0 || cfg.block_dim == 0 || cfg.block_dim % 32 != 0 || cfg.block_dim > 1024 {
+            return Err(Error::invalid("cfg", format!("bad launch shape {cfg:?}")));
+        }
+        match self.device.cuda_backend() {
+            None => {
+                let f = kernel.cpu;
+                // SAFETY: forwarded launch contract.
+                unsafe { moe_ep_kernels::dev::launch(cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, || f(params)) }
+                    .map_err(|e| Error::KernelFault(format!("{}: {e}", kernel.name)))
+            }
+            Some(d) => {
+                let f = d.function(kernel.name, PTX)?;
+                if cfg.shared_mem_bytes > 48 << 10 {
+                    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    // SAFETY: `f` is a loaded function.
+                    cuda::check("cuFuncSetAttribute", unsafe { sys::cuFuncSetAttribute(f, attr, cfg.shared_mem_bytes as i32) })?;
+                }
+                let mut p = params;
+                let mut args = [&mut p as *mut P as *mut std::ffi::c_void];
+                // SAFETY: one by-value struct parameter, matching the kernel's single `.param`.
+                cuda::check("cuLaunchKernel", unsafe {
+                    sys::cuLaunchKernel(
+                        f,
+                        cfg.grid_dim,
+                        1,
+                        1,
+                        cfg.block_dim,
+                        1,
+                        1,
+                        cfg.shared_mem_bytes,
+                        self.cu(),
+                        args.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                    )
+                })?;
+                // Surface sticky errors from earlier work (the driver API's "last error").
+                // SAFETY: a live stream.
+                let r = unsafe { sys::cuStreamQuery(self.cu()) };
+                if r == sys::CUresult::CUDA_ERROR_NOT_READY { Ok(()) } else { cuda::check("cuStreamQuery", r) }
+            }
+        }
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        match self.device.cuda_backend() {
+            None => Ok(()),
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: a live stream.
+                cuda::check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.cu()) })
+            }
+        }
+    }
+
+    /// Records a new event at the current end of the stream.
+    pub fn record_event(&self) -> Result<Event> {
+        match self.device.cuda_backend() {
+            None => Ok(Event { device: self.device.clone(), raw: 0, cpu_time: Instant::now() }),
+            Some(d) => {
+                d.bind()?;
+                let mut e = std::ptr::null_mut();
+                // SAFETY: writes one event handle.
+                cuda::check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, 0) })?;
+                let event = Event { device: self.device.clone(), raw: e as usize, cpu_time: Instant::now() };
+                // SAFETY: live event and stream.
+                cuda::check("cuEventRecord", unsafe { sys::cuEventRecord(e, self.cu()) })?;
+                Ok(event)
+            }
+        }
+    }
+
+    /// Makes later work on this stream wait for `event`.
+    pub fn wait_event(&self, event: &Event) -> Result<()> {
+        match self.device.cuda_backend() {
+            None => Ok(()),
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: live event and stream.
+                cuda::check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.cu(), event.raw as sys::CUevent, 0) })
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(d) = self.device.cuda_backend() {
+            if d.bind().is_ok() {
+                // SAFETY: destroyed once; queued work still completes.
+                unsafe { sys::cuStreamDestroy_v2(self.cu()) };
+            }
+        }
+    }
+}
+
+/// A point in a stream's work, for ordering and timing.
+pub struct Event {
+    device: Device,
+    raw: usize,
+    cpu_time: Instant,
+}
+
+// SAFETY: CUDA events may be used from any thread.
+unsafe impl Send for Event {}
+// SAFETY: as above.
+unsafe impl Sync for Event {}
+
+impl Event {
+    /// Waits until the event has happened.
+    pub fn synchronize(&self) -> Result<()> {
+        match self.device.cuda_backend() {
+            None => Ok(()),
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: a live event.
+                cuda::check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.raw as sys::CUevent) })
+            }
+        }
+    }
+
+    /// Milliseconds from `self` to `later` (both synchronised first).
+    pub fn elapsed_ms(&self, later: &Event) -> Result<f32> {
+        later.synchronize()?;
+        match self.device.cuda_backend() {
+            None => Ok(later.cpu_time.duration_since(self.cpu_time).as_secs_f32() * 1e3),
+            Some(_) => {
+                let mut ms = 0f32;
+                // SAFETY: two live, completed events.
+                cuda::check("cuEventElapsedTime", unsafe {
+                    sys::cuEventElapsedTime(&mut ms, self.raw as sys::CUevent, later.raw as sys::CUevent)
+                })?;
+                Ok(ms)
+            }
+        }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Some(d) = self.device.cuda_backend() {
+            if d.bind().is_ok() {
+                // SAFETY: destroyed once.
+                unsafe { sys::cuEventDestroy_v2(self.raw as sys::CUevent) };
+            }
+        }
+    }
+}
