@@ -91,7 +91,7 @@ kernel! {
             // SAFETY: word 0 of this block's static shared array.
             unsafe { dev::st_relaxed_sys_u32(failed, 0) };
         }
-        if p.num_ranks == 0 || p.num_ranks > dev::block_dim_x() || p.block_bytes % 16 != 0 || p.rank >= p.num_ranks {
+        if p.num_ranks == 0 || p.num_ranks > dev::block_dim_x() || !p.block_bytes.is_multiple_of(16) || p.rank >= p.num_ranks {
             if t == 0 && b == 0 {
                 let rec = DeviceError { code: error_code::BAD_LAUNCH, rank: p.rank, peer: u32::MAX, ..DeviceError::default() };
                 // SAFETY: `error` is the host-visible record.

@@ -24,7 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let num_ranks = devices.len();
     let block_bytes = if device.is_cpu() { 64 << 10 } else { 16 << 20 };
     let reps = 5;
-    println!("moe-ep demo: {num_ranks} ranks on {} ({}), {} KiB per rank", device.name(), if device.is_cpu() { "CPU emulator" } else { "GPU" }, block_bytes >> 10);
+    println!(
+        "moe-ep demo: {num_ranks} ranks on {} ({}), {} KiB per rank",
+        device.name(),
+        if device.is_cpu() { "CPU emulator" } else { "GPU" },
+        block_bytes >> 10
+    );
 
     let groups = Group::in_process(&devices)?;
     let results: Vec<Result<(f64, bool), moe_ep::Error>> = std::thread::scope(|s| {
@@ -53,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
-    println!("{:>4}  {:>12}  {:>14}  {}", "rank", "µs/call", "GB/s stored", "received all blocks intact");
+    println!("{:>4}  {:>12}  {:>14}  received all blocks intact", "rank", "µs/call", "GB/s stored");
     let mut all_ok = true;
     for (rank, r) in results.into_iter().enumerate() {
         let (us, ok) = r?;
@@ -64,6 +69,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !all_ok {
         return Err("some rank received wrong data".into());
     }
-    println!("ok: every rank stored its block into every peer and raised a release flag; every rank acquired all flags and read every block back bit-exactly.");
+    println!(
+        "ok: every rank stored its block into every peer and raised a release flag; every rank acquired all flags and read every block back bit-exactly."
+    );
     Ok(())
 }

@@ -96,24 +96,15 @@ pub fn try_default_timeout() -> Result<Duration> {
     let Ok(text) = std::env::var(TIMEOUT_ENV) else {
         return Ok(DEFAULT_BOOTSTRAP_TIMEOUT);
     };
-    let secs: f64 = text.trim().parse().map_err(|_| {
-        Error::invalid(
-            TIMEOUT_ENV,
-            format!("{TIMEOUT_ENV}={text:?} is not a number of seconds"),
-        )
-    })?;
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid(TIMEOUT_ENV, format!("{TIMEOUT_ENV}={text:?} is not a number of seconds")))?;
     if secs.is_nan() || secs <= 0.0 {
-        return Err(Error::invalid(
-            TIMEOUT_ENV,
-            format!("{TIMEOUT_ENV}={text:?} must be greater than zero"),
-        ));
+        return Err(Error::invalid(TIMEOUT_ENV, format!("{TIMEOUT_ENV}={text:?} must be greater than zero")));
     }
-    Duration::try_from_secs_f64(secs).map_err(|e| {
-        Error::invalid(
-            TIMEOUT_ENV,
-            format!("{TIMEOUT_ENV}={text:?} is not a usable duration: {e}"),
-        )
-    })
+    Duration::try_from_secs_f64(secs)
+        .map_err(|e| Error::invalid(TIMEOUT_ENV, format!("{TIMEOUT_ENV}={text:?} is not a usable duration: {e}")))
 }
 
 /// How the ranks of one job exchange small blobs during setup.
@@ -145,10 +136,7 @@ fn check_blob(blob: &[u8]) -> Result<()> {
     if blob.len() > MAX_BLOB_BYTES {
         return Err(Error::invalid(
             "blob",
-            format!(
-                "{} bytes exceed the bootstrap limit of {MAX_BLOB_BYTES} bytes (1 MiB) per rank",
-                blob.len()
-            ),
+            format!("{} bytes exceed the bootstrap limit of {MAX_BLOB_BYTES} bytes (1 MiB) per rank", blob.len()),
         ));
     }
     Ok(())
@@ -164,9 +152,7 @@ fn check_timeout(timeout: Duration) -> Result<()> {
 /// `now + timeout`, saturating far in the future for huge timeouts.
 fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
-    now.checked_add(timeout)
-        .or_else(|| now.checked_add(Duration::from_secs(1 << 32)))
-        .unwrap_or(now)
+    now.checked_add(timeout).or_else(|| now.checked_add(Duration::from_secs(1 << 32))).unwrap_or(now)
 }
 
 /// Time left until `deadline`; `None` once it has passed.
@@ -220,14 +206,7 @@ impl InProcessBootstrap {
             }),
             arrived_cv: Condvar::new(),
         });
-        (0..n)
-            .map(|rank| InProcessBootstrap {
-                rank,
-                num_ranks: n,
-                timeout,
-                shared: Arc::clone(&shared),
-            })
-            .collect()
+        (0..n).map(|rank| InProcessBootstrap { rank, num_ranks: n, timeout, shared: Arc::clone(&shared) }).collect()
     }
 
     /// How long each collective waits for the other ranks.
@@ -237,10 +216,7 @@ impl InProcessBootstrap {
 
     fn lock(&self) -> Result<MutexGuard<'_, GroupState>> {
         self.shared.state.lock().map_err(|_| {
-            Error::Bootstrap(format!(
-                "rank {}: in-process group state poisoned by a panicking rank",
-                self.rank
-            ))
+            Error::Bootstrap(format!("rank {}: in-process group state poisoned by a panicking rank", self.rank))
         })
     }
 }
@@ -270,9 +246,7 @@ impl Bootstrap for InProcessBootstrap {
         let deadline = deadline_after(self.timeout);
         let mut state = self.lock()?;
         if let Some(why) = &state.broken {
-            return Err(Error::Bootstrap(format!(
-                "rank {rank}: group unusable after an earlier failure: {why}"
-            )));
+            return Err(Error::Bootstrap(format!("rank {rank}: group unusable after an earlier failure: {why}")));
         }
         let generation = state.generation;
         let Some(slot) = state.slots.get_mut(rank) else {
@@ -305,13 +279,8 @@ impl Bootstrap for InProcessBootstrap {
                 return Err(Error::Bootstrap(format!("rank {rank}: {why}")));
             }
             let Some(left) = remaining(deadline) else {
-                let missing: Vec<usize> = state
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.is_none())
-                    .map(|(r, _)| r)
-                    .collect();
+                let missing: Vec<usize> =
+                    state.slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(r, _)| r).collect();
                 let why = format!(
                     "in-process all_gather #{generation} timed out after {:?} waiting for ranks {missing:?}",
                     self.timeout
@@ -403,19 +372,13 @@ impl UniqueId {
             TcpListener::bind(addr).map_err(|e| Error::Bootstrap(format!("could not listen on {addr}: {e}")))?;
         let local = listener.local_addr()?;
         let advertised = if local.ip().is_unspecified() {
-            SocketAddr::new(
-                IpAddr::V4(first_interface_ipv4().unwrap_or(Ipv4Addr::LOCALHOST)),
-                local.port(),
-            )
+            SocketAddr::new(IpAddr::V4(first_interface_ipv4().unwrap_or(Ipv4Addr::LOCALHOST)), local.port())
         } else {
             local
         };
         let secret = random_bytes::<32>()?;
         register_listener(advertised, listener);
-        Ok(UniqueId {
-            addr: advertised,
-            secret,
-        })
+        Ok(UniqueId { addr: advertised, secret })
     }
 
     /// An id from its parts, without binding anything: rank 0's [`TcpBootstrap::new`] then binds
@@ -460,17 +423,14 @@ impl UniqueId {
     /// address family.
     pub fn from_bytes(bytes: &[u8]) -> Result<UniqueId> {
         let bad = |why: String| Error::invalid("unique id", why);
-        let b: &[u8; UNIQUE_ID_BYTES] = bytes
-            .try_into()
-            .map_err(|_| bad(format!("expected {UNIQUE_ID_BYTES} bytes, got {}", bytes.len())))?;
+        let b: &[u8; UNIQUE_ID_BYTES] =
+            bytes.try_into().map_err(|_| bad(format!("expected {UNIQUE_ID_BYTES} bytes, got {}", bytes.len())))?;
         if b[0..8] != UID_MAGIC {
             return Err(bad("bad magic: not a moe-ep bootstrap UniqueId".into()));
         }
         let version = u16::from_le_bytes([b[8], b[9]]);
         if version != UID_VERSION {
-            return Err(bad(format!(
-                "version {version}, this build reads version {UID_VERSION}"
-            )));
+            return Err(bad(format!("version {version}, this build reads version {UID_VERSION}")));
         }
         let port = u16::from_le_bytes([b[12], b[13]]);
         let addr = match b[10] {
@@ -491,10 +451,7 @@ impl UniqueId {
 
 impl fmt::Debug for UniqueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UniqueId")
-            .field("addr", &self.addr)
-            .field("secret", &"<redacted>")
-            .finish()
+        f.debug_struct("UniqueId").field("addr", &self.addr).field("secret", &"<redacted>").finish()
     }
 }
 
@@ -536,10 +493,7 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
-    s.as_bytes()
-        .chunks_exact(2)
-        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
+    s.as_bytes().chunks_exact(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 /// Parses `MOE_EP_BOOTSTRAP_ADDR`: `ip`, `ip:port`, `[ipv6]`, `[ipv6]:port`, `host`, `host:port`.
@@ -556,10 +510,7 @@ fn parse_bootstrap_addr(text: &str) -> Result<SocketAddr> {
         return Ok(SocketAddr::new(ip, 0));
     }
     let (host, port) = match t.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>().map_err(|_| bad(format!("bad port {port:?}")))?,
-        ),
+        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad(format!("bad port {port:?}")))?),
         None => (t, 0),
     };
     resolve(host, port).map_err(|e| bad(format!("cannot resolve {host:?}: {e}")))
@@ -655,16 +606,10 @@ impl EnvConfig {
         let (world_var, world_size) = index_var(&vars, "WORLD_SIZE", "SLURM_NTASKS")?;
         let (local_var, local_rank) = index_var(&vars, "LOCAL_RANK", "SLURM_LOCALID")?;
         if world_size == 0 {
-            return Err(Error::invalid(
-                world_var,
-                format!("{world_var}=0: the world needs at least one rank"),
-            ));
+            return Err(Error::invalid(world_var, format!("{world_var}=0: the world needs at least one rank")));
         }
         if rank >= world_size {
-            return Err(Error::invalid(
-                rank_var,
-                format!("{rank_var}={rank} is not below {world_var}={world_size}"),
-            ));
+            return Err(Error::invalid(rank_var, format!("{rank_var}={rank} is not below {world_var}={world_size}")));
         }
         if local_rank >= world_size {
             return Err(Error::invalid(
@@ -682,13 +627,7 @@ impl EnvConfig {
         let port_text = vars("MASTER_PORT")
             .ok_or_else(|| Error::invalid("MASTER_PORT", "MASTER_PORT is not set (torchrun sets it)"))?;
         let master_port = parse_port("MASTER_PORT", &port_text)?;
-        Ok(EnvConfig {
-            rank,
-            world_size,
-            local_rank,
-            master_addr,
-            master_port,
-        })
+        Ok(EnvConfig { rank, world_size, local_rank, master_addr, master_port })
     }
 }
 
@@ -719,10 +658,7 @@ fn parse_port(name: &'static str, text: &str) -> Result<u16> {
     match text.trim().parse::<u16>() {
         Ok(0) => Err(Error::invalid(name, format!("{name}=0 is not a usable port"))),
         Ok(port) => Ok(port),
-        Err(_) => Err(Error::invalid(
-            name,
-            format!("{name}={text:?} is not a port number (1..=65535)"),
-        )),
+        Err(_) => Err(Error::invalid(name, format!("{name}={text:?} is not a port number (1..=65535)"))),
     }
 }
 
@@ -810,10 +746,7 @@ fn frame_len(header: [u8; 8], max: usize) -> io::Result<usize> {
     let len = u64::from_le_bytes(header);
     match usize::try_from(len) {
         Ok(len) if len <= max => Ok(len),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{len}-byte frame exceeds the limit of {max}"),
-        )),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{len}-byte frame exceeds the limit of {max}"))),
     }
 }
 
@@ -942,15 +875,7 @@ impl TcpBootstrap {
             }
         } else {
             let addr = id.addr;
-            Role::Client(client_join(
-                &|| Ok(addr),
-                &addr.to_string(),
-                &id.secret,
-                rank,
-                num_ranks,
-                timeout,
-                deadline,
-            )?)
+            Role::Client(client_join(&|| Ok(addr), &addr.to_string(), &id.secret, rank, num_ranks, timeout, deadline)?)
         };
         Ok(Self::with_role(rank, num_ranks, timeout, role))
     }
@@ -1003,15 +928,7 @@ impl TcpBootstrap {
         } else {
             let master = cfg.master_addr.clone();
             let resolve_hub = move || resolve(&master, port);
-            Role::Client(client_join(
-                &resolve_hub,
-                &desc,
-                &secret,
-                cfg.rank,
-                cfg.world_size,
-                timeout,
-                deadline,
-            )?)
+            Role::Client(client_join(&resolve_hub, &desc, &secret, cfg.rank, cfg.world_size, timeout, deadline)?)
         };
         Ok(Self::with_role(cfg.rank, cfg.world_size, timeout, role))
     }
@@ -1022,16 +939,7 @@ impl TcpBootstrap {
     }
 
     fn with_role(rank: usize, num_ranks: usize, timeout: Duration, role: Role) -> TcpBootstrap {
-        TcpBootstrap {
-            rank,
-            num_ranks,
-            timeout,
-            link: Mutex::new(Link {
-                role,
-                seq: 0,
-                broken: None,
-            }),
-        }
+        TcpBootstrap { rank, num_ranks, timeout, link: Mutex::new(Link { role, seq: 0, broken: None }) }
     }
 }
 
@@ -1050,10 +958,7 @@ fn check_group(rank: usize, num_ranks: usize, timeout: Duration) -> Result<()> {
         return Err(Error::invalid("num_ranks", "must be at least 1"));
     }
     if rank >= num_ranks {
-        return Err(Error::invalid(
-            "rank",
-            format!("rank {rank} is not below num_ranks {num_ranks}"),
-        ));
+        return Err(Error::invalid("rank", format!("rank {rank} is not below num_ranks {num_ranks}")));
     }
     check_timeout(timeout)
 }
@@ -1068,17 +973,9 @@ fn env_secret(vars: &impl Fn(&str) -> Option<String>, cfg: &EnvConfig, port: u16
         }
         return Ok(Sha256::digest(text.as_bytes()).into());
     }
-    let run_id = vars("TORCHELASTIC_RUN_ID")
-        .or_else(|| vars("SLURM_JOB_ID"))
-        .unwrap_or_default();
+    let run_id = vars("TORCHELASTIC_RUN_ID").or_else(|| vars("SLURM_JOB_ID")).unwrap_or_default();
     let mut h = Sha256::new();
-    for part in [
-        "moe-ep",
-        cfg.master_addr.as_str(),
-        &port.to_string(),
-        &cfg.world_size.to_string(),
-        run_id.as_str(),
-    ] {
+    for part in ["moe-ep", cfg.master_addr.as_str(), &port.to_string(), &cfg.world_size.to_string(), run_id.as_str()] {
         h.update(part.as_bytes());
         h.update([0u8]);
     }
@@ -1091,15 +988,8 @@ fn bind_hub(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 
 /// Result of one connection's handshake on the hub.
 enum Arrival {
-    Authenticated {
-        rank: usize,
-        stream: TcpStream,
-        peer: SocketAddr,
-    },
-    Refused {
-        peer: SocketAddr,
-        reason: String,
-    },
+    Authenticated { rank: usize, stream: TcpStream, peer: SocketAddr },
+    Refused { peer: SocketAddr, reason: String },
 }
 
 /// The hub's side of one handshake; runs on its own thread so that a silent peer cannot stall
@@ -1133,9 +1023,7 @@ fn hub_handshake(
         reason
     };
     if auth.len() != AUTH_LEN || auth[0..8] != PROTO_MAGIC {
-        return refused(reject(
-            "not a moe-ep bootstrap client (malformed authentication)".into(),
-        ));
+        return refused(reject("not a moe-ep bootstrap client (malformed authentication)".into()));
     }
     let claimed_rank = le_u64(&auth[8..16]);
     let claimed_ranks = le_u64(&auth[16..24]);
@@ -1154,9 +1042,7 @@ fn hub_handshake(
     }
     match usize::try_from(claimed_rank) {
         Ok(rank) if (1..num_ranks).contains(&rank) => Arrival::Authenticated { rank, stream, peer },
-        _ => refused(reject(format!(
-            "rank {claimed_rank} is not a client rank of this group (1..{num_ranks})"
-        ))),
+        _ => refused(reject(format!("rank {claimed_rank} is not a client rank of this group (1..{num_ranks})"))),
     }
 }
 
@@ -1217,12 +1103,8 @@ fn hub_form_group(
     deadline: Instant,
 ) -> Result<Role> {
     listener.set_nonblocking(true)?;
-    let mut group = Formation {
-        peers: (1..num_ranks).map(|_| None).collect(),
-        joined: 0,
-        refusals: Vec::new(),
-        refusal_count: 0,
-    };
+    let mut group =
+        Formation { peers: (1..num_ranks).map(|_| None).collect(), joined: 0, refusals: Vec::new(), refusal_count: 0 };
     let in_flight = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = mpsc::channel::<Arrival>();
 
@@ -1262,17 +1144,12 @@ fn hub_form_group(
                 let secret = *secret;
                 let counter = Arc::clone(&in_flight);
                 counter.fetch_add(1, Ordering::Relaxed);
-                let spawned = std::thread::Builder::new()
-                    .name("moe-ep-bootstrap-handshake".into())
-                    .spawn(move || {
-                        let _ = tx.send(hub_handshake(stream, peer, secret, num_ranks, deadline));
-                    });
+                let spawned = std::thread::Builder::new().name("moe-ep-bootstrap-handshake".into()).spawn(move || {
+                    let _ = tx.send(hub_handshake(stream, peer, secret, num_ranks, deadline));
+                });
                 if let Err(e) = spawned {
                     counter.fetch_sub(1, Ordering::Relaxed);
-                    group.arrive(Arrival::Refused {
-                        peer,
-                        reason: format!("could not start a handshake thread: {e}"),
-                    });
+                    group.arrive(Arrival::Refused { peer, reason: format!("could not start a handshake thread: {e}") });
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1284,10 +1161,7 @@ fn hub_form_group(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // Transient (aborted connection, out of descriptors): note it and keep going.
-                group.arrive(Arrival::Refused {
-                    peer: addr,
-                    reason: format!("accept failed: {e}"),
-                });
+                group.arrive(Arrival::Refused { peer: addr, reason: format!("accept failed: {e}") });
                 std::thread::sleep(poll);
             }
         }
@@ -1298,11 +1172,7 @@ fn hub_form_group(
     let ready_deadline = deadline.max(Instant::now() + Duration::from_secs(1));
     for (i, stream) in streams.iter().enumerate() {
         if let Err(e) = write_frame(stream, &[&[STATUS_OK]], ready_deadline) {
-            let why = format!(
-                "rank 0 lost rank {} while starting the group: {}",
-                i + 1,
-                describe_io(&e)
-            );
+            let why = format!("rank 0 lost rank {} while starting the group: {}", i + 1, describe_io(&e));
             broadcast_error(&streams, &why);
             return Err(Error::Bootstrap(why));
         }
@@ -1360,10 +1230,7 @@ fn client_join(
                 "timed out after {timeout:?} waiting for rank 0 (the hub at {desc}) to report that all ranks joined"
             )
         } else {
-            format!(
-                "lost rank 0 (the hub at {desc}) while waiting for the other ranks: {}",
-                describe_io(&e)
-            )
+            format!("lost rank 0 (the hub at {desc}) while waiting for the other ranks: {}", describe_io(&e))
         };
         Error::Bootstrap(format!("rank {rank}: {why}"))
     })?;
@@ -1394,18 +1261,12 @@ fn client_handshake(
     nonce.copy_from_slice(&hello[12..44]);
     let (rank64, ranks64) = (rank as u64, num_ranks as u64);
     let mac = auth_mac(secret, &nonce, rank64, ranks64);
-    write_frame(
-        &stream,
-        &[&PROTO_MAGIC, &rank64.to_le_bytes(), &ranks64.to_le_bytes(), &mac],
-        deadline,
-    )
-    .map_err(|e| retry("sending authentication", e))?;
+    write_frame(&stream, &[&PROTO_MAGIC, &rank64.to_le_bytes(), &ranks64.to_le_bytes(), &mac], deadline)
+        .map_err(|e| retry("sending authentication", e))?;
     let status = read_frame(&stream, HANDSHAKE_MAX, deadline).map_err(|e| retry("reading the hub's verdict", e))?;
     match parse_status(&status) {
         Ok(_) => Ok(stream),
-        Err(why) => Err(JoinFailure::Fatal(Error::Bootstrap(format!(
-            "rank {rank}: rank 0 refused this rank: {why}"
-        )))),
+        Err(why) => Err(JoinFailure::Fatal(Error::Bootstrap(format!("rank {rank}: rank 0 refused this rank: {why}")))),
     }
 }
 
@@ -1426,9 +1287,7 @@ impl Bootstrap for TcpBootstrap {
             .lock()
             .map_err(|_| Error::Bootstrap(format!("rank {rank}: bootstrap state poisoned by a panicking thread")))?;
         if let Some(why) = &link.broken {
-            return Err(Error::Bootstrap(format!(
-                "rank {rank}: group unusable after an earlier failure: {why}"
-            )));
+            return Err(Error::Bootstrap(format!("rank {rank}: group unusable after an earlier failure: {why}")));
         }
         let deadline = deadline_after(self.timeout);
         let seq = link.seq;
@@ -1468,13 +1327,7 @@ fn gather_frames(
     }
     let mut incoming: Vec<Incoming> = peers
         .iter()
-        .map(|_| Incoming {
-            header: [0; 8],
-            header_got: 0,
-            body: None,
-            body_got: 0,
-            done: false,
-        })
+        .map(|_| Incoming { header: [0; 8], header_got: 0, body: None, body_got: 0, done: false })
         .collect();
     let mut pending = peers.len();
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(peers.len());
@@ -1482,25 +1335,17 @@ fn gather_frames(
     while pending > 0 {
         let Some(left) = remaining(deadline) else {
             let missing: Vec<usize> = (0..peers.len()).filter(|&i| !incoming[i].done).map(|i| i + 1).collect();
-            return Err(format!(
-                "all_gather #{seq} timed out after {timeout:?} waiting for ranks {missing:?}"
-            ));
+            return Err(format!("all_gather #{seq} timed out after {timeout:?} waiting for ranks {missing:?}"));
         };
         fds.clear();
         which.clear();
         for (i, stream) in peers.iter().enumerate() {
             if !incoming[i].done {
-                fds.push(libc::pollfd {
-                    fd: stream.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 });
                 which.push(i);
             }
         }
-        let ms = libc::c_int::try_from(left.as_millis())
-            .unwrap_or(libc::c_int::MAX)
-            .max(1);
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX).max(1);
         let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
         // SAFETY: `fds` is a live, exclusively borrowed array of `nfds` initialised pollfd structs.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, ms) };
@@ -1576,10 +1421,7 @@ fn hub_all_gather(
     for (i, mut frame) in frames.into_iter().enumerate() {
         let got = if frame.len() >= 8 { Some(le_u64(&frame)) } else { None };
         if got != Some(seq) {
-            let why = format!(
-                "rank {} is out of step: it sent all_gather {got:?}, rank 0 is at #{seq}",
-                i + 1
-            );
+            let why = format!("rank {} is out of step: it sent all_gather {got:?}, rank 0 is at #{seq}", i + 1);
             broadcast_error(peers, &why);
             return Err(why);
         }
@@ -1600,16 +1442,9 @@ fn hub_all_gather(
     for (i, stream) in peers.iter().enumerate() {
         if let Err(e) = write_frame(stream, &parts, deadline) {
             let why = if is_timeout(&e) {
-                format!(
-                    "all_gather #{seq} timed out after {timeout:?} sending results to ranks [{}]",
-                    i + 1
-                )
+                format!("all_gather #{seq} timed out after {timeout:?} sending results to ranks [{}]", i + 1)
             } else {
-                format!(
-                    "sending all_gather #{seq} results to rank {}: {}",
-                    i + 1,
-                    describe_io(&e)
-                )
+                format!("sending all_gather #{seq} results to rank {}: {}", i + 1, describe_io(&e))
             };
             broadcast_error(&peers[i + 1..], &why);
             return Err(why);

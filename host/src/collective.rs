@@ -18,7 +18,7 @@ impl AllGather {
     /// Collective: sets up an all-gather of `block_bytes` (a positive multiple of 16) per
     /// rank, moved by `num_blocks` thread blocks (`0` = 4 on a GPU, 2 on the CPU emulator).
     pub fn new(group: &Group, block_bytes: usize, num_blocks: u32, sharing: Sharing) -> Result<AllGather> {
-        if block_bytes == 0 || block_bytes % 16 != 0 {
+        if block_bytes == 0 || !block_bytes.is_multiple_of(16) {
             return Err(Error::invalid("block_bytes", format!("{block_bytes} is not a positive multiple of 16")));
         }
         let num_blocks = match num_blocks {
@@ -66,7 +66,7 @@ impl AllGather {
         if !send.device().same_as(group.device()) || !recv.device().same_as(group.device()) {
             return Err(Error::invalid("send/recv", "buffers must live on the group's device"));
         }
-        if send.ptr() % 16 != 0 || recv.ptr() % 16 != 0 {
+        if !send.ptr().is_multiple_of(16) || !recv.ptr().is_multiple_of(16) {
             return Err(Error::invalid("send/recv", "16-byte alignment required"));
         }
         let params = AllGatherParams {

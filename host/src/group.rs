@@ -197,14 +197,21 @@ impl Group {
         };
         let blobs = self.bootstrap.all_gather(&me.encode())?;
         if blobs.len() != self.num_ranks {
-            return Err(Error::Bootstrap(format!("all-gather returned {} blobs for {} ranks", blobs.len(), self.num_ranks)));
+            return Err(Error::Bootstrap(format!(
+                "all-gather returned {} blobs for {} ranks",
+                blobs.len(),
+                self.num_ranks
+            )));
         }
         let mut peer_ptrs = Vec::with_capacity(self.num_ranks);
         let mut imported = Vec::new();
         for (r, blob) in blobs.iter().enumerate() {
             let peer = Export::decode(blob)?;
             if peer.bytes != me.bytes {
-                return Err(Error::invalid("bytes", format!("rank {r} allocated {} bytes, rank {} {}", peer.bytes, self.rank, me.bytes)));
+                return Err(Error::invalid(
+                    "bytes",
+                    format!("rank {r} allocated {} bytes, rank {} {}", peer.bytes, self.rank, me.bytes),
+                ));
             }
             if r == self.rank {
                 peer_ptrs.push(local.ptr());
@@ -278,7 +285,14 @@ impl Export {
         } else {
             None
         };
-        Ok(Export { pid: u32_at(4), ordinal: u32_at(8) as i32, fd: u32_at(12) as i32, bytes: u64_at(16), ptr: u64_at(24), ipc })
+        Ok(Export {
+            pid: u32_at(4),
+            ordinal: u32_at(8) as i32,
+            fd: u32_at(12) as i32,
+            bytes: u64_at(16),
+            ptr: u64_at(24),
+            ipc,
+        })
     }
 }
 

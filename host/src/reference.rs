@@ -147,12 +147,7 @@ impl Routing {
         for rank_topk_idx in &topk_idx {
             check_topk_idx(rank_topk_idx, num_topk, num_experts)?;
         }
-        Ok(Routing {
-            num_ranks,
-            num_experts,
-            num_topk,
-            topk_idx,
-        })
+        Ok(Routing { num_ranks, num_experts, num_topk, topk_idx })
     }
 
     /// Number of ranks `R`.
@@ -238,10 +233,7 @@ fn check_topk_idx(topk_idx: &[i64], num_topk: usize, num_experts: usize) -> Resu
                 ));
             }
             if expert != -1 && row[..k].contains(&expert) {
-                return Err(Error::invalid(
-                    "topk_idx",
-                    format!("token {token}: expert {expert} selected twice"),
-                ));
+                return Err(Error::invalid("topk_idx", format!("token {token}: expert {expert} selected twice")));
             }
         }
     }
@@ -260,11 +252,7 @@ fn check_shape<V>(arg: &'static str, per_rank: &[Vec<V>], rows: &[usize], width:
         if data.len() != n * width {
             return Err(Error::invalid(
                 arg,
-                format!(
-                    "rank {rank}: expected {n} x {width} = {} values, got {}",
-                    n * width,
-                    data.len()
-                ),
+                format!("rank {rank}: expected {n} x {width} = {} values, got {}", n * width, data.len()),
             ));
         }
     }
@@ -272,11 +260,7 @@ fn check_shape<V>(arg: &'static str, per_rank: &[Vec<V>], rows: &[usize], width:
 }
 
 fn check_hidden(hidden: usize) -> Result<()> {
-    if hidden == 0 {
-        Err(Error::invalid("hidden", "must be at least 1"))
-    } else {
-        Ok(())
-    }
+    if hidden == 0 { Err(Error::invalid("hidden", "must be at least 1")) } else { Ok(()) }
 }
 
 fn to_i32(value: usize, arg: &'static str) -> Result<i32> {
@@ -326,11 +310,7 @@ pub fn get_dispatch_layout(
             }
         }
     }
-    Ok(DispatchLayout {
-        num_tokens_per_rank,
-        num_tokens_per_expert,
-        is_token_in_rank,
-    })
+    Ok(DispatchLayout { num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -434,23 +414,14 @@ pub fn ht_dispatch<T: Copy + Default>(
     // Every source rank computes its layout.
     let mut layouts = Vec::with_capacity(num_ranks);
     for src in 0..num_ranks {
-        layouts.push(get_dispatch_layout(
-            routing.topk_idx(src),
-            num_topk,
-            num_ranks,
-            routing.num_experts(),
-        )?);
+        layouts.push(get_dispatch_layout(routing.topk_idx(src), num_topk, num_ranks, routing.num_experts())?);
     }
 
     // rank_prefix_matrix[i][j] = tokens rank j receives from ranks 0..=i.
     let mut rank_prefix_matrix = vec![0i32; num_ranks * num_ranks];
     for i in 0..num_ranks {
         for j in 0..num_ranks {
-            let before = if i == 0 {
-                0
-            } else {
-                rank_prefix_matrix[(i - 1) * num_ranks + j]
-            };
+            let before = if i == 0 { 0 } else { rank_prefix_matrix[(i - 1) * num_ranks + j] };
             rank_prefix_matrix[i * num_ranks + j] = before + layouts[i].num_tokens_per_rank[j];
         }
     }
@@ -472,8 +443,7 @@ pub fn ht_dispatch<T: Copy + Default>(
                 if !layouts[src].is_token_in_rank[token * num_ranks + dst] {
                     continue;
                 }
-                recv.recv_x
-                    .extend_from_slice(&x[src][token * hidden..(token + 1) * hidden]);
+                recv.recv_x.extend_from_slice(&x[src][token * hidden..(token + 1) * hidden]);
                 for k in 0..num_topk {
                     match routing.expert(src, token, k) {
                         Some(expert) if routing.rank_of_expert(expert) == dst => {
@@ -513,13 +483,7 @@ pub fn ht_dispatch<T: Copy + Default>(
         recv_sources.push(sources);
     }
 
-    let handle = HtHandle {
-        num_topk,
-        num_tokens,
-        num_worst_tokens,
-        rank_prefix_matrix,
-        recv_sources,
-    };
+    let handle = HtHandle { num_topk, num_tokens, num_worst_tokens, rank_prefix_matrix, recv_sources };
     Ok(HtDispatch { ranks, handle })
 }
 
@@ -595,10 +559,7 @@ pub fn ht_combine(
             }
             combined
         });
-        out.push(HtCombined {
-            combined_x,
-            combined_topk_weights,
-        });
+        out.push(HtCombined { combined_x, combined_topk_weights });
     }
     Ok(out)
 }
@@ -625,10 +586,7 @@ impl LayoutRange {
 
     /// Inverse of [`LayoutRange::pack`].
     pub fn unpack(packed: i64) -> Self {
-        LayoutRange {
-            begin: (packed >> 32) as u32 as usize,
-            count: packed as u32 as usize,
-        }
+        LayoutRange { begin: (packed >> 32) as u32 as usize, count: packed as u32 as usize }
     }
 }
 
@@ -683,10 +641,7 @@ fn check_max_tokens(routing: &Routing, max_tokens: usize) -> Result<()> {
         if routing.num_tokens(rank) > max_tokens {
             return Err(Error::invalid(
                 "num_max_dispatch_tokens_per_rank",
-                format!(
-                    "rank {rank} has {} tokens, more than {max_tokens}",
-                    routing.num_tokens(rank)
-                ),
+                format!("rank {rank} has {} tokens, more than {max_tokens}", routing.num_tokens(rank)),
             ));
         }
     }
@@ -735,10 +690,7 @@ pub fn ll_dispatch<T: Copy + Default>(
                     recv.packed_recv_src_info[slot] = to_i32(token, "x")?;
                     row += 1;
                 }
-                let range = LayoutRange {
-                    begin,
-                    count: row - begin,
-                };
+                let range = LayoutRange { begin, count: row - begin };
                 recv.packed_recv_layout_range[local * num_ranks + src] = range.pack();
             }
             recv.packed_recv_count[local] = to_i32(row, "x")?;

@@ -29,10 +29,7 @@ fn on_threads<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync 
             thread::spawn(move || f(rank))
         })
         .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("rank thread panicked"))
-        .collect()
+    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
 }
 
 fn bootstrap_message(e: &Error) -> &str {
@@ -49,12 +46,7 @@ fn exercise<B: Bootstrap>(boot: &B, rounds: usize) {
         let all = boot.all_gather(&blob(boot.rank(), round)).expect("all_gather");
         assert_eq!(all.len(), n);
         for (r, got) in all.iter().enumerate() {
-            assert_eq!(
-                got,
-                &blob(r, round),
-                "rank {} round {round}: blob of rank {r}",
-                boot.rank()
-            );
+            assert_eq!(got, &blob(r, round), "rank {} round {round}: blob of rank {r}", boot.rank());
         }
         if round % 3 == 0 {
             boot.barrier().expect("barrier");
@@ -64,10 +56,7 @@ fn exercise<B: Bootstrap>(boot: &B, rounds: usize) {
 
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
-    TcpListener::bind(LOOPBACK)
-        .and_then(|l| l.local_addr())
-        .expect("probe bind")
-        .port()
+    TcpListener::bind(LOOPBACK).and_then(|l| l.local_addr()).expect("probe bind").port()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -98,10 +87,7 @@ fn in_process_all_gather_1_4_8_ranks() {
 fn in_process_large_blob_and_limit() {
     let group = InProcessBootstrap::new_group(2, Duration::from_secs(10));
     let too_big = vec![0u8; MAX_BLOB_BYTES + 1];
-    assert!(matches!(
-        group[0].all_gather(&too_big),
-        Err(Error::InvalidArgument { arg: "blob", .. })
-    ));
+    assert!(matches!(group[0].all_gather(&too_big), Err(Error::InvalidArgument { arg: "blob", .. })));
     let handles: Vec<_> = group
         .into_iter()
         .map(|boot| {
@@ -124,17 +110,11 @@ fn in_process_missing_rank_times_out_naming_it() {
     let mut group = InProcessBootstrap::new_group(4, timeout);
     let _absent = group.pop(); // rank 3 never calls
     let start = Instant::now();
-    let handles: Vec<_> = group
-        .into_iter()
-        .map(|boot| thread::spawn(move || boot.all_gather(b"x")))
-        .collect();
+    let handles: Vec<_> = group.into_iter().map(|boot| thread::spawn(move || boot.all_gather(b"x"))).collect();
     for h in handles {
         let err = h.join().expect("rank thread panicked").expect_err("must time out");
         let msg = bootstrap_message(&err);
-        assert!(
-            msg.contains("timed out after") && msg.contains("waiting for ranks [3]"),
-            "{msg}"
-        );
+        assert!(msg.contains("timed out after") && msg.contains("waiting for ranks [3]"), "{msg}");
     }
     assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
 }
@@ -157,9 +137,7 @@ fn tcp_four_ranks_repeated_all_gathers_and_1_mib() {
         for (r, got) in all.iter().enumerate() {
             assert_eq!(got, &vec![r as u8 ^ 0x5a; MAX_BLOB_BYTES]);
         }
-        let err = boot
-            .all_gather(&vec![0u8; MAX_BLOB_BYTES + 1])
-            .expect_err("over the limit");
+        let err = boot.all_gather(&vec![0u8; MAX_BLOB_BYTES + 1]).expect_err("over the limit");
         assert!(matches!(err, Error::InvalidArgument { arg: "blob", .. }), "{err:?}");
         // A rejected blob sends nothing: the group still works.
         exercise(&boot, 2);
@@ -203,10 +181,7 @@ fn tcp_wrong_secret_is_refused_and_hub_times_out() {
     let bad = bootstrap_message(results[2].as_ref().expect_err("bad secret must fail"));
     assert!(bad.contains("wrong secret"), "{bad}");
     let hub = bootstrap_message(results[0].as_ref().expect_err("hub must time out"));
-    assert!(
-        hub.contains("timed out after 2s waiting for ranks [2]") && hub.contains("wrong secret"),
-        "{hub}"
-    );
+    assert!(hub.contains("timed out after 2s waiting for ranks [2]") && hub.contains("wrong secret"), "{hub}");
     let good = bootstrap_message(results[1].as_ref().expect_err("rank 1 learns of the failure"));
     assert!(good.contains("waiting for ranks [2]"), "{good}");
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
@@ -217,14 +192,9 @@ fn tcp_duplicate_rank_is_refused() {
     let id = UniqueId::with_addr(LOOPBACK).expect("UniqueId");
     let timeout = Duration::from_secs(2);
     // Threads 1 and 2 both claim rank 1; nobody is rank 2.
-    let results = on_threads(3, move |thread| {
-        TcpBootstrap::new(&id, thread.min(1), 3, timeout).map(|_| ())
-    });
+    let results = on_threads(3, move |thread| TcpBootstrap::new(&id, thread.min(1), 3, timeout).map(|_| ()));
     let hub = bootstrap_message(results[0].as_ref().expect_err("hub must time out"));
-    assert!(
-        hub.contains("waiting for ranks [2]") && hub.contains("duplicate rank 1"),
-        "{hub}"
-    );
+    assert!(hub.contains("waiting for ranks [2]") && hub.contains("duplicate rank 1"), "{hub}");
     let dups = results[1..]
         .iter()
         .filter(|r| matches!(r, Err(Error::Bootstrap(msg)) if msg.contains("refused this rank: duplicate rank 1")))
@@ -236,9 +206,7 @@ fn tcp_duplicate_rank_is_refused() {
 fn tcp_num_ranks_mismatch_is_refused() {
     let id = UniqueId::with_addr(LOOPBACK).expect("UniqueId");
     let timeout = Duration::from_secs(1);
-    let results = on_threads(2, move |rank| {
-        TcpBootstrap::new(&id, rank, 2 + rank, timeout).map(|_| ())
-    });
+    let results = on_threads(2, move |rank| TcpBootstrap::new(&id, rank, 2 + rank, timeout).map(|_| ()));
     let client = bootstrap_message(results[1].as_ref().expect_err("mismatch"));
     assert!(client.contains("num_ranks mismatch"), "{client}");
     assert!(results[0].is_err());
@@ -248,18 +216,9 @@ fn tcp_num_ranks_mismatch_is_refused() {
 fn tcp_bad_arguments_rejected_by_constructor() {
     let id = UniqueId::from_parts(SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), [0; 32]);
     let t = Duration::from_secs(1);
-    assert!(matches!(
-        TcpBootstrap::new(&id, 4, 4, t),
-        Err(Error::InvalidArgument { arg: "rank", .. })
-    ));
-    assert!(matches!(
-        TcpBootstrap::new(&id, 0, 0, t),
-        Err(Error::InvalidArgument { arg: "num_ranks", .. })
-    ));
-    assert!(matches!(
-        TcpBootstrap::new(&id, 1, 2, Duration::ZERO),
-        Err(Error::InvalidArgument { arg: "timeout", .. })
-    ));
+    assert!(matches!(TcpBootstrap::new(&id, 4, 4, t), Err(Error::InvalidArgument { arg: "rank", .. })));
+    assert!(matches!(TcpBootstrap::new(&id, 0, 0, t), Err(Error::InvalidArgument { arg: "num_ranks", .. })));
+    assert!(matches!(TcpBootstrap::new(&id, 1, 2, Duration::ZERO), Err(Error::InvalidArgument { arg: "timeout", .. })));
 }
 
 #[test]
@@ -268,10 +227,7 @@ fn tcp_hub_that_never_arrives_times_out() {
     let start = Instant::now();
     let err = TcpBootstrap::new(&id, 1, 2, Duration::from_millis(800)).expect_err("no hub");
     let msg = bootstrap_message(&err);
-    assert!(
-        msg.contains("timed out") && msg.contains("waiting for ranks [0]"),
-        "{msg}"
-    );
+    assert!(msg.contains("timed out") && msg.contains("waiting for ranks [0]"), "{msg}");
     assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
 }
 
@@ -381,17 +337,9 @@ fn unique_id_round_trips() {
     let hex = id.to_string();
     assert_eq!(hex.len(), 2 * UNIQUE_ID_BYTES);
     assert_eq!(hex.parse::<UniqueId>().expect("from hex"), id);
-    assert_eq!(
-        format!("  {}\n", hex.to_uppercase())
-            .parse::<UniqueId>()
-            .expect("upper-case hex"),
-        id
-    );
+    assert_eq!(format!("  {}\n", hex.to_uppercase()).parse::<UniqueId>().expect("upper-case hex"), id);
     let debug = format!("{id:?}");
-    assert!(
-        !debug.contains(&hex[128..192]),
-        "Debug must not print the secret: {debug}"
-    );
+    assert!(!debug.contains(&hex[128..192]), "Debug must not print the secret: {debug}");
     // Two ids never share a secret.
     let other = UniqueId::with_addr(LOOPBACK).expect("UniqueId");
     assert_ne!(other.secret(), id.secret());
@@ -467,23 +415,14 @@ fn assert_env_error(result: moe_ep::Result<EnvConfig>, var: &str, needle: &str) 
     }
 }
 
-const TORCHRUN: [(&str, &str); 5] = [
-    ("RANK", "3"),
-    ("WORLD_SIZE", "8"),
-    ("LOCAL_RANK", "1"),
-    ("MASTER_ADDR", "node7"),
-    ("MASTER_PORT", "29500"),
-];
+const TORCHRUN: [(&str, &str); 5] =
+    [("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node7"), ("MASTER_PORT", "29500")];
 
 fn with(
     base: &[(&'static str, &'static str)],
     overrides: &[(&'static str, Option<&'static str>)],
 ) -> Vec<(&'static str, &'static str)> {
-    let mut vars: Vec<_> = base
-        .iter()
-        .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
-        .copied()
-        .collect();
+    let mut vars: Vec<_> = base.iter().filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k)).copied().collect();
     vars.extend(overrides.iter().filter_map(|(k, v)| v.map(|v| (*k, v))));
     vars
 }
@@ -493,13 +432,7 @@ fn env_config_torchrun() {
     let cfg = env_of(&TORCHRUN).expect("torchrun vars");
     assert_eq!(
         cfg,
-        EnvConfig {
-            rank: 3,
-            world_size: 8,
-            local_rank: 1,
-            master_addr: "node7".into(),
-            master_port: 29500
-        }
+        EnvConfig { rank: 3, world_size: 8, local_rank: 1, master_addr: "node7".into(), master_port: 29500 }
     );
 }
 
@@ -515,18 +448,10 @@ fn env_config_srun_fallback() {
     let cfg = env_of(&vars).expect("srun vars");
     assert_eq!((cfg.rank, cfg.world_size, cfg.local_rank), (5, 16, 1));
     // torchrun's variables win over srun's.
-    let both = [
-        vars.as_slice(),
-        &[("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")],
-    ]
-    .concat();
+    let both = [vars.as_slice(), &[("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")]].concat();
     let cfg = env_of(&both).expect("both");
     assert_eq!((cfg.rank, cfg.world_size, cfg.local_rank), (2, 4, 0));
-    assert_env_error(
-        env_of(&with(&vars, &[("SLURM_PROCID", Some("16"))])),
-        "SLURM_PROCID",
-        "16",
-    );
+    assert_env_error(env_of(&with(&vars, &[("SLURM_PROCID", Some("16"))])), "SLURM_PROCID", "16");
 }
 
 #[test]
@@ -534,52 +459,16 @@ fn env_config_errors_name_the_variable() {
     for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
         assert_env_error(env_of(&with(&TORCHRUN, &[(var, None)])), var, "not set");
     }
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("RANK", Some("three"))])),
-        "RANK",
-        "\"three\"",
-    );
+    assert_env_error(env_of(&with(&TORCHRUN, &[("RANK", Some("three"))])), "RANK", "\"three\"");
     assert_env_error(env_of(&with(&TORCHRUN, &[("RANK", Some("-1"))])), "RANK", "\"-1\"");
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("WORLD_SIZE", Some("8x"))])),
-        "WORLD_SIZE",
-        "\"8x\"",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("LOCAL_RANK", Some(""))])),
-        "LOCAL_RANK",
-        "\"\"",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("MASTER_PORT", Some("70000"))])),
-        "MASTER_PORT",
-        "70000",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("MASTER_PORT", Some("0"))])),
-        "MASTER_PORT",
-        "0",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("MASTER_ADDR", Some(" "))])),
-        "MASTER_ADDR",
-        "not set",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("RANK", Some("8"))])),
-        "RANK",
-        "RANK=8 is not below WORLD_SIZE=8",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("WORLD_SIZE", Some("0")), ("RANK", Some("0"))])),
-        "WORLD_SIZE",
-        "0",
-    );
-    assert_env_error(
-        env_of(&with(&TORCHRUN, &[("LOCAL_RANK", Some("9"))])),
-        "LOCAL_RANK",
-        "9",
-    );
+    assert_env_error(env_of(&with(&TORCHRUN, &[("WORLD_SIZE", Some("8x"))])), "WORLD_SIZE", "\"8x\"");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("LOCAL_RANK", Some(""))])), "LOCAL_RANK", "\"\"");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("MASTER_PORT", Some("70000"))])), "MASTER_PORT", "70000");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("MASTER_PORT", Some("0"))])), "MASTER_PORT", "0");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("MASTER_ADDR", Some(" "))])), "MASTER_ADDR", "not set");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("RANK", Some("8"))])), "RANK", "RANK=8 is not below WORLD_SIZE=8");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("WORLD_SIZE", Some("0")), ("RANK", Some("0"))])), "WORLD_SIZE", "0");
+    assert_env_error(env_of(&with(&TORCHRUN, &[("LOCAL_RANK", Some("9"))])), "LOCAL_RANK", "9");
 }
 
 #[test]
@@ -602,34 +491,13 @@ fn from_vars_rejects_bad_bootstrap_variables() {
     let t = Duration::from_secs(1);
     let vars = map(&[("MOE_EP_BOOTSTRAP_PORT", Some("nope"))]);
     let err = TcpBootstrap::from_vars(|k| vars.get(k).cloned(), t).expect_err("bad port");
-    assert!(
-        matches!(
-            err,
-            Error::InvalidArgument {
-                arg: "MOE_EP_BOOTSTRAP_PORT",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::InvalidArgument { arg: "MOE_EP_BOOTSTRAP_PORT", .. }), "{err:?}");
     let vars = map(&[("MASTER_PORT", Some("65535"))]);
     let err = TcpBootstrap::from_vars(|k| vars.get(k).cloned(), t).expect_err("no room for MASTER_PORT + 1");
-    assert!(
-        matches!(err, Error::InvalidArgument { arg: "MASTER_PORT", .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::InvalidArgument { arg: "MASTER_PORT", .. }), "{err:?}");
     let vars = map(&[("MOE_EP_BOOTSTRAP_SECRET", Some(""))]);
     let err = TcpBootstrap::from_vars(|k| vars.get(k).cloned(), t).expect_err("empty secret");
-    assert!(
-        matches!(
-            err,
-            Error::InvalidArgument {
-                arg: "MOE_EP_BOOTSTRAP_SECRET",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::InvalidArgument { arg: "MOE_EP_BOOTSTRAP_SECRET", .. }), "{err:?}");
 }
 
 #[test]
@@ -637,10 +505,7 @@ fn default_timeout_is_120_s_unless_overridden() {
     assert_eq!(DEFAULT_BOOTSTRAP_TIMEOUT, Duration::from_secs(120));
     if std::env::var_os("MOE_EP_BOOTSTRAP_TIMEOUT_S").is_none() {
         assert_eq!(moe_ep::bootstrap::default_timeout(), DEFAULT_BOOTSTRAP_TIMEOUT);
-        assert_eq!(
-            moe_ep::bootstrap::try_default_timeout().expect("unset"),
-            DEFAULT_BOOTSTRAP_TIMEOUT
-        );
+        assert_eq!(moe_ep::bootstrap::try_default_timeout().expect("unset"), DEFAULT_BOOTSTRAP_TIMEOUT);
     }
 }
 
@@ -655,9 +520,7 @@ const WORLD: usize = 4;
 
 /// The blob rank `rank` contributes in the multi-process test.
 fn process_blob(rank: usize) -> Vec<u8> {
-    format!("rank {rank} of {WORLD} says hello")
-        .into_bytes()
-        .repeat(rank + 1)
+    format!("rank {rank} of {WORLD} says hello").into_bytes().repeat(rank + 1)
 }
 
 /// FNV-1a over all blobs with their lengths.
@@ -736,19 +599,12 @@ fn multi_process_tcp_bootstrap() {
         boot.barrier()?;
         Ok(all)
     });
-    let outputs: Vec<_> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().expect("wait for child"))
-        .collect();
+    let outputs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().expect("wait for child")).collect();
     let all = match outcome {
         Ok(all) => all,
         Err(e) => {
             for out in &outputs {
-                eprintln!(
-                    "{}\n{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             }
             panic!("rank 0 failed: {e}");
         }

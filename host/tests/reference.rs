@@ -53,9 +53,7 @@ struct Case {
 
 impl Case {
     fn num_tokens(&self) -> Vec<usize> {
-        (0..self.routing.num_ranks())
-            .map(|r| self.routing.num_tokens(r))
-            .collect()
+        (0..self.routing.num_ranks()).map(|r| self.routing.num_tokens(r)).collect()
     }
 
     fn max_tokens(&self) -> usize {
@@ -65,20 +63,12 @@ impl Case {
     /// Experts of token `t` of rank `r`, -1 entries dropped.
     fn experts(&self, r: usize, t: usize) -> Vec<usize> {
         let k = self.routing.num_topk();
-        self.routing.topk_idx(r)[t * k..(t + 1) * k]
-            .iter()
-            .filter(|&&e| e >= 0)
-            .map(|&e| e as usize)
-            .collect()
+        self.routing.topk_idx(r)[t * k..(t + 1) * k].iter().filter(|&&e| e >= 0).map(|&e| e as usize).collect()
     }
 
     /// Sorted ranks that hold at least one expert of token `t` of rank `r`.
     fn dest_ranks(&self, r: usize, t: usize) -> Vec<usize> {
-        let mut ranks: Vec<usize> = self
-            .experts(r, t)
-            .iter()
-            .map(|&e| self.routing.rank_of_expert(e))
-            .collect();
+        let mut ranks: Vec<usize> = self.experts(r, t).iter().map(|&e| self.routing.rank_of_expert(e)).collect();
         ranks.sort_unstable();
         ranks.dedup();
         ranks
@@ -119,28 +109,11 @@ fn build_case(
     }
     let routing = Routing::new(num_ranks, num_experts, topk, topk_idx).expect("valid routing");
     let tokens: Vec<usize> = (0..num_ranks).map(|r| routing.num_tokens(r)).collect();
-    let x = tokens
-        .iter()
-        .map(|&t| (0..t * hidden).map(|_| rng.small_bf16()).collect())
-        .collect();
-    let weights = tokens
-        .iter()
-        .map(|&t| (0..t * topk).map(|_| rng.pow2_weight()).collect())
-        .collect();
-    let mut bias = || {
-        tokens
-            .iter()
-            .map(|&t| (0..t * hidden).map(|_| rng.small_bf16()).collect())
-            .collect()
-    };
+    let x = tokens.iter().map(|&t| (0..t * hidden).map(|_| rng.small_bf16()).collect()).collect();
+    let weights = tokens.iter().map(|&t| (0..t * topk).map(|_| rng.pow2_weight()).collect()).collect();
+    let mut bias = || tokens.iter().map(|&t| (0..t * hidden).map(|_| rng.small_bf16()).collect()).collect();
     let bias = [bias(), bias()];
-    Case {
-        routing,
-        hidden,
-        x,
-        weights,
-        bias,
-    }
+    Case { routing, hidden, x, weights, bias }
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -528,9 +501,7 @@ fn all_minus_one_sends_nothing() {
     let (num_ranks, k, h) = (3, 2, 8);
     let topk_idx = vec![vec![-1; 4 * k], vec![-1; k], vec![]];
     let routing = Routing::new(num_ranks, 6, k, topk_idx).unwrap();
-    let x: Vec<Vec<u16>> = (0..num_ranks)
-        .map(|r| vec![f32_to_bf16(3.0); routing.num_tokens(r) * h])
-        .collect();
+    let x: Vec<Vec<u16>> = (0..num_ranks).map(|r| vec![f32_to_bf16(3.0); routing.num_tokens(r) * h]).collect();
     let w: Vec<Vec<f32>> = (0..num_ranks).map(|r| vec![1.0; routing.num_tokens(r) * k]).collect();
 
     let layout = get_dispatch_layout(routing.topk_idx(0), k, num_ranks, 6).unwrap();
@@ -602,33 +573,12 @@ fn bad_tensors_are_an_error() {
     let w = vec![vec![1.0; 4], vec![1.0; 2]];
 
     // Dispatch inputs.
-    assert!(is_invalid(ht_dispatch(
-        &routing,
-        &[vec![0u16; 2 * h], vec![0u16; h + 1]],
-        &w,
-        h,
-        1,
-        None
-    )));
+    assert!(is_invalid(ht_dispatch(&routing, &[vec![0u16; 2 * h], vec![0u16; h + 1]], &w, h, 1, None)));
     assert!(is_invalid(ht_dispatch(&routing, &x[..1], &w, h, 1, None)));
-    assert!(is_invalid(ht_dispatch(
-        &routing,
-        &x,
-        &[vec![1.0; 4], vec![1.0; 3]],
-        h,
-        1,
-        None
-    )));
+    assert!(is_invalid(ht_dispatch(&routing, &x, &[vec![1.0; 4], vec![1.0; 3]], h, 1, None)));
     assert!(is_invalid(ht_dispatch(&routing, &x, &w, h, 0, None)));
     assert!(is_invalid(ht_dispatch(&routing, &x, &w, h, 1, Some(1))));
-    assert!(is_invalid(ht_dispatch::<u16>(
-        &routing,
-        &[vec![], vec![]],
-        &w,
-        0,
-        1,
-        None
-    )));
+    assert!(is_invalid(ht_dispatch::<u16>(&routing, &[vec![], vec![]], &w, 0, 1, None)));
     assert!(is_invalid(ll_dispatch(&routing, &x, h, 1))); // rank 0 has 2 tokens > 1
     assert!(is_invalid(ll_dispatch(&routing, &x, h + 8, 2)));
     assert!(is_invalid(ll_dispatch_rank_major(&routing, &x, &w, h, 1)));
@@ -640,32 +590,15 @@ fn bad_tensors_are_an_error() {
     assert!(ht_combine(&ht.handle, &y, None, [None, None], h).is_ok());
     assert!(is_invalid(ht_combine(&ht.handle, &y[..1], None, [None, None], h)));
     assert!(is_invalid(ht_combine(&ht.handle, &y, None, [None, None], h + 8)));
-    assert!(is_invalid(ht_combine(
-        &ht.handle,
-        &y,
-        Some(&[vec![1.0; 3], vec![1.0; 4]]),
-        [None, None],
-        h
-    )));
+    assert!(is_invalid(ht_combine(&ht.handle, &y, Some(&[vec![1.0; 3], vec![1.0; 4]]), [None, None], h)));
     let short_bias = vec![vec![0u16; 2 * h], vec![0u16; 2 * h]];
-    assert!(is_invalid(ht_combine(
-        &ht.handle,
-        &y,
-        None,
-        [None, Some(&short_bias)],
-        h
-    )));
+    assert!(is_invalid(ht_combine(&ht.handle, &y, None, [None, Some(&short_bias)], h)));
 
     let ll = ll_dispatch(&routing, &x, h, 2).unwrap();
     let y: Vec<Vec<u16>> = ll.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
     assert!(ll_combine(&ll.handle, &y, &w, h).is_ok());
     assert!(is_invalid(ll_combine(&ll.handle, &y[..1], &w, h)));
-    assert!(is_invalid(ll_combine(
-        &ll.handle,
-        &[y[0].clone(), vec![0u16; 3]],
-        &w,
-        h
-    )));
+    assert!(is_invalid(ll_combine(&ll.handle, &[y[0].clone(), vec![0u16; 3]], &w, h)));
     assert!(is_invalid(ll_combine(&ll.handle, &y, &[vec![1.0; 4], vec![]], h)));
 }
 

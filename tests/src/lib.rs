@@ -14,10 +14,7 @@ pub fn device() -> Device {
 /// Ranks for in-process group tests: 4 on the emulator (CI), 8 on a GPU, unless
 /// `MOE_EP_TEST_RANKS` says otherwise.
 pub fn num_ranks(device: &Device) -> usize {
-    std::env::var("MOE_EP_TEST_RANKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if device.is_cpu() { 4 } else { 8 })
+    std::env::var("MOE_EP_TEST_RANKS").ok().and_then(|v| v.parse().ok()).unwrap_or(if device.is_cpu() { 4 } else { 8 })
 }
 
 /// A small deterministic generator (SplitMix64) seeded from the clock, so every run draws

@@ -26,7 +26,10 @@ fn round_trip(sharing: Sharing, words: usize, reps: usize) {
             ag.run(&group, &send, &recv).unwrap();
             let got: Vec<u32> = recv.to_vec(s).unwrap();
             for src in 0..n {
-                assert!(got[src * words..(src + 1) * words] == block(src)[..], "rank {rank} rep {rep}: block from {src} differs");
+                assert!(
+                    got[src * words..(src + 1) * words] == block(src)[..],
+                    "rank {rank} rep {rep}: block from {src} differs"
+                );
             }
         }
     });
@@ -51,7 +54,7 @@ fn all_gather_through_shareable_fd_memory() {
 fn all_gather_single_rank_and_large_blocks() {
     let dev = device();
     let words = if dev.is_cpu() { 1 << 14 } else { 1 << 20 };
-    let groups = Group::in_process(&[dev.clone()]).unwrap();
+    let groups = Group::in_process(std::slice::from_ref(&dev)).unwrap();
     on_ranks(groups, |_, group| {
         let mut ag = AllGather::new(&group, words * 4, 0, Sharing::Auto).unwrap();
         let data = Rng::fresh("single").words(words);
@@ -94,7 +97,7 @@ fn a_peer_that_never_joins_is_a_timeout_not_a_hang() {
 #[test]
 fn bad_arguments_are_rejected_before_launch() {
     let dev = device();
-    let groups = Group::in_process(&[dev.clone()]).unwrap();
+    let groups = Group::in_process(std::slice::from_ref(&dev)).unwrap();
     let g = &groups[0];
     assert!(matches!(AllGather::new(g, 0, 0, Sharing::Auto), Err(Error::InvalidArgument { arg: "block_bytes", .. })));
     assert!(matches!(AllGather::new(g, 20, 0, Sharing::Auto), Err(Error::InvalidArgument { arg: "block_bytes", .. })));

@@ -108,7 +108,10 @@ fn child_rank() {
         ag.run(&group, &send, &recv).unwrap();
         let got: Vec<u32> = recv.to_vec(group.stream()).unwrap();
         for src in 0..n {
-            assert!(got[src * WORDS..(src + 1) * WORDS] == block_of(seed, src, rep)[..], "rep {rep}: block of rank {src}");
+            assert!(
+                got[src * WORDS..(src + 1) * WORDS] == block_of(seed, src, rep)[..],
+                "rep {rep}: block of rank {src}"
+            );
         }
     }
     group.bootstrap().barrier().unwrap();

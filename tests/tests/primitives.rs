@@ -1,5 +1,8 @@
 //! Every `dev::` primitive, through the `selftest_*` kernels, on the device of
 //! `MOE_EP_DEVICE` (the CPU emulator in CI, the GPU in the bundle).
+// Every launch below passes buffers allocated right before it, sized as the kernel's docs say.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
 use moe_ep::kernels::selftest::*;
 use moe_ep::{Device, Error, Group, LaunchConfig, Stream};
 use moe_ep_abi::{DeviceError, SelfTestParams};
@@ -28,7 +31,7 @@ fn indices_and_launch_shape() {
     let got: Vec<u32> = out.to_vec(&s).unwrap();
     for g in 0..grid * block {
         let (t, b) = (g % block, g / block);
-        let want = [t, b, block | grid << 16, t % 32 | (t / 32) << 8 | (block / 32) << 16];
+        let want = [t, b, block | grid << 16, (t % 32) | ((t / 32) << 8) | (block / 32) << 16];
         assert_eq!(&got[4 * g as usize..4 * g as usize + 4], &want, "thread {g}");
     }
 }
@@ -152,7 +155,7 @@ fn contended_atomics_and_cas() {
 #[test]
 fn bounded_wait_times_out_into_a_typed_error_and_the_device_stays_usable() {
     let dev = device();
-    let groups = Group::in_process(&[dev.clone()]).unwrap();
+    let groups = Group::in_process(std::slice::from_ref(&dev)).unwrap();
     let g = &groups[0];
     let s = g.stream();
     let flag = dev.alloc(8).unwrap();
@@ -172,16 +175,18 @@ fn bounded_wait_times_out_into_a_typed_error_and_the_device_stays_usable() {
         Err(Error::Timeout { rank: 3, peer: 7, site: 42, expected: 1, observed: 0, .. }) => {}
         other => panic!("expected a typed timeout, got {other:?}"),
     }
-    let t: Vec<u64> = out.to_vec(&s).unwrap();
+    let t: Vec<u64> = out.to_vec(s).unwrap();
     assert!(t[0] >= timeout_ns, "waited {} ns, bound {timeout_ns}", t[0]);
     assert_eq!(t[1], 1, "globaltimer advances across nanosleep");
     // The record was cleared and the device still runs kernels.
     g.take_device_error("selftest_timeout").unwrap();
     let c = dev.alloc(20).unwrap();
-    unsafe { s.launch(&SELFTEST_ATOMICS, cfg(1, 32, 0), SelfTestParams { b: flag.ptr(), c: c.ptr(), ..Default::default() }) }
-        .unwrap();
+    unsafe {
+        s.launch(&SELFTEST_ATOMICS, cfg(1, 32, 0), SelfTestParams { b: flag.ptr(), c: c.ptr(), ..Default::default() })
+    }
+    .unwrap();
     s.synchronize().unwrap();
-    assert_eq!(c.to_vec::<u32>(&s).unwrap()[0], 32);
+    assert_eq!(c.to_vec::<u32>(s).unwrap()[0], 32);
 }
 
 #[test]

@@ -121,18 +121,23 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 /// The contract of a CUDA launch: the memory `f` touches is valid for the kernel's accesses
 /// and the kernel is data-race free under the PTX memory model.
 pub unsafe fn launch<F: Fn() + Sync>(grid: u32, block_dim: u32, dyn_smem_bytes: u32, f: F) -> Result<(), String> {
-    if grid == 0 || block_dim == 0 || block_dim % WARP_SIZE != 0 {
+    if grid == 0 || block_dim == 0 || !block_dim.is_multiple_of(WARP_SIZE) {
         return Err(format!("bad launch shape: grid {grid}, block {block_dim} (a positive multiple of 32)"));
     }
     if grid.saturating_mul(block_dim) > EMU_MAX_THREADS_PER_LAUNCH {
-        return Err(format!("emulated launch too large: {grid} x {block_dim} threads (max {EMU_MAX_THREADS_PER_LAUNCH})"));
+        return Err(format!(
+            "emulated launch too large: {grid} x {block_dim} threads (max {EMU_MAX_THREADS_PER_LAUNCH})"
+        ));
     }
     let state = LaunchState { abort: AtomicBool::new(false), first_panic: Mutex::new(None) };
     let blocks: Vec<Block> = (0..grid)
         .map(|_| Block {
             barrier: Barrier::new(block_dim as usize),
             warps: (0..block_dim / WARP_SIZE)
-                .map(|_| Warp { barrier: Barrier::new(WARP_SIZE as usize), slots: std::array::from_fn(|_| AtomicU32::new(0)) })
+                .map(|_| Warp {
+                    barrier: Barrier::new(WARP_SIZE as usize),
+                    slots: std::array::from_fn(|_| AtomicU32::new(0)),
+                })
                 .collect(),
             static_smem: vec![U4::default(); STATIC_SMEM_BYTES / 16].into_boxed_slice(),
             dyn_smem: vec![U4::default(); (dyn_smem_bytes as usize).div_ceil(16)].into_boxed_slice(),

@@ -142,7 +142,9 @@ ld_st!(ld_relaxed_sys_u64, st_relaxed_sys_u64, u64, reg64, "relaxed", "relaxed",
 pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
     let old: u32;
     // SAFETY: caller's contract.
-    unsafe { asm!("atom.relaxed.gpu.global.add.u32 {o}, [{p}], {v};", p = in(reg64) p, v = in(reg32) v, o = out(reg32) old, options(nostack)) };
+    unsafe {
+        asm!("atom.relaxed.gpu.global.add.u32 {o}, [{p}], {v};", p = in(reg64) p, v = in(reg32) v, o = out(reg32) old, options(nostack))
+    };
     old
 }
 /// `atom.release.gpu.global.add.u32`; returns the old value. Publishes prior writes to the GPU.
@@ -153,7 +155,9 @@ pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
 pub unsafe fn atom_add_release_gpu_u32(p: *mut u32, v: u32) -> u32 {
     let old: u32;
     // SAFETY: caller's contract.
-    unsafe { asm!("atom.release.gpu.global.add.u32 {o}, [{p}], {v};", p = in(reg64) p, v = in(reg32) v, o = out(reg32) old, options(nostack)) };
+    unsafe {
+        asm!("atom.release.gpu.global.add.u32 {o}, [{p}], {v};", p = in(reg64) p, v = in(reg32) v, o = out(reg32) old, options(nostack))
+    };
     old
 }
 /// `atom.acq_rel.sys.global.cas.b32`; returns the old value.

@@ -4,8 +4,8 @@
 //! be exported with `cuIpcGetMemHandle` and isn't reachable by peers through
 //! `cuCtxEnablePeerAccess`) or from VMM (`cuMemCreate`, POSIX-fd shareable).
 use crate::{Error, Result};
-use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::CudaContext;
+use cudarc::driver::sys::{self, CUresult};
 use std::collections::HashMap;
 use std::ffi::{CStr, c_void};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -74,12 +74,20 @@ impl CudaDevice {
         if ordinal >= n {
             return Err(Error::invalid("ordinal", format!("CUDA device {ordinal} requested, {n} present")));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Driver { call: "cuDevicePrimaryCtxRetain", code: e.0 as i32, name: format!("{e:?}") })?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Driver {
+            call: "cuDevicePrimaryCtxRetain",
+            code: e.0 as i32,
+            name: format!("{e:?}"),
+        })?;
         Ok(Self { ctx, module: Mutex::new(None), functions: Mutex::new(HashMap::new()) })
     }
 
     pub(crate) fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| Error::Driver { call: "cuCtxSetCurrent", code: e.0 as i32, name: format!("{e:?}") })
+        self.ctx.bind_to_thread().map_err(|e| Error::Driver {
+            call: "cuCtxSetCurrent",
+            code: e.0 as i32,
+            name: format!("{e:?}"),
+        })
     }
 
     pub(crate) fn name(&self) -> String {
@@ -243,7 +251,12 @@ impl CudaDevice {
         Ok(va)
     }
 
-    pub(crate) fn vmm_unmap_release(&self, va: u64, size: usize, handle: sys::CUmemGenericAllocationHandle) -> Result<()> {
+    pub(crate) fn vmm_unmap_release(
+        &self,
+        va: u64,
+        size: usize,
+        handle: sys::CUmemGenericAllocationHandle,
+    ) -> Result<()> {
         self.bind()?;
         // SAFETY: `va`/`size`/`handle` are a mapping made by `vmm_map` and torn down once.
         unsafe {
@@ -282,9 +295,15 @@ impl CudaDevice {
         }
         let mut can = 0;
         // SAFETY: writes one int.
-        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), peer.ctx.cu_device()) })?;
+        check("cuDeviceCanAccessPeer", unsafe {
+            sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), peer.ctx.cu_device())
+        })?;
         if can == 0 {
-            return Err(Error::Unsupported(format!("GPU {} cannot access GPU {} (no P2P)", self.ctx.ordinal(), peer.ctx.ordinal())));
+            return Err(Error::Unsupported(format!(
+                "GPU {} cannot access GPU {} (no P2P)",
+                self.ctx.ordinal(),
+                peer.ctx.ordinal()
+            )));
         }
         self.bind()?;
         // SAFETY: both contexts are live primary contexts.
@@ -311,11 +330,11 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        if let Ok(Some(m)) = self.module.get_mut().map(|m| m.take()) {
-            if self.bind().is_ok() {
-                // SAFETY: the module was loaded in this context; unloaded once.
-                unsafe { sys::cuModuleUnload(m) };
-            }
+        if let Ok(Some(m)) = self.module.get_mut().map(|m| m.take())
+            && self.bind().is_ok()
+        {
+            // SAFETY: the module was loaded in this context; unloaded once.
+            unsafe { sys::cuModuleUnload(m) };
         }
     }
 }
@@ -328,7 +347,9 @@ fn load_ptx(ptx: &str) -> Result<sys::CUmodule> {
     let mut vals = [log.as_mut_ptr() as *mut c_void, log.len() as *mut c_void];
     let mut m = std::ptr::null_mut();
     // SAFETY: NUL-terminated PTX; option arrays of equal length; the log outlives the call.
-    let r = unsafe { sys::cuModuleLoadDataEx(&mut m, src.as_ptr() as *const c_void, 2, opts.as_mut_ptr(), vals.as_mut_ptr()) };
+    let r = unsafe {
+        sys::cuModuleLoadDataEx(&mut m, src.as_ptr() as *const c_void, 2, opts.as_mut_ptr(), vals.as_mut_ptr())
+    };
     if let Err(Error::Driver { call, code, name }) = check("cuModuleLoadDataEx", r) {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         let jit = String::from_utf8_lossy(&log[..end]);

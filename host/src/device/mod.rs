@@ -109,7 +109,9 @@ impl Device {
     pub fn num_sms(&self) -> Result<u32> {
         match &*self.backend {
             Backend::Cpu => Ok(8),
-            Backend::Cuda(d) => Ok(d.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32),
+            Backend::Cuda(d) => {
+                Ok(d.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32)
+            }
         }
     }
 
@@ -311,14 +313,21 @@ impl DeviceBuffer {
         match self.device.cuda_backend() {
             None => {
                 // SAFETY: range checked; CPU "device" memory is host memory.
-                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.ptr as *mut u8).add(offset), bytes.len()) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.ptr as *mut u8).add(offset), bytes.len())
+                };
                 Ok(())
             }
             Some(d) => {
                 d.bind()?;
                 // SAFETY: range checked; the host slice outlives the synchronised copy.
                 cuda::check("cuMemcpyHtoDAsync", unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(self.ptr + offset as u64, bytes.as_ptr() as *const _, bytes.len(), stream.cu())
+                    sys::cuMemcpyHtoDAsync_v2(
+                        self.ptr + offset as u64,
+                        bytes.as_ptr() as *const _,
+                        bytes.len(),
+                        stream.cu(),
+                    )
                 })?;
                 stream.synchronize()
             }
@@ -332,14 +341,21 @@ impl DeviceBuffer {
         match self.device.cuda_backend() {
             None => {
                 // SAFETY: range checked.
-                unsafe { std::ptr::copy_nonoverlapping((self.ptr as *const u8).add(offset), bytes.as_mut_ptr(), bytes.len()) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping((self.ptr as *const u8).add(offset), bytes.as_mut_ptr(), bytes.len())
+                };
                 Ok(())
             }
             Some(d) => {
                 d.bind()?;
                 // SAFETY: range checked; `out` outlives the synchronised copy.
                 cuda::check("cuMemcpyDtoHAsync", unsafe {
-                    sys::cuMemcpyDtoHAsync_v2(bytes.as_mut_ptr() as *mut _, self.ptr + offset as u64, bytes.len(), stream.cu())
+                    sys::cuMemcpyDtoHAsync_v2(
+                        bytes.as_mut_ptr() as *mut _,
+                        self.ptr + offset as u64,
+                        bytes.len(),
+                        stream.cu(),
+                    )
                 })?;
                 stream.synchronize()
             }
@@ -364,7 +380,9 @@ impl DeviceBuffer {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: the whole allocation.
-                cuda::check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(self.ptr, value, self.bytes, stream.cu()) })?;
+                cuda::check("cuMemsetD8Async", unsafe {
+                    sys::cuMemsetD8Async(self.ptr, value, self.bytes, stream.cu())
+                })?;
                 stream.synchronize()
             }
         }
@@ -442,7 +460,7 @@ impl HostMapped {
 
     /// Volatile read of a `T` at byte `offset` (what a kernel may be writing right now).
     pub fn read<T: Pod>(&self, offset: usize) -> Result<T> {
-        if offset % std::mem::align_of::<T>() != 0 || offset + std::mem::size_of::<T>() > self.bytes {
+        if !offset.is_multiple_of(std::mem::align_of::<T>()) || offset + std::mem::size_of::<T>() > self.bytes {
             return Err(Error::invalid("offset", format!("{offset} is out of range or misaligned")));
         }
         // SAFETY: in range and aligned (checked above); T is Pod.
@@ -451,7 +469,7 @@ impl HostMapped {
 
     /// Volatile write of a `T` at byte `offset`.
     pub fn write<T: Pod>(&self, offset: usize, value: T) -> Result<()> {
-        if offset % std::mem::align_of::<T>() != 0 || offset + std::mem::size_of::<T>() > self.bytes {
+        if !offset.is_multiple_of(std::mem::align_of::<T>()) || offset + std::mem::size_of::<T>() > self.bytes {
             return Err(Error::invalid("offset", format!("{offset} is out of range or misaligned")));
         }
         // SAFETY: in range and aligned (checked above); T is Pod.
@@ -517,7 +535,7 @@ impl Stream {
     ///    documentation describes, until the kernel finishes.
     /// 2. `P` is the parameter type the kernel was written for (guaranteed by `Kernel<P>`).
     pub unsafe fn launch<P: Pod + Sync>(&self, kernel: &Kernel<P>, cfg: LaunchConfig, params: P) -> Result<()> {
-        if cfg.grid_dim == 0 || cfg.block_dim == 0 || cfg.block_dim % 32 != 0 || cfg.block_dim > 1024 {
+        if cfg.grid_dim == 0 || cfg.block_dim == 0 || !cfg.block_dim.is_multiple_of(32) || cfg.block_dim > 1024 {
             return Err(Error::invalid("cfg", format!("bad launch shape {cfg:?}")));
         }
         match self.device.cuda_backend() {
@@ -532,7 +550,9 @@ impl Stream {
                 if cfg.shared_mem_bytes > 48 << 10 {
                     let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
                     // SAFETY: `f` is a loaded function.
-                    cuda::check("cuFuncSetAttribute", unsafe { sys::cuFuncSetAttribute(f, attr, cfg.shared_mem_bytes as i32) })?;
+                    cuda::check("cuFuncSetAttribute", unsafe {
+                        sys::cuFuncSetAttribute(f, attr, cfg.shared_mem_bytes as i32)
+                    })?;
                 }
                 let mut p = params;
                 let mut args = [&mut p as *mut P as *mut std::ffi::c_void];
@@ -596,7 +616,9 @@ impl Stream {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: live event and stream.
-                cuda::check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.cu(), event.raw as sys::CUevent, 0) })
+                cuda::check("cuStreamWaitEvent", unsafe {
+                    sys::cuStreamWaitEvent(self.cu(), event.raw as sys::CUevent, 0)
+                })
             }
         }
     }
@@ -604,11 +626,11 @@ impl Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if let Some(d) = self.device.cuda_backend() {
-            if d.bind().is_ok() {
-                // SAFETY: destroyed once; queued work still completes.
-                unsafe { sys::cuStreamDestroy_v2(self.cu()) };
-            }
+        if let Some(d) = self.device.cuda_backend()
+            && d.bind().is_ok()
+        {
+            // SAFETY: destroyed once; queued work still completes.
+            unsafe { sys::cuStreamDestroy_v2(self.cu()) };
         }
     }
 }
@@ -657,11 +679,11 @@ impl Event {
 
 impl Drop for Event {
     fn drop(&mut self) {
-        if let Some(d) = self.device.cuda_backend() {
-            if d.bind().is_ok() {
-                // SAFETY: destroyed once.
-                unsafe { sys::cuEventDestroy_v2(self.raw as sys::CUevent) };
-            }
+        if let Some(d) = self.device.cuda_backend()
+            && d.bind().is_ok()
+        {
+            // SAFETY: destroyed once.
+            unsafe { sys::cuEventDestroy_v2(self.raw as sys::CUevent) };
         }
     }
 }
