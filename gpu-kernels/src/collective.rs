@@ -18,7 +18,7 @@
 //! peer; (3) acquire `arrived[src][b] >= epoch` for every `src`, then copy chunk `b` of every
 //! `data[src]` into `recv`. Flags are epochs, never reset, so a stale flag can't pass for a
 //! fresh one. Waits time out into the host-visible [`DeviceError`] (sites below).
-use crate::abi::{AllGatherLayout, AllGatherParams, DeviceError, error_code};
+use crate::abi::{AllGatherLayout, AllGatherParams, DeviceError, ErrorSlot, error_code};
 use crate::dev::{self, U4};
 
 /// [`DeviceError::site`] of the wait for peers' `ready` flags.
@@ -27,37 +27,32 @@ pub const SITE_READY: u32 = 1;
 pub const SITE_ARRIVED: u32 = 2;
 
 /// Waits, by threads `t < num_ranks`, until the local `flags[t][b] >= epoch` (`flags` is
-/// the region's offset); true when every wait succeeded.
+/// the region's offset); true (in every thread) when every wait succeeded.
 #[inline(always)]
-unsafe fn wait_flags(p: &AllGatherParams, flags: u64, site: u32, failed: *mut u32) -> bool {
+unsafe fn wait_flags(p: &AllGatherParams, flags: u64, site: u32) -> bool {
     let t = dev::thread_idx_x();
     let b = dev::block_idx_x();
     let num_blocks = dev::grid_dim_x();
+    let mut failed = false;
     if t < p.num_ranks {
         // SAFETY: `peer_bases` has `num_ranks` entries; entry `rank` is the local buffer.
         let local = unsafe { *(p.peer_bases as *const u64).add(p.rank as usize) };
         let layout = AllGatherLayout::new(p.num_ranks, num_blocks, p.block_bytes);
         let flag = layout.flag_offset(local + flags, t, b, num_blocks) as *const u64;
-        let err = p.error as *mut DeviceError;
+        let err = p.error as *mut ErrorSlot;
         let mut seen = 0;
         // SAFETY: `flag` lies inside the local symmetric buffer (layout computed above).
         let ok = dev::wait_until(p.timeout_ns, || {
             seen = unsafe { dev::ld_acquire_sys_u64(flag) };
             seen >= p.epoch || unsafe { dev::error_raised(err) }
         });
-        if !ok || seen < p.epoch {
-            // SAFETY: `error` is the host-visible record; `failed` is this block's smem word.
-            unsafe {
-                if !ok {
-                    dev::report_timeout(err, p.rank, t, site, p.epoch, seen);
-                }
-                dev::st_relaxed_sys_u32(failed, 1);
-            }
+        failed = !ok || seen < p.epoch;
+        if !ok {
+            // SAFETY: `error` is the host-visible record.
+            unsafe { dev::report_timeout(err, p.rank, t, site, p.epoch, seen) };
         }
     }
-    dev::sync_threads();
-    // SAFETY: read after the barrier that ordered the writes above.
-    unsafe { dev::ld_relaxed_sys_u32(failed) == 0 }
+    !dev::sync_threads_or(failed)
 }
 
 /// Raises, by threads `t < num_ranks`, `flags[rank][b] = epoch` in peer `t`'s buffer
@@ -86,20 +81,14 @@ kernel! {
         let t = dev::thread_idx_x();
         let b = dev::block_idx_x();
         let num_blocks = dev::grid_dim_x();
-        let failed: *mut u32 = dev::static_smem();
-        if t == 0 {
-            // SAFETY: word 0 of this block's static shared array.
-            unsafe { dev::st_relaxed_sys_u32(failed, 0) };
-        }
         if p.num_ranks == 0 || p.num_ranks > dev::block_dim_x() || !p.block_bytes.is_multiple_of(16) || p.rank >= p.num_ranks {
             if t == 0 && b == 0 {
                 let rec = DeviceError { code: error_code::BAD_LAUNCH, rank: p.rank, peer: u32::MAX, ..DeviceError::default() };
                 // SAFETY: `error` is the host-visible record.
-                unsafe { dev::report_error(p.error as *mut DeviceError, rec) };
+                unsafe { dev::report_error(p.error as *mut ErrorSlot, rec) };
             }
             return;
         }
-        dev::sync_threads();
         let layout = AllGatherLayout::new(p.num_ranks, num_blocks, p.block_bytes);
         let num_vecs = p.block_bytes / 16;
         let chunk = num_vecs.div_ceil(num_blocks as u64);
@@ -111,7 +100,7 @@ kernel! {
         // the same `AllGatherLayout`; `send`/`recv` hold `block_bytes`/`num_ranks*block_bytes`.
         unsafe {
             signal_peers(&p, layout.ready_offset);
-            if !wait_flags(&p, layout.ready_offset, SITE_READY, failed) {
+            if !wait_flags(&p, layout.ready_offset, SITE_READY) {
                 return;
             }
             // (2) Store chunk b of our block into data[rank] of every peer, nearest first.
@@ -132,7 +121,7 @@ kernel! {
             dev::sync_threads();
             signal_peers(&p, layout.arrived_offset);
             // (3) Wait for chunk b from every source, then copy it out.
-            if !wait_flags(&p, layout.arrived_offset, SITE_ARRIVED, failed) {
+            if !wait_flags(&p, layout.arrived_offset, SITE_ARRIVED) {
                 return;
             }
             let local = *(p.peer_bases as *const u64).add(p.rank as usize);

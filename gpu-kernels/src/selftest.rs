@@ -1,7 +1,7 @@
 //! Kernels that exercise each `dev` primitive, checked by the host's tests on the CPU
 //! emulator (CI) and on the GPU (the bundle). Each doc says what it writes; the checks are
 //! in `tests/tests/primitives.rs`.
-use crate::abi::{DeviceError, SelfTestParams};
+use crate::abi::{ErrorSlot, SelfTestParams};
 use crate::dev::{self, U4};
 
 kernel! {
@@ -119,8 +119,7 @@ kernel! {
         let t = dev::thread_idx_x();
         let bd = dev::block_dim_x() as u64;
         let (data, flags, sums) = (p.a as *mut u32, p.b as *mut u64, p.c as *mut u64);
-        let err = p.error as *mut DeviceError;
-        let ok: *mut u32 = dev::static_smem();
+        let err = p.error as *mut ErrorSlot;
         for r in 0..MESSAGE_ROUNDS {
             // SAFETY: `a` holds MESSAGE_ROUNDS*n words, `b` and `c` MESSAGE_ROUNDS u64 slots.
             unsafe {
@@ -153,9 +152,10 @@ kernel! {
                         }
                     }
                 } else {
+                    let mut arrived = true;
                     if t == 0 {
                         let mut seen = 0u64;
-                        let arrived = dev::wait_until(p.timeout_ns, || {
+                        arrived = dev::wait_until(p.timeout_ns, || {
                             seen = match r {
                                 1 | 4 => dev::ld_acquire_sys_u64(flag),
                                 2 => {
@@ -170,10 +170,9 @@ kernel! {
                         if !arrived {
                             dev::report_timeout(err, 0, 0, r, 1, seen);
                         }
-                        dev::st_relaxed_sys_u32(ok, arrived as u32);
                     }
-                    dev::sync_threads();
-                    if dev::ld_relaxed_sys_u32(ok) == 0 {
+                    // Every thread leaves if thread 0's wait failed (`bar.red.or`).
+                    if dev::sync_threads_or(!arrived) {
                         return;
                     }
                     if t == 0 {
@@ -231,7 +230,7 @@ kernel! {
             });
             let elapsed = dev::globaltimer_ns().wrapping_sub(t0);
             if !arrived {
-                dev::report_timeout(p.error as *mut DeviceError, p.value as u32, 7, 42, 1, seen);
+                dev::report_timeout(p.error as *mut ErrorSlot, p.value as u32, 7, 42, 1, seen);
             }
             *out = elapsed;
             let t1 = dev::globaltimer_ns();

@@ -5,6 +5,7 @@
 //! Without a GPU: 4 ranks on the CPU emulator, running the very same kernel source.
 //!
 //!     cargo xtask demo            # or: cargo run --release -p moe-ep --example demo
+//!     cargo xtask demo -- --ranks 2 --bytes 1048576
 use moe_ep::collective::AllGather;
 use moe_ep::{Device, Group, Sharing};
 use std::time::Instant;
@@ -15,14 +16,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: single-threaded at this point; no other code reads the environment yet.
         unsafe { std::env::set_var("CUDA_DEVICE_MAX_CONNECTIONS", "32") };
     }
+    let arg = |name: &str| -> Option<usize> {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+    };
     let device = Device::from_env()?;
-    let devices: Vec<Device> = match (device.is_cpu(), Device::cuda_count().unwrap_or(0)) {
-        (true, _) => vec![device.clone(); 4],
-        (false, n) if n >= 2 => (0..n).map(Device::cuda).collect::<Result<_, _>>()?,
-        (false, _) => vec![device.clone(); 8],
+    let devices: Vec<Device> = match (device.is_cpu(), Device::cuda_count().unwrap_or(0), arg("--ranks")) {
+        (true, _, ranks) => vec![device.clone(); ranks.unwrap_or(4)],
+        (false, n, None) if n >= 2 => (0..n).map(Device::cuda).collect::<Result<_, _>>()?,
+        (false, _, ranks) => vec![device.clone(); ranks.unwrap_or(8)],
     };
     let num_ranks = devices.len();
-    let block_bytes = if device.is_cpu() { 64 << 10 } else { 16 << 20 };
+    let block_bytes = arg("--bytes").unwrap_or(if device.is_cpu() { 64 << 10 } else { 16 << 20 });
     let reps = 5;
     println!(
         "moe-ep demo: {num_ranks} ranks on {} ({}), {} KiB per rank",

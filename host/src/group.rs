@@ -12,9 +12,9 @@
 //! between threads of one process, CUDA IPC handles or shared descriptors (VMM, memfd)
 //! between processes. Kernels then store into peers' buffers directly.
 use crate::bootstrap::{Bootstrap, EnvConfig, InProcessBootstrap, TcpBootstrap, default_timeout};
-use crate::device::{Device, DeviceBuffer, HostMapped, Stream, fd};
+use crate::device::{Device, DeviceBuffer, ErrorRecord, Stream, fd};
 use crate::{Error, Result};
-use moe_ep_abi::{DEFAULT_TIMEOUT_NS, DeviceError, error_code};
+use moe_ep_abi::DEFAULT_TIMEOUT_NS;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ pub struct Group {
     device: Device,
     stream: Stream,
     bootstrap: Box<dyn Bootstrap>,
-    error: HostMapped,
+    error: ErrorRecord,
     timeout: Duration,
 }
 
@@ -75,7 +75,7 @@ impl Group {
     /// One rank on `device`, connected by `bootstrap`.
     pub fn new(device: Device, bootstrap: Box<dyn Bootstrap>) -> Result<Group> {
         let stream = device.new_stream()?;
-        let error = device.alloc_host_mapped(std::mem::size_of::<DeviceError>())?;
+        let error = ErrorRecord::new(&device)?;
         Ok(Group {
             rank: bootstrap.rank(),
             num_ranks: bootstrap.num_ranks(),
@@ -147,31 +147,15 @@ impl Group {
         self.timeout.as_nanos().min(u64::MAX as u128) as u64
     }
 
-    /// Device address of the host-visible [`DeviceError`] record kernels report into.
+    /// Device address of the [`moe_ep_abi::ErrorSlot`] this rank's kernels report into.
     pub fn error_ptr(&self) -> u64 {
-        self.error.device_ptr()
+        self.error.ptr()
     }
 
     /// Returns (and clears) what a kernel of this rank reported, as an [`Error`]. Call after
     /// the stream is synchronised.
     pub fn take_device_error(&self, kernel: &'static str) -> Result<()> {
-        let rec: DeviceError = self.error.read(0)?;
-        if rec.code == error_code::NONE {
-            return Ok(());
-        }
-        self.error.write(0, DeviceError::default())?;
-        Err(match rec.code {
-            error_code::TIMEOUT => Error::Timeout {
-                rank: rec.rank,
-                peer: rec.peer,
-                block: rec.block,
-                site: rec.site,
-                expected: rec.expected,
-                observed: rec.observed,
-            },
-            error_code::BAD_LAUNCH => Error::BadLaunch { kernel, rank: rec.rank },
-            other => Error::KernelFault(format!("{kernel}: unknown device error code {other}")),
-        })
+        self.error.take(kernel)
     }
 
     /// Collective: a zeroed buffer of `bytes` on every rank, plus every rank's view of all of

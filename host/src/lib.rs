@@ -8,7 +8,7 @@ mod error;
 pub mod group;
 pub mod reference;
 
-pub use device::{Device, DeviceBuffer, Event, HostMapped, LaunchConfig, Stream};
+pub use device::{Device, DeviceBuffer, ErrorRecord, Event, HostMapped, LaunchConfig, Stream};
 pub use error::{Error, Result};
 pub use group::{Group, Sharing, SymmetricBuffer};
 pub use moe_ep_kernels as kernels;

@@ -30,18 +30,15 @@ pub mod error_code {
     pub const BAD_LAUNCH: u32 = 2;
 }
 
-/// What a kernel reports when it gives up, written to host-visible memory that the host
-/// reads after the launch (and may poll while it runs).
-///
-/// The first writer wins: it claims `claimed` with a CAS, fills the fields, then publishes
-/// `code` with a release store. Kernels never trap on error, so the CUDA context stays usable.
+/// What a kernel reports when it gives up, in page-locked host memory that the host reads
+/// after the launch (or polls while it runs). Written with plain stores, `code` last with a
+/// release store: GPUs on PCIe hosts can't do atomics on host memory, so the first-writer
+/// claim lives in device memory ([`ErrorSlot`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct DeviceError {
     /// One of [`error_code`]; published last, with release semantics.
     pub code: u32,
-    /// Set to 1 by the thread that owns this record.
-    pub claimed: u32,
     /// Rank that recorded the error.
     pub rank: u32,
     /// Rank it was waiting for, or `u32::MAX`.
@@ -50,10 +47,26 @@ pub struct DeviceError {
     pub block: u32,
     /// Kernel-specific tag saying which wait gave up (see each kernel's docs).
     pub site: u32,
+    /// Zero.
+    pub reserved: u32,
     /// Value the wait expected.
     pub expected: u64,
     /// Value it last observed.
     pub observed: u64,
+}
+
+/// Where kernels report errors (every kernel's `error` parameter points to one, in device
+/// memory). The thread that wins the CAS on `claimed` fills the host-visible
+/// [`DeviceError`] at `record`; every other thread sees `claimed != 0` and may stop early.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ErrorSlot {
+    /// 0 until an error is claimed.
+    pub claimed: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Device address of the host-visible [`DeviceError`].
+    pub record: u64,
 }
 
 /// Parameters of `all_gather`, the first peer kernel: every rank stores its
@@ -74,7 +87,7 @@ pub struct AllGatherParams {
     // OUTPUT
     /// `num_ranks * block_bytes` bytes, rank-ordered.
     pub recv: u64,
-    /// Host-visible [`DeviceError`].
+    /// The [`ErrorSlot`] (device memory).
     pub error: u64,
     // CONFIG
     /// Bytes each rank contributes; a multiple of 16.
@@ -133,7 +146,7 @@ pub struct SelfTestParams {
     pub b: u64,
     /// Third buffer (output, usually).
     pub c: u64,
-    /// Host-visible [`DeviceError`] (wait tests).
+    /// The [`ErrorSlot`] (wait tests).
     pub error: u64,
     /// Element count.
     pub n: u64,
@@ -169,6 +182,7 @@ mod tests {
         // The host passes these as raw bytes to cuLaunchKernel: no padding surprises.
         assert_eq!(core::mem::size_of::<AllGatherParams>(), 7 * 8 + 2 * 4);
         assert_eq!(core::mem::size_of::<DeviceError>(), 6 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<ErrorSlot>(), 16);
         assert_eq!(core::mem::size_of::<SelfTestParams>(), 7 * 8);
     }
 }

@@ -23,31 +23,50 @@ pub const EMU_MAX_THREADS_PER_LAUNCH: u32 = 4096;
 
 struct Barrier {
     n: usize,
-    state: Mutex<(usize, u64)>, // (arrived, generation)
+    state: Mutex<BarrierState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    /// OR of the predicates of the threads that arrived in this generation.
+    any: bool,
+    /// The OR of the last completed generation (read by its waiters before the next one
+    /// can complete, since that needs them to arrive again).
+    last_any: bool,
 }
 
 impl Barrier {
     fn new(n: usize) -> Self {
-        Self { n, state: Mutex::new((0, 0)), cv: Condvar::new() }
+        Self { n, state: Mutex::new(BarrierState::default()), cv: Condvar::new() }
     }
-    fn wait(&self, abort: &AtomicBool) {
+    /// Waits for all `n` threads; returns the OR of their `pred`s.
+    fn wait_or(&self, abort: &AtomicBool, pred: bool) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = s.1;
-        s.0 += 1;
-        if s.0 == self.n {
-            s.0 = 0;
-            s.1 = s.1.wrapping_add(1);
+        let generation = s.generation;
+        s.arrived += 1;
+        s.any |= pred;
+        if s.arrived == self.n {
+            s.arrived = 0;
+            s.last_any = s.any;
+            s.any = false;
+            s.generation = s.generation.wrapping_add(1);
             self.cv.notify_all();
-            return;
+            return s.last_any;
         }
-        while s.1 == generation {
+        while s.generation == generation {
             if abort.load(Ordering::Relaxed) {
                 drop(s);
                 panic!("emulated launch aborted by another thread");
             }
             s = self.cv.wait_timeout(s, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner()).0;
         }
+        s.last_any
+    }
+    fn wait(&self, abort: &AtomicBool) {
+        self.wait_or(abort, false);
     }
 }
 
@@ -214,6 +233,11 @@ pub fn lane_id() -> u32 {
 pub fn sync_threads() {
     block().barrier.wait(abort_flag());
 }
+/// `bar.red.or.pred` (`__syncthreads_or`): a block barrier that returns whether any thread's
+/// `pred` was true.
+pub fn sync_threads_or(pred: bool) -> bool {
+    block().barrier.wait_or(abort_flag(), pred)
+}
 /// `bar.warp.sync` (the emulator always syncs the whole warp).
 pub fn sync_warp(_mask: u32) {
     warp().barrier.wait(abort_flag());
@@ -241,6 +265,48 @@ pub unsafe fn atom_add_shared_u32(p: *mut u32, v: u32) -> u32 {
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
 }
 
+// ------------------------------------------------------------------ address-space check
+/// Panics when a `.global` operation gets an address inside this block's shared memory:
+/// on the GPU that faults with `CUDA_ERROR_INVALID_ADDRESS_SPACE`, so the emulator must not
+/// let it pass silently.
+fn check_global<T>(p: *const T) {
+    let a = p as usize;
+    let b = block();
+    for (base, len) in
+        [(b.static_smem.as_ptr() as usize, STATIC_SMEM_BYTES), (b.dyn_smem.as_ptr() as usize, b.dyn_smem.len() * 16)]
+    {
+        if a >= base && a < base + len {
+            panic!("a .global memory operation was given a shared-memory address ({a:#x})");
+        }
+    }
+}
+
+/// Host ranges registered as "page-locked host memory mapped into the device".
+static HOST_MAPPED: std::sync::RwLock<Vec<(usize, usize)>> = std::sync::RwLock::new(Vec::new());
+
+/// Marks `[start, start+len)` as host memory mapped into the device (the CPU back end does
+/// this for its `HostMapped` buffers), so that atomics on it are caught as they are on a GPU.
+pub fn register_host_mapped(start: usize, len: usize) {
+    HOST_MAPPED.write().unwrap_or_else(|e| e.into_inner()).push((start, len));
+}
+
+/// Forgets a range registered with [`register_host_mapped`].
+pub fn unregister_host_mapped(start: usize) {
+    HOST_MAPPED.write().unwrap_or_else(|e| e.into_inner()).retain(|&(s, _)| s != start);
+}
+
+/// Panics when an atomic read-modify-write targets host memory: GPUs attached over PCIe
+/// can't perform them (compute-sanitizer: "Invalid __global__ system-scoped atomic"), and a
+/// kernel that does faults with `CUDA_ERROR_ILLEGAL_ADDRESS`.
+fn check_device_atomic<T>(p: *const T) {
+    check_global(p);
+    let a = p as usize;
+    let ranges = HOST_MAPPED.read().unwrap_or_else(|e| e.into_inner());
+    if ranges.iter().any(|&(s, l)| a >= s && a < s + l) {
+        panic!("an atomic was given a host-memory address ({a:#x}); GPUs on PCIe can't do that");
+    }
+}
+
 // ------------------------------------------------------------------ loads / stores with semantics
 macro_rules! ld_st {
     ($ld:ident, $st:ident, $t:ty, $a:ty, $lo:expr, $so:expr) => {
@@ -249,6 +315,7 @@ macro_rules! ld_st {
         /// # Safety
         /// `p` is valid and aligned.
         pub unsafe fn $ld(p: *const $t) -> $t {
+            check_global(p);
             // SAFETY: caller's contract.
             unsafe { <$a>::from_ptr(p as *mut $t) }.load($lo)
         }
@@ -257,6 +324,7 @@ macro_rules! ld_st {
         /// # Safety
         /// `p` is valid and aligned.
         pub unsafe fn $st(p: *mut $t, v: $t) {
+            check_global(p);
             // SAFETY: caller's contract.
             unsafe { <$a>::from_ptr(p) }.store(v, $so)
         }
@@ -272,6 +340,7 @@ ld_st!(ld_relaxed_sys_u64, st_relaxed_sys_u64, u64, AtomicU64, Ordering::Relaxed
 /// # Safety
 /// `p` is valid and aligned.
 pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
+    check_device_atomic(p);
     // SAFETY: caller's contract.
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
 }
@@ -280,6 +349,7 @@ pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
 /// # Safety
 /// `p` is valid and aligned.
 pub unsafe fn atom_add_release_gpu_u32(p: *mut u32, v: u32) -> u32 {
+    check_device_atomic(p);
     // SAFETY: caller's contract.
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Release)
 }
@@ -288,6 +358,7 @@ pub unsafe fn atom_add_release_gpu_u32(p: *mut u32, v: u32) -> u32 {
 /// # Safety
 /// `p` is valid and aligned.
 pub unsafe fn atom_cas_acq_rel_sys_u32(p: *mut u32, cmp: u32, new: u32) -> u32 {
+    check_device_atomic(p);
     // SAFETY: caller's contract.
     match unsafe { AtomicU32::from_ptr(p) }.compare_exchange(cmp, new, Ordering::AcqRel, Ordering::Acquire) {
         Ok(v) | Err(v) => v,
@@ -298,6 +369,7 @@ pub unsafe fn atom_cas_acq_rel_sys_u32(p: *mut u32, cmp: u32, new: u32) -> u32 {
 /// # Safety
 /// `p` is valid and aligned.
 pub unsafe fn red_add_release_sys_u32(p: *mut u32, v: u32) {
+    check_device_atomic(p);
     // SAFETY: caller's contract.
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Release);
 }
@@ -306,6 +378,7 @@ pub unsafe fn red_add_release_sys_u32(p: *mut u32, v: u32) {
 /// # Safety
 /// `p` is valid and 8-aligned.
 pub unsafe fn red_add_release_sys_u64(p: *mut u64, v: u64) {
+    check_device_atomic(p);
     // SAFETY: caller's contract.
     unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Ordering::Release);
 }
@@ -330,6 +403,7 @@ pub fn fence_sc_sys() {
 /// # Safety
 /// `p` is valid and 16-aligned.
 pub unsafe fn ld_nc_v4(p: *const U4) -> U4 {
+    check_global(p);
     // SAFETY: caller's contract.
     unsafe { p.read_volatile() }
 }
@@ -338,6 +412,7 @@ pub unsafe fn ld_nc_v4(p: *const U4) -> U4 {
 /// # Safety
 /// `p` is valid and 16-aligned.
 pub unsafe fn ld_v4(p: *const U4) -> U4 {
+    check_global(p);
     // SAFETY: caller's contract.
     unsafe { p.read_volatile() }
 }
@@ -346,6 +421,7 @@ pub unsafe fn ld_v4(p: *const U4) -> U4 {
 /// # Safety
 /// `p` is valid and 16-aligned.
 pub unsafe fn st_v4(p: *mut U4, v: U4) {
+    check_global(p);
     // SAFETY: caller's contract.
     unsafe { p.write_volatile(v) }
 }

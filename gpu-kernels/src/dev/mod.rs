@@ -15,13 +15,13 @@
 //! | `fence_acq_rel_gpu/sys`, `fence_sc_sys` | `fence.{acq_rel,sc}.{gpu,sys}` | relaxed flags |
 //! | `ld_nc_v4`, `ld_v4`, `st_v4` | `ld.global.nc.v4.u32`, `ld.global.v4.u32`, `st.global.v4.u32` | 16-byte data moves |
 //! | `shfl_bfly_u32`, `shfl_idx_u32`, `ballot` | `shfl.sync.*`, `vote.sync.ballot` | warp-cooperative: all 32 lanes call |
-//! | `sync_threads`, `sync_warp` | `bar.sync 0`, `bar.warp.sync` | |
+//! | `sync_threads`, `sync_threads_or`, `sync_warp` | `bar.sync 0`, `bar.red.or.pred`, `bar.warp.sync` | |
 //! | `static_smem`, `dyn_smem`, `atom_add_shared_u32` | `.shared` arrays, `atom.shared.add` | |
 //! | `globaltimer_ns`, `nanosleep_ns` | `%globaltimer`, `nanosleep.u32` | wait bounds |
 //!
 //! Built on them here: [`wait_until`] (every wait loop in every kernel) and [`report_error`].
 
-use crate::abi::{DeviceError, WARP_SIZE, error_code};
+use crate::abi::{DeviceError, ErrorSlot, WARP_SIZE, error_code};
 
 /// 16 bytes: the unit of every token copy (one `v4.u32` load or store).
 #[repr(C, align(16))]
@@ -81,29 +81,30 @@ pub fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Records an error in the host-visible `DeviceError` at `err` (first writer wins) and
-/// returns. Callers then leave the kernel normally: a trap would poison the CUDA context.
+/// Records an error through the [`ErrorSlot`] at `slot` (first writer wins) and returns.
+/// Callers then leave the kernel normally: a trap would poison the CUDA context.
 ///
 /// # Safety
-/// `err` points to a valid `DeviceError` in memory the device can write.
+/// `slot` points to a valid `ErrorSlot` in device memory whose `record` is a valid,
+/// device-writable `DeviceError`.
 #[inline(always)]
-pub unsafe fn report_error(err: *mut DeviceError, record: DeviceError) {
-    // SAFETY: the caller guarantees `err` is valid; fields are 4/8-byte aligned.
+pub unsafe fn report_error(slot: *mut ErrorSlot, record: DeviceError) {
+    // SAFETY: the caller guarantees both pointers; fields are 4/8-byte aligned.
     unsafe {
-        let claimed = core::ptr::addr_of_mut!((*err).claimed);
-        if atom_cas_acq_rel_sys_u32(claimed, 0, 1) != 0 {
+        if atom_cas_acq_rel_sys_u32(core::ptr::addr_of_mut!((*slot).claimed), 0, 1) != 0 {
             return;
         }
-        let code = record.code;
-        // Field by field: an aggregate volatile store could lower to a memcpy call.
-        core::ptr::addr_of_mut!((*err).rank).write_volatile(record.rank);
-        core::ptr::addr_of_mut!((*err).peer).write_volatile(record.peer);
-        core::ptr::addr_of_mut!((*err).block).write_volatile(record.block);
-        core::ptr::addr_of_mut!((*err).site).write_volatile(record.site);
-        core::ptr::addr_of_mut!((*err).expected).write_volatile(record.expected);
-        core::ptr::addr_of_mut!((*err).observed).write_volatile(record.observed);
+        let host = (*slot).record as *mut DeviceError;
+        // Plain stores, field by field (host memory takes no atomics; an aggregate volatile
+        // store could lower to a memcpy call), then `code` with release semantics.
+        core::ptr::addr_of_mut!((*host).rank).write_volatile(record.rank);
+        core::ptr::addr_of_mut!((*host).peer).write_volatile(record.peer);
+        core::ptr::addr_of_mut!((*host).block).write_volatile(record.block);
+        core::ptr::addr_of_mut!((*host).site).write_volatile(record.site);
+        core::ptr::addr_of_mut!((*host).expected).write_volatile(record.expected);
+        core::ptr::addr_of_mut!((*host).observed).write_volatile(record.observed);
         fence_acq_rel_sys();
-        st_release_sys_u32(core::ptr::addr_of_mut!((*err).code), code);
+        st_release_sys_u32(core::ptr::addr_of_mut!((*host).code), record.code);
     }
 }
 
@@ -112,27 +113,27 @@ pub unsafe fn report_error(err: *mut DeviceError, record: DeviceError) {
 /// # Safety
 /// As [`report_error`].
 #[inline(always)]
-pub unsafe fn report_timeout(err: *mut DeviceError, rank: u32, peer: u32, site: u32, expected: u64, observed: u64) {
+pub unsafe fn report_timeout(slot: *mut ErrorSlot, rank: u32, peer: u32, site: u32, expected: u64, observed: u64) {
     let record = DeviceError {
         code: error_code::TIMEOUT,
-        claimed: 0,
         rank,
         peer,
         block: block_idx_x(),
         site,
         expected,
         observed,
+        reserved: 0,
     };
     // SAFETY: forwarded contract.
-    unsafe { report_error(err, record) }
+    unsafe { report_error(slot, record) }
 }
 
-/// True once an error was published into `err` (so other waits can stop early).
+/// True once some thread claimed `slot` (so other waits can stop early).
 ///
 /// # Safety
 /// As [`report_error`].
 #[inline(always)]
-pub unsafe fn error_raised(err: *const DeviceError) -> bool {
+pub unsafe fn error_raised(slot: *const ErrorSlot) -> bool {
     // SAFETY: forwarded contract.
-    unsafe { ld_relaxed_sys_u32(core::ptr::addr_of!((*err).code)) != error_code::NONE }
+    unsafe { ld_relaxed_sys_u32(core::ptr::addr_of!((*slot).claimed)) != 0 }
 }

@@ -56,6 +56,18 @@ pub fn sync_threads() {
     // SAFETY: a block-wide barrier; every thread of the block must reach it.
     unsafe { nvptx::_syncthreads() }
 }
+/// `bar.red.or.pred` (`__syncthreads_or`): a block barrier that returns whether any thread's
+/// `pred` was true.
+#[inline(always)]
+pub fn sync_threads_or(pred: bool) -> bool {
+    let r: u32;
+    // SAFETY: a block-wide barrier with an OR reduction; every thread must reach it.
+    unsafe {
+        asm!("{{ .reg .pred %p, %q; setp.ne.u32 %p, {x}, 0; bar.red.or.pred %q, 0, %p; selp.u32 {r}, 1, 0, %q; }}",
+             x = in(reg32) pred as u32, r = out(reg32) r, options(nostack))
+    };
+    r != 0
+}
 /// `bar.warp.sync mask` (`__syncwarp(mask)`).
 #[inline(always)]
 pub fn sync_warp(mask: u32) {

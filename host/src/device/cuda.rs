@@ -58,6 +58,10 @@ pub(crate) fn device_count() -> Result<usize> {
 /// One GPU: its primary context and the loaded kernel module.
 pub(crate) struct CudaDevice {
     pub(crate) ctx: Arc<CudaContext>,
+    /// A private stream for zeroing new allocations. (`cuMemsetD8` on the legacy stream may
+    /// return before it is done and is unordered with our non-blocking streams: a peer's
+    /// early flag could be wiped.)
+    util_stream: Mutex<usize>,
     module: Mutex<Option<sys::CUmodule>>,
     functions: Mutex<HashMap<&'static str, usize>>, // name -> CUfunction
 }
@@ -79,7 +83,7 @@ impl CudaDevice {
             code: e.0 as i32,
             name: format!("{e:?}"),
         })?;
-        Ok(Self { ctx, module: Mutex::new(None), functions: Mutex::new(HashMap::new()) })
+        Ok(Self { ctx, util_stream: Mutex::new(0), module: Mutex::new(None), functions: Mutex::new(HashMap::new()) })
     }
 
     pub(crate) fn bind(&self) -> Result<()> {
@@ -127,6 +131,20 @@ impl CudaDevice {
         // SAFETY: writes one device pointer.
         check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(1)) })?;
         Ok(p)
+    }
+
+    /// Zeroes `bytes` at `p` and waits until it is done.
+    pub(crate) fn zero(&self, p: u64, bytes: usize) -> Result<()> {
+        let mut util = self.util_stream.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        if *util == 0 {
+            *util = self.stream_create()? as usize;
+        }
+        let s = *util as sys::CUstream;
+        // SAFETY: `p` holds `bytes` bytes of this context's memory; `s` is a live stream.
+        unsafe {
+            check("cuMemsetD8Async", sys::cuMemsetD8Async(p, 0, bytes, s))?;
+            check("cuStreamSynchronize", sys::cuStreamSynchronize(s))
+        }
     }
 
     pub(crate) fn free(&self, p: u64) -> Result<()> {
@@ -330,6 +348,11 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
+        let util = self.util_stream.get_mut().map(|s| *s).unwrap_or(0);
+        if util != 0 && self.bind().is_ok() {
+            // SAFETY: our stream, destroyed once.
+            unsafe { sys::cuStreamDestroy_v2(util as sys::CUstream) };
+        }
         if let Ok(Some(m)) = self.module.get_mut().map(|m| m.take())
             && self.bind().is_ok()
         {

@@ -16,6 +16,7 @@ pub mod fd;
 use crate::{Error, Result};
 use bytemuck::Pod;
 use cudarc::driver::sys;
+use moe_ep_abi::{DeviceError, ErrorSlot, error_code};
 use moe_ep_kernels::Kernel;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -144,8 +145,7 @@ impl Device {
             Backend::Cuda(d) => {
                 let p = d.malloc(bytes)?;
                 let buf = DeviceBuffer::new(self, p, bytes, Memory::Cuda);
-                // SAFETY: `p` holds `bytes` bytes; synchronous memset before anyone uses it.
-                cuda::check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(p, 0, bytes) })?;
+                d.zero(p, bytes)?;
                 Ok(buf)
             }
         }
@@ -172,8 +172,7 @@ impl Device {
                     }
                 };
                 let buf = DeviceBuffer::new(self, va, size, Memory::CudaVmm { handle, size });
-                // SAFETY: `va` maps `size` bytes.
-                cuda::check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(va, 0, size) })?;
+                d.zero(va, size)?;
                 Ok(buf)
             }
         }
@@ -230,6 +229,8 @@ impl Device {
         let (host, dev) = match &*self.backend {
             Backend::Cpu => {
                 let p = cpu::heap_alloc(bytes)?;
+                // The emulator then rejects atomics on it, as a PCIe-attached GPU does.
+                moe_ep_kernels::dev::register_host_mapped(p as usize, bytes.max(1));
                 (p, p as u64)
             }
             Backend::Cuda(d) => d.host_alloc_mapped(bytes)?,
@@ -483,9 +484,68 @@ impl Drop for HostMapped {
     fn drop(&mut self) {
         match self.device.cuda_backend() {
             Some(d) => drop(d.host_free(self.host)),
-            // SAFETY: allocated by heap_alloc with this size.
-            None => unsafe { cpu::heap_free(self.host, self.bytes) },
+            None => {
+                moe_ep_kernels::dev::unregister_host_mapped(self.host as usize);
+                // SAFETY: allocated by heap_alloc with this size.
+                unsafe { cpu::heap_free(self.host, self.bytes) }
+            }
         }
+    }
+}
+
+/// Where a rank's kernels report errors: an [`ErrorSlot`] in device memory (the first-writer
+/// claim needs an atomic, which PCIe GPUs can't do on host memory) pointing to a
+/// [`DeviceError`] in mapped host memory (readable without a copy, even mid-kernel).
+pub struct ErrorRecord {
+    slot: DeviceBuffer,
+    host: HostMapped,
+}
+
+impl ErrorRecord {
+    /// A cleared record on `device`.
+    pub fn new(device: &Device) -> Result<ErrorRecord> {
+        let host = device.alloc_host_mapped(std::mem::size_of::<DeviceError>())?;
+        let slot = device.alloc(std::mem::size_of::<ErrorSlot>())?;
+        let rec = ErrorRecord { slot, host };
+        rec.clear()?;
+        Ok(rec)
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.host.write(0, DeviceError::default())?;
+        let slot = ErrorSlot { claimed: 0, reserved: 0, record: self.host.device_ptr() };
+        let stream = self.slot.device().new_stream()?;
+        self.slot.write(&stream, 0, std::slice::from_ref(&slot))
+    }
+
+    /// The address kernels take as their `error` parameter.
+    pub fn ptr(&self) -> u64 {
+        self.slot.ptr()
+    }
+
+    /// What a kernel reported, read without synchronising (`None`: nothing yet).
+    pub fn peek(&self) -> Result<Option<DeviceError>> {
+        let rec: DeviceError = self.host.read(0)?;
+        Ok((rec.code != error_code::NONE).then_some(rec))
+    }
+
+    /// Returns (and clears) what a kernel reported, as an [`Error`]. Call once the kernels
+    /// that use this record have finished (after synchronising their stream).
+    pub fn take(&self, kernel: &'static str) -> Result<()> {
+        let Some(rec) = self.peek()? else { return Ok(()) };
+        self.clear()?;
+        Err(match rec.code {
+            error_code::TIMEOUT => Error::Timeout {
+                rank: rec.rank,
+                peer: rec.peer,
+                block: rec.block,
+                site: rec.site,
+                expected: rec.expected,
+                observed: rec.observed,
+            },
+            error_code::BAD_LAUNCH => Error::BadLaunch { kernel, rank: rec.rank },
+            other => Error::KernelFault(format!("{kernel}: unknown device error code {other}")),
+        })
     }
 }
 
