@@ -104,7 +104,7 @@ kernel! {
 }
 
 /// Rounds of [`selftest_message_passing`], one per publish/observe pairing.
-pub const MESSAGE_ROUNDS: u32 = 7;
+pub const MESSAGE_ROUNDS: u32 = 8;
 
 kernel! {
     /// Message passing between the two blocks of a 2-block launch (so both must run at
@@ -112,8 +112,9 @@ kernel! {
     /// `b[r]` (u64 slots) with one pairing:
     /// 0 `st.release.sys.u32`, 1 `st.release.sys.u64`, 2 `fence.sc.sys` + `st.relaxed.sys.u64`,
     /// 3 `red.release.sys.add.u32`, 4 `red.release.sys.add.u64`, 5 `atom.release.gpu.add.u32`,
-    /// 6 `atom.acq_rel.sys.cas`. Block 1 observes it (acquire load, or relaxed load + fence
-    /// in round 2) through `wait_until`, then `c[r] = Σ a[r*n..r*n+n]` (u64 slots).
+    /// 6 `atom.acq_rel.sys.cas`, 7 `fence.acq_rel.gpu` + `st.relaxed.sys.u32`. Block 1
+    /// observes it (acquire load, or relaxed load + fence in rounds 2 and 7) through
+    /// `wait_until`, then `c[r] = Σ a[r*n..r*n+n]` (u64 slots).
     /// A wait past `timeout_ns` reports site `r` into `error`.
     pub unsafe fn selftest_message_passing(p: SelfTestParams) as SELFTEST_MESSAGE_PASSING {
         let t = dev::thread_idx_x();
@@ -146,8 +147,12 @@ kernel! {
                             5 => {
                                 dev::atom_add_release_gpu_u32(flag32, 1);
                             }
-                            _ => {
+                            6 => {
                                 dev::atom_cas_acq_rel_sys_u32(flag32, 0, 1);
+                            }
+                            _ => {
+                                dev::fence_acq_rel_gpu();
+                                dev::st_relaxed_sys_u32(flag32, 1);
                             }
                         }
                     }
@@ -161,6 +166,11 @@ kernel! {
                                 2 => {
                                     let v = dev::ld_relaxed_sys_u64(flag);
                                     dev::fence_acq_rel_sys();
+                                    v
+                                }
+                                7 => {
+                                    let v = dev::ld_relaxed_sys_u32(flag32) as u64;
+                                    dev::fence_acq_rel_gpu();
                                     v
                                 }
                                 _ => dev::ld_acquire_sys_u32(flag32) as u64,

@@ -83,21 +83,28 @@ impl Group {
             stream,
             bootstrap,
             error,
-            timeout: Duration::from_nanos(DEFAULT_TIMEOUT_NS),
+            timeout: default_kernel_timeout()?,
         })
     }
 
     /// One rank per process, as `torchrun` or `srun` launch them: `RANK`, `WORLD_SIZE`,
-    /// `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` (see [`EnvConfig`]). The device is
-    /// `MOE_EP_DEVICE` if set, else GPU `LOCAL_RANK % count` when GPUs exist, else the CPU.
+    /// `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` (see [`EnvConfig`]). The device:
+    /// `MOE_EP_DEVICE=cpu` the emulator, `cuda:N` GPU N; `cuda` or unset: GPU
+    /// `LOCAL_RANK % count` when GPUs exist (unset and no GPU: the emulator).
     pub fn from_env() -> Result<Group> {
         let env = EnvConfig::from_env()?;
-        let device = match std::env::var("MOE_EP_DEVICE") {
-            Ok(name) => Device::from_name(&name)?,
-            Err(_) => match Device::cuda_count() {
-                Ok(n) if n > 0 => Device::cuda(env.local_rank % n)?,
-                _ => Device::cpu(),
-            },
+        let local_gpu = || -> Result<Option<Device>> {
+            match Device::cuda_count() {
+                Ok(n) if n > 0 => Ok(Some(Device::cuda(env.local_rank % n)?)),
+                _ => Ok(None),
+            }
+        };
+        let device = match std::env::var("MOE_EP_DEVICE").as_deref() {
+            Ok("cuda") | Ok("gpu") => {
+                local_gpu()?.ok_or_else(|| Error::NoDriver("MOE_EP_DEVICE=cuda but no GPU".into()))?
+            }
+            Ok(name) => Device::from_name(name)?,
+            Err(_) => local_gpu()?.unwrap_or_else(Device::cpu),
         };
         let bootstrap = TcpBootstrap::from_env(default_timeout())?;
         Group::new(device, Box::new(bootstrap))
@@ -128,7 +135,8 @@ impl Group {
         &*self.bootstrap
     }
 
-    /// Bound for every device-side wait of this group's kernels (default 100 s).
+    /// Bound for every device-side wait of this group's kernels (default 100 s, or
+    /// `MOE_EP_TIMEOUT_S`).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -225,6 +233,20 @@ impl Group {
         let peer_table = self.device.alloc(8 * self.num_ranks)?;
         peer_table.write(&self.stream, 0, &peer_ptrs)?;
         Ok(SymmetricBuffer { local, _imported: imported, peer_ptrs, peer_table, epoch: 0 })
+    }
+}
+
+/// The device-side wait bound: `MOE_EP_TIMEOUT_S` (seconds, may be fractional) or 100 s.
+fn default_kernel_timeout() -> Result<Duration> {
+    match std::env::var("MOE_EP_TIMEOUT_S") {
+        Err(_) => Ok(Duration::from_nanos(DEFAULT_TIMEOUT_NS)),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+            _ => Err(Error::invalid(
+                "MOE_EP_TIMEOUT_S",
+                format!("MOE_EP_TIMEOUT_S=\"{v}\" is not a positive number of seconds"),
+            )),
+        },
     }
 }
 

@@ -11,6 +11,18 @@ pub fn device() -> Device {
     Device::from_name(&name).unwrap_or_else(|e| panic!("MOE_EP_DEVICE={name}: {e}"))
 }
 
+/// One device per rank: all the same on the CPU; on CUDA spread round-robin over every
+/// visible GPU, so a multi-GPU machine runs the same tests over NVLink/P2P.
+pub fn devices(n: usize) -> Vec<Device> {
+    let first = device();
+    match (first.is_cpu(), Device::cuda_count()) {
+        (false, Ok(count)) if count > 1 => {
+            (0..n).map(|r| Device::cuda(r % count).unwrap_or_else(|e| panic!("GPU {}: {e}", r % count))).collect()
+        }
+        _ => vec![first; n],
+    }
+}
+
 /// Ranks for in-process group tests: 4 on the emulator (CI), 8 on a GPU, unless
 /// `MOE_EP_TEST_RANKS` says otherwise.
 pub fn num_ranks(device: &Device) -> usize {

@@ -3,16 +3,15 @@
 //! `MOE_EP_DEVICE` (4 ranks on the CPU emulator, 8 sharing one GPU).
 use moe_ep::collective::AllGather;
 use moe_ep::{Error, Group, Sharing};
-use moe_ep_tests::{Rng, device, num_ranks, on_ranks};
+use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks};
 use std::time::Duration;
 
 /// Runs `reps` all-gathers of fresh random blocks of `words` u32 and checks every rank's
 /// output bit for bit against what every rank sent (outputs poisoned before each call).
 fn round_trip(sharing: Sharing, words: usize, reps: usize) {
-    let dev = device();
-    let n = num_ranks(&dev);
+    let n = num_ranks(&device());
     let seed = Rng::fresh("all_gather").next_u64();
-    let groups = Group::in_process(&vec![dev.clone(); n]).unwrap();
+    let groups = Group::in_process(&devices(n)).unwrap();
     on_ranks(groups, |rank, group| {
         let mut ag = AllGather::new(&group, words * 4, 0, sharing).unwrap();
         let s = group.stream();
@@ -69,9 +68,9 @@ fn all_gather_single_rank_and_large_blocks() {
 
 #[test]
 fn a_peer_that_never_joins_is_a_timeout_not_a_hang() {
-    let dev = device();
-    let groups = Group::in_process(&[dev.clone(), dev.clone()]).unwrap();
+    let groups = Group::in_process(&devices(2)).unwrap();
     let results = on_ranks(groups, |rank, mut group| {
+        let dev = group.device().clone();
         let mut ag = AllGather::new(&group, 64, 1, Sharing::Auto).unwrap();
         let send = dev.alloc(64).unwrap();
         let recv = dev.alloc(128).unwrap();

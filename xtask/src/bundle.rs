@@ -230,6 +230,7 @@ cd "$(dirname "$0")" || exit 1
 export MOE_EP_DEVICE=cuda
 export CUDA_DEVICE_MAX_CONNECTIONS=32 # > 8 streams must not share hardware queues
 export NCCL_NVLS_ENABLE=0             # never NVLink multicast
+export MOE_EP_TIMEOUT_S=${MOE_EP_TIMEOUT_S:-30} # device-side waits give up (typed error) well inside the harness timeout
 # MPS is not started here (it changes every process on the GPU): scripts that need it start
 # and stop it themselves (`nvidia-cuda-mps-control -d`, `echo quit | nvidia-cuda-mps-control`)
 # with these folders.

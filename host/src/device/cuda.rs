@@ -105,17 +105,25 @@ impl CudaDevice {
         Ok(v)
     }
 
-    /// The kernel `name` of the embedded PTX, JIT-compiled on first use.
+    /// Loads (JIT-compiles) the kernel module; a no-op once loaded.
+    pub(crate) fn load_module(&self, ptx: &str) -> Result<()> {
+        self.bind()?;
+        let mut module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        if module.is_none() {
+            *module = Some(load_ptx(ptx)?);
+        }
+        Ok(())
+    }
+
+    /// The kernel `name` of the module (loaded on first use if `load_module` wasn't called).
     pub(crate) fn function(&self, name: &'static str, ptx: &str) -> Result<sys::CUfunction> {
         self.bind()?;
         let mut fns = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
         if let Some(f) = fns.get(name) {
             return Ok(*f as sys::CUfunction);
         }
-        let mut module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
-        if module.is_none() {
-            *module = Some(load_ptx(ptx)?);
-        }
+        self.load_module(ptx)?;
+        let module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
         let m = module.ok_or_else(|| Error::KernelFault("module missing".into()))?;
         let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("kernel", "NUL in name"))?;
         let mut f = std::ptr::null_mut();

@@ -19,7 +19,7 @@ use cudarc::driver::sys;
 use moe_ep_abi::{DeviceError, ErrorSlot, error_code};
 use moe_ep_kernels::Kernel;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 /// The PTX of every kernel, built by `cargo xtask ptx` from `gpu-kernels` (sm_90).
@@ -52,8 +52,22 @@ impl Device {
     }
 
     /// CUDA device `ordinal`. Errors (never panics) when there is no driver or no such GPU.
+    ///
+    /// Every call for one GPU returns the same device, whose kernel module is loaded (JIT)
+    /// here, once: loading a module while other ranks' kernels spin on that GPU waits for
+    /// them to finish, which would stall a rank that is still to launch.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device { backend: Arc::new(Backend::Cuda(cuda::CudaDevice::new(ordinal)?)) })
+        static OPEN: Mutex<Vec<(usize, Weak<Backend>)>> = Mutex::new(Vec::new());
+        let mut open = OPEN.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(backend) = open.iter().find(|(o, _)| *o == ordinal).and_then(|(_, w)| w.upgrade()) {
+            return Ok(Device { backend });
+        }
+        let gpu = cuda::CudaDevice::new(ordinal)?;
+        gpu.load_module(PTX)?;
+        let backend = Arc::new(Backend::Cuda(gpu));
+        open.push((ordinal, Arc::downgrade(&backend)));
+        Ok(Device { backend })
     }
 
     /// Number of CUDA GPUs; `Err(NoDriver)` on machines without the driver.
