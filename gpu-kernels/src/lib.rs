@@ -54,6 +54,7 @@ macro_rules! kernel {
 
 pub mod collective;
 pub mod dev;
+pub mod layout;
 pub mod selftest;
 
 #[cfg(target_arch = "nvptx64")]

@@ -6,6 +6,7 @@ pub mod collective;
 pub mod device;
 mod error;
 pub mod group;
+pub mod layout;
 pub mod reference;
 
 pub use device::{Device, DeviceBuffer, ErrorRecord, Event, HostMapped, LaunchConfig, Stream};

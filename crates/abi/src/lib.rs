@@ -28,6 +28,9 @@ pub mod error_code {
     pub const TIMEOUT: u32 = 1;
     /// The kernel found its launch shape or parameters inconsistent.
     pub const BAD_LAUNCH: u32 = 2;
+    /// An input value is out of range (e.g. an expert id `>= num_experts`);
+    /// `DeviceError::site` is the offending row, `observed` the value.
+    pub const BAD_INPUT: u32 = 3;
 }
 
 /// What a kernel reports when it gives up, in page-locked host memory that the host reads
@@ -135,6 +138,45 @@ impl AllGatherLayout {
     }
 }
 
+/// Largest rank count of the layout kernel (ranks are bits of a `u64` per token).
+pub const LAYOUT_MAX_RANKS: u32 = 64;
+
+/// Parameters of `get_dispatch_layout`: where one rank's tokens go.
+///
+/// One thread per token; per-expert and per-rank counts gather in shared memory
+/// (`(num_experts + num_ranks) * 4` bytes of dynamic shared memory) and are added to the
+/// outputs with atomics, so the host zeroes `num_tokens_per_rank` and
+/// `num_tokens_per_expert` before the launch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LayoutParams {
+    // INPUT
+    /// `[num_tokens, num_topk]` expert ids, `idx_bytes` wide (4: i32, 8: i64); -1 = none.
+    pub topk_idx: u64,
+    // OUTPUT
+    /// `[num_ranks]` i32: tokens with at least one expert on each rank (zeroed by the host).
+    pub num_tokens_per_rank: u64,
+    /// `[num_experts]` i32: tokens per expert (zeroed by the host).
+    pub num_tokens_per_expert: u64,
+    /// `[num_tokens, num_ranks]` bool (one byte each).
+    pub is_token_in_rank: u64,
+    /// The [`ErrorSlot`]: `BAD_INPUT` for an expert id `>= num_experts` or `< -1`.
+    pub error: u64,
+    // CONFIG
+    /// Tokens.
+    pub num_tokens: u32,
+    /// Experts per token.
+    pub num_topk: u32,
+    /// Experts in all (a multiple of `num_ranks`).
+    pub num_experts: u32,
+    /// Ranks (at most [`LAYOUT_MAX_RANKS`]).
+    pub num_ranks: u32,
+    /// Bytes per `topk_idx` entry: 4 or 8.
+    pub idx_bytes: u32,
+    /// This rank (for error reports).
+    pub rank: u32,
+}
+
 /// Parameters of the `selftest_*` kernels that exercise each device primitive (on the CPU
 /// emulator in CI and on the GPU in the bundle). Meaning of the fields is per kernel.
 #[repr(C)]
@@ -183,6 +225,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AllGatherParams>(), 7 * 8 + 2 * 4);
         assert_eq!(core::mem::size_of::<DeviceError>(), 6 * 4 + 2 * 8);
         assert_eq!(core::mem::size_of::<ErrorSlot>(), 16);
+        assert_eq!(core::mem::size_of::<LayoutParams>(), 5 * 8 + 6 * 4);
         assert_eq!(core::mem::size_of::<SelfTestParams>(), 7 * 8);
     }
 }

@@ -384,8 +384,14 @@ impl DeviceBuffer {
         Ok(v)
     }
 
-    /// Sets every byte to `value` in `stream` order (e.g. to poison outputs before a test).
+    /// Sets every byte to `value` in `stream` order and waits (e.g. to poison outputs).
     pub fn fill(&self, stream: &Stream, value: u8) -> Result<()> {
+        self.fill_async(stream, value)?;
+        stream.synchronize()
+    }
+
+    /// Queues setting every byte to `value` on `stream` (done at once on the CPU).
+    pub fn fill_async(&self, stream: &Stream, value: u8) -> Result<()> {
         match self.device.cuda_backend() {
             None => {
                 // SAFETY: the whole allocation.
@@ -394,11 +400,10 @@ impl DeviceBuffer {
             }
             Some(d) => {
                 d.bind()?;
-                // SAFETY: the whole allocation.
+                // SAFETY: the whole allocation, ordered on `stream`.
                 cuda::check("cuMemsetD8Async", unsafe {
                     sys::cuMemsetD8Async(self.ptr, value, self.bytes, stream.cu())
-                })?;
-                stream.synchronize()
+                })
             }
         }
     }
@@ -558,6 +563,13 @@ impl ErrorRecord {
                 observed: rec.observed,
             },
             error_code::BAD_LAUNCH => Error::BadLaunch { kernel, rank: rec.rank },
+            error_code::BAD_INPUT => Error::InvalidArgument {
+                arg: "input",
+                reason: format!(
+                    "{kernel} on rank {}: row {} holds {} (valid: below {})",
+                    rec.rank, rec.site, rec.observed as i64, rec.expected
+                ),
+            },
             other => Error::KernelFault(format!("{kernel}: unknown device error code {other}")),
         })
     }

@@ -1,0 +1,95 @@
+//! Routing layout: from `topk_idx [T, K]` to where each token goes.
+//!
+//! # `get_dispatch_layout`
+//! Grid-stride, one thread per token. Per token: read its `K` expert ids (i32 or i64; -1 =
+//! none), count each expert, collect the ranks that own them as bits of a `u64`, write the
+//! token's row of `is_token_in_rank`, count each rank once. Counts gather in dynamic shared
+//! memory (`[num_experts]` then `[num_ranks]` u32) and reach the zeroed outputs through one
+//! atomic add per non-zero bin and block: integer sums, so the result is deterministic.
+//! An expert id outside `-1..num_experts` is reported as `BAD_INPUT` (site = token) and
+//! ignored.
+use crate::abi::{DeviceError, ErrorSlot, LayoutParams, error_code};
+use crate::dev;
+
+kernel! {
+    /// See the module docs.
+    pub unsafe fn get_dispatch_layout(p: LayoutParams) as GET_DISPATCH_LAYOUT {
+        let t = dev::thread_idx_x();
+        let bd = dev::block_dim_x();
+        let expert_bins: *mut u32 = dev::dyn_smem();
+        // SAFETY: the host sizes dynamic shared memory as (num_experts + num_ranks) u32.
+        let rank_bins = unsafe { expert_bins.add(p.num_experts as usize) };
+        let bins = p.num_experts + p.num_ranks;
+        let mut i = t;
+        while i < bins {
+            // SAFETY: i < bins, inside the dynamic shared array.
+            unsafe { *expert_bins.add(i as usize) = 0 };
+            i += bd;
+        }
+        dev::sync_threads();
+
+        let experts_per_rank = p.num_experts.checked_div(p.num_ranks).unwrap_or(1).max(1);
+        let stride = bd * dev::grid_dim_x();
+        let mut token = dev::block_idx_x() * bd + t;
+        while token < p.num_tokens {
+            let mut ranks = 0u64;
+            for k in 0..p.num_topk {
+                let at = token as usize * p.num_topk as usize + k as usize;
+                // SAFETY: `topk_idx` holds num_tokens * num_topk entries of idx_bytes.
+                let expert = unsafe {
+                    if p.idx_bytes == 4 { *(p.topk_idx as *const i32).add(at) as i64 } else { *(p.topk_idx as *const i64).add(at) }
+                };
+                if expert < 0 || expert >= p.num_experts as i64 {
+                    if expert != -1 {
+                        let rec = DeviceError {
+                            code: error_code::BAD_INPUT,
+                            rank: p.rank,
+                            peer: u32::MAX,
+                            block: dev::block_idx_x(),
+                            site: token,
+                            expected: p.num_experts as u64,
+                            observed: expert as u64,
+                            reserved: 0,
+                        };
+                        // SAFETY: `error` is the rank's error slot.
+                        unsafe { dev::report_error(p.error as *mut ErrorSlot, rec) };
+                    }
+                    continue;
+                }
+                // SAFETY: expert < num_experts.
+                unsafe { dev::atom_add_shared_u32(expert_bins.add(expert as usize), 1) };
+                ranks |= 1u64 << ((expert as u32 / experts_per_rank) & 63);
+            }
+            let row = p.is_token_in_rank as *mut u8;
+            for r in 0..p.num_ranks {
+                let hit = (ranks >> r) & 1;
+                // SAFETY: `is_token_in_rank` holds num_tokens * num_ranks bytes; r < num_ranks.
+                unsafe {
+                    *row.add(token as usize * p.num_ranks as usize + r as usize) = hit as u8;
+                    if hit != 0 {
+                        dev::atom_add_shared_u32(rank_bins.add(r as usize), 1);
+                    }
+                }
+            }
+            token += stride;
+        }
+        dev::sync_threads();
+
+        let mut i = t;
+        while i < bins {
+            // SAFETY: i < bins; the outputs hold num_experts / num_ranks i32.
+            unsafe {
+                let count = *expert_bins.add(i as usize);
+                if count != 0 {
+                    let out = if i < p.num_experts {
+                        (p.num_tokens_per_expert as *mut u32).add(i as usize)
+                    } else {
+                        (p.num_tokens_per_rank as *mut u32).add((i - p.num_experts) as usize)
+                    };
+                    dev::atom_add_relaxed_gpu_u32(out, count);
+                }
+            }
+            i += bd;
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Where one rank's tokens go: the layout DeepEP's `get_dispatch_layout` returns, computed
+//! on the device by the `get_dispatch_layout` kernel of `moe-ep-kernels`.
+use crate::device::LaunchConfig;
+use crate::{DeviceBuffer, Error, Group, Result};
+use moe_ep_abi::{LAYOUT_MAX_RANKS, LayoutParams};
+use moe_ep_kernels::layout::GET_DISPATCH_LAYOUT;
+
+/// Most experts per token.
+pub const MAX_TOPK: usize = 32;
+/// Most experts in all.
+pub const MAX_EXPERTS: usize = 1024;
+
+/// Element type of `topk_idx`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexType {
+    /// `int32`.
+    I32,
+    /// `int64` (DeepEP's `topk_idx_t`).
+    I64,
+}
+
+impl IndexType {
+    /// Bytes per entry.
+    pub fn bytes(self) -> usize {
+        match self {
+            IndexType::I32 => 4,
+            IndexType::I64 => 8,
+        }
+    }
+}
+
+/// The routing layout of one rank's tokens, on its device.
+pub struct DispatchLayout {
+    /// `[num_ranks]` i32: tokens with at least one expert on each rank.
+    pub num_tokens_per_rank: DeviceBuffer,
+    /// `[num_experts]` i32: tokens that selected each expert.
+    pub num_tokens_per_expert: DeviceBuffer,
+    /// `[num_tokens, num_ranks]` bool (one byte each).
+    pub is_token_in_rank: DeviceBuffer,
+}
+
+/// Computes the layout of `topk_idx` (`[num_tokens, num_topk]`, -1 = no expert) on the
+/// group's stream. Asynchronous: the buffers are ready once the stream is; an expert id
+/// outside `-1..num_experts` is reported by [`Group::take_device_error`] as
+/// [`Error::InvalidArgument`] naming the row.
+pub fn get_dispatch_layout(
+    group: &Group,
+    topk_idx: &DeviceBuffer,
+    idx: IndexType,
+    num_tokens: usize,
+    num_topk: usize,
+    num_experts: usize,
+) -> Result<DispatchLayout> {
+    let num_ranks = group.num_ranks();
+    if !(1..=MAX_TOPK).contains(&num_topk) {
+        return Err(Error::invalid("num_topk", format!("{num_topk} is not in 1..={MAX_TOPK}")));
+    }
+    if num_experts == 0 || num_experts > MAX_EXPERTS || !num_experts.is_multiple_of(num_ranks) {
+        return Err(Error::invalid(
+            "num_experts",
+            format!("{num_experts} must be in 1..={MAX_EXPERTS} and a multiple of {num_ranks} ranks"),
+        ));
+    }
+    if num_ranks > LAYOUT_MAX_RANKS as usize {
+        return Err(Error::Unsupported(format!(
+            "{num_ranks} ranks (the layout kernel takes up to {LAYOUT_MAX_RANKS})"
+        )));
+    }
+    if num_tokens > i32::MAX as usize / num_topk {
+        return Err(Error::invalid("num_tokens", format!("{num_tokens} tokens is too many")));
+    }
+    let need = num_tokens * num_topk * idx.bytes();
+    if topk_idx.len() < need {
+        return Err(Error::invalid(
+            "topk_idx",
+            format!("{} bytes, [{num_tokens}, {num_topk}] needs {need}", topk_idx.len()),
+        ));
+    }
+    if !topk_idx.ptr().is_multiple_of(idx.bytes() as u64) {
+        return Err(Error::invalid("topk_idx", "misaligned"));
+    }
+    if !topk_idx.device().same_as(group.device()) {
+        return Err(Error::invalid("topk_idx", "must live on the group's device"));
+    }
+    let dev = group.device();
+    let stream = group.stream();
+    let layout = DispatchLayout {
+        num_tokens_per_rank: dev.alloc(4 * num_ranks)?,
+        num_tokens_per_expert: dev.alloc(4 * num_experts)?,
+        is_token_in_rank: dev.alloc(num_tokens * num_ranks)?,
+    };
+    if num_tokens == 0 {
+        return Ok(layout); // fresh allocations are zeroed
+    }
+    let params = LayoutParams {
+        topk_idx: topk_idx.ptr(),
+        num_tokens_per_rank: layout.num_tokens_per_rank.ptr(),
+        num_tokens_per_expert: layout.num_tokens_per_expert.ptr(),
+        is_token_in_rank: layout.is_token_in_rank.ptr(),
+        error: group.error_ptr(),
+        num_tokens: num_tokens as u32,
+        num_topk: num_topk as u32,
+        num_experts: num_experts as u32,
+        num_ranks: num_ranks as u32,
+        idx_bytes: idx.bytes() as u32,
+        rank: group.rank() as u32,
+    };
+    let block_dim = dev.block_dim(256);
+    let max_blocks = if dev.is_cpu() { 4 } else { 2 * dev.num_sms()? };
+    let grid_dim = (num_tokens as u32).div_ceil(block_dim).clamp(1, max_blocks);
+    let shared_mem_bytes = 4 * (num_experts + num_ranks) as u32;
+    // SAFETY: the outputs were just allocated with the sizes the kernel writes (and zeroed,
+    // as its atomics need); `topk_idx` was checked to hold [num_tokens, num_topk] entries.
+    unsafe { stream.launch(&GET_DISPATCH_LAYOUT, LaunchConfig { grid_dim, block_dim, shared_mem_bytes }, params)? };
+    Ok(layout)
+}
