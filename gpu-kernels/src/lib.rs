@@ -54,6 +54,7 @@ macro_rules! kernel {
 
 pub mod collective;
 pub mod dev;
+pub mod intranode;
 pub mod layout;
 pub mod selftest;
 

@@ -6,6 +6,7 @@ pub mod collective;
 pub mod device;
 mod error;
 pub mod group;
+pub mod intranode;
 pub mod layout;
 pub mod reference;
 

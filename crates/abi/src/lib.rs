@@ -177,6 +177,310 @@ pub struct LayoutParams {
     pub rank: u32,
 }
 
+/// Most ranks of one NVLink domain in the HT intranode kernels (a warp per peer).
+pub const HT_MAX_RANKS: u32 = 8;
+
+/// Where each region of an HT (intranode) symmetric buffer lives; computed by the host to
+/// size the buffer and by the kernels to carve it. `R` ranks, `C` channels, `L` local
+/// experts, rings of `num_slots` slots. Ring `[src][c]` lives in the *receiver's* buffer:
+/// the sender owns its `tail`, the receiver its `head` (each on its own 128-byte line).
+///
+/// | region | size |
+/// |---|---|
+/// | barrier flags | `2 * R * 128` (entry, counts) |
+/// | `count_matrix[src][dst]` i32 | `R * R * 4` (every rank gets every row) |
+/// | `expert_counts[src][L]` i32 | `R * L * 4` |
+/// | `channel_counts[src][C]` i32 | `R * C * 4` |
+/// | dispatch ring control `[src][c]` | `R * C * 256` (tail line, head line) |
+/// | dispatch ring slots `[src][c][num_slots]` | `R * C * num_slots * dispatch_slot_bytes` |
+/// | combine ring control / slots | the same with `combine_slot_bytes` |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HtLayout {
+    /// Ranks.
+    pub num_ranks: u64,
+    /// Channels (one sender and one receiver block each).
+    pub num_channels: u64,
+    /// Slots per ring.
+    pub num_slots: u64,
+    /// Bytes per dispatch slot.
+    pub dispatch_slot_bytes: u64,
+    /// Bytes per combine slot.
+    pub combine_slot_bytes: u64,
+    /// Offset of the barrier flags.
+    pub flags: u64,
+    /// Offset of `count_matrix`.
+    pub count_matrix: u64,
+    /// Offset of `expert_counts`.
+    pub expert_counts: u64,
+    /// Offset of `channel_counts`.
+    pub channel_counts: u64,
+    /// Offset of the dispatch rings' control lines.
+    pub dispatch_ctrl: u64,
+    /// Offset of the dispatch rings' slots.
+    pub dispatch_slots: u64,
+    /// Offset of the combine rings' control lines.
+    pub combine_ctrl: u64,
+    /// Offset of the combine rings' slots.
+    pub combine_slots: u64,
+    /// Total bytes.
+    pub total_bytes: u64,
+}
+
+const fn align128(x: u64) -> u64 {
+    (x + 127) & !127
+}
+
+impl HtLayout {
+    /// The layout for these sizes.
+    #[inline(always)]
+    pub const fn new(
+        num_ranks: u32,
+        num_channels: u32,
+        num_slots: u32,
+        num_local_experts: u32,
+        dispatch_slot_bytes: u64,
+        combine_slot_bytes: u64,
+    ) -> Self {
+        let (r, c, n) = (num_ranks as u64, num_channels as u64, num_slots as u64);
+        let flags = 0;
+        let count_matrix = align128(flags + 2 * r * FLAG_STRIDE_BYTES);
+        let expert_counts = align128(count_matrix + r * r * 4);
+        let channel_counts = align128(expert_counts + r * num_local_experts as u64 * 4);
+        let dispatch_ctrl = align128(channel_counts + r * c * 4);
+        let dispatch_slots = align128(dispatch_ctrl + r * c * 2 * FLAG_STRIDE_BYTES);
+        let combine_ctrl = align128(dispatch_slots + r * c * n * dispatch_slot_bytes);
+        let combine_slots = align128(combine_ctrl + r * c * 2 * FLAG_STRIDE_BYTES);
+        let total_bytes = align128(combine_slots + r * c * n * combine_slot_bytes);
+        HtLayout {
+            num_ranks: r,
+            num_channels: c,
+            num_slots: n,
+            dispatch_slot_bytes,
+            combine_slot_bytes,
+            flags,
+            count_matrix,
+            expert_counts,
+            channel_counts,
+            dispatch_ctrl,
+            dispatch_slots,
+            combine_ctrl,
+            combine_slots,
+            total_bytes,
+        }
+    }
+
+    /// Barrier flag `which` (0 entry, 1 counts) written by `src`.
+    #[inline(always)]
+    pub const fn flag(&self, which: u64, src: u64) -> u64 {
+        self.flags + (which * self.num_ranks + src) * FLAG_STRIDE_BYTES
+    }
+
+    /// `tail` of ring `[src][c]` in the control region at `ctrl` (add 128 for its `head`).
+    #[inline(always)]
+    pub const fn ring_tail(&self, ctrl: u64, src: u64, c: u64) -> u64 {
+        ctrl + (src * self.num_channels + c) * 2 * FLAG_STRIDE_BYTES
+    }
+
+    /// Slot `slot` (already reduced modulo `num_slots`) of ring `[src][c]` in the slot region
+    /// at `slots`, slots of `slot_bytes`.
+    #[inline(always)]
+    pub const fn ring_slot(&self, slots: u64, slot_bytes: u64, src: u64, c: u64, slot: u64) -> u64 {
+        slots + ((src * self.num_channels + c) * self.num_slots + slot) * slot_bytes
+    }
+
+    /// Bytes of a dispatch slot: token, scales, source index, `K` expert ids (i32) and `K`
+    /// weights, rounded up to 16.
+    #[inline(always)]
+    pub const fn dispatch_slot_bytes(hidden_bytes: u64, num_scales: u64, num_topk: u64) -> u64 {
+        (hidden_bytes + 4 * num_scales + 4 + 8 * num_topk).div_ceil(16) * 16
+    }
+
+    /// Bytes of a combine slot: a bf16 row and `K` weights, rounded up to 16.
+    #[inline(always)]
+    pub const fn combine_slot_bytes(hidden: u64, num_topk: u64) -> u64 {
+        (2 * hidden + 4 * num_topk).div_ceil(16) * 16
+    }
+
+    /// Tokens `[begin, end)` of channel `c` when `num_tokens` are split over the channels.
+    #[inline(always)]
+    pub const fn channel_range(&self, num_tokens: u64, c: u64) -> (u64, u64) {
+        (num_tokens * c / self.num_channels, num_tokens * (c + 1) / self.num_channels)
+    }
+}
+
+/// Parameters of `ht_notify`: the count exchange before an HT dispatch. One block.
+/// Every rank writes its `num_tokens_per_rank` row to every peer, its per-expert counts
+/// and per-channel counts to each destination, behind two barriers; then each rank derives
+/// what it will receive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HtNotifyParams {
+    /// Device table of the `R` symmetric buffer addresses.
+    pub peer_bases: u64,
+    // INPUT
+    /// `[R]` i32.
+    pub num_tokens_per_rank: u64,
+    /// `[E]` i32.
+    pub num_tokens_per_expert: u64,
+    /// `[T, R]` bool bytes.
+    pub is_token_in_rank: u64,
+    // OUTPUT
+    /// `[R, R]` i32: `[i][j]` = tokens rank `j` receives from ranks `0..=i`.
+    pub rank_prefix_matrix: u64,
+    /// `[R, C + 1]` i32: first output row of the tokens from `src` in channel `c`
+    /// (`[src][C]` = end of `src`'s rows).
+    pub channel_prefix_matrix: u64,
+    /// `[L]` i32: received entries per local expert, rounded up to `expert_alignment`.
+    pub num_recv_tokens_per_expert: u64,
+    /// `[1]` i32: rows this rank receives.
+    pub num_recv_tokens: u64,
+    /// Optional mapped host `[1 + L]` i32 copy of the two above (0 = none).
+    pub host_counts: u64,
+    /// The [`ErrorSlot`].
+    pub error: u64,
+    // CONFIG
+    /// Flag value of this call.
+    pub epoch: u64,
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// Tokens of this rank.
+    pub num_tokens: u32,
+    /// Experts in all.
+    pub num_experts: u32,
+    /// Channels.
+    pub num_channels: u32,
+    /// Per-expert count alignment (>= 1).
+    pub expert_alignment: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks.
+    pub num_ranks: u32,
+}
+
+/// Parameters of `ht_dispatch`. Grid: `2 * C` blocks (even: sender of channel `b/2`, odd:
+/// receiver), `32 * R` threads or more (warp `w < R` serves peer `w`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HtDispatchParams {
+    /// Device table of the `R` symmetric buffer addresses.
+    pub peer_bases: u64,
+    // INPUT
+    /// `[T, hidden_bytes]` tokens.
+    pub x: u64,
+    /// `[T, num_scales]` f32 (0 when `num_scales == 0`).
+    pub x_scales: u64,
+    /// `[T, K]` expert ids (`idx_bytes` wide), 0 without top-k.
+    pub topk_idx: u64,
+    /// `[T, K]` f32, 0 without top-k.
+    pub topk_weights: u64,
+    /// `[T, R]` bool bytes.
+    pub is_token_in_rank: u64,
+    /// `[R, C + 1]` i32 from `ht_notify`.
+    pub channel_prefix_matrix: u64,
+    /// `[1]` i32 from `ht_notify` (for padding).
+    pub num_recv_tokens: u64,
+    // OUTPUT
+    /// `[rows, hidden_bytes]`.
+    pub recv_x: u64,
+    /// `[rows, num_scales]` f32.
+    pub recv_x_scales: u64,
+    /// `[rows, K]` i64: local expert id or -1.
+    pub recv_topk_idx: u64,
+    /// `[rows, K]` f32 (0 where not local).
+    pub recv_topk_weights: u64,
+    /// `[rows]` i32: source token index (-1 on padding).
+    pub recv_src_idx: u64,
+    /// `[T, R]` i32: each token's index among its channel's tokens sent to each rank, -1 if
+    /// not sent (the handle's map for combine).
+    pub send_head: u64,
+    /// The [`ErrorSlot`].
+    pub error: u64,
+    // CONFIG
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// Bytes per token (multiple of 16).
+    pub hidden_bytes: u64,
+    /// Bytes per dispatch slot.
+    pub slot_bytes: u64,
+    /// Tokens of this rank.
+    pub num_tokens: u32,
+    /// f32 scales per token.
+    pub num_scales: u32,
+    /// Experts per token (0 without top-k).
+    pub num_topk: u32,
+    /// 4 or 8.
+    pub idx_bytes: u32,
+    /// Experts in all.
+    pub num_experts: u32,
+    /// Slots per ring.
+    pub num_slots: u32,
+    /// Output rows when padded (`num_worst_tokens`), 0 for exact-size outputs.
+    pub num_worst_tokens: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks.
+    pub num_ranks: u32,
+    /// Channels.
+    pub num_channels: u32,
+    /// Local experts (`num_experts / R`).
+    pub num_local_experts: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Parameters of `ht_combine`: the reverse of a dispatch (same grid shape).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HtCombineParams {
+    /// Device table of the `R` symmetric buffer addresses.
+    pub peer_bases: u64,
+    // INPUT
+    /// `[rows, hidden]` bf16, in the dispatch output's row order.
+    pub x: u64,
+    /// `[rows, K]` f32 or 0.
+    pub topk_weights: u64,
+    /// `[T, hidden]` bf16 or 0.
+    pub bias_0: u64,
+    /// `[T, hidden]` bf16 or 0.
+    pub bias_1: u64,
+    /// `[T, R]` bool bytes (the dispatch's).
+    pub is_token_in_rank: u64,
+    /// `[R, C + 1]` i32 (the dispatch's).
+    pub channel_prefix_matrix: u64,
+    /// `[T, R]` i32 (the dispatch's).
+    pub send_head: u64,
+    // OUTPUT
+    /// `[T, hidden]` bf16.
+    pub combined_x: u64,
+    /// `[T, K]` f32 or 0.
+    pub combined_topk_weights: u64,
+    /// The [`ErrorSlot`].
+    pub error: u64,
+    // CONFIG
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// Bytes per combine slot.
+    pub slot_bytes: u64,
+    /// Bytes per dispatch slot of the buffer (to locate the combine regions).
+    pub dispatch_slot_bytes: u64,
+    /// Tokens of this rank.
+    pub num_tokens: u32,
+    /// bf16 elements per row (multiple of 8).
+    pub hidden: u32,
+    /// Weights per row (0 without weights).
+    pub num_topk: u32,
+    /// Slots per ring.
+    pub num_slots: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks.
+    pub num_ranks: u32,
+    /// Channels.
+    pub num_channels: u32,
+    /// Local experts of the buffer (to locate the combine regions).
+    pub num_local_experts: u32,
+}
+
 /// Parameters of the `selftest_*` kernels that exercise each device primitive (on the CPU
 /// emulator in CI and on the GPU in the bundle). Meaning of the fields is per kernel.
 #[repr(C)]

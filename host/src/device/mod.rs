@@ -384,6 +384,26 @@ impl DeviceBuffer {
         Ok(v)
     }
 
+    /// Queues a copy of the first `bytes` of `src` into this buffer on `stream`.
+    pub fn copy_from_async(&self, stream: &Stream, src: &DeviceBuffer, bytes: usize) -> Result<()> {
+        self.check_range(0, bytes)?;
+        src.check_range(0, bytes)?;
+        match self.device.cuda_backend() {
+            None => {
+                // SAFETY: both ranges checked; distinct allocations.
+                unsafe { std::ptr::copy_nonoverlapping(src.ptr as *const u8, self.ptr as *mut u8, bytes) };
+                Ok(())
+            }
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: both ranges checked, ordered on `stream`.
+                cuda::check("cuMemcpyDtoDAsync", unsafe {
+                    sys::cuMemcpyDtoDAsync_v2(self.ptr, src.ptr, bytes, stream.cu())
+                })
+            }
+        }
+    }
+
     /// Sets every byte to `value` in `stream` order and waits (e.g. to poison outputs).
     pub fn fill(&self, stream: &Stream, value: u8) -> Result<()> {
         self.fill_async(stream, value)?;

@@ -1,0 +1,610 @@
+//! HT (high-throughput) dispatch and combine inside one NVLink domain.
+//!
+//! # Protocol
+//! `ht_notify` (one block) exchanges counts behind two barriers; every rank then knows the
+//! output row of every (source rank, channel) pair: `channel_prefix_matrix[src][c]`.
+//! `ht_dispatch` / `ht_combine` run `2 * C` blocks: block `2c` sends channel `c`, block
+//! `2c + 1` receives it. Channel `c` owns a contiguous token range of every rank
+//! ([`HtLayout::channel_range`]); warp `w < R` of a block serves peer `w`.
+//!
+//! Data moves through rings in the **receiver's** symmetric buffer, one per (source,
+//! channel): "senders own tails, receivers own heads", both kept on the receiver. Counters
+//! are cumulative over calls (never reset), so a ring's slot is `position % num_slots` and a
+//! stale value can't pass for a fresh one. The sender copies a token into a slot with 16-byte
+//! stores, then `bar.warp.sync` + `fence.acq_rel.sys` + `st.release.sys` of `tail`; it waits
+//! for space by acquiring `head`. The receiver acquires `tail`, copies the slots out, then
+//! releases `head`. Calls don't overlap a peer's previous call on the same rings: the notify
+//! entry barrier waits until every rank has finished its earlier kernels.
+//!
+//! Dispatch slots: `[x: hidden_bytes][scales: 4*S][src_idx: 4][topk_idx: 4*K][weights: 4*K]`.
+//! Combine slots: `[x: 2*hidden bf16][weights: 4*K]`. Combine sums each token's copies in
+//! f32 in ascending rank order after the bias (`b0 + b1`), then rounds to bf16 once — the
+//! order of `reference::ht_combine`, so results are bit-exact.
+//!
+//! Wait sites ([`crate::abi::DeviceError::site`]): see the `SITE_*` constants.
+use crate::abi::{ErrorSlot, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE};
+use crate::dev::{self, U4};
+
+/// Notify: waiting for peers to enter the call.
+pub const SITE_NOTIFY_ENTRY: u32 = 10;
+/// Notify: waiting for peers' counts.
+pub const SITE_NOTIFY_COUNTS: u32 = 11;
+/// Dispatch sender: waiting for ring space.
+pub const SITE_DISPATCH_SEND: u32 = 12;
+/// Dispatch receiver: waiting for tokens.
+pub const SITE_DISPATCH_RECV: u32 = 13;
+/// Combine sender: waiting for ring space.
+pub const SITE_COMBINE_SEND: u32 = 14;
+/// Combine receiver: waiting for rows.
+pub const SITE_COMBINE_RECV: u32 = 15;
+
+/// Flush a sender's tail after this many tokens even when the ring has room.
+const PUBLISH_EVERY: u64 = 8;
+
+#[inline(always)]
+unsafe fn peer_base(table: u64, r: u32) -> u64 {
+    // SAFETY: the caller passes the device table of `R` symmetric buffer addresses.
+    unsafe { *(table as *const u64).add(r as usize) }
+}
+
+/// bf16 bits to f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 to bf16 bits, round to nearest even; every NaN becomes `0x7FFF`.
+#[inline(always)]
+pub fn f32_to_bf16(f: f32) -> u16 {
+    if f.is_nan() {
+        return 0x7FFF;
+    }
+    let u = f.to_bits();
+    (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+unsafe fn timeout(err: u64, rank: u32, peer: u32, site: u32, expected: u64, observed: u64) {
+    // SAFETY: `err` is the rank's error slot.
+    unsafe { dev::report_timeout(err as *mut ErrorSlot, rank, peer, site, expected, observed) }
+}
+
+/// Barrier among the `R` ranks through flag `which`: threads `t < R` raise it at peer `t`
+/// and wait for peer `t`'s. True (in every thread) when nobody timed out.
+#[inline(always)]
+unsafe fn barrier(p: &HtNotifyParams, l: &HtLayout, which: u64, site: u32) -> bool {
+    let t = dev::thread_idx_x();
+    let mut failed = false;
+    if t < p.num_ranks {
+        // SAFETY: flags lie in the symmetric buffers (layout `l`); table has R entries.
+        unsafe {
+            let theirs = peer_base(p.peer_bases, t) + l.flag(which, p.rank as u64);
+            dev::fence_acq_rel_sys();
+            dev::st_release_sys_u64(theirs as *mut u64, p.epoch);
+            let mine = (peer_base(p.peer_bases, p.rank) + l.flag(which, t as u64)) as *const u64;
+            let mut seen = 0;
+            let ok = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(mine);
+                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            failed = !ok || seen < p.epoch;
+            if !ok {
+                timeout(p.error, p.rank, t, site, p.epoch, seen);
+            }
+        }
+    }
+    !dev::sync_threads_or(failed)
+}
+
+kernel! {
+    /// Count exchange before an HT dispatch (see the module docs). One block, >= `R` threads,
+    /// `C * R <= 1024`.
+    pub unsafe fn ht_notify(p: HtNotifyParams) as HT_NOTIFY {
+        let t = dev::thread_idx_x();
+        let bd = dev::block_dim_x();
+        let (r, c_count) = (p.num_ranks, p.num_channels);
+        let num_local = p.num_experts.checked_div(r).unwrap_or(0);
+        let l = HtLayout::new(r, c_count, 0, num_local, 0, 0);
+        let bins: *mut u32 = dev::static_smem();
+        // SAFETY (whole body): regions come from `l`, the layout the host sized the buffers
+        // with; inputs hold the documented shapes.
+        unsafe {
+            if !barrier(&p, &l, 0, SITE_NOTIFY_ENTRY) {
+                return;
+            }
+            // Per-channel, per-destination token counts.
+            let mut i = t;
+            while i < c_count * r {
+                *bins.add(i as usize) = 0;
+                i += bd;
+            }
+            dev::sync_threads();
+            for c in 0..c_count {
+                let (begin, end) = l.channel_range(p.num_tokens as u64, c as u64);
+                let mut tok = begin + t as u64;
+                while tok < end {
+                    for d in 0..r {
+                        if *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0 {
+                            dev::atom_add_shared_u32(bins.add((c * r + d) as usize), 1);
+                        }
+                    }
+                    tok += bd as u64;
+                }
+            }
+            dev::sync_threads();
+            // Thread d < R writes everything destination d needs.
+            if t < r {
+                let dst = peer_base(p.peer_bases, t);
+                let me = p.rank as u64;
+                for j in 0..r {
+                    let v = *(p.num_tokens_per_rank as *const i32).add(j as usize);
+                    *((dst + l.count_matrix) as *mut i32).add((me * r as u64 + j as u64) as usize) = v;
+                }
+                for e in 0..num_local {
+                    let v = *(p.num_tokens_per_expert as *const i32).add((t * num_local + e) as usize);
+                    *((dst + l.expert_counts) as *mut i32).add((me * num_local as u64 + e as u64) as usize) = v;
+                }
+                for c in 0..c_count {
+                    let v = *bins.add((c * r + t) as usize) as i32;
+                    *((dst + l.channel_counts) as *mut i32).add((me * c_count as u64 + c as u64) as usize) = v;
+                }
+            }
+            dev::sync_threads();
+            if !barrier(&p, &l, 1, SITE_NOTIFY_COUNTS) {
+                return;
+            }
+            let local = peer_base(p.peer_bases, p.rank);
+            let counts = (local + l.count_matrix) as *const i32;
+            if t == 0 {
+                let rpm = p.rank_prefix_matrix as *mut i32;
+                for j in 0..r {
+                    let mut acc = 0i32;
+                    for i in 0..r {
+                        acc += *counts.add((i * r + j) as usize);
+                        *rpm.add((i * r + j) as usize) = acc;
+                    }
+                }
+                let chan = (local + l.channel_counts) as *const i32;
+                let cpm = p.channel_prefix_matrix as *mut i32;
+                let mut row = 0i32;
+                for src in 0..r {
+                    for c in 0..c_count {
+                        *cpm.add((src * (c_count + 1) + c) as usize) = row;
+                        row += *chan.add((src * c_count + c) as usize);
+                    }
+                    *cpm.add((src * (c_count + 1) + c_count) as usize) = row;
+                }
+                *(p.num_recv_tokens as *mut i32) = row;
+                if p.host_counts != 0 {
+                    dev::st_release_sys_u32(p.host_counts as *mut u32, row as u32);
+                }
+            }
+            let experts = (local + l.expert_counts) as *const i32;
+            let align = p.expert_alignment.max(1) as i32;
+            let mut e = t;
+            while e < num_local {
+                let mut n = 0i32;
+                for src in 0..r {
+                    n += *experts.add((src * num_local + e) as usize);
+                }
+                n = (n + align - 1) / align * align;
+                *(p.num_recv_tokens_per_expert as *mut i32).add(e as usize) = n;
+                if p.host_counts != 0 {
+                    dev::st_release_sys_u32((p.host_counts as *mut u32).add(1 + e as usize), n as u32);
+                }
+                e += bd;
+            }
+        }
+    }
+}
+
+/// Who waits for whom, for timeout reports.
+#[derive(Clone, Copy)]
+struct Waiting {
+    timeout_ns: u64,
+    error: u64,
+    rank: u32,
+    peer: u32,
+    site: u32,
+}
+
+/// The sending side of one ring, driven by one warp.
+struct Sender {
+    tail: *mut u64,
+    head: *const u64,
+    slots: u64,
+    slot_bytes: u64,
+    num_slots: u64,
+    /// Next position to fill.
+    pos: u64,
+    /// Last position published to `tail`.
+    published: u64,
+    /// Last `head` seen.
+    head_seen: u64,
+}
+
+impl Sender {
+    /// Warp-cooperative. Starts at the ring's current tail (this sender is its only writer).
+    #[inline(always)]
+    unsafe fn new(tail: u64, slots: u64, slot_bytes: u64, num_slots: u64) -> Sender {
+        // SAFETY: `tail` is a ring control line of a mapped symmetric buffer.
+        let pos = unsafe { dev::ld_acquire_sys_u64(tail as *const u64) };
+        let head = (tail + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
+        Sender { tail: tail as *mut u64, head, slots, slot_bytes, num_slots, pos, published: pos, head_seen: pos }
+    }
+
+    /// Warp-cooperative: publishes the filled slots.
+    #[inline(always)]
+    unsafe fn publish(&mut self) {
+        dev::sync_warp(0xffff_ffff);
+        if dev::lane_id() == 0 && self.published != self.pos {
+            dev::fence_acq_rel_sys();
+            // SAFETY: the ring's tail line.
+            unsafe { dev::st_release_sys_u64(self.tail, self.pos) };
+        }
+        self.published = self.pos;
+    }
+
+    /// Warp-cooperative: address of the next free slot, waiting for the receiver when the
+    /// ring is full. `None` after a timeout (reported at `site`, waiting for `peer`) or
+    /// another thread's error.
+    #[inline(always)]
+    unsafe fn reserve(&mut self, p: Waiting) -> Option<u64> {
+        if self.pos - self.head_seen >= self.num_slots {
+            // SAFETY: forwarded.
+            unsafe { self.publish() };
+            let mut ok = 1u32;
+            let mut head = self.head_seen;
+            if dev::lane_id() == 0 {
+                let (pos, num_slots, head_ptr) = (self.pos, self.num_slots, self.head);
+                // SAFETY: the ring's head line and the rank's error slot.
+                let arrived = dev::wait_until(p.timeout_ns, || {
+                    head = unsafe { dev::ld_acquire_sys_u64(head_ptr) };
+                    pos - head < num_slots || unsafe { dev::error_raised(p.error as *const ErrorSlot) }
+                });
+                ok = (arrived && pos - head < num_slots) as u32;
+                if !arrived {
+                    // SAFETY: as above.
+                    unsafe { timeout(p.error, p.rank, p.peer, p.site, pos + 1 - num_slots, head) };
+                }
+            }
+            let ok = dev::shfl_idx_u32(ok, 0);
+            let lo = dev::shfl_idx_u32(head as u32, 0);
+            let hi = dev::shfl_idx_u32((head >> 32) as u32, 0);
+            if ok != 1 {
+                return None;
+            }
+            self.head_seen = (hi as u64) << 32 | lo as u64;
+        }
+        let slot = self.slots + (self.pos % self.num_slots) * self.slot_bytes;
+        self.pos += 1;
+        Some(slot)
+    }
+
+    /// After a slot is written: publish every few tokens.
+    #[inline(always)]
+    unsafe fn written(&mut self) {
+        if self.pos - self.published >= PUBLISH_EVERY {
+            // SAFETY: forwarded.
+            unsafe { self.publish() };
+        }
+    }
+}
+
+/// Warp-cooperative copy of `bytes` (a multiple of 16) from `src` to `dst`.
+#[inline(always)]
+unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
+    let mut v = dev::lane_id() as u64;
+    let n = bytes / 16;
+    while v < n {
+        // SAFETY: the caller guarantees both ranges.
+        unsafe {
+            let x = if src_read_only {
+                dev::ld_nc_v4((src as *const U4).add(v as usize))
+            } else {
+                dev::ld_v4((src as *const U4).add(v as usize))
+            };
+            dev::st_v4((dst as *mut U4).add(v as usize), x);
+        }
+        v += WARP_SIZE as u64;
+    }
+}
+
+/// Lane 0 waits until `tail > pos`; returns the tail seen (broadcast), or `None`.
+#[inline(always)]
+unsafe fn wait_tail(
+    tail: *const u64,
+    pos: u64,
+    timeout_ns: u64,
+    err: u64,
+    rank: u32,
+    peer: u32,
+    site: u32,
+) -> Option<u64> {
+    let mut seen = 0u64;
+    let mut ok = 1u32;
+    if dev::lane_id() == 0 {
+        // SAFETY: the ring's tail line in the local buffer.
+        let arrived = dev::wait_until(timeout_ns, || {
+            seen = unsafe { dev::ld_acquire_sys_u64(tail) };
+            seen > pos || unsafe { dev::error_raised(err as *const ErrorSlot) }
+        });
+        ok = (arrived && seen > pos) as u32;
+        if !arrived {
+            // SAFETY: the rank's error slot.
+            unsafe { timeout(err, rank, peer, site, pos + 1, seen) };
+        }
+    }
+    let ok = dev::shfl_idx_u32(ok, 0);
+    let lo = dev::shfl_idx_u32(seen as u32, 0);
+    let hi = dev::shfl_idx_u32((seen >> 32) as u32, 0);
+    dev::sync_warp(0xffff_ffff);
+    if ok == 1 { Some((hi as u64) << 32 | lo as u64) } else { None }
+}
+
+kernel! {
+    /// HT dispatch (see the module docs).
+    pub unsafe fn ht_dispatch(p: HtDispatchParams) as HT_DISPATCH {
+        let warp = dev::warp_id();
+        let lane = dev::lane_id();
+        let channel = dev::block_idx_x() / 2;
+        let is_sender = dev::block_idx_x() & 1 == 0;
+        let r = p.num_ranks;
+        let k_count = p.num_topk;
+        let l = HtLayout::new(r, p.num_channels, p.num_slots, p.num_local_experts, p.slot_bytes, 0);
+        let meta = p.hidden_bytes + 4 * p.num_scales as u64; // offset of src_idx in a slot
+        // SAFETY (whole body): buffers and regions as documented in HtDispatchParams and
+        // HtLayout; the host checked every size before the launch.
+        unsafe {
+            if is_sender && warp < r {
+                let dst = warp;
+                let base = peer_base(p.peer_bases, dst);
+                let me = p.rank as u64;
+                let mut ring = Sender::new(
+                    base + l.ring_tail(l.dispatch_ctrl, me, channel as u64),
+                    base + l.ring_slot(l.dispatch_slots, p.slot_bytes, me, channel as u64, 0),
+                    p.slot_bytes,
+                    p.num_slots as u64,
+                );
+                let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
+                let mut sent = 0i32;
+                let mut t0 = begin;
+                while t0 < end {
+                    let tok = t0 + lane as u64;
+                    let goes = tok < end && *(p.is_token_in_rank as *const u8).add((tok * r as u64 + dst as u64) as usize) != 0;
+                    let mask = dev::ballot(goes);
+                    if tok < end {
+                        let rank_in_mask = (mask & ((1u32 << lane) - 1)).count_ones() as i32;
+                        *(p.send_head as *mut i32).add((tok * r as u64 + dst as u64) as usize) =
+                            if goes { sent + rank_in_mask } else { -1 };
+                    }
+                    let mut m = mask;
+                    while m != 0 {
+                        let j = m.trailing_zeros();
+                        m &= m - 1;
+                        let t = t0 + j as u64;
+                        let waiting = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: dst, site: SITE_DISPATCH_SEND };
+                        let Some(slot) = ring.reserve(waiting) else { return };
+                        copy_warp(slot, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
+                        let mut s = lane;
+                        while s < p.num_scales {
+                            *((slot + p.hidden_bytes) as *mut f32).add(s as usize) =
+                                *(p.x_scales as *const f32).add((t * p.num_scales as u64 + s as u64) as usize);
+                            s += WARP_SIZE;
+                        }
+                        if lane == 0 {
+                            *((slot + meta) as *mut i32) = t as i32;
+                        }
+                        if lane < k_count {
+                            let at = (t * k_count as u64 + lane as u64) as usize;
+                            let e = if p.idx_bytes == 4 { *(p.topk_idx as *const i32).add(at) } else { *(p.topk_idx as *const i64).add(at) as i32 };
+                            *((slot + meta + 4) as *mut i32).add(lane as usize) = e;
+                            *((slot + meta + 4 + 4 * k_count as u64) as *mut f32).add(lane as usize) = *(p.topk_weights as *const f32).add(at);
+                        }
+                        ring.written();
+                    }
+                    sent += mask.count_ones() as i32;
+                    t0 += WARP_SIZE as u64;
+                }
+                ring.publish();
+            } else if !is_sender && warp < r {
+                let src = warp;
+                let local = peer_base(p.peer_bases, p.rank);
+                let tail = (local + l.ring_tail(l.dispatch_ctrl, src as u64, channel as u64)) as *const u64;
+                let head = (tail as u64 + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
+                let slots = local + l.ring_slot(l.dispatch_slots, p.slot_bytes, src as u64, channel as u64, 0);
+                let cpm = p.channel_prefix_matrix as *const i32;
+                let row0 = *cpm.add((src * (p.num_channels + 1) + channel) as usize) as u64;
+                let n = *cpm.add((src * (p.num_channels + 1) + channel + 1) as usize) as u64 - row0;
+                let base = dev::ld_relaxed_sys_u64(head);
+                let lo_expert = (p.rank * p.num_local_experts) as i32;
+                let mut got = 0u64;
+                while got < n {
+                    let Some(seen) = wait_tail(tail, base + got, p.timeout_ns, p.error, p.rank, src, SITE_DISPATCH_RECV) else { return };
+                    let upto = (seen - base).min(n);
+                    while got < upto {
+                        let slot = slots + ((base + got) % p.num_slots as u64) * p.slot_bytes;
+                        let row = row0 + got;
+                        copy_warp(p.recv_x + row * p.hidden_bytes, slot, p.hidden_bytes, false);
+                        let mut s = lane;
+                        while s < p.num_scales {
+                            *(p.recv_x_scales as *mut f32).add((row * p.num_scales as u64 + s as u64) as usize) =
+                                *((slot + p.hidden_bytes) as *const f32).add(s as usize);
+                            s += WARP_SIZE;
+                        }
+                        if lane == 0 {
+                            *(p.recv_src_idx as *mut i32).add(row as usize) = *((slot + meta) as *const i32);
+                        }
+                        if lane < k_count {
+                            let e = *((slot + meta + 4) as *const i32).add(lane as usize);
+                            let w = *((slot + meta + 4 + 4 * k_count as u64) as *const f32).add(lane as usize);
+                            let local_e = e - lo_expert;
+                            let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < p.num_local_experts;
+                            let at = (row * k_count as u64 + lane as u64) as usize;
+                            *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
+                            *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
+                        }
+                        got += 1;
+                    }
+                    dev::sync_warp(0xffff_ffff);
+                    if lane == 0 {
+                        dev::st_release_sys_u64(head, base + got);
+                    }
+                }
+            }
+            // Padding rows of a fixed-size (num_worst_tokens) output, spread over receivers.
+            if !is_sender && p.num_worst_tokens != 0 {
+                let num_recv = *(p.num_recv_tokens as *const i32) as u64;
+                let stride = (p.num_channels * dev::block_dim_x()) as u64;
+                let mut row = num_recv + (channel * dev::block_dim_x() + dev::thread_idx_x()) as u64;
+                while row < p.num_worst_tokens as u64 {
+                    *(p.recv_src_idx as *mut i32).add(row as usize) = -1;
+                    for k in 0..k_count as u64 {
+                        *(p.recv_topk_idx as *mut i64).add((row * k_count as u64 + k) as usize) = -1;
+                        *(p.recv_topk_weights as *mut f32).add((row * k_count as u64 + k) as usize) = 0.0;
+                    }
+                    row += stride;
+                }
+            }
+        }
+    }
+}
+
+kernel! {
+    /// HT combine (see the module docs).
+    pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE {
+        let warp = dev::warp_id();
+        let lane = dev::lane_id();
+        let channel = dev::block_idx_x() / 2;
+        let is_sender = dev::block_idx_x() & 1 == 0;
+        let r = p.num_ranks;
+        let k_count = p.num_topk;
+        let row_bytes = 2 * p.hidden as u64;
+        let l = HtLayout::new(r, p.num_channels, p.num_slots, p.num_local_experts, p.dispatch_slot_bytes, p.slot_bytes);
+        let bases: *mut u64 = dev::static_smem();
+        // SAFETY (whole body): as in ht_dispatch.
+        unsafe {
+            if is_sender {
+                if warp < r {
+                    // Send the rows received from `dst` in channel `c` back to it, in order.
+                    let dst = warp;
+                    let base = peer_base(p.peer_bases, dst);
+                    let me = p.rank as u64;
+                    let mut ring = Sender::new(
+                        base + l.ring_tail(l.combine_ctrl, me, channel as u64),
+                        base + l.ring_slot(l.combine_slots, p.slot_bytes, me, channel as u64, 0),
+                        p.slot_bytes,
+                        p.num_slots as u64,
+                    );
+                    let cpm = p.channel_prefix_matrix as *const i32;
+                    let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
+                    let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
+                    for row in row0..row1 {
+                        let waiting = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: dst, site: SITE_COMBINE_SEND };
+                        let Some(slot) = ring.reserve(waiting) else { return };
+                        copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
+                        if lane < k_count && p.topk_weights != 0 {
+                            *((slot + row_bytes) as *mut f32).add(lane as usize) =
+                                *(p.topk_weights as *const f32).add((row * k_count as u64 + lane as u64) as usize);
+                        }
+                        ring.written();
+                    }
+                    ring.publish();
+                }
+                return;
+            }
+            // Receiver: sum each token's copies in ascending rank order.
+            let local = peer_base(p.peer_bases, p.rank);
+            let t = dev::thread_idx_x();
+            if t < r {
+                let head = (local + l.ring_tail(l.combine_ctrl, t as u64, channel as u64) + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
+                *bases.add(t as usize) = dev::ld_relaxed_sys_u64(head);
+            }
+            dev::sync_threads();
+            let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
+            let num_warps = dev::num_warps() as u64;
+            let in_rank = |tok: u64, d: u32| *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0;
+            let send_head = |tok: u64, d: u32| *(p.send_head as *const i32).add((tok * r as u64 + d as u64) as usize);
+            let mut chunk = begin;
+            while chunk < end {
+                let tok = chunk + warp as u64;
+                let mut failed = false;
+                if tok < end {
+                    // Wait until every copy of the token has arrived.
+                    for d in 0..r {
+                        if in_rank(tok, d) {
+                            let pos = *bases.add(d as usize) + send_head(tok, d) as u64;
+                            let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
+                            if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    if !failed {
+                        let slot_of = |d: u32| {
+                            let pos = *bases.add(d as usize) + send_head(tok, d) as u64;
+                            local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64)
+                        };
+                        let num_vecs = p.hidden as u64 / 8;
+                        let mut v = lane as u64;
+                        while v < num_vecs {
+                            let mut acc = [0f32; 8];
+                            for (bias, first) in [(p.bias_0, true), (p.bias_1, false)] {
+                                let b = if bias != 0 { dev::ld_nc_v4((bias as *const U4).add((tok * num_vecs + v) as usize)) } else { U4::default() };
+                                let words = [b.x, b.y, b.z, b.w];
+                                for i in 0..8 {
+                                    let h = bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+                                    acc[i] = if first { h } else { acc[i] + h };
+                                }
+                            }
+                            for d in 0..r {
+                                if in_rank(tok, d) {
+                                    let x = dev::ld_v4((slot_of(d) as *const U4).add(v as usize));
+                                    let words = [x.x, x.y, x.z, x.w];
+                                    for i in 0..8 {
+                                        acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+                                    }
+                                }
+                            }
+                            let mut out = [0u32; 4];
+                            for i in 0..8 {
+                                out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                            }
+                            dev::st_v4((p.combined_x as *mut U4).add((tok * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
+                            v += WARP_SIZE as u64;
+                        }
+                        if lane < k_count && p.combined_topk_weights != 0 {
+                            let mut acc = 0f32;
+                            for d in 0..r {
+                                if in_rank(tok, d) {
+                                    acc += *((slot_of(d) + row_bytes) as *const f32).add(lane as usize);
+                                }
+                            }
+                            *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
+                        }
+                    }
+                }
+                if dev::sync_threads_or(failed) {
+                    return;
+                }
+                // Free the slots this chunk consumed: thread d < R releases head d.
+                let chunk_end = (chunk + num_warps).min(end);
+                if t < r {
+                    let mut consumed = -1i32;
+                    for tok in chunk..chunk_end {
+                        if in_rank(tok, t) {
+                            consumed = send_head(tok, t);
+                        }
+                    }
+                    if consumed >= 0 {
+                        dev::fence_acq_rel_sys();
+                        let head = (local + l.ring_tail(l.combine_ctrl, t as u64, channel as u64) + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
+                        dev::st_release_sys_u64(head, *bases.add(t as usize) + consumed as u64 + 1);
+                    }
+                }
+                chunk = chunk_end;
+            }
+        }
+    }
+}

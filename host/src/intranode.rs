@@ -1,0 +1,416 @@
+//! HT (high-throughput) dispatch and combine inside one NVLink domain — DeepEP's "normal"
+//! intranode mode. Kernels: `ht_notify`, `ht_dispatch`, `ht_combine` in `moe-ep-kernels`
+//! (`intranode.rs`, whose docs state the ring protocol). Semantics: `reference::ht_dispatch`
+//! and `reference::ht_combine`, bit for bit.
+use crate::device::{DeviceBuffer, HostMapped, LaunchConfig};
+use crate::group::{Group, Sharing, SymmetricBuffer};
+use crate::layout::{DispatchLayout, IndexType, MAX_EXPERTS, MAX_TOPK};
+use crate::{Error, Result};
+use moe_ep_abi::{HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams};
+use moe_ep_kernels::intranode::{HT_COMBINE, HT_DISPATCH, HT_NOTIFY};
+
+/// Largest hidden size in bf16 elements.
+pub const MAX_HIDDEN: usize = 16384;
+
+/// Sizes an [`HtBuffer`] is built for (every call must fit them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HtConfig {
+    /// Experts in all (a multiple of the rank count).
+    pub num_experts: usize,
+    /// Largest hidden size in bf16 elements (combine rows; dispatch rows of `2 * hidden` bytes).
+    pub hidden: usize,
+    /// Largest top-k.
+    pub num_topk: usize,
+    /// Largest number of f32 scales per token (fp8 dispatch: `hidden / 128`).
+    pub num_scales: usize,
+    /// Channels: each is one sender and one receiver block, so `2 * num_channels` SMs.
+    /// 0 = 10 on a GPU (DeepEP's default 20 SMs), 2 on the emulator.
+    pub num_channels: usize,
+    /// Slots per ring (0 = 128 on a GPU, 16 on the emulator).
+    pub num_slots: usize,
+}
+
+/// What every DeepEP-style op returns besides its tensors: how to undo a dispatch.
+pub struct HtHandle {
+    /// `[R, R]` i32, DeepEP's `rank_prefix_matrix`.
+    pub rank_prefix_matrix: DeviceBuffer,
+    /// `[R, C + 1]` i32: first row of each (source rank, channel).
+    pub channel_prefix_matrix: DeviceBuffer,
+    /// `[T, R]` bool bytes (a copy of the layout's).
+    pub is_token_in_rank: DeviceBuffer,
+    /// `[T, R]` i32: each token's position in its channel's stream to each rank.
+    pub send_head: DeviceBuffer,
+    /// Tokens of this rank.
+    pub num_tokens: usize,
+    /// Rows of the dispatch outputs (`num_worst_tokens` when padded).
+    pub num_rows: usize,
+    num_channels: usize,
+}
+
+/// Inputs of [`HtBuffer::dispatch`].
+pub struct HtDispatchArgs<'a> {
+    /// `[num_tokens, hidden_bytes]` (bf16 rows: `2 * hidden` bytes; fp8: `hidden`).
+    pub x: &'a DeviceBuffer,
+    /// Bytes per token, a multiple of 16.
+    pub hidden_bytes: usize,
+    /// Tokens of this rank.
+    pub num_tokens: usize,
+    /// `[num_tokens, num_scales]` f32 (fp8 dispatch) and `num_scales`.
+    pub x_scales: Option<(&'a DeviceBuffer, usize)>,
+    /// `topk_idx [num_tokens, K]`, its type, `topk_weights [num_tokens, K]` f32, and `K`.
+    pub topk: Option<(&'a DeviceBuffer, IndexType, &'a DeviceBuffer, usize)>,
+    /// From [`crate::layout::get_dispatch_layout`].
+    pub layout: &'a DispatchLayout,
+    /// Round per-expert receive counts up to this (>= 1).
+    pub expert_alignment: usize,
+    /// Fixed output rows (no host synchronisation) instead of exact-size outputs.
+    pub num_worst_tokens: Option<usize>,
+}
+
+/// Outputs of [`HtBuffer::dispatch`] (DeepEP's names).
+pub struct HtDispatchOutputs {
+    /// `[rows, hidden_bytes]`.
+    pub recv_x: DeviceBuffer,
+    /// `[rows, num_scales]` f32 (empty without scales).
+    pub recv_x_scales: DeviceBuffer,
+    /// `[rows, K]` i64: local expert id or -1.
+    pub recv_topk_idx: DeviceBuffer,
+    /// `[rows, K]` f32.
+    pub recv_topk_weights: DeviceBuffer,
+    /// `[rows]` i32: source token index (-1 on padding rows).
+    pub recv_src_idx: DeviceBuffer,
+    /// `[L]` i32 on the device.
+    pub num_recv_tokens_per_expert: DeviceBuffer,
+    /// Host copy of the per-expert counts (exact-size mode only; `None` when padded).
+    pub num_recv_tokens_per_expert_list: Option<Vec<i32>>,
+    /// Rows received (exact-size mode); `None` when padded (the count is on the device).
+    pub num_recv_tokens: Option<usize>,
+    /// For combine.
+    pub handle: HtHandle,
+}
+
+/// Outputs of [`HtBuffer::combine`].
+pub struct HtCombineOutputs {
+    /// `[num_tokens, hidden]` bf16.
+    pub combined_x: DeviceBuffer,
+    /// `[num_tokens, K]` f32 when weights were given.
+    pub combined_topk_weights: Option<DeviceBuffer>,
+}
+
+/// The communication buffer of HT intranode dispatch/combine (one per rank, collective).
+pub struct HtBuffer {
+    sym: SymmetricBuffer,
+    layout: HtLayout,
+    cfg: HtConfig,
+    host_counts: HostMapped,
+    num_recv_tokens: DeviceBuffer,
+}
+
+impl HtBuffer {
+    /// Collective: allocates and shares the buffer for `cfg` across the group's ranks.
+    pub fn new(group: &Group, mut cfg: HtConfig) -> Result<HtBuffer> {
+        let num_ranks = group.num_ranks();
+        if num_ranks > HT_MAX_RANKS as usize {
+            return Err(Error::Unsupported(format!("{num_ranks} ranks in one NVLink domain (at most {HT_MAX_RANKS})")));
+        }
+        if cfg.num_experts == 0 || cfg.num_experts > MAX_EXPERTS || !cfg.num_experts.is_multiple_of(num_ranks) {
+            return Err(Error::invalid(
+                "num_experts",
+                format!("{} must be in 1..={MAX_EXPERTS} and a multiple of {num_ranks}", cfg.num_experts),
+            ));
+        }
+        if cfg.hidden == 0 || cfg.hidden > MAX_HIDDEN || !cfg.hidden.is_multiple_of(8) {
+            return Err(Error::invalid(
+                "hidden",
+                format!("{} must be a positive multiple of 8 up to {MAX_HIDDEN}", cfg.hidden),
+            ));
+        }
+        if cfg.num_topk > MAX_TOPK {
+            return Err(Error::invalid("num_topk", format!("{} > {MAX_TOPK}", cfg.num_topk)));
+        }
+        let cpu = group.device().is_cpu();
+        if cfg.num_channels == 0 {
+            cfg.num_channels = if cpu { 2 } else { 10 };
+        }
+        if cfg.num_slots == 0 {
+            cfg.num_slots = if cpu { 16 } else { 128 };
+        }
+        let warps = Self::block_dim_for(num_ranks) as usize / 32;
+        if cfg.num_slots < 2 * warps {
+            return Err(Error::invalid(
+                "num_slots",
+                format!("{} < {} (two per receiving warp)", cfg.num_slots, 2 * warps),
+            ));
+        }
+        if cfg.num_channels * num_ranks > 1024 {
+            return Err(Error::invalid(
+                "num_channels",
+                format!("{} channels x {num_ranks} ranks > 1024", cfg.num_channels),
+            ));
+        }
+        let layout = Self::layout_for(num_ranks, &cfg);
+        let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
+        let num_local = cfg.num_experts / num_ranks;
+        let host_counts = group.device().alloc_host_mapped(4 * (1 + num_local))?;
+        let num_recv_tokens = group.device().alloc(4)?;
+        Ok(HtBuffer { sym, layout, cfg, host_counts, num_recv_tokens })
+    }
+
+    fn layout_for(num_ranks: usize, cfg: &HtConfig) -> HtLayout {
+        HtLayout::new(
+            num_ranks as u32,
+            cfg.num_channels as u32,
+            cfg.num_slots as u32,
+            (cfg.num_experts / num_ranks) as u32,
+            HtLayout::dispatch_slot_bytes(2 * cfg.hidden as u64, cfg.num_scales as u64, cfg.num_topk as u64),
+            HtLayout::combine_slot_bytes(cfg.hidden as u64, cfg.num_topk as u64),
+        )
+    }
+
+    /// Bytes of the symmetric buffer `cfg` needs on each of `num_ranks` ranks (after defaults
+    /// are applied, so pass explicit channels and slots).
+    pub fn size_hint(num_ranks: usize, cfg: &HtConfig) -> usize {
+        Self::layout_for(num_ranks, cfg).total_bytes as usize
+    }
+
+    fn block_dim_for(num_ranks: usize) -> u32 {
+        (32 * num_ranks as u32).max(64)
+    }
+
+    /// The configuration (defaults filled in).
+    pub fn config(&self) -> &HtConfig {
+        &self.cfg
+    }
+
+    /// Collective: sends every token to every rank that holds one of its experts.
+    /// Exact-size mode synchronises once (to size the outputs); with `num_worst_tokens` the
+    /// whole op is asynchronous. Device-side errors surface in [`Group::take_device_error`].
+    pub fn dispatch(&mut self, group: &Group, a: &HtDispatchArgs) -> Result<HtDispatchOutputs> {
+        let num_ranks = group.num_ranks();
+        let (t, hb) = (a.num_tokens, a.hidden_bytes);
+        if hb == 0 || !hb.is_multiple_of(16) || hb > 2 * self.cfg.hidden {
+            return Err(Error::invalid(
+                "hidden_bytes",
+                format!("{hb} must be a positive multiple of 16 up to {}", 2 * self.cfg.hidden),
+            ));
+        }
+        if a.x.len() < t * hb || !a.x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("{} bytes (16-aligned) needed, got {}", t * hb, a.x.len())));
+        }
+        let num_scales = a.x_scales.map_or(0, |(_, s)| s);
+        if num_scales > self.cfg.num_scales {
+            return Err(Error::invalid("x_scales", format!("{num_scales} scales per token > {}", self.cfg.num_scales)));
+        }
+        if let Some((s, n)) = a.x_scales
+            && s.len() < t * n * 4
+        {
+            return Err(Error::invalid("x_scales", format!("[{t}, {n}] f32 needs {} bytes", t * n * 4)));
+        }
+        let num_topk = a.topk.map_or(0, |(_, _, _, k)| k);
+        if num_topk > self.cfg.num_topk {
+            return Err(Error::invalid("topk_idx", format!("top-{num_topk} > the buffer's {}", self.cfg.num_topk)));
+        }
+        if let Some((idx, ty, w, k)) = a.topk
+            && (idx.len() < t * k * ty.bytes() || w.len() < t * k * 4)
+        {
+            return Err(Error::invalid("topk_idx", format!("[{t}, {k}] topk_idx/topk_weights are too small")));
+        }
+        if a.layout.is_token_in_rank.len() < t * num_ranks
+            || a.layout.num_tokens_per_expert.len() < 4 * self.cfg.num_experts
+        {
+            return Err(Error::invalid("layout", "does not match num_tokens / num_experts"));
+        }
+        if a.expert_alignment == 0 {
+            return Err(Error::invalid("expert_alignment", "must be at least 1"));
+        }
+        let dev = group.device().clone();
+        let stream = group.stream();
+        let num_local = self.cfg.num_experts / num_ranks;
+        let c = self.cfg.num_channels;
+        let rank_prefix_matrix = dev.alloc(4 * num_ranks * num_ranks)?;
+        let channel_prefix_matrix = dev.alloc(4 * num_ranks * (c + 1))?;
+        let num_recv_tokens_per_expert = dev.alloc(4 * num_local)?;
+        let exact = a.num_worst_tokens.is_none();
+        let notify = HtNotifyParams {
+            peer_bases: self.sym.peer_table_ptr(),
+            num_tokens_per_rank: a.layout.num_tokens_per_rank.ptr(),
+            num_tokens_per_expert: a.layout.num_tokens_per_expert.ptr(),
+            is_token_in_rank: a.layout.is_token_in_rank.ptr(),
+            rank_prefix_matrix: rank_prefix_matrix.ptr(),
+            channel_prefix_matrix: channel_prefix_matrix.ptr(),
+            num_recv_tokens_per_expert: num_recv_tokens_per_expert.ptr(),
+            num_recv_tokens: self.num_recv_tokens.ptr(),
+            host_counts: if exact { self.host_counts.device_ptr() } else { 0 },
+            error: group.error_ptr(),
+            epoch: self.sym.next_epoch(),
+            timeout_ns: group.timeout_ns(),
+            num_tokens: t as u32,
+            num_experts: self.cfg.num_experts as u32,
+            num_channels: c as u32,
+            expert_alignment: a.expert_alignment as u32,
+            rank: group.rank() as u32,
+            num_ranks: num_ranks as u32,
+        };
+        let block_dim = dev.block_dim(256).max(32 * num_ranks as u32);
+        // SAFETY: every region comes from the layout the buffer was sized with; outputs were
+        // just allocated with the documented shapes.
+        unsafe { stream.launch(&HT_NOTIFY, LaunchConfig { grid_dim: 1, block_dim, shared_mem_bytes: 0 }, notify)? };
+        let (rows, num_recv, per_expert) = match a.num_worst_tokens {
+            Some(w) => (w, None, None),
+            None => {
+                stream.synchronize()?;
+                group.take_device_error(HT_NOTIFY.name)?;
+                let n = self.host_counts.read::<u32>(0)? as usize;
+                let per: Vec<i32> =
+                    (0..num_local).map(|e| self.host_counts.read::<i32>(4 * (1 + e))).collect::<Result<_>>()?;
+                (n, Some(n), Some(per))
+            }
+        };
+        let recv_x = dev.alloc((rows * hb).max(16))?;
+        let recv_x_scales = dev.alloc((rows * num_scales * 4).max(4))?;
+        let recv_topk_idx = dev.alloc((rows * num_topk * 8).max(8))?;
+        let recv_topk_weights = dev.alloc((rows * num_topk * 4).max(4))?;
+        let recv_src_idx = dev.alloc((rows * 4).max(4))?;
+        let send_head = dev.alloc((t * num_ranks * 4).max(4))?;
+        let is_token_in_rank = dev.alloc((t * num_ranks).max(1))?;
+        if t > 0 {
+            is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * num_ranks)?;
+        }
+        let slot_bytes = self.layout.dispatch_slot_bytes;
+        let params = HtDispatchParams {
+            peer_bases: self.sym.peer_table_ptr(),
+            x: a.x.ptr(),
+            x_scales: a.x_scales.map_or(0, |(s, _)| s.ptr()),
+            topk_idx: a.topk.map_or(0, |(i, _, _, _)| i.ptr()),
+            topk_weights: a.topk.map_or(0, |(_, _, w, _)| w.ptr()),
+            is_token_in_rank: a.layout.is_token_in_rank.ptr(),
+            channel_prefix_matrix: channel_prefix_matrix.ptr(),
+            num_recv_tokens: self.num_recv_tokens.ptr(),
+            recv_x: recv_x.ptr(),
+            recv_x_scales: recv_x_scales.ptr(),
+            recv_topk_idx: recv_topk_idx.ptr(),
+            recv_topk_weights: recv_topk_weights.ptr(),
+            recv_src_idx: recv_src_idx.ptr(),
+            send_head: send_head.ptr(),
+            error: group.error_ptr(),
+            timeout_ns: group.timeout_ns(),
+            hidden_bytes: hb as u64,
+            slot_bytes,
+            num_tokens: t as u32,
+            num_scales: num_scales as u32,
+            num_topk: num_topk as u32,
+            idx_bytes: a.topk.map_or(8, |(_, ty, _, _)| ty.bytes() as u32),
+            num_experts: self.cfg.num_experts as u32,
+            num_slots: self.cfg.num_slots as u32,
+            num_worst_tokens: a.num_worst_tokens.unwrap_or(0) as u32,
+            rank: group.rank() as u32,
+            num_ranks: num_ranks as u32,
+            num_channels: c as u32,
+            num_local_experts: num_local as u32,
+            reserved: 0,
+        };
+        let cfg =
+            LaunchConfig { grid_dim: 2 * c as u32, block_dim: Self::block_dim_for(num_ranks), shared_mem_bytes: 0 };
+        // SAFETY: as above; the dispatch slot size is the one the buffer was sized with.
+        unsafe { stream.launch(&HT_DISPATCH, cfg, params)? };
+        let handle = HtHandle {
+            rank_prefix_matrix,
+            channel_prefix_matrix,
+            is_token_in_rank,
+            send_head,
+            num_tokens: t,
+            num_rows: rows,
+            num_channels: c,
+        };
+        Ok(HtDispatchOutputs {
+            recv_x,
+            recv_x_scales,
+            recv_topk_idx,
+            recv_topk_weights,
+            recv_src_idx,
+            num_recv_tokens_per_expert,
+            num_recv_tokens_per_expert_list: per_expert,
+            num_recv_tokens: num_recv,
+            handle,
+        })
+    }
+
+    /// Collective: returns every received row to its source and sums each token's copies
+    /// (bf16 `x [handle.num_rows, hidden]`, f32 accumulation in rank order after the bias).
+    /// Asynchronous; device-side errors surface in [`Group::take_device_error`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine(
+        &mut self,
+        group: &Group,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden: usize,
+        topk_weights: Option<(&DeviceBuffer, usize)>,
+        bias: [Option<&DeviceBuffer>; 2],
+    ) -> Result<HtCombineOutputs> {
+        let num_ranks = group.num_ranks();
+        if hidden == 0 || !hidden.is_multiple_of(8) || hidden > self.cfg.hidden {
+            return Err(Error::invalid(
+                "hidden",
+                format!("{hidden} must be a positive multiple of 8 up to {}", self.cfg.hidden),
+            ));
+        }
+        if handle.num_channels != self.cfg.num_channels {
+            return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
+        }
+        if x.len() < handle.num_rows * hidden * 2 {
+            return Err(Error::invalid("x", format!("[{}, {hidden}] bf16 needed", handle.num_rows)));
+        }
+        let num_topk = topk_weights.map_or(0, |(_, k)| k);
+        if num_topk > self.cfg.num_topk {
+            return Err(Error::invalid("topk_weights", format!("top-{num_topk} > {}", self.cfg.num_topk)));
+        }
+        if let Some((w, k)) = topk_weights
+            && w.len() < handle.num_rows * k * 4
+        {
+            return Err(Error::invalid("topk_weights", "too small"));
+        }
+        for b in bias.iter().flatten() {
+            if b.len() < handle.num_tokens * hidden * 2 {
+                return Err(Error::invalid("bias", format!("[{}, {hidden}] bf16 needed", handle.num_tokens)));
+            }
+        }
+        let dev = group.device().clone();
+        let t = handle.num_tokens;
+        let combined_x = dev.alloc((t * hidden * 2).max(16))?;
+        let combined_topk_weights = match topk_weights {
+            Some((_, k)) => Some(dev.alloc((t * k * 4).max(4))?),
+            None => None,
+        };
+        let c = self.cfg.num_channels;
+        let params = HtCombineParams {
+            peer_bases: self.sym.peer_table_ptr(),
+            x: x.ptr(),
+            topk_weights: topk_weights.map_or(0, |(w, _)| w.ptr()),
+            bias_0: bias[0].map_or(0, |b| b.ptr()),
+            bias_1: bias[1].map_or(0, |b| b.ptr()),
+            is_token_in_rank: handle.is_token_in_rank.ptr(),
+            channel_prefix_matrix: handle.channel_prefix_matrix.ptr(),
+            send_head: handle.send_head.ptr(),
+            combined_x: combined_x.ptr(),
+            combined_topk_weights: combined_topk_weights.as_ref().map_or(0, |b| b.ptr()),
+            error: group.error_ptr(),
+            timeout_ns: group.timeout_ns(),
+            slot_bytes: self.layout.combine_slot_bytes,
+            dispatch_slot_bytes: self.layout.dispatch_slot_bytes,
+            num_tokens: t as u32,
+            hidden: hidden as u32,
+            num_topk: num_topk as u32,
+            num_slots: self.cfg.num_slots as u32,
+            rank: group.rank() as u32,
+            num_ranks: num_ranks as u32,
+            num_channels: c as u32,
+            num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
+        };
+        let cfg =
+            LaunchConfig { grid_dim: 2 * c as u32, block_dim: Self::block_dim_for(num_ranks), shared_mem_bytes: 0 };
+        // SAFETY: the handle's maps come from the matching dispatch; sizes checked above.
+        unsafe { group.stream().launch(&HT_COMBINE, cfg, params)? };
+        Ok(HtCombineOutputs { combined_x, combined_topk_weights })
+    }
+}
