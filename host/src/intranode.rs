@@ -227,9 +227,9 @@ impl HtBuffer {
         let stream = group.stream();
         let num_local = self.cfg.num_experts / num_ranks;
         let c = self.cfg.num_channels;
-        let rank_prefix_matrix = dev.alloc(4 * num_ranks * num_ranks)?;
-        let channel_prefix_matrix = dev.alloc(4 * num_ranks * (c + 1))?;
-        let num_recv_tokens_per_expert = dev.alloc(4 * num_local)?;
+        let rank_prefix_matrix = stream.alloc(4 * num_ranks * num_ranks)?;
+        let channel_prefix_matrix = stream.alloc(4 * num_ranks * (c + 1))?;
+        let num_recv_tokens_per_expert = stream.alloc(4 * num_local)?;
         let exact = a.num_worst_tokens.is_none();
         let notify = HtNotifyParams {
             peer_bases: self.sym.peer_table_ptr(),
@@ -266,13 +266,13 @@ impl HtBuffer {
                 (n, Some(n), Some(per))
             }
         };
-        let recv_x = dev.alloc((rows * hb).max(16))?;
-        let recv_x_scales = dev.alloc((rows * num_scales * 4).max(4))?;
-        let recv_topk_idx = dev.alloc((rows * num_topk * 8).max(8))?;
-        let recv_topk_weights = dev.alloc((rows * num_topk * 4).max(4))?;
-        let recv_src_idx = dev.alloc((rows * 4).max(4))?;
-        let send_head = dev.alloc((t * num_ranks * 4).max(4))?;
-        let is_token_in_rank = dev.alloc((t * num_ranks).max(1))?;
+        let recv_x = stream.alloc((rows * hb).max(16))?;
+        let recv_x_scales = stream.alloc((rows * num_scales * 4).max(4))?;
+        let recv_topk_idx = stream.alloc((rows * num_topk * 8).max(8))?;
+        let recv_topk_weights = stream.alloc((rows * num_topk * 4).max(4))?;
+        let recv_src_idx = stream.alloc((rows * 4).max(4))?;
+        let send_head = stream.alloc((t * num_ranks * 4).max(4))?;
+        let is_token_in_rank = stream.alloc((t * num_ranks).max(1))?;
         if t > 0 {
             is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * num_ranks)?;
         }
@@ -375,11 +375,11 @@ impl HtBuffer {
                 return Err(Error::invalid("bias", format!("[{}, {hidden}] bf16 needed", handle.num_tokens)));
             }
         }
-        let dev = group.device().clone();
         let t = handle.num_tokens;
-        let combined_x = dev.alloc((t * hidden * 2).max(16))?;
+        let stream = group.stream();
+        let combined_x = stream.alloc((t * hidden * 2).max(16))?;
         let combined_topk_weights = match topk_weights {
-            Some((_, k)) => Some(dev.alloc((t * k * 4).max(4))?),
+            Some((_, k)) => Some(stream.alloc((t * k * 4).max(4))?),
             None => None,
         };
         let c = self.cfg.num_channels;

@@ -85,12 +85,12 @@ pub fn get_dispatch_layout(
     let dev = group.device();
     let stream = group.stream();
     let layout = DispatchLayout {
-        num_tokens_per_rank: dev.alloc(4 * num_ranks)?,
-        num_tokens_per_expert: dev.alloc(4 * num_experts)?,
-        is_token_in_rank: dev.alloc(num_tokens * num_ranks)?,
+        num_tokens_per_rank: stream.alloc(4 * num_ranks)?,
+        num_tokens_per_expert: stream.alloc(4 * num_experts)?,
+        is_token_in_rank: stream.alloc(num_tokens * num_ranks)?,
     };
     if num_tokens == 0 {
-        return Ok(layout); // fresh allocations are zeroed
+        return Ok(layout); // stream-ordered allocations are zeroed
     }
     let params = LayoutParams {
         topk_idx: topk_idx.ptr(),
@@ -109,8 +109,8 @@ pub fn get_dispatch_layout(
     let max_blocks = if dev.is_cpu() { 4 } else { 2 * dev.num_sms()? };
     let grid_dim = (num_tokens as u32).div_ceil(block_dim).clamp(1, max_blocks);
     let shared_mem_bytes = 4 * (num_experts + num_ranks) as u32;
-    // SAFETY: the outputs were just allocated with the sizes the kernel writes (and zeroed,
-    // as its atomics need); `topk_idx` was checked to hold [num_tokens, num_topk] entries.
+    // SAFETY: the outputs were just allocated with the sizes the kernel writes (and zeroed
+    // earlier on this stream, as its atomics need); `topk_idx` was checked to hold [num_tokens, num_topk] entries.
     unsafe { stream.launch(&GET_DISPATCH_LAYOUT, LaunchConfig { grid_dim, block_dim, shared_mem_bytes }, params)? };
     Ok(layout)
 }

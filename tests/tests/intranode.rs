@@ -50,7 +50,7 @@ fn routing(rng: &mut Rng, num_ranks: usize, case: &Case, call: usize) -> Vec<Vec
 }
 
 fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
-    let b = group.device().alloc((std::mem::size_of_val(data)).max(16)).unwrap();
+    let b = group.stream().alloc((std::mem::size_of_val(data)).max(16)).unwrap();
     b.write(group.stream(), 0, data).unwrap();
     b
 }

@@ -34,8 +34,7 @@ fn check(num_ranks: usize, num_experts: usize, num_topk: usize, max_tokens: usiz
         // Uneven token counts; rank 1 (if any) has none.
         let num_tokens = if rank == 1 { 0 } else { 1 + rng.below(max_tokens as u64) as usize };
         let topk = random_topk(&mut rng, num_tokens, num_topk, num_experts, 7);
-        let dev = group.device();
-        let buf = dev.alloc((num_tokens * num_topk * idx.bytes()).max(1)).unwrap();
+        let buf = group.stream().alloc((num_tokens * num_topk * idx.bytes()).max(1)).unwrap();
         match idx {
             IndexType::I64 => buf.write(group.stream(), 0, &topk).unwrap(),
             IndexType::I32 => {

@@ -83,7 +83,26 @@ impl CudaDevice {
             code: e.0 as i32,
             name: format!("{e:?}"),
         })?;
-        Ok(Self { ctx, util_stream: Mutex::new(0), module: Mutex::new(None), functions: Mutex::new(HashMap::new()) })
+        let dev =
+            Self { ctx, util_stream: Mutex::new(0), module: Mutex::new(None), functions: Mutex::new(HashMap::new()) };
+        dev.keep_pool_memory()?;
+        Ok(dev)
+    }
+
+    /// Stream-ordered frees keep their memory in the device's pool (threshold = max) instead
+    /// of returning it to the OS at the next synchronisation, as PyTorch's caching allocator
+    /// does: no trimming work on the hot path.
+    fn keep_pool_memory(&self) -> Result<()> {
+        self.bind()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: writes one pool handle for a valid device.
+        check("cuDeviceGetDefaultMemPool", unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) })?;
+        let mut threshold = u64::MAX;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        // SAFETY: the attribute takes a cuuint64_t.
+        check("cuMemPoolSetAttribute", unsafe {
+            sys::cuMemPoolSetAttribute(pool, attr, &mut threshold as *mut u64 as *mut c_void)
+        })
     }
 
     pub(crate) fn bind(&self) -> Result<()> {

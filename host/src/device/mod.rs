@@ -258,7 +258,7 @@ impl Device {
             Backend::Cpu => 0,
             Backend::Cuda(d) => d.stream_create()? as usize,
         };
-        Ok(Stream { device: self.clone(), raw })
+        Ok(Stream { device: self.clone(), raw, handle: Arc::new(StreamHandle { device: self.clone(), raw }) })
     }
 }
 
@@ -266,6 +266,7 @@ enum Memory {
     CpuHeap,
     CpuShared { fd: Option<OwnedFd> },
     Cuda,
+    CudaPool { stream: Arc<StreamHandle> },
     CudaIpc,
     CudaVmm { handle: sys::CUmemGenericAllocationHandle, size: usize },
 }
@@ -456,6 +457,11 @@ impl Drop for DeviceBuffer {
             // SAFETY: mapped by shared_map with this size.
             (Memory::CpuShared { .. }, _) => unsafe { cpu::shared_unmap(self.ptr as *mut u8, self.bytes) },
             (Memory::Cuda, Some(d)) => drop(d.free(self.ptr)),
+            (Memory::CudaPool { stream }, Some(d)) if d.bind().is_ok() => {
+                // SAFETY: allocated on this stream by cuMemAllocAsync; freed once, after the
+                // work queued on it so far.
+                unsafe { sys::cuMemFreeAsync(self.ptr, stream.raw as sys::CUstream) };
+            }
             (Memory::CudaIpc, Some(d)) => drop(d.ipc_close(self.ptr)),
             (Memory::CudaVmm { handle, size }, Some(d)) => drop(d.vmm_unmap_release(self.ptr, *size, *handle)),
             _ => {}
@@ -610,6 +616,26 @@ pub struct LaunchConfig {
 pub struct Stream {
     device: Device,
     raw: usize, // CUstream on CUDA, 0 on the CPU
+    /// Keeps the CUDA stream alive while buffers allocated on it are still to be freed on it.
+    handle: Arc<StreamHandle>,
+}
+
+/// Owns a `CUstream`; destroyed when the last [`Stream`] or stream-ordered buffer using it
+/// is gone.
+struct StreamHandle {
+    device: Device,
+    raw: usize,
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        if let Some(d) = self.device.cuda_backend()
+            && d.bind().is_ok()
+        {
+            // SAFETY: destroyed once; queued work still completes.
+            unsafe { sys::cuStreamDestroy_v2(self.raw as sys::CUstream) };
+        }
+    }
 }
 
 // SAFETY: CUDA streams may be used from any thread (the context is bound before each use).
@@ -630,6 +656,28 @@ impl Stream {
     /// The device this stream runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Zeroed memory allocated **in stream order** from the device's memory pool
+    /// (`cuMemAllocAsync`), and freed in stream order on this stream when dropped.
+    ///
+    /// Use it for everything that is not shared with other processes: unlike `cuMemAlloc` /
+    /// `cuMemFree`, neither call waits for the device to go idle. That matters when ranks
+    /// share a GPU: a rank blocked in an implicitly synchronising call can't launch the
+    /// kernel its peers' spinning kernels are waiting for.
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        match self.device.cuda_backend() {
+            None => Ok(DeviceBuffer::new(&self.device, cpu::heap_alloc(bytes)? as u64, bytes, Memory::CpuHeap)),
+            Some(d) => {
+                d.bind()?;
+                let mut p = 0;
+                // SAFETY: writes one pointer; ordered on this stream.
+                cuda::check("cuMemAllocAsync", unsafe { sys::cuMemAllocAsync(&mut p, bytes.max(1), self.cu()) })?;
+                let buf = DeviceBuffer::new(&self.device, p, bytes, Memory::CudaPool { stream: self.handle.clone() });
+                buf.fill_async(self, 0)?;
+                Ok(buf)
+            }
+        }
     }
 
     /// Launches `kernel` with `params`. On a GPU it is queued (asynchronous); on the CPU
@@ -726,17 +774,6 @@ impl Stream {
                     sys::cuStreamWaitEvent(self.cu(), event.raw as sys::CUevent, 0)
                 })
             }
-        }
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        if let Some(d) = self.device.cuda_backend()
-            && d.bind().is_ok()
-        {
-            // SAFETY: destroyed once; queued work still completes.
-            unsafe { sys::cuStreamDestroy_v2(self.cu()) };
         }
     }
 }
