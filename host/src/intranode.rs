@@ -252,27 +252,40 @@ impl HtBuffer {
             num_ranks: num_ranks as u32,
         };
         let block_dim = dev.block_dim(256).max(32 * num_ranks as u32);
+        let alloc_outputs = |rows: usize| -> Result<[DeviceBuffer; 7]> {
+            Ok([
+                stream.alloc((rows * hb).max(16))?,
+                stream.alloc((rows * num_scales * 4).max(4))?,
+                stream.alloc((rows * num_topk * 8).max(8))?,
+                stream.alloc((rows * num_topk * 4).max(4))?,
+                stream.alloc((rows * 4).max(4))?,
+                stream.alloc((t * num_ranks * 4).max(4))?,
+                stream.alloc((t * num_ranks).max(1))?,
+            ])
+        };
+        // Padded outputs are allocated before the first kernel: once peers spin in the
+        // notify kernel, a driver call that waits for the device (allocation may) would stall
+        // this rank's own launch.
+        let early = match a.num_worst_tokens {
+            Some(w) => Some(alloc_outputs(w)?),
+            None => None,
+        };
         // SAFETY: every region comes from the layout the buffer was sized with; outputs were
         // just allocated with the documented shapes.
         unsafe { stream.launch(&HT_NOTIFY, LaunchConfig { grid_dim: 1, block_dim, shared_mem_bytes: 0 }, notify)? };
-        let (rows, num_recv, per_expert) = match a.num_worst_tokens {
-            Some(w) => (w, None, None),
+        let (rows, num_recv, per_expert, outputs) = match early {
+            Some(outputs) => (a.num_worst_tokens.unwrap_or(0), None, None, outputs),
             None => {
                 stream.synchronize()?;
                 group.take_device_error(HT_NOTIFY.name)?;
                 let n = self.host_counts.read::<u32>(0)? as usize;
                 let per: Vec<i32> =
                     (0..num_local).map(|e| self.host_counts.read::<i32>(4 * (1 + e))).collect::<Result<_>>()?;
-                (n, Some(n), Some(per))
+                (n, Some(n), Some(per), alloc_outputs(n)?)
             }
         };
-        let recv_x = stream.alloc((rows * hb).max(16))?;
-        let recv_x_scales = stream.alloc((rows * num_scales * 4).max(4))?;
-        let recv_topk_idx = stream.alloc((rows * num_topk * 8).max(8))?;
-        let recv_topk_weights = stream.alloc((rows * num_topk * 4).max(4))?;
-        let recv_src_idx = stream.alloc((rows * 4).max(4))?;
-        let send_head = stream.alloc((t * num_ranks * 4).max(4))?;
-        let is_token_in_rank = stream.alloc((t * num_ranks).max(1))?;
+        let [recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, send_head, is_token_in_rank] =
+            outputs;
         if t > 0 {
             is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * num_ranks)?;
         }

@@ -107,6 +107,9 @@ fn run(case: Case) {
                 expert_alignment: 1,
                 num_worst_tokens: case.num_worst_tokens,
             };
+            // Ranks share one GPU here: uploads from pageable memory may wait for the device, so
+            // no rank starts the collective while another is still uploading.
+            group.bootstrap().barrier().unwrap();
             let out = buf.dispatch(&group, &args).unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ht_dispatch").unwrap();
@@ -148,6 +151,7 @@ fn run(case: Case) {
             let yb = upload(&group, &y[rank]);
             let (bb0, bb1) = (upload(&group, &b0[rank]), upload(&group, &b1[rank]));
             let bias = if case.with_bias { [Some(&bb0), Some(&bb1)] } else { [None, None] };
+            group.bootstrap().barrier().unwrap();
             let c = buf.combine(&group, &out.handle, &yb, h, Some((&out.recv_topk_weights, k)), bias).unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ht_combine").unwrap();
