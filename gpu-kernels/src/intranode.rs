@@ -208,13 +208,17 @@ struct Waiting {
     site: u32,
 }
 
-/// The sending side of one ring, driven by one warp.
+/// The sending side of one ring, driven by one warp. It touches the peer's buffer only once
+/// it has something to send: a peer that expects nothing from us may already have finished
+/// (and, at teardown, freed its buffer).
 struct Sender {
     tail: *mut u64,
     head: *const u64,
     slots: u64,
     slot_bytes: u64,
     num_slots: u64,
+    /// Whether `pos`/`published`/`head_seen` were read from the ring yet.
+    started: bool,
     /// Next position to fill.
     pos: u64,
     /// Last position published to `tail`.
@@ -224,18 +228,28 @@ struct Sender {
 }
 
 impl Sender {
-    /// Warp-cooperative. Starts at the ring's current tail (this sender is its only writer).
     #[inline(always)]
-    unsafe fn new(tail: u64, slots: u64, slot_bytes: u64, num_slots: u64) -> Sender {
-        // SAFETY: `tail` is a ring control line of a mapped symmetric buffer.
-        let pos = unsafe { dev::ld_acquire_sys_u64(tail as *const u64) };
+    fn new(tail: u64, slots: u64, slot_bytes: u64, num_slots: u64) -> Sender {
         let head = (tail + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
-        Sender { tail: tail as *mut u64, head, slots, slot_bytes, num_slots, pos, published: pos, head_seen: pos }
+        Sender {
+            tail: tail as *mut u64,
+            head,
+            slots,
+            slot_bytes,
+            num_slots,
+            started: false,
+            pos: 0,
+            published: 0,
+            head_seen: 0,
+        }
     }
 
     /// Warp-cooperative: publishes the filled slots.
     #[inline(always)]
     unsafe fn publish(&mut self) {
+        if !self.started {
+            return;
+        }
         dev::sync_warp(0xffff_ffff);
         if dev::lane_id() == 0 && self.published != self.pos {
             dev::fence_acq_rel_sys();
@@ -250,6 +264,12 @@ impl Sender {
     /// another thread's error.
     #[inline(always)]
     unsafe fn reserve(&mut self, p: Waiting) -> Option<u64> {
+        if !self.started {
+            // The ring continues where our last call left it (we are its only writer).
+            // SAFETY: the ring's tail line in the peer's mapped buffer.
+            let pos = unsafe { dev::ld_acquire_sys_u64(self.tail) };
+            (self.pos, self.published, self.head_seen, self.started) = (pos, pos, pos, true);
+        }
         if self.pos - self.head_seen >= self.num_slots {
             // SAFETY: forwarded.
             unsafe { self.publish() };

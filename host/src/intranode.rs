@@ -44,6 +44,10 @@ pub struct HtHandle {
     pub num_tokens: usize,
     /// Rows of the dispatch outputs (`num_worst_tokens` when padded).
     pub num_rows: usize,
+    /// `[1]` i32 on the device: rows actually received.
+    pub num_recv_tokens: DeviceBuffer,
+    /// Whether the outputs are padded to `num_rows`.
+    pub padded: bool,
     num_channels: usize,
 }
 
@@ -97,13 +101,30 @@ pub struct HtCombineOutputs {
     pub combined_topk_weights: Option<DeviceBuffer>,
 }
 
+/// Everything one `ht_dispatch` launch reads and writes.
+struct DispatchIo<'a> {
+    x: &'a DeviceBuffer,
+    hidden_bytes: usize,
+    num_tokens: usize,
+    x_scales: Option<(&'a DeviceBuffer, usize)>,
+    topk: Option<(&'a DeviceBuffer, IndexType, &'a DeviceBuffer, usize)>,
+    is_token_in_rank: &'a DeviceBuffer,
+    channel_prefix_matrix: &'a DeviceBuffer,
+    num_recv_tokens: &'a DeviceBuffer,
+    recv_x: &'a DeviceBuffer,
+    recv_x_scales: &'a DeviceBuffer,
+    recv_topk: Option<(&'a DeviceBuffer, &'a DeviceBuffer)>,
+    recv_src_idx: &'a DeviceBuffer,
+    send_head: &'a DeviceBuffer,
+    num_worst_tokens: Option<usize>,
+}
+
 /// The communication buffer of HT intranode dispatch/combine (one per rank, collective).
 pub struct HtBuffer {
     sym: SymmetricBuffer,
     layout: HtLayout,
     cfg: HtConfig,
     host_counts: HostMapped,
-    num_recv_tokens: DeviceBuffer,
 }
 
 impl HtBuffer {
@@ -152,8 +173,7 @@ impl HtBuffer {
         let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
         let num_local = cfg.num_experts / num_ranks;
         let host_counts = group.device().alloc_host_mapped(4 * (1 + num_local))?;
-        let num_recv_tokens = group.device().alloc(4)?;
-        Ok(HtBuffer { sym, layout, cfg, host_counts, num_recv_tokens })
+        Ok(HtBuffer { sym, layout, cfg, host_counts })
     }
 
     fn layout_for(num_ranks: usize, cfg: &HtConfig) -> HtLayout {
@@ -188,24 +208,7 @@ impl HtBuffer {
     pub fn dispatch(&mut self, group: &Group, a: &HtDispatchArgs) -> Result<HtDispatchOutputs> {
         let num_ranks = group.num_ranks();
         let (t, hb) = (a.num_tokens, a.hidden_bytes);
-        if hb == 0 || !hb.is_multiple_of(16) || hb > 2 * self.cfg.hidden {
-            return Err(Error::invalid(
-                "hidden_bytes",
-                format!("{hb} must be a positive multiple of 16 up to {}", 2 * self.cfg.hidden),
-            ));
-        }
-        if a.x.len() < t * hb || !a.x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("{} bytes (16-aligned) needed, got {}", t * hb, a.x.len())));
-        }
-        let num_scales = a.x_scales.map_or(0, |(_, s)| s);
-        if num_scales > self.cfg.num_scales {
-            return Err(Error::invalid("x_scales", format!("{num_scales} scales per token > {}", self.cfg.num_scales)));
-        }
-        if let Some((s, n)) = a.x_scales
-            && s.len() < t * n * 4
-        {
-            return Err(Error::invalid("x_scales", format!("[{t}, {n}] f32 needs {} bytes", t * n * 4)));
-        }
+        let num_scales = self.check_x(a.x, hb, t, a.x_scales)?;
         let num_topk = a.topk.map_or(0, |(_, _, _, k)| k);
         if num_topk > self.cfg.num_topk {
             return Err(Error::invalid("topk_idx", format!("top-{num_topk} > the buffer's {}", self.cfg.num_topk)));
@@ -230,6 +233,7 @@ impl HtBuffer {
         let rank_prefix_matrix = stream.alloc(4 * num_ranks * num_ranks)?;
         let channel_prefix_matrix = stream.alloc(4 * num_ranks * (c + 1))?;
         let num_recv_tokens_per_expert = stream.alloc(4 * num_local)?;
+        let num_recv_tokens_dev = stream.alloc(4)?;
         let exact = a.num_worst_tokens.is_none();
         let notify = HtNotifyParams {
             peer_bases: self.sym.peer_table_ptr(),
@@ -239,7 +243,7 @@ impl HtBuffer {
             rank_prefix_matrix: rank_prefix_matrix.ptr(),
             channel_prefix_matrix: channel_prefix_matrix.ptr(),
             num_recv_tokens_per_expert: num_recv_tokens_per_expert.ptr(),
-            num_recv_tokens: self.num_recv_tokens.ptr(),
+            num_recv_tokens: num_recv_tokens_dev.ptr(),
             host_counts: if exact { self.host_counts.device_ptr() } else { 0 },
             error: group.error_ptr(),
             epoch: self.sym.next_epoch(),
@@ -289,43 +293,23 @@ impl HtBuffer {
         if t > 0 {
             is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * num_ranks)?;
         }
-        let slot_bytes = self.layout.dispatch_slot_bytes;
-        let params = HtDispatchParams {
-            peer_bases: self.sym.peer_table_ptr(),
-            x: a.x.ptr(),
-            x_scales: a.x_scales.map_or(0, |(s, _)| s.ptr()),
-            topk_idx: a.topk.map_or(0, |(i, _, _, _)| i.ptr()),
-            topk_weights: a.topk.map_or(0, |(_, _, w, _)| w.ptr()),
-            is_token_in_rank: a.layout.is_token_in_rank.ptr(),
-            channel_prefix_matrix: channel_prefix_matrix.ptr(),
-            num_recv_tokens: self.num_recv_tokens.ptr(),
-            recv_x: recv_x.ptr(),
-            recv_x_scales: recv_x_scales.ptr(),
-            recv_topk_idx: recv_topk_idx.ptr(),
-            recv_topk_weights: recv_topk_weights.ptr(),
-            recv_src_idx: recv_src_idx.ptr(),
-            send_head: send_head.ptr(),
-            error: group.error_ptr(),
-            timeout_ns: group.timeout_ns(),
-            hidden_bytes: hb as u64,
-            slot_bytes,
-            num_tokens: t as u32,
-            num_scales: num_scales as u32,
-            num_topk: num_topk as u32,
-            idx_bytes: a.topk.map_or(8, |(_, ty, _, _)| ty.bytes() as u32),
-            num_experts: self.cfg.num_experts as u32,
-            num_slots: self.cfg.num_slots as u32,
-            num_worst_tokens: a.num_worst_tokens.unwrap_or(0) as u32,
-            rank: group.rank() as u32,
-            num_ranks: num_ranks as u32,
-            num_channels: c as u32,
-            num_local_experts: num_local as u32,
-            reserved: 0,
+        let io = DispatchIo {
+            x: a.x,
+            hidden_bytes: hb,
+            num_tokens: t,
+            x_scales: a.x_scales,
+            topk: a.topk,
+            is_token_in_rank: &a.layout.is_token_in_rank,
+            channel_prefix_matrix: &channel_prefix_matrix,
+            num_recv_tokens: &num_recv_tokens_dev,
+            recv_x: &recv_x,
+            recv_x_scales: &recv_x_scales,
+            recv_topk: Some((&recv_topk_idx, &recv_topk_weights)),
+            recv_src_idx: &recv_src_idx,
+            send_head: &send_head,
+            num_worst_tokens: a.num_worst_tokens,
         };
-        let cfg =
-            LaunchConfig { grid_dim: 2 * c as u32, block_dim: Self::block_dim_for(num_ranks), shared_mem_bytes: 0 };
-        // SAFETY: as above; the dispatch slot size is the one the buffer was sized with.
-        unsafe { stream.launch(&HT_DISPATCH, cfg, params)? };
+        self.launch_dispatch(group, &io)?;
         let handle = HtHandle {
             rank_prefix_matrix,
             channel_prefix_matrix,
@@ -333,6 +317,8 @@ impl HtBuffer {
             send_head,
             num_tokens: t,
             num_rows: rows,
+            num_recv_tokens: num_recv_tokens_dev,
+            padded: a.num_worst_tokens.is_some(),
             num_channels: c,
         };
         Ok(HtDispatchOutputs {
@@ -346,6 +332,121 @@ impl HtBuffer {
             num_recv_tokens: num_recv,
             handle,
         })
+    }
+
+    /// Collective: a dispatch that reuses `handle`'s layout (DeepEP's cached mode): no count
+    /// exchange and no host synchronisation. Moves `x` (and its scales) along the same routes,
+    /// into `[handle.num_rows, hidden_bytes]` (padding rows, if any, untouched). This is also
+    /// the backward pass of a combine.
+    pub fn dispatch_cached(
+        &mut self,
+        group: &Group,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden_bytes: usize,
+        x_scales: Option<(&DeviceBuffer, usize)>,
+    ) -> Result<(DeviceBuffer, DeviceBuffer)> {
+        if handle.num_channels != self.cfg.num_channels {
+            return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
+        }
+        let (t, num_ranks) = (handle.num_tokens, group.num_ranks());
+        let num_scales = self.check_x(x, hidden_bytes, t, x_scales)?;
+        let stream = group.stream();
+        let rows = handle.num_rows;
+        let recv_x = stream.alloc((rows * hidden_bytes).max(16))?;
+        let recv_x_scales = stream.alloc((rows * num_scales * 4).max(4))?;
+        let recv_src_idx = stream.alloc((rows * 4).max(4))?;
+        let send_head = stream.alloc((t * num_ranks * 4).max(4))?;
+        let io = DispatchIo {
+            x,
+            hidden_bytes,
+            num_tokens: t,
+            x_scales,
+            topk: None,
+            is_token_in_rank: &handle.is_token_in_rank,
+            channel_prefix_matrix: &handle.channel_prefix_matrix,
+            num_recv_tokens: &handle.num_recv_tokens,
+            recv_x: &recv_x,
+            recv_x_scales: &recv_x_scales,
+            recv_topk: None,
+            recv_src_idx: &recv_src_idx,
+            send_head: &send_head,
+            num_worst_tokens: handle.padded.then_some(rows),
+        };
+        self.launch_dispatch(group, &io)?;
+        Ok((recv_x, recv_x_scales))
+    }
+
+    /// Checks `x` (`[num_tokens, hidden_bytes]`) and its scales; returns the scale count.
+    fn check_x(
+        &self,
+        x: &DeviceBuffer,
+        hidden_bytes: usize,
+        num_tokens: usize,
+        x_scales: Option<(&DeviceBuffer, usize)>,
+    ) -> Result<usize> {
+        let (t, hb) = (num_tokens, hidden_bytes);
+        if hb == 0 || !hb.is_multiple_of(16) || hb > 2 * self.cfg.hidden {
+            return Err(Error::invalid(
+                "hidden_bytes",
+                format!("{hb} must be a positive multiple of 16 up to {}", 2 * self.cfg.hidden),
+            ));
+        }
+        if x.len() < t * hb || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("{} bytes (16-aligned) needed, got {}", t * hb, x.len())));
+        }
+        let num_scales = x_scales.map_or(0, |(_, s)| s);
+        if num_scales > self.cfg.num_scales {
+            return Err(Error::invalid("x_scales", format!("{num_scales} scales per token > {}", self.cfg.num_scales)));
+        }
+        if let Some((s, n)) = x_scales
+            && s.len() < t * n * 4
+        {
+            return Err(Error::invalid("x_scales", format!("[{t}, {n}] f32 needs {} bytes", t * n * 4)));
+        }
+        Ok(num_scales)
+    }
+
+    fn launch_dispatch(&self, group: &Group, io: &DispatchIo) -> Result<()> {
+        let num_ranks = group.num_ranks();
+        let c = self.cfg.num_channels;
+        let params = HtDispatchParams {
+            peer_bases: self.sym.peer_table_ptr(),
+            x: io.x.ptr(),
+            x_scales: io.x_scales.map_or(0, |(s, _)| s.ptr()),
+            topk_idx: io.topk.map_or(0, |(i, _, _, _)| i.ptr()),
+            topk_weights: io.topk.map_or(0, |(_, _, w, _)| w.ptr()),
+            is_token_in_rank: io.is_token_in_rank.ptr(),
+            channel_prefix_matrix: io.channel_prefix_matrix.ptr(),
+            num_recv_tokens: io.num_recv_tokens.ptr(),
+            recv_x: io.recv_x.ptr(),
+            recv_x_scales: io.recv_x_scales.ptr(),
+            recv_topk_idx: io.recv_topk.map_or(0, |(i, _)| i.ptr()),
+            recv_topk_weights: io.recv_topk.map_or(0, |(_, w)| w.ptr()),
+            recv_src_idx: io.recv_src_idx.ptr(),
+            send_head: io.send_head.ptr(),
+            error: group.error_ptr(),
+            timeout_ns: group.timeout_ns(),
+            hidden_bytes: io.hidden_bytes as u64,
+            slot_bytes: self.layout.dispatch_slot_bytes,
+            num_tokens: io.num_tokens as u32,
+            num_scales: io.x_scales.map_or(0, |(_, n)| n as u32),
+            num_topk: io.topk.map_or(0, |(_, _, _, k)| k as u32),
+            idx_bytes: io.topk.map_or(8, |(_, ty, _, _)| ty.bytes() as u32),
+            num_experts: self.cfg.num_experts as u32,
+            num_slots: self.cfg.num_slots as u32,
+            num_worst_tokens: io.num_worst_tokens.unwrap_or(0) as u32,
+            rank: group.rank() as u32,
+            num_ranks: num_ranks as u32,
+            num_channels: c as u32,
+            num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
+            reserved: 0,
+        };
+        let cfg =
+            LaunchConfig { grid_dim: 2 * c as u32, block_dim: Self::block_dim_for(num_ranks), shared_mem_bytes: 0 };
+        // SAFETY: every buffer in `io` was checked or allocated with the documented shape; the
+        // rings are the ones this buffer was sized for.
+        unsafe { group.stream().launch(&HT_DISPATCH, cfg, params) }
     }
 
     /// Collective: returns every received row to its source and sums each token's copies
