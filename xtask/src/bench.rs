@@ -9,9 +9,20 @@ use crate::Result;
 /// A benchmark: name, one-line description, entry point (gets the arguments after the name).
 type Bench = (&'static str, &'static str, fn(&[String]) -> Result);
 
-/// All benchmarks. None yet: `ht` (high-throughput dispatch/combine) and `ll` (low-latency)
-/// will be added with the moe-ep-bench package.
-const BENCHES: &[Bench] = &[];
+/// All benchmarks (`ll` comes with the low-latency kernels).
+const BENCHES: &[Bench] =
+    &[("ht", "HT intranode dispatch (bf16, fp8) and combine; see crates/bench/src/bin/ht.rs", ht)];
+
+/// `cargo xtask bench ht [args]`: the Rust bench; on a GPU machine follow it with
+/// `python3 tests/gpu/ht_torch_reference.py` for the same-run torch reference.
+fn ht(args: &[String]) -> Result {
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["run", "--release", "-p", "moe-ep-bench", "--bin", "ht", "--"])
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("bench ht failed: {status}")) }
+}
 
 fn list() -> String {
     if BENCHES.is_empty() {

@@ -1,0 +1,203 @@
+//! `cargo xtask bench ht` (or `bin/moe-ep-bench-ht` in the GPU bundle): HT intranode
+//! dispatch (bf16 and fp8) and combine (bf16), every rank of the group in this process
+//! on the device of `MOE_EP_DEVICE` (default: GPU 0 when present, else the CPU emulator).
+//!
+//! Accounting as DeepEP's: a rank's dispatch moves the bytes it receives, its combine the
+//! bytes it sends back (the same rows); GB/s per rank = those bytes / kernel time. Timed:
+//! cached dispatch (the handle reused, no count exchange, as DeepEP tunes) and combine, each
+//! the median of `--iters` event-timed runs after a host barrier, the slowest rank reported.
+//! Ceiling: the op's minimal traffic over all ranks (every copied byte read once and written
+//! once) at the rate a same-run device-to-device copy reaches; `%ceil` = ceiling / time.
+//!
+//!     ht [--ranks 8] [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
+//!        [--channels C] [--iters 20] [--sweep]      (--sweep: tokens 512..8192)
+use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
+use moe_ep::layout::{IndexType, get_dispatch_layout};
+use moe_ep::{Device, Group, Result};
+
+struct Args {
+    ranks: usize,
+    tokens: Vec<usize>,
+    hidden: usize,
+    topk: usize,
+    experts: usize,
+    channels: usize,
+    iters: usize,
+}
+
+fn parse() -> Args {
+    let argv: Vec<String> = std::env::args().collect();
+    let get = |name: &str, default: usize| -> usize {
+        argv.iter()
+            .position(|a| a == name)
+            .and_then(|i| argv.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let sweep = argv.iter().any(|a| a == "--sweep");
+    let tokens = if sweep { vec![512, 1024, 2048, 4096, 8192] } else { vec![get("--tokens", 4096)] };
+    Args {
+        ranks: get("--ranks", 8),
+        tokens,
+        hidden: get("--hidden", 7168),
+        topk: get("--topk", 8),
+        experts: get("--experts", 256),
+        channels: get("--channels", 0),
+        iters: get("--iters", 20),
+    }
+}
+
+/// SplitMix64, for routing and data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Device-to-device copy rate in bytes/s (read + write), measured now.
+fn copy_rate(dev: &Device) -> Result<f64> {
+    let bytes = if dev.is_cpu() { 64 << 20 } else { 2 << 30 };
+    let s = dev.new_stream()?;
+    let (a, b) = (s.alloc(bytes)?, s.alloc(bytes)?);
+    b.copy_from_async(&s, &a, bytes)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let e0 = s.record_event()?;
+        b.copy_from_async(&s, &a, bytes)?;
+        let e1 = s.record_event()?;
+        times.push(e0.elapsed_ms(&e1)?);
+    }
+    Ok(2.0 * bytes as f64 / (median(times) as f64 * 1e-3))
+}
+
+/// Per-rank (median µs dispatch bf16, dispatch fp8, combine; received rows).
+fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result<[f64; 4]> {
+    let (r, h, k, e) = (group.rank(), a.hidden, a.topk, a.experts);
+    let s = group.stream();
+    let mut rng = Rng(0x5EED ^ (r as u64) << 32 ^ tokens as u64);
+    let mut idx = Vec::with_capacity(tokens * k);
+    for _ in 0..tokens {
+        let mut row: Vec<i64> = Vec::with_capacity(k);
+        while row.len() < k {
+            let x = (rng.next() % e as u64) as i64;
+            if !row.contains(&x) {
+                row.push(x);
+            }
+        }
+        idx.extend(row);
+    }
+    let x: Vec<u16> = (0..tokens * h).map(|_| 0x3F80 | (rng.next() as u16 & 0x7F)).collect();
+    let upload = |bytes: &[u8]| -> Result<moe_ep::DeviceBuffer> {
+        let b = s.alloc(bytes.len().max(16))?;
+        b.write(s, 0, bytes)?;
+        Ok(b)
+    };
+    let topk = upload(bytemuck::cast_slice(&idx))?;
+    let weights = upload(bytemuck::cast_slice(&vec![1.0f32 / k as f32; tokens * k]))?;
+    let xb = upload(bytemuck::cast_slice(&x))?;
+    let x8 = upload(&vec![0x38u8; tokens * h])?;
+    let scales = upload(bytemuck::cast_slice(&vec![1.0f32; tokens * (h / 128)]))?;
+    let cfg =
+        HtConfig { num_experts: e, hidden: h, num_topk: k, num_scales: h / 128, num_channels: channels, num_slots: 0 };
+    let mut buf = HtBuffer::new(group, cfg)?;
+    let layout = get_dispatch_layout(group, &topk, IndexType::I64, tokens, k, e)?;
+    let args = HtDispatchArgs {
+        x: &xb,
+        hidden_bytes: 2 * h,
+        num_tokens: tokens,
+        x_scales: None,
+        topk: Some((&topk, IndexType::I64, &weights, k)),
+        layout: &layout,
+        expert_alignment: 1,
+        num_worst_tokens: None,
+    };
+    group.bootstrap().barrier()?;
+    let out = buf.dispatch(group, &args)?;
+    s.synchronize()?;
+    group.take_device_error("ht_dispatch")?;
+    let rows = out.num_recv_tokens.unwrap_or(0);
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut t = Vec::new();
+        for i in 0..a.iters + 2 {
+            group.bootstrap().barrier()?;
+            let e0 = s.record_event()?;
+            f()?;
+            let e1 = s.record_event()?;
+            let ms = e0.elapsed_ms(&e1)?;
+            group.take_device_error("ht")?;
+            if i >= 2 {
+                t.push(ms); // the first two warm up
+            }
+        }
+        Ok(median(t) as f64 * 1e3)
+    };
+    let bf16 = time(&mut || buf.dispatch_cached(group, &out.handle, &xb, 2 * h, None).map(drop))?;
+    let fp8 = time(&mut || buf.dispatch_cached(group, &out.handle, &x8, h, Some((&scales, h / 128))).map(drop))?;
+    let combine = time(&mut || buf.combine(group, &out.handle, &out.recv_x, h, None, [None, None]).map(drop))?;
+    Ok([bf16, fp8, combine, rows as f64])
+}
+
+fn main() -> Result<()> {
+    if std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
+        // SAFETY: single-threaded here, before any CUDA call.
+        unsafe { std::env::set_var("CUDA_DEVICE_MAX_CONNECTIONS", "32") };
+    }
+    let a = parse();
+    let dev = Device::from_env()?;
+    let sms = dev.num_sms()? as usize;
+    // Ranks share the GPU: each gets its share of SMs (a channel is 2 blocks).
+    let channels = if a.channels > 0 { a.channels } else { (sms / (2 * a.ranks)).clamp(1, 10) };
+    let rate = copy_rate(&dev)?;
+    println!(
+        "HT intranode on {} ({sms} SMs), {} ranks sharing it, {} SMs per rank ({channels} channels); hidden {}, top-{} of {} experts; D2D copy {:.0} GB/s (read+write)",
+        dev.name(),
+        a.ranks,
+        2 * channels,
+        a.hidden,
+        a.topk,
+        a.experts,
+        rate / 1e9
+    );
+    println!(
+        "{:>8} {:>12} {:>10} {:>11} {:>12} {:>10} {:>7}",
+        "tokens", "op", "time µs", "GB/s/rank", "recv MB/rank", "ceil µs", "%ceil"
+    );
+    for &tokens in &a.tokens {
+        let groups = Group::in_process(&vec![dev.clone(); a.ranks])?;
+        let per_rank: Vec<Result<[f64; 4]>> = std::thread::scope(|s| {
+            let hs: Vec<_> = groups.iter().map(|g| s.spawn(|| bench_rank(g, &a, tokens, channels))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        let per_rank: Vec<[f64; 4]> = per_rank.into_iter().collect::<Result<_>>()?;
+        let total_rows: f64 = per_rank.iter().map(|v| v[3]).sum();
+        for (i, (op, row_bytes)) in [
+            ("dispatch bf16", 2 * a.hidden),
+            ("dispatch fp8", a.hidden + 4 * (a.hidden / 128)),
+            ("combine bf16", 2 * a.hidden),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let us = per_rank.iter().map(|v| v[i]).fold(0.0, f64::max);
+            let recv_bytes = total_rows / a.ranks as f64 * *row_bytes as f64;
+            let ceil_us = 2.0 * total_rows * *row_bytes as f64 / rate * 1e6;
+            println!(
+                "{tokens:>8} {op:>12} {us:>10.1} {:>11.1} {:>12.1} {ceil_us:>10.1} {:>6.1}%",
+                recv_bytes / us / 1e3,
+                recv_bytes / 1e6,
+                100.0 * ceil_us / us
+            );
+        }
+    }
+    Ok(())
+}
