@@ -120,6 +120,10 @@ struct DispatchIo<'a> {
 }
 
 /// The communication buffer of HT intranode dispatch/combine (one per rank, collective).
+///
+/// Drop it on every rank only after all ranks have finished their last op on it (e.g. after
+/// a `group.bootstrap().barrier()`): peers write into each other's buffers. After a
+/// device-side timeout the rings' counters are out of step; make a new buffer.
 pub struct HtBuffer {
     sym: SymmetricBuffer,
     layout: HtLayout,
