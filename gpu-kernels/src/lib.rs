@@ -56,6 +56,7 @@ pub mod collective;
 pub mod dev;
 pub mod intranode;
 pub mod layout;
+pub mod low_latency;
 pub mod selftest;
 
 #[cfg(target_arch = "nvptx64")]

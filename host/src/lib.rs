@@ -8,6 +8,7 @@ mod error;
 pub mod group;
 pub mod intranode;
 pub mod layout;
+pub mod low_latency;
 pub mod reference;
 
 pub use device::{Device, DeviceBuffer, ErrorRecord, Event, HostMapped, LaunchConfig, Stream};

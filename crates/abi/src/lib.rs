@@ -481,6 +481,139 @@ pub struct HtCombineParams {
     pub num_local_experts: u32,
 }
 
+/// Where each region of an LL (low-latency) symmetric buffer lives. Two identical sets
+/// (calls alternate between them by epoch parity); in each, for `L` local experts, `E`
+/// experts in all, `R` ranks and `M` = max tokens per rank:
+///
+/// | region | size | written by |
+/// |---|---|---|
+/// | dispatch flags `[L][R]` u64 = `epoch << 32 \| T_src` | `L * R * 8` | source rank |
+/// | combine flags `[E]` u64 = `epoch` | `E * 8` | expert owner |
+/// | block counters (dispatch, combine) | 256 | this rank's blocks |
+/// | dispatch slots `[L][R][M]` (row, then `[epoch, token]` u32) | `L * R * M * slot_bytes` | source rank |
+/// | combine slots `[E][M]` (row, then `[epoch, token]`) | `E * M * slot_bytes` | expert owner |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlLayout {
+    /// Bytes per slot: a row of `row_bytes` plus 16 bytes of marker.
+    pub slot_bytes: u64,
+    /// Offset of the dispatch flags in a set.
+    pub dispatch_flags: u64,
+    /// Offset of the combine flags in a set.
+    pub combine_flags: u64,
+    /// Offset of the block counters in a set.
+    pub counters: u64,
+    /// Offset of the dispatch slots in a set.
+    pub dispatch_slots: u64,
+    /// Offset of the combine slots in a set.
+    pub combine_slots: u64,
+    /// Bytes of one set.
+    pub set_bytes: u64,
+    /// Local experts.
+    pub num_local_experts: u64,
+    /// Ranks.
+    pub num_ranks: u64,
+    /// Max tokens per rank.
+    pub max_tokens: u64,
+}
+
+impl LlLayout {
+    /// The layout for rows of `row_bytes` (a multiple of 16).
+    #[inline(always)]
+    pub const fn new(num_ranks: u32, num_experts: u32, max_tokens: u32, row_bytes: u64) -> Self {
+        let (r, e, m) = (num_ranks as u64, num_experts as u64, max_tokens as u64);
+        let l = match e.checked_div(r) {
+            Some(l) => l,
+            None => 0,
+        };
+        let slot_bytes = row_bytes + 16;
+        let dispatch_flags = 0;
+        let combine_flags = align128(dispatch_flags + l * r * 8);
+        let counters = align128(combine_flags + e * 8);
+        let dispatch_slots = align128(counters + 256);
+        let combine_slots = align128(dispatch_slots + l * r * m * slot_bytes);
+        let set_bytes = align128(combine_slots + e * m * slot_bytes);
+        LlLayout {
+            slot_bytes,
+            dispatch_flags,
+            combine_flags,
+            counters,
+            dispatch_slots,
+            combine_slots,
+            set_bytes,
+            num_local_experts: l,
+            num_ranks: r,
+            max_tokens: m,
+        }
+    }
+
+    /// Total bytes: two sets.
+    #[inline(always)]
+    pub const fn total_bytes(&self) -> u64 {
+        2 * self.set_bytes
+    }
+
+    /// Dispatch slot of (local expert, source rank, token) within a set.
+    #[inline(always)]
+    pub const fn dispatch_slot(&self, local: u64, src: u64, token: u64) -> u64 {
+        self.dispatch_slots + ((local * self.num_ranks + src) * self.max_tokens + token) * self.slot_bytes
+    }
+
+    /// Combine slot of (global expert, token) within a set.
+    #[inline(always)]
+    pub const fn combine_slot(&self, expert: u64, token: u64) -> u64 {
+        self.combine_slots + (expert * self.max_tokens + token) * self.slot_bytes
+    }
+}
+
+/// Parameters of `ll_dispatch` and `ll_combine` (one struct: the two share most fields).
+/// Grid: a fixed number of blocks per buffer (the block counters count modulo it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LlParams {
+    /// Device table of the `R` symmetric buffer addresses.
+    pub peer_bases: u64,
+    /// Dispatch: `[T, H]` bf16 tokens. Combine: `[L, R*M, H]` bf16 expert outputs.
+    pub x: u64,
+    /// `[T, K]` expert ids (`idx_bytes` wide).
+    pub topk_idx: u64,
+    /// Combine: `[T, K]` f32.
+    pub topk_weights: u64,
+    /// Dispatch out: `[L, R*M, H]` bf16.
+    pub packed_recv_x: u64,
+    /// `[L, R*M]` i32: source token of each row (dispatch writes, combine reads).
+    pub packed_recv_src_info: u64,
+    /// `[L, R]` i64: `begin << 32 | count` (dispatch writes, combine reads).
+    pub packed_recv_layout_range: u64,
+    /// Dispatch out: `[L]` i32.
+    pub packed_recv_count: u64,
+    /// Combine out: `[T, H]` bf16.
+    pub combined_x: u64,
+    /// The [`ErrorSlot`].
+    pub error: u64,
+    /// Flag value of this call (>= 1); its parity picks the buffer set.
+    pub epoch: u64,
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// Bytes per row (`2 * hidden`, a multiple of 16).
+    pub row_bytes: u64,
+    /// Tokens of this rank (<= `max_tokens`).
+    pub num_tokens: u32,
+    /// Experts per token.
+    pub num_topk: u32,
+    /// 4 or 8.
+    pub idx_bytes: u32,
+    /// Experts in all.
+    pub num_experts: u32,
+    /// Max tokens per rank (`M`).
+    pub max_tokens: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks.
+    pub num_ranks: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 /// Parameters of the `selftest_*` kernels that exercise each device primitive (on the CPU
 /// emulator in CI and on the GPU in the bundle). Meaning of the fields is per kernel.
 #[repr(C)]

@@ -448,6 +448,12 @@ pub fn ballot(pred: bool) -> u32 {
     exchange(pred as u32, |s| (0..32).fold(0u32, |acc, i| acc | ((s[i].load(Ordering::Relaxed) & 1) << i)))
 }
 
+// ------------------------------------------------------------------ arithmetic
+/// `fma.rn.f32`.
+pub fn fma_rn_f32(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
 // ------------------------------------------------------------------ time
 /// Nanoseconds since the emulator's first use (monotonic, like `%globaltimer`).
 pub fn globaltimer_ns() -> u64 {

@@ -18,6 +18,7 @@
 //! | `sync_threads`, `sync_threads_or`, `sync_warp` | `bar.sync 0`, `bar.red.or.pred`, `bar.warp.sync` | |
 //! | `static_smem`, `dyn_smem`, `atom_add_shared_u32` | `.shared` arrays, `atom.shared.add` | |
 //! | `globaltimer_ns`, `nanosleep_ns` | `%globaltimer`, `nanosleep.u32` | wait bounds |
+//! | `fma_rn_f32` | `fma.rn.f32` | one rounding, as the reference's `mul_add` |
 //!
 //! Built on them here: [`wait_until`] (every wait loop in every kernel) and [`report_error`].
 

@@ -306,6 +306,19 @@ pub fn ballot(pred: bool) -> u32 {
     r
 }
 
+// ------------------------------------------------------------------ arithmetic
+/// `fma.rn.f32`: `a * b + c` with one rounding (what the CPU reference's `mul_add` does).
+#[inline(always)]
+pub fn fma_rn_f32(a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure arithmetic.
+    unsafe {
+        asm!("fma.rn.f32 {r}, {a}, {b}, {c};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c,
+             options(pure, nomem, nostack))
+    };
+    r
+}
+
 // ------------------------------------------------------------------ time
 /// `%globaltimer` in nanoseconds: a clock-rate-independent bound for waits.
 #[inline(always)]

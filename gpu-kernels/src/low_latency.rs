@@ -1,0 +1,281 @@
+//! LL (low-latency) dispatch and combine for decode: every (token, expert) pair goes
+//! straight to the expert's rank, no count exchange, no host synchronisation.
+//!
+//! # Protocol (`LlLayout`, two buffer sets picked by epoch parity)
+//! **Dispatch.** Warps take tokens; for each `k` with expert `e` on rank `d` (local `l`), the
+//! warp stores the row into `d`'s slot `[l][me][token]` and marks it `[epoch, token]`. Each
+//! block then adds one to a local block counter (`atom.release.gpu` after
+//! `fence.acq_rel.sys`); the block that completes the grid's count raises, at every rank
+//! `d` and local expert `l`, the flag `[l][me] = epoch << 32 | T` (release). Receiving:
+//! a block per local expert walks the source ranks in order, acquires their flags, and packs
+//! the slots marked with this epoch, in token order, into `packed_recv_x` — rows ordered
+//! by (source rank, source token) as `reference::ll_dispatch`. Stale slots carry an older
+//! epoch, so nothing needs cleaning.
+//! **Combine.** The same warps send each packed row back to its source rank's slot
+//! `[global expert][token]`; the last block raises combine flag `[e]` at every rank for each
+//! local expert `e`; then each rank acquires all `E` flags and sums, per token, `k`
+//! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit.
+//! Waits time out into the error slot at the `SITE_*` sites.
+use crate::abi::{ErrorSlot, LlLayout, LlParams, WARP_SIZE};
+use crate::dev::{self, U4};
+use crate::intranode::{bf16_to_f32, f32_to_bf16};
+
+/// Dispatch receiver: waiting for a source rank's flag.
+pub const SITE_LL_DISPATCH_RECV: u32 = 20;
+/// Combine: waiting for an expert owner's flag.
+pub const SITE_LL_COMBINE_RECV: u32 = 21;
+
+#[inline(always)]
+unsafe fn base_of(p: &LlParams, r: u32, l: &LlLayout) -> u64 {
+    // SAFETY: the table holds R addresses; the set offset stays inside each buffer.
+    unsafe { *(p.peer_bases as *const u64).add(r as usize) + (p.epoch & 1) * l.set_bytes }
+}
+
+#[inline(always)]
+unsafe fn copy_row(dst: u64, src: u64, bytes: u64) {
+    let mut v = dev::lane_id() as u64;
+    while v < bytes / 16 {
+        // SAFETY: the caller passes two rows of `bytes`.
+        unsafe { dev::st_v4((dst as *mut U4).add(v as usize), dev::ld_v4((src as *const U4).add(v as usize))) };
+        v += WARP_SIZE as u64;
+    }
+}
+
+#[inline(always)]
+unsafe fn expert_of(p: &LlParams, t: u32, k: u32) -> i64 {
+    let at = (t * p.num_topk + k) as usize;
+    // SAFETY: `topk_idx` holds [T, K] entries of idx_bytes.
+    unsafe {
+        if p.idx_bytes == 4 { *(p.topk_idx as *const i32).add(at) as i64 } else { *(p.topk_idx as *const i64).add(at) }
+    }
+}
+
+/// After this block's sends: count it done; true (in every thread) in the grid's last block,
+/// which then sees every other block's sends.
+#[inline(always)]
+unsafe fn last_block(counter: u64) -> bool {
+    dev::sync_threads();
+    let mut last = false;
+    if dev::thread_idx_x() == 0 {
+        dev::fence_acq_rel_sys();
+        // SAFETY: the counter lies in this rank's buffer.
+        let old = unsafe { dev::atom_add_release_gpu_u32(counter as *mut u32, 1) };
+        last = (old + 1) % dev::grid_dim_x() == 0;
+        dev::fence_acq_rel_sys();
+    }
+    dev::sync_threads_or(last)
+}
+
+kernel! {
+    /// LL dispatch (see the module docs).
+    pub unsafe fn ll_dispatch(p: LlParams) as LL_DISPATCH {
+        let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
+        let num_local = l.num_local_experts as u32;
+        let lane = dev::lane_id();
+        let warps = dev::num_warps() * dev::grid_dim_x();
+        let me = p.rank;
+        let epoch32 = p.epoch as u32;
+        // SAFETY (whole body): every address comes from `l`, the layout the host sized the
+        // buffers with; inputs and outputs hold the shapes LlParams documents.
+        unsafe {
+            let local = base_of(&p, me, &l);
+            // Send.
+            let mut t = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
+            while t < p.num_tokens {
+                for k in 0..p.num_topk {
+                    let e = expert_of(&p, t, k);
+                    if e < 0 {
+                        continue;
+                    }
+                    let (dst, le) = (e as u32 / num_local, e as u32 % num_local);
+                    let slot = base_of(&p, dst, &l) + l.dispatch_slot(le as u64, me as u64, t as u64);
+                    copy_row(slot, p.x + t as u64 * p.row_bytes, p.row_bytes);
+                    if lane == 0 {
+                        *((slot + p.row_bytes) as *mut u32) = epoch32;
+                        *((slot + p.row_bytes + 4) as *mut u32) = t;
+                    }
+                }
+                t += warps;
+            }
+            if last_block(local + l.counters) {
+                let mut i = dev::thread_idx_x();
+                while i < p.num_ranks * num_local {
+                    let (dst, le) = (i / num_local, i % num_local);
+                    let flag = base_of(&p, dst, &l) + l.dispatch_flags + (le as u64 * l.num_ranks + me as u64) * 8;
+                    dev::st_release_sys_u64(flag as *mut u64, p.epoch << 32 | p.num_tokens as u64);
+                    i += dev::block_dim_x();
+                }
+            }
+            // Receive: a block per local expert, sources in rank order, tokens in order.
+            let counts: *mut u32 = dev::static_smem(); // [0] = T of the source, [1..] = warp prefix
+            let mut le = dev::block_idx_x();
+            while le < num_local {
+                let mut row = 0u32;
+                for src in 0..p.num_ranks {
+                    let flag = (local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 8) as *const u64;
+                    let mut failed = false;
+                    if dev::thread_idx_x() == 0 {
+                        let mut seen = 0u64;
+                        let ok = dev::wait_until(p.timeout_ns, || {
+                            seen = dev::ld_acquire_sys_u64(flag);
+                            seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+                        });
+                        failed = !ok || seen >> 32 != p.epoch;
+                        if !ok {
+                            dev::report_timeout(p.error as *mut ErrorSlot, me, src, SITE_LL_DISPATCH_RECV, p.epoch, seen >> 32);
+                        }
+                        *counts = seen as u32;
+                    }
+                    if dev::sync_threads_or(failed) {
+                        return;
+                    }
+                    let num_src_tokens = *counts;
+                    let begin = row;
+                    let mut t0 = 0u32;
+                    while t0 < num_src_tokens {
+                        // One thread per token of this chunk: is its slot marked this epoch?
+                        let t = t0 + dev::thread_idx_x();
+                        let slot = local + l.dispatch_slot(le as u64, src as u64, t as u64);
+                        let present = t < num_src_tokens && dev::ld_relaxed_sys_u32((slot + p.row_bytes) as *const u32) == epoch32;
+                        let mask = dev::ballot(present);
+                        if lane == 0 {
+                            *counts.add(1 + dev::warp_id() as usize) = mask.count_ones();
+                        }
+                        dev::sync_threads();
+                        let mut before = 0u32;
+                        let mut total = 0u32;
+                        for w in 0..dev::num_warps() {
+                            let c = *counts.add(1 + w as usize);
+                            if w < dev::warp_id() {
+                                before += c;
+                            }
+                            total += c;
+                        }
+                        dev::sync_threads();
+                        // Warp w copies its own present tokens, in order.
+                        let mut m = mask;
+                        let mut pos = row + before;
+                        while m != 0 {
+                            let j = m.trailing_zeros();
+                            m &= m - 1;
+                            let tok = t0 + dev::warp_id() * WARP_SIZE + j;
+                            let from = local + l.dispatch_slot(le as u64, src as u64, tok as u64);
+                            let out_row = le as u64 * l.num_ranks * l.max_tokens + pos as u64;
+                            copy_row(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes);
+                            if lane == 0 {
+                                *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
+                            }
+                            pos += 1;
+                        }
+                        row += total;
+                        t0 += dev::block_dim_x();
+                    }
+                    if dev::thread_idx_x() == 0 {
+                        let at = (le * p.num_ranks + src) as usize;
+                        *(p.packed_recv_layout_range as *mut i64).add(at) = ((begin as i64) << 32) | (row - begin) as i64;
+                    }
+                    dev::sync_threads();
+                }
+                if dev::thread_idx_x() == 0 {
+                    *(p.packed_recv_count as *mut i32).add(le as usize) = row as i32;
+                }
+                le += dev::grid_dim_x();
+            }
+        }
+    }
+}
+
+kernel! {
+    /// LL combine (see the module docs).
+    pub unsafe fn ll_combine(p: LlParams) as LL_COMBINE {
+        let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
+        let num_local = l.num_local_experts as u32;
+        let lane = dev::lane_id();
+        let gwarp = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
+        let warps = dev::num_warps() * dev::grid_dim_x();
+        let me = p.rank;
+        let slots_per_expert = p.num_ranks * p.max_tokens;
+        // SAFETY (whole body): as in ll_dispatch.
+        unsafe {
+            let local = base_of(&p, me, &l);
+            // Send every received row back to its source: slot [global expert][token].
+            for le in 0..num_local {
+                let expert = me * num_local + le;
+                for src in 0..p.num_ranks {
+                    let range = *(p.packed_recv_layout_range as *const i64).add((le * p.num_ranks + src) as usize);
+                    let (begin, count) = ((range >> 32) as u32, range as u32);
+                    let mut i = gwarp;
+                    while i < count {
+                        let row = le * slots_per_expert + begin + i;
+                        let tok = *(p.packed_recv_src_info as *const i32).add(row as usize) as u64;
+                        let slot = base_of(&p, src, &l) + l.combine_slot(expert as u64, tok);
+                        copy_row(slot, p.x + row as u64 * p.row_bytes, p.row_bytes);
+                        if lane == 0 {
+                            *((slot + p.row_bytes) as *mut u32) = p.epoch as u32;
+                        }
+                        i += warps;
+                    }
+                }
+            }
+            if last_block(local + l.counters + 128) {
+                let mut i = dev::thread_idx_x();
+                while i < p.num_ranks * num_local {
+                    let (dst, le) = (i / num_local, i % num_local);
+                    let flag = base_of(&p, dst, &l) + l.combine_flags + (me * num_local + le) as u64 * 8;
+                    dev::st_release_sys_u64(flag as *mut u64, p.epoch);
+                    i += dev::block_dim_x();
+                }
+            }
+            // Every expert owner has sent back everything for this rank?
+            let mut failed = false;
+            let mut e = dev::thread_idx_x();
+            while e < p.num_experts {
+                let flag = (local + l.combine_flags + e as u64 * 8) as *const u64;
+                let mut seen = 0;
+                let ok = dev::wait_until(p.timeout_ns, || {
+                    seen = dev::ld_acquire_sys_u64(flag);
+                    seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+                });
+                if !ok || seen < p.epoch {
+                    failed = true;
+                    if !ok {
+                        dev::report_timeout(p.error as *mut ErrorSlot, me, e / num_local, SITE_LL_COMBINE_RECV, p.epoch, seen);
+                    }
+                    break;
+                }
+                e += dev::block_dim_x();
+            }
+            if dev::sync_threads_or(failed) {
+                return;
+            }
+            // Weighted sum per token, k ascending, one fused multiply-add per term.
+            let num_vecs = p.row_bytes / 16;
+            let mut t = gwarp;
+            while t < p.num_tokens {
+                let mut v = lane as u64;
+                while v < num_vecs {
+                    let mut acc = [0f32; 8];
+                    for k in 0..p.num_topk {
+                        let e = expert_of(&p, t, k);
+                        if e < 0 {
+                            continue;
+                        }
+                        let w = *(p.topk_weights as *const f32).add((t * p.num_topk + k) as usize);
+                        let y = dev::ld_v4(((local + l.combine_slot(e as u64, t as u64)) as *const U4).add(v as usize));
+                        let words = [y.x, y.y, y.z, y.w];
+                        for i in 0..8 {
+                            acc[i] = dev::fma_rn_f32(bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16), w, acc[i]);
+                        }
+                    }
+                    let mut out = [0u32; 4];
+                    for i in 0..8 {
+                        out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                    }
+                    dev::st_v4((p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
+                    v += WARP_SIZE as u64;
+                }
+                t += warps;
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! LL (low-latency) dispatch and combine — DeepEP's `low_latency_dispatch` /
+//! `low_latency_combine`, expert-major: kernels `ll_dispatch` / `ll_combine` of
+//! `moe-ep-kernels` (`low_latency.rs` states the protocol). No host synchronisation;
+//! consecutive calls alternate between two buffer sets, so dispatch `N+1` may start while
+//! combine `N` drains. Semantics: `reference::ll_dispatch` / `ll_combine`, bit for bit.
+use crate::device::{DeviceBuffer, LaunchConfig};
+use crate::group::{Group, Sharing, SymmetricBuffer};
+use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
+use crate::{Error, Result};
+use moe_ep_abi::{LlLayout, LlParams};
+use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH};
+
+/// Sizes an [`LlBuffer`] is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlConfig {
+    /// Experts in all (a multiple of the rank count).
+    pub num_experts: usize,
+    /// Hidden size in bf16 elements (a multiple of 8, at most 16384).
+    pub hidden: usize,
+    /// Most tokens per rank and call (`num_max_dispatch_tokens_per_rank`).
+    pub max_tokens: usize,
+}
+
+/// How to return a dispatch's rows (DeepEP's LL handle).
+pub struct LlHandle {
+    /// `[L, R*M]` i32: source token of each packed row.
+    pub packed_recv_src_info: DeviceBuffer,
+    /// `[L, R]` i64: `begin << 32 | count` of the rows from each source rank.
+    pub packed_recv_layout_range: DeviceBuffer,
+    epoch: u64,
+}
+
+/// Outputs of [`LlBuffer::dispatch`].
+pub struct LlDispatchOutputs {
+    /// `[L, R*M, H]` bf16: per local expert, rows packed from 0 by (source rank, token).
+    pub packed_recv_x: DeviceBuffer,
+    /// `[L]` i32: rows per local expert.
+    pub packed_recv_count: DeviceBuffer,
+    /// For [`LlBuffer::combine`].
+    pub handle: LlHandle,
+}
+
+/// The communication buffer of LL dispatch/combine (one per rank, collective).
+/// Drop it on every rank only after all ranks have finished their last op on it.
+pub struct LlBuffer {
+    sym: SymmetricBuffer,
+    layout: LlLayout,
+    cfg: LlConfig,
+    grid_dim: u32,
+}
+
+impl LlBuffer {
+    /// Bytes of the symmetric buffer for `cfg` on `num_ranks` ranks (both sets).
+    pub fn size_hint(num_ranks: usize, cfg: &LlConfig) -> usize {
+        LlLayout::new(num_ranks as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64)
+            .total_bytes() as usize
+    }
+
+    /// Collective: allocates and shares the buffer.
+    pub fn new(group: &Group, cfg: LlConfig) -> Result<LlBuffer> {
+        let r = group.num_ranks();
+        if cfg.num_experts == 0 || cfg.num_experts > MAX_EXPERTS || !cfg.num_experts.is_multiple_of(r) {
+            return Err(Error::invalid(
+                "num_experts",
+                format!("{} must be in 1..={MAX_EXPERTS} and a multiple of {r}", cfg.num_experts),
+            ));
+        }
+        if cfg.hidden == 0 || cfg.hidden > crate::intranode::MAX_HIDDEN || !cfg.hidden.is_multiple_of(8) {
+            return Err(Error::invalid(
+                "hidden",
+                format!("{} must be a positive multiple of 8 up to 16384", cfg.hidden),
+            ));
+        }
+        if !(1..=1024).contains(&cfg.max_tokens) {
+            return Err(Error::invalid("max_tokens", format!("{} is not in 1..=1024", cfg.max_tokens)));
+        }
+        let layout = LlLayout::new(r as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64);
+        let sym = group.alloc_symmetric(layout.total_bytes() as usize, Sharing::Auto)?;
+        let grid_dim = if group.device().is_cpu() { 2 } else { 16 };
+        Ok(LlBuffer { sym, layout, cfg, grid_dim })
+    }
+
+    fn params(&self, group: &Group, epoch: u64) -> LlParams {
+        LlParams {
+            peer_bases: self.sym.peer_table_ptr(),
+            error: group.error_ptr(),
+            epoch,
+            timeout_ns: group.timeout_ns(),
+            row_bytes: 2 * self.cfg.hidden as u64,
+            num_experts: self.cfg.num_experts as u32,
+            max_tokens: self.cfg.max_tokens as u32,
+            rank: group.rank() as u32,
+            num_ranks: group.num_ranks() as u32,
+            ..LlParams::default()
+        }
+    }
+
+    fn launch_config(&self, group: &Group) -> LaunchConfig {
+        LaunchConfig { grid_dim: self.grid_dim, block_dim: group.device().block_dim(256).max(128), shared_mem_bytes: 0 }
+    }
+
+    fn check_topk(&self, topk_idx: &DeviceBuffer, idx: IndexType, num_tokens: usize, num_topk: usize) -> Result<()> {
+        if num_tokens > self.cfg.max_tokens {
+            return Err(Error::invalid("num_tokens", format!("{num_tokens} > max_tokens {}", self.cfg.max_tokens)));
+        }
+        if !(1..=MAX_TOPK).contains(&num_topk) {
+            return Err(Error::invalid("num_topk", format!("{num_topk} is not in 1..={MAX_TOPK}")));
+        }
+        if topk_idx.len() < num_tokens * num_topk * idx.bytes() {
+            return Err(Error::invalid(
+                "topk_idx",
+                format!("[{num_tokens}, {num_topk}] needs more than {} bytes", topk_idx.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Collective: sends every `(token, k)` with an expert to the expert's rank. `x` is
+    /// `[num_tokens, hidden]` bf16. Asynchronous; device errors surface in
+    /// [`Group::take_device_error`].
+    pub fn dispatch(
+        &mut self,
+        group: &Group,
+        x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        num_topk: usize,
+    ) -> Result<LlDispatchOutputs> {
+        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
+        let row_bytes = 2 * self.cfg.hidden;
+        if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
+        }
+        let s = group.stream();
+        let (l, r, m) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens);
+        let packed_recv_x = s.alloc(l * r * m * row_bytes)?;
+        let packed_recv_count = s.alloc(4 * l)?;
+        let handle = LlHandle {
+            packed_recv_src_info: s.alloc(4 * l * r * m)?,
+            packed_recv_layout_range: s.alloc(8 * l * r)?,
+            epoch: self.sym.next_epoch(),
+        };
+        let params = LlParams {
+            x: x.ptr(),
+            topk_idx: topk_idx.ptr(),
+            packed_recv_x: packed_recv_x.ptr(),
+            packed_recv_src_info: handle.packed_recv_src_info.ptr(),
+            packed_recv_layout_range: handle.packed_recv_layout_range.ptr(),
+            packed_recv_count: packed_recv_count.ptr(),
+            num_tokens: num_tokens as u32,
+            num_topk: num_topk as u32,
+            idx_bytes: idx.bytes() as u32,
+            ..self.params(group, handle.epoch)
+        };
+        // SAFETY: the buffer was sized by the same LlLayout; outputs were just allocated with
+        // the documented shapes; inputs were checked above.
+        unsafe { s.launch(&LL_DISPATCH, self.launch_config(group), params)? };
+        Ok(LlDispatchOutputs { packed_recv_x, packed_recv_count, handle })
+    }
+
+    /// Collective: returns the expert outputs `x` (`[L, R*M, hidden]` bf16, rows as the
+    /// dispatch packed them) to their source ranks and sums them there, weighted by
+    /// `topk_weights` (`[num_tokens, K]` f32). Returns `[num_tokens, hidden]` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine(
+        &mut self,
+        group: &Group,
+        handle: &LlHandle,
+        x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        topk_weights: &DeviceBuffer,
+        num_topk: usize,
+    ) -> Result<DeviceBuffer> {
+        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
+        let (l, r, m, row_bytes) =
+            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, 2 * self.cfg.hidden);
+        if x.len() < l * r * m * row_bytes {
+            return Err(Error::invalid("x", format!("[{l}, {}, {}] bf16 needed", r * m, self.cfg.hidden)));
+        }
+        if topk_weights.len() < num_tokens * num_topk * 4 {
+            return Err(Error::invalid("topk_weights", format!("[{num_tokens}, {num_topk}] f32 needed")));
+        }
+        let s = group.stream();
+        let combined_x = s.alloc((num_tokens * row_bytes).max(16))?;
+        let params = LlParams {
+            x: x.ptr(),
+            topk_idx: topk_idx.ptr(),
+            topk_weights: topk_weights.ptr(),
+            packed_recv_src_info: handle.packed_recv_src_info.ptr(),
+            packed_recv_layout_range: handle.packed_recv_layout_range.ptr(),
+            combined_x: combined_x.ptr(),
+            num_tokens: num_tokens as u32,
+            num_topk: num_topk as u32,
+            idx_bytes: idx.bytes() as u32,
+            ..self.params(group, handle.epoch)
+        };
+        // SAFETY: as in dispatch; the handle comes from a dispatch on this buffer.
+        unsafe { s.launch(&LL_COMBINE, self.launch_config(group), params)? };
+        Ok(combined_x)
+    }
+}

@@ -1,0 +1,124 @@
+//! LL dispatch/combine on the device against `reference::ll_dispatch` / `ll_combine`, bit
+//! for bit, on fresh random inputs: random -1 entries, token counts that change between
+//! calls (including zero), many consecutive calls alternating the two buffer sets.
+use moe_ep::layout::IndexType;
+use moe_ep::low_latency::{LlBuffer, LlConfig};
+use moe_ep::reference::{self, Routing, f32_to_bf16};
+use moe_ep::{DeviceBuffer, Group};
+use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks};
+
+fn bf16_rows(rng: &mut Rng, n: usize) -> Vec<u16> {
+    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 4.0)).collect()
+}
+
+fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
+    let b = group.stream().alloc(std::mem::size_of_val(data).max(16)).unwrap();
+    b.write(group.stream(), 0, data).unwrap();
+    b
+}
+
+fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, calls: usize) {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let l = num_experts / n;
+    let mut rng = Rng::fresh("low_latency");
+    let mut cases = Vec::new();
+    for call in 0..calls {
+        let idx: Vec<Vec<i64>> = (0..n)
+            .map(|r| {
+                let t = if (r + call) % 3 == 2 { 0 } else { 1 + rng.below(max_tokens as u64) as usize };
+                let mut v = Vec::new();
+                for _ in 0..t {
+                    let mut row: Vec<i64> = Vec::new();
+                    while row.len() < num_topk {
+                        let e = rng.below(num_experts as u64) as i64;
+                        if !row.contains(&e) {
+                            row.push(e);
+                        }
+                    }
+                    row.iter_mut().for_each(|e| {
+                        if rng.below(6) == 0 {
+                            *e = -1
+                        }
+                    });
+                    v.extend(row);
+                }
+                v
+            })
+            .collect();
+        let tokens: Vec<usize> = idx.iter().map(|v| v.len() / num_topk).collect();
+        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * hidden)).collect();
+        let w: Vec<Vec<f32>> = tokens
+            .iter()
+            .map(|&t| (0..t * num_topk).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect())
+            .collect();
+        let routing = Routing::new(n, num_experts, num_topk, idx.clone()).unwrap();
+        let want = reference::ll_dispatch(&routing, &x, hidden, max_tokens).unwrap();
+        let y: Vec<Vec<u16>> = (0..n).map(|_| bf16_rows(&mut rng, l * n * max_tokens * hidden)).collect();
+        let combined = reference::ll_combine(&want.handle, &y, &w, hidden).unwrap();
+        cases.push((idx, tokens, x, w, want, y, combined));
+    }
+    let groups = Group::in_process(&devices(n)).unwrap();
+    let cfg = LlConfig { num_experts, hidden, max_tokens };
+    on_ranks(groups, |rank, group| {
+        let mut buf = LlBuffer::new(&group, cfg).unwrap();
+        let s = group.stream();
+        for (call, (idx, tokens, x, w, want, y, combined)) in cases.iter().enumerate() {
+            let ctx = format!("rank {rank} call {call}");
+            let t = tokens[rank];
+            let (topk, weights, xb, yb) = (
+                upload(&group, &idx[rank]),
+                upload(&group, &w[rank]),
+                upload(&group, &x[rank]),
+                upload(&group, &y[rank]),
+            );
+            group.bootstrap().barrier().unwrap();
+            let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, num_topk).unwrap();
+            let cx = buf.combine(&group, &out.handle, &yb, t, &topk, IndexType::I64, &weights, num_topk).unwrap();
+            s.synchronize().unwrap();
+            group.take_device_error("ll dispatch+combine").unwrap();
+            let rv = &want.ranks[rank];
+            let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
+            assert_eq!(counts, rv.packed_recv_count, "{ctx}: counts");
+            let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
+            assert_eq!(ranges, rv.packed_recv_layout_range, "{ctx}: layout ranges");
+            let got_x: Vec<u16> = out.packed_recv_x.to_vec(s).unwrap();
+            let got_src: Vec<i32> = out.handle.packed_recv_src_info.to_vec(s).unwrap();
+            let slots = n * max_tokens;
+            for (e, &c) in counts.iter().enumerate() {
+                let c = c as usize;
+                let rows = e * slots..e * slots + c;
+                assert_eq!(
+                    &got_src[rows.clone()],
+                    &rv.packed_recv_src_info[rows.clone()],
+                    "{ctx}: src info of expert {e}"
+                );
+                assert!(
+                    got_x[rows.start * hidden..rows.end * hidden]
+                        == rv.packed_recv_x[rows.start * hidden..rows.end * hidden],
+                    "{ctx}: rows of expert {e}"
+                );
+            }
+            let got: Vec<u16> = cx.to_vec(s).unwrap();
+            assert!(got[..t * hidden] == combined[rank][..], "{ctx}: combined_x");
+        }
+    });
+}
+
+#[test]
+fn ll_many_calls_alternating_buffers() {
+    let cpu = device().is_cpu();
+    run(16, 64, 4, if cpu { 12 } else { 128 }, 5);
+}
+
+#[test]
+fn ll_wide_topk_deepseek_hidden() {
+    let cpu = device().is_cpu();
+    run(
+        if cpu { 64 } else { 256 },
+        if cpu { 2880 } else { 7168 },
+        if cpu { 16 } else { 8 },
+        if cpu { 4 } else { 128 },
+        2,
+    );
+}
