@@ -15,8 +15,10 @@
 //! `[global expert][token]`; the last block raises combine flag `[e]` at every rank for each
 //! local expert `e`; then each rank acquires all `E` flags and sums, per token, `k`
 //! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit.
+//! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
+//! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
-use crate::abi::{ErrorSlot, LlLayout, LlParams, WARP_SIZE};
+use crate::abi::{ErrorSlot, LL_RECV, LL_SEND, LlLayout, LlParams, WARP_SIZE};
 use crate::dev::{self, U4};
 use crate::intranode::{bf16_to_f32, f32_to_bf16};
 
@@ -81,7 +83,7 @@ kernel! {
             let local = base_of(&p, me, &l);
             // Send.
             let mut t = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
-            while t < p.num_tokens {
+            while p.phases & LL_SEND != 0 && t < p.num_tokens {
                 for k in 0..p.num_topk {
                     let e = expert_of(&p, t, k);
                     if e < 0 {
@@ -97,7 +99,7 @@ kernel! {
                 }
                 t += warps;
             }
-            if last_block(local + l.counters) {
+            if p.phases & LL_SEND != 0 && last_block(local + l.counters) {
                 let mut i = dev::thread_idx_x();
                 while i < p.num_ranks * num_local {
                     let (dst, le) = (i / num_local, i % num_local);
@@ -109,7 +111,7 @@ kernel! {
             // Receive: a block per local expert, sources in rank order, tokens in order.
             let counts: *mut u32 = dev::static_smem(); // [0] = T of the source, [1..] = warp prefix
             let mut le = dev::block_idx_x();
-            while le < num_local {
+            while p.phases & LL_RECV != 0 && le < num_local {
                 let mut row = 0u32;
                 for src in 0..p.num_ranks {
                     let flag = (local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 8) as *const u64;
@@ -199,7 +201,7 @@ kernel! {
         unsafe {
             let local = base_of(&p, me, &l);
             // Send every received row back to its source: slot [global expert][token].
-            for le in 0..num_local {
+            for le in 0..if p.phases & LL_SEND != 0 { num_local } else { 0 } {
                 let expert = me * num_local + le;
                 for src in 0..p.num_ranks {
                     let range = *(p.packed_recv_layout_range as *const i64).add((le * p.num_ranks + src) as usize);
@@ -217,7 +219,7 @@ kernel! {
                     }
                 }
             }
-            if last_block(local + l.counters + 128) {
+            if p.phases & LL_SEND != 0 && last_block(local + l.counters + 128) {
                 let mut i = dev::thread_idx_x();
                 while i < p.num_ranks * num_local {
                     let (dst, le) = (i / num_local, i % num_local);
@@ -225,6 +227,9 @@ kernel! {
                     dev::st_release_sys_u64(flag as *mut u64, p.epoch);
                     i += dev::block_dim_x();
                 }
+            }
+            if p.phases & LL_RECV == 0 {
+                return;
             }
             // Every expert owner has sent back everything for this rank?
             let mut failed = false;

@@ -7,7 +7,8 @@ use crate::device::{DeviceBuffer, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
-use moe_ep_abi::{LlLayout, LlParams};
+use moe_ep_abi::{LL_RECV, LL_SEND, LlLayout, LlParams};
+use moe_ep_kernels::Kernel;
 use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH};
 
 /// Sizes an [`LlBuffer`] is built for.
@@ -30,6 +31,25 @@ pub struct LlHandle {
     epoch: u64,
 }
 
+/// The receive half of a send-only op (DeepEP's `return_recv_hook`, NCCL EP's
+/// `ncclEpComplete`): launched by `complete`, so no SM waits between the halves.
+pub struct LlRecvHook {
+    kernel: &'static Kernel<LlParams>,
+    params: LlParams,
+    cfg: LaunchConfig,
+}
+
+impl LlRecvHook {
+    fn launch(self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        if self.params.peer_bases != buf.sym.peer_table_ptr() {
+            return Err(Error::invalid("buffer", "the hook belongs to another LlBuffer"));
+        }
+        // SAFETY: the parameters were built for this buffer (checked) and for the outputs
+        // that own this hook (they are alive: `complete` borrows them).
+        unsafe { group.stream().launch(self.kernel, self.cfg, self.params) }
+    }
+}
+
 /// Outputs of [`LlBuffer::dispatch`].
 pub struct LlDispatchOutputs {
     /// `[L, R*M, H]` bf16: per local expert, rows packed from 0 by (source rank, token).
@@ -38,6 +58,30 @@ pub struct LlDispatchOutputs {
     pub packed_recv_count: DeviceBuffer,
     /// For [`LlBuffer::combine`].
     pub handle: LlHandle,
+    /// Pending receive of a `send_only` dispatch.
+    pub recv_hook: Option<LlRecvHook>,
+}
+
+impl LlDispatchOutputs {
+    /// Runs the receive half of a `send_only` dispatch (no-op otherwise).
+    pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        self.recv_hook.take().map_or(Ok(()), |h| h.launch(group, buf))
+    }
+}
+
+/// Outputs of [`LlBuffer::combine`].
+pub struct LlCombineOutputs {
+    /// `[num_tokens, hidden]` bf16.
+    pub combined_x: DeviceBuffer,
+    /// Pending receive of a `send_only` combine.
+    pub recv_hook: Option<LlRecvHook>,
+}
+
+impl LlCombineOutputs {
+    /// Runs the receive half of a `send_only` combine (no-op otherwise).
+    pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        self.recv_hook.take().map_or(Ok(()), |h| h.launch(group, buf))
+    }
 }
 
 /// The communication buffer of LL dispatch/combine (one per rank, collective).
@@ -115,9 +159,26 @@ impl LlBuffer {
         Ok(())
     }
 
+    /// Launches both halves, or only the send half with the receive kept in a hook.
+    fn launch(
+        &self,
+        group: &Group,
+        kernel: &'static Kernel<LlParams>,
+        params: LlParams,
+        send_only: bool,
+    ) -> Result<Option<LlRecvHook>> {
+        let cfg = self.launch_config(group);
+        let phases = if send_only { LL_SEND } else { LL_SEND | LL_RECV };
+        // SAFETY: the callers built `params` for this buffer and for outputs they return.
+        unsafe { group.stream().launch(kernel, cfg, LlParams { phases, ..params })? };
+        Ok(send_only.then_some(LlRecvHook { kernel, params: LlParams { phases: LL_RECV, ..params }, cfg }))
+    }
+
     /// Collective: sends every `(token, k)` with an expert to the expert's rank. `x` is
     /// `[num_tokens, hidden]` bf16. Asynchronous; device errors surface in
-    /// [`Group::take_device_error`].
+    /// [`Group::take_device_error`]. `send_only`: return once the sends are out, with the
+    /// receive in `recv_hook` (call [`LlDispatchOutputs::complete`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn dispatch(
         &mut self,
         group: &Group,
@@ -126,6 +187,7 @@ impl LlBuffer {
         topk_idx: &DeviceBuffer,
         idx: IndexType,
         num_topk: usize,
+        send_only: bool,
     ) -> Result<LlDispatchOutputs> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let row_bytes = 2 * self.cfg.hidden;
@@ -153,15 +215,16 @@ impl LlBuffer {
             idx_bytes: idx.bytes() as u32,
             ..self.params(group, handle.epoch)
         };
-        // SAFETY: the buffer was sized by the same LlLayout; outputs were just allocated with
-        // the documented shapes; inputs were checked above.
-        unsafe { s.launch(&LL_DISPATCH, self.launch_config(group), params)? };
-        Ok(LlDispatchOutputs { packed_recv_x, packed_recv_count, handle })
+        // The buffer was sized by the same LlLayout; outputs were just allocated with the
+        // documented shapes; inputs were checked above.
+        let recv_hook = self.launch(group, &LL_DISPATCH, params, send_only)?;
+        Ok(LlDispatchOutputs { packed_recv_x, packed_recv_count, handle, recv_hook })
     }
 
     /// Collective: returns the expert outputs `x` (`[L, R*M, hidden]` bf16, rows as the
     /// dispatch packed them) to their source ranks and sums them there, weighted by
-    /// `topk_weights` (`[num_tokens, K]` f32). Returns `[num_tokens, hidden]` bf16.
+    /// `topk_weights` (`[num_tokens, K]` f32), into `[num_tokens, hidden]` bf16. One combine
+    /// per dispatch handle. `send_only` as in [`LlBuffer::dispatch`].
     #[allow(clippy::too_many_arguments)]
     pub fn combine(
         &mut self,
@@ -173,7 +236,8 @@ impl LlBuffer {
         idx: IndexType,
         topk_weights: &DeviceBuffer,
         num_topk: usize,
-    ) -> Result<DeviceBuffer> {
+        send_only: bool,
+    ) -> Result<LlCombineOutputs> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let (l, r, m, row_bytes) =
             (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, 2 * self.cfg.hidden);
@@ -197,8 +261,8 @@ impl LlBuffer {
             idx_bytes: idx.bytes() as u32,
             ..self.params(group, handle.epoch)
         };
-        // SAFETY: as in dispatch; the handle comes from a dispatch on this buffer.
-        unsafe { s.launch(&LL_COMBINE, self.launch_config(group), params)? };
-        Ok(combined_x)
+        // As in dispatch; the handle comes from a dispatch on this buffer.
+        let recv_hook = self.launch(group, &LL_COMBINE, params, send_only)?;
+        Ok(LlCombineOutputs { combined_x, recv_hook })
     }
 }

@@ -17,7 +17,7 @@ fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
     b
 }
 
-fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, calls: usize) {
+fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, calls: usize, hooks: bool) {
     let dev = device();
     let n = num_ranks(&dev).min(8);
     let l = num_experts / n;
@@ -73,8 +73,15 @@ fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, ca
                 upload(&group, &y[rank]),
             );
             group.bootstrap().barrier().unwrap();
-            let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, num_topk).unwrap();
-            let cx = buf.combine(&group, &out.handle, &yb, t, &topk, IndexType::I64, &weights, num_topk).unwrap();
+            // With hooks: every other call splits both ops into send + later receive.
+            let send_only = hooks && call % 2 == 0;
+            let mut out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, num_topk, send_only).unwrap();
+            assert_eq!(out.recv_hook.is_some(), send_only);
+            out.complete(&group, &buf).unwrap();
+            let mut c =
+                buf.combine(&group, &out.handle, &yb, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
+            c.complete(&group, &buf).unwrap();
+            let cx = c.combined_x;
             s.synchronize().unwrap();
             group.take_device_error("ll dispatch+combine").unwrap();
             let rv = &want.ranks[rank];
@@ -108,7 +115,13 @@ fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, ca
 #[test]
 fn ll_many_calls_alternating_buffers() {
     let cpu = device().is_cpu();
-    run(16, 64, 4, if cpu { 12 } else { 128 }, 5);
+    run(16, 64, 4, if cpu { 12 } else { 128 }, 5, false);
+}
+
+#[test]
+fn ll_send_only_with_receive_hooks() {
+    let cpu = device().is_cpu();
+    run(16, 64, 4, if cpu { 12 } else { 128 }, 4, true);
 }
 
 #[test]
@@ -120,5 +133,6 @@ fn ll_wide_topk_deepseek_hidden() {
         if cpu { 16 } else { 8 },
         if cpu { 4 } else { 128 },
         2,
+        true,
     );
 }

@@ -610,9 +610,15 @@ pub struct LlParams {
     pub rank: u32,
     /// Ranks.
     pub num_ranks: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// Which halves run: [`LL_SEND`], [`LL_RECV`] or both (a send-only launch returns a
+    /// hook; the receive launch comes later and holds no SM meanwhile).
+    pub phases: u32,
 }
+
+/// [`LlParams::phases`]: issue the sends (and raise the flags).
+pub const LL_SEND: u32 = 1;
+/// [`LlParams::phases`]: wait for and consume what peers sent.
+pub const LL_RECV: u32 = 2;
 
 /// Parameters of the `selftest_*` kernels that exercise each device primitive (on the CPU
 /// emulator in CI and on the GPU in the bundle). Meaning of the fields is per kernel.
