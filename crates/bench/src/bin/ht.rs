@@ -14,6 +14,7 @@
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep::{Device, Group, Result};
+use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues};
 
 struct Args {
     ranks: usize,
@@ -26,58 +27,16 @@ struct Args {
 }
 
 fn parse() -> Args {
-    let argv: Vec<String> = std::env::args().collect();
-    let get = |name: &str, default: usize| -> usize {
-        argv.iter()
-            .position(|a| a == name)
-            .and_then(|i| argv.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let sweep = argv.iter().any(|a| a == "--sweep");
-    let tokens = if sweep { vec![512, 1024, 2048, 4096, 8192] } else { vec![get("--tokens", 4096)] };
+    let tokens = if flag("--sweep") { vec![512, 1024, 2048, 4096, 8192] } else { vec![arg("--tokens", 4096)] };
     Args {
-        ranks: get("--ranks", 8),
+        ranks: arg("--ranks", 8),
         tokens,
-        hidden: get("--hidden", 7168),
-        topk: get("--topk", 8),
-        experts: get("--experts", 256),
-        channels: get("--channels", 0),
-        iters: get("--iters", 20),
+        hidden: arg("--hidden", 7168),
+        topk: arg("--topk", 8),
+        experts: arg("--experts", 256),
+        channels: arg("--channels", 0),
+        iters: arg("--iters", 20),
     }
-}
-
-/// SplitMix64, for routing and data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-fn median(mut v: Vec<f32>) -> f32 {
-    v.sort_by(f32::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Device-to-device copy rate in bytes/s (read + write), measured now.
-fn copy_rate(dev: &Device) -> Result<f64> {
-    let bytes = if dev.is_cpu() { 64 << 20 } else { 2 << 30 };
-    let s = dev.new_stream()?;
-    let (a, b) = (s.alloc(bytes)?, s.alloc(bytes)?);
-    b.copy_from_async(&s, &a, bytes)?;
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let e0 = s.record_event()?;
-        b.copy_from_async(&s, &a, bytes)?;
-        let e1 = s.record_event()?;
-        times.push(e0.elapsed_ms(&e1)?);
-    }
-    Ok(2.0 * bytes as f64 / (median(times) as f64 * 1e-3))
 }
 
 /// Per-rank (median µs dispatch bf16, dispatch fp8, combine; received rows).
@@ -85,18 +44,8 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
     let (r, h, k, e) = (group.rank(), a.hidden, a.topk, a.experts);
     let s = group.stream();
     let mut rng = Rng(0x5EED ^ (r as u64) << 32 ^ tokens as u64);
-    let mut idx = Vec::with_capacity(tokens * k);
-    for _ in 0..tokens {
-        let mut row: Vec<i64> = Vec::with_capacity(k);
-        while row.len() < k {
-            let x = (rng.next() % e as u64) as i64;
-            if !row.contains(&x) {
-                row.push(x);
-            }
-        }
-        idx.extend(row);
-    }
-    let x: Vec<u16> = (0..tokens * h).map(|_| 0x3F80 | (rng.next() as u16 & 0x7F)).collect();
+    let idx = rng.topk(tokens, k, e);
+    let x = rng.bf16(tokens * h);
     let upload = |bytes: &[u8]| -> Result<moe_ep::DeviceBuffer> {
         let b = s.alloc(bytes.len().max(16))?;
         b.write(s, 0, bytes)?;
@@ -148,10 +97,7 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
 }
 
 fn main() -> Result<()> {
-    if std::env::var_os("CUDA_DEVICE_MAX_CONNECTIONS").is_none() {
-        // SAFETY: single-threaded here, before any CUDA call.
-        unsafe { std::env::set_var("CUDA_DEVICE_MAX_CONNECTIONS", "32") };
-    }
+    more_hardware_queues();
     let a = parse();
     let dev = Device::from_env()?;
     let sms = dev.num_sms()? as usize;
