@@ -40,6 +40,11 @@ pub struct LlRecvHook {
 }
 
 impl LlRecvHook {
+    /// Launches a pending hook, if any (what both outputs' `complete` do).
+    fn take_and_launch(hook: &mut Option<LlRecvHook>, group: &Group, buf: &LlBuffer) -> Result<()> {
+        hook.take().map_or(Ok(()), |h| h.launch(group, buf))
+    }
+
     fn launch(self, group: &Group, buf: &LlBuffer) -> Result<()> {
         if self.params.peer_bases != buf.sym.peer_table_ptr() {
             return Err(Error::invalid("buffer", "the hook belongs to another LlBuffer"));
@@ -65,7 +70,7 @@ pub struct LlDispatchOutputs {
 impl LlDispatchOutputs {
     /// Runs the receive half of a `send_only` dispatch (no-op otherwise).
     pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
-        self.recv_hook.take().map_or(Ok(()), |h| h.launch(group, buf))
+        LlRecvHook::take_and_launch(&mut self.recv_hook, group, buf)
     }
 }
 
@@ -80,7 +85,7 @@ pub struct LlCombineOutputs {
 impl LlCombineOutputs {
     /// Runs the receive half of a `send_only` combine (no-op otherwise).
     pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
-        self.recv_hook.take().map_or(Ok(()), |h| h.launch(group, buf))
+        LlRecvHook::take_and_launch(&mut self.recv_hook, group, buf)
     }
 }
 

@@ -1,5 +1,12 @@
 //! Shared pieces of moe-ep's benchmarks: arguments, data, timing, the copy ceiling.
-use moe_ep::{Device, Result};
+use moe_ep::{Device, DeviceBuffer, Result, Stream};
+
+/// `bytes` in a new stream-ordered buffer.
+pub fn upload(stream: &Stream, bytes: &[u8]) -> Result<DeviceBuffer> {
+    let b = stream.alloc(bytes.len().max(16))?;
+    b.write(stream, 0, bytes)?;
+    Ok(b)
+}
 
 /// `--name value` from the command line, else `default`.
 pub fn arg(name: &str, default: usize) -> usize {

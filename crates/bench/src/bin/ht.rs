@@ -14,7 +14,7 @@
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep::{Device, Group, Result};
-use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues};
+use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues, upload};
 
 struct Args {
     ranks: usize,
@@ -46,11 +46,7 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
     let mut rng = Rng(0x5EED ^ (r as u64) << 32 ^ tokens as u64);
     let idx = rng.topk(tokens, k, e);
     let x = rng.bf16(tokens * h);
-    let upload = |bytes: &[u8]| -> Result<moe_ep::DeviceBuffer> {
-        let b = s.alloc(bytes.len().max(16))?;
-        b.write(s, 0, bytes)?;
-        Ok(b)
-    };
+    let upload = |bytes: &[u8]| upload(s, bytes);
     let topk = upload(bytemuck::cast_slice(&idx))?;
     let weights = upload(bytemuck::cast_slice(&vec![1.0f32 / k as f32; tokens * k]))?;
     let xb = upload(bytemuck::cast_slice(&x))?;

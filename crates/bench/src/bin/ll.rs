@@ -10,7 +10,7 @@
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig};
 use moe_ep::{Device, Group, Result};
-use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues};
+use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues, upload};
 
 /// Median µs of dispatch and combine on one rank, and the rows it sent.
 fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> Result<[f64; 3]> {
@@ -19,11 +19,7 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     let mut rng = Rng(0x11 ^ (group.rank() as u64) << 32 ^ tokens as u64);
     let idx = rng.topk(tokens, k, e);
     let rows = idx.iter().filter(|&&x| x >= 0).count();
-    let upload = |bytes: &[u8]| -> Result<moe_ep::DeviceBuffer> {
-        let b = s.alloc(bytes.len().max(16))?;
-        b.write(s, 0, bytes)?;
-        Ok(b)
-    };
+    let upload = |bytes: &[u8]| upload(s, bytes);
     let topk = upload(bytemuck::cast_slice(&idx))?;
     let weights = upload(bytemuck::cast_slice(&vec![1.0f32 / k as f32; tokens * k]))?;
     let x = upload(bytemuck::cast_slice(&rng.bf16(tokens * h)))?;
