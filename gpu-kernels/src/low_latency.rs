@@ -18,7 +18,7 @@
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
-use crate::abi::{ErrorSlot, LL_RECV, LL_SEND, LlLayout, LlParams, WARP_SIZE};
+use crate::abi::{ErrorSlot, LL_MAX_TOPK, LL_RECV, LL_SEND, LlLayout, LlParams, WARP_SIZE};
 use crate::dev::{self, U4};
 use crate::intranode::{bf16_to_f32, f32_to_bf16};
 
@@ -280,6 +280,142 @@ kernel! {
                     v += WARP_SIZE as u64;
                 }
                 t += warps;
+            }
+        }
+    }
+}
+
+/// Rank-major receiver: waiting for a source rank's flag.
+pub const SITE_LL_RANK_MAJOR_RECV: u32 = 22;
+
+kernel! {
+    /// LL dispatch, rank-major (NCCL EP's `RANK_MAJOR`): each token goes once to every rank
+    /// holding one of its experts, with its `topk_idx` and weights, into slot `[me][token]`
+    /// marked `[epoch, token]`; the grid's last block raises flag `[me] = epoch << 32 | T` at
+    /// every rank. Receivers (a block per source rank) pack the marked slots in token order
+    /// into `[R, M, H]`, localising expert ids (-1 and weight 0 for experts elsewhere).
+    /// Outputs: `packed_recv_x` `[R, M, H]`, `packed_recv_src_info` `[R, M]`,
+    /// `packed_recv_count` `[R]`, `recv_topk_idx` / `recv_topk_weights` `[R, M, K]`.
+    pub unsafe fn ll_dispatch_rank_major(p: LlParams) as LL_DISPATCH_RANK_MAJOR {
+        let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
+        let num_local = l.num_local_experts as u32;
+        let lane = dev::lane_id();
+        let warps = dev::num_warps() * dev::grid_dim_x();
+        let me = p.rank;
+        let k_count = p.num_topk;
+        let epoch32 = p.epoch as u32;
+        let meta = p.row_bytes + 16; // ids, then weights
+        // SAFETY (whole body): as in ll_dispatch, with the rank-major regions of `l`.
+        unsafe {
+            let local = base_of(&p, me, &l);
+            let mut t = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
+            while p.phases & LL_SEND != 0 && t < p.num_tokens {
+                let mut ranks = 0u64;
+                for k in 0..k_count {
+                    let e = expert_of(&p, t, k);
+                    if e >= 0 {
+                        ranks |= 1u64 << ((e as u32 / num_local) & 63);
+                    }
+                }
+                for dst in 0..p.num_ranks {
+                    if (ranks >> dst) & 1 == 0 {
+                        continue;
+                    }
+                    let slot = base_of(&p, dst, &l) + l.rank_major_slot(me as u64, t as u64);
+                    copy_row(slot, p.x + t as u64 * p.row_bytes, p.row_bytes);
+                    if lane < k_count {
+                        *((slot + meta) as *mut i32).add(lane as usize) = expert_of(&p, t, lane) as i32;
+                        *((slot + meta + 4 * LL_MAX_TOPK as u64) as *mut f32).add(lane as usize) =
+                            *(p.topk_weights as *const f32).add((t * k_count + lane) as usize);
+                    }
+                    if lane == 0 {
+                        *((slot + p.row_bytes) as *mut u32) = epoch32;
+                        *((slot + p.row_bytes + 4) as *mut u32) = t;
+                    }
+                }
+                t += warps;
+            }
+            if p.phases & LL_SEND != 0 && last_block(local + l.counters) {
+                let mut dst = dev::thread_idx_x();
+                while dst < p.num_ranks {
+                    let flag = base_of(&p, dst, &l) + l.rank_major_flags + me as u64 * 8;
+                    dev::st_release_sys_u64(flag as *mut u64, p.epoch << 32 | p.num_tokens as u64);
+                    dst += dev::block_dim_x();
+                }
+            }
+            let counts: *mut u32 = dev::static_smem();
+            let mut src = dev::block_idx_x();
+            while p.phases & LL_RECV != 0 && src < p.num_ranks {
+                let flag = (local + l.rank_major_flags + src as u64 * 8) as *const u64;
+                let mut failed = false;
+                if dev::thread_idx_x() == 0 {
+                    let mut seen = 0u64;
+                    let ok = dev::wait_until(p.timeout_ns, || {
+                        seen = dev::ld_acquire_sys_u64(flag);
+                        seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+                    });
+                    failed = !ok || seen >> 32 != p.epoch;
+                    if !ok {
+                        dev::report_timeout(p.error as *mut ErrorSlot, me, src, SITE_LL_RANK_MAJOR_RECV, p.epoch, seen >> 32);
+                    }
+                    *counts = seen as u32;
+                }
+                if dev::sync_threads_or(failed) {
+                    return;
+                }
+                let num_src_tokens = *counts;
+                let lo = (me * num_local) as i32;
+                let mut row = 0u32;
+                let mut t0 = 0u32;
+                while t0 < num_src_tokens {
+                    let t = t0 + dev::thread_idx_x();
+                    let slot = local + l.rank_major_slot(src as u64, t as u64);
+                    let present = t < num_src_tokens && dev::ld_relaxed_sys_u32((slot + p.row_bytes) as *const u32) == epoch32;
+                    let mask = dev::ballot(present);
+                    if lane == 0 {
+                        *counts.add(1 + dev::warp_id() as usize) = mask.count_ones();
+                    }
+                    dev::sync_threads();
+                    let (mut before, mut total) = (0u32, 0u32);
+                    for w in 0..dev::num_warps() {
+                        let c = *counts.add(1 + w as usize);
+                        if w < dev::warp_id() {
+                            before += c;
+                        }
+                        total += c;
+                    }
+                    dev::sync_threads();
+                    let mut m = mask;
+                    let mut pos = row + before;
+                    while m != 0 {
+                        let j = m.trailing_zeros();
+                        m &= m - 1;
+                        let tok = t0 + dev::warp_id() * WARP_SIZE + j;
+                        let from = local + l.rank_major_slot(src as u64, tok as u64);
+                        let out_row = src as u64 * l.max_tokens + pos as u64;
+                        copy_row(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes);
+                        if lane == 0 {
+                            *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
+                        }
+                        if lane < k_count {
+                            let e = *((from + meta) as *const i32).add(lane as usize);
+                            let w = *((from + meta + 4 * LL_MAX_TOPK as u64) as *const f32).add(lane as usize);
+                            let local_e = e - lo;
+                            let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < num_local;
+                            let at = (out_row * k_count as u64 + lane as u64) as usize;
+                            *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
+                            *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
+                        }
+                        pos += 1;
+                    }
+                    row += total;
+                    t0 += dev::block_dim_x();
+                }
+                if dev::thread_idx_x() == 0 {
+                    *(p.packed_recv_count as *mut i32).add(src as usize) = row as i32;
+                }
+                dev::sync_threads();
+                src += dev::grid_dim_x();
             }
         }
     }

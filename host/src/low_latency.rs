@@ -9,7 +9,7 @@ use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
 use moe_ep_abi::{LL_RECV, LL_SEND, LlLayout, LlParams};
 use moe_ep_kernels::Kernel;
-use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH};
+use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR};
 
 /// Sizes an [`LlBuffer`] is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,29 @@ pub struct LlDispatchOutputs {
 }
 
 impl LlDispatchOutputs {
+    /// Runs the receive half of a `send_only` dispatch (no-op otherwise).
+    pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        LlRecvHook::take_and_launch(&mut self.recv_hook, group, buf)
+    }
+}
+
+/// Outputs of [`LlBuffer::dispatch_rank_major`] (NCCL EP's `RANK_MAJOR` layout).
+pub struct LlRankMajorOutputs {
+    /// `[R, M, H]` bf16: block `s` holds, in token order, rank `s`'s tokens with an expert here.
+    pub recv_x: DeviceBuffer,
+    /// `[R]` i32: rows from each source rank.
+    pub recv_count: DeviceBuffer,
+    /// `[R, M]` i32: source token of each row.
+    pub recv_src_idx: DeviceBuffer,
+    /// `[R, M, K]` i64: local expert ids, -1 for experts elsewhere.
+    pub recv_topk_idx: DeviceBuffer,
+    /// `[R, M, K]` f32: weights, 0 where the expert is elsewhere.
+    pub recv_topk_weights: DeviceBuffer,
+    /// Pending receive of a `send_only` dispatch.
+    pub recv_hook: Option<LlRecvHook>,
+}
+
+impl LlRankMajorOutputs {
     /// Runs the receive half of a `send_only` dispatch (no-op otherwise).
     pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
         LlRecvHook::take_and_launch(&mut self.recv_hook, group, buf)
@@ -224,6 +247,58 @@ impl LlBuffer {
         // documented shapes; inputs were checked above.
         let recv_hook = self.launch(group, &LL_DISPATCH, params, send_only)?;
         Ok(LlDispatchOutputs { packed_recv_x, packed_recv_count, handle, recv_hook })
+    }
+
+    /// Collective: rank-major dispatch — every token once to every rank holding one of its
+    /// experts, with its routing (`topk_weights` `[num_tokens, K]` f32) localised there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_rank_major(
+        &mut self,
+        group: &Group,
+        x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        topk_weights: &DeviceBuffer,
+        num_topk: usize,
+        send_only: bool,
+    ) -> Result<LlRankMajorOutputs> {
+        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
+        let row_bytes = 2 * self.cfg.hidden;
+        if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
+        }
+        if topk_weights.len() < num_tokens * num_topk * 4 {
+            return Err(Error::invalid("topk_weights", format!("[{num_tokens}, {num_topk}] f32 needed")));
+        }
+        let s = group.stream();
+        let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
+        let out = LlRankMajorOutputs {
+            recv_x: s.alloc(r * m * row_bytes)?,
+            recv_count: s.alloc(4 * r)?,
+            recv_src_idx: s.alloc(4 * r * m)?,
+            recv_topk_idx: s.alloc(8 * r * m * num_topk)?,
+            recv_topk_weights: s.alloc(4 * r * m * num_topk)?,
+            recv_hook: None,
+        };
+        let epoch = self.sym.next_epoch();
+        let params = LlParams {
+            x: x.ptr(),
+            topk_idx: topk_idx.ptr(),
+            topk_weights: topk_weights.ptr(),
+            packed_recv_x: out.recv_x.ptr(),
+            packed_recv_src_info: out.recv_src_idx.ptr(),
+            packed_recv_count: out.recv_count.ptr(),
+            recv_topk_idx: out.recv_topk_idx.ptr(),
+            recv_topk_weights: out.recv_topk_weights.ptr(),
+            num_tokens: num_tokens as u32,
+            num_topk: num_topk as u32,
+            idx_bytes: idx.bytes() as u32,
+            ..self.params(group, epoch)
+        };
+        // The rank-major regions of the same LlLayout; outputs just allocated as documented.
+        let recv_hook = self.launch(group, &LL_DISPATCH_RANK_MAJOR, params, send_only)?;
+        Ok(LlRankMajorOutputs { recv_hook, ..out })
     }
 
     /// Collective: returns the expert outputs `x` (`[L, R*M, hidden]` bf16, rows as the

@@ -136,3 +136,90 @@ fn ll_wide_topk_deepseek_hidden() {
         true,
     );
 }
+
+/// Rank-major dispatch against `reference::ll_dispatch_rank_major`, interleaved with
+/// expert-major calls on the same buffer (shared sets and counters), with hooks.
+#[test]
+fn ll_rank_major_interleaved_with_expert_major() {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let (e, h, k, m) = (16usize, 64usize, 4usize, if dev.is_cpu() { 10 } else { 128 });
+    let mut rng = Rng::fresh("low_latency-rank-major");
+    let groups = Group::in_process(&devices(n)).unwrap();
+    let mut calls = Vec::new();
+    for call in 0..4 {
+        let idx: Vec<Vec<i64>> = (0..n)
+            .map(|r| {
+                let t = if (r + call) % 4 == 3 { 0 } else { 1 + rng.below(m as u64) as usize };
+                let mut v = Vec::new();
+                for _ in 0..t {
+                    let mut row: Vec<i64> = Vec::new();
+                    while row.len() < k {
+                        let x = rng.below(e as u64) as i64;
+                        if !row.contains(&x) {
+                            row.push(x);
+                        }
+                    }
+                    row.iter_mut().for_each(|x| {
+                        if rng.below(5) == 0 {
+                            *x = -1
+                        }
+                    });
+                    v.extend(row);
+                }
+                v
+            })
+            .collect();
+        let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * h)).collect();
+        let w: Vec<Vec<f32>> =
+            tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 7e9).collect()).collect();
+        let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+        let want = reference::ll_dispatch_rank_major(&routing, &x, &w, h, m).unwrap();
+        let want_em = reference::ll_dispatch(&routing, &x, h, m).unwrap();
+        calls.push((idx, tokens, x, w, want, want_em));
+    }
+    on_ranks(groups, |rank, group| {
+        let mut buf = LlBuffer::new(&group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
+        let s = group.stream();
+        for (call, (idx, tokens, x, w, want, want_em)) in calls.iter().enumerate() {
+            let ctx = format!("rank {rank} call {call}");
+            let t = tokens[rank];
+            let (topk, weights, xb) = (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &x[rank]));
+            group.bootstrap().barrier().unwrap();
+            let mut rm =
+                buf.dispatch_rank_major(&group, &xb, t, &topk, IndexType::I64, &weights, k, call % 2 == 1).unwrap();
+            rm.complete(&group, &buf).unwrap();
+            let em = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, false).unwrap();
+            s.synchronize().unwrap();
+            group.take_device_error("ll dispatches").unwrap();
+            let rv = &want[rank];
+            let counts: Vec<i32> = rm.recv_count.to_vec(s).unwrap();
+            assert_eq!(counts, rv.recv_count, "{ctx}: counts");
+            let (gx, gs) = (rm.recv_x.to_vec::<u16>(s).unwrap(), rm.recv_src_idx.to_vec::<i32>(s).unwrap());
+            let (gi, gw) = (rm.recv_topk_idx.to_vec::<i64>(s).unwrap(), rm.recv_topk_weights.to_vec::<f32>(s).unwrap());
+            for (src, &c) in counts.iter().enumerate() {
+                let rows = src * m..src * m + c as usize;
+                assert_eq!(&gs[rows.clone()], &rv.recv_src_idx[rows.clone()], "{ctx}: src idx from {src}");
+                assert!(
+                    gx[rows.start * h..rows.end * h] == rv.recv_x[rows.start * h..rows.end * h],
+                    "{ctx}: rows from {src}"
+                );
+                assert_eq!(
+                    &gi[rows.start * k..rows.end * k],
+                    &rv.recv_topk_idx[rows.start * k..rows.end * k],
+                    "{ctx}: ids"
+                );
+                assert!(
+                    gw[rows.start * k..rows.end * k]
+                        .iter()
+                        .zip(&rv.recv_topk_weights[rows.start * k..rows.end * k])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ctx}: weights"
+                );
+            }
+            let em_counts: Vec<i32> = em.packed_recv_count.to_vec(s).unwrap();
+            assert_eq!(em_counts, want_em.ranks[rank].packed_recv_count, "{ctx}: expert-major counts after rank-major");
+        }
+    });
+}

@@ -492,6 +492,8 @@ pub struct HtCombineParams {
 /// | block counters (dispatch, combine) | 256 | this rank's blocks |
 /// | dispatch slots `[L][R][M]` (row, then `[epoch, token]` u32) | `L * R * M * slot_bytes` | source rank |
 /// | combine slots `[E][M]` (row, then `[epoch, token]`) | `E * M * slot_bytes` | expert owner |
+/// | rank-major flags `[R]` u64 = `epoch << 32 \| T_src` | `R * 8` | source rank |
+/// | rank-major slots `[R][M]` (row, `[epoch, token]`, 32 ids, 32 weights) | `R * M * rank_major_slot_bytes` | source rank |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LlLayout {
     /// Bytes per slot: a row of `row_bytes` plus 16 bytes of marker.
@@ -506,6 +508,13 @@ pub struct LlLayout {
     pub dispatch_slots: u64,
     /// Offset of the combine slots in a set.
     pub combine_slots: u64,
+    /// Offset of the rank-major flags in a set.
+    pub rank_major_flags: u64,
+    /// Offset of the rank-major slots in a set.
+    pub rank_major_slots: u64,
+    /// Bytes per rank-major slot: row, 16 bytes of marker, then `MAX_TOPK` i32 expert ids
+    /// and `MAX_TOPK` f32 weights.
+    pub rank_major_slot_bytes: u64,
     /// Bytes of one set.
     pub set_bytes: u64,
     /// Local experts.
@@ -531,7 +540,10 @@ impl LlLayout {
         let counters = align128(combine_flags + e * 8);
         let dispatch_slots = align128(counters + 256);
         let combine_slots = align128(dispatch_slots + l * r * m * slot_bytes);
-        let set_bytes = align128(combine_slots + e * m * slot_bytes);
+        let rank_major_flags = align128(combine_slots + e * m * slot_bytes);
+        let rank_major_slot_bytes = slot_bytes + 8 * LL_MAX_TOPK as u64;
+        let rank_major_slots = align128(rank_major_flags + r * 8);
+        let set_bytes = align128(rank_major_slots + r * m * rank_major_slot_bytes);
         LlLayout {
             slot_bytes,
             dispatch_flags,
@@ -539,6 +551,9 @@ impl LlLayout {
             counters,
             dispatch_slots,
             combine_slots,
+            rank_major_flags,
+            rank_major_slots,
+            rank_major_slot_bytes,
             set_bytes,
             num_local_experts: l,
             num_ranks: r,
@@ -556,6 +571,12 @@ impl LlLayout {
     #[inline(always)]
     pub const fn dispatch_slot(&self, local: u64, src: u64, token: u64) -> u64 {
         self.dispatch_slots + ((local * self.num_ranks + src) * self.max_tokens + token) * self.slot_bytes
+    }
+
+    /// Rank-major slot of (source rank, token) within a set.
+    #[inline(always)]
+    pub const fn rank_major_slot(&self, src: u64, token: u64) -> u64 {
+        self.rank_major_slots + (src * self.max_tokens + token) * self.rank_major_slot_bytes
     }
 
     /// Combine slot of (global expert, token) within a set.
@@ -588,6 +609,10 @@ pub struct LlParams {
     pub packed_recv_count: u64,
     /// Combine out: `[T, H]` bf16.
     pub combined_x: u64,
+    /// Rank-major dispatch out: `[R, M, K]` i64 local expert ids (-1 elsewhere).
+    pub recv_topk_idx: u64,
+    /// Rank-major dispatch out: `[R, M, K]` f32 (0 where not local).
+    pub recv_topk_weights: u64,
     /// The [`ErrorSlot`].
     pub error: u64,
     /// Flag value of this call (>= 1); its parity picks the buffer set.
@@ -614,6 +639,9 @@ pub struct LlParams {
     /// hook; the receive launch comes later and holds no SM meanwhile).
     pub phases: u32,
 }
+
+/// Most experts per token in LL mode (rank-major slots carry this many ids and weights).
+pub const LL_MAX_TOPK: u32 = 32;
 
 /// [`LlParams::phases`]: issue the sends (and raise the flags).
 pub const LL_SEND: u32 = 1;
