@@ -15,6 +15,8 @@
 //! `[global expert][token]`; the last block raises combine flag `[e]` at every rank for each
 //! local expert `e`; then each rank acquires all `E` flags and sums, per token, `k`
 //! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit.
+//! Epochs live on the device (`LlParams::epoch_word`, `call_epoch`): the host passes the
+//! same parameters every time, so a captured CUDA graph replays correctly.
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
@@ -52,6 +54,24 @@ unsafe fn expert_of(p: &LlParams, t: u32, k: u32) -> i64 {
     }
 }
 
+/// The call's epoch: a new one (counter + 1, recorded in `call_epoch`) for a dispatch's send
+/// phase, else the one its dispatch recorded. Every thread calls it at kernel entry.
+#[inline(always)]
+unsafe fn resolve_epoch(p: &mut LlParams, new_call: bool) {
+    // SAFETY: both words live in device memory written by earlier kernels of this stream.
+    unsafe {
+        p.epoch = if new_call {
+            let e = dev::ld_relaxed_sys_u64(p.epoch_word as *const u64) + 1;
+            if dev::block_idx_x() == 0 && dev::thread_idx_x() == 0 {
+                dev::st_relaxed_sys_u64(p.call_epoch as *mut u64, e);
+            }
+            e
+        } else {
+            dev::ld_relaxed_sys_u64(p.call_epoch as *const u64)
+        };
+    }
+}
+
 /// After this block's sends: count it done; true (in every thread) in the grid's last block,
 /// which then sees every other block's sends.
 #[inline(always)]
@@ -71,6 +91,10 @@ unsafe fn last_block(counter: u64) -> bool {
 kernel! {
     /// LL dispatch (see the module docs).
     pub unsafe fn ll_dispatch(p: LlParams) as LL_DISPATCH {
+        let mut p = p;
+        let new_call = p.phases & LL_SEND != 0;
+        // SAFETY: the epoch words come from the host's LlBuffer.
+        unsafe { resolve_epoch(&mut p, new_call) };
         let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
         let num_local = l.num_local_experts as u32;
         let lane = dev::lane_id();
@@ -106,6 +130,10 @@ kernel! {
                     let flag = base_of(&p, dst, &l) + l.dispatch_flags + (le as u64 * l.num_ranks + me as u64) * 8;
                     dev::st_release_sys_u64(flag as *mut u64, p.epoch << 32 | p.num_tokens as u64);
                     i += dev::block_dim_x();
+                }
+                // Every block read the counter before counting itself done: advance it.
+                if dev::thread_idx_x() == 0 {
+                    dev::st_relaxed_sys_u64(p.epoch_word as *mut u64, p.epoch);
                 }
             }
             // Receive: a block per local expert, sources in rank order, tokens in order.
@@ -190,6 +218,9 @@ kernel! {
 kernel! {
     /// LL combine (see the module docs).
     pub unsafe fn ll_combine(p: LlParams) as LL_COMBINE {
+        let mut p = p;
+        // SAFETY: as in ll_dispatch; a combine reuses its dispatch's epoch.
+        unsafe { resolve_epoch(&mut p, false) };
         let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
         let num_local = l.num_local_experts as u32;
         let lane = dev::lane_id();
@@ -297,6 +328,10 @@ kernel! {
     /// Outputs: `packed_recv_x` `[R, M, H]`, `packed_recv_src_info` `[R, M]`,
     /// `packed_recv_count` `[R]`, `recv_topk_idx` / `recv_topk_weights` `[R, M, K]`.
     pub unsafe fn ll_dispatch_rank_major(p: LlParams) as LL_DISPATCH_RANK_MAJOR {
+        let mut p = p;
+        let new_call = p.phases & LL_SEND != 0;
+        // SAFETY: as in ll_dispatch.
+        unsafe { resolve_epoch(&mut p, new_call) };
         let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
         let num_local = l.num_local_experts as u32;
         let lane = dev::lane_id();
@@ -341,6 +376,9 @@ kernel! {
                     let flag = base_of(&p, dst, &l) + l.rank_major_flags + me as u64 * 8;
                     dev::st_release_sys_u64(flag as *mut u64, p.epoch << 32 | p.num_tokens as u64);
                     dst += dev::block_dim_x();
+                }
+                if dev::thread_idx_x() == 0 {
+                    dev::st_relaxed_sys_u64(p.epoch_word as *mut u64, p.epoch);
                 }
             }
             let counts: *mut u32 = dev::static_smem();

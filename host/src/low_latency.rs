@@ -28,7 +28,8 @@ pub struct LlHandle {
     pub packed_recv_src_info: DeviceBuffer,
     /// `[L, R]` i64: `begin << 32 | count` of the rows from each source rank.
     pub packed_recv_layout_range: DeviceBuffer,
-    epoch: u64,
+    /// `u64`: the call's epoch, written on the device by the dispatch.
+    epoch: DeviceBuffer,
 }
 
 /// The receive half of a send-only op (DeepEP's `return_recv_hook`, NCCL EP's
@@ -88,6 +89,8 @@ pub struct LlRankMajorOutputs {
     pub recv_topk_weights: DeviceBuffer,
     /// Pending receive of a `send_only` dispatch.
     pub recv_hook: Option<LlRecvHook>,
+    /// The call's epoch, written on the device; kept alive for the receive half.
+    _epoch: DeviceBuffer,
 }
 
 impl LlRankMajorOutputs {
@@ -152,11 +155,12 @@ impl LlBuffer {
         Ok(LlBuffer { sym, layout, cfg, grid_dim })
     }
 
-    fn params(&self, group: &Group, epoch: u64) -> LlParams {
+    fn params(&self, group: &Group, call_epoch: &DeviceBuffer) -> LlParams {
         LlParams {
             peer_bases: self.sym.peer_table_ptr(),
             error: group.error_ptr(),
-            epoch,
+            epoch_word: self.sym.local().ptr() + self.layout.epoch_word(),
+            call_epoch: call_epoch.ptr(),
             timeout_ns: group.timeout_ns(),
             row_bytes: 2 * self.cfg.hidden as u64,
             num_experts: self.cfg.num_experts as u32,
@@ -229,7 +233,7 @@ impl LlBuffer {
         let handle = LlHandle {
             packed_recv_src_info: s.alloc(4 * l * r * m)?,
             packed_recv_layout_range: s.alloc(8 * l * r)?,
-            epoch: self.sym.next_epoch(),
+            epoch: s.alloc(8)?,
         };
         let params = LlParams {
             x: x.ptr(),
@@ -241,7 +245,7 @@ impl LlBuffer {
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, handle.epoch)
+            ..self.params(group, &handle.epoch)
         };
         // The buffer was sized by the same LlLayout; outputs were just allocated with the
         // documented shapes; inputs were checked above.
@@ -280,8 +284,8 @@ impl LlBuffer {
             recv_topk_idx: s.alloc(8 * r * m * num_topk)?,
             recv_topk_weights: s.alloc(4 * r * m * num_topk)?,
             recv_hook: None,
+            _epoch: s.alloc(8)?,
         };
-        let epoch = self.sym.next_epoch();
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
@@ -294,7 +298,7 @@ impl LlBuffer {
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, epoch)
+            ..self.params(group, &out._epoch)
         };
         // The rank-major regions of the same LlLayout; outputs just allocated as documented.
         let recv_hook = self.launch(group, &LL_DISPATCH_RANK_MAJOR, params, send_only)?;
@@ -339,7 +343,7 @@ impl LlBuffer {
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, handle.epoch)
+            ..self.params(group, &handle.epoch)
         };
         // As in dispatch; the handle comes from a dispatch on this buffer.
         let recv_hook = self.launch(group, &LL_COMBINE, params, send_only)?;

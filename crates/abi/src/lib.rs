@@ -573,6 +573,12 @@ impl LlLayout {
         self.dispatch_slots + ((local * self.num_ranks + src) * self.max_tokens + token) * self.slot_bytes
     }
 
+    /// Offset (from the buffer's start, in set 0) of this rank's epoch counter.
+    #[inline(always)]
+    pub const fn epoch_word(&self) -> u64 {
+        self.counters + 64
+    }
+
     /// Rank-major slot of (source rank, token) within a set.
     #[inline(always)]
     pub const fn rank_major_slot(&self, src: u64, token: u64) -> u64 {
@@ -615,8 +621,17 @@ pub struct LlParams {
     pub recv_topk_weights: u64,
     /// The [`ErrorSlot`].
     pub error: u64,
-    /// Flag value of this call (>= 1); its parity picks the buffer set.
+    /// Set by the kernel itself at entry (the host passes 0): the call's flag value, >= 1;
+    /// its parity picks the buffer set. Never a host-side value, so a captured CUDA graph
+    /// replays correctly.
     pub epoch: u64,
+    /// This rank's epoch counter (a `u64` in its own buffer, [`LlLayout::epoch_word`]):
+    /// a dispatch's send phase takes `counter + 1` as its epoch, and its grid's last block
+    /// stores it back.
+    pub epoch_word: u64,
+    /// The call's epoch (`u64`, device memory of the call's handle): written by a dispatch's
+    /// send phase, read by its receive phase and by the combine that uses the handle.
+    pub call_epoch: u64,
     /// Wait bound, ns.
     pub timeout_ns: u64,
     /// Bytes per row (`2 * hidden`, a multiple of 16).
