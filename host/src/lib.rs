@@ -11,7 +11,7 @@ pub mod layout;
 pub mod low_latency;
 pub mod reference;
 
-pub use device::{Device, DeviceBuffer, ErrorRecord, Event, HostMapped, LaunchConfig, Stream};
+pub use device::{Device, DeviceBuffer, ErrorRecord, Event, Graph, HostMapped, LaunchConfig, Stream};
 pub use error::{Error, Result};
 pub use group::{Group, Sharing, SymmetricBuffer};
 pub use moe_ep_kernels as kernels;

@@ -228,29 +228,60 @@ impl LlBuffer {
         }
         let s = group.stream();
         let (l, r, m) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens);
-        let packed_recv_x = s.alloc(l * r * m * row_bytes)?;
-        let packed_recv_count = s.alloc(4 * l)?;
-        let handle = LlHandle {
-            packed_recv_src_info: s.alloc(4 * l * r * m)?,
-            packed_recv_layout_range: s.alloc(8 * l * r)?,
-            epoch: s.alloc(8)?,
+        let mut out = LlDispatchOutputs {
+            packed_recv_x: s.alloc(l * r * m * row_bytes)?,
+            packed_recv_count: s.alloc(4 * l)?,
+            handle: LlHandle {
+                packed_recv_src_info: s.alloc(4 * l * r * m)?,
+                packed_recv_layout_range: s.alloc(8 * l * r)?,
+                epoch: s.alloc(8)?,
+            },
+            recv_hook: None,
         };
+        out.recv_hook = self.dispatch_into(group, &out, x, num_tokens, topk_idx, idx, num_topk, send_only)?;
+        Ok(out)
+    }
+
+    /// [`LlBuffer::dispatch`] into the buffers of an earlier dispatch's outputs (whose
+    /// handle it then describes): no allocation, the same parameters every call, so it can
+    /// be captured in a CUDA graph ([`crate::Stream::begin_capture`]) and replayed.
+    /// Returns the receive hook of a `send_only` call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_into(
+        &mut self,
+        group: &Group,
+        out: &LlDispatchOutputs,
+        x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        num_topk: usize,
+        send_only: bool,
+    ) -> Result<Option<LlRecvHook>> {
+        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
+        let (l, r, m, row_bytes) =
+            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, 2 * self.cfg.hidden);
+        if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
+        }
+        if out.packed_recv_x.len() < l * r * m * row_bytes || out.handle.packed_recv_src_info.len() < 4 * l * r * m {
+            return Err(Error::invalid("out", "outputs of a dispatch on a buffer of another shape"));
+        }
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
-            packed_recv_x: packed_recv_x.ptr(),
-            packed_recv_src_info: handle.packed_recv_src_info.ptr(),
-            packed_recv_layout_range: handle.packed_recv_layout_range.ptr(),
-            packed_recv_count: packed_recv_count.ptr(),
+            packed_recv_x: out.packed_recv_x.ptr(),
+            packed_recv_src_info: out.handle.packed_recv_src_info.ptr(),
+            packed_recv_layout_range: out.handle.packed_recv_layout_range.ptr(),
+            packed_recv_count: out.packed_recv_count.ptr(),
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, &handle.epoch)
+            ..self.params(group, &out.handle.epoch)
         };
-        // The buffer was sized by the same LlLayout; outputs were just allocated with the
-        // documented shapes; inputs were checked above.
-        let recv_hook = self.launch(group, &LL_DISPATCH, params, send_only)?;
-        Ok(LlDispatchOutputs { packed_recv_x, packed_recv_count, handle, recv_hook })
+        // The buffer was sized by the same LlLayout; the outputs have the documented shapes
+        // (checked) and inputs were checked above.
+        self.launch(group, &LL_DISPATCH, params, send_only)
     }
 
     /// Collective: rank-major dispatch — every token once to every rank holding one of its
@@ -322,6 +353,38 @@ impl LlBuffer {
         num_topk: usize,
         send_only: bool,
     ) -> Result<LlCombineOutputs> {
+        let combined_x = group.stream().alloc((num_tokens * 2 * self.cfg.hidden).max(16))?;
+        let recv_hook = self.combine_into(
+            group,
+            handle,
+            x,
+            &combined_x,
+            num_tokens,
+            topk_idx,
+            idx,
+            topk_weights,
+            num_topk,
+            send_only,
+        )?;
+        Ok(LlCombineOutputs { combined_x, recv_hook })
+    }
+
+    /// [`LlBuffer::combine`] into `combined_x` (`[num_tokens, hidden]` bf16): no allocation,
+    /// for graph capture. Returns the receive hook of a `send_only` call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine_into(
+        &mut self,
+        group: &Group,
+        handle: &LlHandle,
+        x: &DeviceBuffer,
+        combined_x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        topk_weights: &DeviceBuffer,
+        num_topk: usize,
+        send_only: bool,
+    ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let (l, r, m, row_bytes) =
             (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, 2 * self.cfg.hidden);
@@ -331,8 +394,9 @@ impl LlBuffer {
         if topk_weights.len() < num_tokens * num_topk * 4 {
             return Err(Error::invalid("topk_weights", format!("[{num_tokens}, {num_topk}] f32 needed")));
         }
-        let s = group.stream();
-        let combined_x = s.alloc((num_tokens * row_bytes).max(16))?;
+        if combined_x.len() < num_tokens * row_bytes {
+            return Err(Error::invalid("combined_x", format!("[{num_tokens}, {}] bf16 needed", self.cfg.hidden)));
+        }
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
@@ -346,7 +410,6 @@ impl LlBuffer {
             ..self.params(group, &handle.epoch)
         };
         // As in dispatch; the handle comes from a dispatch on this buffer.
-        let recv_hook = self.launch(group, &LL_COMBINE, params, send_only)?;
-        Ok(LlCombineOutputs { combined_x, recv_hook })
+        self.launch(group, &LL_COMBINE, params, send_only)
     }
 }

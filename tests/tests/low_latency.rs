@@ -223,3 +223,89 @@ fn ll_rank_major_interleaved_with_expert_major() {
         }
     });
 }
+
+/// Dispatch + combine captured once (a CUDA graph on a GPU, recorded launches on the CPU)
+/// and replayed many times with new token values in the same buffers: the epochs live on
+/// the device, so identical parameters give fresh, correct results every replay.
+#[test]
+fn ll_graph_capture_and_replay() {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let (e, h, k, m) = (16usize, 64usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
+    let replays = if dev.is_cpu() { 6 } else { 100 };
+    let mut rng = Rng::fresh("low_latency-graph");
+    let idx: Vec<Vec<i64>> = (0..n)
+        .map(|_| {
+            let t = 1 + rng.below(m as u64) as usize;
+            let mut v = Vec::new();
+            for _ in 0..t {
+                let mut row: Vec<i64> = Vec::new();
+                while row.len() < k {
+                    let x = rng.below(e as u64) as i64;
+                    if !row.contains(&x) {
+                        row.push(x);
+                    }
+                }
+                v.extend(row);
+            }
+            v
+        })
+        .collect();
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let w: Vec<Vec<f32>> =
+        tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
+    let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+    // Three sets of token values; combine(dispatch(x)) with identity experts for each.
+    // (x per rank, combined_x per rank), bf16 bits.
+    type Variant = (Vec<Vec<u16>>, Vec<Vec<u16>>);
+    let variants: Vec<Variant> = (0..3)
+        .map(|_| {
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * h)).collect();
+            let d = reference::ll_dispatch(&routing, &x, h, m).unwrap();
+            let y: Vec<Vec<u16>> = d.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
+            (x, reference::ll_combine(&d.handle, &y, &w, h).unwrap())
+        })
+        .collect();
+    let groups = Group::in_process(&devices(n)).unwrap();
+    on_ranks(groups, |rank, group| {
+        let mut buf = LlBuffer::new(&group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
+        let s = group.stream();
+        let t = tokens[rank];
+        let (topk, weights, xb) =
+            (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &variants[0].0[rank]));
+        group.bootstrap().barrier().unwrap();
+        // A first, ordinary call creates the buffers the captured calls reuse.
+        let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, false).unwrap();
+        let c =
+            buf.combine(&group, &out.handle, &out.packed_recv_x, t, &topk, IndexType::I64, &weights, k, false).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ll").unwrap();
+        s.begin_capture().unwrap();
+        buf.dispatch_into(&group, &out, &xb, t, &topk, IndexType::I64, k, false).unwrap();
+        buf.combine_into(
+            &group,
+            &out.handle,
+            &out.packed_recv_x,
+            &c.combined_x,
+            t,
+            &topk,
+            IndexType::I64,
+            &weights,
+            k,
+            false,
+        )
+        .unwrap();
+        let graph = s.end_capture().unwrap();
+        for replay in 0..replays {
+            let (x, want) = &variants[replay % 3];
+            xb.write(s, 0, &x[rank]).unwrap();
+            c.combined_x.fill(s, 0xEE).unwrap(); // poison
+            group.bootstrap().barrier().unwrap();
+            graph.launch(s).unwrap();
+            s.synchronize().unwrap();
+            group.take_device_error("ll graph").unwrap();
+            let got: Vec<u16> = c.combined_x.to_vec(s).unwrap();
+            assert!(got[..t * h] == want[rank][..], "rank {rank} replay {replay}: combined_x");
+        }
+    });
+}

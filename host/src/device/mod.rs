@@ -258,7 +258,12 @@ impl Device {
             Backend::Cpu => 0,
             Backend::Cuda(d) => d.stream_create()? as usize,
         };
-        Ok(Stream { device: self.clone(), raw, handle: Arc::new(StreamHandle { device: self.clone(), raw }) })
+        Ok(Stream {
+            device: self.clone(),
+            raw,
+            handle: Arc::new(StreamHandle { device: self.clone(), raw }),
+            capture: Mutex::new(None),
+        })
     }
 }
 
@@ -326,6 +331,9 @@ impl DeviceBuffer {
     pub fn write<T: Pod>(&self, stream: &Stream, offset: usize, data: &[T]) -> Result<()> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         self.check_range(offset, bytes.len())?;
+        if stream.capturing() {
+            return Err(Error::Unsupported("a blocking copy while the stream captures a graph".into()));
+        }
         match self.device.cuda_backend() {
             None => {
                 // SAFETY: range checked; CPU "device" memory is host memory.
@@ -354,6 +362,9 @@ impl DeviceBuffer {
     pub fn read<T: Pod>(&self, stream: &Stream, offset: usize, out: &mut [T]) -> Result<()> {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
         self.check_range(offset, bytes.len())?;
+        if stream.capturing() {
+            return Err(Error::Unsupported("a blocking copy while the stream captures a graph".into()));
+        }
         match self.device.cuda_backend() {
             None => {
                 // SAFETY: range checked.
@@ -391,9 +402,12 @@ impl DeviceBuffer {
         src.check_range(0, bytes)?;
         match self.device.cuda_backend() {
             None => {
-                // SAFETY: both ranges checked; distinct allocations.
-                unsafe { std::ptr::copy_nonoverlapping(src.ptr as *const u8, self.ptr as *mut u8, bytes) };
-                Ok(())
+                let (from, to) = (src.ptr, self.ptr);
+                stream.cpu_run(Box::new(move || {
+                    // SAFETY: both ranges checked; distinct allocations (alive while it runs).
+                    unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, bytes) };
+                    Ok(())
+                }))
             }
             Some(d) => {
                 d.bind()?;
@@ -415,9 +429,12 @@ impl DeviceBuffer {
     pub fn fill_async(&self, stream: &Stream, value: u8) -> Result<()> {
         match self.device.cuda_backend() {
             None => {
-                // SAFETY: the whole allocation.
-                unsafe { std::ptr::write_bytes(self.ptr as *mut u8, value, self.bytes) };
-                Ok(())
+                let (ptr, bytes) = (self.ptr, self.bytes);
+                stream.cpu_run(Box::new(move || {
+                    // SAFETY: the whole allocation (alive while its work, or a graph of it, runs).
+                    unsafe { std::ptr::write_bytes(ptr as *mut u8, value, bytes) };
+                    Ok(())
+                }))
             }
             Some(d) => {
                 d.bind()?;
@@ -618,6 +635,53 @@ pub struct Stream {
     raw: usize, // CUstream on CUDA, 0 on the CPU
     /// Keeps the CUDA stream alive while buffers allocated on it are still to be freed on it.
     handle: Arc<StreamHandle>,
+    /// While capturing: on the CPU, the recorded work; on CUDA, an empty marker.
+    capture: Mutex<Option<Vec<CpuOp>>>,
+}
+
+/// Work the CPU back end records while a stream captures a graph.
+type CpuOp = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
+/// A captured sequence of work ([`Stream::begin_capture`] .. [`Stream::end_capture`]),
+/// replayed by [`Graph::launch`]: a CUDA graph on a GPU, the recorded launches on the CPU.
+pub struct Graph {
+    device: Device,
+    cpu: Vec<CpuOp>,
+    graph: usize,
+    exec: usize,
+}
+
+// SAFETY: CUDA graph handles may be used from any thread; the CPU ops are Send + Sync.
+unsafe impl Send for Graph {}
+// SAFETY: as above.
+unsafe impl Sync for Graph {}
+
+impl Graph {
+    /// Replays the captured work on `stream`.
+    pub fn launch(&self, stream: &Stream) -> Result<()> {
+        match self.device.cuda_backend() {
+            None => self.cpu.iter().try_for_each(|op| op()),
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: a live executable graph and stream of the same context.
+                cuda::check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(self.exec as sys::CUgraphExec, stream.cu()) })
+            }
+        }
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if let Some(d) = self.device.cuda_backend()
+            && d.bind().is_ok()
+        {
+            // SAFETY: created by end_capture, destroyed once.
+            unsafe {
+                sys::cuGraphExecDestroy(self.exec as sys::CUgraphExec);
+                sys::cuGraphDestroy(self.graph as sys::CUgraph);
+            }
+        }
+    }
 }
 
 /// Owns a `CUstream`; destroyed when the last [`Stream`] or stream-ordered buffer using it
@@ -658,6 +722,62 @@ impl Stream {
         &self.device
     }
 
+    /// Starts recording the work queued on this stream into a [`Graph`] instead of running
+    /// it (CUDA stream capture, relaxed mode; on the CPU the launches are recorded). Buffers
+    /// the captured work uses must outlive the graph's launches.
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut cap = self.capture.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        if cap.is_some() {
+            return Err(Error::invalid("stream", "already capturing"));
+        }
+        if let Some(d) = self.device.cuda_backend() {
+            d.bind()?;
+            let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+            // SAFETY: a live stream.
+            cuda::check("cuStreamBeginCapture", unsafe { sys::cuStreamBeginCapture_v2(self.cu(), mode) })?;
+        }
+        *cap = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Ends a capture and returns the graph, ready to launch.
+    pub fn end_capture(&self) -> Result<Graph> {
+        let mut cap = self.capture.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        let Some(cpu) = cap.take() else { return Err(Error::invalid("stream", "not capturing")) };
+        let mut graph = Graph { device: self.device.clone(), cpu, graph: 0, exec: 0 };
+        if let Some(d) = self.device.cuda_backend() {
+            d.bind()?;
+            let mut g = std::ptr::null_mut();
+            // SAFETY: the stream is capturing (begin_capture succeeded).
+            cuda::check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(self.cu(), &mut g) })?;
+            graph.graph = g as usize;
+            let mut exec = std::ptr::null_mut();
+            // SAFETY: `g` is the captured graph.
+            cuda::check("cuGraphInstantiateWithFlags", unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, g, 0) })?;
+            graph.exec = exec as usize;
+        }
+        Ok(graph)
+    }
+
+    fn capturing(&self) -> bool {
+        self.capture.lock().map(|c| c.is_some()).unwrap_or(false)
+    }
+
+    /// CPU back end: runs `op` now, or records it while capturing.
+    fn cpu_run(&self, op: CpuOp) -> Result<()> {
+        let mut cap = self.capture.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        match cap.as_mut() {
+            Some(ops) => {
+                ops.push(op);
+                Ok(())
+            }
+            None => {
+                drop(cap);
+                op()
+            }
+        }
+    }
+
     /// Zeroed memory allocated **in stream order** from the device's memory pool
     /// (`cuMemAllocAsync`), and freed in stream order on this stream when dropped.
     ///
@@ -694,10 +814,17 @@ impl Stream {
         }
         match self.device.cuda_backend() {
             None => {
-                let f = kernel.cpu;
-                // SAFETY: forwarded launch contract.
-                unsafe { moe_ep_kernels::dev::launch(cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, || f(params)) }
-                    .map_err(|e| Error::KernelFault(format!("{}: {e}", kernel.name)))
+                let (f, name) = (kernel.cpu, kernel.name);
+                let bytes: Vec<u8> = bytemuck::bytes_of(&params).to_vec();
+                self.cpu_run(Box::new(move || {
+                    let params: P = bytemuck::pod_read_unaligned(&bytes);
+                    // SAFETY: forwarded launch contract (a recorded launch keeps it too: the
+                    // caller keeps the buffers alive for the graph's launches).
+                    unsafe {
+                        moe_ep_kernels::dev::launch(cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, || f(params))
+                    }
+                    .map_err(|e| Error::KernelFault(format!("{name}: {e}")))
+                }))
             }
             Some(d) => {
                 let f = d.function(kernel.name, PTX)?;
@@ -726,6 +853,9 @@ impl Stream {
                         std::ptr::null_mut(),
                     )
                 })?;
+                if self.capturing() {
+                    return Ok(()); // a query would invalidate the capture
+                }
                 // Surface sticky errors from earlier work (the driver API's "last error").
                 // SAFETY: a live stream.
                 let r = unsafe { sys::cuStreamQuery(self.cu()) };
