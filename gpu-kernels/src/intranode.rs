@@ -23,6 +23,7 @@
 //!
 //! Wait sites ([`crate::abi::DeviceError::site`]): see the `SITE_*` constants.
 use crate::abi::{ErrorSlot, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE};
+use crate::copy::copy_warp;
 use crate::dev::{self, U4};
 
 /// Notify: waiting for peers to enter the call.
@@ -311,25 +312,6 @@ impl Sender {
     }
 }
 
-/// Warp-cooperative copy of `bytes` (a multiple of 16) from `src` to `dst`.
-#[inline(always)]
-unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
-    let mut v = dev::lane_id() as u64;
-    let n = bytes / 16;
-    while v < n {
-        // SAFETY: the caller guarantees both ranges.
-        unsafe {
-            let x = if src_read_only {
-                dev::ld_nc_v4((src as *const U4).add(v as usize))
-            } else {
-                dev::ld_v4((src as *const U4).add(v as usize))
-            };
-            dev::st_v4((dst as *mut U4).add(v as usize), x);
-        }
-        v += WARP_SIZE as u64;
-    }
-}
-
 /// Lane 0 waits until `tail > pos`; returns the tail seen (broadcast), or `None`.
 #[inline(always)]
 unsafe fn wait_tail(
@@ -570,13 +552,15 @@ kernel! {
                         let mut v = lane as u64;
                         while v < num_vecs {
                             let mut acc = [0f32; 8];
-                            for (bias, first) in [(p.bias_0, true), (p.bias_1, false)] {
-                                let b = if bias != 0 { dev::ld_nc_v4((bias as *const U4).add((tok * num_vecs + v) as usize)) } else { U4::default() };
-                                let words = [b.x, b.y, b.z, b.w];
-                                for i in 0..8 {
-                                    let h = bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
-                                    acc[i] = if first { h } else { acc[i] + h };
-                                }
+                            // acc = b0 + b1 first (0 + 0 without bias), as the reference.
+                            let bias = |b: u64| {
+                                if b != 0 { dev::ld_nc_v4((b as *const U4).add((tok * num_vecs + v) as usize)) } else { U4::default() }
+                            };
+                            let (b0, b1) = (bias(p.bias_0), bias(p.bias_1));
+                            let (w0, w1) = ([b0.x, b0.y, b0.z, b0.w], [b1.x, b1.y, b1.z, b1.w]);
+                            for i in 0..8 {
+                                let half = |w: &[u32; 4]| bf16_to_f32((w[i / 2] >> (16 * (i % 2))) as u16);
+                                acc[i] = half(&w0) + half(&w1);
                             }
                             for d in 0..r {
                                 if in_rank(tok, d) {

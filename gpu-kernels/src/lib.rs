@@ -53,6 +53,7 @@ macro_rules! kernel {
 }
 
 pub mod collective;
+pub mod copy;
 pub mod dev;
 pub mod intranode;
 pub mod layout;

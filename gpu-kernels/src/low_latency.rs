@@ -21,6 +21,7 @@
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
 use crate::abi::{ErrorSlot, LL_MAX_TOPK, LL_RECV, LL_SEND, LlLayout, LlParams, WARP_SIZE};
+use crate::copy::copy_warp;
 use crate::dev::{self, U4};
 use crate::intranode::{bf16_to_f32, f32_to_bf16};
 
@@ -33,16 +34,6 @@ pub const SITE_LL_COMBINE_RECV: u32 = 21;
 unsafe fn base_of(p: &LlParams, r: u32, l: &LlLayout) -> u64 {
     // SAFETY: the table holds R addresses; the set offset stays inside each buffer.
     unsafe { *(p.peer_bases as *const u64).add(r as usize) + (p.epoch & 1) * l.set_bytes }
-}
-
-#[inline(always)]
-unsafe fn copy_row(dst: u64, src: u64, bytes: u64) {
-    let mut v = dev::lane_id() as u64;
-    while v < bytes / 16 {
-        // SAFETY: the caller passes two rows of `bytes`.
-        unsafe { dev::st_v4((dst as *mut U4).add(v as usize), dev::ld_v4((src as *const U4).add(v as usize))) };
-        v += WARP_SIZE as u64;
-    }
 }
 
 #[inline(always)]
@@ -115,7 +106,7 @@ kernel! {
                     }
                     let (dst, le) = (e as u32 / num_local, e as u32 % num_local);
                     let slot = base_of(&p, dst, &l) + l.dispatch_slot(le as u64, me as u64, t as u64);
-                    copy_row(slot, p.x + t as u64 * p.row_bytes, p.row_bytes);
+                    copy_warp(slot, p.x + t as u64 * p.row_bytes, p.row_bytes, true);
                     if lane == 0 {
                         *((slot + p.row_bytes) as *mut u32) = epoch32;
                         *((slot + p.row_bytes + 4) as *mut u32) = t;
@@ -191,7 +182,7 @@ kernel! {
                             let tok = t0 + dev::warp_id() * WARP_SIZE + j;
                             let from = local + l.dispatch_slot(le as u64, src as u64, tok as u64);
                             let out_row = le as u64 * l.num_ranks * l.max_tokens + pos as u64;
-                            copy_row(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes);
+                            copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
                             if lane == 0 {
                                 *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
                             }
@@ -242,7 +233,7 @@ kernel! {
                         let row = le * slots_per_expert + begin + i;
                         let tok = *(p.packed_recv_src_info as *const i32).add(row as usize) as u64;
                         let slot = base_of(&p, src, &l) + l.combine_slot(expert as u64, tok);
-                        copy_row(slot, p.x + row as u64 * p.row_bytes, p.row_bytes);
+                        copy_warp(slot, p.x + row as u64 * p.row_bytes, p.row_bytes, true);
                         if lane == 0 {
                             *((slot + p.row_bytes) as *mut u32) = p.epoch as u32;
                         }
@@ -357,7 +348,7 @@ kernel! {
                         continue;
                     }
                     let slot = base_of(&p, dst, &l) + l.rank_major_slot(me as u64, t as u64);
-                    copy_row(slot, p.x + t as u64 * p.row_bytes, p.row_bytes);
+                    copy_warp(slot, p.x + t as u64 * p.row_bytes, p.row_bytes, true);
                     if lane < k_count {
                         *((slot + meta) as *mut i32).add(lane as usize) = expert_of(&p, t, lane) as i32;
                         *((slot + meta + 4 * LL_MAX_TOPK as u64) as *mut f32).add(lane as usize) =
@@ -431,7 +422,7 @@ kernel! {
                         let tok = t0 + dev::warp_id() * WARP_SIZE + j;
                         let from = local + l.rank_major_slot(src as u64, tok as u64);
                         let out_row = src as u64 * l.max_tokens + pos as u64;
-                        copy_row(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes);
+                        copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
                         if lane == 0 {
                             *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
                         }
