@@ -25,6 +25,7 @@
 use crate::abi::{ErrorSlot, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE};
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
+use crate::num::{bf16_to_f32, f32_to_bf16};
 
 /// Notify: waiting for peers to enter the call.
 pub const SITE_NOTIFY_ENTRY: u32 = 10;
@@ -46,22 +47,6 @@ const PUBLISH_EVERY: u64 = 8;
 unsafe fn peer_base(table: u64, r: u32) -> u64 {
     // SAFETY: the caller passes the device table of `R` symmetric buffer addresses.
     unsafe { *(table as *const u64).add(r as usize) }
-}
-
-/// bf16 bits to f32 (exact).
-#[inline(always)]
-pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// f32 to bf16 bits, round to nearest even; every NaN becomes `0x7FFF`.
-#[inline(always)]
-pub fn f32_to_bf16(f: f32) -> u16 {
-    if f.is_nan() {
-        return 0x7FFF;
-    }
-    let u = f.to_bits();
-    (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16
 }
 
 #[inline(always)]

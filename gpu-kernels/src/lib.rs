@@ -58,6 +58,7 @@ pub mod dev;
 pub mod intranode;
 pub mod layout;
 pub mod low_latency;
+pub mod num;
 pub mod selftest;
 
 #[cfg(target_arch = "nvptx64")]

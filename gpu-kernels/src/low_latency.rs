@@ -15,15 +15,17 @@
 //! `[global expert][token]`; the last block raises combine flag `[e]` at every rank for each
 //! local expert `e`; then each rank acquires all `E` flags and sums, per token, `k`
 //! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit.
+//! fp8 (`LlParams::fp8`): the sender casts each row in the kernel (per-128-channel amax
+//! scales, as `reference::quantize_row_fp8`), so a slot carries `hidden` bytes plus scales.
 //! Epochs live on the device (`LlParams::epoch_word`, `call_epoch`): the host passes the
 //! same parameters every time, so a captured CUDA graph replays correctly.
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
-use crate::abi::{ErrorSlot, LL_MAX_TOPK, LL_RECV, LL_SEND, LlLayout, LlParams, WARP_SIZE};
+use crate::abi::{ErrorSlot, LL_FP8, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE, LL_SEND, LlLayout, LlParams, WARP_SIZE};
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
-use crate::intranode::{bf16_to_f32, f32_to_bf16};
+use crate::num::{bf16_to_f32, f32_to_bf16};
 
 /// Dispatch receiver: waiting for a source rank's flag.
 pub const SITE_LL_DISPATCH_RECV: u32 = 20;
@@ -34,6 +36,68 @@ pub const SITE_LL_COMBINE_RECV: u32 = 21;
 unsafe fn base_of(p: &LlParams, r: u32, l: &LlLayout) -> u64 {
     // SAFETY: the table holds R addresses; the set offset stays inside each buffer.
     unsafe { *(p.peer_bases as *const u64).add(r as usize) + (p.epoch & 1) * l.set_bytes }
+}
+
+/// `ceil(log2(x))` of a positive normal f32, from its bits.
+#[inline(always)]
+fn ceil_log2(x: f32) -> i32 {
+    let bits = x.to_bits();
+    let exp = ((bits >> 23) & 0xFF) as i32 - 127;
+    if bits & 0x7F_FFFF == 0 { exp } else { exp + 1 }
+}
+
+/// `2^e` for `-126 <= e <= 127`, exactly.
+#[inline(always)]
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// Warp-cooperative fp8 cast of one bf16 row (`hidden` a multiple of 128) into `dst`:
+/// `hidden` e4m3 bytes, then `hidden / 128` f32 scales — `reference::quantize_row_fp8`.
+/// Half a warp takes a 128-channel group: 16 lanes of 8 values, amax over the 16 lanes.
+#[inline(always)]
+unsafe fn cast_row_fp8(dst: u64, src: u64, hidden: u64, round_scale: bool) {
+    let lane = dev::lane_id() as u64;
+    let groups = hidden / 128;
+    let mut g0 = 0u64;
+    while g0 < groups {
+        let g = g0 + lane / 16;
+        let v = g * 16 + lane % 16; // 16-byte vector (8 bf16) of this lane
+        // SAFETY: v < hidden / 8 whenever g < groups.
+        let x = if g < groups { unsafe { dev::ld_nc_v4((src as *const U4).add(v as usize)) } } else { U4::default() };
+        let words = [x.x, x.y, x.z, x.w];
+        let mut vals = [0f32; 8];
+        let mut amax = 0f32;
+        for i in 0..8 {
+            vals[i] = bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+            amax = amax.max(vals[i].abs());
+        }
+        // Max over the 16 lanes of this half-warp (xor masks below 16 stay inside it).
+        amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 8)));
+        amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 4)));
+        amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 2)));
+        amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 1)));
+        let amax = amax.max(1e-4);
+        let (scale, scale_inv) = if round_scale {
+            let e = ceil_log2(amax / 448.0);
+            (pow2(e), pow2(-e))
+        } else {
+            (amax / 448.0, 448.0 / amax)
+        };
+        if g < groups {
+            let pair = |i: usize| dev::cvt_e4m3x2(vals[2 * i] * scale_inv, vals[2 * i + 1] * scale_inv) as u32;
+            let (q0, q1) = (pair(0) | pair(1) << 16, pair(2) | pair(3) << 16);
+            // SAFETY: `dst` holds `hidden` bytes of payload then the scales.
+            unsafe {
+                *((dst + v * 8) as *mut u32) = q0;
+                *((dst + v * 8 + 4) as *mut u32) = q1;
+                if lane & 15 == 0 {
+                    *((dst + hidden) as *mut f32).add(g as usize) = scale;
+                }
+            }
+        }
+        g0 += 2;
+    }
 }
 
 #[inline(always)]
@@ -106,7 +170,12 @@ kernel! {
                     }
                     let (dst, le) = (e as u32 / num_local, e as u32 % num_local);
                     let slot = base_of(&p, dst, &l) + l.dispatch_slot(le as u64, me as u64, t as u64);
-                    copy_warp(slot, p.x + t as u64 * p.row_bytes, p.row_bytes, true);
+                    let row = p.x + t as u64 * p.row_bytes;
+                    if p.fp8 & LL_FP8 != 0 {
+                        cast_row_fp8(slot, row, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0);
+                    } else {
+                        copy_warp(slot, row, p.row_bytes, true);
+                    }
                     if lane == 0 {
                         *((slot + p.row_bytes) as *mut u32) = epoch32;
                         *((slot + p.row_bytes + 4) as *mut u32) = t;
@@ -182,7 +251,18 @@ kernel! {
                             let tok = t0 + dev::warp_id() * WARP_SIZE + j;
                             let from = local + l.dispatch_slot(le as u64, src as u64, tok as u64);
                             let out_row = le as u64 * l.num_ranks * l.max_tokens + pos as u64;
-                            copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
+                            if p.fp8 & LL_FP8 != 0 {
+                                let hidden = p.row_bytes / 2;
+                                copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
+                                let mut s = lane as u64;
+                                while s < hidden / 128 {
+                                    *(p.packed_recv_x_scales as *mut f32).add((out_row * (hidden / 128) + s) as usize) =
+                                        *((from + hidden) as *const f32).add(s as usize);
+                                    s += WARP_SIZE as u64;
+                                }
+                            } else {
+                                copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
+                            }
                             if lane == 0 {
                                 *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
                             }

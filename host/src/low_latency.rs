@@ -7,7 +7,7 @@ use crate::device::{DeviceBuffer, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
-use moe_ep_abi::{LL_RECV, LL_SEND, LlLayout, LlParams};
+use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LlLayout, LlParams};
 use moe_ep_kernels::Kernel;
 use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR};
 
@@ -20,6 +20,19 @@ pub struct LlConfig {
     pub hidden: usize,
     /// Most tokens per rank and call (`num_max_dispatch_tokens_per_rank`).
     pub max_tokens: usize,
+}
+
+/// Options of [`LlBuffer::dispatch`] (DeepEP's `use_fp8`, `round_scale`,
+/// `return_recv_hook`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LlDispatchOptions {
+    /// Return once the sends are out, with the receive in `recv_hook`.
+    pub send_only: bool,
+    /// Cast to fp8 e4m3 in the kernel with per-128-channel f32 scales (`amax / 448`);
+    /// `hidden` must be a multiple of 128.
+    pub use_fp8: bool,
+    /// With `use_fp8`: round each scale up to a power of two.
+    pub round_scale: bool,
 }
 
 /// How to return a dispatch's rows (DeepEP's LL handle).
@@ -58,8 +71,11 @@ impl LlRecvHook {
 
 /// Outputs of [`LlBuffer::dispatch`].
 pub struct LlDispatchOutputs {
-    /// `[L, R*M, H]` bf16: per local expert, rows packed from 0 by (source rank, token).
+    /// `[L, R*M, H]` bf16 (fp8 e4m3 bytes with `use_fp8`): per local expert, rows packed
+    /// from 0 by (source rank, token).
     pub packed_recv_x: DeviceBuffer,
+    /// With `use_fp8`: `[L, R*M, H/128]` f32 scales (row-major).
+    pub packed_recv_x_scales: Option<DeviceBuffer>,
     /// `[L]` i32: rows per local expert.
     pub packed_recv_count: DeviceBuffer,
     /// For [`LlBuffer::combine`].
@@ -219,17 +235,15 @@ impl LlBuffer {
         topk_idx: &DeviceBuffer,
         idx: IndexType,
         num_topk: usize,
-        send_only: bool,
+        opts: LlDispatchOptions,
     ) -> Result<LlDispatchOutputs> {
-        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
-        let row_bytes = 2 * self.cfg.hidden;
-        if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("[{num_tokens}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
-        }
         let s = group.stream();
-        let (l, r, m) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens);
+        let (l, r, m, h) =
+            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, self.cfg.hidden);
+        let x_bytes = if opts.use_fp8 { h } else { 2 * h };
         let mut out = LlDispatchOutputs {
-            packed_recv_x: s.alloc(l * r * m * row_bytes)?,
+            packed_recv_x: s.alloc(l * r * m * x_bytes)?,
+            packed_recv_x_scales: if opts.use_fp8 { Some(s.alloc(4 * l * r * m * (h / 128))?) } else { None },
             packed_recv_count: s.alloc(4 * l)?,
             handle: LlHandle {
                 packed_recv_src_info: s.alloc(4 * l * r * m)?,
@@ -238,7 +252,7 @@ impl LlBuffer {
             },
             recv_hook: None,
         };
-        out.recv_hook = self.dispatch_into(group, &out, x, num_tokens, topk_idx, idx, num_topk, send_only)?;
+        out.recv_hook = self.dispatch_into(group, &out, x, num_tokens, topk_idx, idx, num_topk, opts)?;
         Ok(out)
     }
 
@@ -256,16 +270,28 @@ impl LlBuffer {
         topk_idx: &DeviceBuffer,
         idx: IndexType,
         num_topk: usize,
-        send_only: bool,
+        opts: LlDispatchOptions,
     ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
-        let (l, r, m, row_bytes) =
-            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, 2 * self.cfg.hidden);
-        if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("[{num_tokens}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
+        let (l, r, m, h) =
+            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, self.cfg.hidden);
+        if x.len() < num_tokens * 2 * h || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] bf16 (16-aligned) needed")));
         }
-        if out.packed_recv_x.len() < l * r * m * row_bytes || out.handle.packed_recv_src_info.len() < 4 * l * r * m {
-            return Err(Error::invalid("out", "outputs of a dispatch on a buffer of another shape"));
+        if opts.use_fp8 && !h.is_multiple_of(128) {
+            return Err(Error::invalid("use_fp8", format!("hidden {h} is not a multiple of 128")));
+        }
+        let x_bytes = if opts.use_fp8 { h } else { 2 * h };
+        let scales_ok = match (&out.packed_recv_x_scales, opts.use_fp8) {
+            (Some(sc), true) => sc.len() >= 4 * l * r * m * (h / 128),
+            (_, false) => true,
+            (None, true) => false,
+        };
+        if out.packed_recv_x.len() < l * r * m * x_bytes
+            || out.handle.packed_recv_src_info.len() < 4 * l * r * m
+            || !scales_ok
+        {
+            return Err(Error::invalid("out", "outputs of a dispatch of another shape or format"));
         }
         let params = LlParams {
             x: x.ptr(),
@@ -274,14 +300,16 @@ impl LlBuffer {
             packed_recv_src_info: out.handle.packed_recv_src_info.ptr(),
             packed_recv_layout_range: out.handle.packed_recv_layout_range.ptr(),
             packed_recv_count: out.packed_recv_count.ptr(),
+            packed_recv_x_scales: out.packed_recv_x_scales.as_ref().map_or(0, |b| b.ptr()),
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
+            fp8: if opts.use_fp8 { LL_FP8 | if opts.round_scale { LL_ROUND_SCALE } else { 0 } } else { 0 },
             ..self.params(group, &out.handle.epoch)
         };
         // The buffer was sized by the same LlLayout; the outputs have the documented shapes
         // (checked) and inputs were checked above.
-        self.launch(group, &LL_DISPATCH, params, send_only)
+        self.launch(group, &LL_DISPATCH, params, opts.send_only)
     }
 
     /// Collective: rank-major dispatch — every token once to every rank holding one of its

@@ -117,6 +117,91 @@ pub fn f32_to_bf16(value: f32) -> u16 {
     (rounded >> 16) as u16
 }
 
+/// Largest finite fp8 e4m3 value (the "fn" variant: no infinities; `0x7F` is NaN).
+pub const E4M3_MAX: f32 = 448.0;
+
+/// Rounds an f32 to fp8 e4m3 (bits): nearest, ties to even, saturating to ±448 (CUDA's
+/// `cvt.rn.satfinite.e4m3x2.f32`); NaN becomes `0x7F`.
+pub fn f32_to_e4m3(value: f32) -> u8 {
+    if value.is_nan() {
+        return 0x7F;
+    }
+    let sign = if value.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = f64::from(value.abs());
+    // Ties to even. Exact: `x` is an f32 scaled by a power of two, held in an f64.
+    let round_even = |x: f64| {
+        let r = x.round(); // halves away from zero
+        if x - x.trunc() == 0.5 && r % 2.0 != 0.0 { r - 1.0 } else { r }
+    };
+    let magnitude = if a >= f64::from(E4M3_MAX) {
+        0x7E
+    } else if a < 2f64.powi(-6) {
+        // Subnormal (or the smallest normal, when rounding carries): steps of 2^-9.
+        round_even(a * 512.0) as u8
+    } else {
+        let e = a.log2().floor() as i32;
+        let e = if a < 2f64.powi(e) {
+            e - 1
+        } else if a >= 2f64.powi(e + 1) {
+            e + 1
+        } else {
+            e
+        };
+        let mut q = round_even((a / 2f64.powi(e) - 1.0) * 8.0) as i32;
+        let mut e = e;
+        if q == 8 {
+            q = 0;
+            e += 1;
+        }
+        let field = e + 7;
+        if field > 15 || (field == 15 && q == 7) { 0x7E } else { ((field as u8) << 3) | q as u8 }
+    };
+    sign | magnitude
+}
+
+/// Widens fp8 e4m3 bits to f32 (exact).
+pub fn e4m3_to_f32(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (field, mant) = ((bits >> 3) & 0xF, bits & 7);
+    if field == 15 && mant == 7 {
+        return f32::NAN;
+    }
+    let v = if field == 0 {
+        f64::from(mant) * 2f64.powi(-9)
+    } else {
+        (1.0 + f64::from(mant) / 8.0) * 2f64.powi(field as i32 - 7)
+    };
+    sign * v as f32
+}
+
+/// DeepEP's per-token, per-128-channel fp8 cast of one bf16 row: `amax` of each group
+/// (at least 1e-4), `scale = amax / 448` and `q = e4m3(x * (448 / amax))`; with
+/// `round_scale`, `scale = 2^ceil(log2(amax / 448))` and `q = e4m3(x * 2^-that)`.
+/// Returns the fp8 bits (`hidden`) and the f32 scales (`hidden / 128`).
+pub fn quantize_row_fp8(row: &[u16], round_scale: bool) -> (Vec<u8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(row.len());
+    let mut scales = Vec::with_capacity(row.len() / 128);
+    for group in row.chunks(128) {
+        let amax = group.iter().fold(0f32, |m, &b| m.max(bf16_to_f32(b).abs())).max(1e-4);
+        let (scale, scale_inv) = if round_scale {
+            let e = ceil_log2(amax / E4M3_MAX);
+            (2f32.powi(e), 2f32.powi(-e))
+        } else {
+            (amax / E4M3_MAX, E4M3_MAX / amax)
+        };
+        scales.push(scale);
+        q.extend(group.iter().map(|&b| f32_to_e4m3(bf16_to_f32(b) * scale_inv)));
+    }
+    (q, scales)
+}
+
+/// `ceil(log2(x))` for a positive normal f32, exactly (from its bits).
+pub fn ceil_log2(x: f32) -> i32 {
+    let bits = x.to_bits();
+    let exp = ((bits >> 23) & 0xFF) as i32 - 127;
+    if bits & 0x7F_FFFF == 0 { exp } else { exp + 1 }
+}
+
 // ---------------------------------------------------------------------------------------
 // Routing
 // ---------------------------------------------------------------------------------------

@@ -678,3 +678,67 @@ proptest! {
         prop_assert_eq!(LayoutRange::unpack(packed), range);
     }
 }
+
+#[test]
+fn e4m3_round_trips_every_finite_code_and_rounds_to_nearest_even() {
+    use moe_ep::reference::{e4m3_to_f32, f32_to_e4m3};
+    for code in 0u8..=255 {
+        if code & 0x7F == 0x7F {
+            assert!(e4m3_to_f32(code).is_nan());
+            continue;
+        }
+        let v = e4m3_to_f32(code);
+        let back = f32_to_e4m3(v);
+        // +0 and -0 are distinct codes that round-trip; everything else is exact.
+        assert_eq!(back, code, "code {code:#04x} = {v}");
+    }
+    assert_eq!(f32_to_e4m3(1e9), 0x7E, "saturates to 448");
+    assert_eq!(f32_to_e4m3(-1e9), 0xFE);
+    assert_eq!(f32_to_e4m3(f32::INFINITY), 0x7E);
+    assert_eq!(f32_to_e4m3(f32::NAN), 0x7F);
+    // 1.0625 lies halfway between 1.0 (0x38) and 1.125 (0x39): ties go to the even code.
+    assert_eq!(f32_to_e4m3(1.0625), 0x38);
+    assert_eq!(f32_to_e4m3(1.1875), 0x3A);
+    // Halfway between the two smallest subnormals (2^-9 and 2^-8) goes to 2^-8 (even).
+    assert_eq!(f32_to_e4m3(1.5 * 2f32.powi(-9)), 0x02);
+    // Values between codes round to the nearest.
+    for _ in 0..1000 {
+        let v = (rand_f32() - 0.5) * 900.0;
+        let q = e4m3_to_f32(f32_to_e4m3(v));
+        let err = (q - v.clamp(-448.0, 448.0)).abs();
+        assert!(err <= v.abs().max(2f32.powi(-6)) / 16.0 + 2f32.powi(-10), "{v} -> {q}");
+    }
+}
+
+fn rand_f32() -> f32 {
+    use std::cell::Cell;
+    thread_local!(static S: Cell<u64> = const { Cell::new(0x1234_5678) });
+    S.with(|s| {
+        let x = s.get().wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s.set(x);
+        (x >> 40) as f32 / (1u64 << 24) as f32
+    })
+}
+
+#[test]
+fn the_kernels_bit_level_e4m3_cast_matches_the_reference() {
+    use moe_ep::kernels::num::f32_to_e4m3 as kernel_cast;
+    use moe_ep::reference::{e4m3_to_f32, f32_to_e4m3};
+    // Every code, its neighbours in f32, the midpoints between codes, and random values.
+    let mut values: Vec<f32> = vec![0.0, -0.0, 448.0, 449.0, 464.0, 465.0, -480.0, f32::MAX, f32::MIN_POSITIVE, 1e-30];
+    for code in 0u8..0x7F {
+        let v = e4m3_to_f32(code);
+        let next = e4m3_to_f32(code + 1);
+        values.extend([v, -v, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits().saturating_sub(1))]);
+        if next.is_finite() {
+            let mid = (v + next) / 2.0;
+            values.extend([mid, -mid, f32::from_bits(mid.to_bits() + 1), f32::from_bits(mid.to_bits() - 1)]);
+        }
+    }
+    for _ in 0..20000 {
+        values.push((rand_f32() - 0.5) * 2f32.powi((rand_f32() * 30.0) as i32 - 20));
+    }
+    for v in values {
+        assert_eq!(kernel_cast(v), f32_to_e4m3(v), "{v:e} ({:#010x})", v.to_bits());
+    }
+}

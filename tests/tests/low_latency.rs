@@ -2,7 +2,7 @@
 //! for bit, on fresh random inputs: random -1 entries, token counts that change between
 //! calls (including zero), many consecutive calls alternating the two buffer sets.
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlBuffer, LlConfig};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
 use moe_ep::reference::{self, Routing, f32_to_bf16};
 use moe_ep::{DeviceBuffer, Group};
 use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks};
@@ -75,7 +75,17 @@ fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, ca
             group.bootstrap().barrier().unwrap();
             // With hooks: every other call splits both ops into send + later receive.
             let send_only = hooks && call % 2 == 0;
-            let mut out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, num_topk, send_only).unwrap();
+            let mut out = buf
+                .dispatch(
+                    &group,
+                    &xb,
+                    t,
+                    &topk,
+                    IndexType::I64,
+                    num_topk,
+                    LlDispatchOptions { send_only, ..Default::default() },
+                )
+                .unwrap();
             assert_eq!(out.recv_hook.is_some(), send_only);
             out.complete(&group, &buf).unwrap();
             let mut c =
@@ -190,7 +200,7 @@ fn ll_rank_major_interleaved_with_expert_major() {
             let mut rm =
                 buf.dispatch_rank_major(&group, &xb, t, &topk, IndexType::I64, &weights, k, call % 2 == 1).unwrap();
             rm.complete(&group, &buf).unwrap();
-            let em = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, false).unwrap();
+            let em = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ll dispatches").unwrap();
             let rv = &want[rank];
@@ -275,13 +285,13 @@ fn ll_graph_capture_and_replay() {
             (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &variants[0].0[rank]));
         group.bootstrap().barrier().unwrap();
         // A first, ordinary call creates the buffers the captured calls reuse.
-        let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, false).unwrap();
+        let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
         let c =
             buf.combine(&group, &out.handle, &out.packed_recv_x, t, &topk, IndexType::I64, &weights, k, false).unwrap();
         s.synchronize().unwrap();
         group.take_device_error("ll").unwrap();
         s.begin_capture().unwrap();
-        buf.dispatch_into(&group, &out, &xb, t, &topk, IndexType::I64, k, false).unwrap();
+        buf.dispatch_into(&group, &out, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
         buf.combine_into(
             &group,
             &out.handle,
@@ -306,6 +316,92 @@ fn ll_graph_capture_and_replay() {
             group.take_device_error("ll graph").unwrap();
             let got: Vec<u16> = c.combined_x.to_vec(s).unwrap();
             assert!(got[..t * h] == want[rank][..], "rank {rank} replay {replay}: combined_x");
+        }
+    });
+}
+
+/// fp8 dispatch: the kernel's cast (per-128-channel scales, plain and power-of-two) against
+/// `reference::quantize_row_fp8` applied to the reference's received rows, byte for byte;
+/// and the dequantised rows within DeepEP's tolerance of the bf16 originals.
+#[test]
+fn ll_fp8_cast_in_the_dispatch_kernel() {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let (e, h, k, m) = (16usize, 256usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
+    let mut rng = Rng::fresh("low_latency-fp8");
+    let idx: Vec<Vec<i64>> = (0..n)
+        .map(|_| {
+            let t = 1 + rng.below(m as u64) as usize;
+            let mut v = Vec::new();
+            for _ in 0..t {
+                let mut row: Vec<i64> = Vec::new();
+                while row.len() < k {
+                    let x = rng.below(e as u64) as i64;
+                    if !row.contains(&x) {
+                        row.push(x);
+                    }
+                }
+                v.extend(row);
+            }
+            v
+        })
+        .collect();
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    // Values over a wide range, so scales differ between groups.
+    let x: Vec<Vec<u16>> = tokens
+        .iter()
+        .map(|&t| {
+            (0..t * h)
+                .map(|i| {
+                    f32_to_bf16(
+                        (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 2f32.powi((i / 128 % 7) as i32 * 3 - 9),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+    let want = reference::ll_dispatch(&routing, &x, h, m).unwrap();
+    let groups = Group::in_process(&devices(n)).unwrap();
+    on_ranks(groups, |rank, group| {
+        let mut buf = LlBuffer::new(&group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
+        let s = group.stream();
+        let t = tokens[rank];
+        let (topk, xb) = (upload(&group, &idx[rank]), upload(&group, &x[rank]));
+        for round_scale in [false, true] {
+            group.bootstrap().barrier().unwrap();
+            let opts = LlDispatchOptions { use_fp8: true, round_scale, ..Default::default() };
+            let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts).unwrap();
+            s.synchronize().unwrap();
+            group.take_device_error("ll fp8").unwrap();
+            let rv = &want.ranks[rank];
+            let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
+            assert_eq!(counts, rv.packed_recv_count);
+            let q: Vec<u8> = out.packed_recv_x.to_vec(s).unwrap();
+            let scales: Vec<f32> = out.packed_recv_x_scales.as_ref().unwrap().to_vec(s).unwrap();
+            let (slots, groups_per_row) = (n * m, h / 128);
+            let (mut num, mut den) = (0f64, 0f64);
+            for (l, &c) in counts.iter().enumerate() {
+                for row in l * slots..l * slots + c as usize {
+                    let bf16_row = &rv.packed_recv_x[row * h..(row + 1) * h];
+                    let (want_q, want_s) = reference::quantize_row_fp8(bf16_row, round_scale);
+                    assert_eq!(
+                        &q[row * h..(row + 1) * h],
+                        &want_q[..],
+                        "rank {rank} row {row} round {round_scale}: fp8 bytes"
+                    );
+                    assert_eq!(&scales[row * groups_per_row..(row + 1) * groups_per_row], &want_s[..], "scales");
+                    for (j, &b) in bf16_row.iter().enumerate() {
+                        let (a, d) = (
+                            reference::bf16_to_f32(b) as f64,
+                            (reference::e4m3_to_f32(want_q[j]) * want_s[j / 128]) as f64,
+                        );
+                        num += (a - d) * (a - d);
+                        den += a * a;
+                    }
+                }
+            }
+            assert!(den == 0.0 || num / den < 4e-3, "relative error {} of the fp8 round trip", num / den);
         }
     });
 }

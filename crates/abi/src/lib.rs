@@ -619,6 +619,8 @@ pub struct LlParams {
     pub recv_topk_idx: u64,
     /// Rank-major dispatch out: `[R, M, K]` f32 (0 where not local).
     pub recv_topk_weights: u64,
+    /// fp8 dispatch out: `[L, R*M, H/128]` f32 scales.
+    pub packed_recv_x_scales: u64,
     /// The [`ErrorSlot`].
     pub error: u64,
     /// Set by the kernel itself at entry (the host passes 0): the call's flag value, >= 1;
@@ -653,7 +655,17 @@ pub struct LlParams {
     /// Which halves run: [`LL_SEND`], [`LL_RECV`] or both (a send-only launch returns a
     /// hook; the receive launch comes later and holds no SM meanwhile).
     pub phases: u32,
+    /// Dispatch: [`LL_FP8`] casts to fp8 e4m3 with per-128-channel scales (hidden a
+    /// multiple of 128), [`LL_ROUND_SCALE`] rounds the scales up to powers of two.
+    pub fp8: u32,
+    /// Zero.
+    pub reserved: u32,
 }
+
+/// [`LlParams::fp8`]: cast to fp8 in the dispatch kernel.
+pub const LL_FP8: u32 = 1;
+/// [`LlParams::fp8`]: scales rounded up to powers of two.
+pub const LL_ROUND_SCALE: u32 = 2;
 
 /// Most experts per token in LL mode (rank-major slots carry this many ids and weights).
 pub const LL_MAX_TOPK: u32 = 32;

@@ -454,6 +454,11 @@ pub fn fma_rn_f32(a: f32, b: f32, c: f32) -> f32 {
     a.mul_add(b, c)
 }
 
+/// `cvt.rn.satfinite.e4m3x2.f32`.
+pub fn cvt_e4m3x2(lo: f32, hi: f32) -> u16 {
+    crate::num::f32_to_e4m3(lo) as u16 | (crate::num::f32_to_e4m3(hi) as u16) << 8
+}
+
 // ------------------------------------------------------------------ time
 /// Nanoseconds since the emulator's first use (monotonic, like `%globaltimer`).
 pub fn globaltimer_ns() -> u64 {

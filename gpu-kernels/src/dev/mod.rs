@@ -19,6 +19,7 @@
 //! | `static_smem`, `dyn_smem`, `atom_add_shared_u32` | `.shared` arrays, `atom.shared.add` | |
 //! | `globaltimer_ns`, `nanosleep_ns` | `%globaltimer`, `nanosleep.u32` | wait bounds |
 //! | `fma_rn_f32` | `fma.rn.f32` | one rounding, as the reference's `mul_add` |
+//! | `cvt_e4m3x2` | `cvt.rn.satfinite.e4m3x2.f32` | fp8 casts |
 //!
 //! Built on them here: [`wait_until`] (every wait loop in every kernel) and [`report_error`].
 

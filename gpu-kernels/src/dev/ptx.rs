@@ -319,6 +319,18 @@ pub fn fma_rn_f32(a: f32, b: f32, c: f32) -> f32 {
     r
 }
 
+/// `cvt.rn.satfinite.e4m3x2.f32`: two f32 to fp8 e4m3, `lo` in the low byte.
+#[inline(always)]
+pub fn cvt_e4m3x2(lo: f32, hi: f32) -> u16 {
+    let r: u16;
+    // SAFETY: pure arithmetic (sm_89+).
+    unsafe {
+        asm!("cvt.rn.satfinite.e4m3x2.f32 {r}, {hi}, {lo};", r = out(reg16) r, hi = in(reg32) hi, lo = in(reg32) lo,
+             options(pure, nomem, nostack))
+    };
+    r
+}
+
 // ------------------------------------------------------------------ time
 /// `%globaltimer` in nanoseconds: a clock-rate-independent bound for waits.
 #[inline(always)]

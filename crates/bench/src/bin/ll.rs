@@ -8,7 +8,7 @@
 //!
 //!     ll [--ranks 8] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--iters 50] [--sweep]
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlBuffer, LlConfig};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
 use moe_ep::{Device, Group, Result};
 use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues, upload};
 
@@ -28,7 +28,7 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     for i in 0..iters + 3 {
         group.bootstrap().barrier()?;
         let e0 = s.record_event()?;
-        let out = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, false)?;
+        let out = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default())?;
         let e1 = s.record_event()?;
         group.bootstrap().barrier()?;
         let e2 = s.record_event()?;
