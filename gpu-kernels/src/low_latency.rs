@@ -22,7 +22,9 @@
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
-use crate::abi::{ErrorSlot, LL_FP8, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE, LL_SEND, LlLayout, LlParams, WARP_SIZE};
+use crate::abi::{
+    ErrorSlot, LL_FP8, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
+};
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
 use crate::num::{bf16_to_f32, f32_to_bf16};
@@ -256,8 +258,14 @@ kernel! {
                                 copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
                                 let mut s = lane as u64;
                                 while s < hidden / 128 {
-                                    *(p.packed_recv_x_scales as *mut f32).add((out_row * (hidden / 128) + s) as usize) =
-                                        *((from + hidden) as *const f32).add(s as usize);
+                                    let scale = *((from + hidden) as *const f32).add(s as usize);
+                                    let at = (out_row * (hidden / 128) + s) as usize;
+                                    if p.fp8 & LL_UE8M0 != 0 {
+                                        // Byte g of the row's packed words = exponent field of scale g.
+                                        *(p.packed_recv_x_scales as *mut u8).add(at) = (scale.to_bits() >> 23) as u8;
+                                    } else {
+                                        *(p.packed_recv_x_scales as *mut f32).add(at) = scale;
+                                    }
                                     s += WARP_SIZE as u64;
                                 }
                             } else {

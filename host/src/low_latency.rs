@@ -7,7 +7,7 @@ use crate::device::{DeviceBuffer, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
-use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LlLayout, LlParams};
+use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams};
 use moe_ep_kernels::Kernel;
 use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR};
 
@@ -33,6 +33,9 @@ pub struct LlDispatchOptions {
     pub use_fp8: bool,
     /// With `use_fp8`: round each scale up to a power of two.
     pub round_scale: bool,
+    /// With `use_fp8` and `round_scale`: output the scales as UE8M0 bytes (their exponent
+    /// fields), four per i32: `[L, R*M, H/512]`; `hidden` a multiple of 512.
+    pub use_ue8m0: bool,
 }
 
 /// How to return a dispatch's rows (DeepEP's LL handle).
@@ -74,7 +77,8 @@ pub struct LlDispatchOutputs {
     /// `[L, R*M, H]` bf16 (fp8 e4m3 bytes with `use_fp8`): per local expert, rows packed
     /// from 0 by (source rank, token).
     pub packed_recv_x: DeviceBuffer,
-    /// With `use_fp8`: `[L, R*M, H/128]` f32 scales (row-major).
+    /// With `use_fp8`: `[L, R*M, H/128]` f32 scales (row-major), or `[L, R*M, H/512]`
+    /// packed UE8M0 i32 with `use_ue8m0`.
     pub packed_recv_x_scales: Option<DeviceBuffer>,
     /// `[L]` i32: rows per local expert.
     pub packed_recv_count: DeviceBuffer,
@@ -281,6 +285,12 @@ impl LlBuffer {
         if opts.use_fp8 && !h.is_multiple_of(128) {
             return Err(Error::invalid("use_fp8", format!("hidden {h} is not a multiple of 128")));
         }
+        if opts.use_ue8m0 && !(opts.use_fp8 && opts.round_scale && h.is_multiple_of(512)) {
+            return Err(Error::invalid(
+                "use_ue8m0",
+                format!("needs use_fp8, round_scale and hidden ({h}) a multiple of 512"),
+            ));
+        }
         let x_bytes = if opts.use_fp8 { h } else { 2 * h };
         let scales_ok = match (&out.packed_recv_x_scales, opts.use_fp8) {
             (Some(sc), true) => sc.len() >= 4 * l * r * m * (h / 128),
@@ -304,7 +314,11 @@ impl LlBuffer {
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            fp8: if opts.use_fp8 { LL_FP8 | if opts.round_scale { LL_ROUND_SCALE } else { 0 } } else { 0 },
+            fp8: if opts.use_fp8 {
+                LL_FP8 | if opts.round_scale { LL_ROUND_SCALE } else { 0 } | if opts.use_ue8m0 { LL_UE8M0 } else { 0 }
+            } else {
+                0
+            },
             ..self.params(group, &out.handle.epoch)
         };
         // The buffer was sized by the same LlLayout; the outputs have the documented shapes

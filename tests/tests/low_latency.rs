@@ -327,7 +327,7 @@ fn ll_graph_capture_and_replay() {
 fn ll_fp8_cast_in_the_dispatch_kernel() {
     let dev = device();
     let n = num_ranks(&dev).min(8);
-    let (e, h, k, m) = (16usize, 256usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
+    let (e, h, k, m) = (16usize, 512usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
     let mut rng = Rng::fresh("low_latency-fp8");
     let idx: Vec<Vec<i64>> = (0..n)
         .map(|_| {
@@ -368,9 +368,9 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
         let s = group.stream();
         let t = tokens[rank];
         let (topk, xb) = (upload(&group, &idx[rank]), upload(&group, &x[rank]));
-        for round_scale in [false, true] {
+        for (round_scale, use_ue8m0) in [(false, false), (true, false), (true, true)] {
             group.bootstrap().barrier().unwrap();
-            let opts = LlDispatchOptions { use_fp8: true, round_scale, ..Default::default() };
+            let opts = LlDispatchOptions { use_fp8: true, round_scale, use_ue8m0, ..Default::default() };
             let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts).unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ll fp8").unwrap();
@@ -378,7 +378,7 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
             let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
             assert_eq!(counts, rv.packed_recv_count);
             let q: Vec<u8> = out.packed_recv_x.to_vec(s).unwrap();
-            let scales: Vec<f32> = out.packed_recv_x_scales.as_ref().unwrap().to_vec(s).unwrap();
+            let raw: Vec<u8> = out.packed_recv_x_scales.as_ref().unwrap().to_vec(s).unwrap();
             let (slots, groups_per_row) = (n * m, h / 128);
             let (mut num, mut den) = (0f64, 0f64);
             for (l, &c) in counts.iter().enumerate() {
@@ -390,7 +390,18 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
                         &want_q[..],
                         "rank {rank} row {row} round {round_scale}: fp8 bytes"
                     );
-                    assert_eq!(&scales[row * groups_per_row..(row + 1) * groups_per_row], &want_s[..], "scales");
+                    if use_ue8m0 {
+                        // Packed UE8M0: byte g of the row = exponent field of scale g.
+                        let got = &raw[row * groups_per_row..(row + 1) * groups_per_row];
+                        let want: Vec<u8> = want_s.iter().map(|s| (s.to_bits() >> 23) as u8).collect();
+                        assert_eq!(got, &want[..], "ue8m0 scales");
+                    } else {
+                        let got: Vec<f32> = raw[row * groups_per_row * 4..(row + 1) * groups_per_row * 4]
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect();
+                        assert_eq!(got, want_s, "scales");
+                    }
                     for (j, &b) in bf16_row.iter().enumerate() {
                         let (a, d) = (
                             reference::bf16_to_f32(b) as f64,

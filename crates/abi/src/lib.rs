@@ -666,6 +666,9 @@ pub struct LlParams {
 pub const LL_FP8: u32 = 1;
 /// [`LlParams::fp8`]: scales rounded up to powers of two.
 pub const LL_ROUND_SCALE: u32 = 2;
+/// [`LlParams::fp8`] (with [`LL_ROUND_SCALE`]): scales output as UE8M0 bytes (the f32
+/// exponent field), four per `u32`: `[L, R*M, H/512]` i32.
+pub const LL_UE8M0: u32 = 4;
 
 /// Most experts per token in LL mode (rank-major slots carry this many ids and weights).
 pub const LL_MAX_TOPK: u32 = 32;
