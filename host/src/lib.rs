@@ -1,4 +1,7 @@
 //! moe-ep: Mixture-of-Experts expert-parallel communication.
+//!
+//! The README follows (its example is compiled as a doctest).
+#![doc = include_str!("../../README.md")]
 #![deny(missing_docs)]
 
 pub mod bootstrap;
