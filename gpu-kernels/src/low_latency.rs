@@ -102,6 +102,78 @@ unsafe fn cast_row_fp8(dst: u64, src: u64, hidden: u64, round_scale: bool) {
     }
 }
 
+/// Block-cooperative receive of one source's stream of marked slots: waits (thread 0) for
+/// `flag == epoch << 32 | T`, then finds the slots of tokens `0..T` marked with this epoch
+/// (`marker(token)` = address of the slot's marker word) and calls `visit(token, index)` for
+/// each, in token order, `index` counting from 0; `visit` runs warp-cooperatively on the
+/// warp that found the token. Returns how many there were, or `None` after a timeout
+/// (reported for `peer` at `site`) or another thread's error.
+#[inline(always)]
+unsafe fn receive_marked(
+    p: &LlParams,
+    flag: *const u64,
+    peer: u32,
+    site: u32,
+    marker: impl Fn(u32) -> u64,
+    mut visit: impl FnMut(u32, u32),
+) -> Option<u32> {
+    let counts: *mut u32 = dev::static_smem(); // [0] = T of the source, [1..] = per-warp counts
+    let mut failed = false;
+    // SAFETY: `flag`, the markers and `counts` are valid (the caller's layout; static smem).
+    unsafe {
+        if dev::thread_idx_x() == 0 {
+            let mut seen = 0u64;
+            let ok = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(flag);
+                seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            failed = !ok || seen >> 32 != p.epoch;
+            if !ok {
+                dev::report_timeout(p.error as *mut ErrorSlot, p.rank, peer, site, p.epoch, seen >> 32);
+            }
+            *counts = seen as u32;
+        }
+        if dev::sync_threads_or(failed) {
+            return None;
+        }
+        let num_tokens = *counts;
+        let mut found = 0u32;
+        let mut t0 = 0u32;
+        while t0 < num_tokens {
+            // One thread per token of this chunk: is its slot marked with this epoch?
+            let t = t0 + dev::thread_idx_x();
+            let present = t < num_tokens && dev::ld_relaxed_sys_u32(marker(t) as *const u32) == p.epoch as u32;
+            let mask = dev::ballot(present);
+            if dev::lane_id() == 0 {
+                *counts.add(1 + dev::warp_id() as usize) = mask.count_ones();
+            }
+            dev::sync_threads();
+            let (mut before, mut total) = (0u32, 0u32);
+            for w in 0..dev::num_warps() {
+                let c = *counts.add(1 + w as usize);
+                if w < dev::warp_id() {
+                    before += c;
+                }
+                total += c;
+            }
+            dev::sync_threads();
+            // Warp w handles its own present tokens, in order.
+            let mut m = mask;
+            let mut index = found + before;
+            while m != 0 {
+                let j = m.trailing_zeros();
+                m &= m - 1;
+                visit(t0 + dev::warp_id() * WARP_SIZE + j, index);
+                index += 1;
+            }
+            found += total;
+            t0 += dev::block_dim_x();
+        }
+        dev::sync_threads();
+        Some(found)
+    }
+}
+
 #[inline(always)]
 unsafe fn expert_of(p: &LlParams, t: u32, k: u32) -> i64 {
     let at = (t * p.num_topk + k) as usize;
@@ -199,95 +271,52 @@ kernel! {
                 }
             }
             // Receive: a block per local expert, sources in rank order, tokens in order.
-            let counts: *mut u32 = dev::static_smem(); // [0] = T of the source, [1..] = warp prefix
             let mut le = dev::block_idx_x();
             while p.phases & LL_RECV != 0 && le < num_local {
                 let mut row = 0u32;
                 for src in 0..p.num_ranks {
                     let flag = (local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 8) as *const u64;
-                    let mut failed = false;
-                    if dev::thread_idx_x() == 0 {
-                        let mut seen = 0u64;
-                        let ok = dev::wait_until(p.timeout_ns, || {
-                            seen = dev::ld_acquire_sys_u64(flag);
-                            seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-                        });
-                        failed = !ok || seen >> 32 != p.epoch;
-                        if !ok {
-                            dev::report_timeout(p.error as *mut ErrorSlot, me, src, SITE_LL_DISPATCH_RECV, p.epoch, seen >> 32);
-                        }
-                        *counts = seen as u32;
-                    }
-                    if dev::sync_threads_or(failed) {
-                        return;
-                    }
-                    let num_src_tokens = *counts;
+                    let slot = |tok: u32| local + l.dispatch_slot(le as u64, src as u64, tok as u64);
                     let begin = row;
-                    let mut t0 = 0u32;
-                    while t0 < num_src_tokens {
-                        // One thread per token of this chunk: is its slot marked this epoch?
-                        let t = t0 + dev::thread_idx_x();
-                        let slot = local + l.dispatch_slot(le as u64, src as u64, t as u64);
-                        let present = t < num_src_tokens && dev::ld_relaxed_sys_u32((slot + p.row_bytes) as *const u32) == epoch32;
-                        let mask = dev::ballot(present);
-                        if lane == 0 {
-                            *counts.add(1 + dev::warp_id() as usize) = mask.count_ones();
-                        }
-                        dev::sync_threads();
-                        let mut before = 0u32;
-                        let mut total = 0u32;
-                        for w in 0..dev::num_warps() {
-                            let c = *counts.add(1 + w as usize);
-                            if w < dev::warp_id() {
-                                before += c;
-                            }
-                            total += c;
-                        }
-                        dev::sync_threads();
-                        // Warp w copies its own present tokens, in order.
-                        let mut m = mask;
-                        let mut pos = row + before;
-                        while m != 0 {
-                            let j = m.trailing_zeros();
-                            m &= m - 1;
-                            let tok = t0 + dev::warp_id() * WARP_SIZE + j;
-                            let from = local + l.dispatch_slot(le as u64, src as u64, tok as u64);
-                            let out_row = le as u64 * l.num_ranks * l.max_tokens + pos as u64;
-                            if p.fp8 & LL_FP8 != 0 {
-                                let hidden = p.row_bytes / 2;
-                                copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
-                                let mut s = lane as u64;
-                                while s < hidden / 128 {
-                                    let scale = *((from + hidden) as *const f32).add(s as usize);
-                                    let at = (out_row * (hidden / 128) + s) as usize;
-                                    if p.fp8 & LL_UE8M0 != 0 {
-                                        // Byte g of the row's packed words = exponent field of scale g.
-                                        *(p.packed_recv_x_scales as *mut u8).add(at) = (scale.to_bits() >> 23) as u8;
-                                    } else {
-                                        *(p.packed_recv_x_scales as *mut f32).add(at) = scale;
-                                    }
-                                    s += WARP_SIZE as u64;
+                    let copy = |tok: u32, index: u32| {
+                        let from = slot(tok);
+                        let out_row = le as u64 * l.num_ranks * l.max_tokens + (begin + index) as u64;
+                        if p.fp8 & LL_FP8 != 0 {
+                            let hidden = p.row_bytes / 2;
+                            copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
+                            let mut s = lane as u64;
+                            while s < hidden / 128 {
+                                let scale = *((from + hidden) as *const f32).add(s as usize);
+                                let at = (out_row * (hidden / 128) + s) as usize;
+                                if p.fp8 & LL_UE8M0 != 0 {
+                                    // Byte g of the row's packed words = exponent field of scale g.
+                                    *(p.packed_recv_x_scales as *mut u8).add(at) = (scale.to_bits() >> 23) as u8;
+                                } else {
+                                    *(p.packed_recv_x_scales as *mut f32).add(at) = scale;
                                 }
-                            } else {
-                                copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
+                                s += WARP_SIZE as u64;
                             }
-                            if lane == 0 {
-                                *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
-                            }
-                            pos += 1;
+                        } else {
+                            copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
                         }
-                        row += total;
-                        t0 += dev::block_dim_x();
-                    }
+                        if lane == 0 {
+                            *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
+                        }
+                    };
+                    let Some(n) = receive_marked(&p, flag, src, SITE_LL_DISPATCH_RECV, |t| slot(t) + p.row_bytes, copy)
+                    else {
+                        return;
+                    };
+                    row += n;
                     if dev::thread_idx_x() == 0 {
                         let at = (le * p.num_ranks + src) as usize;
-                        *(p.packed_recv_layout_range as *mut i64).add(at) = ((begin as i64) << 32) | (row - begin) as i64;
+                        *(p.packed_recv_layout_range as *mut i64).add(at) = ((begin as i64) << 32) | n as i64;
                     }
-                    dev::sync_threads();
                 }
                 if dev::thread_idx_x() == 0 {
                     *(p.packed_recv_count as *mut i32).add(le as usize) = row as i32;
                 }
+                dev::sync_threads();
                 le += dev::grid_dim_x();
             }
         }
@@ -460,78 +489,35 @@ kernel! {
                     dev::st_relaxed_sys_u64(p.epoch_word as *mut u64, p.epoch);
                 }
             }
-            let counts: *mut u32 = dev::static_smem();
+            let lo = (me * num_local) as i32;
             let mut src = dev::block_idx_x();
             while p.phases & LL_RECV != 0 && src < p.num_ranks {
                 let flag = (local + l.rank_major_flags + src as u64 * 8) as *const u64;
-                let mut failed = false;
-                if dev::thread_idx_x() == 0 {
-                    let mut seen = 0u64;
-                    let ok = dev::wait_until(p.timeout_ns, || {
-                        seen = dev::ld_acquire_sys_u64(flag);
-                        seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-                    });
-                    failed = !ok || seen >> 32 != p.epoch;
-                    if !ok {
-                        dev::report_timeout(p.error as *mut ErrorSlot, me, src, SITE_LL_RANK_MAJOR_RECV, p.epoch, seen >> 32);
-                    }
-                    *counts = seen as u32;
-                }
-                if dev::sync_threads_or(failed) {
-                    return;
-                }
-                let num_src_tokens = *counts;
-                let lo = (me * num_local) as i32;
-                let mut row = 0u32;
-                let mut t0 = 0u32;
-                while t0 < num_src_tokens {
-                    let t = t0 + dev::thread_idx_x();
-                    let slot = local + l.rank_major_slot(src as u64, t as u64);
-                    let present = t < num_src_tokens && dev::ld_relaxed_sys_u32((slot + p.row_bytes) as *const u32) == epoch32;
-                    let mask = dev::ballot(present);
+                let slot = |tok: u32| local + l.rank_major_slot(src as u64, tok as u64);
+                let copy = |tok: u32, index: u32| {
+                    let from = slot(tok);
+                    let out_row = src as u64 * l.max_tokens + index as u64;
+                    copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
                     if lane == 0 {
-                        *counts.add(1 + dev::warp_id() as usize) = mask.count_ones();
+                        *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
                     }
-                    dev::sync_threads();
-                    let (mut before, mut total) = (0u32, 0u32);
-                    for w in 0..dev::num_warps() {
-                        let c = *counts.add(1 + w as usize);
-                        if w < dev::warp_id() {
-                            before += c;
-                        }
-                        total += c;
+                    if lane < k_count {
+                        let e = *((from + meta) as *const i32).add(lane as usize);
+                        let w = *((from + meta + 4 * LL_MAX_TOPK as u64) as *const f32).add(lane as usize);
+                        let local_e = e - lo;
+                        let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < num_local;
+                        let at = (out_row * k_count as u64 + lane as u64) as usize;
+                        *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
+                        *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
                     }
-                    dev::sync_threads();
-                    let mut m = mask;
-                    let mut pos = row + before;
-                    while m != 0 {
-                        let j = m.trailing_zeros();
-                        m &= m - 1;
-                        let tok = t0 + dev::warp_id() * WARP_SIZE + j;
-                        let from = local + l.rank_major_slot(src as u64, tok as u64);
-                        let out_row = src as u64 * l.max_tokens + pos as u64;
-                        copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
-                        if lane == 0 {
-                            *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
-                        }
-                        if lane < k_count {
-                            let e = *((from + meta) as *const i32).add(lane as usize);
-                            let w = *((from + meta + 4 * LL_MAX_TOPK as u64) as *const f32).add(lane as usize);
-                            let local_e = e - lo;
-                            let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < num_local;
-                            let at = (out_row * k_count as u64 + lane as u64) as usize;
-                            *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
-                            *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
-                        }
-                        pos += 1;
-                    }
-                    row += total;
-                    t0 += dev::block_dim_x();
-                }
+                };
+                let Some(n) = receive_marked(&p, flag, src, SITE_LL_RANK_MAJOR_RECV, |t| slot(t) + p.row_bytes, copy)
+                else {
+                    return;
+                };
                 if dev::thread_idx_x() == 0 {
-                    *(p.packed_recv_count as *mut i32).add(src as usize) = row as i32;
+                    *(p.packed_recv_count as *mut i32).add(src as usize) = n as i32;
                 }
-                dev::sync_threads();
                 src += dev::grid_dim_x();
             }
         }

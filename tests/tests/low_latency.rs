@@ -11,6 +11,41 @@ fn bf16_rows(rng: &mut Rng, n: usize) -> Vec<u16> {
     (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 4.0)).collect()
 }
 
+/// Per rank, `[T_r, K]` distinct random experts per token (T_r in 1..=max_tokens, or 0 where
+/// `empty(rank)`), each entry dropped (-1) with probability `1 / drop_one_in` (0: never).
+fn random_routing(
+    rng: &mut Rng,
+    n: usize,
+    (num_experts, num_topk, max_tokens): (usize, usize, usize),
+    drop_one_in: u64,
+    empty: impl Fn(usize) -> bool,
+) -> Vec<Vec<i64>> {
+    (0..n)
+        .map(|r| {
+            let t = if empty(r) { 0 } else { 1 + rng.below(max_tokens as u64) as usize };
+            let mut v = Vec::new();
+            for _ in 0..t {
+                let mut row: Vec<i64> = Vec::new();
+                while row.len() < num_topk {
+                    let e = rng.below(num_experts as u64) as i64;
+                    if !row.contains(&e) {
+                        row.push(e);
+                    }
+                }
+                if drop_one_in > 0 {
+                    row.iter_mut().for_each(|e| {
+                        if rng.below(drop_one_in) == 0 {
+                            *e = -1
+                        }
+                    });
+                }
+                v.extend(row);
+            }
+            v
+        })
+        .collect()
+}
+
 fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
     let b = group.stream().alloc(std::mem::size_of_val(data).max(16)).unwrap();
     b.write(group.stream(), 0, data).unwrap();
@@ -24,28 +59,7 @@ fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, ca
     let mut rng = Rng::fresh("low_latency");
     let mut cases = Vec::new();
     for call in 0..calls {
-        let idx: Vec<Vec<i64>> = (0..n)
-            .map(|r| {
-                let t = if (r + call) % 3 == 2 { 0 } else { 1 + rng.below(max_tokens as u64) as usize };
-                let mut v = Vec::new();
-                for _ in 0..t {
-                    let mut row: Vec<i64> = Vec::new();
-                    while row.len() < num_topk {
-                        let e = rng.below(num_experts as u64) as i64;
-                        if !row.contains(&e) {
-                            row.push(e);
-                        }
-                    }
-                    row.iter_mut().for_each(|e| {
-                        if rng.below(6) == 0 {
-                            *e = -1
-                        }
-                    });
-                    v.extend(row);
-                }
-                v
-            })
-            .collect();
+        let idx = random_routing(&mut rng, n, (num_experts, num_topk, max_tokens), 6, |r| (r + call) % 3 == 2);
         let tokens: Vec<usize> = idx.iter().map(|v| v.len() / num_topk).collect();
         let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * hidden)).collect();
         let w: Vec<Vec<f32>> = tokens
@@ -158,28 +172,7 @@ fn ll_rank_major_interleaved_with_expert_major() {
     let groups = Group::in_process(&devices(n)).unwrap();
     let mut calls = Vec::new();
     for call in 0..4 {
-        let idx: Vec<Vec<i64>> = (0..n)
-            .map(|r| {
-                let t = if (r + call) % 4 == 3 { 0 } else { 1 + rng.below(m as u64) as usize };
-                let mut v = Vec::new();
-                for _ in 0..t {
-                    let mut row: Vec<i64> = Vec::new();
-                    while row.len() < k {
-                        let x = rng.below(e as u64) as i64;
-                        if !row.contains(&x) {
-                            row.push(x);
-                        }
-                    }
-                    row.iter_mut().for_each(|x| {
-                        if rng.below(5) == 0 {
-                            *x = -1
-                        }
-                    });
-                    v.extend(row);
-                }
-                v
-            })
-            .collect();
+        let idx = random_routing(&mut rng, n, (e, k, m), 5, |r| (r + call) % 4 == 3);
         let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
         let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * h)).collect();
         let w: Vec<Vec<f32>> =
@@ -244,23 +237,7 @@ fn ll_graph_capture_and_replay() {
     let (e, h, k, m) = (16usize, 64usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
     let replays = if dev.is_cpu() { 6 } else { 100 };
     let mut rng = Rng::fresh("low_latency-graph");
-    let idx: Vec<Vec<i64>> = (0..n)
-        .map(|_| {
-            let t = 1 + rng.below(m as u64) as usize;
-            let mut v = Vec::new();
-            for _ in 0..t {
-                let mut row: Vec<i64> = Vec::new();
-                while row.len() < k {
-                    let x = rng.below(e as u64) as i64;
-                    if !row.contains(&x) {
-                        row.push(x);
-                    }
-                }
-                v.extend(row);
-            }
-            v
-        })
-        .collect();
+    let idx = random_routing(&mut rng, n, (e, k, m), 0, |_| false);
     let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
     let w: Vec<Vec<f32>> =
         tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
@@ -329,23 +306,7 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
     let n = num_ranks(&dev).min(8);
     let (e, h, k, m) = (16usize, 512usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
     let mut rng = Rng::fresh("low_latency-fp8");
-    let idx: Vec<Vec<i64>> = (0..n)
-        .map(|_| {
-            let t = 1 + rng.below(m as u64) as usize;
-            let mut v = Vec::new();
-            for _ in 0..t {
-                let mut row: Vec<i64> = Vec::new();
-                while row.len() < k {
-                    let x = rng.below(e as u64) as i64;
-                    if !row.contains(&x) {
-                        row.push(x);
-                    }
-                }
-                v.extend(row);
-            }
-            v
-        })
-        .collect();
+    let idx = random_routing(&mut rng, n, (e, k, m), 0, |_| false);
     let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
     // Values over a wide range, so scales differ between groups.
     let x: Vec<Vec<u16>> = tokens
