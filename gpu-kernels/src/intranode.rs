@@ -22,7 +22,9 @@
 //! order of `reference::ht_combine`, so results are bit-exact.
 //!
 //! Wait sites ([`crate::abi::DeviceError::site`]): see the `SITE_*` constants.
-use crate::abi::{ErrorSlot, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE};
+use crate::abi::{
+    DeviceError, ErrorSlot, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE, error_code,
+};
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
 use crate::num::{bf16_to_f32, f32_to_bf16};
@@ -395,6 +397,24 @@ kernel! {
                 }
                 ring.publish();
             } else if !is_sender && warp < r {
+                // A padded output must hold every row: refuse rather than write past it.
+                let num_recv = *(p.num_recv_tokens as *const i32) as u32;
+                if p.num_worst_tokens != 0 && num_recv > p.num_worst_tokens {
+                    if warp == 0 && lane == 0 {
+                        let rec = DeviceError {
+                            code: error_code::OVERFLOW,
+                            rank: p.rank,
+                            peer: u32::MAX,
+                            block: dev::block_idx_x(),
+                            site: SITE_DISPATCH_RECV,
+                            expected: p.num_worst_tokens as u64,
+                            observed: num_recv as u64,
+                            reserved: 0,
+                        };
+                        dev::report_error(p.error as *mut ErrorSlot, rec);
+                    }
+                    return;
+                }
                 let src = warp;
                 let local = peer_base(p.peer_bases, p.rank);
                 let tail = (local + l.ring_tail(l.dispatch_ctrl, src as u64, channel as u64)) as *const u64;

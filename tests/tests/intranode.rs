@@ -407,3 +407,42 @@ fn ht_bad_arguments_are_rejected_before_launch_and_the_buffer_stays_usable() {
         assert_eq!(out.num_recv_tokens, Some(if rank == 0 { 4 } else { 2 }));
     });
 }
+
+/// A padded output too small for what arrives is refused with a typed error instead of a
+/// write past its end.
+#[test]
+fn ht_num_worst_tokens_too_small_is_an_error_not_an_overflow() {
+    let groups = Group::in_process(&devices(2)).unwrap();
+    let results = on_ranks(groups, |_, mut group| {
+        group.set_timeout(std::time::Duration::from_millis(500)).unwrap();
+        let cfg = HtConfig { num_experts: 4, hidden: 64, num_topk: 1, num_scales: 0, num_channels: 0, num_slots: 0 };
+        let mut buf = HtBuffer::new(&group, cfg).unwrap();
+        // Three tokens per rank, all to expert 0 (rank 0): rank 0 receives 6 rows.
+        let (topk, weights, x) =
+            (upload(&group, &[0i64; 3]), upload(&group, &[1f32; 3]), upload(&group, &[1u16; 3 * 64]));
+        let layout = get_dispatch_layout(&group, &topk, IndexType::I64, 3, 1, 4).unwrap();
+        let args = HtDispatchArgs {
+            x: &x,
+            hidden_bytes: 128,
+            num_tokens: 3,
+            x_scales: None,
+            topk: Some((&topk, IndexType::I64, &weights, 1)),
+            layout: &layout,
+            expert_alignment: 1,
+            num_worst_tokens: Some(4),
+        };
+        group.bootstrap().barrier().unwrap();
+        let out = buf.dispatch(&group, &args).unwrap();
+        group.stream().synchronize().unwrap();
+        let r = group.take_device_error("ht_dispatch");
+        group.bootstrap().barrier().unwrap(); // nobody frees its buffer while a peer may still use it
+        drop(out);
+        r
+    });
+    match &results[0] {
+        Err(moe_ep::Error::InvalidArgument { arg: "num_worst_tokens", reason }) => {
+            assert!(reason.contains("6 rows arrive") && reason.contains("holds 4"), "{reason}")
+        }
+        other => panic!("rank 0: expected an overflow error, got {other:?}"),
+    }
+}

@@ -31,6 +31,8 @@ pub mod error_code {
     /// An input value is out of range (e.g. an expert id `>= num_experts`);
     /// `DeviceError::site` is the offending row, `observed` the value.
     pub const BAD_INPUT: u32 = 3;
+    /// A fixed-size output is too small: `observed` rows arrive, `expected` fit.
+    pub const OVERFLOW: u32 = 4;
 }
 
 /// What a kernel reports when it gives up, in page-locked host memory that the host reads

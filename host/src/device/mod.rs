@@ -606,6 +606,13 @@ impl ErrorRecord {
                 observed: rec.observed,
             },
             error_code::BAD_LAUNCH => Error::BadLaunch { kernel, rank: rec.rank },
+            error_code::OVERFLOW => Error::InvalidArgument {
+                arg: "num_worst_tokens",
+                reason: format!(
+                    "{kernel} on rank {}: {} rows arrive, the fixed-size output holds {}",
+                    rec.rank, rec.observed, rec.expected
+                ),
+            },
             error_code::BAD_INPUT => Error::InvalidArgument {
                 arg: "input",
                 reason: format!(
