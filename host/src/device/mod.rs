@@ -261,7 +261,7 @@ impl Device {
         Ok(Stream {
             device: self.clone(),
             raw,
-            handle: Arc::new(StreamHandle { device: self.clone(), raw }),
+            handle: Arc::new(StreamHandle { device: self.clone(), raw, borrowed: false }),
             capture: Mutex::new(None),
         })
     }
@@ -269,11 +269,20 @@ impl Device {
 
 enum Memory {
     CpuHeap,
-    CpuShared { fd: Option<OwnedFd> },
+    CpuShared {
+        fd: Option<OwnedFd>,
+    },
     Cuda,
-    CudaPool { stream: Arc<StreamHandle> },
+    CudaPool {
+        stream: Arc<StreamHandle>,
+    },
     CudaIpc,
-    CudaVmm { handle: sys::CUmemGenericAllocationHandle, size: usize },
+    CudaVmm {
+        handle: sys::CUmemGenericAllocationHandle,
+        size: usize,
+    },
+    /// Someone else's memory ([`DeviceBuffer::borrowed`]): never freed here.
+    Borrowed,
 }
 
 /// Memory on a device (or, on the CPU back end, in host memory), freed on drop.
@@ -696,11 +705,14 @@ impl Drop for Graph {
 struct StreamHandle {
     device: Device,
     raw: usize,
+    /// Made by [`Stream::from_raw`]: the stream belongs to someone else.
+    borrowed: bool,
 }
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
-        if let Some(d) = self.device.cuda_backend()
+        if !self.borrowed
+            && let Some(d) = self.device.cuda_backend()
             && d.bind().is_ok()
         {
             // SAFETY: destroyed once; queued work still completes.
@@ -964,6 +976,43 @@ impl Drop for Event {
         {
             // SAFETY: destroyed once.
             unsafe { sys::cuEventDestroy_v2(self.raw as sys::CUevent) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interop: memory and streams owned by another library (torch, numpy), used without copies.
+// ---------------------------------------------------------------------------------------------
+
+impl DeviceBuffer {
+    /// A non-owning view of `bytes` bytes at `ptr` on `device` (a torch tensor's or numpy
+    /// array's memory); dropping it frees nothing.
+    ///
+    /// # Safety
+    /// 1. `ptr..ptr + bytes` is memory of `device` (host memory for the CPU back end) that
+    ///    kernels of `device` may read and write.
+    /// 2. It stays allocated, and nothing else writes it, while the view or work queued with
+    ///    it is alive.
+    pub unsafe fn borrowed(device: &Device, ptr: u64, bytes: usize) -> DeviceBuffer {
+        DeviceBuffer::new(device, ptr, bytes, Memory::Borrowed)
+    }
+}
+
+impl Stream {
+    /// A non-owning [`Stream`] over a `CUstream` made elsewhere (e.g. torch's current
+    /// stream: `torch.cuda.current_stream().cuda_stream`); never destroyed here. On the CPU
+    /// back end `raw` is ignored (CPU work runs at once).
+    ///
+    /// # Safety
+    /// On CUDA, `raw` is a live stream (or null, the legacy default stream) of `device`'s
+    /// primary context, and outlives the returned value and buffers allocated on it.
+    pub unsafe fn from_raw(device: &Device, raw: usize) -> Stream {
+        let raw = if device.is_cpu() { 0 } else { raw };
+        Stream {
+            device: device.clone(),
+            raw,
+            handle: Arc::new(StreamHandle { device: device.clone(), raw, borrowed: true }),
+            capture: Mutex::new(None),
         }
     }
 }
