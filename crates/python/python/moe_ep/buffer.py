@@ -6,6 +6,8 @@ L = E / R local experts, M = `num_max_dispatch_tokens_per_rank`.
 """
 import os
 import sys
+
+import numpy as np
 from typing import NamedTuple, Optional
 
 from . import _native
@@ -124,7 +126,9 @@ def _native_rank(group, comm):
     if isinstance(group, Group):
         return group._native
     if group is not None:  # a torch.distributed process group
-        import torch.distributed as dist
+        dist = sys.modules.get("torch.distributed")
+        if dist is None:
+            import torch.distributed as dist
 
         def all_gather(blob):
             out = [None] * group.size()
@@ -539,7 +543,7 @@ class Buffer:
             if tz.is_torch(stats):
                 stats.add_(recv_count)
             else:
-                stats += recv_count
+                np.add(stats, recv_count, out=stats)
 
         hook = None
         if return_recv_hook:
