@@ -64,6 +64,7 @@ pub fn run(args: &[String]) -> Result {
     fs::copy(root().join(ptx::TRACKED), out.join("moe_ep_kernels.ptx"))
         .map_err(|e| format!("copying {}: {e}", ptx::TRACKED))?;
     let scripts = copy_gpu_scripts(&out)?;
+    python_package(&out)?;
 
     let demo = examples.iter().map(|(n, _)| n.clone()).find(|n| *n == format!("{HOST_PACKAGE}-{DEMO_EXAMPLE}"));
     let test_names: Vec<String> = tests.iter().map(|(n, _)| n.clone()).collect();
@@ -181,6 +182,34 @@ fn copy_gpu_scripts(out: &Path) -> Result<Vec<String>> {
     }
     scripts.sort();
     Ok(scripts)
+}
+
+/// The Python package for tests/gpu/python_torch.sh: the abi3 wheel (release, stripped; any
+/// CPython >= 3.10 on x86-64 Linux), its tests, and pytest's wheels in case the GPU machine
+/// lacks pytest (it has no network).
+fn python_package(out: &Path) -> Result {
+    eprintln!("==> python wheel");
+    let dir = out.join("python");
+    let wheel = crate::ci::build_wheel(&dir, true)?;
+    eprintln!("wheel: {}", wheel.display());
+    let tests = dir.join("tests");
+    fs::create_dir_all(&tests).map_err(|e| e.to_string())?;
+    let src = root().join("crates/python/tests");
+    for e in fs::read_dir(&src).map_err(|e| format!("{}: {e}", src.display()))? {
+        let path = e.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|x| x == "py") {
+            let name = path.file_name().unwrap_or_default();
+            fs::copy(&path, tests.join(name)).map_err(|e| format!("copying {}: {e}", path.display()))?;
+        }
+    }
+    let mut get = crate::ci::python();
+    get.args(["-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", "3.12", "--dest"])
+        .arg(dir.join("wheels"))
+        .arg("pytest");
+    if let Err(e) = crate::run(&mut get) {
+        eprintln!("warning: no pytest wheels in the bundle ({e}); the GPU machine must have pytest");
+    }
+    Ok(())
 }
 
 fn build_info() -> String {

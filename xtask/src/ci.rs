@@ -66,12 +66,45 @@ pub fn run(args: &[String]) -> Result {
     }
 }
 
-/// The Python package's checks (a future `crates/python` with pytest tests) go here: e.g. build
-/// the extension with maturin into a venv under target/, then `python -m pytest crates/python/tests`.
-/// Nothing to run yet.
+/// The Python package (`crates/python`): build the extension wheel with maturin (dev
+/// profile), install it into target/python-site, run its pytest suite on the CPU back end.
+/// `.ci/run` installs maturin, pytest and numpy.
 fn python_steps() -> Vec<Step> {
-    if crate::root().join("crates/python").is_dir() {
-        eprintln!("note: crates/python exists but `cargo xtask test` does not run its tests yet (xtask/src/ci.rs)");
+    vec![step("python: maturin build + pytest crates/python/tests (CPU back end)", || {
+        let wheels = crate::root().join("target/wheels-ci");
+        let wheel = build_wheel(&wheels, false)?;
+        let site = crate::root().join("target/python-site");
+        let _ = std::fs::remove_dir_all(&site);
+        run_cmd(python().args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"]).arg(&site).arg(&wheel))?;
+        run_cmd(
+            python()
+                .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "crates/python/tests"])
+                .env("PYTHONPATH", &site)
+                .env("MOE_EP_DEVICE", "cpu"),
+        )
+    })]
+}
+
+/// `python3` (or `$PYTHON`), run from the workspace root.
+pub fn python() -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()));
+    cmd.current_dir(crate::root());
+    cmd
+}
+
+/// Builds the `moe-ep` wheel (abi3, Python >= 3.10) into the emptied folder `out`; returns its path.
+pub fn build_wheel(out: &std::path::Path, release: bool) -> Result<std::path::PathBuf> {
+    let _ = std::fs::remove_dir_all(out);
+    let mut cmd = python();
+    cmd.args(["-m", "maturin", "build", "--interpreter", "python3", "-m", "crates/python/Cargo.toml", "-o"]).arg(out);
+    if release {
+        cmd.args(["--release", "--strip"]);
     }
-    Vec::new()
+    run_cmd(&mut cmd)?;
+    let wheel = std::fs::read_dir(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| format!("maturin left no wheel in {}", out.display()))?;
+    Ok(wheel)
 }

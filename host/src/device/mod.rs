@@ -272,7 +272,7 @@ impl Device {
                 match d.pool_create() {
                     Ok(pool) => (raw, pool as usize),
                     Err(e) => {
-                        drop(StreamHandle { device: self.clone(), raw, pool: 0 }); // destroys the stream
+                        drop(StreamHandle { device: self.clone(), raw, pool: 0, borrowed: false }); // destroys the stream
                         return Err(e);
                     }
                 }
@@ -281,7 +281,7 @@ impl Device {
         Ok(Stream {
             device: self.clone(),
             raw,
-            handle: Arc::new(StreamHandle { device: self.clone(), raw, pool }),
+            handle: Arc::new(StreamHandle { device: self.clone(), raw, pool, borrowed: false }),
             capture: Mutex::new(None),
         })
     }
@@ -289,11 +289,20 @@ impl Device {
 
 enum Memory {
     CpuHeap,
-    CpuShared { fd: Option<OwnedFd> },
+    CpuShared {
+        fd: Option<OwnedFd>,
+    },
     Cuda,
-    CudaPool { stream: Arc<StreamHandle> },
+    CudaPool {
+        stream: Arc<StreamHandle>,
+    },
     CudaIpc,
-    CudaVmm { handle: sys::CUmemGenericAllocationHandle, size: usize },
+    CudaVmm {
+        handle: sys::CUmemGenericAllocationHandle,
+        size: usize,
+    },
+    /// Someone else's memory ([`DeviceBuffer::borrowed`]): never freed here.
+    Borrowed,
 }
 
 /// Memory on a device (or, on the CPU back end, in host memory), freed on drop.
@@ -716,8 +725,10 @@ impl Drop for Graph {
 struct StreamHandle {
     device: Device,
     raw: usize,
-    /// This stream's own memory pool (see `Stream::alloc`).
+    /// This stream's own memory pool (see `Stream::alloc`; 0: the device's default pool).
     pool: usize,
+    /// Made by [`Stream::from_raw`]: the stream belongs to someone else.
+    borrowed: bool,
 }
 
 impl Drop for StreamHandle {
@@ -728,7 +739,9 @@ impl Drop for StreamHandle {
             // SAFETY: destroyed once; queued work still completes. Buffers from the pool
             // hold this handle, so all of them were freed (in stream order) before.
             unsafe {
-                sys::cuStreamDestroy_v2(self.raw as sys::CUstream);
+                if !self.borrowed {
+                    sys::cuStreamDestroy_v2(self.raw as sys::CUstream);
+                }
                 if self.pool != 0 {
                     sys::cuMemPoolDestroy(self.pool as sys::CUmemoryPool);
                 }
@@ -845,8 +858,13 @@ impl Stream {
                 d.bind()?;
                 let mut p = 0;
                 // SAFETY: writes one pointer; ordered on this stream.
+                let pool = self.handle.pool as sys::CUmemoryPool;
                 cuda::check("cuMemAllocFromPoolAsync", unsafe {
-                    sys::cuMemAllocFromPoolAsync(&mut p, bytes.max(1), self.handle.pool as sys::CUmemoryPool, self.cu())
+                    if pool.is_null() {
+                        sys::cuMemAllocAsync(&mut p, bytes.max(1), self.cu())
+                    } else {
+                        sys::cuMemAllocFromPoolAsync(&mut p, bytes.max(1), pool, self.cu())
+                    }
                 })?;
                 Ok(DeviceBuffer::new(&self.device, p, bytes, Memory::CudaPool { stream: self.handle.clone() }))
             }
@@ -1010,6 +1028,49 @@ impl Drop for Event {
         {
             // SAFETY: destroyed once.
             unsafe { sys::cuEventDestroy_v2(self.raw as sys::CUevent) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interop: memory and streams owned by another library (torch, numpy), used without copies.
+// ---------------------------------------------------------------------------------------------
+
+impl DeviceBuffer {
+    /// A non-owning view of `bytes` bytes at `ptr` on `device` (a torch tensor's or numpy
+    /// array's memory); dropping it frees nothing.
+    ///
+    /// # Safety
+    /// 1. `ptr..ptr + bytes` is memory of `device` (host memory for the CPU back end) that
+    ///    kernels of `device` may read and write.
+    /// 2. It stays allocated, and nothing else writes it, while the view or work queued with
+    ///    it is alive.
+    pub unsafe fn borrowed(device: &Device, ptr: u64, bytes: usize) -> DeviceBuffer {
+        DeviceBuffer::new(device, ptr, bytes, Memory::Borrowed)
+    }
+}
+
+impl Stream {
+    /// A non-owning [`Stream`] over a `CUstream` made elsewhere (e.g. torch's current
+    /// stream: `torch.cuda.current_stream().cuda_stream`); never destroyed here. On the CPU
+    /// back end `raw` is ignored (CPU work runs at once).
+    ///
+    /// # Safety
+    /// On CUDA, `raw` is a live stream (or null, the legacy default stream) of `device`'s
+    /// primary context, and outlives the returned value and buffers allocated on it.
+    pub unsafe fn from_raw(device: &Device, raw: usize) -> Stream {
+        let raw = if device.is_cpu() { 0 } else { raw };
+        Stream {
+            device: device.clone(),
+            raw,
+            // Its own pool as for our streams; without one, the device's default pool.
+            handle: Arc::new(StreamHandle {
+                device: device.clone(),
+                raw,
+                pool: device.cuda_backend().and_then(|d| d.pool_create().ok()).map_or(0, |p| p as usize),
+                borrowed: true,
+            }),
+            capture: Mutex::new(None),
         }
     }
 }

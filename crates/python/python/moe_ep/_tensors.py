@@ -1,0 +1,124 @@
+"""Tensors in and out of the native layer, for torch tensors (CUDA or CPU) and numpy arrays.
+
+Inputs are checked (type, dtype, shape, device, contiguity: `TypeError` / `ValueError` that say
+what was expected) and passed as `(data pointer, bytes)` without copying. Outputs arrive as
+native byte arrays and are viewed, without copying, as tensors of the caller's kind.
+
+numpy has no bfloat16 / float8: on the CPU back end `uint16` arrays hold bf16 bits and
+`uint8` arrays fp8 e4m3 bits (ml_dtypes' `bfloat16` / `float8_e4m3fn` are accepted too).
+"""
+import sys
+
+import numpy as np
+
+# Canonical dtype names -> element size.
+_SIZES = {"bfloat16": 2, "float8_e4m3fn": 1, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
+# numpy dtype names -> canonical (raw bit containers for the types numpy lacks).
+_NUMPY = {
+    "uint16": "bfloat16", "bfloat16": "bfloat16", "uint8": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn",
+    "float32": "float32", "int32": "int32", "int64": "int64", "bool": "bool",
+}
+_NUMPY_OUT = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float32": np.float32, "int32": np.int32,
+              "int64": np.int64, "bool": np.bool_}
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_torch(obj):
+    t = _torch()
+    return t is not None and isinstance(obj, t.Tensor)
+
+
+def kind(obj, name):
+    """'torch' or 'numpy'; TypeError for anything else."""
+    if is_torch(obj):
+        return "torch"
+    if isinstance(obj, np.ndarray):
+        return "numpy"
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(obj).__name__}")
+
+
+def dtype_name(obj):
+    if is_torch(obj):
+        return str(obj.dtype).replace("torch.", "")
+    return _NUMPY.get(obj.dtype.name, obj.dtype.name)
+
+
+def device_of(obj):
+    """'cpu' or 'cuda:N'."""
+    if is_torch(obj) and obj.is_cuda:
+        return f"cuda:{obj.device.index}"
+    return "cpu"
+
+
+def check(obj, name, device, dtypes, ndim, shape=None):
+    """Checks one input tensor; returns it. `shape` entries of None are free."""
+    kind(obj, name)
+    dt = dtype_name(obj)
+    if dt not in dtypes:
+        want = " or ".join(dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, got {dt}")
+    if len(obj.shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(obj.shape)}")
+    if shape is not None:
+        for i, (got, want) in enumerate(zip(obj.shape, shape)):
+            if want is not None and got != want:
+                pretty = tuple("*" if w is None else w for w in shape)
+                raise ValueError(f"{name}: expected shape {pretty}, got {tuple(obj.shape)} (dimension {i})")
+    where = device_of(obj)
+    if where != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {where}")
+    contiguous = obj.is_contiguous() if is_torch(obj) else obj.flags["C_CONTIGUOUS"]
+    if not contiguous:
+        raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous())")
+    return obj
+
+
+def mem(obj):
+    """(data pointer, bytes) of a checked tensor."""
+    if obj is None:
+        return None
+    if is_torch(obj):
+        return (obj.data_ptr(), obj.numel() * obj.element_size())
+    return (obj.ctypes.data, obj.nbytes)
+
+
+def out(arr, like, device, dtype, shape):
+    """Views native bytes `arr` as a tensor of `like`'s kind ('torch'/'numpy') without copying."""
+    shape = tuple(int(s) for s in shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    torch = _torch()
+    if like == "torch":
+        tdt = getattr(torch, dtype)
+        if numel == 0:
+            return torch.empty(shape, dtype=tdt, device=device)
+        if device == "cpu":
+            raw = torch.from_numpy(np.asarray(arr))
+        else:
+            raw = torch.as_tensor(arr, device=device)
+        return raw[: numel * _SIZES[dtype]].view(tdt).view(shape)
+    ndt = _NUMPY_OUT[dtype]
+    if numel == 0:
+        return np.empty(shape, dtype=ndt)
+    return np.asarray(arr)[: numel * _SIZES[dtype]].view(ndt).reshape(shape)
+
+
+def empty(like, device, dtype, shape):
+    torch = _torch()
+    if like == "torch":
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+    return np.empty(shape, dtype=_NUMPY_OUT[dtype])
+
+
+def current_stream(device):
+    """Raw CUstream of torch's current stream on `device` (0 on the CPU)."""
+    if device == "cpu":
+        return 0
+    torch = _torch()
+    if torch is None:
+        return 0
+    return torch.cuda.current_stream(torch.device(device)).cuda_stream

@@ -1,0 +1,601 @@
+"""`moe_ep.Buffer`: DeepEP V1's `deep_ep.Buffer` API (intranode HT and LL) over moe-ep's kernels.
+
+Method names, arguments, defaults and return tuples are DeepEP's; docs/python.md lists what
+differs. Shapes below: T tokens of this rank, H hidden, K top-k, E experts, R ranks,
+L = E / R local experts, M = `num_max_dispatch_tokens_per_rank`.
+"""
+import os
+import sys
+
+import numpy as np
+from typing import NamedTuple, Optional
+
+from . import _native
+from . import _tensors as tz
+
+_INDEX = ("int64", "int32")
+
+
+class Config:
+    """DeepEP's performance config. moe-ep uses `num_sms` (HT channels = `num_sms // 2`); the
+    chunk sizes are accepted and kept but not used (our rings have fixed slots)."""
+
+    def __init__(self, num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
+                 num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=128):
+        if num_sms <= 0 or num_sms % 2:
+            raise ValueError(f"num_sms: expected a positive even number, got {num_sms}")
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
+        """Bytes of the HT buffer for rows of `hidden_bytes` (bf16) with up to 256 experts and
+        top-8. Informational: moe-ep sizes the buffer from the first call's shapes."""
+        experts = -(-256 // num_ranks) * num_ranks
+        return _native.ht_size_hint(num_ranks, experts, max(hidden_bytes // 2, 8), 8, self.num_sms // 2, 128)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
+        """0: no inter-node HT yet."""
+        return 0
+
+    def __repr__(self):
+        return (f"Config(num_sms={self.num_sms}, nvl_chunk=({self.num_max_nvl_chunked_send_tokens}, "
+                f"{self.num_max_nvl_chunked_recv_tokens}))")
+
+
+class EventOverlap:
+    """An event after an op (`async_finish=True`), or None. `current_stream_wait()` makes the
+    caller's current stream wait for it; `with event:` does so on exit. Keeps `extra_tensors`
+    (the op's inputs) alive until then, as DeepEP does."""
+
+    def __init__(self, event=None, extra_tensors=None, device="cpu"):
+        self.event = event
+        self.extra_tensors = extra_tensors
+        self._device = device
+
+    def current_stream_wait(self):
+        if self.event is not None:
+            self.event.wait(tz.current_stream(self._device))
+        self.extra_tensors = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.event is not None:
+            self.current_stream_wait()
+
+
+class UniqueId:
+    """Bootstrap without torch.distributed: rank 0 makes one, every rank gets its bytes
+    (`to_bytes()` / `UniqueId.from_bytes`) and calls `Group.from_unique_id`."""
+
+    def __init__(self, native=None):
+        self._id = native if native is not None else _native.UniqueId()
+
+    def to_bytes(self):
+        return self._id.to_bytes()
+
+    @staticmethod
+    def from_bytes(data):
+        return UniqueId(_native.UniqueId.from_bytes(bytes(data)))
+
+    def __repr__(self):
+        return repr(self._id)
+
+
+class Group:
+    """A rank of moe-ep's own groups (pass it as `Buffer(group, ...)` instead of a torch
+    process group)."""
+
+    def __init__(self, native):
+        self._native = native
+
+    @staticmethod
+    def in_process(num_ranks, device="cpu"):
+        """`num_ranks` ranks in this process on `device` ('cpu', 'cuda', 'cuda:N'); drive each
+        Buffer from its own thread (calls are collective)."""
+        return [Group(r) for r in _native.Rank.in_process([device] * num_ranks)]
+
+    @staticmethod
+    def from_unique_id(unique_id, rank, num_ranks, device=None):
+        """Rank `rank` of `num_ranks` processes (collective), joined over TCP."""
+        return Group(_native.Rank.with_unique_id(device or _default_device(), unique_id._id, rank, num_ranks))
+
+    def rank(self):
+        return self._native.rank
+
+    def size(self):
+        return self._native.num_ranks
+
+
+def _default_device():
+    """`MOE_EP_DEVICE`, else torch's current CUDA device, else the CPU emulator."""
+    name = os.environ.get("MOE_EP_DEVICE")
+    torch = sys.modules.get("torch")
+    if name in (None, "cuda", "gpu") and torch is not None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    if name in (None, "cuda", "gpu"):
+        return "cuda" if name else ("cuda" if _native.cuda_device_count() > 0 else "cpu")
+    return name
+
+
+def _native_rank(group, comm):
+    if isinstance(group, Group):
+        return group._native
+    if group is not None:  # a torch.distributed process group
+        dist = sys.modules.get("torch.distributed")
+        if dist is None:
+            import torch.distributed as dist
+
+        def all_gather(blob):
+            out = [None] * group.size()
+            dist.all_gather_object(out, bytes(blob), group=group)
+            return out
+
+        return _native.Rank.with_all_gather(_default_device(), group.rank(), group.size(), all_gather)
+    if comm is not None:  # mpi4py
+        return _native.Rank.with_all_gather(_default_device(), comm.Get_rank(), comm.Get_size(),
+                                            lambda blob: [bytes(b) for b in comm.allgather(bytes(blob))])
+    raise ValueError("Either 'group' or 'comm' must be provided.")
+
+
+class DispatchLayout(NamedTuple):
+    num_tokens_per_rank: object
+    num_tokens_per_rdma_rank: object
+    num_tokens_per_expert: object
+    is_token_in_rank: object
+    event: EventOverlap
+
+
+class DispatchOutput(NamedTuple):
+    recv_x: object
+    recv_topk_idx: object
+    recv_topk_weights: object
+    num_recv_tokens_per_expert_list: object
+    handle: object
+    event: EventOverlap
+
+
+class CombineOutput(NamedTuple):
+    combined_x: object
+    combined_topk_weights: object
+    event: EventOverlap
+
+
+class LowLatencyDispatchOutput(NamedTuple):
+    recv_x: object
+    recv_count: object
+    handle: object
+    event: EventOverlap
+    hook: object
+
+
+class LowLatencyCombineOutput(NamedTuple):
+    combined_x: object
+    event: EventOverlap
+    hook: object
+
+
+class HtHandle:
+    """Opaque handle of an HT dispatch (DeepEP's is a 6-tuple); pass it to `combine` or to a
+    cached `dispatch`. Fields are tensors."""
+
+    def __init__(self, native, like, device, recv_src_idx, num_recv_tokens_per_expert):
+        self._native, self._like, self._device = native, like, device
+        self.recv_src_idx = recv_src_idx  # [rows] int32: source token of each row, -1 on padding
+        self.num_recv_tokens_per_expert = num_recv_tokens_per_expert  # [L] int32
+        self.num_recv_tokens = native.num_rows
+
+    @property
+    def rank_prefix_matrix(self):
+        r = self._native.num_ranks
+        return tz.out(self._native.rank_prefix_matrix(), self._like, self._device, "int32", (r, r))
+
+    @property
+    def is_token_in_rank(self):
+        shape = (self._native.num_tokens, self._native.num_ranks)
+        return tz.out(self._native.is_token_in_rank(), self._like, self._device, "bool", shape)
+
+    @property
+    def send_head(self):
+        shape = (self._native.num_tokens, self._native.num_ranks)
+        return tz.out(self._native.send_head(), self._like, self._device, "int32", shape)
+
+
+class LowLatencyHandle:
+    """Handle of an LL dispatch; unpacks like DeepEP's `(src_info, layout_range,
+    num_max_dispatch_tokens_per_rank, hidden, num_experts)`."""
+
+    def __init__(self, native, src_info, layout_range, m, hidden, num_experts):
+        self._native = native
+        self.src_info, self.layout_range = src_info, layout_range
+        self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts = m, hidden, num_experts
+
+    def _tuple(self):
+        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
+                self.num_experts)
+
+    def __iter__(self):
+        return iter(self._tuple())
+
+    def __getitem__(self, i):
+        return self._tuple()[i]
+
+    def __len__(self):
+        return 5
+
+
+def _bool(v, name):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return v
+
+
+def _int(v, name, lo=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name}: expected at least {lo}, got {v}")
+    return v
+
+
+class Buffer:
+    """The expert-parallel communication buffer of one rank (DeepEP's `Buffer`): HT
+    (intranode, NVLink) and LL dispatch/combine.
+
+    `group`: a `torch.distributed` process group (our handles are all-gathered over it;
+    use the gloo backend when ranks share a GPU), or a `moe_ep.Group`. `num_nvl_bytes`,
+    `num_rdma_bytes`, `low_latency_mode`, `num_qps_per_rank`, `allow_nvlink_for_low_latency_mode`,
+    `allow_mnnvl`, `enable_shrink` are accepted and kept: moe-ep allocates each mode's buffer on
+    its first call, sized by that call's shapes (and both modes may be used on one Buffer).
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
+                 num_qps_per_rank=24, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
+                 explicitly_destroy=False, enable_shrink=False, comm=None):
+        _int(num_nvl_bytes, "num_nvl_bytes", 0)
+        _int(num_rdma_bytes, "num_rdma_bytes", 0)
+        self.runtime = _native_rank(group, comm)
+        self.group = group if group is not None else comm
+        self.rank = self.runtime.rank
+        self.group_size = self.runtime.num_ranks
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.device = self.runtime.device
+
+    # ----------------------------------------------------------------------------------- misc
+
+    def destroy(self):
+        """Frees the buffers (collective); only with `explicitly_destroy=True`, as in DeepEP."""
+        if not self.explicitly_destroy:
+            raise ValueError("`explicitly_destroy` flag must be set")
+        self.runtime.destroy()
+
+    @staticmethod
+    def is_sm90_compiled():
+        """True: the shipped kernels are PTX for sm_90."""
+        return True
+
+    @staticmethod
+    def set_num_sms(new_num_sms):
+        """SMs for HT kernels (two per channel)."""
+        _int(new_num_sms, "new_num_sms", 2)
+        if new_num_sms % 2:
+            raise ValueError(f"new_num_sms: the SM count must be even, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture():
+        """An event on torch's current CUDA stream (an empty EventOverlap without CUDA)."""
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return EventOverlap(None)
+        device = f"cuda:{torch.cuda.current_device()}"
+        return EventOverlap(_native.record_event(device, tz.current_stream(device)), device=device)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        """Bytes of the LL buffer (both buffer sets) for these sizes."""
+        return _native.ll_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        return Config(Buffer.num_sms, 4, 256, 6, 128)
+
+    def get_comm_stream(self):
+        """The rank's own stream (DeepEP's comm stream) as a `torch.cuda.ExternalStream`."""
+        import torch
+        return torch.cuda.ExternalStream(self.runtime.comm_stream, device=torch.device(self.device))
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _ctx(self, previous_event, async_finish, allocate_on_comm_stream):
+        _bool(async_finish, "async_finish")
+        _bool(allocate_on_comm_stream, "allocate_on_comm_stream")
+        ev = None
+        if previous_event is not None:
+            if not isinstance(previous_event, EventOverlap):
+                raise TypeError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
+            ev = previous_event.event
+        return (tz.current_stream(self.device), ev, async_finish, allocate_on_comm_stream)
+
+    def _event(self, ev, inputs):
+        return EventOverlap(ev, inputs if ev is not None else None, self.device)
+
+    def _num_channels(self, config):
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config: expected a moe_ep.Config, got {type(config).__name__}")
+        if self.device == "cpu":
+            return 0  # the emulator's default (2): one OS thread per emulated GPU thread
+        return (config.num_sms if config is not None else Buffer.num_sms) // 2
+
+    # -------------------------------------------------------------------------------------- HT
+
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        """Where each token goes. `topk_idx`: `[T, K]` int64 (or int32), -1 = none.
+
+        Returns `(num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32,
+        is_token_in_rank [T, R] bool, event)`."""
+        like = tz.kind(topk_idx, "topk_idx")
+        tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2)
+        _int(num_experts, "num_experts", 1)
+        t, k = topk_idx.shape
+        r = self.group_size
+        idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
+        a, b, c, ev = self.runtime.layout(tz.mem(topk_idx), idx_bytes, t, k, num_experts,
+                                          *self._ctx(previous_event, async_finish, allocate_on_comm_stream))
+        return DispatchLayout(tz.out(a, like, self.device, "int32", (r,)), None,
+                              tz.out(b, like, self.device, "int32", (num_experts,)),
+                              tz.out(c, like, self.device, "bool", (t, r)), self._event(ev, (topk_idx,)))
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        """HT dispatch. `x`: `[T, H]` bfloat16, or `(x [T, H] float8_e4m3fn, scales [T, S] float32)`.
+        With `handle` (from an earlier dispatch): cached mode, the same routes, no count exchange.
+
+        Returns `(recv_x (a tuple with scales for fp8), recv_topk_idx [N, K] int64,
+        recv_topk_weights [N, K] float32, num_recv_tokens_per_expert_list, handle, event)`;
+        N = rows received, or `num_worst_tokens` (padding rows: topk_idx -1, the list empty)."""
+        fp8 = isinstance(x, tuple)
+        if fp8:
+            if len(x) != 2:
+                raise ValueError("x: expected a tensor or a (float8 tensor, scales) pair")
+            x, x_scales = x
+        else:
+            x_scales = None
+        like = tz.kind(x, "x")
+        tz.check(x, "x", self.device, ("float8_e4m3fn",) if fp8 else ("bfloat16",), 2)
+        t, hidden = x.shape
+        hidden_bytes = hidden if fp8 else 2 * hidden
+        if hidden_bytes % 16:
+            raise ValueError(f"x: rows of {hidden_bytes} bytes; expected a multiple of 16")
+        scales = None
+        if fp8:
+            tz.check(x_scales, "x_scales", self.device, ("float32", "int32"), 2, (t, None))
+            scales = (tz.mem(x_scales), x_scales.shape[1])
+        _int(expert_alignment, "expert_alignment", 1)
+        _int(num_worst_tokens, "num_worst_tokens", 0)
+        ctx = self._ctx(previous_event, async_finish, allocate_on_comm_stream)
+        channels = self._num_channels(config)
+        xs = (x,) if x_scales is None else (x, x_scales)
+
+        if handle is not None:
+            if not isinstance(handle, HtHandle):
+                raise TypeError(f"handle: expected the handle of a moe_ep dispatch, got {type(handle).__name__}")
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("topk_idx / topk_weights: must be None for a cached dispatch (with handle)")
+            if t != handle._native.num_tokens:
+                raise ValueError(f"x: {t} tokens, the handle's dispatch had {handle._native.num_tokens}")
+            rx, rs, ev = self.runtime.ht_dispatch_cached(handle._native, tz.mem(x), hidden_bytes, scales, *ctx)
+            n = handle._native.num_rows
+            recv_x = tz.out(rx, like, self.device, dtype_of(fp8), (n, hidden))
+            if fp8:
+                recv_x = (recv_x, tz.out(rs, like, self.device, tz.dtype_name(x_scales), (n, x_scales.shape[1])))
+            return DispatchOutput(recv_x, None, None, None, None, self._event(ev, xs))
+
+        r = self.group_size
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            raise ValueError("num_tokens_per_rank, is_token_in_rank and num_tokens_per_expert are required "
+                             "without a handle (from get_dispatch_layout)")
+        tz.check(num_tokens_per_rank, "num_tokens_per_rank", self.device, ("int32",), 1, (r,))
+        tz.check(is_token_in_rank, "is_token_in_rank", self.device, ("bool",), 2, (t, r))
+        tz.check(num_tokens_per_expert, "num_tokens_per_expert", self.device, ("int32",), 1)
+        num_experts = num_tokens_per_expert.shape[0]
+        if num_experts % r:
+            raise ValueError(f"num_tokens_per_expert: {num_experts} experts is not a multiple of {r} ranks")
+        topk = None
+        k = 0
+        if (topk_idx is None) != (topk_weights is None):
+            raise ValueError("topk_idx and topk_weights: give both or neither")
+        if topk_idx is not None:
+            tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2, (t, None))
+            k = topk_idx.shape[1]
+            tz.check(topk_weights, "topk_weights", self.device, ("float32",), 2, (t, k))
+            idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
+            topk = (tz.mem(topk_idx), idx_bytes, tz.mem(topk_weights), k)
+        layout = (tz.mem(num_tokens_per_rank), tz.mem(num_tokens_per_expert), tz.mem(is_token_in_rank))
+        (rx, rs, ri, rw, src, per_expert, per_list, h, ev) = self.runtime.ht_dispatch(
+            tz.mem(x), hidden, hidden_bytes, t, scales, topk, layout, num_experts, expert_alignment,
+            num_worst_tokens or None, channels, *ctx)
+        n = h.num_rows
+        out = lambda a, dt, shape: tz.out(a, like, self.device, dt, shape)  # noqa: E731
+        recv_x = out(rx, dtype_of(fp8), (n, hidden))
+        if fp8:
+            recv_x = (recv_x, out(rs, tz.dtype_name(x_scales), (n, x_scales.shape[1])))
+        handle = HtHandle(h, like, self.device, out(src, "int32", (n,)),
+                          out(per_expert, "int32", (num_experts // r,)))
+        inputs = xs + tuple(v for v in (topk_idx, topk_weights, is_token_in_rank) if v is not None)
+        return DispatchOutput(recv_x,
+                              out(ri, "int64", (n, k)) if ri is not None else None,
+                              out(rw, "float32", (n, k)) if rw is not None else None,
+                              list(per_list) if per_list is not None else [],
+                              handle, self._event(ev, inputs))
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """HT combine: sums each token's copies (no weights) in a fixed order, plus `bias`
+        (`[T, H]` bfloat16, or a pair). `x`: `[N, H]` bfloat16 rows as dispatched.
+
+        Returns `(combined_x [T, H] bfloat16, combined_topk_weights [T, K] float32 or None, event)`."""
+        if not isinstance(handle, HtHandle):
+            raise TypeError(f"handle: expected the handle of a moe_ep dispatch, got {type(handle).__name__}")
+        like = tz.kind(x, "x")
+        n, t = handle._native.num_rows, handle._native.num_tokens
+        tz.check(x, "x", self.device, ("bfloat16",), 2, (n, None))
+        hidden = x.shape[1]
+        weights = None
+        if topk_weights is not None:
+            tz.check(topk_weights, "topk_weights", self.device, ("float32",), 2, (n, None))
+            weights = (tz.mem(topk_weights), topk_weights.shape[1])
+        if bias is None:
+            b0 = b1 = None
+        elif isinstance(bias, tuple):
+            if len(bias) != 2:
+                raise ValueError("bias: expected a tensor or a pair of tensors")
+            b0, b1 = bias
+        else:
+            b0, b1 = bias, None
+        for b, name in ((b0, "bias[0]"), (b1, "bias[1]")):
+            if b is not None:
+                tz.check(b, name, self.device, ("bfloat16",), 2, (t, hidden))
+        self._num_channels(config)
+        cx, cw, ev = self.runtime.ht_combine(handle._native, tz.mem(x), hidden, weights, (tz.mem(b0), tz.mem(b1)),
+                                             *self._ctx(previous_event, async_finish, allocate_on_comm_stream))
+        inputs = tuple(v for v in (x, topk_weights, b0, b1) if v is not None)
+        return CombineOutput(tz.out(cx, like, self.device, "bfloat16", (t, hidden)),
+                             tz.out(cw, like, self.device, "float32", (t, weights[1])) if cw is not None else None,
+                             self._event(ev, inputs))
+
+    # -------------------------------------------------------------------------------------- LL
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """A no-op: LL slots and flags carry epochs, so the buffer never needs cleaning."""
+        _int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1)
+        _int(hidden, "hidden", 1)
+        _int(num_experts, "num_experts", 1)
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False):
+        """LL dispatch, expert-major. `x`: `[T, H]` bfloat16 (T <= M); `topk_idx`: `[T, K]`
+        int64/int32, -1 = none.
+
+        Returns `(recv_x, recv_count [L] int32, handle, event, hook)`: `recv_x` is `[L, R*M, H]`
+        bfloat16, or with `use_fp8` a pair (`[L, R*M, H]` float8_e4m3fn, scales `[L, R*M, H/128]`
+        float32, or `[L, R*M, H/512]` int32 with `use_ue8m0`; row-major, see docs/python.md).
+        `hook` (with `return_recv_hook`) receives; call it before using the outputs."""
+        like = tz.kind(x, "x")
+        tz.check(x, "x", self.device, ("bfloat16",), 2)
+        t, hidden = x.shape
+        tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2, (t, None))
+        m = _int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1)
+        _int(num_experts, "num_experts", 1)
+        for v, name in ((use_fp8, "use_fp8"), (round_scale, "round_scale"), (use_ue8m0, "use_ue8m0"),
+                        (return_recv_hook, "return_recv_hook")):
+            _bool(v, name)
+        r = self.group_size
+        if num_experts % r:
+            raise ValueError(f"num_experts: {num_experts} is not a multiple of {r} ranks")
+        if t > m:
+            raise ValueError(f"x: {t} tokens > num_max_dispatch_tokens_per_rank {m}")
+        l = num_experts // r
+        if cumulative_local_expert_recv_stats is not None:
+            tz.check(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", self.device,
+                     ("int32",), 1, (l,))
+            if async_finish:
+                raise ValueError("cumulative_local_expert_recv_stats: not supported with async_finish")
+        k = topk_idx.shape[1]
+        idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
+        d, ev = self.runtime.ll_dispatch(tz.mem(x), t, hidden, tz.mem(topk_idx), idx_bytes, k, m, num_experts,
+                                         use_fp8, round_scale, use_ue8m0, return_recv_hook,
+                                         *self._ctx(None, async_finish, False))
+        rx, rs, count, src_info, layout_range = d.arrays()
+        out = lambda a, dt, shape: tz.out(a, like, self.device, dt, shape)  # noqa: E731
+        rows = r * m
+        recv_x = out(rx, "float8_e4m3fn" if use_fp8 else "bfloat16", (l, rows, hidden))
+        if use_fp8:
+            scales = (out(rs, "int32", (l, rows, hidden // 512)) if use_ue8m0
+                      else out(rs, "float32", (l, rows, hidden // 128)))
+            recv_x = (recv_x, scales)
+        recv_count = out(count, "int32", (l,))
+        handle = LowLatencyHandle(d, out(src_info, "int32", (l, rows)), out(layout_range, "int64", (l, r)),
+                                  m, hidden, num_experts)
+        stats = cumulative_local_expert_recv_stats
+
+        def add_stats():  # in place on the caller's tensor, after the receive
+            if stats is None:
+                return
+            if tz.is_torch(stats):
+                stats.add_(recv_count)
+            else:
+                np.add(stats, recv_count, out=stats)
+
+        hook = None
+        if return_recv_hook:
+            def hook():
+                self.runtime.ll_complete_dispatch(d)
+                add_stats()
+        else:
+            add_stats()
+        return LowLatencyDispatchOutput(recv_x, recv_count, handle, self._event(ev, (x, topk_idx)), hook)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None,
+                            combine_wait_recv_cost_stats=None):
+        """LL combine: each token's expert outputs summed with its weights. `x`: `[L, R*M, H]`
+        bfloat16 as dispatched; `topk_idx`/`topk_weights`: the dispatch's `[T, K]`.
+
+        Returns `(combined_x [T, H] bfloat16 (= out when given), event, hook)`."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle of a moe_ep low_latency_dispatch, got "
+                            f"{type(handle).__name__}")
+        for v, name in ((use_logfmt, "use_logfmt"), (zero_copy, "zero_copy"), (return_recv_hook, "return_recv_hook")):
+            _bool(v, name)
+        like = tz.kind(x, "x")
+        r, m, hidden = self.group_size, handle.num_max_dispatch_tokens_per_rank, handle.hidden
+        l = handle.num_experts // r
+        tz.check(x, "x", self.device, ("bfloat16",), 3, (l, r * m, hidden))
+        tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2)
+        t, k = topk_idx.shape
+        tz.check(topk_weights, "topk_weights", self.device, ("float32",), 2, (t, k))
+        if out is not None:
+            tz.check(out, "out", self.device, ("bfloat16",), 2, (t, hidden))
+        idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
+        cx, pending, ev = self.runtime.ll_combine(handle._native, tz.mem(x), t, tz.mem(topk_idx), idx_bytes,
+                                                  tz.mem(topk_weights), k, tz.mem(out), return_recv_hook,
+                                                  *self._ctx(None, async_finish, False))
+        combined = out if out is not None else tz.out(cx, like, self.device, "bfloat16", (t, hidden))
+        hook = None
+        if pending is not None:
+            def hook():
+                self.runtime.ll_complete_combine(pending)
+        return LowLatencyCombineOutput(combined, self._event(ev, (x, topk_idx, topk_weights)), hook)
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """A `[L, R*M, H]` bfloat16 tensor to write expert outputs into and pass to
+        `low_latency_combine(..., zero_copy=True)` (our combine reads any tensor in place)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError("handle: expected the handle of a moe_ep low_latency_dispatch")
+        like = "torch" if tz.is_torch(handle.src_info) else "numpy"
+        r = self.group_size
+        shape = (handle.num_experts // r, r * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
+        return tz.empty(like, self.device, "bfloat16", shape)
+
+
+def dtype_of(fp8):
+    return "float8_e4m3fn" if fp8 else "bfloat16"

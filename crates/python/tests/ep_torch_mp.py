@@ -1,0 +1,52 @@
+"""One rank per process (torchrun --nproc-per-node N), all on one GPU (MPS), bootstrapped
+through a torch.distributed gloo process group (NCCL refuses two ranks on one GPU): our port
+of DeepEP's intranode and low-latency checks, ep_checks.py. Exit status 0 when every check
+passed on this rank."""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import moe_ep
+from ep_checks import HtCase, LlCase, TorchBackend, ht_body, ll_body, seed
+
+
+def main():
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(0)
+    box = [seed() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # every rank builds every rank's inputs from it
+    s = box[0]
+    tokens = int(os.environ.get("MOE_EP_TEST_TOKENS", "1024"))
+    backend = TorchBackend("cuda:0")
+    buf = moe_ep.Buffer(dist.group.WORLD, int(1e9), 0)
+
+    def wait():
+        torch.cuda.current_stream().synchronize()
+        dist.barrier()
+
+    failures = 0
+    checks = [
+        ("intranode", lambda: ht_body(HtCase(s, world, 256, 8, 7168, tokens), backend, reruns=5)),
+        ("intranode-2880-top16", lambda: ht_body(HtCase(s + 1, world, 128, 16, 2880, tokens // 4, empty_rank=1),
+                                                 backend, reruns=1)),
+        ("low-latency", lambda: ll_body(LlCase(s + 2, world, 288, 8, 7168, 128), backend, rounds=3)),
+    ]
+    for name, make in checks:
+        try:
+            assert make()(buf, rank, wait) is True
+            print(f"rank {rank}: {name}: ok", flush=True)
+        except Exception as e:  # noqa: BLE001 (count it, keep going; peers may then time out)
+            failures += 1
+            print(f"rank {rank}: {name}: FAILED: {type(e).__name__}: {e}", flush=True)
+    buf.runtime.synchronize()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The Python layer on the CPU back end (no GPU, no torch): numpy arrays, 4 ranks as threads of
+this process, running our port of DeepEP's intranode and low-latency checks (ep_checks.py)
+against the reference, plus argument validation."""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MOE_EP_DEVICE", "cpu")
+import moe_ep  # noqa: E402
+from ep_checks import HtCase, LlCase, NumpyBackend, bf16_round, ht_body, ll_body, run_in_process, seed  # noqa: E402
+
+R = 4
+B = NumpyBackend()
+
+
+def test_intranode_checks():
+    case = HtCase(seed(), R, num_experts=16, num_topk=4, hidden=128, max_tokens=12)
+    assert run_in_process(R, "cpu", B, ht_body(case, B, reruns=2)) == [True] * R
+
+
+def test_intranode_empty_rank_and_wide_topk():
+    # a rank with no tokens, hidden 2880 (gpt-oss), top-16 of 64: beyond DeepEP's limits
+    case = HtCase(seed(), R, num_experts=64, num_topk=16, hidden=2944, max_tokens=4, empty_rank=1)
+    assert run_in_process(R, "cpu", B, ht_body(case, B, reruns=1)) == [True] * R
+
+
+def test_low_latency_checks():
+    case = LlCase(seed(), R, num_experts=8, num_topk=3, hidden=512, max_tokens=6)
+    assert run_in_process(R, "cpu", B, ll_body(case, B, rounds=2)) == [True] * R
+
+
+def test_module_names():
+    assert moe_ep.topk_idx_t in (np.int64,) or str(moe_ep.topk_idx_t) == "torch.int64"
+    assert moe_ep.Buffer.is_sm90_compiled()
+    cfg = moe_ep.Buffer.get_dispatch_config(8)
+    assert isinstance(cfg, moe_ep.Config) and cfg.num_sms == moe_ep.Buffer.num_sms
+    assert isinstance(moe_ep.Buffer.get_combine_config(8), moe_ep.Config)
+    assert cfg.get_nvl_buffer_size_hint(7168 * 2, 8) > 0
+    small = moe_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    assert small > 0 and moe_ep.Buffer.get_low_latency_rdma_size_hint(256, 7168, 8, 256) > small
+    moe_ep.Buffer.set_num_sms(24)
+    assert moe_ep.Buffer.num_sms == 24 and moe_ep.Buffer.get_dispatch_config(8).num_sms == 24
+    moe_ep.Buffer.set_num_sms(20)
+    with pytest.raises(ValueError, match="even"):
+        moe_ep.Buffer.set_num_sms(7)
+    uid = moe_ep.UniqueId()
+    assert moe_ep.UniqueId.from_bytes(uid.to_bytes()).to_bytes() == uid.to_bytes()
+    with pytest.raises(ValueError):
+        moe_ep.UniqueId.from_bytes(b"not an id")
+
+
+def test_bad_inputs_raise_and_buffer_stays_usable():
+    """Wrong dtype/shape/contiguity/kind -> TypeError/ValueError naming what was expected,
+    raised before anything collective starts; then a good call works on every rank."""
+    T, K, E, H = 6, 2, 8, 64
+    idx = np.array([[2 * (t % 4), (2 * (t % 4) + 3) % E] for t in range(T)], np.int64)  # two ranks each
+    x = bf16_round(np.ones((T, H), np.float32))
+    w = np.ones((T, K), np.float32)
+
+    def body(buf, r, wait):
+        with pytest.raises(TypeError, match="expected dtype int64 or int32, got float32"):
+            buf.get_dispatch_layout(idx.astype(np.float32), E)
+        with pytest.raises(TypeError, match="torch.Tensor or numpy.ndarray"):
+            buf.get_dispatch_layout(idx.tolist(), E)
+        with pytest.raises(ValueError, match="2 dimensions"):
+            buf.get_dispatch_layout(idx.reshape(-1), E)
+        with pytest.raises(ValueError, match="contiguous"):
+            buf.get_dispatch_layout(np.asfortranarray(idx), E)
+        ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idx, E)
+        layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
+        with pytest.raises(TypeError, match="expected dtype bfloat16, got float32"):
+            buf.dispatch(x.astype(np.float32), **layout, topk_idx=idx, topk_weights=w)
+        with pytest.raises(ValueError, match="expected shape"):
+            buf.dispatch(x, **layout, topk_idx=idx[:3], topk_weights=w)
+        with pytest.raises(ValueError, match="both or neither"):
+            buf.dispatch(x, **layout, topk_idx=idx)
+        with pytest.raises(ValueError, match="required"):
+            buf.dispatch(x, topk_idx=idx, topk_weights=w)
+        with pytest.raises(TypeError, match="EventOverlap"):
+            buf.dispatch(x, **layout, topk_idx=idx, topk_weights=w, previous_event=object())
+        with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
+            buf.low_latency_dispatch(x, idx, 2, E)
+        with pytest.raises(TypeError, match="handle"):
+            buf.combine(x, handle=("a", "tuple"))
+        wait()
+        rx, ri, rw, counts, handle, _ = buf.dispatch(x, **layout, topk_idx=idx, topk_weights=w)
+        with pytest.raises(ValueError, match="expected shape"):
+            buf.combine(rx[:1] if rx.shape[0] > 1 else np.zeros((5, H), np.uint16), handle)
+        with pytest.raises(ValueError, match="for a cached dispatch"):
+            buf.dispatch(x, handle=handle, topk_idx=idx, topk_weights=w)
+        wait()
+        cx, cw, _ = buf.combine(rx, handle, topk_weights=rw)
+        return cx, np.asarray(ntpr)
+
+    results = run_in_process(R, "cpu", B, body)
+    for cx, _ in results:
+        assert (cx == bf16_round(np.float32(2.0))).all()  # each token went to two ranks, summed
+
+
+def test_kernel_reported_bad_expert_id_is_a_value_error():
+    """An expert id out of range is found by the layout kernel; the call raises ValueError
+    naming the row, and the buffer keeps working."""
+    E = 8
+    bad = np.array([[0, 1], [2, 99]], np.int64)
+    good = np.array([[0, 1], [2, 3]], np.int64)
+
+    def body(buf, r, wait):
+        with pytest.raises(ValueError, match="row 1 holds 99"):
+            buf.get_dispatch_layout(bad, E)
+        ntpr, _, _, _, _ = buf.get_dispatch_layout(good, E)
+        return np.asarray(ntpr).tolist()
+
+    assert run_in_process(R, "cpu", B, body)[0] == [1, 1, 0, 0]
+
+
+def test_unique_id_bootstrap_across_threads():
+    """Group.from_unique_id (the TCP bootstrap), as separate processes would use it."""
+    uid = moe_ep.UniqueId()
+    groups = [None] * R
+
+    def join(r):
+        groups[r] = moe_ep.Group.from_unique_id(moe_ep.UniqueId.from_bytes(uid.to_bytes()), r, R, "cpu")
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(R)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert [g.rank() for g in groups] == list(range(R)) and all(g.size() == R for g in groups)
+
+
+def test_process_group_bootstrap_through_a_python_all_gather():
+    """A torch.distributed-like group: Buffer all-gathers our handles through the group's
+    all_gather_object (here a fake over threads, since CI has no torch)."""
+    import sys
+    import types
+
+    gathered, cond = {}, threading.Condition()
+
+    class FakeGroup:
+        def __init__(self, r):
+            self.r = r
+
+        def rank(self):
+            return self.r
+
+        def size(self):
+            return R
+
+    calls = [0] * R
+
+    def all_gather_object(out, obj, group=None):
+        with cond:
+            n = calls[group.r]
+            calls[group.r] += 1
+            gathered.setdefault(n, {})[group.r] = obj
+            cond.wait_for(lambda: len(gathered[n]) == R, timeout=60)
+            cond.notify_all()
+        for i in range(R):
+            out[i] = gathered[n][i]
+
+    fake = types.ModuleType("torch.distributed")
+    fake.all_gather_object = all_gather_object
+    saved = sys.modules.get("torch.distributed")
+    sys.modules["torch.distributed"] = fake
+    try:
+        bufs = [None] * R
+
+        def make(r):
+            bufs[r] = moe_ep.Buffer(FakeGroup(r))
+
+        threads = [threading.Thread(target=make, args=(r,)) for r in range(R)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        if saved is None:
+            del sys.modules["torch.distributed"]
+        else:
+            sys.modules["torch.distributed"] = saved
+    assert [b.rank for b in bufs] == list(range(R)) and all(b.group_size == R for b in bufs)
+
+
+def test_docs_example_is_the_one_the_gpu_bundle_runs():
+    """docs/python.md's example is example_torch.py, which python_torch.sh runs on the GPU."""
+    import re
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    doc = os.path.join(here, "..", "..", "..", "docs", "python.md")
+    if not os.path.exists(doc):
+        pytest.skip("not in the source tree")
+    code = re.search(r"## A complete example\n.*?```python\n(.*?)```", open(doc).read(), re.S).group(1)
+    example = open(os.path.join(here, "example_torch.py")).read()
+    assert example.endswith(code), "docs/python.md's example and tests/example_torch.py differ"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The Python package (moe_ep) on the GPU with torch: installs the bundled abi3 wheel
+# (python/moe_ep-*.whl) into a temporary --target folder, then runs our port of DeepEP's
+# intranode and low-latency checks
+#   1. as 8 ranks on one GPU, threads of one process (pytest python/tests/test_gpu_torch.py);
+#   2. as 8 processes on one GPU under MPS, bootstrapped through a torch.distributed (gloo)
+#      process group (torchrun python/tests/ep_torch_mp.py), and docs/python.md's example.
+# Needs python3 with torch (CUDA) and numpy; pytest is installed from python/wheels when
+# missing. MOE_EP_PY_PROCS (default 8) processes, MOE_EP_TEST_TOKENS (default 1024) HT tokens
+# per rank. Last line: "N passed, M failed".
+set -u
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+pass=0
+fail=0
+site=$(mktemp -d /tmp/moe-ep-python.XXXXXX)
+trap 'rm -rf "$site"' EXIT
+if ! "$PY" -c "import torch, numpy; assert torch.cuda.is_available()"; then
+  echo "python_torch: needs $PY with torch (CUDA) and numpy"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+wheel=$(ls python/moe_ep-*.whl | head -1)
+if ! "$PY" -m pip install --quiet --no-deps --no-index --target "$site" "$wheel"; then
+  echo "pip refused $wheel (platform tag?); extracting it instead"
+  "$PY" -m zipfile -e "$wheel" "$site"
+fi
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+  "$PY" -m pip install --quiet --no-deps --no-index --target "$site" python/wheels/*.whl || true
+fi
+export PYTHONPATH="$site:$PWD/python/tests"
+
+echo "--- 8 ranks as threads of one process (CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset})"
+if (cd python/tests && timeout 1200 "$PY" -m pytest -v -p no:cacheprovider test_gpu_torch.py); then
+  pass=$((pass + 1)); echo "python in-process: ok"
+else
+  fail=$((fail + 1)); echo "python in-process: FAILED"
+fi
+
+# One stream per process: no more hardware queues than the default (see multiprocess_mps.sh).
+unset CUDA_DEVICE_MAX_CONNECTIONS
+export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/moe-ep-mps} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/moe-ep-mps-log}
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+nvidia-cuda-mps-control -d && echo "MPS daemon started"
+procs=${MOE_EP_PY_PROCS:-8}
+echo "--- $procs processes under MPS, torch.distributed (gloo) bootstrap"
+if (cd python/tests && timeout 1200 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$procs" ep_torch_mp.py); then
+  pass=$((pass + 1)); echo "python $procs processes under MPS: ok"
+else
+  fail=$((fail + 1)); echo "python $procs processes under MPS: FAILED"
+  tail -20 "$CUDA_MPS_LOG_DIRECTORY"/control.log "$CUDA_MPS_LOG_DIRECTORY"/server.log 2>/dev/null
+fi
+echo "--- docs/python.md's example, $procs processes under MPS"
+if (cd python/tests && timeout 600 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$procs" example_torch.py); then
+  pass=$((pass + 1)); echo "python example: ok"
+else
+  fail=$((fail + 1)); echo "python example: FAILED"
+fi
+echo quit | nvidia-cuda-mps-control
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
