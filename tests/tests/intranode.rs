@@ -160,9 +160,13 @@ fn run(case: Case) {
             // Ranks share one GPU here: uploads from pageable memory may wait for the device, so
             // no rank starts the collective while another is still uploading.
             group.bootstrap().barrier().unwrap();
+            let started = std::time::Instant::now();
             let out = buf.dispatch(&group, &args).unwrap();
+            let host_call = started.elapsed(); // a long one: the host was stalled in the driver
             s.synchronize().unwrap();
-            group.take_device_error("ht_dispatch").unwrap();
+            group
+                .take_device_error("ht_dispatch")
+                .unwrap_or_else(|e| panic!("rank {rank} call {call}: {e:?} (dispatch() returned after {host_call:?})"));
             let rv = &want.ranks[rank];
             let got_n = rv.num_recv_tokens;
             let ctx = format!("rank {rank} call {call}");

@@ -161,6 +161,13 @@ fn ll_wide_topk_deepseek_hidden() {
     );
 }
 
+/// Many local experts per rank (64 with 4 ranks), one token, top-8: a rank receives from few
+/// (source, expert) pairs and most flags announce nothing.
+#[test]
+fn ll_many_experts_one_token() {
+    run(256, 256, 8, 1, 3, false);
+}
+
 /// Rank-major dispatch against `reference::ll_dispatch_rank_major`, interleaved with
 /// expert-major calls on the same buffer (shared sets and counters), with hooks.
 #[test]

@@ -63,7 +63,7 @@ pub(crate) struct CudaDevice {
     /// early flag could be wiped.)
     util_stream: Mutex<usize>,
     module: Mutex<Option<sys::CUmodule>>,
-    functions: Mutex<HashMap<&'static str, usize>>, // name -> CUfunction
+    functions: Mutex<HashMap<String, usize>>, // name -> CUfunction
 }
 
 // SAFETY: CUDA handles may be used from any thread once the context is current there
@@ -152,7 +152,22 @@ impl CudaDevice {
         self.bind()?;
         let mut module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
         if module.is_none() {
-            *module = Some(load_ptx(ptx)?);
+            let m = load_ptx(ptx)?;
+            *module = Some(m);
+            // Load every kernel now: with CUDA's lazy loading (the default), a kernel's code
+            // is loaded at its first launch, which waits for the kernels already running —
+            // and on a GPU that ranks share, those spin until this rank launches.
+            let mut fns = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+            for name in ptx.lines().filter_map(|l| l.trim().strip_prefix(".visible .entry ")) {
+                let name = name.split('(').next().unwrap_or("").trim();
+                let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("kernel", "NUL in name"))?;
+                let mut f = std::ptr::null_mut();
+                // SAFETY: `m` is a loaded module; writes one handle.
+                check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) })?;
+                // SAFETY: `f` is a function of the loaded module.
+                check("cuFuncLoad", unsafe { sys::cuFuncLoad(f) })?;
+                fns.insert(name.to_string(), f as usize);
+            }
         }
         Ok(())
     }
@@ -160,18 +175,21 @@ impl CudaDevice {
     /// The kernel `name` of the module (loaded on first use if `load_module` wasn't called).
     pub(crate) fn function(&self, name: &'static str, ptx: &str) -> Result<sys::CUfunction> {
         self.bind()?;
+        if let Some(f) = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?.get(name) {
+            return Ok(*f as sys::CUfunction);
+        }
+        self.load_module(ptx)?;
         let mut fns = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
         if let Some(f) = fns.get(name) {
             return Ok(*f as sys::CUfunction);
         }
-        self.load_module(ptx)?;
         let module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
         let m = module.ok_or_else(|| Error::KernelFault("module missing".into()))?;
         let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("kernel", "NUL in name"))?;
         let mut f = std::ptr::null_mut();
         // SAFETY: `m` is a loaded module; writes one handle.
         check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) })?;
-        fns.insert(name, f as usize);
+        fns.insert(name.to_string(), f as usize);
         Ok(f)
     }
 

@@ -34,7 +34,11 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     let fp8 = LlDispatchOptions { use_fp8: true, ..Default::default() };
     group.bootstrap().barrier()?; // nobody launches while a peer still uploads (shared GPU)
     // Ordinary calls create the outputs the captured ones reuse.
+    let started = std::time::Instant::now();
     let out = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default())?;
+    if started.elapsed().as_secs_f64() > 1.0 {
+        eprintln!("rank {}: the first dispatch() call stalled {:?} on the host", group.rank(), started.elapsed());
+    }
     let c = buf.combine(group, &out.handle, &out.packed_recv_x, tokens, &topk, IndexType::I64, &weights, k, false)?;
     let out8 = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, fp8)?;
     buf.combine_into(
@@ -92,6 +96,9 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
         .map(drop)
     })?;
     s.synchronize()?;
+    // Every rank has instantiated its graphs before any replays: on a shared GPU, an
+    // instantiation can wait for the kernels running there, which wait for this rank.
+    group.bootstrap().barrier()?;
     // (dispatch, combine) pairs back to back; events after each op.
     let pairs = |d: &moe_ep::Graph, c: &moe_ep::Graph| -> Result<(f64, f64)> {
         for _ in 0..3 {
