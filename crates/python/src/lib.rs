@@ -238,23 +238,22 @@ impl UniqueId {
 }
 
 /// The per-call stream context Python passes: the caller's stream, an optional event to
-/// wait for instead, whether to return an event instead of making the caller wait, and
-/// whether outputs belong to the comm stream (no release ordering against the caller).
+/// wait for instead, and whether to return an event instead of making the caller wait.
 #[derive(Clone)]
 struct Ctx {
     stream: usize,
     previous: Option<Arc<Event>>,
     async_finish: bool,
-    on_comm: bool,
 }
 
 /// The communication buffers of one rank, created on first use with the shapes of that call
 /// (all ranks make the same calls, so they agree); rebuilt, collectively, when a call needs
-/// more. Handles carry the generation they were made in.
+/// more. Handles carry the generation of the buffer they were made with.
 struct State {
     ht: Option<HtBuffer>,
+    ht_generation: u64,
     ll: Option<(LlBuffer, LlConfig)>,
-    generation: u64,
+    ll_generation: u64,
 }
 
 /// One rank: its group (device, stream, bootstrap) and buffers.
@@ -266,7 +265,7 @@ struct Rank {
 
 impl Rank {
     fn new(group: Group) -> Rank {
-        Rank { group, state: Mutex::new(State { ht: None, ll: None, generation: 0 }) }
+        Rank { group, state: Mutex::new(State { ht: None, ht_generation: 0, ll: None, ll_generation: 0 }) }
     }
 
     fn lock(&self) -> moe_ep::Result<MutexGuard<'_, State>> {
@@ -311,14 +310,13 @@ impl Rank {
     }
 
     fn guard<T: Send + Sync + 'static>(&self, ctx: &Ctx, value: T) -> Arc<Guarded<T>> {
-        let release_after = match (ctx.on_comm, self.caller(ctx)) {
-            (false, Some(caller)) => {
-                // SAFETY: a view of the rank's own stream, which outlives every buffer
-                // allocated on it (they hold it).
-                Some((caller, unsafe { Stream::from_raw(self.dev(), self.group.stream().raw()) }))
-            }
-            _ => None,
-        };
+        // Whatever `allocate_on_comm_stream` says, the caller's stream may read the output
+        // (DeepEP records both streams too).
+        let release_after = self.caller(ctx).map(|caller| {
+            // SAFETY: a view of the rank's own stream, which outlives every buffer allocated
+            // on it (they hold it).
+            (caller, unsafe { Stream::from_raw(self.dev(), self.group.stream().raw()) })
+        });
         Arc::new(Guarded { value: Some(value), release_after })
     }
 
@@ -349,26 +347,25 @@ impl Rank {
                 },
                 _ => want,
             };
-            self.retire(st)?;
+            if st.ht.is_some() {
+                self.quiesce()?;
+                st.ht = None;
+            }
             st.ht = Some(HtBuffer::new(&self.group, cfg)?);
+            st.ht_generation += 1;
         }
         Ok(())
     }
 
-    /// Waits until no rank uses the current buffers, then drops them (a new generation).
-    fn retire(&self, st: &mut State) -> moe_ep::Result<()> {
-        if st.ht.is_some() || st.ll.is_some() {
-            self.group.stream().synchronize()?;
-            self.group.bootstrap().barrier()?;
-            st.ht = None;
-            st.ll = None;
-        }
-        st.generation += 1;
-        Ok(())
+    /// Returns once no rank uses its buffers any more (before one is dropped: peers write
+    /// into each other's).
+    fn quiesce(&self) -> moe_ep::Result<()> {
+        self.group.stream().synchronize()?;
+        self.group.bootstrap().barrier()
     }
 
-    fn check_generation(st: &State, generation: u64) -> moe_ep::Result<()> {
-        if generation != st.generation {
+    fn check_generation(current: u64, generation: u64) -> moe_ep::Result<()> {
+        if generation != current {
             return Err(Error::invalid(
                 "handle",
                 "was made before the buffer was rebuilt for larger shapes; dispatch again",
@@ -456,8 +453,8 @@ struct LlCombineObj {
     ctx: Ctx,
 }
 
-fn ctx_of(stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish: bool, on_comm: bool) -> Ctx {
-    Ctx { stream, previous: previous.map(|e| e.event.clone()), async_finish, on_comm }
+fn ctx_of(stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish: bool) -> Ctx {
+    Ctx { stream, previous: previous.map(|e| e.event.clone()), async_finish }
 }
 
 type Scales = Option<(Mem, usize)>;
@@ -555,7 +552,7 @@ impl Rank {
     /// `get_dispatch_layout`: `(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
     /// event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (topk_idx, idx_bytes, num_tokens, num_topk, num_experts, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (topk_idx, idx_bytes, num_tokens, num_topk, num_experts, stream, previous_event, async_finish))]
     fn layout(
         &self,
         py: Python<'_>,
@@ -567,9 +564,8 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Array, Array, Array, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let ty = index_type(idx_bytes)?;
         let r = self.group.num_ranks();
         py.detach(|| -> moe_ep::Result<_> {
@@ -591,7 +587,7 @@ impl Rank {
     /// recv_topk_weights, recv_src_idx, num_recv_tokens_per_expert, per-expert list or None,
     /// handle, event)`; the topk outputs are None without `topk`.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    #[pyo3(signature = (x, hidden, hidden_bytes, num_tokens, x_scales, topk, layout, num_experts, expert_alignment, num_worst_tokens, num_channels, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (x, hidden, hidden_bytes, num_tokens, x_scales, topk, layout, num_experts, expert_alignment, num_worst_tokens, num_channels, stream, previous_event, async_finish))]
     fn ht_dispatch(
         &self,
         py: Python<'_>,
@@ -609,7 +605,6 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(
         Array,
         Option<Array>,
@@ -621,7 +616,7 @@ impl Rank {
         HtHandleObj,
         Option<NativeEvent>,
     )> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let topk_ty = match topk {
             Some((_, b, _, _)) => Some(index_type(b)?),
@@ -641,7 +636,7 @@ impl Rank {
                 num_slots: 0,
             };
             self.ensure_ht(&mut st, want)?;
-            let generation = st.generation;
+            let generation = st.ht_generation;
             let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
             let xb = borrow(&dev, x);
             let sb = x_scales.map(|(m, n)| (borrow(&dev, m), n));
@@ -695,7 +690,7 @@ impl Rank {
 
     /// HT dispatch reusing `handle`'s layout: `(recv_x, recv_x_scales or None, event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (handle, x, hidden_bytes, x_scales, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (handle, x, hidden_bytes, x_scales, stream, previous_event, async_finish))]
     fn ht_dispatch_cached(
         &self,
         py: Python<'_>,
@@ -706,14 +701,13 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Array, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let (inner, generation, rows) = (handle.inner.clone(), handle.generation, handle.num_rows);
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ht_generation, generation)?;
             let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("handle", "no HT buffer"))?;
             let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let xb = borrow(&dev, x);
@@ -734,7 +728,7 @@ impl Rank {
 
     /// HT combine: `(combined_x, combined_topk_weights or None, event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (handle, x, hidden, topk_weights, bias, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (handle, x, hidden, topk_weights, bias, stream, previous_event, async_finish))]
     fn ht_combine(
         &self,
         py: Python<'_>,
@@ -746,14 +740,13 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Array, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let (inner, generation, t) = (handle.inner.clone(), handle.generation, handle.num_tokens);
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ht_generation, generation)?;
             let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let k = topk_weights.map_or(0, |w| w.1);
             let fits = st.ht.as_ref().is_some_and(|b| b.config().hidden >= hidden && b.config().num_topk >= k);
@@ -783,7 +776,7 @@ impl Rank {
     /// LL dispatch: `(dispatch object, event)`; `send_only` leaves the receive to
     /// `ll_complete_dispatch`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, stream, previous_event, async_finish))]
     fn ll_dispatch(
         &self,
         py: Python<'_>,
@@ -802,9 +795,8 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(LlDispatchObj, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let ty = index_type(idx_bytes)?;
         let r = self.group.num_ranks();
@@ -812,10 +804,14 @@ impl Rank {
             let mut st = self.lock()?;
             let cfg = LlConfig { num_experts, hidden, max_tokens };
             if st.ll.as_ref().map(|(_, c)| *c) != Some(cfg) {
-                self.retire(&mut st)?;
+                if st.ll.is_some() {
+                    self.quiesce()?;
+                    st.ll = None;
+                }
                 st.ll = Some((LlBuffer::new(&self.group, cfg)?, cfg));
+                st.ll_generation += 1;
             }
-            let generation = st.generation;
+            let generation = st.ll_generation;
             let (buf, _) = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
             let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
@@ -857,7 +853,7 @@ impl Rank {
         let (inner, generation, ctx) = (d.inner.clone(), d.generation, d.ctx.clone());
         py.detach(|| -> moe_ep::Result<()> {
             let st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ll_generation, generation)?;
             let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
@@ -872,7 +868,7 @@ impl Rank {
     /// LL combine: `(combined_x or None when written to `out`, pending receive or None,
     /// event)`. `x` is `[L, R*M, hidden]` bf16, rows as the dispatch packed them.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    #[pyo3(signature = (d, x, num_tokens, topk_idx, idx_bytes, topk_weights, num_topk, out, send_only, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (d, x, num_tokens, topk_idx, idx_bytes, topk_weights, num_topk, out, send_only, stream, previous_event, async_finish))]
     fn ll_combine(
         &self,
         py: Python<'_>,
@@ -888,15 +884,14 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Option<Array>, Option<LlCombineObj>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let ty = index_type(idx_bytes)?;
         let (inner, generation) = (d.inner.clone(), d.generation);
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ll_generation, generation)?;
             let (buf, cfg) = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let hidden = cfg.hidden;
             let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
@@ -946,7 +941,7 @@ impl Rank {
         let (inner, generation, ctx) = (c.inner.clone(), c.generation, c.ctx.clone());
         py.detach(|| -> moe_ep::Result<()> {
             let st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ll_generation, generation)?;
             let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
@@ -962,7 +957,14 @@ impl Rank {
     fn destroy(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| -> moe_ep::Result<()> {
             let mut st = self.lock()?;
-            self.retire(&mut st)
+            if st.ht.is_some() || st.ll.is_some() {
+                self.quiesce()?;
+            }
+            st.ht = None;
+            st.ll = None;
+            st.ht_generation += 1;
+            st.ll_generation += 1;
+            Ok(())
         })
         .py()
     }
