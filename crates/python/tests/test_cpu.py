@@ -218,3 +218,22 @@ def test_ht_and_ll_share_a_buffer_and_a_rebuild_refuses_old_handles():
 
     for want, a, b in run_in_process(R, "cpu", B, body):
         assert list(a) == [want] and list(b) == [want]
+
+
+def test_a_missing_peer_is_a_timeout_error(monkeypatch):
+    """A rank whose peer never joins the collective gets TimeoutError (the kernel gives up after
+    MOE_EP_TIMEOUT_S and reports it), not a hang or a crash."""
+    monkeypatch.setenv("MOE_EP_TIMEOUT_S", "0.5")
+    E, T = 4, 2
+    idx = np.array([[0, 3], [1, 2]], np.int64)
+    x = bf16_round(np.ones((T, 64), np.float32))
+
+    def body(buf, r, wait):
+        buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)  # both ranks: creates the buffer
+        wait()
+        if r == 0:
+            with pytest.raises(TimeoutError, match="timed out waiting for rank 1"):
+                buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+        return True
+
+    assert run_in_process(2, "cpu", B, body) == [True, True]
