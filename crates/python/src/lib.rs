@@ -65,21 +65,39 @@ fn index_type(idx_bytes: usize) -> PyResult<IndexType> {
     }
 }
 
+/// A [`Stream`] view of someone else's `CUstream` (torch's), made once per (GPU, stream) and
+/// kept: views are needed on every call and in every output's release, and making one may
+/// cost more than a handle (a memory pool of its own).
+fn borrowed_stream(device: &Device, raw: usize) -> Arc<Stream> {
+    type Cache = Mutex<Vec<((Option<usize>, usize), Arc<Stream>)>>;
+    static CACHE: Cache = Mutex::new(Vec::new());
+    let key = (device.ordinal(), raw);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, s)) = cache.iter().find(|(k, _)| *k == key) {
+        return s.clone();
+    }
+    // SAFETY: Python passes streams of this device's primary context (torch's current
+    // stream), which torch never destroys (its streams come from pools).
+    let s = Arc::new(unsafe { Stream::from_raw(device, raw) });
+    cache.push((key, s.clone()));
+    s
+}
+
 /// Holds an output's memory; on drop, first makes the rank's stream wait for the stream that
 /// consumed the output (so a stream-ordered free on the rank's stream can't overtake the
 /// consumer's reads), then frees.
 struct Guarded<T> {
     value: Option<T>,
-    release_after: Option<(Stream, Stream)>,
+    release_after: Option<(Arc<Stream>, Arc<Group>)>,
 }
 
 impl<T> Drop for Guarded<T> {
     fn drop(&mut self) {
-        if let Some((consumer, comm)) = &self.release_after
+        if let Some((consumer, group)) = &self.release_after
             && let Ok(ev) = consumer.record_event()
         {
             // Errors here can't be reported (a destructor); the driver keeps its state.
-            let _ = comm.wait_event(&ev);
+            let _ = group.stream().wait_event(&ev);
         }
         drop(self.value.take());
     }
@@ -148,12 +166,7 @@ struct NativeEvent {
 impl NativeEvent {
     /// Makes later work on `stream` (a raw `CUstream`; 0 = the legacy default stream) wait.
     fn wait(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
-        py.detach(|| {
-            // SAFETY: Python passes a live stream of this device (torch's current stream).
-            let s = unsafe { Stream::from_raw(&self.device, stream) };
-            s.wait_event(&self.event)
-        })
-        .py()
+        py.detach(|| borrowed_stream(&self.device, stream).wait_event(&self.event)).py()
     }
 
     /// Blocks the host until the event has happened.
@@ -166,11 +179,7 @@ impl NativeEvent {
 #[pyfunction]
 fn record_event(py: Python<'_>, device: &str, stream: usize) -> PyResult<NativeEvent> {
     let device = device_from(device)?;
-    let event = py.detach(|| {
-        // SAFETY: as in `NativeEvent::wait`.
-        let s = unsafe { Stream::from_raw(&device, stream) };
-        s.record_event()
-    });
+    let event = py.detach(|| borrowed_stream(&device, stream).record_event());
     Ok(NativeEvent { event: Arc::new(event.py()?), device })
 }
 
@@ -259,13 +268,16 @@ struct State {
 /// One rank: its group (device, stream, bootstrap) and buffers.
 #[pyclass(frozen, module = "moe_ep._native")]
 struct Rank {
-    group: Group,
+    group: Arc<Group>,
     state: Mutex<State>,
 }
 
 impl Rank {
     fn new(group: Group) -> Rank {
-        Rank { group, state: Mutex::new(State { ht: None, ht_generation: 0, ll: None, ll_generation: 0 }) }
+        Rank {
+            group: Arc::new(group),
+            state: Mutex::new(State { ht: None, ht_generation: 0, ll: None, ll_generation: 0 }),
+        }
     }
 
     fn lock(&self) -> moe_ep::Result<MutexGuard<'_, State>> {
@@ -277,9 +289,8 @@ impl Rank {
     }
 
     /// The caller's stream (None on the CPU, where work runs at once).
-    fn caller(&self, ctx: &Ctx) -> Option<Stream> {
-        // SAFETY: Python passes torch's current stream of this device.
-        (!self.dev().is_cpu()).then(|| unsafe { Stream::from_raw(self.dev(), ctx.stream) })
+    fn caller(&self, ctx: &Ctx) -> Option<Arc<Stream>> {
+        (!self.dev().is_cpu()).then(|| borrowed_stream(self.dev(), ctx.stream))
     }
 
     /// Orders the comm stream after the caller (or `previous`), and surfaces errors that
@@ -312,11 +323,7 @@ impl Rank {
     fn guard<T: Send + Sync + 'static>(&self, ctx: &Ctx, value: T) -> Arc<Guarded<T>> {
         // Whatever `allocate_on_comm_stream` says, the caller's stream may read the output
         // (DeepEP records both streams too).
-        let release_after = self.caller(ctx).map(|caller| {
-            // SAFETY: a view of the rank's own stream, which outlives every buffer allocated
-            // on it (they hold it).
-            (caller, unsafe { Stream::from_raw(self.dev(), self.group.stream().raw()) })
-        });
+        let release_after = self.caller(ctx).map(|caller| (caller, self.group.clone()));
         Arc::new(Guarded { value: Some(value), release_after })
     }
 
