@@ -3,9 +3,11 @@
 //! # Protocol
 //! `ht_notify` (one block) exchanges counts behind two barriers; every rank then knows the
 //! output row of every (source rank, channel) pair: `channel_prefix_matrix[src][c]`.
-//! `ht_dispatch` / `ht_combine` run `2 * C` blocks: block `2c` sends channel `c`, block
-//! `2c + 1` receives it. Channel `c` owns a contiguous token range of every rank
-//! ([`HtLayout::channel_range`]); warp `w < R` of a block serves peer `w`.
+//! `ht_dispatch` / `ht_combine` run `2 * C / W` blocks of `W * R` warps: block `2b` sends
+//! channels `b * W .. (b + 1) * W`, block `2b + 1` receives them, and warp `g * R + d`
+//! serves peer `d` in channel `b * W + g`. Channel `c` owns a contiguous token range of every
+//! rank ([`HtLayout::channel_range`]). More channels per block (`W`) give each SM more warps,
+//! hence more bytes in flight, without changing the one-writer/one-reader rings.
 //!
 //! Data moves through rings in the **receiver's** symmetric buffer, one per (source,
 //! channel): "senders own tails, receivers own heads", both kept on the receiver. Counters
@@ -23,7 +25,8 @@
 //!
 //! Wait sites ([`crate::abi::DeviceError::site`]): see the `SITE_*` constants.
 use crate::abi::{
-    DeviceError, ErrorSlot, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE, error_code,
+    DeviceError, ErrorSlot, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE,
+    error_code,
 };
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
@@ -44,6 +47,15 @@ pub const SITE_COMBINE_RECV: u32 = 15;
 
 /// Flush a sender's tail after this many tokens even when the ring has room.
 const PUBLISH_EVERY: u64 = 8;
+
+/// This warp's (channel, peer) in a dispatch/combine block of `W * R` warps (module docs),
+/// with `W`, the channels per block.
+#[inline(always)]
+fn channel_and_peer(num_ranks: u32) -> (u32, u32, u32) {
+    let w_per = dev::num_warps() / num_ranks;
+    let warp = dev::warp_id();
+    ((dev::block_idx_x() / 2) * w_per + warp / num_ranks, warp % num_ranks, w_per)
+}
 
 #[inline(always)]
 unsafe fn peer_base(table: u64, r: u32) -> u64 {
@@ -334,19 +346,18 @@ unsafe fn wait_tail(
 kernel! {
     /// HT dispatch (see the module docs).
     pub unsafe fn ht_dispatch(p: HtDispatchParams) as HT_DISPATCH {
-        let warp = dev::warp_id();
         let lane = dev::lane_id();
-        let channel = dev::block_idx_x() / 2;
-        let is_sender = dev::block_idx_x() & 1 == 0;
         let r = p.num_ranks;
+        let (channel, peer, w_per) = channel_and_peer(r);
+        let is_sender = dev::block_idx_x() & 1 == 0;
         let k_count = p.num_topk;
         let l = HtLayout::new(r, p.num_channels, p.num_slots, p.num_local_experts, p.slot_bytes, 0);
         let meta = p.hidden_bytes + 4 * p.num_scales as u64; // offset of src_idx in a slot
         // SAFETY (whole body): buffers and regions as documented in HtDispatchParams and
         // HtLayout; the host checked every size before the launch.
         unsafe {
-            if is_sender && warp < r {
-                let dst = warp;
+            if is_sender {
+                let dst = peer;
                 let base = peer_base(p.peer_bases, dst);
                 let me = p.rank as u64;
                 let mut ring = Sender::new(
@@ -396,11 +407,11 @@ kernel! {
                     t0 += WARP_SIZE as u64;
                 }
                 ring.publish();
-            } else if !is_sender && warp < r {
+            } else {
                 // A padded output must hold every row: refuse rather than write past it.
                 let num_recv = *(p.num_recv_tokens as *const i32) as u32;
                 if p.num_worst_tokens != 0 && num_recv > p.num_worst_tokens {
-                    if warp == 0 && lane == 0 {
+                    if dev::thread_idx_x() == 0 {
                         let rec = DeviceError {
                             code: error_code::OVERFLOW,
                             rank: p.rank,
@@ -415,7 +426,7 @@ kernel! {
                     }
                     return;
                 }
-                let src = warp;
+                let src = peer;
                 let local = peer_base(p.peer_bases, p.rank);
                 let tail = (local + l.ring_tail(l.dispatch_ctrl, src as u64, channel as u64)) as *const u64;
                 let head = (tail as u64 + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
@@ -462,8 +473,8 @@ kernel! {
             // Padding rows of a fixed-size (num_worst_tokens) output, spread over receivers.
             if !is_sender && p.num_worst_tokens != 0 {
                 let num_recv = *(p.num_recv_tokens as *const i32) as u64;
-                let stride = (p.num_channels * dev::block_dim_x()) as u64;
-                let mut row = num_recv + (channel * dev::block_dim_x() + dev::thread_idx_x()) as u64;
+                let stride = (p.num_channels / w_per * dev::block_dim_x()) as u64;
+                let mut row = num_recv + (dev::block_idx_x() / 2 * dev::block_dim_x() + dev::thread_idx_x()) as u64;
                 while row < p.num_worst_tokens as u64 {
                     *(p.recv_src_idx as *mut i32).add(row as usize) = -1;
                     for k in 0..k_count as u64 {
@@ -482,9 +493,9 @@ kernel! {
     pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE {
         let warp = dev::warp_id();
         let lane = dev::lane_id();
-        let channel = dev::block_idx_x() / 2;
-        let is_sender = dev::block_idx_x() & 1 == 0;
         let r = p.num_ranks;
+        let (channel, peer, w_per) = channel_and_peer(r);
+        let is_sender = dev::block_idx_x() & 1 == 0;
         let k_count = p.num_topk;
         let row_bytes = 2 * p.hidden as u64;
         let l = HtLayout::new(r, p.num_channels, p.num_slots, p.num_local_experts, p.dispatch_slot_bytes, p.slot_bytes);
@@ -492,9 +503,9 @@ kernel! {
         // SAFETY (whole body): as in ht_dispatch.
         unsafe {
             if is_sender {
-                if warp < r {
+                {
                     // Send the rows received from `dst` in channel `c` back to it, in order.
-                    let dst = warp;
+                    let dst = peer;
                     let base = peer_base(p.peer_bases, dst);
                     let me = p.rank as u64;
                     let mut ring = Sender::new(
@@ -520,21 +531,30 @@ kernel! {
                 }
                 return;
             }
-            // Receiver: sum each token's copies in ascending rank order.
+            // Receiver: the `R` warps of group `g` sum the tokens of channel `channel` (this
+            // warp's), `R` at a time, each token's copies in ascending rank order. All groups
+            // run as many rounds as the block's longest channel (block barriers).
             let local = peer_base(p.peer_bases, p.rank);
             let t = dev::thread_idx_x();
-            if t < r {
-                let head = (local + l.ring_tail(l.combine_ctrl, t as u64, channel as u64) + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
+            let first = dev::block_idx_x() / 2 * w_per; // the block's first channel
+            if t < r * w_per {
+                let c = (first + t / r) as u64;
+                let head = (local + l.ring_tail(l.combine_ctrl, (t % r) as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
                 *bases.add(t as usize) = dev::ld_relaxed_sys_u64(head);
             }
             dev::sync_threads();
+            let bases = bases.add((warp / r * r) as usize); // this group's, by source rank
             let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
-            let num_warps = dev::num_warps() as u64;
+            let mut rounds = 0;
+            for g in 0..w_per {
+                let (b, e) = l.channel_range(p.num_tokens as u64, (first + g) as u64);
+                rounds = rounds.max((e - b).div_ceil(r as u64));
+            }
             let in_rank = |tok: u64, d: u32| *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0;
             let send_head = |tok: u64, d: u32| *(p.send_head as *const i32).add((tok * r as u64 + d as u64) as usize);
-            let mut chunk = begin;
-            while chunk < end {
-                let tok = chunk + warp as u64;
+            for round in 0..rounds {
+                let chunk = begin + round * r as u64;
+                let tok = chunk + (warp % r) as u64;
                 let mut failed = false;
                 if tok < end {
                     // Wait until every copy of the token has arrived.
@@ -549,13 +569,26 @@ kernel! {
                         }
                     }
                     if !failed {
-                        let slot_of = |d: u32| {
-                            let pos = *bases.add(d as usize) + send_head(tok, d) as u64;
-                            local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64)
-                        };
+                        // Slots of the token's copies, by source rank (all loads of a step are
+                        // issued before the first add, so R of them are in flight per lane).
+                        let mut slot = [0u64; HT_MAX_RANKS as usize];
+                        let mut from = 0u32;
+                        for d in 0..HT_MAX_RANKS {
+                            if d < r && in_rank(tok, d) {
+                                let pos = *bases.add(d as usize) + send_head(tok, d) as u64;
+                                slot[d as usize] = local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64);
+                                from |= 1 << d;
+                            }
+                        }
                         let num_vecs = p.hidden as u64 / 8;
                         let mut v = lane as u64;
                         while v < num_vecs {
+                            let mut xs = [U4::default(); HT_MAX_RANKS as usize];
+                            for d in 0..HT_MAX_RANKS as usize {
+                                if from >> d & 1 != 0 {
+                                    xs[d] = dev::ld_v4((slot[d] as *const U4).add(v as usize));
+                                }
+                            }
                             let mut acc = [0f32; 8];
                             // acc = b0 + b1 first (0 + 0 without bias), as the reference.
                             let bias = |b: u64| {
@@ -567,9 +600,8 @@ kernel! {
                                 let half = |w: &[u32; 4]| bf16_to_f32((w[i / 2] >> (16 * (i % 2))) as u16);
                                 acc[i] = half(&w0) + half(&w1);
                             }
-                            for d in 0..r {
-                                if in_rank(tok, d) {
-                                    let x = dev::ld_v4((slot_of(d) as *const U4).add(v as usize));
+                            for (d, x) in xs.iter().enumerate() {
+                                if from >> d & 1 != 0 {
                                     let words = [x.x, x.y, x.z, x.w];
                                     for i in 0..8 {
                                         acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
@@ -585,9 +617,9 @@ kernel! {
                         }
                         if lane < k_count && p.combined_topk_weights != 0 {
                             let mut acc = 0f32;
-                            for d in 0..r {
-                                if in_rank(tok, d) {
-                                    acc += *((slot_of(d) + row_bytes) as *const f32).add(lane as usize);
+                            for (d, &at) in slot.iter().enumerate() {
+                                if from >> d & 1 != 0 {
+                                    acc += *((at + row_bytes) as *const f32).add(lane as usize);
                                 }
                             }
                             *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
@@ -597,22 +629,27 @@ kernel! {
                 if dev::sync_threads_or(failed) {
                     return;
                 }
-                // Free the slots this chunk consumed: thread d < R releases head d.
-                let chunk_end = (chunk + num_warps).min(end);
-                if t < r {
+                // Free the slots this round consumed: thread `g * R + d` releases head `d` of
+                // the block's channel `g`.
+                if t < r * w_per {
+                    let (d, c) = (t % r, (first + t / r) as u64);
+                    let (b, e) = l.channel_range(p.num_tokens as u64, c);
+                    let chunk = b + round * r as u64;
                     let mut consumed = -1i32;
-                    for tok in chunk..chunk_end {
-                        if in_rank(tok, t) {
-                            consumed = send_head(tok, t);
+                    let mut tok = chunk;
+                    while tok < (chunk + r as u64).min(e) {
+                        if in_rank(tok, d) {
+                            consumed = send_head(tok, d);
                         }
+                        tok += 1;
                     }
                     if consumed >= 0 {
                         dev::fence_acq_rel_sys();
-                        let head = (local + l.ring_tail(l.combine_ctrl, t as u64, channel as u64) + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
-                        dev::st_release_sys_u64(head, *bases.add(t as usize) + consumed as u64 + 1);
+                        let head = (local + l.ring_tail(l.combine_ctrl, d as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
+                        let base = *(dev::static_smem::<u64>()).add(t as usize);
+                        dev::st_release_sys_u64(head, base + consumed as u64 + 1);
                     }
                 }
-                chunk = chunk_end;
             }
         }
     }

@@ -399,17 +399,38 @@ kernel! {
                 let mut v = lane as u64;
                 while v < num_vecs {
                     let mut acc = [0f32; 8];
-                    for k in 0..p.num_topk {
-                        let e = expert_of(&p, t, k);
+                    // Four experts at a time: their loads are all issued before the first
+                    // fused multiply-add, which still runs in ascending k. (Named values, not
+                    // an array: an array here would live in local memory.)
+                    let fetch = |k: u32| -> (U4, f32, bool) {
+                        let e = if k < p.num_topk { expert_of(&p, t, k) } else { -1 };
                         if e < 0 {
-                            continue;
+                            return (U4::default(), 0.0, false);
                         }
                         let w = *(p.topk_weights as *const f32).add((t * p.num_topk + k) as usize);
-                        let y = dev::ld_v4(((local + l.combine_slot(e as u64, t as u64)) as *const U4).add(v as usize));
-                        let words = [y.x, y.y, y.z, y.w];
-                        for i in 0..8 {
-                            acc[i] = dev::fma_rn_f32(bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16), w, acc[i]);
-                        }
+                        (dev::ld_v4(((local + l.combine_slot(e as u64, t as u64)) as *const U4).add(v as usize)), w, true)
+                    };
+                    macro_rules! add {
+                        ($y:expr, $w:expr, $valid:expr) => {
+                            if $valid {
+                                let words = [$y.x, $y.y, $y.z, $y.w];
+                                for i in 0..8 {
+                                    acc[i] = dev::fma_rn_f32(bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16), $w, acc[i]);
+                                }
+                            }
+                        };
+                    }
+                    let mut k0 = 0;
+                    while k0 < p.num_topk {
+                        let (y0, w0, v0) = fetch(k0);
+                        let (y1, w1, v1) = fetch(k0 + 1);
+                        let (y2, w2, v2) = fetch(k0 + 2);
+                        let (y3, w3, v3) = fetch(k0 + 3);
+                        add!(y0, w0, v0);
+                        add!(y1, w1, v1);
+                        add!(y2, w2, v2);
+                        add!(y3, w3, v3);
+                        k0 += 4;
                     }
                     let mut out = [0u32; 4];
                     for i in 0..8 {

@@ -41,6 +41,8 @@ pub struct Group {
     bootstrap: Box<dyn Bootstrap>,
     error: ErrorRecord,
     timeout: Duration,
+    /// Ranks of the group on this rank's GPU (see `ranks_on_device`), once asked.
+    ranks_on_device: std::sync::OnceLock<usize>,
 }
 
 impl std::fmt::Debug for Group {
@@ -84,6 +86,7 @@ impl Group {
             bootstrap,
             error,
             timeout: default_kernel_timeout()?,
+            ranks_on_device: std::sync::OnceLock::new(),
         })
     }
 
@@ -128,6 +131,20 @@ impl Group {
     /// This rank's stream: every op of the group runs on it.
     pub fn stream(&self) -> &Stream {
         &self.stream
+    }
+
+    /// Collective the first time (every rank calls it): how many ranks of the group run on
+    /// this rank's GPU (in this process or others, e.g. under MPS). Ranks sharing a GPU also
+    /// share its SMs: a kernel that waits for its peers only finishes if all their blocks
+    /// are resident at once, so ops size their grids by this.
+    pub fn ranks_on_device(&self) -> Result<usize> {
+        if let Some(&n) = self.ranks_on_device.get() {
+            return Ok(n);
+        }
+        let me = self.device.identity()?;
+        let all = self.bootstrap.all_gather(me.as_bytes())?;
+        let n = all.iter().filter(|id| id[..] == *me.as_bytes()).count().max(1);
+        Ok(*self.ranks_on_device.get_or_init(|| n))
     }
 
     /// The bootstrap (small host-side all-gathers and barriers).
@@ -227,11 +244,14 @@ impl Group {
                 return Err(Error::Unsupported(format!("rank {r}'s memory is not shareable across processes")));
             }
         }
-        // Exporters keep their descriptors open until every importer has its own copy.
-        self.bootstrap.barrier()?;
-        drop(exported);
         let peer_table = self.device.alloc(8 * self.num_ranks)?;
         peer_table.write(&self.stream, 0, &peer_ptrs)?;
+        self.stream.synchronize()?;
+        // Exporters keep their descriptors open until every importer has its own copy; and
+        // no rank returns (to launch kernels that peers' allocations could stall behind on a
+        // shared GPU) before every rank is done allocating.
+        self.bootstrap.barrier()?;
+        drop(exported);
         Ok(SymmetricBuffer { local, _imported: imported, peer_ptrs, peer_table, epoch: 0 })
     }
 }

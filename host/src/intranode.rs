@@ -24,9 +24,14 @@ pub struct HtConfig {
     /// Largest number of f32 scales per token (fp8 dispatch: `hidden / 128`).
     pub num_scales: usize,
     /// Channels: each is one sender and one receiver block, so `2 * num_channels` SMs.
-    /// 0 = 10 on a GPU (DeepEP's default 20 SMs), 2 on the emulator.
+    /// 0 = 10 on a GPU (DeepEP's default 20 SMs), or the GPU's SMs / (2 * ranks on it) when
+    /// ranks share a GPU; 2 on the emulator.
     pub num_channels: usize,
-    /// Slots per ring (0 = 128 on a GPU, 16 on the emulator).
+    /// Warps per peer in each block (0 = 16 / ranks on a GPU, i.e. 512 threads, 1 on the
+    /// emulator). Each is a ring of its own, so `num_channels * warps_per_peer` rings per
+    /// pair of ranks: more warps keep more bytes in flight per SM.
+    pub warps_per_peer: usize,
+    /// Slots per ring (0 = 128 / `warps_per_peer` on a GPU, 16 on the emulator).
     pub num_slots: usize,
 }
 
@@ -154,36 +159,52 @@ impl HtBuffer {
             return Err(Error::invalid("num_topk", format!("{} > {MAX_TOPK}", cfg.num_topk)));
         }
         let cpu = group.device().is_cpu();
+        let sharing = group.ranks_on_device()?;
         if cfg.num_channels == 0 {
-            cfg.num_channels = if cpu { 2 } else { 10 };
+            // 10 (DeepEP's 20 SMs); ranks sharing a GPU split its SMs, as the kernels of all
+            // of them must be resident at once (a combine block may take a whole SM).
+            let sms = group.device().num_sms()? as usize;
+            cfg.num_channels = if cpu { 2 } else { (sms / (2 * sharing)).clamp(1, 10) };
         }
-        if cfg.num_slots == 0 {
-            cfg.num_slots = if cpu { 16 } else { 128 };
+        if cfg.warps_per_peer == 0 {
+            cfg.warps_per_peer = if cpu { 1 } else { (16 / num_ranks).max(1) };
         }
-        let warps = Self::block_dim_for(num_ranks) as usize / 32;
-        if cfg.num_slots < 2 * warps {
+        if cfg.warps_per_peer * num_ranks > 32 {
             return Err(Error::invalid(
-                "num_slots",
-                format!("{} < {} (two per receiving warp)", cfg.num_slots, 2 * warps),
+                "warps_per_peer",
+                format!("{} x {num_ranks} ranks > 32 warps per block", cfg.warps_per_peer),
             ));
         }
-        if cfg.num_channels * num_ranks > 1024 {
+        if cfg.num_slots == 0 {
+            cfg.num_slots = if cpu { 16 } else { (128 / cfg.warps_per_peer).max(2 * num_ranks) };
+        }
+        if cfg.num_slots < 2 * num_ranks {
+            return Err(Error::invalid(
+                "num_slots",
+                format!("{} < {} (two per receiving warp of a channel)", cfg.num_slots, 2 * num_ranks),
+            ));
+        }
+        if cfg.num_channels * cfg.warps_per_peer * num_ranks > 1024 {
             return Err(Error::invalid(
                 "num_channels",
-                format!("{} channels x {num_ranks} ranks > 1024", cfg.num_channels),
+                format!(
+                    "{} channels x {} warps per peer x {num_ranks} ranks > 1024",
+                    cfg.num_channels, cfg.warps_per_peer
+                ),
             ));
         }
         let layout = Self::layout_for(num_ranks, &cfg);
-        let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
         let num_local = cfg.num_experts / num_ranks;
+        // Before the collective allocation, which ends with a barrier (see there).
         let host_counts = group.device().alloc_host_mapped(4 * (1 + num_local))?;
+        let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
         Ok(HtBuffer { sym, layout, cfg, host_counts })
     }
 
     fn layout_for(num_ranks: usize, cfg: &HtConfig) -> HtLayout {
         HtLayout::new(
             num_ranks as u32,
-            cfg.num_channels as u32,
+            (cfg.num_channels * cfg.warps_per_peer.max(1)) as u32,
             cfg.num_slots as u32,
             (cfg.num_experts / num_ranks) as u32,
             HtLayout::dispatch_slot_bytes(2 * cfg.hidden as u64, cfg.num_scales as u64, cfg.num_topk as u64),
@@ -192,13 +213,21 @@ impl HtBuffer {
     }
 
     /// Bytes of the symmetric buffer `cfg` needs on each of `num_ranks` ranks (after defaults
-    /// are applied, so pass explicit channels and slots).
+    /// are applied, so pass explicit channels, warps per peer and slots).
     pub fn size_hint(num_ranks: usize, cfg: &HtConfig) -> usize {
         Self::layout_for(num_ranks, cfg).total_bytes as usize
     }
 
-    fn block_dim_for(num_ranks: usize) -> u32 {
-        (32 * num_ranks as u32).max(64)
+    /// Rings per pair of ranks: `num_channels * warps_per_peer`.
+    fn rings(&self) -> usize {
+        self.cfg.num_channels * self.cfg.warps_per_peer
+    }
+
+    /// The dispatch/combine launch: a sender and a receiver block per channel, a warp per
+    /// (ring, peer) in each.
+    fn launch_config(&self, num_ranks: usize) -> LaunchConfig {
+        let block_dim = 32 * (num_ranks * self.cfg.warps_per_peer) as u32;
+        LaunchConfig { grid_dim: 2 * self.cfg.num_channels as u32, block_dim, shared_mem_bytes: 0 }
     }
 
     /// The configuration (defaults filled in).
@@ -233,7 +262,7 @@ impl HtBuffer {
         let dev = group.device().clone();
         let stream = group.stream();
         let num_local = self.cfg.num_experts / num_ranks;
-        let c = self.cfg.num_channels;
+        let c = self.rings();
         let rank_prefix_matrix = stream.alloc(4 * num_ranks * num_ranks)?;
         let channel_prefix_matrix = stream.alloc(4 * num_ranks * (c + 1))?;
         let num_recv_tokens_per_expert = stream.alloc(4 * num_local)?;
@@ -262,13 +291,13 @@ impl HtBuffer {
         let block_dim = dev.block_dim(256).max(32 * num_ranks as u32);
         let alloc_outputs = |rows: usize| -> Result<[DeviceBuffer; 7]> {
             Ok([
-                stream.alloc((rows * hb).max(16))?,
-                stream.alloc((rows * num_scales * 4).max(4))?,
-                stream.alloc((rows * num_topk * 8).max(8))?,
-                stream.alloc((rows * num_topk * 4).max(4))?,
-                stream.alloc((rows * 4).max(4))?,
-                stream.alloc((t * num_ranks * 4).max(4))?,
-                stream.alloc((t * num_ranks).max(1))?,
+                stream.alloc_uninit((rows * hb).max(16))?,
+                stream.alloc_uninit((rows * num_scales * 4).max(4))?,
+                stream.alloc_uninit((rows * num_topk * 8).max(8))?,
+                stream.alloc_uninit((rows * num_topk * 4).max(4))?,
+                stream.alloc_uninit((rows * 4).max(4))?,
+                stream.alloc_uninit((t * num_ranks * 4).max(4))?,
+                stream.alloc_uninit((t * num_ranks).max(1))?,
             ])
         };
         // Padded outputs are allocated before the first kernel: once peers spin in the
@@ -350,17 +379,17 @@ impl HtBuffer {
         hidden_bytes: usize,
         x_scales: Option<(&DeviceBuffer, usize)>,
     ) -> Result<(DeviceBuffer, DeviceBuffer)> {
-        if handle.num_channels != self.cfg.num_channels {
+        if handle.num_channels != self.rings() {
             return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
         }
         let (t, num_ranks) = (handle.num_tokens, group.num_ranks());
         let num_scales = self.check_x(x, hidden_bytes, t, x_scales)?;
         let stream = group.stream();
         let rows = handle.num_rows;
-        let recv_x = stream.alloc((rows * hidden_bytes).max(16))?;
-        let recv_x_scales = stream.alloc((rows * num_scales * 4).max(4))?;
-        let recv_src_idx = stream.alloc((rows * 4).max(4))?;
-        let send_head = stream.alloc((t * num_ranks * 4).max(4))?;
+        let recv_x = stream.alloc_uninit((rows * hidden_bytes).max(16))?;
+        let recv_x_scales = stream.alloc_uninit((rows * num_scales * 4).max(4))?;
+        let recv_src_idx = stream.alloc_uninit((rows * 4).max(4))?;
+        let send_head = stream.alloc_uninit((t * num_ranks * 4).max(4))?;
         let io = DispatchIo {
             x,
             hidden_bytes,
@@ -413,7 +442,7 @@ impl HtBuffer {
 
     fn launch_dispatch(&self, group: &Group, io: &DispatchIo) -> Result<()> {
         let num_ranks = group.num_ranks();
-        let c = self.cfg.num_channels;
+        let c = self.rings();
         let params = HtDispatchParams {
             peer_bases: self.sym.peer_table_ptr(),
             x: io.x.ptr(),
@@ -446,8 +475,7 @@ impl HtBuffer {
             num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
             reserved: 0,
         };
-        let cfg =
-            LaunchConfig { grid_dim: 2 * c as u32, block_dim: Self::block_dim_for(num_ranks), shared_mem_bytes: 0 };
+        let cfg = self.launch_config(num_ranks);
         // SAFETY: every buffer in `io` was checked or allocated with the documented shape; the
         // rings are the ones this buffer was sized for.
         unsafe { group.stream().launch(&HT_DISPATCH, cfg, params) }
@@ -473,7 +501,7 @@ impl HtBuffer {
                 format!("{hidden} must be a positive multiple of 8 up to {}", self.cfg.hidden),
             ));
         }
-        if handle.num_channels != self.cfg.num_channels {
+        if handle.num_channels != self.rings() {
             return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
         }
         if x.len() < handle.num_rows * hidden * 2 {
@@ -495,12 +523,12 @@ impl HtBuffer {
         }
         let t = handle.num_tokens;
         let stream = group.stream();
-        let combined_x = stream.alloc((t * hidden * 2).max(16))?;
+        let combined_x = stream.alloc_uninit((t * hidden * 2).max(16))?;
         let combined_topk_weights = match topk_weights {
-            Some((_, k)) => Some(stream.alloc((t * k * 4).max(4))?),
+            Some((_, k)) => Some(stream.alloc_uninit((t * k * 4).max(4))?),
             None => None,
         };
-        let c = self.cfg.num_channels;
+        let c = self.rings();
         let params = HtCombineParams {
             peer_bases: self.sym.peer_table_ptr(),
             x: x.ptr(),
@@ -525,8 +553,7 @@ impl HtBuffer {
             num_channels: c as u32,
             num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
         };
-        let cfg =
-            LaunchConfig { grid_dim: 2 * c as u32, block_dim: Self::block_dim_for(num_ranks), shared_mem_bytes: 0 };
+        let cfg = self.launch_config(num_ranks);
         // SAFETY: the handle's maps come from the matching dispatch; sizes checked above.
         unsafe { group.stream().launch(&HT_COMBINE, cfg, params)? };
         Ok(HtCombineOutputs { combined_x, combined_topk_weights })

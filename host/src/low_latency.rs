@@ -171,7 +171,13 @@ impl LlBuffer {
         }
         let layout = LlLayout::new(r as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64);
         let sym = group.alloc_symmetric(layout.total_bytes() as usize, Sharing::Auto)?;
-        let grid_dim = if group.device().is_cpu() { 2 } else { 16 };
+        // 16 blocks; ranks sharing a GPU split its SMs (all their blocks must be resident).
+        let sharing = group.ranks_on_device()?;
+        let grid_dim = if group.device().is_cpu() {
+            2
+        } else {
+            (group.device().num_sms()? as usize / sharing).clamp(1, 16) as u32
+        };
         Ok(LlBuffer { sym, layout, cfg, grid_dim })
     }
 
@@ -246,8 +252,8 @@ impl LlBuffer {
             (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, self.cfg.hidden);
         let x_bytes = if opts.use_fp8 { h } else { 2 * h };
         let mut out = LlDispatchOutputs {
-            packed_recv_x: s.alloc(l * r * m * x_bytes)?,
-            packed_recv_x_scales: if opts.use_fp8 { Some(s.alloc(4 * l * r * m * (h / 128))?) } else { None },
+            packed_recv_x: s.alloc_uninit(l * r * m * x_bytes)?,
+            packed_recv_x_scales: if opts.use_fp8 { Some(s.alloc_uninit(4 * l * r * m * (h / 128))?) } else { None },
             packed_recv_count: s.alloc(4 * l)?,
             handle: LlHandle {
                 packed_recv_src_info: s.alloc(4 * l * r * m)?,
@@ -351,7 +357,7 @@ impl LlBuffer {
         let s = group.stream();
         let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
         let out = LlRankMajorOutputs {
-            recv_x: s.alloc(r * m * row_bytes)?,
+            recv_x: s.alloc_uninit(r * m * row_bytes)?,
             recv_count: s.alloc(4 * r)?,
             recv_src_idx: s.alloc(4 * r * m)?,
             recv_topk_idx: s.alloc(8 * r * m * num_topk)?,
@@ -395,7 +401,7 @@ impl LlBuffer {
         num_topk: usize,
         send_only: bool,
     ) -> Result<LlCombineOutputs> {
-        let combined_x = group.stream().alloc((num_tokens * 2 * self.cfg.hidden).max(16))?;
+        let combined_x = group.stream().alloc_uninit((num_tokens * 2 * self.cfg.hidden).max(16))?;
         let recv_hook = self.combine_into(
             group,
             handle,

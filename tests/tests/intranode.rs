@@ -18,6 +18,8 @@ struct Case {
     calls: usize,
     /// Ring slots (0 = the default); small values force wrap-around and waiting senders.
     num_slots: usize,
+    /// Warps per peer in a block (0 = the default).
+    warps_per_peer: usize,
     routing: Routes,
 }
 
@@ -42,6 +44,7 @@ impl Case {
             with_bias: true,
             calls: 3,
             num_slots: 0,
+            warps_per_peer: 0,
             routing: Routes::Random,
         }
     }
@@ -126,8 +129,15 @@ fn run(case: Case) {
         calls.push((idx, tokens, x, w, want, y, b0, b1, combined));
     }
     let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg =
-        HtConfig { num_experts: e, hidden: h, num_topk: k, num_scales: 0, num_channels: 0, num_slots: case.num_slots };
+    let cfg = HtConfig {
+        num_experts: e,
+        hidden: h,
+        num_topk: k,
+        num_scales: 0,
+        num_channels: 0,
+        warps_per_peer: case.warps_per_peer,
+        num_slots: case.num_slots,
+    };
     on_ranks(groups, |rank, group| {
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         let s = group.stream();
@@ -235,6 +245,8 @@ fn ht_tiny_rings_wrap_and_block_senders() {
     let cpu = device().is_cpu();
     // Two slots per receiving warp: senders wait for space all the time.
     run(Case { num_slots: 2 * 8, calls: 3, ..Case::new(16, 32, 3, if cpu { 120 } else { 2000 }) });
+    // Several rings per block (channels of uneven length in one block), tiny as well.
+    run(Case { num_slots: 2 * 8, warps_per_peer: 2, calls: 2, ..Case::new(16, 32, 3, if cpu { 61 } else { 2001 }) });
 }
 
 #[test]
@@ -272,7 +284,15 @@ fn ht_fp8_payload_with_scales() {
     let r = Routing::new(n, e, k, idx.clone()).unwrap();
     let want = reference::ht_dispatch(&r, &x, &w, h, 1, None).unwrap();
     let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg = HtConfig { num_experts: e, hidden: h, num_topk: k, num_scales, num_channels: 0, num_slots: 0 };
+    let cfg = HtConfig {
+        num_experts: e,
+        hidden: h,
+        num_topk: k,
+        num_scales,
+        num_channels: 0,
+        warps_per_peer: 0,
+        num_slots: 0,
+    };
     on_ranks(groups, |rank, group| {
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         let s = group.stream();
@@ -325,7 +345,15 @@ fn ht_twenty_reruns_give_identical_hashes() {
     let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(&mut rng, t * h)).collect();
     let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 1e9).collect()).collect();
     let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg = HtConfig { num_experts: e, hidden: h, num_topk: k, num_scales: 0, num_channels: 0, num_slots: 0 };
+    let cfg = HtConfig {
+        num_experts: e,
+        hidden: h,
+        num_topk: k,
+        num_scales: 0,
+        num_channels: 0,
+        warps_per_peer: 0,
+        num_slots: 0,
+    };
     on_ranks(groups, |rank, group| {
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         let s = group.stream();
@@ -370,7 +398,15 @@ fn ht_bad_arguments_are_rejected_before_launch_and_the_buffer_stays_usable() {
     let groups = Group::in_process(&devices(2)).unwrap();
     on_ranks(groups, |rank, group| {
         let bad = |cfg: HtConfig| HtBuffer::new(&group, cfg).err().map(|e| e.to_string());
-        let ok = HtConfig { num_experts: 4, hidden: 64, num_topk: 2, num_scales: 0, num_channels: 0, num_slots: 0 };
+        let ok = HtConfig {
+            num_experts: 4,
+            hidden: 64,
+            num_topk: 2,
+            num_scales: 0,
+            num_channels: 0,
+            warps_per_peer: 0,
+            num_slots: 0,
+        };
         assert!(bad(HtConfig { num_experts: 5, ..ok }).unwrap().contains("num_experts"));
         assert!(bad(HtConfig { hidden: 60, ..ok }).unwrap().contains("hidden"));
         assert!(bad(HtConfig { hidden: 32768, ..ok }).unwrap().contains("hidden"));
@@ -415,7 +451,15 @@ fn ht_num_worst_tokens_too_small_is_an_error_not_an_overflow() {
     let groups = Group::in_process(&devices(2)).unwrap();
     let results = on_ranks(groups, |_, mut group| {
         group.set_timeout(std::time::Duration::from_millis(500)).unwrap();
-        let cfg = HtConfig { num_experts: 4, hidden: 64, num_topk: 1, num_scales: 0, num_channels: 0, num_slots: 0 };
+        let cfg = HtConfig {
+            num_experts: 4,
+            hidden: 64,
+            num_topk: 1,
+            num_scales: 0,
+            num_channels: 0,
+            warps_per_peer: 0,
+            num_slots: 0,
+        };
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         // Three tokens per rank, all to expert 0 (rank 0): rank 0 receives 6 rows.
         let (topk, weights, x) =

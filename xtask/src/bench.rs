@@ -12,11 +12,10 @@ type Bench = (&'static str, &'static str, fn(&[String]) -> Result);
 /// All benchmarks.
 const BENCHES: &[Bench] = &[
     ("ht", "HT intranode dispatch (bf16, fp8) and combine; see crates/bench/src/bin/ht.rs", ht),
-    ("ll", "LL dispatch and combine (bf16); see crates/bench/src/bin/ll.rs", ll),
+    ("ll", "LL dispatch (bf16, fp8) and combine, graph-replayed; see crates/bench/src/bin/ll.rs", ll),
 ];
 
-/// `cargo xtask bench ht [args]`: the Rust bench; on a GPU machine follow it with
-/// `python3 tests/gpu/ht_torch_reference.py` for the same-run torch reference.
+/// `cargo xtask bench ht [args]`.
 fn ht(args: &[String]) -> Result {
     bench_bin("ht", args)
 }
@@ -26,13 +25,33 @@ fn ll(args: &[String]) -> Result {
     bench_bin("ll", args)
 }
 
+/// Runs the bench with the same-run torch reference (when python3 has torch) and its rows
+/// appended to `target/bench/bench.csv`, then draws `target/bench/{ht,ll}.png` from that
+/// file (when python3 has matplotlib). The GPU bundle runs `bin/moe-ep-bench-*` the same way.
 fn bench_bin(bin: &str, args: &[String]) -> Result {
+    let root = crate::root();
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let csv = out.join("bench.csv");
+    let mut extra: Vec<String> = vec!["--csv".into(), csv.display().to_string()];
+    if !args.iter().any(|a| a == "--torch") {
+        extra.extend(["--torch".into(), root.join("tests/gpu/ht_torch_reference.py").display().to_string()]);
+    }
     let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["run", "--release", "-p", "moe-ep-bench", "--bin", bin, "--"])
         .args(args)
+        .args(&extra)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("bench {bin} failed: {status}")) }
+    if !status.success() {
+        return Err(format!("bench {bin} failed: {status}"));
+    }
+    let plot =
+        std::process::Command::new("python3").arg(root.join("tests/gpu/plot_bench.py")).arg(&csv).arg(&out).status();
+    if !matches!(plot, Ok(s) if s.success()) {
+        eprintln!("(no plot: python3 with matplotlib is needed for tests/gpu/plot_bench.py)");
+    }
+    Ok(())
 }
 
 fn list() -> String {

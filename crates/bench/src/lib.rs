@@ -85,3 +85,69 @@ pub fn more_hardware_queues() {
         unsafe { std::env::set_var("CUDA_DEVICE_MAX_CONNECTIONS", "32") };
     }
 }
+
+/// Seconds a same-run device-to-device copy of `bytes` takes (median of 5): the ceiling of
+/// an op that moves those bytes once.
+pub fn copy_seconds(dev: &Device, bytes: usize) -> Result<f64> {
+    let s = dev.new_stream()?;
+    let (a, b) = (s.alloc(bytes.max(16))?, s.alloc(bytes.max(16))?);
+    b.copy_from_async(&s, &a, bytes)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let e0 = s.record_event()?;
+        b.copy_from_async(&s, &a, bytes)?;
+        let e1 = s.record_event()?;
+        times.push(e0.elapsed_ms(&e1)?);
+    }
+    Ok(median(times) as f64 * 1e-3)
+}
+
+/// `--name value` as a string, if given.
+pub fn arg_str(name: &str) -> Option<String> {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).cloned()
+}
+
+/// Same-run torch reference: runs `python3 SCRIPT --tokens ... EXTRA...` (the bundle's
+/// `ht_torch_reference.py`) and returns `(tokens, "dispatch"|"combine", µs)` from its table.
+/// Empty (with a note on stderr) when the script or torch is missing: the bench still runs.
+pub fn torch_reference(script: &str, tokens: &[usize], extra: &[String]) -> Vec<(usize, String, f64)> {
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg("--tokens")
+        .args(tokens.iter().map(|t| t.to_string()))
+        .args(extra)
+        .output();
+    let out = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => {
+            eprintln!("torch reference failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+            return Vec::new();
+        }
+        Err(e) => {
+            eprintln!("torch reference not run: {e}");
+            return Vec::new();
+        }
+    };
+    // Rows: "<tokens> <op> <dtype> <µs> <copies>".
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let t = f.first()?.parse().ok()?;
+            let op = f.get(1)?.to_string();
+            let us = f.get(3)?.parse().ok()?;
+            Some((t, op, us))
+        })
+        .collect()
+}
+
+/// Appends `line` to the CSV file of `--csv PATH`, if given (plots are drawn from it).
+pub fn csv_line(line: &str) {
+    if let Some(path) = arg_str("--csv") {
+        use std::io::Write;
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+        if let Ok(mut f) = f {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}

@@ -640,6 +640,7 @@ impl Rank {
                 num_topk,
                 num_scales: x_scales.map_or(0, |s| s.1).max(hidden / 128),
                 num_channels,
+                warps_per_peer: 0,
                 num_slots: 0,
             };
             self.ensure_ht(&mut st, want)?;
@@ -988,7 +989,12 @@ fn ht_size_hint(
     num_channels: usize,
     num_slots: usize,
 ) -> usize {
-    let cfg = HtConfig { num_experts, hidden, num_topk, num_scales: hidden / 128, num_channels, num_slots };
+    // The GPU defaults of HtBuffer::new for what is left 0.
+    let r = num_ranks.max(1);
+    let warps_per_peer = (16 / r).max(1);
+    let num_slots = if num_slots == 0 { (128 / warps_per_peer).max(2 * r) } else { num_slots };
+    let cfg =
+        HtConfig { num_experts, hidden, num_topk, num_scales: hidden / 128, num_channels, warps_per_peer, num_slots };
     HtBuffer::size_hint(num_ranks.max(1), &cfg)
 }
 

@@ -85,24 +85,37 @@ impl CudaDevice {
         })?;
         let dev =
             Self { ctx, util_stream: Mutex::new(0), module: Mutex::new(None), functions: Mutex::new(HashMap::new()) };
-        dev.keep_pool_memory()?;
         Ok(dev)
     }
 
-    /// Stream-ordered frees keep their memory in the device's pool (threshold = max) instead
-    /// of returning it to the OS at the next synchronisation, as PyTorch's caching allocator
-    /// does: no trimming work on the hot path.
-    fn keep_pool_memory(&self) -> Result<()> {
+    /// A memory pool for one stream's stream-ordered allocations. Its memory stays in the pool
+    /// after frees (threshold = max, as PyTorch's caching allocator does: no trimming on the
+    /// hot path), and it never reuses memory by making this stream wait for another one: with
+    /// the device's shared default pool, a rank's allocation could wait on a peer rank's
+    /// stream, whose kernels wait for this rank's — a deadlock when ranks share a GPU.
+    pub(crate) fn pool_create(&self) -> Result<sys::CUmemoryPool> {
         self.bind()?;
+        // SAFETY: all-zero is a valid CUmemPoolProps (then filled in).
+        let mut props: sys::CUmemPoolProps = unsafe { std::mem::zeroed() };
+        props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.handleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+        props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        props.location.id = self.ctx.cu_device();
         let mut pool = std::ptr::null_mut();
-        // SAFETY: writes one pool handle for a valid device.
-        check("cuDeviceGetDefaultMemPool", unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) })?;
-        let mut threshold = u64::MAX;
-        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        // SAFETY: the attribute takes a cuuint64_t.
-        check("cuMemPoolSetAttribute", unsafe {
-            sys::cuMemPoolSetAttribute(pool, attr, &mut threshold as *mut u64 as *mut c_void)
-        })
+        // SAFETY: writes one pool handle; `props` is initialised.
+        check("cuMemPoolCreate", unsafe { sys::cuMemPoolCreate(&mut pool, &props) })?;
+        use sys::CUmemPool_attribute as A;
+        for (attr, mut v) in [
+            (A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX),
+            (A::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES, 0),
+        ] {
+            // SAFETY: the threshold is a cuuint64_t; the reuse flag an int (low bytes of `v`,
+            // little-endian).
+            check("cuMemPoolSetAttribute", unsafe {
+                sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut c_void)
+            })?;
+        }
+        Ok(pool)
     }
 
     pub(crate) fn bind(&self) -> Result<()> {
@@ -111,6 +124,16 @@ impl CudaDevice {
             code: e.0 as i32,
             name: format!("{e:?}"),
         })
+    }
+
+    pub(crate) fn pci_bus_id(&self) -> Result<String> {
+        let mut buf = [0 as std::ffi::c_char; 32];
+        // SAFETY: writes a NUL-terminated id of at most `len` bytes.
+        check("cuDeviceGetPCIBusId", unsafe {
+            sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, self.ctx.cu_device())
+        })?;
+        // SAFETY: NUL-terminated by the driver (the buffer is larger than any id).
+        Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
     }
 
     pub(crate) fn name(&self) -> String {

@@ -120,6 +120,17 @@ impl Device {
         }
     }
 
+    /// Which physical device this is, the same string in every process that uses it:
+    /// host name and PCI bus id ("node7/0000:1B:00.0"); "node7/cpu" for the emulator.
+    pub fn identity(&self) -> Result<String> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        match &*self.backend {
+            Backend::Cpu => Ok(format!("{host}/cpu")),
+            Backend::Cuda(d) => Ok(format!("{host}/{}", d.pci_bus_id()?)),
+        }
+    }
+
     /// Streaming multiprocessors (the emulator reports 8).
     pub fn num_sms(&self) -> Result<u32> {
         match &*self.backend {
@@ -254,14 +265,23 @@ impl Device {
 
     /// A new stream (non-blocking w.r.t. the legacy default stream).
     pub fn new_stream(&self) -> Result<Stream> {
-        let raw = match &*self.backend {
-            Backend::Cpu => 0,
-            Backend::Cuda(d) => d.stream_create()? as usize,
+        let (raw, pool) = match &*self.backend {
+            Backend::Cpu => (0, 0),
+            Backend::Cuda(d) => {
+                let raw = d.stream_create()? as usize;
+                match d.pool_create() {
+                    Ok(pool) => (raw, pool as usize),
+                    Err(e) => {
+                        drop(StreamHandle { device: self.clone(), raw, pool: 0, borrowed: false }); // destroys the stream
+                        return Err(e);
+                    }
+                }
+            }
         };
         Ok(Stream {
             device: self.clone(),
             raw,
-            handle: Arc::new(StreamHandle { device: self.clone(), raw, borrowed: false }),
+            handle: Arc::new(StreamHandle { device: self.clone(), raw, pool, borrowed: false }),
             capture: Mutex::new(None),
         })
     }
@@ -484,7 +504,7 @@ impl Drop for DeviceBuffer {
             (Memory::CpuShared { .. }, _) => unsafe { cpu::shared_unmap(self.ptr as *mut u8, self.bytes) },
             (Memory::Cuda, Some(d)) => drop(d.free(self.ptr)),
             (Memory::CudaPool { stream }, Some(d)) if d.bind().is_ok() => {
-                // SAFETY: allocated on this stream by cuMemAllocAsync; freed once, after the
+                // SAFETY: allocated on this stream from its pool; freed once, after the
                 // work queued on it so far.
                 unsafe { sys::cuMemFreeAsync(self.ptr, stream.raw as sys::CUstream) };
             }
@@ -705,18 +725,27 @@ impl Drop for Graph {
 struct StreamHandle {
     device: Device,
     raw: usize,
+    /// This stream's own memory pool (see `Stream::alloc`; 0: the device's default pool).
+    pool: usize,
     /// Made by [`Stream::from_raw`]: the stream belongs to someone else.
     borrowed: bool,
 }
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
-        if !self.borrowed
-            && let Some(d) = self.device.cuda_backend()
+        if let Some(d) = self.device.cuda_backend()
             && d.bind().is_ok()
         {
-            // SAFETY: destroyed once; queued work still completes.
-            unsafe { sys::cuStreamDestroy_v2(self.raw as sys::CUstream) };
+            // SAFETY: destroyed once; queued work still completes. Buffers from the pool
+            // hold this handle, so all of them were freed (in stream order) before.
+            unsafe {
+                if !self.borrowed {
+                    sys::cuStreamDestroy_v2(self.raw as sys::CUstream);
+                }
+                if self.pool != 0 {
+                    sys::cuMemPoolDestroy(self.pool as sys::CUmemoryPool);
+                }
+            }
         }
     }
 }
@@ -774,6 +803,10 @@ impl Stream {
             // SAFETY: `g` is the captured graph.
             cuda::check("cuGraphInstantiateWithFlags", unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, g, 0) })?;
             graph.exec = exec as usize;
+            // Upload now, in stream order: a first launch that had to upload could otherwise
+            // wait while a peer rank's captured kernels spin on this GPU.
+            // SAFETY: `exec` was just instantiated; the stream is live.
+            cuda::check("cuGraphUpload", unsafe { sys::cuGraphUpload(exec, self.cu()) })?;
         }
         Ok(graph)
     }
@@ -797,24 +830,43 @@ impl Stream {
         }
     }
 
-    /// Zeroed memory allocated **in stream order** from the device's memory pool
-    /// (`cuMemAllocAsync`), and freed in stream order on this stream when dropped.
+    /// Zeroed memory allocated **in stream order** from this stream's memory pool
+    /// (`cuMemAllocFromPoolAsync`), and freed in stream order on this stream when dropped.
     ///
     /// Use it for everything that is not shared with other processes: unlike `cuMemAlloc` /
     /// `cuMemFree`, neither call waits for the device to go idle. That matters when ranks
     /// share a GPU: a rank blocked in an implicitly synchronising call can't launch the
-    /// kernel its peers' spinning kernels are waiting for.
+    /// kernel its peers' spinning kernels are waiting for. The pool is the stream's own, so an
+    /// allocation never makes this stream wait for another rank's stream either.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         match self.device.cuda_backend() {
             None => Ok(DeviceBuffer::new(&self.device, cpu::heap_alloc(bytes)? as u64, bytes, Memory::CpuHeap)),
+            Some(_) => {
+                let buf = self.alloc_uninit(bytes)?;
+                buf.fill_async(self, 0)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Like [`Stream::alloc`], without the zeroing: for outputs a kernel overwrites in full
+    /// (the contents are whatever the pool held; on the CPU back end, zeros).
+    pub fn alloc_uninit(&self, bytes: usize) -> Result<DeviceBuffer> {
+        match self.device.cuda_backend() {
+            None => self.alloc(bytes),
             Some(d) => {
                 d.bind()?;
                 let mut p = 0;
                 // SAFETY: writes one pointer; ordered on this stream.
-                cuda::check("cuMemAllocAsync", unsafe { sys::cuMemAllocAsync(&mut p, bytes.max(1), self.cu()) })?;
-                let buf = DeviceBuffer::new(&self.device, p, bytes, Memory::CudaPool { stream: self.handle.clone() });
-                buf.fill_async(self, 0)?;
-                Ok(buf)
+                let pool = self.handle.pool as sys::CUmemoryPool;
+                cuda::check("cuMemAllocFromPoolAsync", unsafe {
+                    if pool.is_null() {
+                        sys::cuMemAllocAsync(&mut p, bytes.max(1), self.cu())
+                    } else {
+                        sys::cuMemAllocFromPoolAsync(&mut p, bytes.max(1), pool, self.cu())
+                    }
+                })?;
+                Ok(DeviceBuffer::new(&self.device, p, bytes, Memory::CudaPool { stream: self.handle.clone() }))
             }
         }
     }
@@ -1011,7 +1063,13 @@ impl Stream {
         Stream {
             device: device.clone(),
             raw,
-            handle: Arc::new(StreamHandle { device: device.clone(), raw, borrowed: true }),
+            // Its own pool as for our streams; without one, the device's default pool.
+            handle: Arc::new(StreamHandle {
+                device: device.clone(),
+                raw,
+                pool: device.cuda_backend().and_then(|d| d.pool_create().ok()).map_or(0, |p| p as usize),
+                borrowed: true,
+            }),
             capture: Mutex::new(None),
         }
     }

@@ -3,18 +3,22 @@
 //! on the device of `MOE_EP_DEVICE` (default: GPU 0 when present, else the CPU emulator).
 //!
 //! Accounting as DeepEP's: a rank's dispatch moves the bytes it receives, its combine the
-//! bytes it sends back (the same rows); GB/s per rank = those bytes / kernel time. Timed:
+//! bytes it sends back (the same rows); GB/s per rank = those bytes / time per op. Timed:
 //! cached dispatch (the handle reused, no count exchange, as DeepEP tunes) and combine, each
-//! the median of `--iters` event-timed runs after a host barrier, the slowest rank reported.
-//! Ceiling: the op's minimal traffic over all ranks (every copied byte read once and written
-//! once) at the rate a same-run device-to-device copy reaches; `%ceil` = ceiling / time.
+//! as `--iters` calls queued back to back after one host barrier (so host launch skew
+//! between the ranks, which share one GPU here, is paid once, not per call); time per op =
+//! the slowest rank's span / iters. Ceiling: the op's minimal traffic over all ranks (every
+//! copied byte read once and written once) at the rate a same-run device-to-device copy
+//! reaches; `%ceil` = ceiling / time. `--torch SCRIPT` adds the same-run pure-torch
+//! reference (`ht_torch_reference.py`); `--csv PATH` appends the rows for plotting.
 //!
 //!     ht [--ranks 8] [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
-//!        [--channels C] [--iters 20] [--sweep]      (--sweep: tokens 512..8192)
+//!        [--channels C] [--iters 20] [--sweep] [--torch SCRIPT] [--csv PATH]
+//!        (--sweep: tokens 512..8192)
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep::{Device, Group, Result};
-use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues, upload};
+use moe_ep_bench::{Rng, arg, arg_str, copy_rate, csv_line, flag, more_hardware_queues, torch_reference, upload};
 
 struct Args {
     ranks: usize,
@@ -52,8 +56,15 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
     let xb = upload(bytemuck::cast_slice(&x))?;
     let x8 = upload(&vec![0x38u8; tokens * h])?;
     let scales = upload(bytemuck::cast_slice(&vec![1.0f32; tokens * (h / 128)]))?;
-    let cfg =
-        HtConfig { num_experts: e, hidden: h, num_topk: k, num_scales: h / 128, num_channels: channels, num_slots: 0 };
+    let cfg = HtConfig {
+        num_experts: e,
+        hidden: h,
+        num_topk: k,
+        num_scales: h / 128,
+        num_channels: channels,
+        warps_per_peer: 0,
+        num_slots: 0,
+    };
     let mut buf = HtBuffer::new(group, cfg)?;
     let layout = get_dispatch_layout(group, &topk, IndexType::I64, tokens, k, e)?;
     let args = HtDispatchArgs {
@@ -72,19 +83,19 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
     group.take_device_error("ht_dispatch")?;
     let rows = out.num_recv_tokens.unwrap_or(0);
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut t = Vec::new();
-        for i in 0..a.iters + 2 {
-            group.bootstrap().barrier()?;
-            let e0 = s.record_event()?;
-            f()?;
-            let e1 = s.record_event()?;
-            let ms = e0.elapsed_ms(&e1)?;
-            group.take_device_error("ht")?;
-            if i >= 2 {
-                t.push(ms); // the first two warm up
-            }
+        for _ in 0..2 {
+            f()?; // warm up (pool memory, caches)
         }
-        Ok(median(t) as f64 * 1e3)
+        s.synchronize()?;
+        group.bootstrap().barrier()?;
+        let e0 = s.record_event()?;
+        for _ in 0..a.iters {
+            f()?;
+        }
+        let e1 = s.record_event()?;
+        let ms = e0.elapsed_ms(&e1)?;
+        group.take_device_error("ht")?;
+        Ok(ms as f64 * 1e3 / a.iters as f64)
     };
     let bf16 = time(&mut || buf.dispatch_cached(group, &out.handle, &xb, 2 * h, None).map(drop))?;
     let fp8 = time(&mut || buf.dispatch_cached(group, &out.handle, &x8, h, Some((&scales, h / 128))).map(drop))?;
@@ -110,9 +121,20 @@ fn main() -> Result<()> {
         a.experts,
         rate / 1e9
     );
+    let torch = match arg_str("--torch") {
+        Some(script) => {
+            let extra: Vec<String> = ["--ranks", &a.ranks.to_string(), "--hidden", &a.hidden.to_string()]
+                .iter()
+                .chain(&["--topk", &a.topk.to_string(), "--experts", &a.experts.to_string()])
+                .map(|s| s.to_string())
+                .collect();
+            torch_reference(&script, &a.tokens, &extra)
+        }
+        None => Vec::new(),
+    };
     println!(
-        "{:>8} {:>12} {:>10} {:>11} {:>12} {:>10} {:>7}",
-        "tokens", "op", "time µs", "GB/s/rank", "recv MB/rank", "ceil µs", "%ceil"
+        "{:>8} {:>13} {:>10} {:>11} {:>12} {:>10} {:>7} {:>10} {:>8}",
+        "tokens", "op", "time µs", "GB/s/rank", "recv MB/rank", "ceil µs", "%ceil", "torch µs", "x torch"
     );
     for &tokens in &a.tokens {
         let groups = Group::in_process(&vec![dev.clone(); a.ranks])?;
@@ -133,12 +155,20 @@ fn main() -> Result<()> {
             let us = per_rank.iter().map(|v| v[i]).fold(0.0, f64::max);
             let recv_bytes = total_rows / a.ranks as f64 * *row_bytes as f64;
             let ceil_us = 2.0 * total_rows * *row_bytes as f64 / rate * 1e6;
+            // torch's reference is bf16 only: compare fp8 dispatch with its bf16 dispatch.
+            let kind = op.split(' ').next().unwrap_or("");
+            let torch_us = torch.iter().find(|(t, o, _)| *t == tokens && o == kind).map(|v| v.2);
+            let (tu, ratio) = match torch_us {
+                Some(t) => (format!("{t:.1}"), format!("{:.2}x", t / us)),
+                None => ("-".into(), "-".into()),
+            };
+            let gbps = recv_bytes / us / 1e3;
+            let pct = 100.0 * ceil_us / us;
             println!(
-                "{tokens:>8} {op:>12} {us:>10.1} {:>11.1} {:>12.1} {ceil_us:>10.1} {:>6.1}%",
-                recv_bytes / us / 1e3,
+                "{tokens:>8} {op:>13} {us:>10.1} {gbps:>11.1} {:>12.1} {ceil_us:>10.1} {pct:>6.1}% {tu:>10} {ratio:>8}",
                 recv_bytes / 1e6,
-                100.0 * ceil_us / us
             );
+            csv_line(&format!("ht,{tokens},{op},{us:.2},{gbps:.2},{pct:.2},{}", torch_us.unwrap_or(f64::NAN)));
         }
     }
     Ok(())

@@ -1,19 +1,26 @@
-//! `cargo xtask bench ll` (or `bin/moe-ep-bench-ll` in the GPU bundle): LL dispatch and
-//! combine (bf16), every rank of the group in this process on the device of `MOE_EP_DEVICE`.
+//! `cargo xtask bench ll` (or `bin/moe-ep-bench-ll` in the GPU bundle): LL dispatch (bf16
+//! and fp8) and combine (bf16), every rank of the group in this process on the device of
+//! `MOE_EP_DEVICE`.
 //!
-//! Per op: median kernel time of the slowest rank over `--iters` event-timed calls (a host
-//! barrier before each), the bytes a rank moves (dispatch: its `(token, expert)` rows sent;
-//! combine: the same rows back), GB/s, and the same-run D2D copy time of all ranks' bytes
-//! (read + write) as the ceiling.
+//! Each op is captured once in a CUDA graph (`dispatch_into` / `combine_into`); then
+//! `--iters` (dispatch, combine) pairs are replayed back to back after one host barrier, with
+//! an event after every op. Per op: the median over iterations of its event interval, the
+//! mean over ranks (host launch skew between ranks sharing a GPU is paid once, not per op).
+//! Bytes a rank moves: dispatch, its `(token, expert)` rows sent; combine, the same rows
+//! back. Ceiling: a same-run D2D copy of all ranks' bytes of the op. `--torch SCRIPT` adds the
+//! same-run pure-torch reference; `--csv PATH` appends rows for plotting.
 //!
-//!     ll [--ranks 8] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--iters 50] [--sweep]
+//!     ll [--ranks 8] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--iters 50]
+//!        [--sweep] [--torch SCRIPT] [--csv PATH]
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
-use moe_ep::{Device, Group, Result};
-use moe_ep_bench::{Rng, arg, copy_rate, flag, median, more_hardware_queues, upload};
+use moe_ep::{Device, Event, Group, Result};
+use moe_ep_bench::{
+    Rng, arg, arg_str, copy_seconds, csv_line, flag, median, more_hardware_queues, torch_reference, upload,
+};
 
-/// Median µs of dispatch and combine on one rank, and the rows it sent.
-fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> Result<[f64; 3]> {
+/// Median µs of (dispatch bf16, combine, dispatch fp8) on one rank, and the rows it sent.
+fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> Result<[f64; 4]> {
     let (h, k, e) = (arg("--hidden", 7168), arg("--topk", 8), arg("--experts", 256));
     let s = group.stream();
     let mut rng = Rng(0x11 ^ (group.rank() as u64) << 32 ^ tokens as u64);
@@ -24,24 +31,94 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     let weights = upload(bytemuck::cast_slice(&vec![1.0f32 / k as f32; tokens * k]))?;
     let x = upload(bytemuck::cast_slice(&rng.bf16(tokens * h)))?;
     let mut buf = LlBuffer::new(group, LlConfig { num_experts: e, hidden: h, max_tokens })?;
-    let (mut d, mut c) = (Vec::new(), Vec::new());
-    for i in 0..iters + 3 {
-        group.bootstrap().barrier()?;
-        let e0 = s.record_event()?;
-        let out = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default())?;
-        let e1 = s.record_event()?;
-        group.bootstrap().barrier()?;
-        let e2 = s.record_event()?;
-        buf.combine(group, &out.handle, &out.packed_recv_x, tokens, &topk, IndexType::I64, &weights, k, false)?;
-        let e3 = s.record_event()?;
-        let (dm, cm) = (e0.elapsed_ms(&e1)?, e2.elapsed_ms(&e3)?);
-        group.take_device_error("ll")?;
-        if i >= 3 {
-            d.push(dm);
-            c.push(cm);
+    let fp8 = LlDispatchOptions { use_fp8: true, ..Default::default() };
+    group.bootstrap().barrier()?; // nobody launches while a peer still uploads (shared GPU)
+    // Ordinary calls create the outputs the captured ones reuse.
+    let out = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default())?;
+    let c = buf.combine(group, &out.handle, &out.packed_recv_x, tokens, &topk, IndexType::I64, &weights, k, false)?;
+    let out8 = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, fp8)?;
+    buf.combine_into(
+        group,
+        &out8.handle,
+        &out.packed_recv_x,
+        &c.combined_x,
+        tokens,
+        &topk,
+        IndexType::I64,
+        &weights,
+        k,
+        false,
+    )?;
+    s.synchronize()?;
+    group.take_device_error("ll")?;
+    let mut capture = |f: &mut dyn FnMut(&mut LlBuffer) -> Result<()>| -> Result<moe_ep::Graph> {
+        s.begin_capture()?;
+        let r = f(&mut buf);
+        let g = s.end_capture()?;
+        r.map(|_| g)
+    };
+    let d16 = capture(&mut |b| {
+        b.dispatch_into(group, &out, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default()).map(drop)
+    })?;
+    let c16 = capture(&mut |b| {
+        b.combine_into(
+            group,
+            &out.handle,
+            &out.packed_recv_x,
+            &c.combined_x,
+            tokens,
+            &topk,
+            IndexType::I64,
+            &weights,
+            k,
+            false,
+        )
+        .map(drop)
+    })?;
+    let d8 = capture(&mut |b| b.dispatch_into(group, &out8, &x, tokens, &topk, IndexType::I64, k, fp8).map(drop))?;
+    let c8 = capture(&mut |b| {
+        b.combine_into(
+            group,
+            &out8.handle,
+            &out.packed_recv_x,
+            &c.combined_x,
+            tokens,
+            &topk,
+            IndexType::I64,
+            &weights,
+            k,
+            false,
+        )
+        .map(drop)
+    })?;
+    s.synchronize()?;
+    // (dispatch, combine) pairs back to back; events after each op.
+    let pairs = |d: &moe_ep::Graph, c: &moe_ep::Graph| -> Result<(f64, f64)> {
+        for _ in 0..3 {
+            d.launch(s)?;
+            c.launch(s)?;
         }
-    }
-    Ok([median(d) as f64 * 1e3, median(c) as f64 * 1e3, rows as f64])
+        s.synchronize()?;
+        group.bootstrap().barrier()?;
+        let mut ev: Vec<Event> = vec![s.record_event()?];
+        for _ in 0..iters {
+            d.launch(s)?;
+            ev.push(s.record_event()?);
+            c.launch(s)?;
+            ev.push(s.record_event()?);
+        }
+        s.synchronize()?;
+        group.take_device_error("ll")?;
+        let (mut dt, mut ct) = (Vec::new(), Vec::new());
+        for i in 0..iters {
+            dt.push(ev[2 * i].elapsed_ms(&ev[2 * i + 1])?);
+            ct.push(ev[2 * i + 1].elapsed_ms(&ev[2 * i + 2])?);
+        }
+        Ok((median(dt) as f64 * 1e3, median(ct) as f64 * 1e3))
+    };
+    let (d_bf16, comb) = pairs(&d16, &c16)?;
+    let (d_fp8, _) = pairs(&d8, &c8)?;
+    Ok([d_bf16, comb, d_fp8, rows as f64])
 }
 
 fn main() -> Result<()> {
@@ -49,32 +126,62 @@ fn main() -> Result<()> {
     let dev = Device::from_env()?;
     let ranks = arg("--ranks", 8);
     let hidden = arg("--hidden", 7168);
+    let (topk, experts) = (arg("--topk", 8), arg("--experts", 256));
     let iters = arg("--iters", 50);
     let tokens: Vec<usize> = if flag("--sweep") { vec![1, 8, 32, 64, 128, 256] } else { vec![arg("--tokens", 128)] };
-    let rate = copy_rate(&dev)?;
+    let torch = match arg_str("--torch") {
+        Some(script) => {
+            let extra: Vec<String> = [
+                "--ranks".to_string(),
+                ranks.to_string(),
+                "--hidden".into(),
+                hidden.to_string(),
+                "--topk".into(),
+                topk.to_string(),
+                "--experts".into(),
+                experts.to_string(),
+            ]
+            .to_vec();
+            torch_reference(&script, &tokens, &extra)
+        }
+        None => Vec::new(),
+    };
     println!(
-        "LL on {}, {ranks} ranks sharing it; hidden {hidden}, top-{} of {}; D2D copy {:.0} GB/s (read+write)",
-        dev.name(),
-        arg("--topk", 8),
-        arg("--experts", 256),
-        rate / 1e9
+        "LL on {}, {ranks} ranks sharing it; hidden {hidden}, top-{topk} of {experts}; graph-replayed, {iters} iterations",
+        dev.name()
     );
-    println!("{:>7} {:>9} {:>10} {:>10} {:>10} {:>7}", "tokens", "op", "time µs", "GB/s/rank", "ceil µs", "%ceil");
+    println!(
+        "{:>7} {:>13} {:>10} {:>10} {:>10} {:>7} {:>10} {:>8}",
+        "tokens", "op", "time µs", "GB/s/rank", "copy µs", "%copy", "torch µs", "x torch"
+    );
     for &t in &tokens {
         let max_tokens = t.max(1);
         let groups = Group::in_process(&vec![dev.clone(); ranks])?;
-        let per_rank: Vec<Result<[f64; 3]>> = std::thread::scope(|s| {
+        let per_rank: Vec<Result<[f64; 4]>> = std::thread::scope(|s| {
             let hs: Vec<_> = groups.iter().map(|g| s.spawn(move || bench_rank(g, t, max_tokens, iters))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });
-        let per_rank: Vec<[f64; 3]> = per_rank.into_iter().collect::<Result<_>>()?;
-        let rows: f64 = per_rank.iter().map(|v| v[2]).sum();
-        let row_bytes = 2.0 * hidden as f64;
-        let ceil_us = 2.0 * rows * row_bytes / rate * 1e6;
-        for (i, op) in ["dispatch", "combine"].iter().enumerate() {
-            let us = per_rank.iter().map(|v| v[i]).fold(0.0, f64::max);
-            let gbps = rows / ranks as f64 * row_bytes / us / 1e3;
-            println!("{t:>7} {op:>9} {us:>10.1} {gbps:>10.1} {ceil_us:>10.1} {:>6.1}%", 100.0 * ceil_us / us);
+        let per_rank: Vec<[f64; 4]> = per_rank.into_iter().collect::<Result<_>>()?;
+        drop(groups);
+        let rows: f64 = per_rank.iter().map(|v| v[3]).sum();
+        for (i, op, row_bytes) in [
+            (0, "dispatch bf16", 2 * hidden),
+            (2, "dispatch fp8", hidden + 4 * (hidden / 128)),
+            (1, "combine bf16", 2 * hidden),
+        ] {
+            let us = per_rank.iter().map(|v| v[i]).sum::<f64>() / ranks as f64;
+            let bytes = rows * row_bytes as f64;
+            let copy_us = copy_seconds(&dev, bytes as usize)? * 1e6;
+            let gbps = bytes / ranks as f64 / us / 1e3;
+            let pct = 100.0 * copy_us / us;
+            let kind = op.split(' ').next().unwrap_or("");
+            let torch_us = torch.iter().find(|(tt, o, _)| *tt == t && o == kind).map(|v| v.2);
+            let (tu, ratio) = match torch_us {
+                Some(x) => (format!("{x:.1}"), format!("{:.2}x", x / us)),
+                None => ("-".into(), "-".into()),
+            };
+            println!("{t:>7} {op:>13} {us:>10.1} {gbps:>10.1} {copy_us:>10.1} {pct:>6.1}% {tu:>10} {ratio:>8}");
+            csv_line(&format!("ll,{t},{op},{us:.2},{gbps:.2},{pct:.2},{}", torch_us.unwrap_or(f64::NAN)));
         }
     }
     Ok(())
