@@ -857,8 +857,8 @@ impl Stream {
             Some(d) => {
                 d.bind()?;
                 let mut p = 0;
-                // SAFETY: writes one pointer; ordered on this stream.
                 let pool = self.handle.pool as sys::CUmemoryPool;
+                // SAFETY: writes one pointer; ordered on this stream.
                 cuda::check("cuMemAllocFromPoolAsync", unsafe {
                     if pool.is_null() {
                         sys::cuMemAllocAsync(&mut p, bytes.max(1), self.cu())
