@@ -633,6 +633,12 @@ impl Rank {
         let (r, num_local) = (self.group.num_ranks(), num_experts / self.group.num_ranks().max(1));
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
+            // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
+            // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
+            let num_channels = match num_channels {
+                0 => 0,
+                n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
+            };
             // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
             let want = HtConfig {
                 num_experts,
