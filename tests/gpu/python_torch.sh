@@ -21,13 +21,15 @@ if ! "$PY" -c "import torch, numpy; assert torch.cuda.is_available()"; then
   exit 1
 fi
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-wheel=$(ls python/moe_ep-*.whl | head -1)
-if ! "$PY" -m pip install --quiet --no-deps --no-index --target "$site" "$wheel"; then
-  echo "pip refused $wheel (platform tag?); extracting it instead"
-  "$PY" -m zipfile -e "$wheel" "$site"
-fi
+install() { # WHEEL...: into $site with pip, else by unpacking (a wheel is a zip; ours has no scripts)
+  "$PY" -m pip install --quiet --no-deps --no-index --target "$site" "$@" && return 0
+  echo "pip refused $* (platform tag? externally managed?); unpacking instead"
+  local w
+  for w in "$@"; do "$PY" -m zipfile -e "$w" "$site" || return 1; done
+}
+install python/moe_ep-*.whl || { echo "0 passed, 1 failed"; exit 1; }
 if ! "$PY" -c "import pytest" 2>/dev/null; then
-  "$PY" -m pip install --quiet --no-deps --no-index --target "$site" python/wheels/*.whl || true
+  install python/wheels/*.whl || { echo "no pytest"; echo "0 passed, 1 failed"; exit 1; }
 fi
 export PYTHONPATH="$site:$PWD/python/tests"
 

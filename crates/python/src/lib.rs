@@ -65,21 +65,39 @@ fn index_type(idx_bytes: usize) -> PyResult<IndexType> {
     }
 }
 
+/// A [`Stream`] view of someone else's `CUstream` (torch's), made once per (GPU, stream) and
+/// kept: views are needed on every call and in every output's release, and making one may
+/// cost more than a handle (a memory pool of its own).
+fn borrowed_stream(device: &Device, raw: usize) -> Arc<Stream> {
+    type Cache = Mutex<Vec<((Option<usize>, usize), Arc<Stream>)>>;
+    static CACHE: Cache = Mutex::new(Vec::new());
+    let key = (device.ordinal(), raw);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, s)) = cache.iter().find(|(k, _)| *k == key) {
+        return s.clone();
+    }
+    // SAFETY: Python passes streams of this device's primary context (torch's current
+    // stream), which torch never destroys (its streams come from pools).
+    let s = Arc::new(unsafe { Stream::from_raw(device, raw) });
+    cache.push((key, s.clone()));
+    s
+}
+
 /// Holds an output's memory; on drop, first makes the rank's stream wait for the stream that
 /// consumed the output (so a stream-ordered free on the rank's stream can't overtake the
 /// consumer's reads), then frees.
 struct Guarded<T> {
     value: Option<T>,
-    release_after: Option<(Stream, Stream)>,
+    release_after: Option<(Arc<Stream>, Arc<Group>)>,
 }
 
 impl<T> Drop for Guarded<T> {
     fn drop(&mut self) {
-        if let Some((consumer, comm)) = &self.release_after
+        if let Some((consumer, group)) = &self.release_after
             && let Ok(ev) = consumer.record_event()
         {
             // Errors here can't be reported (a destructor); the driver keeps its state.
-            let _ = comm.wait_event(&ev);
+            let _ = group.stream().wait_event(&ev);
         }
         drop(self.value.take());
     }
@@ -148,12 +166,7 @@ struct NativeEvent {
 impl NativeEvent {
     /// Makes later work on `stream` (a raw `CUstream`; 0 = the legacy default stream) wait.
     fn wait(&self, py: Python<'_>, stream: usize) -> PyResult<()> {
-        py.detach(|| {
-            // SAFETY: Python passes a live stream of this device (torch's current stream).
-            let s = unsafe { Stream::from_raw(&self.device, stream) };
-            s.wait_event(&self.event)
-        })
-        .py()
+        py.detach(|| borrowed_stream(&self.device, stream).wait_event(&self.event)).py()
     }
 
     /// Blocks the host until the event has happened.
@@ -166,11 +179,7 @@ impl NativeEvent {
 #[pyfunction]
 fn record_event(py: Python<'_>, device: &str, stream: usize) -> PyResult<NativeEvent> {
     let device = device_from(device)?;
-    let event = py.detach(|| {
-        // SAFETY: as in `NativeEvent::wait`.
-        let s = unsafe { Stream::from_raw(&device, stream) };
-        s.record_event()
-    });
+    let event = py.detach(|| borrowed_stream(&device, stream).record_event());
     Ok(NativeEvent { event: Arc::new(event.py()?), device })
 }
 
@@ -238,35 +247,37 @@ impl UniqueId {
 }
 
 /// The per-call stream context Python passes: the caller's stream, an optional event to
-/// wait for instead, whether to return an event instead of making the caller wait, and
-/// whether outputs belong to the comm stream (no release ordering against the caller).
+/// wait for instead, and whether to return an event instead of making the caller wait.
 #[derive(Clone)]
 struct Ctx {
     stream: usize,
     previous: Option<Arc<Event>>,
     async_finish: bool,
-    on_comm: bool,
 }
 
 /// The communication buffers of one rank, created on first use with the shapes of that call
 /// (all ranks make the same calls, so they agree); rebuilt, collectively, when a call needs
-/// more. Handles carry the generation they were made in.
+/// more. Handles carry the generation of the buffer they were made with.
 struct State {
     ht: Option<HtBuffer>,
+    ht_generation: u64,
     ll: Option<(LlBuffer, LlConfig)>,
-    generation: u64,
+    ll_generation: u64,
 }
 
 /// One rank: its group (device, stream, bootstrap) and buffers.
 #[pyclass(frozen, module = "moe_ep._native")]
 struct Rank {
-    group: Group,
+    group: Arc<Group>,
     state: Mutex<State>,
 }
 
 impl Rank {
     fn new(group: Group) -> Rank {
-        Rank { group, state: Mutex::new(State { ht: None, ll: None, generation: 0 }) }
+        Rank {
+            group: Arc::new(group),
+            state: Mutex::new(State { ht: None, ht_generation: 0, ll: None, ll_generation: 0 }),
+        }
     }
 
     fn lock(&self) -> moe_ep::Result<MutexGuard<'_, State>> {
@@ -278,9 +289,8 @@ impl Rank {
     }
 
     /// The caller's stream (None on the CPU, where work runs at once).
-    fn caller(&self, ctx: &Ctx) -> Option<Stream> {
-        // SAFETY: Python passes torch's current stream of this device.
-        (!self.dev().is_cpu()).then(|| unsafe { Stream::from_raw(self.dev(), ctx.stream) })
+    fn caller(&self, ctx: &Ctx) -> Option<Arc<Stream>> {
+        (!self.dev().is_cpu()).then(|| borrowed_stream(self.dev(), ctx.stream))
     }
 
     /// Orders the comm stream after the caller (or `previous`), and surfaces errors that
@@ -311,14 +321,9 @@ impl Rank {
     }
 
     fn guard<T: Send + Sync + 'static>(&self, ctx: &Ctx, value: T) -> Arc<Guarded<T>> {
-        let release_after = match (ctx.on_comm, self.caller(ctx)) {
-            (false, Some(caller)) => {
-                // SAFETY: a view of the rank's own stream, which outlives every buffer
-                // allocated on it (they hold it).
-                Some((caller, unsafe { Stream::from_raw(self.dev(), self.group.stream().raw()) }))
-            }
-            _ => None,
-        };
+        // Whatever `allocate_on_comm_stream` says, the caller's stream may read the output
+        // (DeepEP records both streams too).
+        let release_after = self.caller(ctx).map(|caller| (caller, self.group.clone()));
         Arc::new(Guarded { value: Some(value), release_after })
     }
 
@@ -349,26 +354,25 @@ impl Rank {
                 },
                 _ => want,
             };
-            self.retire(st)?;
+            if st.ht.is_some() {
+                self.quiesce()?;
+                st.ht = None;
+            }
             st.ht = Some(HtBuffer::new(&self.group, cfg)?);
+            st.ht_generation += 1;
         }
         Ok(())
     }
 
-    /// Waits until no rank uses the current buffers, then drops them (a new generation).
-    fn retire(&self, st: &mut State) -> moe_ep::Result<()> {
-        if st.ht.is_some() || st.ll.is_some() {
-            self.group.stream().synchronize()?;
-            self.group.bootstrap().barrier()?;
-            st.ht = None;
-            st.ll = None;
-        }
-        st.generation += 1;
-        Ok(())
+    /// Returns once no rank uses its buffers any more (before one is dropped: peers write
+    /// into each other's).
+    fn quiesce(&self) -> moe_ep::Result<()> {
+        self.group.stream().synchronize()?;
+        self.group.bootstrap().barrier()
     }
 
-    fn check_generation(st: &State, generation: u64) -> moe_ep::Result<()> {
-        if generation != st.generation {
+    fn check_generation(current: u64, generation: u64) -> moe_ep::Result<()> {
+        if generation != current {
             return Err(Error::invalid(
                 "handle",
                 "was made before the buffer was rebuilt for larger shapes; dispatch again",
@@ -456,8 +460,8 @@ struct LlCombineObj {
     ctx: Ctx,
 }
 
-fn ctx_of(stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish: bool, on_comm: bool) -> Ctx {
-    Ctx { stream, previous: previous.map(|e| e.event.clone()), async_finish, on_comm }
+fn ctx_of(stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish: bool) -> Ctx {
+    Ctx { stream, previous: previous.map(|e| e.event.clone()), async_finish }
 }
 
 type Scales = Option<(Mem, usize)>;
@@ -555,7 +559,7 @@ impl Rank {
     /// `get_dispatch_layout`: `(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
     /// event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (topk_idx, idx_bytes, num_tokens, num_topk, num_experts, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (topk_idx, idx_bytes, num_tokens, num_topk, num_experts, stream, previous_event, async_finish))]
     fn layout(
         &self,
         py: Python<'_>,
@@ -567,9 +571,8 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Array, Array, Array, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let ty = index_type(idx_bytes)?;
         let r = self.group.num_ranks();
         py.detach(|| -> moe_ep::Result<_> {
@@ -591,7 +594,7 @@ impl Rank {
     /// recv_topk_weights, recv_src_idx, num_recv_tokens_per_expert, per-expert list or None,
     /// handle, event)`; the topk outputs are None without `topk`.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    #[pyo3(signature = (x, hidden, hidden_bytes, num_tokens, x_scales, topk, layout, num_experts, expert_alignment, num_worst_tokens, num_channels, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (x, hidden, hidden_bytes, num_tokens, x_scales, topk, layout, num_experts, expert_alignment, num_worst_tokens, num_channels, stream, previous_event, async_finish))]
     fn ht_dispatch(
         &self,
         py: Python<'_>,
@@ -609,7 +612,6 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(
         Array,
         Option<Array>,
@@ -621,7 +623,7 @@ impl Rank {
         HtHandleObj,
         Option<NativeEvent>,
     )> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let topk_ty = match topk {
             Some((_, b, _, _)) => Some(index_type(b)?),
@@ -631,6 +633,12 @@ impl Rank {
         let (r, num_local) = (self.group.num_ranks(), num_experts / self.group.num_ranks().max(1));
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
+            // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
+            // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
+            let num_channels = match num_channels {
+                0 => 0,
+                n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
+            };
             // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
             let want = HtConfig {
                 num_experts,
@@ -642,7 +650,7 @@ impl Rank {
                 num_slots: 0,
             };
             self.ensure_ht(&mut st, want)?;
-            let generation = st.generation;
+            let generation = st.ht_generation;
             let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
             let xb = borrow(&dev, x);
             let sb = x_scales.map(|(m, n)| (borrow(&dev, m), n));
@@ -696,7 +704,7 @@ impl Rank {
 
     /// HT dispatch reusing `handle`'s layout: `(recv_x, recv_x_scales or None, event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (handle, x, hidden_bytes, x_scales, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (handle, x, hidden_bytes, x_scales, stream, previous_event, async_finish))]
     fn ht_dispatch_cached(
         &self,
         py: Python<'_>,
@@ -707,14 +715,13 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Array, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let (inner, generation, rows) = (handle.inner.clone(), handle.generation, handle.num_rows);
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ht_generation, generation)?;
             let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("handle", "no HT buffer"))?;
             let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let xb = borrow(&dev, x);
@@ -735,7 +742,7 @@ impl Rank {
 
     /// HT combine: `(combined_x, combined_topk_weights or None, event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (handle, x, hidden, topk_weights, bias, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (handle, x, hidden, topk_weights, bias, stream, previous_event, async_finish))]
     fn ht_combine(
         &self,
         py: Python<'_>,
@@ -747,14 +754,13 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Array, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let (inner, generation, t) = (handle.inner.clone(), handle.generation, handle.num_tokens);
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ht_generation, generation)?;
             let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let k = topk_weights.map_or(0, |w| w.1);
             let fits = st.ht.as_ref().is_some_and(|b| b.config().hidden >= hidden && b.config().num_topk >= k);
@@ -784,7 +790,7 @@ impl Rank {
     /// LL dispatch: `(dispatch object, event)`; `send_only` leaves the receive to
     /// `ll_complete_dispatch`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, stream, previous_event, async_finish))]
     fn ll_dispatch(
         &self,
         py: Python<'_>,
@@ -803,9 +809,8 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(LlDispatchObj, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let ty = index_type(idx_bytes)?;
         let r = self.group.num_ranks();
@@ -813,10 +818,14 @@ impl Rank {
             let mut st = self.lock()?;
             let cfg = LlConfig { num_experts, hidden, max_tokens };
             if st.ll.as_ref().map(|(_, c)| *c) != Some(cfg) {
-                self.retire(&mut st)?;
+                if st.ll.is_some() {
+                    self.quiesce()?;
+                    st.ll = None;
+                }
                 st.ll = Some((LlBuffer::new(&self.group, cfg)?, cfg));
+                st.ll_generation += 1;
             }
-            let generation = st.generation;
+            let generation = st.ll_generation;
             let (buf, _) = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
             let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
@@ -858,7 +867,7 @@ impl Rank {
         let (inner, generation, ctx) = (d.inner.clone(), d.generation, d.ctx.clone());
         py.detach(|| -> moe_ep::Result<()> {
             let st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ll_generation, generation)?;
             let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
@@ -873,7 +882,7 @@ impl Rank {
     /// LL combine: `(combined_x or None when written to `out`, pending receive or None,
     /// event)`. `x` is `[L, R*M, hidden]` bf16, rows as the dispatch packed them.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    #[pyo3(signature = (d, x, num_tokens, topk_idx, idx_bytes, topk_weights, num_topk, out, send_only, stream, previous_event, async_finish, on_comm))]
+    #[pyo3(signature = (d, x, num_tokens, topk_idx, idx_bytes, topk_weights, num_topk, out, send_only, stream, previous_event, async_finish))]
     fn ll_combine(
         &self,
         py: Python<'_>,
@@ -889,15 +898,14 @@ impl Rank {
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-        on_comm: bool,
     ) -> PyResult<(Option<Array>, Option<LlCombineObj>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish, on_comm);
+        let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let ty = index_type(idx_bytes)?;
         let (inner, generation) = (d.inner.clone(), d.generation);
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ll_generation, generation)?;
             let (buf, cfg) = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let hidden = cfg.hidden;
             let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
@@ -947,7 +955,7 @@ impl Rank {
         let (inner, generation, ctx) = (c.inner.clone(), c.generation, c.ctx.clone());
         py.detach(|| -> moe_ep::Result<()> {
             let st = self.lock()?;
-            Self::check_generation(&st, generation)?;
+            Self::check_generation(st.ll_generation, generation)?;
             let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
@@ -963,7 +971,14 @@ impl Rank {
     fn destroy(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| -> moe_ep::Result<()> {
             let mut st = self.lock()?;
-            self.retire(&mut st)
+            if st.ht.is_some() || st.ll.is_some() {
+                self.quiesce()?;
+            }
+            st.ht = None;
+            st.ll = None;
+            st.ht_generation += 1;
+            st.ll_generation += 1;
+            Ok(())
         })
         .py()
     }

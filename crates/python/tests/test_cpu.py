@@ -191,3 +191,49 @@ def test_docs_example_is_the_one_the_gpu_bundle_runs():
     code = re.search(r"## A complete example\n.*?```python\n(.*?)```", open(doc).read(), re.S).group(1)
     example = open(os.path.join(here, "example_torch.py")).read()
     assert example.endswith(code), "docs/python.md's example and tests/example_torch.py differ"
+
+
+def test_ht_and_ll_share_a_buffer_and_a_rebuild_refuses_old_handles():
+    """Each mode's buffer is made on first use; an LL call leaves HT handles valid; an HT call
+    with a larger hidden rebuilds the HT buffer (collectively), after which an older handle is
+    refused with ValueError, and fresh ones work."""
+    E, K, T = 8, 2, 4
+    idx = np.array([[t % E, (t + 3) % E] for t in range(T)], np.int64)
+    w = np.ones((T, K), np.float32)
+
+    def body(buf, r, wait):
+        ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idx, E)
+        layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
+        x64 = bf16_round(np.full((T, 64), r + 1, np.float32))
+        rx, _, rw, _, h64, _ = buf.dispatch(x64, **layout, topk_idx=idx, topk_weights=w)
+        recv, count, llh, _, _ = buf.low_latency_dispatch(x64, idx, T, E, use_fp8=False)
+        cx, _, _ = buf.combine(rx, h64)  # still valid after the LL buffer appeared
+        _ = buf.low_latency_combine(recv, idx, w, llh)
+        x256 = bf16_round(np.full((T, 256), r + 1, np.float32))
+        rx2, _, _, _, h256, _ = buf.dispatch(x256, **layout, topk_idx=idx, topk_weights=w)
+        with pytest.raises(ValueError, match="rebuilt"):
+            buf.combine(rx, h64)
+        cx2, _, _ = buf.combine(rx2, h256)
+        return bf16_round(np.float32(2 * (r + 1)))[()], np.unique(cx), np.unique(cx2)
+
+    for want, a, b in run_in_process(R, "cpu", B, body):
+        assert list(a) == [want] and list(b) == [want]
+
+
+def test_a_missing_peer_is_a_timeout_error(monkeypatch):
+    """A rank whose peer never joins the collective gets TimeoutError (the kernel gives up after
+    MOE_EP_TIMEOUT_S and reports it), not a hang or a crash."""
+    monkeypatch.setenv("MOE_EP_TIMEOUT_S", "0.5")
+    E, T = 4, 2
+    idx = np.array([[0, 3], [1, 2]], np.int64)
+    x = bf16_round(np.ones((T, 64), np.float32))
+
+    def body(buf, r, wait):
+        buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)  # both ranks: creates the buffer
+        wait()
+        if r == 0:
+            with pytest.raises(TimeoutError, match="timed out waiting for rank 1"):
+                buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+        return True
+
+    assert run_in_process(2, "cpu", B, body) == [True, True]

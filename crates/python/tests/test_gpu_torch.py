@@ -29,7 +29,7 @@ def test_torch_names():
 def test_intranode_deepseek_shapes():
     # DeepEP test_intranode: H=7168, top-8 of 256 experts (tokens scaled to TOKENS per rank)
     case = HtCase(seed(), R, num_experts=256, num_topk=8, hidden=7168, max_tokens=TOKENS)
-    assert run_in_process(R, DEVICE, B, ht_body(case, B, reruns=20)) == [True] * R
+    assert run_in_process(R, DEVICE, B, ht_body(case, B, reruns=10)) == [True] * R
 
 
 def test_intranode_wide_topk_hidden_2880_empty_rank():
@@ -45,7 +45,7 @@ def test_low_latency_deepseek_shapes():
 
 def test_outputs_are_torch_tensors_on_the_device_and_validation():
     def body(buf, r, wait):
-        idx = torch.randint(0, 16, (32, 2), device=DEVICE)
+        idx = torch.stack([torch.randperm(16)[:2] for _ in range(32)]).to(DEVICE)
         with pytest.raises(ValueError, match="expected a tensor on cuda:0, got one on cpu"):
             buf.get_dispatch_layout(idx.cpu(), 16)
         with pytest.raises(TypeError, match="expected dtype int64 or int32"):

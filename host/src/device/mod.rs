@@ -1063,13 +1063,9 @@ impl Stream {
         Stream {
             device: device.clone(),
             raw,
-            // Its own pool as for our streams; without one, the device's default pool.
-            handle: Arc::new(StreamHandle {
-                device: device.clone(),
-                raw,
-                pool: device.cuda_backend().and_then(|d| d.pool_create().ok()).map_or(0, |p| p as usize),
-                borrowed: true,
-            }),
+            // Allocations on it (rare: ops allocate on the group's stream) use the device's
+            // default pool.
+            handle: Arc::new(StreamHandle { device: device.clone(), raw, pool: 0, borrowed: true }),
             capture: Mutex::new(None),
         }
     }

@@ -328,7 +328,9 @@ class Buffer:
             if not isinstance(previous_event, EventOverlap):
                 raise TypeError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
             ev = previous_event.event
-        return (tz.current_stream(self.device), ev, async_finish, allocate_on_comm_stream)
+        # allocate_on_comm_stream: outputs always come from the comm stream's pool and are
+        # released after the caller's stream is done with them, so the flag changes nothing.
+        return (tz.current_stream(self.device), ev, async_finish)
 
     def _event(self, ev, inputs):
         return EventOverlap(ev, inputs if ev is not None else None, self.device)
