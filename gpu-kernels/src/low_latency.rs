@@ -339,13 +339,19 @@ kernel! {
         // SAFETY (whole body): as in ll_dispatch.
         unsafe {
             let local = base_of(&p, me, &l);
-            // Send every received row back to its source: slot [global expert][token].
+            // Send every received row back to its source: slot [global expert][token]. The
+            // rows of all (expert, source) ranges, in order, are dealt round-robin to the
+            // grid's warps (a range holds a few rows: dealing each range from warp 0 would
+            // leave most warps idle).
+            let mut dealt = 0u32; // rows of the ranges before this one
             for le in 0..if p.phases & LL_SEND != 0 { num_local } else { 0 } {
                 let expert = me * num_local + le;
                 for src in 0..p.num_ranks {
                     let range = *(p.packed_recv_layout_range as *const i64).add((le * p.num_ranks + src) as usize);
                     let (begin, count) = ((range >> 32) as u32, range as u32);
-                    let mut i = gwarp;
+                    // The first i with (dealt + i) % warps == gwarp.
+                    let mut i = (gwarp + warps - dealt % warps) % warps;
+                    dealt = dealt.wrapping_add(count);
                     while i < count {
                         let row = le * slots_per_expert + begin + i;
                         let tok = *(p.packed_recv_src_info as *const i32).add(row as usize) as u64;

@@ -165,7 +165,7 @@ fn ll_wide_topk_deepseek_hidden() {
 /// (source, expert) pairs and most flags announce nothing.
 #[test]
 fn ll_many_experts_one_token() {
-    run(256, 256, 8, 1, 3, false);
+    run(256, 256, 8, 1, 2, false);
 }
 
 /// Rank-major dispatch against `reference::ll_dispatch_rank_major`, interleaved with

@@ -811,8 +811,19 @@ impl Stream {
         Ok(graph)
     }
 
+    /// Capturing: through [`Stream::begin_capture`], or (CUDA) by another library on this
+    /// stream, e.g. `torch.cuda.graph` on a stream from [`Stream::from_raw`].
     fn capturing(&self) -> bool {
-        self.capture.lock().map(|c| c.is_some()).unwrap_or(false)
+        if self.capture.lock().map(|c| c.is_some()).unwrap_or(false) {
+            return true;
+        }
+        if self.device.cuda_backend().is_none() {
+            return false;
+        }
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: a live stream; writes one status.
+        let r = unsafe { sys::cuStreamIsCapturing(self.cu(), &mut status) };
+        r != sys::CUresult::CUDA_SUCCESS || status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
     }
 
     /// CPU back end: runs `op` now, or records it while capturing.
