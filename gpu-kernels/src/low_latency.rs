@@ -284,15 +284,21 @@ kernel! {
                         if p.fp8 & LL_FP8 != 0 {
                             let hidden = p.row_bytes / 2;
                             copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
+                            // Scales are stored group-major per expert (DeepEP's column-major
+                            // `[L, R*M, G]`: the token index is the contiguous one).
+                            let (groups, rows) = (hidden / 128, l.num_ranks * l.max_tokens);
+                            let row_in_expert = (begin + index) as u64;
                             let mut s = lane as u64;
-                            while s < hidden / 128 {
+                            while s < groups {
                                 let scale = *((from + hidden) as *const f32).add(s as usize);
-                                let at = (out_row * (hidden / 128) + s) as usize;
                                 if p.fp8 & LL_UE8M0 != 0 {
-                                    // Byte g of the row's packed words = exponent field of scale g.
-                                    *(p.packed_recv_x_scales as *mut u8).add(at) = (scale.to_bits() >> 23) as u8;
+                                    // i32 words [L][G/4][R*M]; byte g % 4 of word g / 4 = the
+                                    // exponent field of scale g.
+                                    let word = (le as u64 * (groups / 4) + s / 4) * rows + row_in_expert;
+                                    *(p.packed_recv_x_scales as *mut u8).add((word * 4 + s % 4) as usize) = (scale.to_bits() >> 23) as u8;
                                 } else {
-                                    *(p.packed_recv_x_scales as *mut f32).add(at) = scale;
+                                    let at = (le as u64 * groups + s) * rows + row_in_expert;
+                                    *(p.packed_recv_x_scales as *mut f32).add(at as usize) = scale;
                                 }
                                 s += WARP_SIZE as u64;
                             }

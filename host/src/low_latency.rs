@@ -77,8 +77,10 @@ pub struct LlDispatchOutputs {
     /// `[L, R*M, H]` bf16 (fp8 e4m3 bytes with `use_fp8`): per local expert, rows packed
     /// from 0 by (source rank, token).
     pub packed_recv_x: DeviceBuffer,
-    /// With `use_fp8`: `[L, R*M, H/128]` f32 scales (row-major), or `[L, R*M, H/512]`
-    /// packed UE8M0 i32 with `use_ue8m0`.
+    /// With `use_fp8`: f32 scales stored `[L, H/128, R*M]` — DeepEP's column-major
+    /// `[L, R*M, H/128]` (the token index contiguous, as TMA loads want) — or, with
+    /// `use_ue8m0`, i32 words stored `[L, H/512, R*M]`, four exponent bytes each (byte
+    /// `g % 4` of word `g / 4` for group `g`).
     pub packed_recv_x_scales: Option<DeviceBuffer>,
     /// `[L]` i32: rows per local expert.
     pub packed_recv_count: DeviceBuffer,

@@ -270,6 +270,15 @@ fn ht_wide_topk_many_experts_deepseek_hidden() {
     });
 }
 
+/// Every model hidden size the issue names, one call each (and the largest supported).
+#[test]
+fn ht_hidden_sizes_2880_to_16384() {
+    let cpu = device().is_cpu();
+    for hidden in [2880, 4096, 5120, 7168, 16384] {
+        run(Case { calls: 1, ..Case::new(16, hidden, 4, if cpu { 6 } else { 64 }) });
+    }
+}
+
 /// fp8 dispatch: `hidden` bytes per token plus `hidden / 128` f32 scales, moved untouched.
 #[test]
 fn ht_fp8_payload_with_scales() {

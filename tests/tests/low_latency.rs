@@ -161,6 +161,15 @@ fn ll_wide_topk_deepseek_hidden() {
     );
 }
 
+/// Every model hidden size the issue names (and the largest supported), with hooks.
+#[test]
+fn ll_hidden_sizes_2880_to_16384() {
+    let cpu = device().is_cpu();
+    for hidden in [2880, 4096, 5120, 7168, 16384] {
+        run(16, hidden, 4, if cpu { 2 } else { 32 }, 2, true);
+    }
+}
+
 /// Many local experts per rank (64 with 4 ranks), one token, top-8: a rank receives from few
 /// (source, expert) pairs and most flags announce nothing.
 #[test]
@@ -358,15 +367,21 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
                         &want_q[..],
                         "rank {rank} row {row} round {round_scale}: fp8 bytes"
                     );
+                    // Scales are group-major per expert (DeepEP's column-major layout).
+                    let row_in_expert = row - l * slots;
                     if use_ue8m0 {
-                        // Packed UE8M0: byte g of the row = exponent field of scale g.
-                        let got = &raw[row * groups_per_row..(row + 1) * groups_per_row];
+                        // i32 words [L][G/4][R*M]: byte g % 4 of word g / 4 = exponent of scale g.
+                        let got: Vec<u8> = (0..groups_per_row)
+                            .map(|g| raw[((l * (groups_per_row / 4) + g / 4) * slots + row_in_expert) * 4 + g % 4])
+                            .collect();
                         let want: Vec<u8> = want_s.iter().map(|s| (s.to_bits() >> 23) as u8).collect();
-                        assert_eq!(got, &want[..], "ue8m0 scales");
+                        assert_eq!(got, want, "ue8m0 scales");
                     } else {
-                        let got: Vec<f32> = raw[row * groups_per_row * 4..(row + 1) * groups_per_row * 4]
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        let got: Vec<f32> = (0..groups_per_row)
+                            .map(|g| {
+                                let at = ((l * groups_per_row + g) * slots + row_in_expert) * 4;
+                                f32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]])
+                            })
                             .collect();
                         assert_eq!(got, want_s, "scales");
                     }

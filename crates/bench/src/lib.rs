@@ -64,17 +64,7 @@ pub fn median(mut v: Vec<f32>) -> f32 {
 /// now on `dev` (the ceiling every bench reports against).
 pub fn copy_rate(dev: &Device) -> Result<f64> {
     let bytes = if dev.is_cpu() { 64 << 20 } else { 2 << 30 };
-    let s = dev.new_stream()?;
-    let (a, b) = (s.alloc(bytes)?, s.alloc(bytes)?);
-    b.copy_from_async(&s, &a, bytes)?;
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let e0 = s.record_event()?;
-        b.copy_from_async(&s, &a, bytes)?;
-        let e1 = s.record_event()?;
-        times.push(e0.elapsed_ms(&e1)?);
-    }
-    Ok(2.0 * bytes as f64 / (median(times) as f64 * 1e-3))
+    Ok(2.0 * bytes as f64 / copy_seconds(dev, bytes)?)
 }
 
 /// Sets `CUDA_DEVICE_MAX_CONNECTIONS=32` unless set: ranks sharing a GPU need more hardware

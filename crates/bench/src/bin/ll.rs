@@ -64,37 +64,16 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     let d16 = capture(&mut |b| {
         b.dispatch_into(group, &out, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default()).map(drop)
     })?;
-    let c16 = capture(&mut |b| {
-        b.combine_into(
-            group,
-            &out.handle,
-            &out.packed_recv_x,
-            &c.combined_x,
-            tokens,
-            &topk,
-            IndexType::I64,
-            &weights,
-            k,
-            false,
-        )
-        .map(drop)
-    })?;
+    // Combine graphs take the handle of the dispatch before them (its epoch).
+    let mut combine_graph = |h: &moe_ep::low_latency::LlHandle| {
+        capture(&mut |b| {
+            let y = &out.packed_recv_x;
+            b.combine_into(group, h, y, &c.combined_x, tokens, &topk, IndexType::I64, &weights, k, false).map(drop)
+        })
+    };
+    let c16 = combine_graph(&out.handle)?;
+    let c8 = combine_graph(&out8.handle)?;
     let d8 = capture(&mut |b| b.dispatch_into(group, &out8, &x, tokens, &topk, IndexType::I64, k, fp8).map(drop))?;
-    let c8 = capture(&mut |b| {
-        b.combine_into(
-            group,
-            &out8.handle,
-            &out.packed_recv_x,
-            &c.combined_x,
-            tokens,
-            &topk,
-            IndexType::I64,
-            &weights,
-            k,
-            false,
-        )
-        .map(drop)
-    })?;
     s.synchronize()?;
     // Every rank has instantiated its graphs before any replays: on a shared GPU, an
     // instantiation can wait for the kernels running there, which wait for this rank.

@@ -85,6 +85,13 @@ def mem(obj):
     return (obj.ctypes.data, obj.nbytes)
 
 
+def swap_last_two(a):
+    """A view with the last two dimensions swapped (torch or numpy), no copy."""
+    if is_torch(a):
+        return a.transpose(-1, -2)
+    return np.swapaxes(a, -1, -2)
+
+
 def out(arr, like, device, dtype, shape):
     """Views native bytes `arr` as a tensor of `like`'s kind ('torch'/'numpy') without copying."""
     shape = tuple(int(s) for s in shape)

@@ -499,7 +499,7 @@ class Buffer:
 
         Returns `(recv_x, recv_count [L] int32, handle, event, hook)`: `recv_x` is `[L, R*M, H]`
         bfloat16, or with `use_fp8` a pair (`[L, R*M, H]` float8_e4m3fn, scales `[L, R*M, H/128]`
-        float32, or `[L, R*M, H/512]` int32 with `use_ue8m0`; row-major, see docs/python.md).
+        float32, or `[L, R*M, H/512]` int32 with `use_ue8m0`; column-major views as DeepEP's).
         `hook` (with `return_recv_hook`) receives; call it before using the outputs."""
         like = tz.kind(x, "x")
         tz.check(x, "x", self.device, ("bfloat16",), 2)
@@ -531,9 +531,10 @@ class Buffer:
         rows = r * m
         recv_x = out(rx, "float8_e4m3fn" if use_fp8 else "bfloat16", (l, rows, hidden))
         if use_fp8:
-            scales = (out(rs, "int32", (l, rows, hidden // 512)) if use_ue8m0
-                      else out(rs, "float32", (l, rows, hidden // 128)))
-            recv_x = (recv_x, scales)
+            # Stored [L, G, R*M]: returned as DeepEP's column-major [L, R*M, G] view.
+            scales = (out(rs, "int32", (l, hidden // 512, rows)) if use_ue8m0
+                      else out(rs, "float32", (l, hidden // 128, rows)))
+            recv_x = (recv_x, tz.swap_last_two(scales))
         recv_count = out(count, "int32", (l,))
         handle = LowLatencyHandle(d, out(src_info, "int32", (l, rows)), out(layout_range, "int64", (l, r)),
                                   m, hidden, num_experts)
