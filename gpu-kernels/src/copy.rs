@@ -47,3 +47,60 @@ pub unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
         }
     }
 }
+
+/// `v` of lane `src_lane` (a 64-bit warp shuffle).
+#[inline(always)]
+pub fn shfl_idx_u64(v: u64, src_lane: u32) -> u64 {
+    let lo = dev::shfl_idx_u32(v as u32, src_lane);
+    let hi = dev::shfl_idx_u32((v >> 32) as u32, src_lane);
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Warp-cooperative copy of one row `src` (`bytes`, a multiple of 16, nobody writes it during
+/// the kernel) to several destinations: lane `k` holds destination `k` in `dst_of_lane`, for
+/// each bit `k` of `lanes`. The row is read once: each step's loads are stored to every
+/// destination, so a token sent to 8 experts costs one read, not 8.
+///
+/// # Safety
+/// `src` and every destination are valid, 16-byte aligned ranges of `bytes`. All 32 lanes
+/// call together, with the same `lanes`.
+#[inline(always)]
+pub unsafe fn copy_warp_to_many(dst_of_lane: u64, lanes: u32, src: u64, bytes: u64) {
+    let n = bytes / 16;
+    let lane = dev::lane_id() as u64;
+    let warp = WARP_SIZE as u64;
+    let step = warp * UNROLL as u64;
+    let mut base = 0u64;
+    // SAFETY (both loops): indices stay below `n` vectors of every range.
+    unsafe {
+        while base + step <= n {
+            let mut x = [U4::default(); UNROLL];
+            for (j, x) in x.iter_mut().enumerate() {
+                *x = load(src, base + lane + warp * j as u64, true);
+            }
+            let mut m = lanes;
+            while m != 0 {
+                let dst = shfl_idx_u64(dst_of_lane, m.trailing_zeros());
+                m &= m - 1;
+                for (j, x) in x.iter().enumerate() {
+                    dev::st_v4((dst as *mut U4).add((base + lane + warp * j as u64) as usize), *x);
+                }
+            }
+            base += step;
+        }
+        // The tail: the loop condition is the same in every lane (shuffles need all 32).
+        while base < n {
+            let v = base + lane;
+            let x = if v < n { load(src, v, true) } else { U4::default() };
+            let mut m = lanes;
+            while m != 0 {
+                let dst = shfl_idx_u64(dst_of_lane, m.trailing_zeros());
+                m &= m - 1;
+                if v < n {
+                    dev::st_v4((dst as *mut U4).add(v as usize), x);
+                }
+            }
+            base += warp;
+        }
+    }
+}

@@ -2,15 +2,17 @@
 //! straight to the expert's rank, no count exchange, no host synchronisation.
 //!
 //! # Protocol (`LlLayout`, two buffer sets picked by epoch parity)
-//! **Dispatch.** Warps take tokens; for each `k` with expert `e` on rank `d` (local `l`), the
-//! warp stores the row into `d`'s slot `[l][me][token]` and marks it `[epoch, token]`. Each
+//! **Dispatch.** Warps take tokens; lane `k` owns the token's `k`-th expert `e` on rank `d`
+//! (local `l`) and its slot `[l][me][token]` there; the warp reads the row once and stores
+//! it into every slot, and each owning lane marks its slot `[epoch, token]`. Each
 //! block then adds one to a local block counter (`atom.release.gpu` after
 //! `fence.acq_rel.sys`); the block that completes the grid's count raises, at every rank
 //! `d` and local expert `l`, the flag `[l][me] = epoch << 32 | T` (release). Receiving:
-//! a block per local expert walks the source ranks in order, acquires their flags, and packs
-//! the slots marked with this epoch, in token order, into `packed_recv_x` — rows ordered
-//! by (source rank, source token) as `reference::ll_dispatch`. Stale slots carry an older
-//! epoch, so nothing needs cleaning.
+//! a block per local expert, a warp per source rank at once: acquire the source's flag and
+//! count the slots marked with this epoch; after a block barrier every source's first output
+//! row is known, and each warp packs its source's slots, in token order, into
+//! `packed_recv_x` — rows ordered by (source rank, source token) as `reference::ll_dispatch`.
+//! Stale slots carry an older epoch, so nothing needs cleaning.
 //! **Combine.** The same warps send each packed row back to its source rank's slot
 //! `[global expert][token]`; the last block raises combine flag `[e]` at every rank for each
 //! local expert `e`; then each rank acquires all `E` flags and sums, per token, `k`
@@ -25,7 +27,7 @@
 use crate::abi::{
     ErrorSlot, LL_FP8, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
 };
-use crate::copy::copy_warp;
+use crate::copy::{copy_warp, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
 use crate::num::{bf16_to_f32, f32_to_bf16};
 
@@ -54,11 +56,12 @@ fn pow2(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
-/// Warp-cooperative fp8 cast of one bf16 row (`hidden` a multiple of 128) into `dst`:
+/// Warp-cooperative fp8 cast of one bf16 row (`hidden` a multiple of 128) into every
+/// destination slot (lane `k` holds slot `k` in `dst_of_lane`, for each bit `k` of `lanes`):
 /// `hidden` e4m3 bytes, then `hidden / 128` f32 scales — `reference::quantize_row_fp8`.
 /// Half a warp takes a 128-channel group: 16 lanes of 8 values, amax over the 16 lanes.
 #[inline(always)]
-unsafe fn cast_row_fp8(dst: u64, src: u64, hidden: u64, round_scale: bool) {
+unsafe fn cast_row_fp8(dst_of_lane: u64, lanes: u32, src: u64, hidden: u64, round_scale: bool) {
     let lane = dev::lane_id() as u64;
     let groups = hidden / 128;
     let mut g0 = 0u64;
@@ -86,15 +89,21 @@ unsafe fn cast_row_fp8(dst: u64, src: u64, hidden: u64, round_scale: bool) {
         } else {
             (amax / 448.0, 448.0 / amax)
         };
-        if g < groups {
-            let pair = |i: usize| dev::cvt_e4m3x2(vals[2 * i] * scale_inv, vals[2 * i + 1] * scale_inv) as u32;
-            let (q0, q1) = (pair(0) | pair(1) << 16, pair(2) | pair(3) << 16);
-            // SAFETY: `dst` holds `hidden` bytes of payload then the scales.
-            unsafe {
-                *((dst + v * 8) as *mut u32) = q0;
-                *((dst + v * 8 + 4) as *mut u32) = q1;
-                if lane & 15 == 0 {
-                    *((dst + hidden) as *mut f32).add(g as usize) = scale;
+        let pair = |i: usize| dev::cvt_e4m3x2(vals[2 * i] * scale_inv, vals[2 * i + 1] * scale_inv) as u32;
+        let (q0, q1) = (pair(0) | pair(1) << 16, pair(2) | pair(3) << 16);
+        // Cast once, store to every destination (all lanes shuffle; those with a group store).
+        let mut m = lanes;
+        while m != 0 {
+            let dst = shfl_idx_u64(dst_of_lane, m.trailing_zeros());
+            m &= m - 1;
+            if g < groups {
+                // SAFETY: `dst` holds `hidden` bytes of payload then the scales.
+                unsafe {
+                    *((dst + v * 8) as *mut u32) = q0;
+                    *((dst + v * 8 + 4) as *mut u32) = q1;
+                    if lane & 15 == 0 {
+                        *((dst + hidden) as *mut f32).add(g as usize) = scale;
+                    }
                 }
             }
         }
@@ -237,23 +246,25 @@ kernel! {
             // Send.
             let mut t = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
             while p.phases & LL_SEND != 0 && t < p.num_tokens {
-                for k in 0..p.num_topk {
-                    let e = expert_of(&p, t, k);
-                    if e < 0 {
-                        continue;
-                    }
+                // Lane k owns the token's k-th expert: its slot at the expert's rank. The row
+                // is read once and stored to all of them.
+                let e = if lane < p.num_topk { expert_of(&p, t, lane) } else { -1 };
+                let slot = if e >= 0 {
                     let (dst, le) = (e as u32 / num_local, e as u32 % num_local);
-                    let slot = base_of(&p, dst, &l) + l.dispatch_slot(le as u64, me as u64, t as u64);
-                    let row = p.x + t as u64 * p.row_bytes;
-                    if p.fp8 & LL_FP8 != 0 {
-                        cast_row_fp8(slot, row, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0);
-                    } else {
-                        copy_warp(slot, row, p.row_bytes, true);
-                    }
-                    if lane == 0 {
-                        *((slot + p.row_bytes) as *mut u32) = epoch32;
-                        *((slot + p.row_bytes + 4) as *mut u32) = t;
-                    }
+                    base_of(&p, dst, &l) + l.dispatch_slot(le as u64, me as u64, t as u64)
+                } else {
+                    0
+                };
+                let lanes = dev::ballot(e >= 0);
+                let row = p.x + t as u64 * p.row_bytes;
+                if p.fp8 & LL_FP8 != 0 {
+                    cast_row_fp8(slot, lanes, row, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0);
+                } else {
+                    copy_warp_to_many(slot, lanes, row, p.row_bytes);
+                }
+                if e >= 0 {
+                    *((slot + p.row_bytes) as *mut u32) = epoch32;
+                    *((slot + p.row_bytes + 4) as *mut u32) = t;
                 }
                 t += warps;
             }
@@ -270,61 +281,137 @@ kernel! {
                     dev::st_relaxed_sys_u64(p.epoch_word as *mut u64, p.epoch);
                 }
             }
-            // Receive: a block per local expert, sources in rank order, tokens in order.
+            // Receive: a block per local expert; its warps take the sources (warp w: sources
+            // w, w + warps, ...) and work on them at once: wait for the flag and count the
+            // marked slots, then (after a block barrier, which gives every source's first
+            // row) copy the rows in token order.
+            let num_warps = dev::num_warps();
+            let (warp, r) = (dev::warp_id(), p.num_ranks);
+            let counts: *mut u32 = dev::static_smem(); // [src] marked rows, [R + src] T of src
             let mut le = dev::block_idx_x();
             while p.phases & LL_RECV != 0 && le < num_local {
-                let mut row = 0u32;
-                for src in 0..p.num_ranks {
+                let slot = |src: u32, tok: u32| local + l.dispatch_slot(le as u64, src as u64, tok as u64);
+                let marked = |src: u32, tok: u32, num_tokens: u32| {
+                    tok < num_tokens && dev::ld_relaxed_sys_u32((slot(src, tok) + p.row_bytes) as *const u32) == epoch32
+                };
+                let mut failed = false;
+                let mut src = warp;
+                while src < r {
                     let flag = (local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 8) as *const u64;
-                    let slot = |tok: u32| local + l.dispatch_slot(le as u64, src as u64, tok as u64);
-                    let begin = row;
-                    let copy = |tok: u32, index: u32| {
-                        let from = slot(tok);
-                        let out_row = le as u64 * l.num_ranks * l.max_tokens + (begin + index) as u64;
-                        if p.fp8 & LL_FP8 != 0 {
-                            let hidden = p.row_bytes / 2;
-                            copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
-                            // Scales are stored group-major per expert (DeepEP's column-major
-                            // `[L, R*M, G]`: the token index is the contiguous one).
-                            let (groups, rows) = (hidden / 128, l.num_ranks * l.max_tokens);
-                            let row_in_expert = (begin + index) as u64;
-                            let mut s = lane as u64;
-                            while s < groups {
-                                let scale = *((from + hidden) as *const f32).add(s as usize);
-                                if p.fp8 & LL_UE8M0 != 0 {
-                                    // i32 words [L][G/4][R*M]; byte g % 4 of word g / 4 = the
-                                    // exponent field of scale g.
-                                    let word = (le as u64 * (groups / 4) + s / 4) * rows + row_in_expert;
-                                    *(p.packed_recv_x_scales as *mut u8).add((word * 4 + s % 4) as usize) = (scale.to_bits() >> 23) as u8;
-                                } else {
-                                    let at = (le as u64 * groups + s) * rows + row_in_expert;
-                                    *(p.packed_recv_x_scales as *mut f32).add(at as usize) = scale;
-                                }
-                                s += WARP_SIZE as u64;
-                            }
-                        } else {
-                            copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
-                        }
-                        if lane == 0 {
-                            *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
-                        }
+                    let Some(num_tokens) = wait_flag_warp(&p, flag, src, SITE_LL_DISPATCH_RECV) else {
+                        failed = true;
+                        break;
                     };
-                    let Some(n) = receive_marked(&p, flag, src, SITE_LL_DISPATCH_RECV, |t| slot(t) + p.row_bytes, copy)
-                    else {
-                        return;
-                    };
-                    row += n;
-                    if dev::thread_idx_x() == 0 {
-                        let at = (le * p.num_ranks + src) as usize;
-                        *(p.packed_recv_layout_range as *mut i64).add(at) = ((begin as i64) << 32) | n as i64;
+                    let mut n = 0;
+                    let mut t0 = 0;
+                    while t0 < num_tokens {
+                        n += dev::ballot(marked(src, t0 + lane, num_tokens)).count_ones();
+                        t0 += WARP_SIZE;
                     }
+                    if lane == 0 {
+                        *counts.add(src as usize) = n;
+                        *counts.add((r + src) as usize) = num_tokens;
+                    }
+                    src += num_warps;
+                }
+                if dev::sync_threads_or(failed) {
+                    return;
+                }
+                let mut src = warp;
+                while src < r {
+                    let mut begin = 0u32;
+                    for s in 0..src {
+                        begin += *counts.add(s as usize);
+                    }
+                    let num_tokens = *counts.add((r + src) as usize);
+                    let mut index = 0u32;
+                    let mut t0 = 0;
+                    while t0 < num_tokens {
+                        let mut m = dev::ballot(marked(src, t0 + lane, num_tokens));
+                        while m != 0 {
+                            let tok = t0 + m.trailing_zeros();
+                            m &= m - 1;
+                            receive_row(&p, &l, le, begin + index, tok, slot(src, tok));
+                            index += 1;
+                        }
+                        t0 += WARP_SIZE;
+                    }
+                    if lane == 0 {
+                        let at = (le * r + src) as usize;
+                        *(p.packed_recv_layout_range as *mut i64).add(at) = ((begin as i64) << 32) | index as i64;
+                    }
+                    src += num_warps;
                 }
                 if dev::thread_idx_x() == 0 {
-                    *(p.packed_recv_count as *mut i32).add(le as usize) = row as i32;
+                    let mut total = 0u32;
+                    for s in 0..r {
+                        total += *counts.add(s as usize);
+                    }
+                    *(p.packed_recv_count as *mut i32).add(le as usize) = total as i32;
                 }
                 dev::sync_threads();
                 le += dev::grid_dim_x();
             }
+        }
+    }
+}
+
+/// Warp-cooperative: lane 0 waits for `flag == epoch << 32 | T`; returns `T` (in every
+/// lane), or `None` after a timeout (reported for `peer` at `site`) or another error.
+#[inline(always)]
+unsafe fn wait_flag_warp(p: &LlParams, flag: *const u64, peer: u32, site: u32) -> Option<u32> {
+    let mut seen = 0u64;
+    let mut ok = 1u32;
+    if dev::lane_id() == 0 {
+        // SAFETY: `flag` lies in this rank's buffer (the caller's layout).
+        unsafe {
+            let arrived = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(flag);
+                seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            ok = (arrived && seen >> 32 == p.epoch) as u32;
+            if !arrived {
+                dev::report_timeout(p.error as *mut ErrorSlot, p.rank, peer, site, p.epoch, seen >> 32);
+            }
+        }
+    }
+    let ok = dev::shfl_idx_u32(ok, 0);
+    let num_tokens = dev::shfl_idx_u32(seen as u32, 0);
+    if ok == 1 { Some(num_tokens) } else { None }
+}
+
+/// Warp-cooperative: copies the slot of token `tok` into row `row` of local expert `le`'s
+/// output (bf16, or fp8 bytes plus scales stored group-major per expert — DeepEP's
+/// column-major `[L, R*M, G]`, the token index contiguous) and records its source token.
+#[inline(always)]
+unsafe fn receive_row(p: &LlParams, l: &LlLayout, le: u32, row: u32, tok: u32, from: u64) {
+    let lane = dev::lane_id() as u64;
+    let out_row = le as u64 * l.num_ranks * l.max_tokens + row as u64;
+    // SAFETY: outputs hold [L, R*M] rows (LlParams); `from` is a slot of the layout.
+    unsafe {
+        if p.fp8 & LL_FP8 != 0 {
+            let hidden = p.row_bytes / 2;
+            copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
+            let (groups, rows) = (hidden / 128, l.num_ranks * l.max_tokens);
+            let mut s = lane;
+            while s < groups {
+                let scale = *((from + hidden) as *const f32).add(s as usize);
+                if p.fp8 & LL_UE8M0 != 0 {
+                    // i32 words [L][G/4][R*M]; byte g % 4 of word g / 4 = the exponent of scale g.
+                    let word = (le as u64 * (groups / 4) + s / 4) * rows + row as u64;
+                    *(p.packed_recv_x_scales as *mut u8).add((word * 4 + s % 4) as usize) =
+                        (scale.to_bits() >> 23) as u8;
+                } else {
+                    let at = (le as u64 * groups + s) * rows + row as u64;
+                    *(p.packed_recv_x_scales as *mut f32).add(at as usize) = scale;
+                }
+                s += WARP_SIZE as u64;
+            }
+        } else {
+            copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
+        }
+        if lane == 0 {
+            *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
         }
     }
 }
