@@ -32,9 +32,14 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
   install python/wheels/*.whl || { echo "no pytest"; echo "0 passed, 1 failed"; exit 1; }
 fi
 export PYTHONPATH="$site:$PWD/python/tests"
+# Fail fast and say why: device-side waits and the bootstrap give up well inside the
+# script's limit, and pytest prints short tracebacks (with a per-test limit when it can).
+export MOE_EP_TIMEOUT_S=${MOE_EP_TIMEOUT_S:-20} MOE_EP_BOOTSTRAP_TIMEOUT_S=${MOE_EP_BOOTSTRAP_TIMEOUT_S:-60}
+per_test=()
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout=240); fi
 
 echo "--- 8 ranks as threads of one process (CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset})"
-if (cd python/tests && timeout 1200 "$PY" -m pytest -v -p no:cacheprovider test_gpu_torch.py); then
+if (cd python/tests && timeout 1200 "$PY" -m pytest -v --tb=short -p no:cacheprovider "${per_test[@]}" test_gpu_torch.py); then
   pass=$((pass + 1)); echo "python in-process: ok"
 else
   fail=$((fail + 1)); echo "python in-process: FAILED"
