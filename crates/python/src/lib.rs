@@ -86,6 +86,23 @@ fn borrowed_stream(device: &Device, raw: usize) -> Arc<Stream> {
 /// Holds an output's memory; on drop, first makes the rank's stream wait for the stream that
 /// consumed the output (so a stream-ordered free on the rank's stream can't overtake the
 /// consumer's reads), then frees.
+/// LL outputs whose receive half may still be pending (`send_only`).
+trait LlPending {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> moe_ep::Result<()>;
+}
+
+impl LlPending for LlDispatchOutputs {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> moe_ep::Result<()> {
+        LlDispatchOutputs::complete(self, group, buf)
+    }
+}
+
+impl LlPending for LlCombineOutputs {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> moe_ep::Result<()> {
+        LlCombineOutputs::complete(self, group, buf)
+    }
+}
+
 struct Guarded<T> {
     value: Option<T>,
     release_after: Option<(Arc<Stream>, Arc<Group>)>,
@@ -369,6 +386,30 @@ impl Rank {
     fn quiesce(&self) -> moe_ep::Result<()> {
         self.group.stream().synchronize()?;
         self.group.bootstrap().barrier()
+    }
+
+    /// Runs the pending receive half of an LL op (`send_only`), on the op's stream context.
+    fn complete_pending<T: LlPending + Send>(
+        &self,
+        py: Python<'_>,
+        inner: &Arc<Guarded<Mutex<T>>>,
+        generation: u64,
+        ctx: &Ctx,
+        kernel: &'static str,
+    ) -> PyResult<()> {
+        let (inner, ctx) = (inner.clone(), ctx.clone());
+        py.detach(|| -> moe_ep::Result<()> {
+            let st = self.lock()?;
+            Self::check_generation(st.ll_generation, generation)?;
+            let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+            let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
+            let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
+            let ctx = Ctx { previous: None, async_finish: false, ..ctx };
+            self.begin(&ctx)?;
+            out.complete(&self.group, buf)?;
+            self.finish(&ctx, kernel).map(|_| ())
+        })
+        .py()
     }
 
     fn check_generation(current: u64, generation: u64) -> moe_ep::Result<()> {
@@ -864,19 +905,7 @@ impl Rank {
 
     /// Runs the receive half of a `send_only` LL dispatch (no-op when already done).
     fn ll_complete_dispatch(&self, py: Python<'_>, d: PyRef<'_, LlDispatchObj>) -> PyResult<()> {
-        let (inner, generation, ctx) = (d.inner.clone(), d.generation, d.ctx.clone());
-        py.detach(|| -> moe_ep::Result<()> {
-            let st = self.lock()?;
-            Self::check_generation(st.ll_generation, generation)?;
-            let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
-            let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
-            let ctx = Ctx { previous: None, async_finish: false, ..ctx };
-            self.begin(&ctx)?;
-            out.complete(&self.group, buf)?;
-            self.finish(&ctx, "ll_dispatch").map(|_| ())
-        })
-        .py()
+        self.complete_pending(py, &d.inner, d.generation, &d.ctx, "ll_dispatch")
     }
 
     /// LL combine: `(combined_x or None when written to `out`, pending receive or None,
@@ -952,19 +981,7 @@ impl Rank {
 
     /// Runs the receive half of a `send_only` LL combine.
     fn ll_complete_combine(&self, py: Python<'_>, c: PyRef<'_, LlCombineObj>) -> PyResult<()> {
-        let (inner, generation, ctx) = (c.inner.clone(), c.generation, c.ctx.clone());
-        py.detach(|| -> moe_ep::Result<()> {
-            let st = self.lock()?;
-            Self::check_generation(st.ll_generation, generation)?;
-            let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
-            let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
-            let ctx = Ctx { previous: None, async_finish: false, ..ctx };
-            self.begin(&ctx)?;
-            out.complete(&self.group, buf)?;
-            self.finish(&ctx, "ll_combine").map(|_| ())
-        })
-        .py()
+        self.complete_pending(py, &c.inner, c.generation, &c.ctx, "ll_combine")
     }
 
     /// Drops this rank's buffers (collective: every rank calls it).
