@@ -205,14 +205,20 @@ pub fn torch_us(rows: &[(usize, String, f64)], tokens: usize, op: &str) -> Optio
 
 /// The same-run baseline: with `--gpus N > 1`, `--nccl SCRIPT` (else `ep_nccl_reference.py`
 /// next to the `--torch` script: torch.distributed `all_to_all_single` over NCCL, N
-/// processes), run with `--gpus N`; on one GPU, the `--torch` script. `extra` are the model
-/// arguments (`--hidden ...`); empty when no script was named.
-pub fn baseline(gpus: usize, ranks: usize, tokens: &[usize], extra: &[String]) -> Vec<(usize, String, f64)> {
+/// processes), run with `--gpus N --mode MODE` (`ht`: a copy per (token, rank), `ll`: per
+/// (token, expert)); on one GPU, the `--torch` script. `extra` are the model arguments
+/// (`--hidden ...`); empty when no script was named.
+pub fn baseline(
+    (gpus, mode): (usize, &str),
+    ranks: usize,
+    tokens: &[usize],
+    extra: &[String],
+) -> Vec<(usize, String, f64)> {
     let torch = arg_str("--torch");
     let (script, mut args) = if gpus > 1 {
         let sibling = torch.map(|t| std::path::Path::new(&t).with_file_name("ep_nccl_reference.py"));
         let nccl = arg_str("--nccl").or_else(|| sibling.filter(|p| p.exists()).map(|p| p.display().to_string()));
-        (nccl, vec!["--gpus".to_string(), gpus.to_string()])
+        (nccl, vec!["--gpus".to_string(), gpus.to_string(), "--mode".into(), mode.into()])
     } else {
         (torch, vec!["--ranks".to_string(), ranks.to_string()])
     };

@@ -145,7 +145,7 @@ fn main() -> Result<()> {
             .iter()
             .flat_map(|(k, v)| [k.to_string(), v.to_string()])
             .collect();
-    let torch = baseline(gpus.len(), a.ranks, &a.tokens, &extra);
+    let torch = baseline((gpus.len(), "ht"), a.ranks, &a.tokens, &extra);
     println!(
         "{:>8} {:>13} {:>10} {:>11} {:>12} {:>10} {:>7} {:>10} {:>8}",
         "tokens", "op", "time µs", "GB/s/rank", "recv MB/rank", "ceil µs", "%ceil", "torch µs", "x torch"

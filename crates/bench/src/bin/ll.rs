@@ -148,7 +148,7 @@ fn main() -> Result<()> {
         .iter()
         .flat_map(|(k, v)| [k.to_string(), v.to_string()])
         .collect();
-    let torch = baseline(gpus.len(), ranks, &tokens, &extra);
+    let torch = baseline((gpus.len(), "ll"), ranks, &tokens, &extra);
     let placement = if gpus.len() > 1 {
         format!("{} x {}, {ranks} ranks ({ranks_per_gpu} per GPU); copy: NVLink peer copy", gpus.len(), dev.name())
     } else {
