@@ -142,6 +142,9 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
     group.bootstrap().barrier().unwrap();
 }
 
+/// Token values per rank and the combined tokens they give per rank (bf16 bits).
+pub type Variant = (Vec<Vec<u16>>, Vec<Vec<u16>>);
+
 /// Graph-replay inputs: one routing, three sets of token values, identity experts.
 pub struct Graph {
     pub case: Case,
@@ -149,7 +152,7 @@ pub struct Graph {
     pub tokens: Vec<usize>,
     pub w: Vec<Vec<f32>>,
     /// (x per rank, combined_x per rank), bf16 bits.
-    pub variants: Vec<(Vec<Vec<u16>>, Vec<Vec<u16>>)>,
+    pub variants: Vec<Variant>,
 }
 
 /// Graph-replay data (16 experts, hidden 64, top-4) for `n` ranks.
