@@ -3,7 +3,11 @@
 //! The same test binaries run on the CPU emulator (CI: no GPU) and on a GPU (the bundle's
 //! `run.sh` sets `MOE_EP_DEVICE=cuda`): [`device`] picks the back end at run time.
 #![allow(clippy::undocumented_unsafe_blocks)]
-use moe_ep::Device;
+use moe_ep::{Device, DeviceBuffer, Group};
+
+pub mod ht;
+pub mod ll;
+pub mod procs;
 
 /// The device the tests run on: `MOE_EP_DEVICE` (`cpu`, `cuda`, `cuda:N`), default CPU.
 pub fn device() -> Device {
@@ -75,10 +79,17 @@ impl Rng {
 
 /// Runs `f(rank, group)` on one thread per group and returns the results in rank order
 /// (panics in a rank propagate).
-pub fn on_ranks<T: Send>(groups: Vec<moe_ep::Group>, f: impl Fn(usize, moe_ep::Group) -> T + Sync) -> Vec<T> {
+pub fn on_ranks<T: Send>(groups: Vec<Group>, f: impl Fn(usize, Group) -> T + Sync) -> Vec<T> {
     let f = &f;
     std::thread::scope(|s| {
         let handles: Vec<_> = groups.into_iter().enumerate().map(|(r, g)| s.spawn(move || f(r, g))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     })
+}
+
+/// `data` in a new stream-ordered buffer of the group's stream.
+pub fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
+    let b = group.stream().alloc(std::mem::size_of_val(data).max(16)).unwrap();
+    b.write(group.stream(), 0, data).unwrap();
+    b
 }

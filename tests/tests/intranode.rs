@@ -1,229 +1,19 @@
 //! HT intranode dispatch/combine on the device against `reference::ht_dispatch` /
 //! `ht_combine`, bit for bit, on fresh random inputs with poisoned outputs: uneven and
 //! empty ranks, random -1 entries, exact-size and padded (`num_worst_tokens`) outputs,
-//! bias and weights, many consecutive calls over the same rings.
+//! bias and weights, many consecutive calls over the same rings. Ranks are threads here;
+//! the per-rank checks (`moe_ep_tests::ht`) also run one rank per process
+//! (`multiprocess_ep.rs`).
+use moe_ep::Group;
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
-use moe_ep::reference::{self, Routing, f32_to_bf16};
-use moe_ep::{DeviceBuffer, Group};
-use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks};
-
-struct Case {
-    num_experts: usize,
-    hidden: usize,
-    num_topk: usize,
-    max_tokens: usize,
-    num_worst_tokens: Option<usize>,
-    with_bias: bool,
-    calls: usize,
-    /// Ring slots (0 = the default); small values force wrap-around and waiting senders.
-    num_slots: usize,
-    /// Warps per peer in a block (0 = the default).
-    warps_per_peer: usize,
-    routing: Routes,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Routes {
-    /// Distinct random experts per token, about one entry in 8 dropped (-1).
-    Random,
-    /// Every token to expert 0 only (one rank receives everything).
-    AllToExpertZero,
-    /// Random, but never an expert of the last rank (it receives nothing).
-    SkipLastRank,
-}
-
-impl Case {
-    fn new(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize) -> Case {
-        Case {
-            num_experts,
-            hidden,
-            num_topk,
-            max_tokens,
-            num_worst_tokens: None,
-            with_bias: true,
-            calls: 3,
-            num_slots: 0,
-            warps_per_peer: 0,
-            routing: Routes::Random,
-        }
-    }
-}
-
-/// Random bf16 bits of moderate values (no NaN/inf), so sums stay finite.
-fn bf16_row(rng: &mut Rng, n: usize) -> Vec<u16> {
-    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 8.0)).collect()
-}
-
-fn routing(rng: &mut Rng, num_ranks: usize, case: &Case, call: usize) -> Vec<Vec<i64>> {
-    (0..num_ranks)
-        .map(|r| {
-            // Uneven counts that change between calls; rank 1 is empty on even calls.
-            let t = if r == 1 && call.is_multiple_of(2) { 0 } else { 1 + rng.below(case.max_tokens as u64) as usize };
-            let usable = match case.routing {
-                Routes::SkipLastRank => case.num_experts - case.num_experts / num_ranks,
-                _ => case.num_experts,
-            };
-            let mut idx = Vec::new();
-            for _ in 0..t {
-                let mut row: Vec<i64> = Vec::new();
-                if case.routing == Routes::AllToExpertZero {
-                    row.push(0);
-                    row.resize(case.num_topk, -1);
-                }
-                while row.len() < case.num_topk {
-                    let e = rng.below(usable as u64) as i64;
-                    if !row.contains(&e) {
-                        row.push(e);
-                    }
-                }
-                if case.routing != Routes::AllToExpertZero {
-                    for e in row.iter_mut() {
-                        if rng.below(8) == 0 {
-                            *e = -1;
-                        }
-                    }
-                }
-                idx.extend(row);
-            }
-            idx
-        })
-        .collect()
-}
-
-fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
-    let b = group.stream().alloc((std::mem::size_of_val(data)).max(16)).unwrap();
-    b.write(group.stream(), 0, data).unwrap();
-    b
-}
+use moe_ep_tests::ht::{self, Case, Routes};
+use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
 
 fn run(case: Case) {
-    let dev = device();
-    let n = num_ranks(&dev).min(8);
-    let (h, k, e) = (case.hidden, case.num_topk, case.num_experts);
-    let mut rng = Rng::fresh("intranode");
-    // Every call's inputs and reference outputs, computed up front for all ranks.
-    let mut calls = Vec::new();
-    for call in 0..case.calls {
-        let idx = routing(&mut rng, n, &case, call);
-        let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(&mut rng, t * h)).collect();
-        let w: Vec<Vec<f32>> =
-            tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
-        let r = Routing::new(n, e, k, idx.clone()).unwrap();
-        let want = reference::ht_dispatch(&r, &x, &w, h, 1, case.num_worst_tokens).unwrap();
-        // Expert outputs: fresh bf16 rows per received row, plus bias per source token.
-        let rows: Vec<usize> = want.ranks.iter().map(|rv| rv.recv_src_idx.len()).collect();
-        let y: Vec<Vec<u16>> = rows.iter().map(|&m| bf16_row(&mut rng, m * h)).collect();
-        let b0: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(&mut rng, t * h)).collect();
-        let b1: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(&mut rng, t * h)).collect();
-        let bias = if case.with_bias { [Some(&b0[..]), Some(&b1[..])] } else { [None, None] };
-        let combined = reference::ht_combine(
-            &want.handle,
-            &y,
-            Some(&want.ranks.iter().map(|rv| rv.recv_topk_weights.clone()).collect::<Vec<_>>()),
-            bias,
-            h,
-        )
-        .unwrap();
-        calls.push((idx, tokens, x, w, want, y, b0, b1, combined));
-    }
-    let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg = HtConfig {
-        num_experts: e,
-        hidden: h,
-        num_topk: k,
-        num_scales: 0,
-        num_channels: 0,
-        warps_per_peer: case.warps_per_peer,
-        num_slots: case.num_slots,
-    };
-    on_ranks(groups, |rank, group| {
-        let mut buf = HtBuffer::new(&group, cfg).unwrap();
-        let s = group.stream();
-        for (call, (idx, tokens, x, w, want, y, b0, b1, combined)) in calls.iter().enumerate() {
-            let t = tokens[rank];
-            let topk = upload(&group, &idx[rank]);
-            let weights = upload(&group, &w[rank]);
-            let xb = upload(&group, &x[rank]);
-            let layout = get_dispatch_layout(&group, &topk, IndexType::I64, t, k, e).unwrap();
-            let args = HtDispatchArgs {
-                x: &xb,
-                hidden_bytes: 2 * h,
-                num_tokens: t,
-                x_scales: None,
-                topk: Some((&topk, IndexType::I64, &weights, k)),
-                layout: &layout,
-                expert_alignment: 1,
-                num_worst_tokens: case.num_worst_tokens,
-            };
-            // Ranks share one GPU here: uploads from pageable memory may wait for the device, so
-            // no rank starts the collective while another is still uploading.
-            group.bootstrap().barrier().unwrap();
-            let started = std::time::Instant::now();
-            let out = buf.dispatch(&group, &args).unwrap();
-            let host_call = started.elapsed(); // a long one: the host was stalled in the driver
-            s.synchronize().unwrap();
-            group
-                .take_device_error("ht_dispatch")
-                .unwrap_or_else(|e| panic!("rank {rank} call {call}: {e:?} (dispatch() returned after {host_call:?})"));
-            let rv = &want.ranks[rank];
-            let got_n = rv.num_recv_tokens;
-            let ctx = format!("rank {rank} call {call}");
-            if case.num_worst_tokens.is_none() {
-                assert_eq!(out.num_recv_tokens, Some(got_n), "{ctx}");
-                assert_eq!(out.num_recv_tokens_per_expert_list.as_ref(), Some(&rv.num_recv_tokens_per_expert), "{ctx}");
-            }
-            assert_eq!(
-                out.num_recv_tokens_per_expert.to_vec::<i32>(s).unwrap(),
-                rv.num_recv_tokens_per_expert,
-                "{ctx}"
-            );
-            let rows = out.handle.num_rows;
-            assert_eq!(rows, rv.recv_src_idx.len(), "{ctx}");
-            let recv_x: Vec<u16> = out.recv_x.to_vec(s).unwrap();
-            assert!(recv_x[..got_n * h] == rv.recv_x[..got_n * h], "{ctx}: recv_x");
-            assert_eq!(
-                &out.recv_src_idx.to_vec::<i32>(s).unwrap()[..rows],
-                &rv.recv_src_idx[..],
-                "{ctx}: recv_src_idx"
-            );
-            assert_eq!(
-                &out.recv_topk_idx.to_vec::<i64>(s).unwrap()[..rows * k],
-                &rv.recv_topk_idx[..],
-                "{ctx}: recv_topk_idx"
-            );
-            let got_w: Vec<f32> = out.recv_topk_weights.to_vec(s).unwrap();
-            assert!(
-                got_w[..rows * k].iter().zip(&rv.recv_topk_weights).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{ctx}: weights"
-            );
-            let rpm: Vec<i32> = out.handle.rank_prefix_matrix.to_vec(s).unwrap();
-            assert_eq!(rpm, want.handle.rank_prefix_matrix(), "{ctx}: rank_prefix_matrix");
-
-            // Combine the fresh expert outputs back (with the received weights, and bias).
-            let yb = upload(&group, &y[rank]);
-            let (bb0, bb1) = (upload(&group, &b0[rank]), upload(&group, &b1[rank]));
-            let bias = if case.with_bias { [Some(&bb0), Some(&bb1)] } else { [None, None] };
-            group.bootstrap().barrier().unwrap();
-            let c = buf.combine(&group, &out.handle, &yb, h, Some((&out.recv_topk_weights, k)), bias).unwrap();
-            s.synchronize().unwrap();
-            group.take_device_error("ht_combine").unwrap();
-            let cx: Vec<u16> = c.combined_x.to_vec(s).unwrap();
-            assert!(cx[..t * h] == combined[rank].combined_x[..], "{ctx}: combined_x");
-            let cw: Vec<f32> = c.combined_topk_weights.unwrap().to_vec(s).unwrap();
-            let want_w = combined[rank].combined_topk_weights.as_ref().unwrap();
-            assert!(cw[..t * k].iter().zip(want_w).all(|(a, b)| a.to_bits() == b.to_bits()), "{ctx}: combined weights");
-
-            // Cached dispatch with the same handle (the backward of a combine): same rows.
-            group.bootstrap().barrier().unwrap();
-            let (again, _) = buf.dispatch_cached(&group, &out.handle, &xb, 2 * h, None).unwrap();
-            s.synchronize().unwrap();
-            group.take_device_error("ht_dispatch (cached)").unwrap();
-            let again: Vec<u16> = again.to_vec(s).unwrap();
-            assert!(again[..got_n * h] == rv.recv_x[..got_n * h], "{ctx}: cached dispatch recv_x");
-        }
-    });
+    let n = num_ranks(&device()).min(8);
+    let calls = ht::prepare(&case, n, &mut Rng::fresh("intranode"));
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ht::check_rank(&case, &calls, &group));
 }
 
 #[test]
@@ -284,126 +74,19 @@ fn ht_hidden_sizes_2880_to_16384() {
 fn ht_fp8_payload_with_scales() {
     let dev = device();
     let n = num_ranks(&dev).min(8);
-    let (h, k, e) = (256usize, 4usize, 16usize);
-    let num_scales = h / 128;
-    let max_tokens = if dev.is_cpu() { 30 } else { 400 };
-    let mut rng = Rng::fresh("intranode-fp8");
-    let idx = routing(&mut rng, n, &Case::new(e, h, k, max_tokens), 1);
-    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-    let x: Vec<Vec<u8>> = tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
-    let scales: Vec<Vec<f32>> =
-        tokens.iter().map(|&t| (0..t * num_scales).map(|_| rng.next_u32() as f32).collect()).collect();
-    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| vec![0.5; t * k]).collect();
-    let r = Routing::new(n, e, k, idx.clone()).unwrap();
-    let want = reference::ht_dispatch(&r, &x, &w, h, 1, None).unwrap();
-    let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg = HtConfig {
-        num_experts: e,
-        hidden: h,
-        num_topk: k,
-        num_scales,
-        num_channels: 0,
-        warps_per_peer: 0,
-        num_slots: 0,
-    };
-    on_ranks(groups, |rank, group| {
-        let mut buf = HtBuffer::new(&group, cfg).unwrap();
-        let s = group.stream();
-        let t = tokens[rank];
-        let (topk, weights) = (upload(&group, &idx[rank]), upload(&group, &w[rank]));
-        let (xb, sb) = (upload(&group, &x[rank]), upload(&group, &scales[rank]));
-        let layout = get_dispatch_layout(&group, &topk, IndexType::I64, t, k, e).unwrap();
-        let args = HtDispatchArgs {
-            x: &xb,
-            hidden_bytes: h,
-            num_tokens: t,
-            x_scales: Some((&sb, num_scales)),
-            topk: Some((&topk, IndexType::I64, &weights, k)),
-            layout: &layout,
-            expert_alignment: 4,
-            num_worst_tokens: None,
-        };
-        group.bootstrap().barrier().unwrap();
-        let out = buf.dispatch(&group, &args).unwrap();
-        s.synchronize().unwrap();
-        group.take_device_error("ht_dispatch").unwrap();
-        let rv = &want.ranks[rank];
-        let m = rv.num_recv_tokens;
-        assert_eq!(out.num_recv_tokens, Some(m));
-        let got: Vec<u8> = out.recv_x.to_vec(s).unwrap();
-        assert!(got[..m * h] == rv.recv_x[..], "rank {rank}: fp8 payload");
-        // expert_alignment = 4 rounds the per-expert counts up.
-        let counts = out.num_recv_tokens_per_expert_list.unwrap();
-        let want_counts =
-            reference::ht_dispatch(&r, &x, &w, h, 4, None).unwrap().ranks[rank].num_recv_tokens_per_expert.clone();
-        assert_eq!(counts, want_counts);
-        assert!(counts.iter().all(|c| c % 4 == 0));
-        let got_scales: Vec<f32> = out.recv_x_scales.to_vec(s).unwrap();
-        for (row, src) in want.handle.recv_sources(rank).iter().enumerate() {
-            let from = &scales[src.rank][src.token * num_scales..(src.token + 1) * num_scales];
-            assert_eq!(&got_scales[row * num_scales..(row + 1) * num_scales], from, "rank {rank} row {row}");
-        }
-    });
+    let d = ht::prepare_fp8(n, if dev.is_cpu() { 30 } else { 400 }, &mut Rng::fresh("intranode-fp8"));
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ht::check_fp8_rank(&d, &group));
 }
 
-/// DeepEP's pressure check: the same inputs twenty times give identical output hashes.
+/// DeepEP's pressure check: the same inputs twenty times give identical output hashes,
+/// equal to the hash of the reference's outputs.
 #[test]
 fn ht_twenty_reruns_give_identical_hashes() {
     let dev = device();
     let n = num_ranks(&dev).min(8);
-    let (h, k, e) = (64usize, 4usize, 16usize);
-    let mut rng = Rng::fresh("intranode-reruns");
-    let idx = routing(&mut rng, n, &Case::new(e, h, k, if dev.is_cpu() { 20 } else { 1000 }), 1);
-    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-    let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(&mut rng, t * h)).collect();
-    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 1e9).collect()).collect();
-    let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg = HtConfig {
-        num_experts: e,
-        hidden: h,
-        num_topk: k,
-        num_scales: 0,
-        num_channels: 0,
-        warps_per_peer: 0,
-        num_slots: 0,
-    };
-    on_ranks(groups, |rank, group| {
-        let mut buf = HtBuffer::new(&group, cfg).unwrap();
-        let s = group.stream();
-        let t = tokens[rank];
-        let (topk, weights, xb) = (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &x[rank]));
-        let layout = get_dispatch_layout(&group, &topk, IndexType::I64, t, k, e).unwrap();
-        let mut first = None;
-        for rerun in 0..20 {
-            let args = HtDispatchArgs {
-                x: &xb,
-                hidden_bytes: 2 * h,
-                num_tokens: t,
-                x_scales: None,
-                topk: Some((&topk, IndexType::I64, &weights, k)),
-                layout: &layout,
-                expert_alignment: 1,
-                num_worst_tokens: None,
-            };
-            group.bootstrap().barrier().unwrap();
-            let out = buf.dispatch(&group, &args).unwrap();
-            let c = buf
-                .combine(&group, &out.handle, &out.recv_x, h, Some((&out.recv_topk_weights, k)), [None, None])
-                .unwrap();
-            s.synchronize().unwrap();
-            group.take_device_error("ht dispatch+combine").unwrap();
-            let mut hash = std::collections::hash_map::DefaultHasher::new();
-            use std::hash::Hash;
-            out.recv_x.to_vec::<u8>(s).unwrap().hash(&mut hash);
-            out.recv_topk_idx.to_vec::<i64>(s).unwrap().hash(&mut hash);
-            out.recv_topk_weights.to_vec::<u32>(s).unwrap().hash(&mut hash);
-            out.recv_src_idx.to_vec::<i32>(s).unwrap().hash(&mut hash);
-            c.combined_x.to_vec::<u16>(s).unwrap().hash(&mut hash);
-            c.combined_topk_weights.unwrap().to_vec::<u32>(s).unwrap().hash(&mut hash);
-            let hash = std::hash::Hasher::finish(&hash);
-            assert_eq!(*first.get_or_insert(hash), hash, "rank {rank}: rerun {rerun} differs");
-        }
-    });
+    let d = ht::prepare_reruns(n, if dev.is_cpu() { 20 } else { 1000 }, &mut Rng::fresh("intranode-reruns"));
+    let hashes = on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ht::check_reruns_rank(&d, 20, &group));
+    assert_eq!(hashes, d.want_hash);
 }
 
 #[test]

@@ -1,139 +1,20 @@
 //! LL dispatch/combine on the device against `reference::ll_dispatch` / `ll_combine`, bit
 //! for bit, on fresh random inputs: random -1 entries, token counts that change between
-//! calls (including zero), many consecutive calls alternating the two buffer sets.
+//! calls (including zero), many consecutive calls alternating the two buffer sets. Ranks
+//! are threads here; the per-rank checks (`moe_ep_tests::ll`) also run one rank per
+//! process (`multiprocess_ep.rs`).
+use moe_ep::Group;
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
 use moe_ep::reference::{self, Routing, f32_to_bf16};
-use moe_ep::{DeviceBuffer, Group};
-use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks};
-
-fn bf16_rows(rng: &mut Rng, n: usize) -> Vec<u16> {
-    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 4.0)).collect()
-}
-
-/// Per rank, `[T_r, K]` distinct random experts per token (T_r in 1..=max_tokens, or 0 where
-/// `empty(rank)`), each entry dropped (-1) with probability `1 / drop_one_in` (0: never).
-fn random_routing(
-    rng: &mut Rng,
-    n: usize,
-    (num_experts, num_topk, max_tokens): (usize, usize, usize),
-    drop_one_in: u64,
-    empty: impl Fn(usize) -> bool,
-) -> Vec<Vec<i64>> {
-    (0..n)
-        .map(|r| {
-            let t = if empty(r) { 0 } else { 1 + rng.below(max_tokens as u64) as usize };
-            let mut v = Vec::new();
-            for _ in 0..t {
-                let mut row: Vec<i64> = Vec::new();
-                while row.len() < num_topk {
-                    let e = rng.below(num_experts as u64) as i64;
-                    if !row.contains(&e) {
-                        row.push(e);
-                    }
-                }
-                if drop_one_in > 0 {
-                    row.iter_mut().for_each(|e| {
-                        if rng.below(drop_one_in) == 0 {
-                            *e = -1
-                        }
-                    });
-                }
-                v.extend(row);
-            }
-            v
-        })
-        .collect()
-}
-
-fn upload<T: bytemuck::Pod>(group: &Group, data: &[T]) -> DeviceBuffer {
-    let b = group.stream().alloc(std::mem::size_of_val(data).max(16)).unwrap();
-    b.write(group.stream(), 0, data).unwrap();
-    b
-}
+use moe_ep_tests::ll::{self, bf16_rows, random_routing};
+use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
 
 fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, calls: usize, hooks: bool) {
-    let dev = device();
-    let n = num_ranks(&dev).min(8);
-    let l = num_experts / n;
-    let mut rng = Rng::fresh("low_latency");
-    let mut cases = Vec::new();
-    for call in 0..calls {
-        let idx = random_routing(&mut rng, n, (num_experts, num_topk, max_tokens), 6, |r| (r + call) % 3 == 2);
-        let tokens: Vec<usize> = idx.iter().map(|v| v.len() / num_topk).collect();
-        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * hidden)).collect();
-        let w: Vec<Vec<f32>> = tokens
-            .iter()
-            .map(|&t| (0..t * num_topk).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect())
-            .collect();
-        let routing = Routing::new(n, num_experts, num_topk, idx.clone()).unwrap();
-        let want = reference::ll_dispatch(&routing, &x, hidden, max_tokens).unwrap();
-        let y: Vec<Vec<u16>> = (0..n).map(|_| bf16_rows(&mut rng, l * n * max_tokens * hidden)).collect();
-        let combined = reference::ll_combine(&want.handle, &y, &w, hidden).unwrap();
-        cases.push((idx, tokens, x, w, want, y, combined));
-    }
-    let groups = Group::in_process(&devices(n)).unwrap();
-    let cfg = LlConfig { num_experts, hidden, max_tokens };
-    on_ranks(groups, |rank, group| {
-        let mut buf = LlBuffer::new(&group, cfg).unwrap();
-        let s = group.stream();
-        for (call, (idx, tokens, x, w, want, y, combined)) in cases.iter().enumerate() {
-            let ctx = format!("rank {rank} call {call}");
-            let t = tokens[rank];
-            let (topk, weights, xb, yb) = (
-                upload(&group, &idx[rank]),
-                upload(&group, &w[rank]),
-                upload(&group, &x[rank]),
-                upload(&group, &y[rank]),
-            );
-            group.bootstrap().barrier().unwrap();
-            // With hooks: every other call splits both ops into send + later receive.
-            let send_only = hooks && call % 2 == 0;
-            let mut out = buf
-                .dispatch(
-                    &group,
-                    &xb,
-                    t,
-                    &topk,
-                    IndexType::I64,
-                    num_topk,
-                    LlDispatchOptions { send_only, ..Default::default() },
-                )
-                .unwrap();
-            assert_eq!(out.recv_hook.is_some(), send_only);
-            out.complete(&group, &buf).unwrap();
-            let mut c =
-                buf.combine(&group, &out.handle, &yb, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
-            c.complete(&group, &buf).unwrap();
-            let cx = c.combined_x;
-            s.synchronize().unwrap();
-            group.take_device_error("ll dispatch+combine").unwrap();
-            let rv = &want.ranks[rank];
-            let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
-            assert_eq!(counts, rv.packed_recv_count, "{ctx}: counts");
-            let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
-            assert_eq!(ranges, rv.packed_recv_layout_range, "{ctx}: layout ranges");
-            let got_x: Vec<u16> = out.packed_recv_x.to_vec(s).unwrap();
-            let got_src: Vec<i32> = out.handle.packed_recv_src_info.to_vec(s).unwrap();
-            let slots = n * max_tokens;
-            for (e, &c) in counts.iter().enumerate() {
-                let c = c as usize;
-                let rows = e * slots..e * slots + c;
-                assert_eq!(
-                    &got_src[rows.clone()],
-                    &rv.packed_recv_src_info[rows.clone()],
-                    "{ctx}: src info of expert {e}"
-                );
-                assert!(
-                    got_x[rows.start * hidden..rows.end * hidden]
-                        == rv.packed_recv_x[rows.start * hidden..rows.end * hidden],
-                    "{ctx}: rows of expert {e}"
-                );
-            }
-            let got: Vec<u16> = cx.to_vec(s).unwrap();
-            assert!(got[..t * hidden] == combined[rank][..], "{ctx}: combined_x");
-        }
-    });
+    let n = num_ranks(&device()).min(8);
+    let case = ll::Case { num_experts, hidden, num_topk, max_tokens, calls, hooks };
+    let calls = ll::prepare(&case, n, &mut Rng::fresh("low_latency"));
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ll::check_rank(&case, &calls, &group));
 }
 
 #[test]
@@ -250,67 +131,12 @@ fn ll_rank_major_interleaved_with_expert_major() {
 fn ll_graph_capture_and_replay() {
     let dev = device();
     let n = num_ranks(&dev).min(8);
-    let (e, h, k, m) = (16usize, 64usize, 4usize, if dev.is_cpu() { 8 } else { 128 });
+    let d = ll::prepare_graph(n, if dev.is_cpu() { 8 } else { 128 }, &mut Rng::fresh("low_latency-graph"));
     let replays = if dev.is_cpu() { 6 } else { 100 };
-    let mut rng = Rng::fresh("low_latency-graph");
-    let idx = random_routing(&mut rng, n, (e, k, m), 0, |_| false);
-    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-    let w: Vec<Vec<f32>> =
-        tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
-    let routing = Routing::new(n, e, k, idx.clone()).unwrap();
-    // Three sets of token values; combine(dispatch(x)) with identity experts for each.
-    // (x per rank, combined_x per rank), bf16 bits.
-    type Variant = (Vec<Vec<u16>>, Vec<Vec<u16>>);
-    let variants: Vec<Variant> = (0..3)
-        .map(|_| {
-            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * h)).collect();
-            let d = reference::ll_dispatch(&routing, &x, h, m).unwrap();
-            let y: Vec<Vec<u16>> = d.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
-            (x, reference::ll_combine(&d.handle, &y, &w, h).unwrap())
-        })
-        .collect();
-    let groups = Group::in_process(&devices(n)).unwrap();
-    on_ranks(groups, |rank, group| {
-        let mut buf = LlBuffer::new(&group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
-        let s = group.stream();
-        let t = tokens[rank];
-        let (topk, weights, xb) =
-            (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &variants[0].0[rank]));
-        group.bootstrap().barrier().unwrap();
-        // A first, ordinary call creates the buffers the captured calls reuse.
-        let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
-        let c =
-            buf.combine(&group, &out.handle, &out.packed_recv_x, t, &topk, IndexType::I64, &weights, k, false).unwrap();
-        s.synchronize().unwrap();
-        group.take_device_error("ll").unwrap();
-        s.begin_capture().unwrap();
-        buf.dispatch_into(&group, &out, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
-        buf.combine_into(
-            &group,
-            &out.handle,
-            &out.packed_recv_x,
-            &c.combined_x,
-            t,
-            &topk,
-            IndexType::I64,
-            &weights,
-            k,
-            false,
-        )
-        .unwrap();
-        let graph = s.end_capture().unwrap();
-        for replay in 0..replays {
-            let (x, want) = &variants[replay % 3];
-            xb.write(s, 0, &x[rank]).unwrap();
-            c.combined_x.fill(s, 0xEE).unwrap(); // poison
-            group.bootstrap().barrier().unwrap();
-            graph.launch(s).unwrap();
-            s.synchronize().unwrap();
-            group.take_device_error("ll graph").unwrap();
-            let got: Vec<u16> = c.combined_x.to_vec(s).unwrap();
-            assert!(got[..t * h] == want[rank][..], "rank {rank} replay {replay}: combined_x");
-        }
-    });
+    let hashes =
+        on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ll::check_graph_rank(&d, replays, &group));
+    let last = &d.variants[(replays - 1) % 3].1;
+    assert_eq!(hashes, last.iter().map(|v| ll::hash_u16(v)).collect::<Vec<_>>());
 }
 
 /// fp8 dispatch: the kernel's cast (per-128-channel scales, plain and power-of-two) against

@@ -5,9 +5,9 @@
 //! the whole cross-process path; on a GPU the bundle's script starts the MPS daemon first.
 use moe_ep::collective::AllGather;
 use moe_ep::{Group, Sharing};
+use moe_ep_tests::procs::run_ranks;
 use moe_ep_tests::{Rng, device};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CHILD_ENV: &str = "MOE_EP_MP_CHILD";
 const WORDS: usize = 4096;
@@ -16,55 +16,21 @@ fn block_of(seed: u64, rank: usize, rep: usize) -> Vec<u32> {
     Rng::new(seed ^ ((rank as u64) << 32) ^ rep as u64).words(WORDS)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn run_processes(num_procs: usize, sharing: &str) {
     let seed = Rng::fresh("multiprocess").next_u64();
-    let port = free_port();
-    let exe = std::env::current_exe().unwrap();
-    let mut children: Vec<_> = (0..num_procs)
-        .map(|rank| {
-            Command::new(&exe)
-                .args(["--exact", "child_rank", "--ignored", "--nocapture", "--test-threads=1"])
-                .env(CHILD_ENV, "1")
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", num_procs.to_string())
-                .env("LOCAL_RANK", rank.to_string()) // GPU LOCAL_RANK % count: all on one GPU if there is one
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", (port - 1).to_string())
-                .env("MOE_EP_BOOTSTRAP_PORT", port.to_string())
-                .env("MOE_EP_BOOTSTRAP_TIMEOUT_S", "60")
-                .env("MOE_EP_TEST_SHARING", sharing)
-                .env("MOE_EP_TEST_SEED", seed.to_string())
-                .env("MOE_EP_DEVICE", std::env::var("MOE_EP_DEVICE").unwrap_or_else(|_| "cpu".into()))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+    let env = [
+        (CHILD_ENV, "1".to_string()),
+        ("MOE_EP_TEST_SHARING", sharing.to_string()),
+        ("MOE_EP_TEST_SEED", seed.to_string()),
+        ("MOE_EP_DEVICE", std::env::var("MOE_EP_DEVICE").unwrap_or_else(|_| "cpu".into())),
+    ];
+    let args = ["--exact", "child_rank", "--ignored", "--nocapture", "--test-threads=1"];
+    let outcomes = run_ranks(num_procs, &args, &env, Duration::from_secs(180));
+    let failures: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !(o.success() && o.stdout.contains(&format!("RANK_OK {}", o.rank))))
+        .map(|o| o.describe())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut failures = Vec::new();
-    for (rank, child) in children.iter_mut().enumerate() {
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let out = child.stdout.take().map(std::io::read_to_string).transpose().unwrap().unwrap_or_default();
-        let err = child.stderr.take().map(std::io::read_to_string).transpose().unwrap().unwrap_or_default();
-        let ok = status.is_some_and(|s| s.success()) && out.contains(&format!("RANK_OK {rank}"));
-        if !ok {
-            failures.push(format!("rank {rank} ({status:?}):\n{out}\n{err}"));
-        }
-    }
     assert!(failures.is_empty(), "{sharing}: {}", failures.join("\n----\n"));
 }
 

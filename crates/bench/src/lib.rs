@@ -1,5 +1,5 @@
-//! Shared pieces of moe-ep's benchmarks: arguments, data, timing, the copy ceiling.
-use moe_ep::{Device, DeviceBuffer, Result, Stream};
+//! Shared pieces of moe-ep's benchmarks: arguments, data, timing, the copy ceilings.
+use moe_ep::{Device, DeviceBuffer, Error, Event, Result, Stream};
 
 /// `bytes` in a new stream-ordered buffer.
 pub fn upload(stream: &Stream, bytes: &[u8]) -> Result<DeviceBuffer> {
@@ -92,6 +92,59 @@ pub fn copy_seconds(dev: &Device, bytes: usize) -> Result<f64> {
     Ok(median(times) as f64 * 1e-3)
 }
 
+/// `--gpus N` (default 1: every rank on the device of `MOE_EP_DEVICE`): the GPUs the ranks
+/// are spread over, rank `r` on GPU `r % N` (`Group::in_process` enables peer access between
+/// them). On the CPU emulator the N "GPUs" are all the emulator (a smoke test of the mode).
+pub fn gpu_devices(dev: &Device) -> Result<Vec<Device>> {
+    let gpus = arg("--gpus", 1).max(1);
+    if gpus == 1 || dev.is_cpu() {
+        return Ok(vec![dev.clone(); gpus]);
+    }
+    let count = Device::cuda_count()?;
+    if gpus > count {
+        return Err(Error::invalid("--gpus", format!("{gpus} GPUs asked for, {count} visible")));
+    }
+    (0..gpus).map(Device::cuda).collect()
+}
+
+/// Seconds for every device of `devs` to receive `bytes_per_peer` from every other one, all
+/// at once (the same-run NVLink ceiling of an all-to-all moving those bytes): one stream per
+/// ordered pair on the receiving device, each a device-to-device copy from the peer's memory
+/// (peer access must be enabled); time = the latest copy's end after its device's start
+/// event, median of 5 after a warm-up. The whole run, not one link: what every GPU moving
+/// its share to every peer at once reaches.
+pub fn peer_copy_seconds(devs: &[Device], bytes_per_peer: usize) -> Result<f64> {
+    let bytes = bytes_per_peer.max(16);
+    let heads: Vec<Stream> = devs.iter().map(Device::new_stream).collect::<Result<_>>()?;
+    // (receiving device, its stream, source buffer on the peer, destination on the receiver)
+    let mut pairs = Vec::new();
+    for (i, to) in devs.iter().enumerate() {
+        for (j, from) in devs.iter().enumerate() {
+            if i != j {
+                pairs.push((i, to.new_stream()?, from.alloc(bytes)?, to.alloc(bytes)?));
+            }
+        }
+    }
+    let mut times = Vec::new();
+    for rep in 0..6 {
+        let starts: Vec<Event> = heads.iter().map(Stream::record_event).collect::<Result<_>>()?;
+        let mut ends = Vec::new();
+        for (i, s, src, dst) in &pairs {
+            s.wait_event(&starts[*i])?;
+            dst.copy_from_async(s, src, bytes)?;
+            ends.push((*i, s.record_event()?));
+        }
+        let mut ms = 0f32;
+        for (i, end) in &ends {
+            ms = ms.max(starts[*i].elapsed_ms(end)?);
+        }
+        if rep > 0 {
+            times.push(ms); // the first run warms up the peer mappings
+        }
+    }
+    Ok(median(times) as f64 * 1e-3)
+}
+
 /// `--name value` as a string, if given.
 pub fn arg_str(name: &str) -> Option<String> {
     let argv: Vec<String> = std::env::args().collect();
@@ -99,7 +152,8 @@ pub fn arg_str(name: &str) -> Option<String> {
 }
 
 /// Same-run torch reference: runs `python3 SCRIPT --tokens ... EXTRA...` (the bundle's
-/// `ht_torch_reference.py`) and returns `(tokens, "dispatch"|"combine", µs)` from its table.
+/// `ht_torch_reference.py`, or `ep_nccl_reference.py` across GPUs) and returns
+/// `(tokens, "dispatch bf16"|"dispatch fp8"|"combine bf16", µs)` from its table.
 /// Empty (with a note on stderr) when the script or torch is missing: the bench still runs.
 pub fn torch_reference(script: &str, tokens: &[usize], extra: &[String]) -> Vec<(usize, String, f64)> {
     let out = std::process::Command::new("python3")
@@ -119,16 +173,52 @@ pub fn torch_reference(script: &str, tokens: &[usize], extra: &[String]) -> Vec<
             return Vec::new();
         }
     };
-    // Rows: "<tokens> <op> <dtype> <µs> <copies>".
+    // Rows: "<tokens> <op> <dtype> <µs> ...".
     out.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let t = f.first()?.parse().ok()?;
-            let op = f.get(1)?.to_string();
+            let op = format!("{} {}", f.get(1)?, f.get(2)?);
             let us = f.get(3)?.parse().ok()?;
             Some((t, op, us))
         })
         .collect()
+}
+
+/// The reference's µs for `op` ("dispatch fp8", ...) at `tokens`; an op it did not run is
+/// compared with its bf16 version (the one-GPU torch reference has no fp8).
+pub fn torch_us(rows: &[(usize, String, f64)], tokens: usize, op: &str) -> Option<f64> {
+    let kind = op.split(' ').next().unwrap_or("");
+    let find = |name: &str| rows.iter().find(|(t, o, _)| *t == tokens && o == name).map(|v| v.2);
+    find(op).or_else(|| find(&format!("{kind} bf16")))
+}
+
+/// The same-run baseline: with `--gpus N > 1`, `--nccl SCRIPT` (else `ep_nccl_reference.py`
+/// next to the `--torch` script: torch.distributed `all_to_all_single` over NCCL, N
+/// processes), run with `--gpus N --mode MODE` (`ht`: a copy per (token, rank), `ll`: per
+/// (token, expert)); on one GPU, the `--torch` script. `extra` are the model arguments
+/// (`--hidden ...`); empty when no script was named.
+pub fn baseline(
+    (gpus, mode): (usize, &str),
+    ranks: usize,
+    tokens: &[usize],
+    extra: &[String],
+) -> Vec<(usize, String, f64)> {
+    let torch = arg_str("--torch");
+    let (script, mut args) = if gpus > 1 {
+        let sibling = torch.map(|t| std::path::Path::new(&t).with_file_name("ep_nccl_reference.py"));
+        let nccl = arg_str("--nccl").or_else(|| sibling.filter(|p| p.exists()).map(|p| p.display().to_string()));
+        (nccl, vec!["--gpus".to_string(), gpus.to_string(), "--mode".into(), mode.into()])
+    } else {
+        (torch, vec!["--ranks".to_string(), ranks.to_string()])
+    };
+    match script {
+        Some(script) => {
+            args.extend_from_slice(extra);
+            torch_reference(&script, tokens, &args)
+        }
+        None => Vec::new(),
+    }
 }
 
 /// Appends `line` to the CSV file of `--csv PATH`, if given (plots are drawn from it).

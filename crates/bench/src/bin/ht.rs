@@ -12,13 +12,22 @@
 //! reaches; `%ceil` = ceiling / time. `--torch SCRIPT` adds the same-run pure-torch
 //! reference (`ht_torch_reference.py`); `--csv PATH` appends the rows for plotting.
 //!
-//!     ht [--ranks 8] [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
-//!        [--channels C] [--iters 20] [--sweep] [--torch SCRIPT] [--csv PATH]
+//! `--gpus N` (issue 5): the ranks (default N) spread over N GPUs, rank r on GPU r % N, peer
+//! access over NVLink. The ceiling is then NVLink's: a same-run peer copy of each GPU's share
+//! of the op's bytes from every peer at once (`peer_copy_seconds`); the baseline is
+//! torch.distributed `all_to_all_single` over NCCL (`--nccl ep_nccl_reference.py`, found
+//! next to the `--torch` script when not named), N processes, the same ops and sizes.
+//!
+//!     ht [--gpus 1] [--ranks 8] [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
+//!        [--channels C] [--iters 20] [--sweep] [--torch SCRIPT] [--nccl SCRIPT] [--csv PATH]
 //!        (--sweep: tokens 512..8192)
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep::{Device, Group, Result};
-use moe_ep_bench::{Rng, arg, arg_str, copy_rate, csv_line, flag, more_hardware_queues, torch_reference, upload};
+use moe_ep_bench::{
+    Rng, arg, baseline, copy_rate, csv_line, flag, gpu_devices, more_hardware_queues, peer_copy_seconds, torch_us,
+    upload,
+};
 
 struct Args {
     ranks: usize,
@@ -33,7 +42,7 @@ struct Args {
 fn parse() -> Args {
     let tokens = if flag("--sweep") { vec![512, 1024, 2048, 4096, 8192] } else { vec![arg("--tokens", 4096)] };
     Args {
-        ranks: arg("--ranks", 8),
+        ranks: arg("--ranks", if arg("--gpus", 1) > 1 { arg("--gpus", 1) } else { 8 }),
         tokens,
         hidden: arg("--hidden", 7168),
         topk: arg("--topk", 8),
@@ -107,37 +116,43 @@ fn main() -> Result<()> {
     more_hardware_queues();
     let a = parse();
     let dev = Device::from_env()?;
+    let gpus = gpu_devices(&dev)?;
+    let ranks_per_gpu = a.ranks.div_ceil(gpus.len());
     let sms = dev.num_sms()? as usize;
-    // Ranks share the GPU: each gets its share of SMs (a channel is 2 blocks).
-    let channels = if a.channels > 0 { a.channels } else { (sms / (2 * a.ranks)).clamp(1, 10) };
-    let rate = copy_rate(&dev)?;
-    println!(
-        "HT intranode on {} ({sms} SMs), {} ranks sharing it, {} SMs per rank ({channels} channels); hidden {}, top-{} of {} experts; D2D copy {:.0} GB/s (read+write)",
-        dev.name(),
-        a.ranks,
-        2 * channels,
-        a.hidden,
-        a.topk,
-        a.experts,
-        rate / 1e9
-    );
-    let torch = match arg_str("--torch") {
-        Some(script) => {
-            let extra: Vec<String> = ["--ranks", &a.ranks.to_string(), "--hidden", &a.hidden.to_string()]
-                .iter()
-                .chain(&["--topk", &a.topk.to_string(), "--experts", &a.experts.to_string()])
-                .map(|s| s.to_string())
-                .collect();
-            torch_reference(&script, &a.tokens, &extra)
-        }
-        None => Vec::new(),
-    };
+    // Ranks sharing a GPU split its SMs (a channel is 2 blocks); at most 20 SMs per rank.
+    let channels = if a.channels > 0 { a.channels } else { (sms / (2 * ranks_per_gpu)).clamp(1, 10) };
+    let rate = if gpus.len() > 1 { 0.0 } else { copy_rate(&dev)? };
+    let model = format!("hidden {}, top-{} of {} experts", a.hidden, a.topk, a.experts);
+    if gpus.len() > 1 {
+        println!(
+            "HT intranode on {} x {} ({sms} SMs each), {} ranks ({ranks_per_gpu} per GPU), {} SMs per rank ({channels} channels); {model}; ceiling: NVLink peer copy (same run); x torch: all_to_all_single over NCCL",
+            gpus.len(),
+            dev.name(),
+            a.ranks,
+            2 * channels,
+        );
+    } else {
+        println!(
+            "HT intranode on {} ({sms} SMs), {} ranks sharing it, {} SMs per rank ({channels} channels); {model}; D2D copy {:.0} GB/s (read+write)",
+            dev.name(),
+            a.ranks,
+            2 * channels,
+            rate / 1e9
+        );
+    }
+    let extra: Vec<String> =
+        [("--hidden", a.hidden), ("--topk", a.topk), ("--experts", a.experts), ("--iters", a.iters)]
+            .iter()
+            .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+            .collect();
+    let torch = baseline((gpus.len(), "ht"), a.ranks, &a.tokens, &extra);
     println!(
         "{:>8} {:>13} {:>10} {:>11} {:>12} {:>10} {:>7} {:>10} {:>8}",
         "tokens", "op", "time µs", "GB/s/rank", "recv MB/rank", "ceil µs", "%ceil", "torch µs", "x torch"
     );
+    let devices: Vec<Device> = (0..a.ranks).map(|r| gpus[r % gpus.len()].clone()).collect();
     for &tokens in &a.tokens {
-        let groups = Group::in_process(&vec![dev.clone(); a.ranks])?;
+        let groups = Group::in_process(&devices)?;
         let per_rank: Vec<Result<[f64; 4]>> = std::thread::scope(|s| {
             let hs: Vec<_> = groups.iter().map(|g| s.spawn(|| bench_rank(g, &a, tokens, channels))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
@@ -154,10 +169,14 @@ fn main() -> Result<()> {
         {
             let us = per_rank.iter().map(|v| v[i]).fold(0.0, f64::max);
             let recv_bytes = total_rows / a.ranks as f64 * *row_bytes as f64;
-            let ceil_us = 2.0 * total_rows * *row_bytes as f64 / rate * 1e6;
-            // torch's reference is bf16 only: compare fp8 dispatch with its bf16 dispatch.
-            let kind = op.split(' ').next().unwrap_or("");
-            let torch_us = torch.iter().find(|(t, o, _)| *t == tokens && o == kind).map(|v| v.2);
+            let ceil_us = if gpus.len() > 1 {
+                // Each GPU's bytes, an equal share from (dispatch) / to (combine) every GPU.
+                let per_peer = recv_bytes * ranks_per_gpu as f64 / gpus.len() as f64;
+                peer_copy_seconds(&gpus, per_peer as usize)? * 1e6
+            } else {
+                2.0 * total_rows * *row_bytes as f64 / rate * 1e6
+            };
+            let torch_us = torch_us(&torch, tokens, op);
             let (tu, ratio) = match torch_us {
                 Some(t) => (format!("{t:.1}"), format!("{:.2}x", t / us)),
                 None => ("-".into(), "-".into()),
@@ -168,7 +187,11 @@ fn main() -> Result<()> {
                 "{tokens:>8} {op:>13} {us:>10.1} {gbps:>11.1} {:>12.1} {ceil_us:>10.1} {pct:>6.1}% {tu:>10} {ratio:>8}",
                 recv_bytes / 1e6,
             );
-            csv_line(&format!("ht,{tokens},{op},{us:.2},{gbps:.2},{pct:.2},{}", torch_us.unwrap_or(f64::NAN)));
+            csv_line(&format!(
+                "ht,{tokens},{op},{us:.2},{gbps:.2},{pct:.2},{},{}",
+                torch_us.unwrap_or(f64::NAN),
+                gpus.len()
+            ));
         }
     }
     Ok(())

@@ -10,13 +10,19 @@
 //! back. Ceiling: a same-run D2D copy of all ranks' bytes of the op. `--torch SCRIPT` adds the
 //! same-run pure-torch reference; `--csv PATH` appends rows for plotting.
 //!
-//!     ll [--ranks 8] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--iters 50]
-//!        [--sweep] [--torch SCRIPT] [--csv PATH]
+//! `--gpus N` (issue 5): the ranks (default N) spread over N GPUs, rank r on GPU r % N, peer
+//! access over NVLink; the ceiling is then a same-run NVLink peer copy of each GPU's bytes,
+//! an equal share from every peer at once, and the baseline torch.distributed
+//! `all_to_all_single` over NCCL (`--nccl ep_nccl_reference.py`, found next to `--torch`).
+//!
+//!     ll [--gpus 1] [--ranks 8] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
+//!        [--iters 50] [--sweep] [--torch SCRIPT] [--nccl SCRIPT] [--csv PATH]
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
 use moe_ep::{Device, Event, Group, Result};
 use moe_ep_bench::{
-    Rng, arg, arg_str, copy_seconds, csv_line, flag, median, more_hardware_queues, torch_reference, upload,
+    Rng, arg, baseline, copy_seconds, csv_line, flag, gpu_devices, median, more_hardware_queues, peer_copy_seconds,
+    torch_us, upload,
 };
 
 /// Median µs of (dispatch bf16, combine, dispatch fp8) on one rank, and the rows it sent.
@@ -110,39 +116,32 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
 fn main() -> Result<()> {
     more_hardware_queues();
     let dev = Device::from_env()?;
-    let ranks = arg("--ranks", 8);
+    let gpus = gpu_devices(&dev)?;
+    let ranks = arg("--ranks", if gpus.len() > 1 { gpus.len() } else { 8 });
+    let ranks_per_gpu = ranks.div_ceil(gpus.len());
     let hidden = arg("--hidden", 7168);
     let (topk, experts) = (arg("--topk", 8), arg("--experts", 256));
     let iters = arg("--iters", 50);
     let tokens: Vec<usize> = if flag("--sweep") { vec![1, 8, 32, 64, 128, 256] } else { vec![arg("--tokens", 128)] };
-    let torch = match arg_str("--torch") {
-        Some(script) => {
-            let extra: Vec<String> = [
-                "--ranks".to_string(),
-                ranks.to_string(),
-                "--hidden".into(),
-                hidden.to_string(),
-                "--topk".into(),
-                topk.to_string(),
-                "--experts".into(),
-                experts.to_string(),
-            ]
-            .to_vec();
-            torch_reference(&script, &tokens, &extra)
-        }
-        None => Vec::new(),
+    let extra: Vec<String> = [("--hidden", hidden), ("--topk", topk), ("--experts", experts), ("--iters", iters)]
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+        .collect();
+    let torch = baseline((gpus.len(), "ll"), ranks, &tokens, &extra);
+    let placement = if gpus.len() > 1 {
+        format!("{} x {}, {ranks} ranks ({ranks_per_gpu} per GPU); copy: NVLink peer copy", gpus.len(), dev.name())
+    } else {
+        format!("{}, {ranks} ranks sharing it; copy: D2D", dev.name())
     };
-    println!(
-        "LL on {}, {ranks} ranks sharing it; hidden {hidden}, top-{topk} of {experts}; graph-replayed, {iters} iterations",
-        dev.name()
-    );
+    println!("LL on {placement}; hidden {hidden}, top-{topk} of {experts}; graph-replayed, {iters} iterations");
     println!(
         "{:>7} {:>13} {:>10} {:>10} {:>10} {:>7} {:>10} {:>8}",
         "tokens", "op", "time µs", "GB/s/rank", "copy µs", "%copy", "torch µs", "x torch"
     );
+    let devices: Vec<Device> = (0..ranks).map(|r| gpus[r % gpus.len()].clone()).collect();
     for &t in &tokens {
         let max_tokens = t.max(1);
-        let groups = Group::in_process(&vec![dev.clone(); ranks])?;
+        let groups = Group::in_process(&devices)?;
         let per_rank: Vec<Result<[f64; 4]>> = std::thread::scope(|s| {
             let hs: Vec<_> = groups.iter().map(|g| s.spawn(move || bench_rank(g, t, max_tokens, iters))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
@@ -157,17 +156,25 @@ fn main() -> Result<()> {
         ] {
             let us = per_rank.iter().map(|v| v[i]).sum::<f64>() / ranks as f64;
             let bytes = rows * row_bytes as f64;
-            let copy_us = copy_seconds(&dev, bytes as usize)? * 1e6;
+            let copy_us = if gpus.len() > 1 {
+                let per_peer = bytes / ranks as f64 * ranks_per_gpu as f64 / gpus.len() as f64;
+                peer_copy_seconds(&gpus, per_peer as usize)? * 1e6
+            } else {
+                copy_seconds(&dev, bytes as usize)? * 1e6
+            };
             let gbps = bytes / ranks as f64 / us / 1e3;
             let pct = 100.0 * copy_us / us;
-            let kind = op.split(' ').next().unwrap_or("");
-            let torch_us = torch.iter().find(|(tt, o, _)| *tt == t && o == kind).map(|v| v.2);
+            let torch_us = torch_us(&torch, t, op);
             let (tu, ratio) = match torch_us {
                 Some(x) => (format!("{x:.1}"), format!("{:.2}x", x / us)),
                 None => ("-".into(), "-".into()),
             };
             println!("{t:>7} {op:>13} {us:>10.1} {gbps:>10.1} {copy_us:>10.1} {pct:>6.1}% {tu:>10} {ratio:>8}");
-            csv_line(&format!("ll,{t},{op},{us:.2},{gbps:.2},{pct:.2},{}", torch_us.unwrap_or(f64::NAN)));
+            csv_line(&format!(
+                "ll,{t},{op},{us:.2},{gbps:.2},{pct:.2},{},{}",
+                torch_us.unwrap_or(f64::NAN),
+                gpus.len()
+            ));
         }
     }
     Ok(())

@@ -1,0 +1,412 @@
+//! HT intranode checks, one rank's side: the in-process tests (`tests/intranode.rs`, ranks
+//! as threads) and the multi-process ones (`tests/multiprocess_ep.rs`, one rank per
+//! process) call the same functions. Inputs are drawn from one seeded [`Rng`], so every
+//! process regenerates every rank's data and the CPU reference's outputs for it.
+use crate::{Rng, upload};
+use moe_ep::Group;
+use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
+use moe_ep::layout::{IndexType, get_dispatch_layout};
+use moe_ep::reference::{self, HtCombined, HtDispatch, Routing, f32_to_bf16};
+use std::hash::{Hash, Hasher};
+
+/// One HT test configuration.
+#[derive(Clone, Copy)]
+pub struct Case {
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub num_topk: usize,
+    pub max_tokens: usize,
+    pub num_worst_tokens: Option<usize>,
+    pub with_bias: bool,
+    pub calls: usize,
+    /// Ring slots (0 = the default); small values force wrap-around and waiting senders.
+    pub num_slots: usize,
+    /// Warps per peer in a block (0 = the default).
+    pub warps_per_peer: usize,
+    pub routing: Routes,
+}
+
+/// How tokens are routed.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Routes {
+    /// Distinct random experts per token, about one entry in 8 dropped (-1).
+    Random,
+    /// Every token to expert 0 only (one rank receives everything).
+    AllToExpertZero,
+    /// Random, but never an expert of the last rank (it receives nothing).
+    SkipLastRank,
+}
+
+impl Case {
+    /// Random routing, bias, 3 calls, default rings.
+    pub fn new(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize) -> Case {
+        Case {
+            num_experts,
+            hidden,
+            num_topk,
+            max_tokens,
+            num_worst_tokens: None,
+            with_bias: true,
+            calls: 3,
+            num_slots: 0,
+            warps_per_peer: 0,
+            routing: Routes::Random,
+        }
+    }
+
+    fn config(&self, num_scales: usize) -> HtConfig {
+        HtConfig {
+            num_experts: self.num_experts,
+            hidden: self.hidden,
+            num_topk: self.num_topk,
+            num_scales,
+            num_channels: 0,
+            warps_per_peer: self.warps_per_peer,
+            num_slots: self.num_slots,
+        }
+    }
+}
+
+/// Random bf16 bits of moderate values (no NaN/inf), so sums stay finite.
+pub fn bf16_row(rng: &mut Rng, n: usize) -> Vec<u16> {
+    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 8.0)).collect()
+}
+
+/// Per rank `[T_r, K]` top-k ids for `call` (uneven counts; rank 1 empty on even calls).
+pub fn routing(rng: &mut Rng, num_ranks: usize, case: &Case, call: usize) -> Vec<Vec<i64>> {
+    (0..num_ranks)
+        .map(|r| {
+            let t = if r == 1 && call.is_multiple_of(2) { 0 } else { 1 + rng.below(case.max_tokens as u64) as usize };
+            let usable = match case.routing {
+                Routes::SkipLastRank => case.num_experts - case.num_experts / num_ranks,
+                _ => case.num_experts,
+            };
+            let mut idx = Vec::new();
+            for _ in 0..t {
+                let mut row: Vec<i64> = Vec::new();
+                if case.routing == Routes::AllToExpertZero {
+                    row.push(0);
+                    row.resize(case.num_topk, -1);
+                }
+                while row.len() < case.num_topk {
+                    let e = rng.below(usable as u64) as i64;
+                    if !row.contains(&e) {
+                        row.push(e);
+                    }
+                }
+                if case.routing != Routes::AllToExpertZero {
+                    for e in row.iter_mut() {
+                        if rng.below(8) == 0 {
+                            *e = -1;
+                        }
+                    }
+                }
+                idx.extend(row);
+            }
+            idx
+        })
+        .collect()
+}
+
+/// One call's inputs for every rank and the reference's outputs.
+pub struct Call {
+    pub idx: Vec<Vec<i64>>,
+    pub tokens: Vec<usize>,
+    pub x: Vec<Vec<u16>>,
+    pub w: Vec<Vec<f32>>,
+    pub want: HtDispatch<u16>,
+    /// Expert outputs to combine, per rank.
+    pub y: Vec<Vec<u16>>,
+    pub bias: [Vec<Vec<u16>>; 2],
+    pub combined: Vec<HtCombined>,
+}
+
+/// Every call's inputs and reference outputs for `n` ranks.
+pub fn prepare(case: &Case, n: usize, rng: &mut Rng) -> Vec<Call> {
+    let (h, k, e) = (case.hidden, case.num_topk, case.num_experts);
+    (0..case.calls)
+        .map(|call| {
+            let idx = routing(rng, n, case, call);
+            let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+            let w: Vec<Vec<f32>> =
+                tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
+            let r = Routing::new(n, e, k, idx.clone()).unwrap();
+            let want = reference::ht_dispatch(&r, &x, &w, h, 1, case.num_worst_tokens).unwrap();
+            // Expert outputs: fresh bf16 rows per received row, plus bias per source token.
+            let rows: Vec<usize> = want.ranks.iter().map(|rv| rv.recv_src_idx.len()).collect();
+            let y: Vec<Vec<u16>> = rows.iter().map(|&m| bf16_row(rng, m * h)).collect();
+            let b0: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+            let b1: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+            let bias = if case.with_bias { [Some(&b0[..]), Some(&b1[..])] } else { [None, None] };
+            let weights: Vec<Vec<f32>> = want.ranks.iter().map(|rv| rv.recv_topk_weights.clone()).collect();
+            let combined = reference::ht_combine(&want.handle, &y, Some(&weights), bias, h).unwrap();
+            Call { idx, tokens, x, w, want, y, bias: [b0, b1], combined }
+        })
+        .collect()
+}
+
+/// One rank's side of every call: dispatch, combine (weights, bias) and cached dispatch,
+/// each output bit for bit against the reference.
+pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
+    let (rank, h, k, e) = (group.rank(), case.hidden, case.num_topk, case.num_experts);
+    let mut buf = HtBuffer::new(group, case.config(0)).unwrap();
+    let s = group.stream();
+    for (call, c) in calls.iter().enumerate() {
+        let t = c.tokens[rank];
+        let topk = upload(group, &c.idx[rank]);
+        let weights = upload(group, &c.w[rank]);
+        let xb = upload(group, &c.x[rank]);
+        let layout = get_dispatch_layout(group, &topk, IndexType::I64, t, k, e).unwrap();
+        let args = HtDispatchArgs {
+            x: &xb,
+            hidden_bytes: 2 * h,
+            num_tokens: t,
+            x_scales: None,
+            topk: Some((&topk, IndexType::I64, &weights, k)),
+            layout: &layout,
+            expert_alignment: 1,
+            num_worst_tokens: case.num_worst_tokens,
+        };
+        // Ranks may share one GPU: uploads from pageable memory may wait for the device, so
+        // no rank starts the collective while another is still uploading.
+        group.bootstrap().barrier().unwrap();
+        let started = std::time::Instant::now();
+        let out = buf.dispatch(group, &args).unwrap();
+        let host_call = started.elapsed(); // a long one: the host was stalled in the driver
+        s.synchronize().unwrap();
+        group
+            .take_device_error("ht_dispatch")
+            .unwrap_or_else(|e| panic!("rank {rank} call {call}: {e:?} (dispatch() returned after {host_call:?})"));
+        let rv = &c.want.ranks[rank];
+        let got_n = rv.num_recv_tokens;
+        let ctx = format!("rank {rank} call {call}");
+        if case.num_worst_tokens.is_none() {
+            assert_eq!(out.num_recv_tokens, Some(got_n), "{ctx}");
+            assert_eq!(out.num_recv_tokens_per_expert_list.as_ref(), Some(&rv.num_recv_tokens_per_expert), "{ctx}");
+        }
+        assert_eq!(out.num_recv_tokens_per_expert.to_vec::<i32>(s).unwrap(), rv.num_recv_tokens_per_expert, "{ctx}");
+        let rows = out.handle.num_rows;
+        assert_eq!(rows, rv.recv_src_idx.len(), "{ctx}");
+        let recv_x: Vec<u16> = out.recv_x.to_vec(s).unwrap();
+        assert!(recv_x[..got_n * h] == rv.recv_x[..got_n * h], "{ctx}: recv_x");
+        assert_eq!(&out.recv_src_idx.to_vec::<i32>(s).unwrap()[..rows], &rv.recv_src_idx[..], "{ctx}: recv_src_idx");
+        assert_eq!(
+            &out.recv_topk_idx.to_vec::<i64>(s).unwrap()[..rows * k],
+            &rv.recv_topk_idx[..],
+            "{ctx}: recv_topk_idx"
+        );
+        let got_w: Vec<f32> = out.recv_topk_weights.to_vec(s).unwrap();
+        assert!(
+            got_w[..rows * k].iter().zip(&rv.recv_topk_weights).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{ctx}: weights"
+        );
+        let rpm: Vec<i32> = out.handle.rank_prefix_matrix.to_vec(s).unwrap();
+        assert_eq!(rpm, c.want.handle.rank_prefix_matrix(), "{ctx}: rank_prefix_matrix");
+
+        // Combine the fresh expert outputs back (with the received weights, and bias).
+        let yb = upload(group, &c.y[rank]);
+        let (bb0, bb1) = (upload(group, &c.bias[0][rank]), upload(group, &c.bias[1][rank]));
+        let bias = if case.with_bias { [Some(&bb0), Some(&bb1)] } else { [None, None] };
+        group.bootstrap().barrier().unwrap();
+        let comb = buf.combine(group, &out.handle, &yb, h, Some((&out.recv_topk_weights, k)), bias).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ht_combine").unwrap();
+        let cx: Vec<u16> = comb.combined_x.to_vec(s).unwrap();
+        assert!(cx[..t * h] == c.combined[rank].combined_x[..], "{ctx}: combined_x");
+        let cw: Vec<f32> = comb.combined_topk_weights.unwrap().to_vec(s).unwrap();
+        let want_w = c.combined[rank].combined_topk_weights.as_ref().unwrap();
+        assert!(cw[..t * k].iter().zip(want_w).all(|(a, b)| a.to_bits() == b.to_bits()), "{ctx}: combined weights");
+
+        // Cached dispatch with the same handle (the backward of a combine): same rows.
+        group.bootstrap().barrier().unwrap();
+        let (again, _) = buf.dispatch_cached(group, &out.handle, &xb, 2 * h, None).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ht_dispatch (cached)").unwrap();
+        let again: Vec<u16> = again.to_vec(s).unwrap();
+        assert!(again[..got_n * h] == rv.recv_x[..got_n * h], "{ctx}: cached dispatch recv_x");
+    }
+    // Nobody frees its buffer (mapped by peers) while a peer may still read it.
+    group.bootstrap().barrier().unwrap();
+}
+
+/// fp8 dispatch inputs: `hidden` bytes per token plus `hidden / 128` f32 scales.
+pub struct Fp8 {
+    pub case: Case,
+    pub idx: Vec<Vec<i64>>,
+    pub tokens: Vec<usize>,
+    pub x: Vec<Vec<u8>>,
+    pub scales: Vec<Vec<f32>>,
+    pub w: Vec<Vec<f32>>,
+    pub want: HtDispatch<u8>,
+    /// Per-expert counts with `expert_alignment = 4`, per rank.
+    pub aligned_counts: Vec<Vec<i32>>,
+}
+
+/// fp8 payloads (hidden 256, top-4 of 16), for `n` ranks.
+pub fn prepare_fp8(n: usize, max_tokens: usize, rng: &mut Rng) -> Fp8 {
+    let case = Case::new(16, 256, 4, max_tokens);
+    let (h, k, e) = (case.hidden, case.num_topk, case.num_experts);
+    let idx = routing(rng, n, &case, 1);
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let x: Vec<Vec<u8>> = tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
+    let scales: Vec<Vec<f32>> =
+        tokens.iter().map(|&t| (0..t * (h / 128)).map(|_| rng.next_u32() as f32).collect()).collect();
+    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| vec![0.5; t * k]).collect();
+    let r = Routing::new(n, e, k, idx.clone()).unwrap();
+    let want = reference::ht_dispatch(&r, &x, &w, h, 1, None).unwrap();
+    let aligned = reference::ht_dispatch(&r, &x, &w, h, 4, None).unwrap();
+    let aligned_counts = aligned.ranks.iter().map(|rv| rv.num_recv_tokens_per_expert.clone()).collect();
+    Fp8 { case, idx, tokens, x, scales, w, want, aligned_counts }
+}
+
+/// One rank's fp8 dispatch: payload bytes, scales (moved untouched) and aligned counts.
+pub fn check_fp8_rank(d: &Fp8, group: &Group) {
+    let (rank, h, k, e) = (group.rank(), d.case.hidden, d.case.num_topk, d.case.num_experts);
+    let num_scales = h / 128;
+    let mut buf = HtBuffer::new(group, d.case.config(num_scales)).unwrap();
+    let s = group.stream();
+    let t = d.tokens[rank];
+    let (topk, weights) = (upload(group, &d.idx[rank]), upload(group, &d.w[rank]));
+    let (xb, sb) = (upload(group, &d.x[rank]), upload(group, &d.scales[rank]));
+    let layout = get_dispatch_layout(group, &topk, IndexType::I64, t, k, e).unwrap();
+    let args = HtDispatchArgs {
+        x: &xb,
+        hidden_bytes: h,
+        num_tokens: t,
+        x_scales: Some((&sb, num_scales)),
+        topk: Some((&topk, IndexType::I64, &weights, k)),
+        layout: &layout,
+        expert_alignment: 4,
+        num_worst_tokens: None,
+    };
+    group.bootstrap().barrier().unwrap();
+    let out = buf.dispatch(group, &args).unwrap();
+    s.synchronize().unwrap();
+    group.take_device_error("ht_dispatch").unwrap();
+    let rv = &d.want.ranks[rank];
+    let m = rv.num_recv_tokens;
+    assert_eq!(out.num_recv_tokens, Some(m));
+    let got: Vec<u8> = out.recv_x.to_vec(s).unwrap();
+    assert!(got[..m * h] == rv.recv_x[..], "rank {rank}: fp8 payload");
+    // expert_alignment = 4 rounds the per-expert counts up.
+    let counts = out.num_recv_tokens_per_expert_list.clone().unwrap();
+    assert_eq!(counts, d.aligned_counts[rank]);
+    assert!(counts.iter().all(|c| c % 4 == 0));
+    let got_scales: Vec<f32> = out.recv_x_scales.to_vec(s).unwrap();
+    for (row, src) in d.want.handle.recv_sources(rank).iter().enumerate() {
+        let from = &d.scales[src.rank][src.token * num_scales..(src.token + 1) * num_scales];
+        assert_eq!(&got_scales[row * num_scales..(row + 1) * num_scales], from, "rank {rank} row {row}");
+    }
+    group.bootstrap().barrier().unwrap();
+}
+
+/// DeepEP's pressure check: dispatch + combine of the same inputs `reruns` times.
+pub struct Reruns {
+    pub case: Case,
+    pub idx: Vec<Vec<i64>>,
+    pub tokens: Vec<usize>,
+    pub x: Vec<Vec<u16>>,
+    pub w: Vec<Vec<f32>>,
+    /// Per rank, the hash of the reference's outputs (what every rerun must hash to).
+    pub want_hash: Vec<u64>,
+}
+
+/// Hash of one rank's dispatch + combine outputs (valid rows only).
+pub struct Outputs<'a> {
+    pub recv_x: &'a [u16],
+    pub recv_topk_idx: &'a [i64],
+    pub recv_topk_weights: &'a [f32],
+    pub recv_src_idx: &'a [i32],
+    pub combined_x: &'a [u16],
+    pub combined_topk_weights: &'a [f32],
+}
+
+impl Outputs<'_> {
+    /// A hash that is the same in every process of one build (`DefaultHasher::new()` has
+    /// fixed keys), so a child's hash can be compared with its parent's.
+    pub fn hash(&self) -> u64 {
+        let mut hs = std::collections::hash_map::DefaultHasher::new();
+        self.recv_x.hash(&mut hs);
+        self.recv_topk_idx.hash(&mut hs);
+        self.recv_topk_weights.iter().map(|w| w.to_bits()).for_each(|b| b.hash(&mut hs));
+        self.recv_src_idx.hash(&mut hs);
+        self.combined_x.hash(&mut hs);
+        self.combined_topk_weights.iter().map(|w| w.to_bits()).for_each(|b| b.hash(&mut hs));
+        hs.finish()
+    }
+}
+
+/// Rerun inputs (hidden 64, top-4 of 16) for `n` ranks, and the reference's hashes.
+pub fn prepare_reruns(n: usize, max_tokens: usize, rng: &mut Rng) -> Reruns {
+    let case = Case::new(16, 64, 4, max_tokens);
+    let (h, k, e) = (case.hidden, case.num_topk, case.num_experts);
+    let idx = routing(rng, n, &case, 1);
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 1e9).collect()).collect();
+    let r = Routing::new(n, e, k, idx.clone()).unwrap();
+    let d = reference::ht_dispatch(&r, &x, &w, h, 1, None).unwrap();
+    // The op combines what it received, with the received weights and no bias.
+    let y: Vec<Vec<u16>> = d.ranks.iter().map(|rv| rv.recv_x.clone()).collect();
+    let rw: Vec<Vec<f32>> = d.ranks.iter().map(|rv| rv.recv_topk_weights.clone()).collect();
+    let c = reference::ht_combine(&d.handle, &y, Some(&rw), [None, None], h).unwrap();
+    let want_hash = (0..n)
+        .map(|r| {
+            Outputs {
+                recv_x: &d.ranks[r].recv_x,
+                recv_topk_idx: &d.ranks[r].recv_topk_idx,
+                recv_topk_weights: &d.ranks[r].recv_topk_weights,
+                recv_src_idx: &d.ranks[r].recv_src_idx,
+                combined_x: &c[r].combined_x,
+                combined_topk_weights: c[r].combined_topk_weights.as_deref().unwrap_or(&[]),
+            }
+            .hash()
+        })
+        .collect();
+    Reruns { case, idx, tokens, x, w, want_hash }
+}
+
+/// One rank's side of `reruns` dispatch + combine calls; asserts every rerun hashes to the
+/// reference's hash and returns that hash (the multi-process harness compares it again).
+pub fn check_reruns_rank(d: &Reruns, reruns: usize, group: &Group) -> u64 {
+    let (rank, h, k, e) = (group.rank(), d.case.hidden, d.case.num_topk, d.case.num_experts);
+    let mut buf = HtBuffer::new(group, d.case.config(0)).unwrap();
+    let s = group.stream();
+    let t = d.tokens[rank];
+    let (topk, weights, xb) = (upload(group, &d.idx[rank]), upload(group, &d.w[rank]), upload(group, &d.x[rank]));
+    let layout = get_dispatch_layout(group, &topk, IndexType::I64, t, k, e).unwrap();
+    let mut last = None;
+    for rerun in 0..reruns {
+        let args = HtDispatchArgs {
+            x: &xb,
+            hidden_bytes: 2 * h,
+            num_tokens: t,
+            x_scales: None,
+            topk: Some((&topk, IndexType::I64, &weights, k)),
+            layout: &layout,
+            expert_alignment: 1,
+            num_worst_tokens: None,
+        };
+        group.bootstrap().barrier().unwrap();
+        let out = buf.dispatch(group, &args).unwrap();
+        let c =
+            buf.combine(group, &out.handle, &out.recv_x, h, Some((&out.recv_topk_weights, k)), [None, None]).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ht dispatch+combine").unwrap();
+        let rows = out.handle.num_rows;
+        let hash = Outputs {
+            recv_x: &out.recv_x.to_vec::<u16>(s).unwrap()[..rows * h],
+            recv_topk_idx: &out.recv_topk_idx.to_vec::<i64>(s).unwrap()[..rows * k],
+            recv_topk_weights: &out.recv_topk_weights.to_vec::<f32>(s).unwrap()[..rows * k],
+            recv_src_idx: &out.recv_src_idx.to_vec::<i32>(s).unwrap()[..rows],
+            combined_x: &c.combined_x.to_vec::<u16>(s).unwrap()[..t * h],
+            combined_topk_weights: &c.combined_topk_weights.unwrap().to_vec::<f32>(s).unwrap()[..t * k],
+        }
+        .hash();
+        assert_eq!(hash, d.want_hash[rank], "rank {rank}: rerun {rerun} hashes differently from the reference");
+        last = Some(hash);
+    }
+    group.bootstrap().barrier().unwrap();
+    last.expect("at least one rerun")
+}

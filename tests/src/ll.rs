@@ -1,0 +1,236 @@
+//! LL checks, one rank's side, shared by the in-process tests (`tests/low_latency.rs`) and
+//! the multi-process ones (`tests/multiprocess_ep.rs`); inputs come from one seeded [`Rng`]
+//! so every process regenerates every rank's data and the reference's outputs.
+use crate::{Rng, upload};
+use moe_ep::Group;
+use moe_ep::layout::IndexType;
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
+use moe_ep::reference::{self, LlDispatch, Routing, f32_to_bf16};
+
+/// Random bf16 bits of moderate values.
+pub fn bf16_rows(rng: &mut Rng, n: usize) -> Vec<u16> {
+    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 4.0)).collect()
+}
+
+/// Per rank, `[T_r, K]` distinct random experts per token (T_r in 1..=max_tokens, or 0 where
+/// `empty(rank)`), each entry dropped (-1) with probability `1 / drop_one_in` (0: never).
+pub fn random_routing(
+    rng: &mut Rng,
+    n: usize,
+    (num_experts, num_topk, max_tokens): (usize, usize, usize),
+    drop_one_in: u64,
+    empty: impl Fn(usize) -> bool,
+) -> Vec<Vec<i64>> {
+    (0..n)
+        .map(|r| {
+            let t = if empty(r) { 0 } else { 1 + rng.below(max_tokens as u64) as usize };
+            let mut v = Vec::new();
+            for _ in 0..t {
+                let mut row: Vec<i64> = Vec::new();
+                while row.len() < num_topk {
+                    let e = rng.below(num_experts as u64) as i64;
+                    if !row.contains(&e) {
+                        row.push(e);
+                    }
+                }
+                if drop_one_in > 0 {
+                    row.iter_mut().for_each(|e| {
+                        if rng.below(drop_one_in) == 0 {
+                            *e = -1
+                        }
+                    });
+                }
+                v.extend(row);
+            }
+            v
+        })
+        .collect()
+}
+
+/// One LL test configuration: expert-major dispatch + weighted combine, `calls` times.
+#[derive(Clone, Copy)]
+pub struct Case {
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub num_topk: usize,
+    pub max_tokens: usize,
+    pub calls: usize,
+    /// Every other call split into send + later receive (`send_only` and the hooks).
+    pub hooks: bool,
+}
+
+/// One call's inputs for every rank and the reference's outputs.
+pub struct Call {
+    pub idx: Vec<Vec<i64>>,
+    pub tokens: Vec<usize>,
+    pub x: Vec<Vec<u16>>,
+    pub w: Vec<Vec<f32>>,
+    pub want: LlDispatch<u16>,
+    /// Expert outputs `[L, R·max_tokens, H]` per rank.
+    pub y: Vec<Vec<u16>>,
+    pub combined: Vec<Vec<u16>>,
+}
+
+/// Every call's inputs and reference outputs for `n` ranks.
+pub fn prepare(case: &Case, n: usize, rng: &mut Rng) -> Vec<Call> {
+    let (e, h, k, m) = (case.num_experts, case.hidden, case.num_topk, case.max_tokens);
+    let l = e / n;
+    (0..case.calls)
+        .map(|call| {
+            let idx = random_routing(rng, n, (e, k, m), 6, |r| (r + call) % 3 == 2);
+            let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(rng, t * h)).collect();
+            let w: Vec<Vec<f32>> =
+                tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
+            let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+            let want = reference::ll_dispatch(&routing, &x, h, m).unwrap();
+            let y: Vec<Vec<u16>> = (0..n).map(|_| bf16_rows(rng, l * n * m * h)).collect();
+            let combined = reference::ll_combine(&want.handle, &y, &w, h).unwrap();
+            Call { idx, tokens, x, w, want, y, combined }
+        })
+        .collect()
+}
+
+/// One rank's side of every call: counts, layout ranges, source info and rows of every
+/// local expert, and the combined tokens, bit for bit against the reference.
+pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
+    let (rank, n) = (group.rank(), group.num_ranks());
+    let (hidden, num_topk, max_tokens) = (case.hidden, case.num_topk, case.max_tokens);
+    let cfg = LlConfig { num_experts: case.num_experts, hidden, max_tokens };
+    let mut buf = LlBuffer::new(group, cfg).unwrap();
+    let s = group.stream();
+    for (call, c) in calls.iter().enumerate() {
+        let ctx = format!("rank {rank} call {call}");
+        let t = c.tokens[rank];
+        let (topk, weights, xb, yb) = (
+            upload(group, &c.idx[rank]),
+            upload(group, &c.w[rank]),
+            upload(group, &c.x[rank]),
+            upload(group, &c.y[rank]),
+        );
+        group.bootstrap().barrier().unwrap();
+        let send_only = case.hooks && call % 2 == 0;
+        let opts = LlDispatchOptions { send_only, ..Default::default() };
+        let mut out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, num_topk, opts).unwrap();
+        assert_eq!(out.recv_hook.is_some(), send_only);
+        out.complete(group, &buf).unwrap();
+        let mut comb =
+            buf.combine(group, &out.handle, &yb, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
+        comb.complete(group, &buf).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ll dispatch+combine").unwrap();
+        let rv = &c.want.ranks[rank];
+        let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
+        assert_eq!(counts, rv.packed_recv_count, "{ctx}: counts");
+        let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
+        assert_eq!(ranges, rv.packed_recv_layout_range, "{ctx}: layout ranges");
+        let got_x: Vec<u16> = out.packed_recv_x.to_vec(s).unwrap();
+        let got_src: Vec<i32> = out.handle.packed_recv_src_info.to_vec(s).unwrap();
+        let slots = n * max_tokens;
+        for (e, &cnt) in counts.iter().enumerate() {
+            let rows = e * slots..e * slots + cnt as usize;
+            assert_eq!(&got_src[rows.clone()], &rv.packed_recv_src_info[rows.clone()], "{ctx}: src info of expert {e}");
+            assert!(
+                got_x[rows.start * hidden..rows.end * hidden]
+                    == rv.packed_recv_x[rows.start * hidden..rows.end * hidden],
+                "{ctx}: rows of expert {e}"
+            );
+        }
+        let got: Vec<u16> = comb.combined_x.to_vec(s).unwrap();
+        assert!(got[..t * hidden] == c.combined[rank][..], "{ctx}: combined_x");
+    }
+    group.bootstrap().barrier().unwrap();
+}
+
+/// Token values per rank and the combined tokens they give per rank (bf16 bits).
+pub type Variant = (Vec<Vec<u16>>, Vec<Vec<u16>>);
+
+/// Graph-replay inputs: one routing, three sets of token values, identity experts.
+pub struct Graph {
+    pub case: Case,
+    pub idx: Vec<Vec<i64>>,
+    pub tokens: Vec<usize>,
+    pub w: Vec<Vec<f32>>,
+    /// (x per rank, combined_x per rank), bf16 bits.
+    pub variants: Vec<Variant>,
+}
+
+/// Graph-replay data (16 experts, hidden 64, top-4) for `n` ranks.
+pub fn prepare_graph(n: usize, max_tokens: usize, rng: &mut Rng) -> Graph {
+    let case = Case { num_experts: 16, hidden: 64, num_topk: 4, max_tokens, calls: 1, hooks: false };
+    let (e, h, k, m) = (case.num_experts, case.hidden, case.num_topk, max_tokens);
+    let idx = random_routing(rng, n, (e, k, m), 0, |_| false);
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let w: Vec<Vec<f32>> =
+        tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
+    let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+    let variants = (0..3)
+        .map(|_| {
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(rng, t * h)).collect();
+            let d = reference::ll_dispatch(&routing, &x, h, m).unwrap();
+            let y: Vec<Vec<u16>> = d.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
+            (x, reference::ll_combine(&d.handle, &y, &w, h).unwrap())
+        })
+        .collect();
+    Graph { case, idx, tokens, w, variants }
+}
+
+/// Dispatch + combine captured once (a CUDA graph on a GPU, recorded launches on the CPU)
+/// and replayed `replays` times with new token values in the same buffers; returns the
+/// hash of the last replay's combined tokens (identical in every process of one build).
+pub fn check_graph_rank(d: &Graph, replays: usize, group: &Group) -> u64 {
+    let rank = group.rank();
+    let (e, h, k, m) = (d.case.num_experts, d.case.hidden, d.case.num_topk, d.case.max_tokens);
+    let mut buf = LlBuffer::new(group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
+    let s = group.stream();
+    let t = d.tokens[rank];
+    let (topk, weights, xb) =
+        (upload(group, &d.idx[rank]), upload(group, &d.w[rank]), upload(group, &d.variants[0].0[rank]));
+    group.bootstrap().barrier().unwrap();
+    // A first, ordinary call creates the buffers the captured calls reuse.
+    let out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
+    let c = buf.combine(group, &out.handle, &out.packed_recv_x, t, &topk, IndexType::I64, &weights, k, false).unwrap();
+    s.synchronize().unwrap();
+    group.take_device_error("ll").unwrap();
+    s.begin_capture().unwrap();
+    buf.dispatch_into(group, &out, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
+    buf.combine_into(
+        group,
+        &out.handle,
+        &out.packed_recv_x,
+        &c.combined_x,
+        t,
+        &topk,
+        IndexType::I64,
+        &weights,
+        k,
+        false,
+    )
+    .unwrap();
+    let graph = s.end_capture().unwrap();
+    // Instantiation can wait for kernels running on a shared GPU: all ranks first, then replay.
+    group.bootstrap().barrier().unwrap();
+    let mut last = 0;
+    for replay in 0..replays {
+        let (x, want) = &d.variants[replay % 3];
+        xb.write(s, 0, &x[rank]).unwrap();
+        c.combined_x.fill(s, 0xEE).unwrap(); // poison
+        group.bootstrap().barrier().unwrap();
+        graph.launch(s).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ll graph").unwrap();
+        let got: Vec<u16> = c.combined_x.to_vec(s).unwrap();
+        assert!(got[..t * h] == want[rank][..], "rank {rank} replay {replay}: combined_x");
+        last = hash_u16(&got[..t * h]);
+    }
+    group.bootstrap().barrier().unwrap();
+    last
+}
+
+/// `DefaultHasher::new()` has fixed keys: the same value in every process of one build.
+pub fn hash_u16(v: &[u16]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hs = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut hs);
+    hs.finish()
+}
