@@ -35,6 +35,10 @@ export PYTHONPATH="$site:$PWD/python/tests"
 # Fail fast and say why: device-side waits and the bootstrap give up well inside the
 # script's limit, and pytest prints short tracebacks (with a per-test limit when it can).
 export MOE_EP_TIMEOUT_S=${MOE_EP_TIMEOUT_S:-20} MOE_EP_BOOTSTRAP_TIMEOUT_S=${MOE_EP_BOOTSTRAP_TIMEOUT_S:-60}
+# Ranks share one GPU here: a kernel torch launches for the first time is loaded then (CUDA's
+# lazy loading), and that load waits for the kernels running on the GPU — peers' collectives,
+# which wait for this rank. moe-ep loads its own kernels up front; torch's must be too.
+export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 per_test=()
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout=240); fi
 
