@@ -580,21 +580,34 @@ kernel! {
                         ranks |= 1u64 << ((e as u32 / num_local) & 63);
                     }
                 }
-                for dst in 0..p.num_ranks {
-                    if (ranks >> dst) & 1 == 0 {
-                        continue;
+                // 32 destinations at a time, lane d owning destination d0 + d: the row is read
+                // once and stored to each of them.
+                let (id, weight) = if lane < k_count {
+                    (expert_of(&p, t, lane) as i32, *(p.topk_weights as *const f32).add((t * k_count + lane) as usize))
+                } else {
+                    (-1, 0.0)
+                };
+                let mut d0 = 0;
+                while d0 < p.num_ranks {
+                    let dst = d0 + lane;
+                    let goes = dst < p.num_ranks && (ranks >> (dst & 63)) & 1 != 0;
+                    let slot = if goes { base_of(&p, dst, &l) + l.rank_major_slot(me as u64, t as u64) } else { 0 };
+                    let lanes = dev::ballot(goes);
+                    copy_warp_to_many(slot, lanes, p.x + t as u64 * p.row_bytes, p.row_bytes);
+                    let mut m = lanes;
+                    while m != 0 {
+                        let to = shfl_idx_u64(slot, m.trailing_zeros());
+                        m &= m - 1;
+                        if lane < k_count {
+                            *((to + meta) as *mut i32).add(lane as usize) = id;
+                            *((to + meta + 4 * LL_MAX_TOPK as u64) as *mut f32).add(lane as usize) = weight;
+                        }
                     }
-                    let slot = base_of(&p, dst, &l) + l.rank_major_slot(me as u64, t as u64);
-                    copy_warp(slot, p.x + t as u64 * p.row_bytes, p.row_bytes, true);
-                    if lane < k_count {
-                        *((slot + meta) as *mut i32).add(lane as usize) = expert_of(&p, t, lane) as i32;
-                        *((slot + meta + 4 * LL_MAX_TOPK as u64) as *mut f32).add(lane as usize) =
-                            *(p.topk_weights as *const f32).add((t * k_count + lane) as usize);
-                    }
-                    if lane == 0 {
+                    if goes {
                         *((slot + p.row_bytes) as *mut u32) = epoch32;
                         *((slot + p.row_bytes + 4) as *mut u32) = t;
                     }
+                    d0 += WARP_SIZE;
                 }
                 t += warps;
             }
