@@ -377,6 +377,9 @@ unsafe fn wait_flag_warp(p: &LlParams, flag: *const u64, peer: u32, site: u32) -
     }
     let ok = dev::shfl_idx_u32(ok, 0);
     let num_tokens = dev::shfl_idx_u32(seen as u32, 0);
+    // A shuffle orders no memory: the warp barrier makes lane 0's acquire cover the other
+    // lanes' reads of the source's slots.
+    dev::sync_warp(0xffff_ffff);
     if ok == 1 { Some(num_tokens) } else { None }
 }
 
