@@ -291,6 +291,9 @@ impl Sender {
             let ok = dev::shfl_idx_u32(ok, 0);
             let lo = dev::shfl_idx_u32(head as u32, 0);
             let hi = dev::shfl_idx_u32((head >> 32) as u32, 0);
+            // Lane 0's acquire of `head` must cover every lane's stores into the freed slots
+            // (a shuffle orders no memory; the warp barrier does).
+            dev::sync_warp(0xffff_ffff);
             if ok != 1 {
                 return None;
             }
