@@ -231,3 +231,16 @@ pub fn csv_line(line: &str) {
         }
     }
 }
+
+/// Declare right after a rank's shared buffer: when it goes (before the buffer, declared
+/// earlier), the rank waits for its own stream and then for every peer, so no buffer that
+/// peers map is freed while their kernels may still touch it — also when a rank returns
+/// early with an error, whose message would otherwise be lost to a crash.
+pub struct Teardown<'a>(pub &'a moe_ep::Group);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.stream().synchronize();
+        let _ = self.0.bootstrap().barrier();
+    }
+}

@@ -25,8 +25,8 @@ use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep::{Device, Group, Result};
 use moe_ep_bench::{
-    Rng, arg, baseline, copy_rate, csv_line, flag, gpu_devices, more_hardware_queues, peer_copy_seconds, torch_us,
-    upload,
+    Rng, Teardown, arg, baseline, copy_rate, csv_line, flag, gpu_devices, more_hardware_queues, peer_copy_seconds,
+    torch_us, upload,
 };
 
 struct Args {
@@ -75,6 +75,7 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
         num_slots: 0,
     };
     let mut buf = HtBuffer::new(group, cfg)?;
+    let _teardown = Teardown(group);
     let layout = get_dispatch_layout(group, &topk, IndexType::I64, tokens, k, e)?;
     let args = HtDispatchArgs {
         x: &xb,
