@@ -1,6 +1,7 @@
 //! `cargo xtask gpu-bundle [--out DIR] [--no-ptx]`: everything the GPU machine (no Rust, no
 //! network) needs to run moe-ep's tests: stripped release test binaries, the examples, bench
-//! binaries, the PTX, `tests/gpu/*.{sh,py}` and a `run.sh` that runs them and sums up.
+//! binaries, the PTX, `tests/gpu/*.{sh,py}`, a `run.sh` that runs them and sums up, and a
+//! `bench.sh` for the benchmarks.
 
 use crate::json::Json;
 use crate::{Result, cargo, output, ptx, root, show};
@@ -73,6 +74,7 @@ pub fn run(args: &[String]) -> Result {
         .replace("@SCRIPTS@", &scripts.join(" "))
         .replace("@DEMO@", demo.as_deref().unwrap_or(""));
     write_executable(&out.join("run.sh"), &script)?;
+    write_executable(&out.join("bench.sh"), BENCH_SH)?;
     fs::write(out.join("BUILD_INFO"), build_info()).map_err(|e| e.to_string())?;
 
     let size = dir_size(&out)?;
@@ -88,7 +90,8 @@ pub fn run(args: &[String]) -> Result {
     if size > MAX_BYTES {
         return Err(format!("the bundle is {size} bytes, over the {} MiB limit", MAX_BYTES >> 20));
     }
-    eprintln!("on the GPU machine: {}/run.sh", out.file_name().unwrap_or_default().to_string_lossy());
+    let dir = out.file_name().unwrap_or_default().to_string_lossy();
+    eprintln!("on the GPU machine: {dir}/run.sh (tests), {dir}/bench.sh OUT_DIR (benchmarks)");
     Ok(())
 }
 
@@ -245,6 +248,32 @@ fn dir_size(dir: &Path) -> Result<u64> {
 }
 
 /// The bundle's entry point (`@TESTS@`, `@SCRIPTS@`, `@DEMO@` are filled in).
+/// The bundle's benchmark entry point: both benches' sweeps with the same-run baselines,
+/// one CSV, the plots.
+const BENCH_SH: &str = r#"#!/usr/bin/env bash
+# moe-ep benchmarks on the GPU machine (see docs/benchmarks.md):
+#   ./bench.sh OUT_DIR [--gpus N]   HT and LL sweeps (8 ranks on one GPU by default; with
+#                                   --gpus N, one rank per GPU), same-run torch (and, across
+#                                   GPUs, torch+NCCL) baselines, OUT_DIR/bench.csv and plots.
+#   MOE_EP_BENCH_LIMIT=150          seconds per bench binary
+set -u
+cd "$(dirname "$0")" || exit 1
+out=${1:?usage: ./bench.sh OUT_DIR [--gpus N]}
+shift
+mkdir -p "$out"
+export MOE_EP_DEVICE=cuda CUDA_DEVICE_MAX_CONNECTIONS=32 NCCL_NVLS_ENABLE=0
+export MOE_EP_TIMEOUT_S=${MOE_EP_TIMEOUT_S:-10} MOE_EP_BOOTSTRAP_TIMEOUT_S=${MOE_EP_BOOTSTRAP_TIMEOUT_S:-30}
+limit=${MOE_EP_BENCH_LIMIT:-150}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+date
+for b in ht ll; do
+  echo "=== $b"
+  timeout -k 10 "$limit" bin/moe-ep-bench-$b --sweep --torch ht_torch_reference.py --csv "$out/bench.csv" "$@" 2>&1 |
+    tee "$out/bench_$b.log"
+done
+python3 plot_bench.py "$out/bench.csv" "$out" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+"#;
+
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU test bundle, made by `cargo xtask gpu-bundle` (see BUILD_INFO). On the GPU machine:
 #   ./run.sh [NAME...]         all test binaries, then the tests/gpu scripts, then the demo
