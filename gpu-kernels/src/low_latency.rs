@@ -494,14 +494,18 @@ kernel! {
             if dev::sync_threads_or(failed) {
                 return;
             }
-            // Weighted sum per token, k ascending, one fused multiply-add per term.
+            // Weighted sum per token, k ascending, one fused multiply-add per term. Work
+            // items are (token, 32-vector chunk of the row), dealt over the grid's warps, so
+            // a few tokens still keep every warp busy.
             let num_vecs = p.row_bytes / 16;
-            let mut t = gwarp;
-            while t < p.num_tokens {
-                let mut v = lane as u64;
-                while v < num_vecs {
+            let chunks = num_vecs.div_ceil(WARP_SIZE as u64);
+            let mut item = gwarp as u64;
+            while item < p.num_tokens as u64 * chunks {
+                let t = (item / chunks) as u32;
+                let v = item % chunks * WARP_SIZE as u64 + lane as u64;
+                if v < num_vecs {
                     let mut acc = [0f32; 8];
-                    // Four experts at a time: their loads are all issued before the first
+                    // Eight experts at a time: their loads are all issued before the first
                     // fused multiply-add, which still runs in ascending k. (Named values, not
                     // an array: an array here would live in local memory.)
                     let fetch = |k: u32| -> (U4, f32, bool) {
@@ -528,20 +532,27 @@ kernel! {
                         let (y1, w1, v1) = fetch(k0 + 1);
                         let (y2, w2, v2) = fetch(k0 + 2);
                         let (y3, w3, v3) = fetch(k0 + 3);
+                        let (y4, w4, v4) = fetch(k0 + 4);
+                        let (y5, w5, v5) = fetch(k0 + 5);
+                        let (y6, w6, v6) = fetch(k0 + 6);
+                        let (y7, w7, v7) = fetch(k0 + 7);
                         add!(y0, w0, v0);
                         add!(y1, w1, v1);
                         add!(y2, w2, v2);
                         add!(y3, w3, v3);
-                        k0 += 4;
+                        add!(y4, w4, v4);
+                        add!(y5, w5, v5);
+                        add!(y6, w6, v6);
+                        add!(y7, w7, v7);
+                        k0 += 8;
                     }
                     let mut out = [0u32; 4];
                     for i in 0..8 {
                         out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
                     }
                     dev::st_v4((p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
-                    v += WARP_SIZE as u64;
                 }
-                t += warps;
+                item += warps as u64;
             }
         }
     }
