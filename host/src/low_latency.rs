@@ -173,12 +173,15 @@ impl LlBuffer {
         }
         let layout = LlLayout::new(r as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64);
         let sym = group.alloc_symmetric(layout.total_bytes() as usize, Sharing::Auto)?;
-        // 16 blocks; ranks sharing a GPU split its SMs (all their blocks must be resident).
+        // A block per local expert (it receives that expert), at least 16 (every warp sends),
+        // within the rank's share of the SMs when ranks share a GPU (all their blocks must
+        // be resident at once).
         let sharing = group.ranks_on_device()?;
         let grid_dim = if group.device().is_cpu() {
             2
         } else {
-            (group.device().num_sms()? as usize / sharing).clamp(1, 16) as u32
+            let want = (cfg.num_experts / r).max(16);
+            (group.device().num_sms()? as usize / sharing).clamp(1, want) as u32
         };
         Ok(LlBuffer { sym, layout, cfg, grid_dim })
     }
