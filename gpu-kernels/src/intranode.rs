@@ -506,32 +506,30 @@ kernel! {
         // SAFETY (whole body): as in ht_dispatch.
         unsafe {
             if is_sender {
-                {
-                    // Send the rows received from `dst` in channel `c` back to it, in order.
-                    let dst = peer;
-                    let base = peer_base(p.peer_bases, dst);
-                    let me = p.rank as u64;
-                    let mut ring = Sender::new(
-                        base + l.ring_tail(l.combine_ctrl, me, channel as u64),
-                        base + l.ring_slot(l.combine_slots, p.slot_bytes, me, channel as u64, 0),
-                        p.slot_bytes,
-                        p.num_slots as u64,
-                    );
-                    let cpm = p.channel_prefix_matrix as *const i32;
-                    let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
-                    let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
-                    for row in row0..row1 {
-                        let waiting = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: dst, site: SITE_COMBINE_SEND };
-                        let Some(slot) = ring.reserve(waiting) else { return };
-                        copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
-                        if lane < k_count && p.topk_weights != 0 {
-                            *((slot + row_bytes) as *mut f32).add(lane as usize) =
-                                *(p.topk_weights as *const f32).add((row * k_count as u64 + lane as u64) as usize);
-                        }
-                        ring.written();
+                // Send the rows received from `dst` in channel `c` back to it, in order.
+                let dst = peer;
+                let base = peer_base(p.peer_bases, dst);
+                let me = p.rank as u64;
+                let mut ring = Sender::new(
+                    base + l.ring_tail(l.combine_ctrl, me, channel as u64),
+                    base + l.ring_slot(l.combine_slots, p.slot_bytes, me, channel as u64, 0),
+                    p.slot_bytes,
+                    p.num_slots as u64,
+                );
+                let cpm = p.channel_prefix_matrix as *const i32;
+                let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
+                let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
+                for row in row0..row1 {
+                    let waiting = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: dst, site: SITE_COMBINE_SEND };
+                    let Some(slot) = ring.reserve(waiting) else { return };
+                    copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
+                    if lane < k_count && p.topk_weights != 0 {
+                        *((slot + row_bytes) as *mut f32).add(lane as usize) =
+                            *(p.topk_weights as *const f32).add((row * k_count as u64 + lane as u64) as usize);
                     }
-                    ring.publish();
+                    ring.written();
                 }
+                ring.publish();
                 return;
             }
             // Receiver: the `R` warps of group `g` sum the tokens of channel `channel` (this
@@ -546,7 +544,7 @@ kernel! {
                 *bases.add(t as usize) = dev::ld_relaxed_sys_u64(head);
             }
             dev::sync_threads();
-            let bases = bases.add((warp / r * r) as usize); // this group's, by source rank
+            let group_bases = bases.add((warp / r * r) as usize); // this group's, by source rank
             let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
             let mut rounds = 0;
             for g in 0..w_per {
@@ -563,7 +561,7 @@ kernel! {
                     // Wait until every copy of the token has arrived.
                     for d in 0..r {
                         if in_rank(tok, d) {
-                            let pos = *bases.add(d as usize) + send_head(tok, d) as u64;
+                            let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
                             let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
                             if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
                                 failed = true;
@@ -578,7 +576,7 @@ kernel! {
                         let mut from = 0u32;
                         for d in 0..HT_MAX_RANKS {
                             if d < r && in_rank(tok, d) {
-                                let pos = *bases.add(d as usize) + send_head(tok, d) as u64;
+                                let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
                                 slot[d as usize] = local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64);
                                 from |= 1 << d;
                             }
@@ -649,8 +647,7 @@ kernel! {
                     if consumed >= 0 {
                         dev::fence_acq_rel_sys();
                         let head = (local + l.ring_tail(l.combine_ctrl, d as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
-                        let base = *(dev::static_smem::<u64>()).add(t as usize);
-                        dev::st_release_sys_u64(head, base + consumed as u64 + 1);
+                        dev::st_release_sys_u64(head, *bases.add(t as usize) + consumed as u64 + 1);
                     }
                 }
             }

@@ -245,8 +245,7 @@ impl Group {
             }
         }
         let peer_table = self.device.alloc(8 * self.num_ranks)?;
-        peer_table.write(&self.stream, 0, &peer_ptrs)?;
-        self.stream.synchronize()?;
+        peer_table.write(&self.stream, 0, &peer_ptrs)?; // (returns once written)
         // Exporters keep their descriptors open until every importer has its own copy; and
         // no rank returns (to launch kernels that peers' allocations could stall behind on a
         // shared GPU) before every rank is done allocating.

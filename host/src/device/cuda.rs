@@ -178,19 +178,12 @@ impl CudaDevice {
         if let Some(f) = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?.get(name) {
             return Ok(*f as sys::CUfunction);
         }
+        // Loading the module loads (and records) every kernel in it.
         self.load_module(ptx)?;
-        let mut fns = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
-        if let Some(f) = fns.get(name) {
-            return Ok(*f as sys::CUfunction);
-        }
-        let module = self.module.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
-        let m = module.ok_or_else(|| Error::KernelFault("module missing".into()))?;
-        let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("kernel", "NUL in name"))?;
-        let mut f = std::ptr::null_mut();
-        // SAFETY: `m` is a loaded module; writes one handle.
-        check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) })?;
-        fns.insert(name.to_string(), f as usize);
-        Ok(f)
+        let fns = self.functions.lock().map_err(|_| Error::KernelFault("poisoned lock".into()))?;
+        fns.get(name)
+            .map(|&f| f as sys::CUfunction)
+            .ok_or_else(|| Error::KernelFault(format!("no kernel `{name}` in the module")))
     }
 
     pub(crate) fn malloc(&self, bytes: usize) -> Result<u64> {
