@@ -6,7 +6,7 @@ use crate::{Rng, upload};
 use moe_ep::Group;
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
-use moe_ep::reference::{self, HtCombined, HtDispatch, Routing, f32_to_bf16};
+use moe_ep::reference::{self, HtCombined, HtDispatch, Routing};
 use std::hash::{Hash, Hasher};
 
 /// One HT test configuration.
@@ -67,11 +67,6 @@ impl Case {
     }
 }
 
-/// Random bf16 bits of moderate values (no NaN/inf), so sums stay finite.
-pub fn bf16_row(rng: &mut Rng, n: usize) -> Vec<u16> {
-    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 8.0)).collect()
-}
-
 /// Per rank `[T_r, K]` top-k ids for `call` (uneven counts; rank 1 empty on even calls).
 pub fn routing(rng: &mut Rng, num_ranks: usize, case: &Case, call: usize) -> Vec<Vec<i64>> {
     (0..num_ranks)
@@ -128,16 +123,16 @@ pub fn prepare(case: &Case, n: usize, rng: &mut Rng) -> Vec<Call> {
         .map(|call| {
             let idx = routing(rng, n, case, call);
             let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
             let w: Vec<Vec<f32>> =
                 tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
             let r = Routing::new(n, e, k, idx.clone()).unwrap();
             let want = reference::ht_dispatch(&r, &x, &w, h, 1, case.num_worst_tokens).unwrap();
             // Expert outputs: fresh bf16 rows per received row, plus bias per source token.
             let rows: Vec<usize> = want.ranks.iter().map(|rv| rv.recv_src_idx.len()).collect();
-            let y: Vec<Vec<u16>> = rows.iter().map(|&m| bf16_row(rng, m * h)).collect();
-            let b0: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
-            let b1: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+            let y: Vec<Vec<u16>> = rows.iter().map(|&m| rng.bf16(m * h, 8.0)).collect();
+            let b0: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
+            let b1: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
             let bias = if case.with_bias { [Some(&b0[..]), Some(&b1[..])] } else { [None, None] };
             let weights: Vec<Vec<f32>> = want.ranks.iter().map(|rv| rv.recv_topk_weights.clone()).collect();
             let combined = reference::ht_combine(&want.handle, &y, Some(&weights), bias, h).unwrap();
@@ -343,7 +338,7 @@ pub fn prepare_reruns(n: usize, max_tokens: usize, rng: &mut Rng) -> Reruns {
     let (h, k, e) = (case.hidden, case.num_topk, case.num_experts);
     let idx = routing(rng, n, &case, 1);
     let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-    let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_row(rng, t * h)).collect();
+    let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
     let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 1e9).collect()).collect();
     let r = Routing::new(n, e, k, idx.clone()).unwrap();
     let d = reference::ht_dispatch(&r, &x, &w, h, 1, None).unwrap();

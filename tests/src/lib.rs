@@ -66,6 +66,14 @@ impl Rng {
         (self.next_u64() >> 32) as u32
     }
 
+    /// `n` bf16 bits of values uniform in `[-span / 2, span / 2)` (no NaN/inf, so sums stay
+    /// finite).
+    pub fn bf16(&mut self, n: usize, span: f32) -> Vec<u16> {
+        (0..n)
+            .map(|_| moe_ep::reference::f32_to_bf16((self.next_u32() as f32 / u32::MAX as f32 - 0.5) * span))
+            .collect()
+    }
+
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n

@@ -5,12 +5,7 @@ use crate::{Rng, upload};
 use moe_ep::Group;
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
-use moe_ep::reference::{self, LlDispatch, Routing, f32_to_bf16};
-
-/// Random bf16 bits of moderate values.
-pub fn bf16_rows(rng: &mut Rng, n: usize) -> Vec<u16> {
-    (0..n).map(|_| f32_to_bf16((rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 4.0)).collect()
-}
+use moe_ep::reference::{self, LlDispatch, Routing};
 
 /// Per rank, `[T_r, K]` distinct random experts per token (T_r in 1..=max_tokens, or 0 where
 /// `empty(rank)`), each entry dropped (-1) with probability `1 / drop_one_in` (0: never).
@@ -79,12 +74,12 @@ pub fn prepare(case: &Case, n: usize, rng: &mut Rng) -> Vec<Call> {
         .map(|call| {
             let idx = random_routing(rng, n, (e, k, m), 6, |r| (r + call) % 3 == 2);
             let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(rng, t * h)).collect();
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 4.0)).collect();
             let w: Vec<Vec<f32>> =
                 tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect()).collect();
             let routing = Routing::new(n, e, k, idx.clone()).unwrap();
             let want = reference::ll_dispatch(&routing, &x, h, m).unwrap();
-            let y: Vec<Vec<u16>> = (0..n).map(|_| bf16_rows(rng, l * n * m * h)).collect();
+            let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(l * n * m * h, 4.0)).collect();
             let combined = reference::ll_combine(&want.handle, &y, &w, h).unwrap();
             Call { idx, tokens, x, w, want, y, combined }
         })
@@ -166,7 +161,7 @@ pub fn prepare_graph(n: usize, max_tokens: usize, rng: &mut Rng) -> Graph {
     let routing = Routing::new(n, e, k, idx.clone()).unwrap();
     let variants = (0..3)
         .map(|_| {
-            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(rng, t * h)).collect();
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 4.0)).collect();
             let d = reference::ll_dispatch(&routing, &x, h, m).unwrap();
             let y: Vec<Vec<u16>> = d.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
             (x, reference::ll_combine(&d.handle, &y, &w, h).unwrap())

@@ -7,7 +7,7 @@ use moe_ep::Group;
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
 use moe_ep::reference::{self, Routing, f32_to_bf16};
-use moe_ep_tests::ll::{self, bf16_rows, random_routing};
+use moe_ep_tests::ll::{self, random_routing};
 use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
 
 fn run(num_experts: usize, hidden: usize, num_topk: usize, max_tokens: usize, calls: usize, hooks: bool) {
@@ -71,7 +71,7 @@ fn ll_rank_major_interleaved_with_expert_major() {
     for call in 0..4 {
         let idx = random_routing(&mut rng, n, (e, k, m), 5, |r| (r + call) % 4 == 3);
         let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
-        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| bf16_rows(&mut rng, t * h)).collect();
+        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 4.0)).collect();
         let w: Vec<Vec<f32>> =
             tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 7e9).collect()).collect();
         let routing = Routing::new(n, e, k, idx.clone()).unwrap();

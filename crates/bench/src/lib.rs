@@ -10,8 +10,7 @@ pub fn upload(stream: &Stream, bytes: &[u8]) -> Result<DeviceBuffer> {
 
 /// `--name value` from the command line, else `default`.
 pub fn arg(name: &str, default: usize) -> usize {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    arg_str(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Whether `--name` is on the command line.
