@@ -101,6 +101,11 @@ class TorchBackend:
 
     def get(self, t):
         torch = self.torch
+        if t.is_cuda:
+            # Drain the stream first. Ranks as threads of one process (H200, 2026-11-30): a
+            # pageable `.cpu()` queued behind a collective stalled other rank-threads' CUDA
+            # calls (their launches, which the collective needs) until the device timeout.
+            torch.cuda.current_stream(t.device).synchronize()
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).cpu().numpy().view(np.uint16)
         if t.dtype == torch.float8_e4m3fn:
