@@ -57,6 +57,13 @@ fn channel_and_peer(num_ranks: u32) -> (u32, u32, u32) {
     ((dev::block_idx_x() / 2) * w_per + warp / num_ranks, warp % num_ranks, w_per)
 }
 
+/// Tokens each combine-receiving warp sums per round (module docs): 8 tokens per ring per
+/// round when `R` is small, within half a ring (`num_slots >= 2 * R` is checked on the host).
+#[inline(always)]
+fn combine_tokens_per_warp(num_ranks: u32, num_slots: u32) -> u32 {
+    (8u32.div_ceil(num_ranks.max(1))).min(num_slots / (2 * num_ranks.max(1))).max(1)
+}
+
 #[inline(always)]
 unsafe fn peer_base(table: u64, r: u32) -> u64 {
     // SAFETY: the caller passes the device table of `R` symmetric buffer addresses.
@@ -533,8 +540,11 @@ kernel! {
                 return;
             }
             // Receiver: the `R` warps of group `g` sum the tokens of channel `channel` (this
-            // warp's), `R` at a time, each token's copies in ascending rank order. All groups
-            // run as many rounds as the block's longest channel (block barriers).
+            // warp's), `R * k` per round (warp `w` takes tokens `w, w + R, ...` of the round),
+            // each token's copies in ascending rank order. All groups run as many rounds as the
+            // block's longest channel (block barriers), and heads are released once a round:
+            // `k > 1` when `R` is small, so two ranks don't pay a barrier and a system fence
+            // every two tokens; a round uses at most half a ring, so senders keep filling.
             let local = peer_base(p.peer_bases, p.rank);
             let t = dev::thread_idx_x();
             let first = dev::block_idx_x() / 2 * w_per; // the block's first channel
@@ -546,84 +556,88 @@ kernel! {
             dev::sync_threads();
             let group_bases = bases.add((warp / r * r) as usize); // this group's, by source rank
             let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
+            let k = combine_tokens_per_warp(r, p.num_slots) as u64;
+            let per_round = r as u64 * k;
             let mut rounds = 0;
             for g in 0..w_per {
                 let (b, e) = l.channel_range(p.num_tokens as u64, (first + g) as u64);
-                rounds = rounds.max((e - b).div_ceil(r as u64));
+                rounds = rounds.max((e - b).div_ceil(per_round));
             }
             let in_rank = |tok: u64, d: u32| *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0;
             let send_head = |tok: u64, d: u32| *(p.send_head as *const i32).add((tok * r as u64 + d as u64) as usize);
             for round in 0..rounds {
-                let chunk = begin + round * r as u64;
-                let tok = chunk + (warp % r) as u64;
+                let chunk = begin + round * per_round;
                 let mut failed = false;
-                if tok < end {
-                    // Wait until every copy of the token has arrived.
-                    for d in 0..r {
-                        if in_rank(tok, d) {
-                            let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
-                            let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
-                            if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
-                                failed = true;
-                                break;
-                            }
-                        }
-                    }
-                    if !failed {
-                        // Slots of the token's copies, by source rank (all loads of a step are
-                        // issued before the first add, so R of them are in flight per lane).
-                        let mut slot = [0u64; HT_MAX_RANKS as usize];
-                        let mut from = 0u32;
-                        for d in 0..HT_MAX_RANKS {
-                            if d < r && in_rank(tok, d) {
+                for j in 0..k {
+                    let tok = chunk + j * r as u64 + (warp % r) as u64;
+                    if tok < end && !failed {
+                        // Wait until every copy of the token has arrived.
+                        for d in 0..r {
+                            if in_rank(tok, d) {
                                 let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
-                                slot[d as usize] = local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64);
-                                from |= 1 << d;
-                            }
-                        }
-                        let num_vecs = p.hidden as u64 / 8;
-                        let mut v = lane as u64;
-                        while v < num_vecs {
-                            let mut xs = [U4::default(); HT_MAX_RANKS as usize];
-                            for d in 0..HT_MAX_RANKS as usize {
-                                if from >> d & 1 != 0 {
-                                    xs[d] = dev::ld_v4((slot[d] as *const U4).add(v as usize));
+                                let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
+                                if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
+                                    failed = true;
+                                    break;
                                 }
                             }
-                            let mut acc = [0f32; 8];
-                            // acc = b0 + b1 first (0 + 0 without bias), as the reference.
-                            let bias = |b: u64| {
-                                if b != 0 { dev::ld_nc_v4((b as *const U4).add((tok * num_vecs + v) as usize)) } else { U4::default() }
-                            };
-                            let (b0, b1) = (bias(p.bias_0), bias(p.bias_1));
-                            let (w0, w1) = ([b0.x, b0.y, b0.z, b0.w], [b1.x, b1.y, b1.z, b1.w]);
-                            for i in 0..8 {
-                                let half = |w: &[u32; 4]| bf16_to_f32((w[i / 2] >> (16 * (i % 2))) as u16);
-                                acc[i] = half(&w0) + half(&w1);
+                        }
+                        if !failed {
+                            // Slots of the token's copies, by source rank (all loads of a step are
+                            // issued before the first add, so R of them are in flight per lane).
+                            let mut slot = [0u64; HT_MAX_RANKS as usize];
+                            let mut from = 0u32;
+                            for d in 0..HT_MAX_RANKS {
+                                if d < r && in_rank(tok, d) {
+                                    let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
+                                    slot[d as usize] = local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64);
+                                    from |= 1 << d;
+                                }
                             }
-                            for (d, x) in xs.iter().enumerate() {
-                                if from >> d & 1 != 0 {
-                                    let words = [x.x, x.y, x.z, x.w];
-                                    for i in 0..8 {
-                                        acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+                            let num_vecs = p.hidden as u64 / 8;
+                            let mut v = lane as u64;
+                            while v < num_vecs {
+                                let mut xs = [U4::default(); HT_MAX_RANKS as usize];
+                                for d in 0..HT_MAX_RANKS as usize {
+                                    if from >> d & 1 != 0 {
+                                        xs[d] = dev::ld_v4((slot[d] as *const U4).add(v as usize));
                                     }
                                 }
-                            }
-                            let mut out = [0u32; 4];
-                            for i in 0..8 {
-                                out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
-                            }
-                            dev::st_v4((p.combined_x as *mut U4).add((tok * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
-                            v += WARP_SIZE as u64;
-                        }
-                        if lane < k_count && p.combined_topk_weights != 0 {
-                            let mut acc = 0f32;
-                            for (d, &at) in slot.iter().enumerate() {
-                                if from >> d & 1 != 0 {
-                                    acc += *((at + row_bytes) as *const f32).add(lane as usize);
+                                let mut acc = [0f32; 8];
+                                // acc = b0 + b1 first (0 + 0 without bias), as the reference.
+                                let bias = |b: u64| {
+                                    if b != 0 { dev::ld_nc_v4((b as *const U4).add((tok * num_vecs + v) as usize)) } else { U4::default() }
+                                };
+                                let (b0, b1) = (bias(p.bias_0), bias(p.bias_1));
+                                let (w0, w1) = ([b0.x, b0.y, b0.z, b0.w], [b1.x, b1.y, b1.z, b1.w]);
+                                for i in 0..8 {
+                                    let half = |w: &[u32; 4]| bf16_to_f32((w[i / 2] >> (16 * (i % 2))) as u16);
+                                    acc[i] = half(&w0) + half(&w1);
                                 }
+                                for (d, x) in xs.iter().enumerate() {
+                                    if from >> d & 1 != 0 {
+                                        let words = [x.x, x.y, x.z, x.w];
+                                        for i in 0..8 {
+                                            acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+                                        }
+                                    }
+                                }
+                                let mut out = [0u32; 4];
+                                for i in 0..8 {
+                                    out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                                }
+                                dev::st_v4((p.combined_x as *mut U4).add((tok * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
+                                v += WARP_SIZE as u64;
                             }
-                            *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
+                            if lane < k_count && p.combined_topk_weights != 0 {
+                                let mut acc = 0f32;
+                                for (d, &at) in slot.iter().enumerate() {
+                                    if from >> d & 1 != 0 {
+                                        acc += *((at + row_bytes) as *const f32).add(lane as usize);
+                                    }
+                                }
+                                *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
+                            }
                         }
                     }
                 }
@@ -635,10 +649,10 @@ kernel! {
                 if t < r * w_per {
                     let (d, c) = (t % r, (first + t / r) as u64);
                     let (b, e) = l.channel_range(p.num_tokens as u64, c);
-                    let chunk = b + round * r as u64;
+                    let chunk = b + round * per_round;
                     let mut consumed = -1i32;
                     let mut tok = chunk;
-                    while tok < (chunk + r as u64).min(e) {
+                    while tok < (chunk + per_round).min(e) {
                         if in_rank(tok, d) {
                             consumed = send_head(tok, d);
                         }

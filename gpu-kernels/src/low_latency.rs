@@ -64,12 +64,14 @@ fn pow2(e: i32) -> f32 {
 unsafe fn cast_row_fp8(dst_of_lane: u64, lanes: u32, src: u64, hidden: u64, round_scale: bool) {
     let lane = dev::lane_id() as u64;
     let groups = hidden / 128;
-    let mut g0 = 0u64;
-    while g0 < groups {
-        let g = g0 + lane / 16;
-        let v = g * 16 + lane % 16; // 16-byte vector (8 bf16) of this lane
-        // SAFETY: v < hidden / 8 whenever g < groups.
-        let x = if g < groups { unsafe { dev::ld_nc_v4((src as *const U4).add(v as usize)) } } else { U4::default() };
+    // 16-byte vector (8 bf16) of this lane in group g, and whether g exists.
+    let vec_of = |g: u64| g * 16 + lane % 16;
+    let load = |g: u64| {
+        // SAFETY: vec_of(g) < hidden / 8 whenever g < groups.
+        if g < groups { unsafe { dev::ld_nc_v4((src as *const U4).add(vec_of(g) as usize)) } } else { U4::default() }
+    };
+    let cast = |x: U4, g: u64| {
+        let v = vec_of(g);
         let words = [x.x, x.y, x.z, x.w];
         let mut vals = [0f32; 8];
         let mut amax = 0f32;
@@ -107,7 +109,18 @@ unsafe fn cast_row_fp8(dst_of_lane: u64, lanes: u32, src: u64, hidden: u64, roun
                 }
             }
         }
-        g0 += 2;
+    };
+    // Half a warp per group, two groups a step, four steps' loads in flight before the first
+    // cast (one step at a time left a 7168-wide row at ~20 µs: 28 round trips to memory).
+    let mut step = 0u64; // warp-uniform: every lane takes part in every shuffle
+    while step < groups {
+        let g = step + lane / 16;
+        let (x0, x1, x2, x3) = (load(g), load(g + 2), load(g + 4), load(g + 6));
+        cast(x0, g);
+        cast(x1, g + 2);
+        cast(x2, g + 4);
+        cast(x3, g + 6);
+        step += 8;
     }
 }
 
@@ -438,16 +451,36 @@ kernel! {
             // Send every received row back to its source: slot [global expert][token]. The
             // rows of all (expert, source) ranges, in order, are dealt round-robin to the
             // grid's warps (a range holds a few rows: dealing each range from warp 0 would
-            // leave most warps idle).
-            let mut dealt = 0u32; // rows of the ranges before this one
-            for le in 0..if p.phases & LL_SEND != 0 { num_local } else { 0 } {
-                let expert = me * num_local + le;
-                for src in 0..p.num_ranks {
-                    let range = *(p.packed_recv_layout_range as *const i64).add((le * p.num_ranks + src) as usize);
-                    let (begin, count) = ((range >> 32) as u32, range as u32);
-                    // The first i with (dealt + i) % warps == gwarp.
-                    let mut i = (gwarp + warps - dealt % warps) % warps;
-                    dealt = dealt.wrapping_add(count);
+            // leave most warps idle). Each warp reads the ranges 32 at a time, a lane each,
+            // with a prefix sum for the rows before each (one range after another would be
+            // hundreds of dependent loads: ~40 µs at 1 token on an H200).
+            let num_pairs = if p.phases & LL_SEND != 0 { num_local * p.num_ranks } else { 0 };
+            let mut dealt = 0u32; // rows of the ranges before this chunk
+            let mut q0 = 0u32;
+            while q0 < num_pairs {
+                let q = q0 + lane; // range q = local expert q / R, source q % R
+                let range = if q < num_pairs { *(p.packed_recv_layout_range as *const i64).add(q as usize) } else { 0 };
+                let (begin, count) = ((range >> 32) as u32, range as u32);
+                let mut incl = count;
+                let mut off = 1;
+                while off < WARP_SIZE {
+                    let y = dev::shfl_idx_u32(incl, lane.saturating_sub(off));
+                    if lane >= off {
+                        incl += y;
+                    }
+                    off *= 2;
+                }
+                let before = dealt.wrapping_add(incl - count);
+                let mut nonempty = dev::ballot(count != 0);
+                while nonempty != 0 {
+                    let j = nonempty.trailing_zeros();
+                    nonempty &= nonempty - 1;
+                    let (begin, count) = (dev::shfl_idx_u32(begin, j), dev::shfl_idx_u32(count, j));
+                    let before = dev::shfl_idx_u32(before, j);
+                    let (le, src) = ((q0 + j) / p.num_ranks, (q0 + j) % p.num_ranks);
+                    let expert = me * num_local + le;
+                    // The first i with (before + i) % warps == gwarp.
+                    let mut i = (gwarp + warps - before % warps) % warps;
                     while i < count {
                         let row = le * slots_per_expert + begin + i;
                         let tok = *(p.packed_recv_src_info as *const i32).add(row as usize) as u64;
@@ -459,6 +492,8 @@ kernel! {
                         i += warps;
                     }
                 }
+                dealt = dealt.wrapping_add(dev::shfl_idx_u32(incl, WARP_SIZE - 1));
+                q0 += WARP_SIZE;
             }
             if p.phases & LL_SEND != 0 && last_block(local + l.counters + 128) {
                 let mut i = dev::thread_idx_x();

@@ -29,7 +29,8 @@ pub struct HtConfig {
     pub num_channels: usize,
     /// Warps per peer in each block (0 = 16 / ranks on a GPU, i.e. 512 threads, 1 on the
     /// emulator). Each is a ring of its own, so `num_channels * warps_per_peer` rings per
-    /// pair of ranks: more warps keep more bytes in flight per SM.
+    /// pair of ranks: more warps keep more bytes in flight per SM. At most
+    /// `HT_MAX_BLOCK_WARPS` (16) warps per block in all.
     pub warps_per_peer: usize,
     /// Slots per ring (0 = 128 / `warps_per_peer` on a GPU, 16 on the emulator).
     pub num_slots: usize,
@@ -166,13 +167,14 @@ impl HtBuffer {
             let sms = group.device().num_sms()? as usize;
             cfg.num_channels = if cpu { 2 } else { (sms / (2 * sharing)).clamp(1, 10) };
         }
+        let max_warps = moe_ep_abi::HT_MAX_BLOCK_WARPS as usize;
         if cfg.warps_per_peer == 0 {
-            cfg.warps_per_peer = if cpu { 1 } else { (16 / num_ranks).max(1) };
+            cfg.warps_per_peer = if cpu { 1 } else { (max_warps / num_ranks).max(1) };
         }
-        if cfg.warps_per_peer * num_ranks > 32 {
+        if cfg.warps_per_peer * num_ranks > max_warps {
             return Err(Error::invalid(
                 "warps_per_peer",
-                format!("{} x {num_ranks} ranks > 32 warps per block", cfg.warps_per_peer),
+                format!("{} x {num_ranks} ranks > {max_warps} warps per block", cfg.warps_per_peer),
             ));
         }
         if cfg.num_slots == 0 {

@@ -249,10 +249,39 @@ pub fn build() -> Result<String> {
         fs::read_to_string(&emit).map_err(|e| format!("the build left no PTX at {} ({e})", emit.display()))
     });
     let _ = fs::remove_file(&emit);
-    let ptx = result?;
+    let ptx = with_max_threads(&result?)?;
     let dest = out_dir.join("moe_ep_kernels.ptx");
     fs::write(&dest, &ptx).map_err(|e| format!("writing {}: {e}", dest.display()))?;
     Ok(ptx)
+}
+
+/// Kernels the host never launches with more threads per block than this. Rust can't say so
+/// (no `__launch_bounds__`), so `.maxntid` goes into the PTX here: ptxas and the driver's JIT
+/// then keep such a kernel within 65536 / threads registers per thread, and a launch can't
+/// fail for lack of registers (`ht_combine` at 135 registers x 512 threads did, on an H200).
+/// The host checks its launch shapes against the same numbers (`moe_ep_abi::HT_MAX_BLOCK_WARPS`).
+const MAX_THREADS: &[(&str, u32)] = &[("ht_dispatch", 512), ("ht_combine", 512)];
+
+/// `ptx` with a `.maxntid` directive after the parameter list of every kernel of
+/// [`MAX_THREADS`].
+fn with_max_threads(ptx: &str) -> Result<String> {
+    let mut out = String::with_capacity(ptx.len() + 64 * MAX_THREADS.len());
+    let mut pending: Option<u32> = None;
+    let mut seen = 0;
+    for line in ptx.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if let Some(name) = line.strip_prefix(".visible .entry ").and_then(|l| l.strip_suffix('(')) {
+            pending = MAX_THREADS.iter().find(|(k, _)| *k == name).map(|(_, n)| *n);
+        } else if line == ")" && let Some(n) = pending.take() {
+            out.push_str(&format!(".maxntid {n}, 1, 1\n"));
+            seen += 1;
+        }
+    }
+    if seen != MAX_THREADS.len() {
+        return Err(format!("expected the kernels {MAX_THREADS:?} in the PTX, found {seen} of them"));
+    }
+    Ok(out)
 }
 
 /// ptxas -v figures of one kernel entry (or, for `entry == false`, a called `.func`).
@@ -507,5 +536,15 @@ ptxas info    : Used 255 registers, used 0 barriers
     fn finds_extern_funcs() {
         let ptx = ".version 7.8\n.extern .func foo\n(\n)\n.visible .entry k()\n";
         assert_eq!(extern_funcs(ptx), "  2: .extern .func foo\n");
+    }
+
+    #[test]
+    fn max_threads_go_after_the_parameter_list() {
+        let ptx = ".visible .entry ht_dispatch(\n\t.param .b8 p[8]\n)\n{\n}\n\
+                   .visible .entry other(\n)\n{\n}\n.visible .entry ht_combine(\n)\n{\n}\n";
+        let out = with_max_threads(ptx).unwrap();
+        assert_eq!(out.matches(".maxntid 512, 1, 1\n{").count(), 2, "{out}");
+        assert!(out.contains(".entry other(\n)\n{"), "{out}");
+        assert!(with_max_threads(".visible .entry ht_combine(\n)\n{\n}\n").is_err());
     }
 }

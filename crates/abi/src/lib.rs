@@ -181,6 +181,9 @@ pub struct LayoutParams {
 
 /// Most ranks of one NVLink domain in the HT intranode kernels (a warp per peer).
 pub const HT_MAX_RANKS: u32 = 8;
+/// Most warps in an HT dispatch/combine block (`warps_per_peer * num_ranks`): the kernels are
+/// compiled for at most 32 * this many threads (`.maxntid`, see xtask's ptx step).
+pub const HT_MAX_BLOCK_WARPS: u32 = 16;
 
 /// Where each region of an HT (intranode) symmetric buffer lives; computed by the host to
 /// size the buffer and by the kernels to carve it. `R` ranks, `C` channels, `L` local
