@@ -498,6 +498,89 @@ kernel! {
     }
 }
 
+/// Warp-cooperative: one combined row `out` = bf16(b0 + b1 + the copies in ascending rank
+/// order, in f32), from the copies in `slot[d]` for each bit `d` of `from` (`d < NR`) and the
+/// bias rows `b0`, `b1` (0 = none), `num_vecs` 16-byte vectors each. Each lane issues the
+/// loads of `U` vectors of every copy before the first add.
+#[inline(always)]
+unsafe fn sum_copies<const NR: usize, const U: usize>(
+    slot: &[u64; HT_MAX_RANKS as usize],
+    from: u32,
+    num_vecs: u64,
+    out: u64,
+    b0: u64,
+    b1: u64,
+) {
+    const { assert!((U == 1 || U == 2 || U == 4) && NR * U <= HT_MAX_RANKS as usize) };
+    let lane = dev::lane_id() as u64;
+    let warp = WARP_SIZE as u64;
+    let mut base = 0u64;
+    // SAFETY (whole body): every vector index is below `num_vecs`; the caller passes rows of
+    // `num_vecs` vectors.
+    unsafe {
+        while base < num_vecs {
+            // The `U` steps are written out (loops over them were left rolled, and `xs` then
+            // lived in local memory); `xs[u * NR + d]` is copy `d` of step `u`.
+            let mut xs = [U4::default(); HT_MAX_RANKS as usize];
+            let load = |u: usize, xs: &mut [U4; HT_MAX_RANKS as usize]| {
+                let v = base + u as u64 * warp + lane;
+                for d in 0..NR {
+                    if v < num_vecs && from >> d & 1 != 0 {
+                        xs[u * NR + d] = dev::ld_v4((slot[d] as *const U4).add(v as usize));
+                    }
+                }
+            };
+            let reduce = |u: usize, xs: &[U4; HT_MAX_RANKS as usize]| {
+                let v = base + u as u64 * warp + lane;
+                if v >= num_vecs {
+                    return;
+                }
+                // acc = b0 + b1 first (0 + 0 without bias), as the reference.
+                let bias =
+                    |b: u64| if b != 0 { dev::ld_nc_v4((b as *const U4).add(v as usize)) } else { U4::default() };
+                let (w0, w1) = (bias(b0), bias(b1));
+                let (w0, w1) = ([w0.x, w0.y, w0.z, w0.w], [w1.x, w1.y, w1.z, w1.w]);
+                let mut acc = [0f32; 8];
+                for i in 0..8 {
+                    let half = |w: &[u32; 4]| bf16_to_f32((w[i / 2] >> (16 * (i % 2))) as u16);
+                    acc[i] = half(&w0) + half(&w1);
+                }
+                for d in 0..NR {
+                    if from >> d & 1 != 0 {
+                        let x = xs[u * NR + d];
+                        let words = [x.x, x.y, x.z, x.w];
+                        for i in 0..8 {
+                            acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+                        }
+                    }
+                }
+                let mut o = [0u32; 4];
+                for i in 0..8 {
+                    o[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                }
+                dev::st_v4((out as *mut U4).add(v as usize), U4 { x: o[0], y: o[1], z: o[2], w: o[3] });
+            };
+            load(0, &mut xs);
+            if U > 1 {
+                load(1, &mut xs);
+            }
+            if U > 2 {
+                load(2, &mut xs);
+                load(3, &mut xs);
+            }
+            reduce(0, &xs);
+            if U > 1 {
+                reduce(1, &xs);
+            }
+            if U > 2 {
+                reduce(2, &xs);
+                reduce(3, &xs);
+            }
+            base += U as u64 * warp;
+        }
+    }
+}
+
 kernel! {
     /// HT combine (see the module docs).
     pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE {
@@ -583,8 +666,7 @@ kernel! {
                             }
                         }
                         if !failed {
-                            // Slots of the token's copies, by source rank (all loads of a step are
-                            // issued before the first add, so R of them are in flight per lane).
+                            // Slots of the token's copies, by source rank.
                             let mut slot = [0u64; HT_MAX_RANKS as usize];
                             let mut from = 0u32;
                             for d in 0..HT_MAX_RANKS {
@@ -595,39 +677,16 @@ kernel! {
                                 }
                             }
                             let num_vecs = p.hidden as u64 / 8;
-                            let mut v = lane as u64;
-                            while v < num_vecs {
-                                let mut xs = [U4::default(); HT_MAX_RANKS as usize];
-                                for d in 0..HT_MAX_RANKS as usize {
-                                    if from >> d & 1 != 0 {
-                                        xs[d] = dev::ld_v4((slot[d] as *const U4).add(v as usize));
-                                    }
-                                }
-                                let mut acc = [0f32; 8];
-                                // acc = b0 + b1 first (0 + 0 without bias), as the reference.
-                                let bias = |b: u64| {
-                                    if b != 0 { dev::ld_nc_v4((b as *const U4).add((tok * num_vecs + v) as usize)) } else { U4::default() }
-                                };
-                                let (b0, b1) = (bias(p.bias_0), bias(p.bias_1));
-                                let (w0, w1) = ([b0.x, b0.y, b0.z, b0.w], [b1.x, b1.y, b1.z, b1.w]);
-                                for i in 0..8 {
-                                    let half = |w: &[u32; 4]| bf16_to_f32((w[i / 2] >> (16 * (i % 2))) as u16);
-                                    acc[i] = half(&w0) + half(&w1);
-                                }
-                                for (d, x) in xs.iter().enumerate() {
-                                    if from >> d & 1 != 0 {
-                                        let words = [x.x, x.y, x.z, x.w];
-                                        for i in 0..8 {
-                                            acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
-                                        }
-                                    }
-                                }
-                                let mut out = [0u32; 4];
-                                for i in 0..8 {
-                                    out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
-                                }
-                                dev::st_v4((p.combined_x as *mut U4).add((tok * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
-                                v += WARP_SIZE as u64;
+                            let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
+                            let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
+                            // Eight loads in flight per lane whatever R is (R copies x 8 / R
+                            // vectors): with only R, two ranks' receivers starved for bytes.
+                            if r <= 2 {
+                                sum_copies::<2, 4>(&slot, from, num_vecs, out, b0, b1);
+                            } else if r <= 4 {
+                                sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
+                            } else {
+                                sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
                             }
                             if lane < k_count && p.combined_topk_weights != 0 {
                                 let mut acc = 0f32;

@@ -273,7 +273,9 @@ fn with_max_threads(ptx: &str) -> Result<String> {
         out.push('\n');
         if let Some(name) = line.strip_prefix(".visible .entry ").and_then(|l| l.strip_suffix('(')) {
             pending = MAX_THREADS.iter().find(|(k, _)| *k == name).map(|(_, n)| *n);
-        } else if line == ")" && let Some(n) = pending.take() {
+        } else if line == ")"
+            && let Some(n) = pending.take()
+        {
             out.push_str(&format!(".maxntid {n}, 1, 1\n"));
             seen += 1;
         }
