@@ -9,6 +9,7 @@ pub mod collective;
 pub mod device;
 mod error;
 pub mod group;
+pub mod heap;
 pub mod intranode;
 pub mod layout;
 pub mod low_latency;

@@ -303,6 +303,10 @@ enum Memory {
     },
     /// Someone else's memory ([`DeviceBuffer::borrowed`]): never freed here.
     Borrowed,
+    /// A piece of a larger allocation ([`DeviceBuffer::lent`]): `give_back` runs on drop.
+    Lent {
+        give_back: Option<Box<dyn FnOnce() + Send + Sync>>,
+    },
 }
 
 /// Memory on a device (or, on the CPU back end, in host memory), freed on drop.
@@ -496,6 +500,12 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        if let Memory::Lent { give_back } = &mut self.mem
+            && let Some(f) = give_back.take()
+        {
+            f();
+            return;
+        }
         // Errors while freeing cannot be reported from drop; the driver keeps its state.
         match (&self.mem, self.device.cuda_backend()) {
             // SAFETY: allocated by heap_alloc with this size.
@@ -722,13 +732,32 @@ impl Drop for Graph {
 
 /// Owns a `CUstream`; destroyed when the last [`Stream`] or stream-ordered buffer using it
 /// is gone.
-struct StreamHandle {
+pub(crate) struct StreamHandle {
     device: Device,
     raw: usize,
     /// This stream's own memory pool (see `Stream::alloc`; 0: the device's default pool).
     pool: usize,
     /// Made by [`Stream::from_raw`]: the stream belongs to someone else.
     borrowed: bool,
+}
+
+impl StreamHandle {
+    /// [`Stream::record_event`].
+    pub(crate) fn record_event(&self) -> Result<Event> {
+        match self.device.cuda_backend() {
+            None => Ok(Event { device: self.device.clone(), raw: 0, cpu_time: Instant::now() }),
+            Some(d) => {
+                d.bind()?;
+                let mut e = std::ptr::null_mut();
+                // SAFETY: writes one event handle.
+                cuda::check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, 0) })?;
+                let event = Event { device: self.device.clone(), raw: e as usize, cpu_time: Instant::now() };
+                // SAFETY: live event and stream.
+                cuda::check("cuEventRecord", unsafe { sys::cuEventRecord(e, self.raw as sys::CUstream) })?;
+                Ok(event)
+            }
+        }
+    }
 }
 
 impl Drop for StreamHandle {
@@ -960,19 +989,13 @@ impl Stream {
 
     /// Records a new event at the current end of the stream.
     pub fn record_event(&self) -> Result<Event> {
-        match self.device.cuda_backend() {
-            None => Ok(Event { device: self.device.clone(), raw: 0, cpu_time: Instant::now() }),
-            Some(d) => {
-                d.bind()?;
-                let mut e = std::ptr::null_mut();
-                // SAFETY: writes one event handle.
-                cuda::check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, 0) })?;
-                let event = Event { device: self.device.clone(), raw: e as usize, cpu_time: Instant::now() };
-                // SAFETY: live event and stream.
-                cuda::check("cuEventRecord", unsafe { sys::cuEventRecord(e, self.cu()) })?;
-                Ok(event)
-            }
-        }
+        self.handle.record_event()
+    }
+
+    /// Something that records events on this stream later, e.g. from a destructor, and
+    /// keeps the stream alive meanwhile.
+    pub(crate) fn event_source(&self) -> Arc<StreamHandle> {
+        self.handle.clone()
     }
 
     /// Makes later work on this stream wait for `event`.
@@ -1003,6 +1026,22 @@ unsafe impl Send for Event {}
 unsafe impl Sync for Event {}
 
 impl Event {
+    /// Whether the event has happened (never waits; always true on the CPU back end).
+    pub fn is_complete(&self) -> Result<bool> {
+        match self.device.cuda_backend() {
+            None => Ok(true),
+            Some(d) => {
+                d.bind()?;
+                // SAFETY: a live event.
+                match unsafe { sys::cuEventQuery(self.raw as sys::CUevent) } {
+                    sys::CUresult::CUDA_SUCCESS => Ok(true),
+                    sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+                    r => cuda::check("cuEventQuery", r).map(|()| false),
+                }
+            }
+        }
+    }
+
     /// Waits until the event has happened.
     pub fn synchronize(&self) -> Result<()> {
         match self.device.cuda_backend() {
@@ -1058,6 +1097,20 @@ impl DeviceBuffer {
     ///    it is alive.
     pub unsafe fn borrowed(device: &Device, ptr: u64, bytes: usize) -> DeviceBuffer {
         DeviceBuffer::new(device, ptr, bytes, Memory::Borrowed)
+    }
+
+    /// `bytes` at `ptr`, part of an allocation someone else manages (e.g. a block of a
+    /// [`crate::heap::SymHeap`]); `give_back` runs when the buffer is dropped.
+    ///
+    /// # Safety
+    /// The memory stays allocated until `give_back` runs, and nothing else uses it meanwhile.
+    pub unsafe fn lent(
+        device: &Device,
+        ptr: u64,
+        bytes: usize,
+        give_back: Box<dyn FnOnce() + Send + Sync>,
+    ) -> DeviceBuffer {
+        DeviceBuffer::new(device, ptr, bytes, Memory::Lent { give_back: Some(give_back) })
     }
 }
 
