@@ -64,7 +64,7 @@ fn pow2(e: i32) -> f32 {
 unsafe fn cast_row_fp8(dst_of_lane: u64, lanes: u32, src: u64, hidden: u64, round_scale: bool) {
     let lane = dev::lane_id() as u64;
     let groups = hidden / 128;
-    // 16-byte vector (8 bf16) of this lane in group g, and whether g exists.
+    // This lane's 16-byte vector (8 bf16) of group g; `load` gives zeros past the last group.
     let vec_of = |g: u64| g * 16 + lane % 16;
     let load = |g: u64| {
         // SAFETY: vec_of(g) < hidden / 8 whenever g < groups.

@@ -561,3 +561,19 @@ impl HtBuffer {
         Ok(HtCombineOutputs { combined_x, combined_topk_weights })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The HT kernels are compiled for the block size the host may launch (xtask's ptx step
+    /// writes `.maxntid`; a larger block would fail for lack of registers).
+    #[test]
+    fn shipped_ptx_bounds_ht_blocks_at_the_host_limit() {
+        let want = format!(".maxntid {}, 1, 1", 32 * moe_ep_abi::HT_MAX_BLOCK_WARPS);
+        for kernel in ["ht_dispatch", "ht_combine"] {
+            let entry = crate::device::PTX.find(&format!(".entry {kernel}(")).expect("kernel in the PTX");
+            let params_end = entry + crate::device::PTX[entry..].find("\n)\n").expect("parameter list") + 3;
+            let next = crate::device::PTX[params_end..].lines().next();
+            assert_eq!(next, Some(want.as_str()), "{kernel}");
+        }
+    }
+}

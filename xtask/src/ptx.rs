@@ -259,7 +259,8 @@ pub fn build() -> Result<String> {
 /// (no `__launch_bounds__`), so `.maxntid` goes into the PTX here: ptxas and the driver's JIT
 /// then keep such a kernel within 65536 / threads registers per thread, and a launch can't
 /// fail for lack of registers (`ht_combine` at 135 registers x 512 threads did, on an H200).
-/// The host checks its launch shapes against the same numbers (`moe_ep_abi::HT_MAX_BLOCK_WARPS`).
+/// The host refuses larger HT blocks (`moe_ep_abi::HT_MAX_BLOCK_WARPS` warps), and a host
+/// test checks the shipped PTX carries that bound.
 const MAX_THREADS: &[(&str, u32)] = &[("ht_dispatch", 512), ("ht_combine", 512)];
 
 /// `ptx` with a `.maxntid` directive after the parameter list of every kernel of
