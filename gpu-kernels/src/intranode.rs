@@ -18,6 +18,21 @@
 //! releases `head`. Calls don't overlap a peer's previous call on the same rings: the notify
 //! entry barrier waits until every rank has finished its earlier kernels.
 //!
+//! **One pass** (dispatch only): a receiver whose outputs lie in its heap (the host's
+//! `SymHeap`, mapped by every peer) opens its mailbox ([`HtMailbox`]) in `MODE_DIRECT`:
+//! heap offsets of its outputs and its `channel_prefix_matrix`, the call's epoch released
+//! last. A sender warp reads the mailbox at its first token for that receiver (so the
+//! receiver still waits for it) and stores token `i` of channel `c` straight into output
+//! row `cpm[me][c] + i` — no ring, no second copy. The channel is split in two halves: the
+//! sender block's warp sends the first, the receiver block's warp (idle otherwise) the
+//! second; each adds its count to the ring's `tail` after its stores, and the receiver waits
+//! for `tail = head + n` and moves `head` along, so a later ring call starts even. The
+//! receiver block's warp learns the mode from the sender block's warp (a note in its own
+//! buffer), never from the mailbox unless the receiver waits for it: through the ring, the
+//! receiver may have had everything from the sender block's warp already and moved on. A
+//! receiver whose outputs are elsewhere (`MODE_RING`) gets the whole channel through the
+//! ring from the sender block's warp, in the same call as direct peers.
+//!
 //! Dispatch slots: `[x: hidden_bytes][scales: 4*S][src_idx: 4][topk_idx: 4*K][weights: 4*K]`.
 //! Combine slots: `[x: 2*hidden bf16][weights: 4*K]`. Combine sums each token's copies in
 //! f32 in ascending rank order after the bias (`b0 + b1`), then rounds to bf16 once — the
@@ -25,8 +40,8 @@
 //!
 //! Wait sites ([`crate::abi::DeviceError::site`]): see the `SITE_*` constants.
 use crate::abi::{
-    DeviceError, ErrorSlot, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams, WARP_SIZE,
-    error_code,
+    DeviceError, ErrorSlot, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtMailbox, HtNotifyParams,
+    WARP_SIZE, error_code,
 };
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
@@ -44,6 +59,10 @@ pub const SITE_DISPATCH_RECV: u32 = 13;
 pub const SITE_COMBINE_SEND: u32 = 14;
 /// Combine receiver: waiting for rows.
 pub const SITE_COMBINE_RECV: u32 = 15;
+/// Dispatch sender: waiting for a receiver's mailbox (one-pass path).
+pub const SITE_DISPATCH_MAILBOX: u32 = 16;
+/// Dispatch receiver: waiting for senders' direct stores (one-pass path).
+pub const SITE_DISPATCH_DIRECT: u32 = 17;
 
 /// Flush a sender's tail after this many tokens even when the ring has room.
 const PUBLISH_EVERY: u64 = 8;
@@ -353,6 +372,297 @@ unsafe fn wait_tail(
     if ok == 1 { Some((hi as u64) << 32 | lo as u64) } else { None }
 }
 
+/// A receiver's mailbox as a sender reads it ([`HtMailbox`]).
+#[derive(Clone, Copy)]
+struct Mailbox {
+    mode: u64,
+    /// The receiver's heap base as this rank addresses it.
+    heap: u64,
+    /// Offsets of `recv_x`, `recv_x_scales`, `recv_src_idx`, `recv_topk_idx`,
+    /// `recv_topk_weights` in that heap.
+    out: [u64; 5],
+    /// The receiver's first output row for this rank's tokens of the channel.
+    row0: u64,
+}
+
+/// Warp-cooperative: waits until `dst` has opened this call's mailbox, then reads it. `None`
+/// after a timeout or another thread's error.
+#[inline(always)]
+unsafe fn read_mailbox(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u32) -> Option<Mailbox> {
+    // SAFETY (whole body): the mailbox region of `dst`'s mapped buffer, the rank's error slot.
+    unsafe {
+        let at = peer_base(p.peer_bases, dst) + l.mailbox;
+        let fields = at as *const u64;
+        let mut ok = 1u32;
+        if dev::lane_id() == 0 {
+            let mut seen = 0;
+            let arrived = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(fields.add(HtMailbox::EPOCH as usize));
+                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            ok = (arrived && seen >= p.epoch) as u32;
+            if !arrived {
+                timeout(p.error, p.rank, dst, SITE_DISPATCH_MAILBOX, p.epoch, seen);
+            }
+        }
+        let ok = dev::shfl_idx_u32(ok, 0);
+        // Lane 0's acquire covers the other lanes' loads below (the warp barrier orders them).
+        dev::sync_warp(0xffff_ffff);
+        if ok != 1 {
+            return None;
+        }
+        // `.sys` loads: this SM may hold an earlier call's mailbox in L1.
+        let field = |i: u64| dev::ld_relaxed_sys_u64(fields.add(i as usize));
+        let cpm = (at + HtMailbox::BYTES) as *const u32;
+        let row0 = dev::ld_relaxed_sys_u32(cpm.add((p.rank * (p.num_channels + 1) + channel) as usize)) as u64;
+        Some(Mailbox {
+            mode: field(HtMailbox::MODE),
+            heap: if p.heap_bases != 0 { peer_base(p.heap_bases, dst) } else { 0 },
+            out: [
+                field(HtMailbox::RECV_X),
+                field(HtMailbox::RECV_X_SCALES),
+                field(HtMailbox::RECV_SRC_IDX),
+                field(HtMailbox::RECV_TOPK_IDX),
+                field(HtMailbox::RECV_TOPK_WEIGHTS),
+            ],
+            row0,
+        })
+    }
+}
+
+/// Warp-cooperative: the mode of `dst`'s mailbox in this call as the sender block's warp
+/// noted it (`epoch << 2 | mode` at `note`). `None` after a timeout or another error.
+#[inline(always)]
+unsafe fn wait_note(p: &HtDispatchParams, note: *const u64, dst: u32) -> Option<u64> {
+    let (mut ok, mut seen) = (1u32, 0u64);
+    if dev::lane_id() == 0 {
+        // SAFETY: `note` lies in this rank's buffer; the rank's error slot.
+        unsafe {
+            let arrived = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(note);
+                seen >> 2 >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            ok = (arrived && seen >> 2 >= p.epoch) as u32;
+            if !arrived {
+                timeout(p.error, p.rank, dst, SITE_DISPATCH_MAILBOX, p.epoch, seen >> 2);
+            }
+        }
+    }
+    let ok = dev::shfl_idx_u32(ok, 0);
+    let mode = dev::shfl_idx_u32((seen & 3) as u32, 0) as u64;
+    dev::sync_warp(0xffff_ffff);
+    (ok == 1).then_some(mode)
+}
+
+/// Warp-cooperative (one warp of the rank): opens this call's mailbox with `mode`.
+#[inline(always)]
+unsafe fn open_mailbox(p: &HtDispatchParams, l: &HtLayout, mode: u64) {
+    // SAFETY (whole body): this rank's mailbox region; `channel_prefix_matrix` holds
+    // `R * (C + 1)` i32 written by `ht_notify` (an earlier kernel).
+    unsafe {
+        let at = peer_base(p.peer_bases, p.rank) + l.mailbox;
+        let fields = at as *mut u64;
+        let lane = dev::lane_id();
+        if lane == 0 {
+            let heap = if p.heap_bases != 0 { peer_base(p.heap_bases, p.rank) } else { 0 };
+            let offset =
+                |ptr: u64| if ptr == 0 || mode != HtMailbox::MODE_DIRECT { HtMailbox::NONE } else { ptr - heap };
+            dev::st_relaxed_sys_u64(fields.add(HtMailbox::MODE as usize), mode);
+            let outs = [p.recv_x, p.recv_x_scales, p.recv_src_idx, p.recv_topk_idx, p.recv_topk_weights];
+            for (i, ptr) in outs.into_iter().enumerate() {
+                dev::st_relaxed_sys_u64(fields.add(HtMailbox::RECV_X as usize + i), offset(ptr));
+            }
+        }
+        let cpm = (at + HtMailbox::BYTES) as *mut u32;
+        let mut i = lane;
+        while i < p.num_ranks * (p.num_channels + 1) {
+            dev::st_relaxed_sys_u32(cpm.add(i as usize), *(p.channel_prefix_matrix as *const u32).add(i as usize));
+            i += WARP_SIZE;
+        }
+        dev::sync_warp(0xffff_ffff);
+        if lane == 0 {
+            dev::fence_acq_rel_sys();
+            dev::st_release_sys_u64(fields.add(HtMailbox::EPOCH as usize), p.epoch);
+        }
+    }
+}
+
+/// Warp-cooperative: token `t` straight into output row `row` of `dst` (the one-pass path).
+#[inline(always)]
+unsafe fn store_direct(p: &HtDispatchParams, m: &Mailbox, dst: u32, t: u64, row: u64) {
+    let lane = dev::lane_id();
+    let (k_count, num_scales) = (p.num_topk, p.num_scales as u64);
+    // SAFETY (whole body): the receiver sized its outputs for every row it expects (its
+    // mailbox would say REFUSE otherwise); inputs as in `ht_dispatch`.
+    unsafe {
+        copy_warp(m.heap + m.out[0] + row * p.hidden_bytes, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
+        if num_scales != 0 && m.out[1] != HtMailbox::NONE {
+            let mut s = lane as u64;
+            while s < num_scales {
+                *((m.heap + m.out[1]) as *mut f32).add((row * num_scales + s) as usize) =
+                    *(p.x_scales as *const f32).add((t * num_scales + s) as usize);
+                s += WARP_SIZE as u64;
+            }
+        }
+        if lane == 0 && m.out[2] != HtMailbox::NONE {
+            *((m.heap + m.out[2]) as *mut i32).add(row as usize) = t as i32;
+        }
+        if lane < k_count && m.out[3] != HtMailbox::NONE {
+            let at = (t * k_count as u64 + lane as u64) as usize;
+            let e = if p.idx_bytes == 4 {
+                *(p.topk_idx as *const i32).add(at)
+            } else {
+                *(p.topk_idx as *const i64).add(at) as i32
+            };
+            let local_e = e - (dst * p.num_local_experts) as i32;
+            let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < p.num_local_experts;
+            let out = (row * k_count as u64 + lane as u64) as usize;
+            *((m.heap + m.out[3]) as *mut i64).add(out) = if is_local { local_e as i64 } else { -1 };
+            *((m.heap + m.out[4]) as *mut f32).add(out) =
+                if is_local { *(p.topk_weights as *const f32).add(at) } else { 0.0 };
+        }
+    }
+}
+
+/// Warp-cooperative: sends this warp's share of channel `channel`'s tokens to `dst` and
+/// writes their `send_head` entries. `half` 0 (the sender block's warp) walks the channel
+/// from its start; `half` 1 (the receiver block's warp) walks its second half. At its first
+/// token for `dst` a warp reads `dst`'s mailbox: through the ring, half 0 sends everything;
+/// with direct stores, each half sends its own and adds its count to the ring's `tail`.
+/// False after a timeout or another thread's error.
+#[inline(always)]
+unsafe fn dispatch_send(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u32, half: u32) -> bool {
+    let lane = dev::lane_id();
+    let r = p.num_ranks as u64;
+    let k_count = p.num_topk;
+    let meta = p.hidden_bytes + 4 * p.num_scales as u64; // offset of src_idx in a slot
+    let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
+    let mid = begin + (end - begin) / 2;
+    // SAFETY (whole body): as in `ht_dispatch`.
+    unsafe {
+        let in_rank = |tok: u64| *(p.is_token_in_rank as *const u8).add((tok * r + dst as u64) as usize) != 0;
+        let base = peer_base(p.peer_bases, dst);
+        let me = p.rank as u64;
+        let tail = base + l.ring_tail(l.dispatch_ctrl, me, channel as u64);
+        let mut ring = Sender::new(
+            tail,
+            base + l.ring_slot(l.dispatch_slots, p.slot_bytes, me, channel as u64, 0),
+            p.slot_bytes,
+            p.num_slots as u64,
+        );
+        let mut t0 = begin;
+        let mut sent = 0u32;
+        if half == 1 {
+            // The second half's indices continue the first half's.
+            while t0 < mid {
+                let tok = t0 + lane as u64;
+                sent += dev::ballot(tok < mid && in_rank(tok)).count_ones();
+                t0 += WARP_SIZE as u64;
+            }
+            t0 = mid;
+        }
+        let first = sent;
+        let mut mb: Option<Mailbox> = None;
+        let mut limit = end;
+        let note = (peer_base(p.peer_bases, p.rank) + l.mode_notes + (dst as u64 * l.num_channels + channel as u64) * 8)
+            as *mut u64;
+        while t0 < limit {
+            let tok = t0 + lane as u64;
+            let mut goes = tok < limit && in_rank(tok);
+            if mb.is_none() && dev::ballot(goes) != 0 {
+                if half == 1 {
+                    // `dst` may already have all its tokens through the ring (from the sender
+                    // block's warp) and be in a later call: learn its mode from that warp,
+                    // which read the mailbox while `dst` still waited for it.
+                    let Some(mode) = wait_note(p, note, dst) else { return false };
+                    if mode != HtMailbox::MODE_DIRECT {
+                        return true; // the sender block's warp sends all of them
+                    }
+                }
+                // Here `dst` waits for this token: its mailbox is this call's.
+                let Some(m) = read_mailbox(p, l, dst, channel) else { return false };
+                if half == 0 {
+                    if lane == 0 {
+                        dev::st_release_sys_u64(note, p.epoch << 2 | m.mode);
+                    }
+                    if m.mode == HtMailbox::MODE_DIRECT {
+                        limit = mid; // the rest is the receiver block's warp's
+                        goes &= tok < mid;
+                    }
+                }
+                mb = Some(m);
+            }
+            let mask = dev::ballot(goes);
+            if tok < limit {
+                let rank_in_mask = (mask & ((1u32 << lane) - 1)).count_ones();
+                *(p.send_head as *mut i32).add((tok * r + dst as u64) as usize) =
+                    if goes { (sent + rank_in_mask) as i32 } else { -1 };
+            }
+            if let Some(m) = mb {
+                let mut bits = mask;
+                while bits != 0 {
+                    let j = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    let t = t0 + j as u64;
+                    if m.mode == HtMailbox::MODE_DIRECT {
+                        let row = m.row0 + (sent + (mask & ((1u32 << j) - 1)).count_ones()) as u64;
+                        store_direct(p, &m, dst, t, row);
+                        continue;
+                    }
+                    if m.mode != HtMailbox::MODE_RING {
+                        continue; // refused: the receiver reported it
+                    }
+                    let waiting = Waiting {
+                        timeout_ns: p.timeout_ns,
+                        error: p.error,
+                        rank: p.rank,
+                        peer: dst,
+                        site: SITE_DISPATCH_SEND,
+                    };
+                    let Some(slot) = ring.reserve(waiting) else { return false };
+                    copy_warp(slot, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
+                    let mut s = lane;
+                    while s < p.num_scales {
+                        *((slot + p.hidden_bytes) as *mut f32).add(s as usize) =
+                            *(p.x_scales as *const f32).add((t * p.num_scales as u64 + s as u64) as usize);
+                        s += WARP_SIZE;
+                    }
+                    if lane == 0 {
+                        *((slot + meta) as *mut i32) = t as i32;
+                    }
+                    if lane < k_count {
+                        let at = (t * k_count as u64 + lane as u64) as usize;
+                        let e = if p.idx_bytes == 4 {
+                            *(p.topk_idx as *const i32).add(at)
+                        } else {
+                            *(p.topk_idx as *const i64).add(at) as i32
+                        };
+                        *((slot + meta + 4) as *mut i32).add(lane as usize) = e;
+                        *((slot + meta + 4 + 4 * k_count as u64) as *mut f32).add(lane as usize) =
+                            *(p.topk_weights as *const f32).add(at);
+                    }
+                    ring.written();
+                }
+            }
+            sent += mask.count_ones();
+            t0 += WARP_SIZE as u64;
+        }
+        match mb {
+            Some(m) if m.mode == HtMailbox::MODE_RING => ring.publish(),
+            Some(m) if m.mode == HtMailbox::MODE_DIRECT && sent > first => {
+                // Every lane's stores, then the count: the receiver waits for `tail`.
+                dev::sync_warp(0xffff_ffff);
+                if lane == 0 {
+                    dev::fence_acq_rel_sys();
+                    dev::red_add_release_sys_u64(tail as *mut u64, (sent - first) as u64);
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
 kernel! {
     /// HT dispatch (see the module docs).
     pub unsafe fn ht_dispatch(p: HtDispatchParams) as HT_DISPATCH {
@@ -367,60 +677,24 @@ kernel! {
         // HtLayout; the host checked every size before the launch.
         unsafe {
             if is_sender {
-                let dst = peer;
-                let base = peer_base(p.peer_bases, dst);
-                let me = p.rank as u64;
-                let mut ring = Sender::new(
-                    base + l.ring_tail(l.dispatch_ctrl, me, channel as u64),
-                    base + l.ring_slot(l.dispatch_slots, p.slot_bytes, me, channel as u64, 0),
-                    p.slot_bytes,
-                    p.num_slots as u64,
-                );
-                let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
-                let mut sent = 0i32;
-                let mut t0 = begin;
-                while t0 < end {
-                    let tok = t0 + lane as u64;
-                    let goes = tok < end && *(p.is_token_in_rank as *const u8).add((tok * r as u64 + dst as u64) as usize) != 0;
-                    let mask = dev::ballot(goes);
-                    if tok < end {
-                        let rank_in_mask = (mask & ((1u32 << lane) - 1)).count_ones() as i32;
-                        *(p.send_head as *mut i32).add((tok * r as u64 + dst as u64) as usize) =
-                            if goes { sent + rank_in_mask } else { -1 };
-                    }
-                    let mut m = mask;
-                    while m != 0 {
-                        let j = m.trailing_zeros();
-                        m &= m - 1;
-                        let t = t0 + j as u64;
-                        let waiting = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: dst, site: SITE_DISPATCH_SEND };
-                        let Some(slot) = ring.reserve(waiting) else { return };
-                        copy_warp(slot, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
-                        let mut s = lane;
-                        while s < p.num_scales {
-                            *((slot + p.hidden_bytes) as *mut f32).add(s as usize) =
-                                *(p.x_scales as *const f32).add((t * p.num_scales as u64 + s as u64) as usize);
-                            s += WARP_SIZE;
-                        }
-                        if lane == 0 {
-                            *((slot + meta) as *mut i32) = t as i32;
-                        }
-                        if lane < k_count {
-                            let at = (t * k_count as u64 + lane as u64) as usize;
-                            let e = if p.idx_bytes == 4 { *(p.topk_idx as *const i32).add(at) } else { *(p.topk_idx as *const i64).add(at) as i32 };
-                            *((slot + meta + 4) as *mut i32).add(lane as usize) = e;
-                            *((slot + meta + 4 + 4 * k_count as u64) as *mut f32).add(lane as usize) = *(p.topk_weights as *const f32).add(at);
-                        }
-                        ring.written();
-                    }
-                    sent += mask.count_ones() as i32;
-                    t0 += WARP_SIZE as u64;
+                if !dispatch_send(&p, &l, peer, channel, 0) {
+                    return;
                 }
-                ring.publish();
             } else {
                 // A padded output must hold every row: refuse rather than write past it.
                 let num_recv = *(p.num_recv_tokens as *const i32) as u32;
-                if p.num_worst_tokens != 0 && num_recv > p.num_worst_tokens {
+                let overflow = p.num_worst_tokens != 0 && num_recv > p.num_worst_tokens;
+                if dev::block_idx_x() == 1 && dev::warp_id() == 0 {
+                    let mode = if overflow {
+                        HtMailbox::MODE_REFUSE
+                    } else if p.direct != 0 {
+                        HtMailbox::MODE_DIRECT
+                    } else {
+                        HtMailbox::MODE_RING
+                    };
+                    open_mailbox(&p, &l, mode);
+                }
+                if overflow {
                     if dev::thread_idx_x() == 0 {
                         let rec = DeviceError {
                             code: error_code::OVERFLOW,
@@ -447,7 +721,7 @@ kernel! {
                 let base = dev::ld_relaxed_sys_u64(head);
                 let lo_expert = (p.rank * p.num_local_experts) as i32;
                 let mut got = 0u64;
-                while got < n {
+                while p.direct == 0 && got < n {
                     let Some(seen) = wait_tail(tail, base + got, p.timeout_ns, p.error, p.rank, src, SITE_DISPATCH_RECV) else { return };
                     let upto = (seen - base).min(n);
                     while got < upto {
@@ -460,7 +734,7 @@ kernel! {
                                 *((slot + p.hidden_bytes) as *const f32).add(s as usize);
                             s += WARP_SIZE;
                         }
-                        if lane == 0 {
+                        if lane == 0 && p.recv_src_idx != 0 {
                             *(p.recv_src_idx as *mut i32).add(row as usize) = *((slot + meta) as *const i32);
                         }
                         if lane < k_count {
@@ -479,13 +753,27 @@ kernel! {
                         dev::st_release_sys_u64(head, base + got);
                     }
                 }
+                // The second half of this warp's channel to `peer`, when it takes direct stores.
+                if !dispatch_send(&p, &l, peer, channel, 1) {
+                    return;
+                }
+                if p.direct != 0 && n > 0 {
+                    // Both halves of `src`'s senders add their counts to the ring's tail once
+                    // their stores are out; the head follows, so a later ring call starts even.
+                    if wait_tail(tail, base + n - 1, p.timeout_ns, p.error, p.rank, src, SITE_DISPATCH_DIRECT).is_none() {
+                        return;
+                    }
+                    if lane == 0 {
+                        dev::st_release_sys_u64(head, base + n);
+                    }
+                }
             }
             // Padding rows of a fixed-size (num_worst_tokens) output, spread over receivers.
             if !is_sender && p.num_worst_tokens != 0 {
                 let num_recv = *(p.num_recv_tokens as *const i32) as u64;
                 let stride = (p.num_channels / w_per * dev::block_dim_x()) as u64;
                 let mut row = num_recv + (dev::block_idx_x() / 2 * dev::block_dim_x() + dev::thread_idx_x()) as u64;
-                while row < p.num_worst_tokens as u64 {
+                while row < p.num_worst_tokens as u64 && p.recv_src_idx != 0 {
                     *(p.recv_src_idx as *mut i32).add(row as usize) = -1;
                     for k in 0..k_count as u64 {
                         *(p.recv_topk_idx as *mut i64).add((row * k_count as u64 + k) as usize) = -1;

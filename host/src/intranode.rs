@@ -2,8 +2,10 @@
 //! intranode mode. Kernels: `ht_notify`, `ht_dispatch`, `ht_combine` in `moe-ep-kernels`
 //! (`intranode.rs`, whose docs state the ring protocol). Semantics: `reference::ht_dispatch`
 //! and `reference::ht_combine`, bit for bit.
+use crate::device::Stream;
 use crate::device::{DeviceBuffer, HostMapped, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
+use crate::heap::SymHeap;
 use crate::layout::{DispatchLayout, IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
 use moe_ep_abi::{HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams};
@@ -34,6 +36,11 @@ pub struct HtConfig {
     pub warps_per_peer: usize,
     /// Slots per ring (0 = 128 / `warps_per_peer` on a GPU, 16 on the emulator).
     pub num_slots: usize,
+    /// Bytes of the output heap (0 = none). Dispatch outputs that fit in it are stored into
+    /// by the senders directly (one pass over the data); the rest go through the rings (two
+    /// passes). Size it for the dispatch outputs alive at once: `rows * (hidden_bytes +
+    /// 4 * num_scales + 4 + 12 * num_topk)` per call, rounded up to 256 per tensor.
+    pub heap_bytes: usize,
 }
 
 /// What every DeepEP-style op returns besides its tensors: how to undo a dispatch.
@@ -97,6 +104,8 @@ pub struct HtDispatchOutputs {
     pub num_recv_tokens: Option<usize>,
     /// For combine.
     pub handle: HtHandle,
+    /// Whether the outputs came from the heap, so senders stored into them directly.
+    pub one_pass: bool,
 }
 
 /// Outputs of [`HtBuffer::combine`].
@@ -120,9 +129,12 @@ struct DispatchIo<'a> {
     recv_x: &'a DeviceBuffer,
     recv_x_scales: &'a DeviceBuffer,
     recv_topk: Option<(&'a DeviceBuffer, &'a DeviceBuffer)>,
-    recv_src_idx: &'a DeviceBuffer,
+    /// `None`: not written (`dispatch_cached_into`).
+    recv_src_idx: Option<&'a DeviceBuffer>,
     send_head: &'a DeviceBuffer,
     num_worst_tokens: Option<usize>,
+    /// The `recv_*` buffers lie in the heap.
+    direct: bool,
 }
 
 /// The communication buffer of HT intranode dispatch/combine (one per rank, collective).
@@ -135,6 +147,10 @@ pub struct HtBuffer {
     layout: HtLayout,
     cfg: HtConfig,
     host_counts: HostMapped,
+    heap: Option<SymHeap>,
+    /// Mailbox epoch of the last dispatch (every rank makes the same calls).
+    dispatch_epoch: u64,
+    poison: Option<u8>,
 }
 
 impl HtBuffer {
@@ -200,7 +216,8 @@ impl HtBuffer {
         // Before the collective allocation, which ends with a barrier (see there).
         let host_counts = group.device().alloc_host_mapped(4 * (1 + num_local))?;
         let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
-        Ok(HtBuffer { sym, layout, cfg, host_counts })
+        let heap = if cfg.heap_bytes > 0 { Some(SymHeap::new(group, cfg.heap_bytes)?) } else { None };
+        Ok(HtBuffer { sym, layout, cfg, host_counts, heap, dispatch_epoch: 0, poison: None })
     }
 
     fn layout_for(num_ranks: usize, cfg: &HtConfig) -> HtLayout {
@@ -230,6 +247,13 @@ impl HtBuffer {
     fn launch_config(&self, num_ranks: usize) -> LaunchConfig {
         let block_dim = 32 * (num_ranks * self.cfg.warps_per_peer) as u32;
         LaunchConfig { grid_dim: 2 * self.cfg.num_channels as u32, block_dim, shared_mem_bytes: 0 }
+    }
+
+    /// Fill every dispatch output with `byte` (in stream order, before the kernel) from now
+    /// on, or stop (`None`). A test aid: heap blocks are reused, so an earlier call's rows
+    /// could otherwise pass for this one's.
+    pub fn set_poison(&mut self, byte: Option<u8>) {
+        self.poison = byte;
     }
 
     /// The configuration (defaults filled in).
@@ -291,16 +315,11 @@ impl HtBuffer {
             num_ranks: num_ranks as u32,
         };
         let block_dim = dev.block_dim(256).max(32 * num_ranks as u32);
-        let alloc_outputs = |rows: usize| -> Result<[DeviceBuffer; 7]> {
-            Ok([
-                stream.alloc_uninit((rows * hb).max(16))?,
-                stream.alloc_uninit((rows * num_scales * 4).max(4))?,
-                stream.alloc_uninit((rows * num_topk * 8).max(8))?,
-                stream.alloc_uninit((rows * num_topk * 4).max(4))?,
-                stream.alloc_uninit((rows * 4).max(4))?,
-                stream.alloc_uninit((t * num_ranks * 4).max(4))?,
-                stream.alloc_uninit((t * num_ranks).max(1))?,
-            ])
+        let alloc_outputs = |rows: usize| -> Result<([DeviceBuffer; 5], bool, [DeviceBuffer; 2])> {
+            let sizes = [rows * hb, rows * num_scales * 4, rows * num_topk * 8, rows * num_topk * 4, rows * 4];
+            let (recv, direct) = self.alloc_recv(stream, sizes)?;
+            let maps = [stream.alloc_uninit((t * num_ranks * 4).max(4))?, stream.alloc_uninit((t * num_ranks).max(1))?];
+            Ok((recv, direct, maps))
         };
         // Padded outputs are allocated before the first kernel: once peers spin in the
         // notify kernel, a driver call that waits for the device (allocation may) would stall
@@ -323,8 +342,11 @@ impl HtBuffer {
                 (n, Some(n), Some(per), alloc_outputs(n)?)
             }
         };
-        let [recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, send_head, is_token_in_rank] =
-            outputs;
+        let (
+            [recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx],
+            direct,
+            [send_head, is_token_in_rank],
+        ) = outputs;
         if t > 0 {
             is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * num_ranks)?;
         }
@@ -340,9 +362,10 @@ impl HtBuffer {
             recv_x: &recv_x,
             recv_x_scales: &recv_x_scales,
             recv_topk: Some((&recv_topk_idx, &recv_topk_weights)),
-            recv_src_idx: &recv_src_idx,
+            recv_src_idx: Some(&recv_src_idx),
             send_head: &send_head,
             num_worst_tokens: a.num_worst_tokens,
+            direct,
         };
         self.launch_dispatch(group, &io)?;
         let handle = HtHandle {
@@ -366,7 +389,28 @@ impl HtBuffer {
             num_recv_tokens_per_expert_list: per_expert,
             num_recv_tokens: num_recv,
             handle,
+            one_pass: direct,
         })
+    }
+
+    /// The receive buffers of one dispatch, `sizes` bytes each (at least 16): from the heap
+    /// when all of them fit (senders then store into them directly), else from the stream's
+    /// pool. True for the heap.
+    fn alloc_recv<const N: usize>(&self, stream: &Stream, sizes: [usize; N]) -> Result<([DeviceBuffer; N], bool)> {
+        if let Some(heap) = &self.heap {
+            let blocks: Vec<DeviceBuffer> = sizes.iter().map_while(|&b| heap.alloc(stream, b.max(16))).collect();
+            if let Ok(blocks) = <[DeviceBuffer; N]>::try_from(blocks) {
+                return Ok((blocks, true));
+            }
+        }
+        let mut blocks = Vec::with_capacity(N);
+        for b in sizes {
+            blocks.push(stream.alloc_uninit(b.max(16))?);
+        }
+        match <[DeviceBuffer; N]>::try_from(blocks) {
+            Ok(blocks) => Ok((blocks, false)),
+            Err(_) => Err(Error::invalid("sizes", "internal: wrong buffer count")),
+        }
     }
 
     /// Collective: a dispatch that reuses `handle`'s layout (DeepEP's cached mode): no count
@@ -388,9 +432,8 @@ impl HtBuffer {
         let num_scales = self.check_x(x, hidden_bytes, t, x_scales)?;
         let stream = group.stream();
         let rows = handle.num_rows;
-        let recv_x = stream.alloc_uninit((rows * hidden_bytes).max(16))?;
-        let recv_x_scales = stream.alloc_uninit((rows * num_scales * 4).max(4))?;
-        let recv_src_idx = stream.alloc_uninit((rows * 4).max(4))?;
+        let ([recv_x, recv_x_scales, recv_src_idx], direct) =
+            self.alloc_recv(stream, [rows * hidden_bytes, rows * num_scales * 4, rows * 4])?;
         let send_head = stream.alloc_uninit((t * num_ranks * 4).max(4))?;
         let io = DispatchIo {
             x,
@@ -404,12 +447,73 @@ impl HtBuffer {
             recv_x: &recv_x,
             recv_x_scales: &recv_x_scales,
             recv_topk: None,
-            recv_src_idx: &recv_src_idx,
+            recv_src_idx: Some(&recv_src_idx),
             send_head: &send_head,
             num_worst_tokens: handle.padded.then_some(rows),
+            direct,
         };
         self.launch_dispatch(group, &io)?;
         Ok((recv_x, recv_x_scales))
+    }
+
+    /// [`HtBuffer::dispatch_cached`] into the caller's `recv_x` (`[handle.num_rows,
+    /// hidden_bytes]`) and `recv_x_scales` (`[handle.num_rows, num_scales]` f32, with
+    /// `x_scales`), e.g. buffers reused call after call. When they lie in this buffer's
+    /// heap ([`HtBuffer::alloc_output`]), senders store into them directly (one pass).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_cached_into(
+        &mut self,
+        group: &Group,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden_bytes: usize,
+        x_scales: Option<(&DeviceBuffer, usize)>,
+        recv_x: &DeviceBuffer,
+        recv_x_scales: Option<&DeviceBuffer>,
+    ) -> Result<()> {
+        if handle.num_channels != self.rings() {
+            return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
+        }
+        let (t, num_ranks, rows) = (handle.num_tokens, group.num_ranks(), handle.num_rows);
+        let num_scales = self.check_x(x, hidden_bytes, t, x_scales)?;
+        if recv_x.len() < rows * hidden_bytes || !recv_x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("recv_x", format!("[{rows}, {hidden_bytes}] bytes (16-aligned) needed")));
+        }
+        let recv_x_scales = match (num_scales, recv_x_scales) {
+            (0, _) => recv_x, // not written
+            (_, Some(s)) if s.len() >= rows * num_scales * 4 && s.ptr().is_multiple_of(4) => s,
+            _ => return Err(Error::invalid("recv_x_scales", format!("[{rows}, {num_scales}] f32 needed"))),
+        };
+        let stream = group.stream();
+        let send_head = stream.alloc_uninit((t * num_ranks * 4).max(4))?;
+        let in_heap = |b: &DeviceBuffer| {
+            self.heap.as_ref().and_then(|h| h.offset_of(b).map(|o| o + b.len() as u64 <= h.capacity())).unwrap_or(false)
+        };
+        let direct = in_heap(recv_x) && (num_scales == 0 || in_heap(recv_x_scales));
+        let io = DispatchIo {
+            x,
+            hidden_bytes,
+            num_tokens: t,
+            x_scales,
+            topk: None,
+            is_token_in_rank: &handle.is_token_in_rank,
+            channel_prefix_matrix: &handle.channel_prefix_matrix,
+            num_recv_tokens: &handle.num_recv_tokens,
+            recv_x,
+            recv_x_scales,
+            recv_topk: None,
+            recv_src_idx: None,
+            send_head: &send_head,
+            num_worst_tokens: handle.padded.then_some(rows),
+            direct,
+        };
+        self.launch_dispatch(group, &io)
+    }
+
+    /// A buffer of `bytes` from this buffer's heap (`None` without a heap or when it is
+    /// full), for [`HtBuffer::dispatch_cached_into`]. Freed in stream order when dropped.
+    pub fn alloc_output(&self, group: &Group, bytes: usize) -> Option<DeviceBuffer> {
+        self.heap.as_ref()?.alloc(group.stream(), bytes)
     }
 
     /// Checks `x` (`[num_tokens, hidden_bytes]`) and its scales; returns the scale count.
@@ -442,8 +546,19 @@ impl HtBuffer {
         Ok(num_scales)
     }
 
-    fn launch_dispatch(&self, group: &Group, io: &DispatchIo) -> Result<()> {
+    fn launch_dispatch(&mut self, group: &Group, io: &DispatchIo) -> Result<()> {
         let num_ranks = group.num_ranks();
+        if let Some(byte) = self.poison {
+            for b in
+                [io.recv_x, io.recv_x_scales].into_iter().chain(io.recv_src_idx).chain(io.recv_topk.map(|(i, _)| i))
+            {
+                b.fill_async(group.stream(), byte)?;
+            }
+            if let Some((_, w)) = io.recv_topk {
+                w.fill_async(group.stream(), byte)?;
+            }
+        }
+        self.dispatch_epoch += 1;
         let c = self.rings();
         let params = HtDispatchParams {
             peer_bases: self.sym.peer_table_ptr(),
@@ -458,9 +573,11 @@ impl HtBuffer {
             recv_x_scales: io.recv_x_scales.ptr(),
             recv_topk_idx: io.recv_topk.map_or(0, |(i, _)| i.ptr()),
             recv_topk_weights: io.recv_topk.map_or(0, |(_, w)| w.ptr()),
-            recv_src_idx: io.recv_src_idx.ptr(),
+            recv_src_idx: io.recv_src_idx.map_or(0, |b| b.ptr()),
             send_head: io.send_head.ptr(),
             error: group.error_ptr(),
+            heap_bases: self.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
+            epoch: self.dispatch_epoch,
             timeout_ns: group.timeout_ns(),
             hidden_bytes: io.hidden_bytes as u64,
             slot_bytes: self.layout.dispatch_slot_bytes,
@@ -475,7 +592,7 @@ impl HtBuffer {
             num_ranks: num_ranks as u32,
             num_channels: c as u32,
             num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
-            reserved: 0,
+            direct: io.direct as u32,
         };
         let cfg = self.launch_config(num_ranks);
         // SAFETY: every buffer in `io` was checked or allocated with the documented shape; the

@@ -24,6 +24,8 @@ pub struct Case {
     /// Warps per peer in a block (0 = the default).
     pub warps_per_peer: usize,
     pub routing: Routes,
+    /// Output heap bytes per rank (0 = none: every call through the rings).
+    pub heap_bytes: usize,
 }
 
 /// How tokens are routed.
@@ -51,6 +53,7 @@ impl Case {
             num_slots: 0,
             warps_per_peer: 0,
             routing: Routes::Random,
+            heap_bytes: 0,
         }
     }
 
@@ -63,6 +66,7 @@ impl Case {
             num_channels: 0,
             warps_per_peer: self.warps_per_peer,
             num_slots: self.num_slots,
+            heap_bytes: self.heap_bytes,
         }
     }
 }
@@ -142,11 +146,15 @@ pub fn prepare(case: &Case, n: usize, rng: &mut Rng) -> Vec<Call> {
 }
 
 /// One rank's side of every call: dispatch, combine (weights, bias) and cached dispatch,
-/// each output bit for bit against the reference.
-pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
+/// each output bit for bit against the reference, outputs poisoned first. Returns, per
+/// call, whether the dispatch went the one-pass way (outputs in the heap).
+pub fn check_rank(case: &Case, calls: &[Call], group: &Group) -> Vec<bool> {
     let (rank, h, k, e) = (group.rank(), case.hidden, case.num_topk, case.num_experts);
     let mut buf = HtBuffer::new(group, case.config(0)).unwrap();
+    // Heap blocks are reused: stale rows of an earlier call must not pass for this one's.
+    buf.set_poison(Some(0xA5));
     let s = group.stream();
+    let mut one_pass = Vec::new();
     for (call, c) in calls.iter().enumerate() {
         let t = c.tokens[rank];
         let topk = upload(group, &c.idx[rank]);
@@ -176,6 +184,7 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
         let rv = &c.want.ranks[rank];
         let got_n = rv.num_recv_tokens;
         let ctx = format!("rank {rank} call {call}");
+        one_pass.push(out.one_pass);
         if case.num_worst_tokens.is_none() {
             assert_eq!(out.num_recv_tokens, Some(got_n), "{ctx}");
             assert_eq!(out.num_recv_tokens_per_expert_list.as_ref(), Some(&rv.num_recv_tokens_per_expert), "{ctx}");
@@ -223,6 +232,7 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
     }
     // Nobody frees its buffer (mapped by peers) while a peer may still read it.
     group.bootstrap().barrier().unwrap();
+    one_pass
 }
 
 /// fp8 dispatch inputs: `hidden` bytes per token plus `hidden / 128` f32 scales.

@@ -13,7 +13,9 @@ use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
 fn run(case: Case) {
     let n = num_ranks(&device()).min(8);
     let calls = ht::prepare(&case, n, &mut Rng::fresh("intranode"));
-    on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ht::check_rank(&case, &calls, &group));
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| {
+        ht::check_rank(&case, &calls, &group);
+    });
 }
 
 #[test]
@@ -60,6 +62,48 @@ fn ht_wide_topk_many_experts_deepseek_hidden() {
     });
 }
 
+/// The one-pass path: outputs in the heap, senders store into them directly (exact-size,
+/// padded, fp8-free bf16 rows with bias and cached dispatch), bit for bit as the rings.
+#[test]
+fn ht_one_pass_outputs_in_the_heap() {
+    let cpu = device().is_cpu();
+    let heap_bytes = if cpu { 4 << 20 } else { 64 << 20 };
+    let n = num_ranks(&device()).min(8);
+    let exact = Case { calls: 4, heap_bytes, ..Case::new(16, 64, 4, if cpu { 40 } else { 500 }) };
+    let max_tokens = if cpu { 30 } else { 300 };
+    let padded = Case {
+        num_worst_tokens: Some(8 * max_tokens + 3),
+        with_bias: false,
+        calls: 2,
+        heap_bytes,
+        ..Case::new(8, 128, 2, max_tokens)
+    };
+    for case in [exact, padded] {
+        let calls = ht::prepare(&case, n, &mut Rng::fresh("intranode-one-pass"));
+        let modes = on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ht::check_rank(&case, &calls, &group));
+        assert!(modes.iter().flatten().all(|&d| d), "every call fits the heap, yet some took the ring: {modes:?}");
+    }
+}
+
+/// Ranks whose outputs don't fit their heap take the ring while the others take direct
+/// stores, in the same call: rank 0 receives every token (expert 0 only, at least 3 rows of
+/// 2 KiB), the others nothing, so only their (256-byte) blocks fit a 4 KiB heap.
+#[test]
+fn ht_one_pass_and_ring_mixed_in_one_call() {
+    let cpu = device().is_cpu();
+    let n = num_ranks(&device()).min(8);
+    let case = Case {
+        routing: Routes::AllToExpertZero,
+        calls: 3,
+        heap_bytes: 4 << 10,
+        ..Case::new(16, 1024, 4, if cpu { 60 } else { 400 })
+    };
+    let calls = ht::prepare(&case, n, &mut Rng::fresh("intranode-mixed"));
+    let modes = on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ht::check_rank(&case, &calls, &group));
+    assert!(modes[0].iter().all(|&d| !d), "rank 0's outputs can't fit 4 KiB: {modes:?}");
+    assert!(modes[1..].iter().flatten().all(|&d| d), "empty outputs fit: {modes:?}");
+}
+
 /// Every model hidden size the issue names, one call each (and the largest supported).
 #[test]
 fn ht_hidden_sizes_2880_to_16384() {
@@ -102,6 +146,7 @@ fn ht_bad_arguments_are_rejected_before_launch_and_the_buffer_stays_usable() {
             num_channels: 0,
             warps_per_peer: 0,
             num_slots: 0,
+            heap_bytes: 0,
         };
         assert!(bad(HtConfig { num_experts: 5, ..ok }).unwrap().contains("num_experts"));
         assert!(bad(HtConfig { hidden: 60, ..ok }).unwrap().contains("hidden"));
@@ -137,6 +182,7 @@ fn ht_bad_arguments_are_rejected_before_launch_and_the_buffer_stays_usable() {
         group.take_device_error("ht_dispatch").unwrap();
         // Experts 0-1 live on rank 0, 2-3 on rank 1: rank 0 gets tokens 0 and 2 of both ranks.
         assert_eq!(out.num_recv_tokens, Some(if rank == 0 { 4 } else { 2 }));
+        group.bootstrap().barrier().unwrap(); // nobody frees its buffer while a peer may still use it
     });
 }
 
@@ -155,6 +201,7 @@ fn ht_num_worst_tokens_too_small_is_an_error_not_an_overflow() {
             num_channels: 0,
             warps_per_peer: 0,
             num_slots: 0,
+            heap_bytes: 0,
         };
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         // Three tokens per rank, all to expert 0 (rank 0): rank 0 receives 6 rows.

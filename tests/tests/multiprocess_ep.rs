@@ -18,7 +18,8 @@ use moe_ep_tests::{Rng, device, ht, ll};
 use std::time::{Duration, Instant};
 
 const CHILD_ENV: &str = "MOE_EP_MP_EP_CHILD";
-const CASES: [&str; 6] = ["ht_exact_bias_cached", "ht_padded", "ht_fp8", "ht_20_reruns", "ll_hooks", "ll_graph_replay"];
+const CASES: [&str; 7] =
+    ["ht_exact_bias_cached", "ht_padded", "ht_one_pass", "ht_fp8", "ht_20_reruns", "ll_hooks", "ll_graph_replay"];
 
 /// Shapes: small on the CPU emulator (CI), larger on GPUs.
 struct Sizes {
@@ -61,8 +62,17 @@ fn seed() -> u64 {
 fn run_case(name: &str, group: &Group, s: &Sizes) -> Option<u64> {
     let (n, mut rng) = (group.num_ranks(), Rng::new(seed()));
     match name {
-        "ht_exact_bias_cached" => ht::check_rank(&ht_exact(s), &ht::prepare(&ht_exact(s), n, &mut rng), group),
-        "ht_padded" => ht::check_rank(&ht_padded(s), &ht::prepare(&ht_padded(s), n, &mut rng), group),
+        "ht_exact_bias_cached" => {
+            ht::check_rank(&ht_exact(s), &ht::prepare(&ht_exact(s), n, &mut rng), group);
+        }
+        "ht_padded" => {
+            ht::check_rank(&ht_padded(s), &ht::prepare(&ht_padded(s), n, &mut rng), group);
+        }
+        "ht_one_pass" => {
+            let case = ht::Case { heap_bytes: 8 << 20, ..ht_exact(s) };
+            let one_pass = ht::check_rank(&case, &ht::prepare(&case, n, &mut rng), group);
+            assert!(one_pass.iter().all(|&d| d), "outputs fit the heap, yet a call took the ring: {one_pass:?}");
+        }
         "ht_fp8" => ht::check_fp8_rank(&ht::prepare_fp8(n, s.ht_tokens, &mut rng), group),
         "ht_20_reruns" => return Some(ht::check_reruns_rank(&ht::prepare_reruns(n, s.ht_tokens, &mut rng), 20, group)),
         "ll_hooks" => ll::check_rank(&ll_hooks(s), &ll::prepare(&ll_hooks(s), n, &mut rng), group),

@@ -196,6 +196,8 @@ pub const HT_MAX_BLOCK_WARPS: u32 = 16;
 /// | `count_matrix[src][dst]` i32 | `R * R * 4` (every rank gets every row) |
 /// | `expert_counts[src][L]` i32 | `R * L * 4` |
 /// | `channel_counts[src][C]` i32 | `R * C * 4` |
+/// | dispatch mailbox (one-pass path) | `64 + R * (C + 1) * 4`, see [`HtMailbox`] |
+/// | `mode_notes[dst][c]` u64 (one-pass path) | `R * C * 8` |
 /// | dispatch ring control `[src][c]` | `R * C * 256` (tail line, head line) |
 /// | dispatch ring slots `[src][c][num_slots]` | `R * C * num_slots * dispatch_slot_bytes` |
 /// | combine ring control / slots | the same with `combine_slot_bytes` |
@@ -219,6 +221,11 @@ pub struct HtLayout {
     pub expert_counts: u64,
     /// Offset of `channel_counts`.
     pub channel_counts: u64,
+    /// Offset of this rank's dispatch mailbox ([`HtMailbox`]).
+    pub mailbox: u64,
+    /// Offset of `mode_notes[dst][c]`: `epoch << 2 | mode` of `dst`'s mailbox as this rank's
+    /// sender warp of channel `c` read it, for the receiver block's warp of the same pair.
+    pub mode_notes: u64,
     /// Offset of the dispatch rings' control lines.
     pub dispatch_ctrl: u64,
     /// Offset of the dispatch rings' slots.
@@ -251,7 +258,9 @@ impl HtLayout {
         let count_matrix = align128(flags + 2 * r * FLAG_STRIDE_BYTES);
         let expert_counts = align128(count_matrix + r * r * 4);
         let channel_counts = align128(expert_counts + r * num_local_experts as u64 * 4);
-        let dispatch_ctrl = align128(channel_counts + r * c * 4);
+        let mailbox = align128(channel_counts + r * c * 4);
+        let mode_notes = align128(mailbox + HtMailbox::BYTES + r * (c + 1) * 4);
+        let dispatch_ctrl = align128(mode_notes + r * c * 8);
         let dispatch_slots = align128(dispatch_ctrl + r * c * 2 * FLAG_STRIDE_BYTES);
         let combine_ctrl = align128(dispatch_slots + r * c * n * dispatch_slot_bytes);
         let combine_slots = align128(combine_ctrl + r * c * 2 * FLAG_STRIDE_BYTES);
@@ -266,6 +275,8 @@ impl HtLayout {
             count_matrix,
             expert_counts,
             channel_counts,
+            mailbox,
+            mode_notes,
             dispatch_ctrl,
             dispatch_slots,
             combine_ctrl,
@@ -311,6 +322,42 @@ impl HtLayout {
     pub const fn channel_range(&self, num_tokens: u64, c: u64) -> (u64, u64) {
         (num_tokens * c / self.num_channels, num_tokens * (c + 1) / self.num_channels)
     }
+}
+
+/// A rank's dispatch mailbox, at [`HtLayout::mailbox`] of its own buffer: what a sender needs
+/// to store tokens straight into this rank's outputs (the one-pass path). Written by the
+/// rank's dispatch at entry, `epoch` released last; a sender reads it (after acquiring
+/// `epoch >= its call's`) only while the rank still waits for one of its tokens, so the
+/// rank cannot have moved on to a later call (or freed its buffer). `u64` fields, then the receiver's `channel_prefix_matrix`
+/// (`[R][C + 1]` i32) at byte [`HtMailbox::BYTES`].
+pub struct HtMailbox;
+
+impl HtMailbox {
+    /// Bytes before the prefix matrix.
+    pub const BYTES: u64 = 64;
+    /// Field: the call's epoch (released last).
+    pub const EPOCH: u64 = 0;
+    /// Field: one of the `MODE_*` values.
+    pub const MODE: u64 = 1;
+    /// Field: offset of `recv_x` in the rank's heap ([`HtMailbox::NONE`] when absent; the
+    /// next four fields likewise).
+    pub const RECV_X: u64 = 2;
+    /// Field: offset of `recv_x_scales`.
+    pub const RECV_X_SCALES: u64 = 3;
+    /// Field: offset of `recv_src_idx`.
+    pub const RECV_SRC_IDX: u64 = 4;
+    /// Field: offset of `recv_topk_idx`.
+    pub const RECV_TOPK_IDX: u64 = 5;
+    /// Field: offset of `recv_topk_weights`.
+    pub const RECV_TOPK_WEIGHTS: u64 = 6;
+    /// An absent output.
+    pub const NONE: u64 = u64::MAX;
+    /// Send through the ring (outputs outside the heap).
+    pub const MODE_RING: u64 = 0;
+    /// Store straight into the outputs, then add the count to the ring's `tail`.
+    pub const MODE_DIRECT: u64 = 1;
+    /// Send nothing: the receiver refused the call (its padded outputs are too small).
+    pub const MODE_REFUSE: u64 = 2;
 }
 
 /// Parameters of `ht_notify`: the count exchange before an HT dispatch. One block.
@@ -393,7 +440,7 @@ pub struct HtDispatchParams {
     pub recv_topk_idx: u64,
     /// `[rows, K]` f32 (0 where not local).
     pub recv_topk_weights: u64,
-    /// `[rows]` i32: source token index (-1 on padding).
+    /// `[rows]` i32: source token index (-1 on padding; 0 = not written).
     pub recv_src_idx: u64,
     /// `[T, R]` i32: each token's index among its channel's tokens sent to each rank, -1 if
     /// not sent (the handle's map for combine).
@@ -401,6 +448,10 @@ pub struct HtDispatchParams {
     /// The [`ErrorSlot`].
     pub error: u64,
     // CONFIG
+    /// Device table of the `R` heap bases (0 = no heap: every rank takes the ring).
+    pub heap_bases: u64,
+    /// This call's mailbox epoch (the same on every rank, increasing).
+    pub epoch: u64,
     /// Wait bound, ns.
     pub timeout_ns: u64,
     /// Bytes per token (multiple of 16).
@@ -429,8 +480,8 @@ pub struct HtDispatchParams {
     pub num_channels: u32,
     /// Local experts (`num_experts / R`).
     pub num_local_experts: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// 1 when this rank's outputs lie in its heap: peers store into them directly.
+    pub direct: u32,
 }
 
 /// Parameters of `ht_combine`: the reverse of a dispatch (same grid shape).

@@ -689,6 +689,7 @@ impl Rank {
                 num_channels,
                 warps_per_peer: 0,
                 num_slots: 0,
+                heap_bytes: 0,
             };
             self.ensure_ht(&mut st, want)?;
             let generation = st.ht_generation;
@@ -1016,8 +1017,16 @@ fn ht_size_hint(
     let r = num_ranks.max(1);
     let warps_per_peer = (16 / r).max(1);
     let num_slots = if num_slots == 0 { (128 / warps_per_peer).max(2 * r) } else { num_slots };
-    let cfg =
-        HtConfig { num_experts, hidden, num_topk, num_scales: hidden / 128, num_channels, warps_per_peer, num_slots };
+    let cfg = HtConfig {
+        num_experts,
+        hidden,
+        num_topk,
+        num_scales: hidden / 128,
+        num_channels,
+        warps_per_peer,
+        num_slots,
+        heap_bytes: 0,
+    };
     HtBuffer::size_hint(num_ranks.max(1), &cfg)
 }
 

@@ -12,6 +12,11 @@
 //! reaches; `%ceil` = ceiling / time. `--torch SCRIPT` adds the same-run pure-torch
 //! reference (`ht_torch_reference.py`); `--csv PATH` appends the rows for plotting.
 //!
+//! Dispatch outputs come from the buffer's heap (`HtConfig::heap_bytes`), so senders store
+//! into them directly (the one-pass path) and the timed cached dispatches reuse one set of
+//! outputs (`dispatch_cached_into`); `--ring` leaves the heap out: every byte through the
+//! rings (two passes), as before.
+//!
 //! `--gpus N` (issue 5): the ranks (default N) spread over N GPUs, rank r on GPU r % N, peer
 //! access over NVLink. The ceiling is then NVLink's: a same-run peer copy of each GPU's share
 //! of the op's bytes from every peer at once (`peer_copy_seconds`); the baseline is
@@ -19,7 +24,7 @@
 //! next to the `--torch` script when not named), N processes, the same ops and sizes.
 //!
 //!     ht [--gpus 1] [--ranks 8] [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
-//!        [--channels C] [--iters 20] [--sweep] [--torch SCRIPT] [--nccl SCRIPT] [--csv PATH]
+//!        [--channels C] [--iters 20] [--ring] [--sweep] [--torch SCRIPT] [--nccl SCRIPT] [--csv PATH]
 //!        (--sweep: tokens 512..8192)
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
@@ -37,6 +42,7 @@ struct Args {
     experts: usize,
     channels: usize,
     iters: usize,
+    ring: bool,
 }
 
 fn parse() -> Args {
@@ -49,6 +55,7 @@ fn parse() -> Args {
         experts: arg("--experts", 256),
         channels: arg("--channels", 0),
         iters: arg("--iters", 20),
+        ring: flag("--ring"),
     }
 }
 
@@ -73,6 +80,13 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
         num_channels: channels,
         warps_per_peer: 0,
         num_slots: 0,
+        // Room for the first dispatch's outputs and the reused ones, at most every token
+        // from every rank.
+        heap_bytes: if a.ring {
+            0
+        } else {
+            2 * tokens * group.num_ranks() * (2 * h + 4 * (h / 128) + 4 + 12 * k) + (1 << 20)
+        },
     };
     let mut buf = HtBuffer::new(group, cfg)?;
     let _teardown = Teardown(group);
@@ -107,8 +121,29 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
         group.take_device_error("ht")?;
         Ok(ms as f64 * 1e3 / a.iters as f64)
     };
-    let bf16 = time(&mut || buf.dispatch_cached(group, &out.handle, &xb, 2 * h, None).map(drop))?;
-    let fp8 = time(&mut || buf.dispatch_cached(group, &out.handle, &x8, h, Some((&scales, h / 128))).map(drop))?;
+    let reused = (
+        buf.alloc_output(group, rows * 2 * h),
+        buf.alloc_output(group, rows * h),
+        buf.alloc_output(group, rows * 4 * (h / 128)),
+    );
+    let (bf16, fp8) = match reused {
+        (Some(recv_bf16), Some(recv_fp8), Some(recv_scales)) if out.one_pass => {
+            let bf16 = time(&mut || buf.dispatch_cached_into(group, &out.handle, &xb, 2 * h, None, &recv_bf16, None))?;
+            let s8 = Some((&scales, h / 128));
+            let fp8 =
+                time(&mut || buf.dispatch_cached_into(group, &out.handle, &x8, h, s8, &recv_fp8, Some(&recv_scales)))?;
+            (bf16, fp8)
+        }
+        _ => {
+            if !a.ring {
+                eprintln!("rank {r}: outputs don't fit the heap: timing the ring path");
+            }
+            let bf16 = time(&mut || buf.dispatch_cached(group, &out.handle, &xb, 2 * h, None).map(drop))?;
+            let fp8 =
+                time(&mut || buf.dispatch_cached(group, &out.handle, &x8, h, Some((&scales, h / 128))).map(drop))?;
+            (bf16, fp8)
+        }
+    };
     let combine = time(&mut || buf.combine(group, &out.handle, &out.recv_x, h, None, [None, None]).map(drop))?;
     Ok([bf16, fp8, combine, rows as f64])
 }
@@ -123,7 +158,8 @@ fn main() -> Result<()> {
     // Ranks sharing a GPU split its SMs (a channel is 2 blocks); at most 20 SMs per rank.
     let channels = if a.channels > 0 { a.channels } else { (sms / (2 * ranks_per_gpu)).clamp(1, 10) };
     let rate = if gpus.len() > 1 { 0.0 } else { copy_rate(&dev)? };
-    let model = format!("hidden {}, top-{} of {} experts", a.hidden, a.topk, a.experts);
+    let path = if a.ring { "rings (two passes)" } else { "one pass (outputs in the heap)" };
+    let model = format!("hidden {}, top-{} of {} experts; dispatch: {path}", a.hidden, a.topk, a.experts);
     if gpus.len() > 1 {
         println!(
             "HT intranode on {} x {} ({sms} SMs each), {} ranks ({ranks_per_gpu} per GPU), {} SMs per rank ({channels} channels); {model}; ceiling: NVLink peer copy (same run); x torch: all_to_all_single over NCCL",
