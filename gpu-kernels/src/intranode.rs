@@ -63,6 +63,10 @@ pub const SITE_COMBINE_RECV: u32 = 15;
 pub const SITE_DISPATCH_MAILBOX: u32 = 16;
 /// Dispatch receiver: waiting for senders' direct stores (one-pass path).
 pub const SITE_DISPATCH_DIRECT: u32 = 17;
+/// Combine: waiting for a rank's combine mailbox.
+pub const SITE_COMBINE_MAILBOX: u32 = 18;
+/// Combine: waiting for every rank to finish (end-of-combine flags).
+pub const SITE_COMBINE_DONE: u32 = 19;
 
 /// Flush a sender's tail after this many tokens even when the ring has room.
 const PUBLISH_EVERY: u64 = 8;
@@ -584,6 +588,9 @@ unsafe fn dispatch_send(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u
                 if half == 0 {
                     if lane == 0 {
                         dev::st_release_sys_u64(note, p.epoch << 2 | m.mode);
+                        if p.remote_row0 != 0 {
+                            *(p.remote_row0 as *mut i32).add((dst * p.num_channels + channel) as usize) = m.row0 as i32;
+                        }
                     }
                     if m.mode == HtMailbox::MODE_DIRECT {
                         limit = mid; // the rest is the receiver block's warp's
@@ -869,148 +876,334 @@ unsafe fn sum_copies<const NR: usize, const U: usize>(
     }
 }
 
+/// The ring way of a combine (module docs): sender blocks push the rows back, receiver
+/// blocks sum. False after a timeout or another thread's error.
+#[inline(always)]
+unsafe fn combine_ring(p: &HtCombineParams, l: &HtLayout) -> bool {
+    let warp = dev::warp_id();
+    let lane = dev::lane_id();
+    let r = p.num_ranks;
+    let (channel, peer, w_per) = channel_and_peer(r);
+    let is_sender = dev::block_idx_x() & 1 == 0;
+    let k_count = p.num_topk;
+    let row_bytes = 2 * p.hidden as u64;
+    let bases: *mut u64 = dev::static_smem();
+    // SAFETY (whole body): as in ht_dispatch.
+    unsafe {
+        if is_sender {
+            // Send the rows received from `dst` in channel `c` back to it, in order.
+            let dst = peer;
+            let base = peer_base(p.peer_bases, dst);
+            let me = p.rank as u64;
+            let mut ring = Sender::new(
+                base + l.ring_tail(l.combine_ctrl, me, channel as u64),
+                base + l.ring_slot(l.combine_slots, p.slot_bytes, me, channel as u64, 0),
+                p.slot_bytes,
+                p.num_slots as u64,
+            );
+            let cpm = p.channel_prefix_matrix as *const i32;
+            let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
+            let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
+            for row in row0..row1 {
+                let waiting = Waiting {
+                    timeout_ns: p.timeout_ns,
+                    error: p.error,
+                    rank: p.rank,
+                    peer: dst,
+                    site: SITE_COMBINE_SEND,
+                };
+                let Some(slot) = ring.reserve(waiting) else { return false };
+                copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
+                if lane < k_count && p.topk_weights != 0 {
+                    *((slot + row_bytes) as *mut f32).add(lane as usize) =
+                        *(p.topk_weights as *const f32).add((row * k_count as u64 + lane as u64) as usize);
+                }
+                ring.written();
+            }
+            ring.publish();
+            return true;
+        }
+        // Receiver: the `R` warps of group `g` sum the tokens of channel `channel` (this
+        // warp's), `R * k` per round (warp `w` takes tokens `w, w + R, ...` of the round),
+        // each token's copies in ascending rank order. All groups run as many rounds as the
+        // block's longest channel (block barriers), and heads are released once a round:
+        // `k > 1` when `R` is small, so two ranks don't pay a barrier and a system fence
+        // every two tokens; a round uses at most half a ring, so senders keep filling.
+        let local = peer_base(p.peer_bases, p.rank);
+        let t = dev::thread_idx_x();
+        let first = dev::block_idx_x() / 2 * w_per; // the block's first channel
+        if t < r * w_per {
+            let c = (first + t / r) as u64;
+            let head =
+                (local + l.ring_tail(l.combine_ctrl, (t % r) as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
+            *bases.add(t as usize) = dev::ld_relaxed_sys_u64(head);
+        }
+        dev::sync_threads();
+        let group_bases = bases.add((warp / r * r) as usize); // this group's, by source rank
+        let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
+        let k = combine_tokens_per_warp(r, p.num_slots) as u64;
+        let per_round = r as u64 * k;
+        let mut rounds = 0;
+        for g in 0..w_per {
+            let (b, e) = l.channel_range(p.num_tokens as u64, (first + g) as u64);
+            rounds = rounds.max((e - b).div_ceil(per_round));
+        }
+        let in_rank =
+            |tok: u64, d: u32| *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0;
+        let send_head = |tok: u64, d: u32| *(p.send_head as *const i32).add((tok * r as u64 + d as u64) as usize);
+        for round in 0..rounds {
+            let chunk = begin + round * per_round;
+            let mut failed = false;
+            for j in 0..k {
+                let tok = chunk + j * r as u64 + (warp % r) as u64;
+                if tok < end && !failed {
+                    // Wait until every copy of the token has arrived.
+                    for d in 0..r {
+                        if in_rank(tok, d) {
+                            let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
+                            let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
+                            if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    if !failed {
+                        // Slots of the token's copies, by source rank.
+                        let mut slot = [0u64; HT_MAX_RANKS as usize];
+                        let mut from = 0u32;
+                        for d in 0..HT_MAX_RANKS {
+                            if d < r && in_rank(tok, d) {
+                                let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
+                                slot[d as usize] = local
+                                    + l.ring_slot(
+                                        l.combine_slots,
+                                        p.slot_bytes,
+                                        d as u64,
+                                        channel as u64,
+                                        pos % p.num_slots as u64,
+                                    );
+                                from |= 1 << d;
+                            }
+                        }
+                        let num_vecs = p.hidden as u64 / 8;
+                        let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
+                        let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
+                        // Eight loads in flight per lane whatever R is (R copies x 8 / R
+                        // vectors): with only R, two ranks' receivers starved for bytes.
+                        if r <= 2 {
+                            sum_copies::<2, 4>(&slot, from, num_vecs, out, b0, b1);
+                        } else if r <= 4 {
+                            sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
+                        } else {
+                            sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
+                        }
+                        if lane < k_count && p.combined_topk_weights != 0 {
+                            let mut acc = 0f32;
+                            for (d, &at) in slot.iter().enumerate() {
+                                if from >> d & 1 != 0 {
+                                    acc += *((at + row_bytes) as *const f32).add(lane as usize);
+                                }
+                            }
+                            *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) =
+                                acc;
+                        }
+                    }
+                }
+            }
+            if dev::sync_threads_or(failed) {
+                return false;
+            }
+            // Free the slots this round consumed: thread `g * R + d` releases head `d` of
+            // the block's channel `g`.
+            if t < r * w_per {
+                let (d, c) = (t % r, (first + t / r) as u64);
+                let (b, e) = l.channel_range(p.num_tokens as u64, c);
+                let chunk = b + round * per_round;
+                let mut consumed = -1i32;
+                let mut tok = chunk;
+                while tok < (chunk + per_round).min(e) {
+                    if in_rank(tok, d) {
+                        consumed = send_head(tok, d);
+                    }
+                    tok += 1;
+                }
+                if consumed >= 0 {
+                    dev::fence_acq_rel_sys();
+                    let head =
+                        (local + l.ring_tail(l.combine_ctrl, d as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
+                    dev::st_release_sys_u64(head, *bases.add(t as usize) + consumed as u64 + 1);
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Static shared memory (u64 index) where a combine block keeps every rank's `x` base
+/// (`[8]`) and weights base (`[8]`) for the pull way; below it the ring receiver's heads.
+const PULL_BASES: usize = 64;
+
+/// Which way this combine goes, decided alike on every rank: pull when every rank's `x`
+/// (and weights, if any) lie in its heap. Block 0 opens this rank's mailbox (slot
+/// `epoch % 2`); every block reads all of them into shared memory. `None` after a timeout
+/// or another thread's error. A rank can be at most one call ahead (every combine ends
+/// with all ranks' flags), so the other slot still holds what a slower rank reads.
+#[inline(always)]
+unsafe fn combine_mode(p: &HtCombineParams, l: &HtLayout) -> Option<bool> {
+    let t = dev::thread_idx_x();
+    let r = p.num_ranks;
+    let slot = l.combine_mailbox + (p.epoch % 2) * moe_ep_abi::FLAG_STRIDE_BYTES;
+    let bases: *mut u64 = dev::static_smem();
+    let (mut missing, mut failed) = (false, false);
+    // SAFETY (whole body): mailbox slots of the ranks' mapped buffers; shared memory within
+    // STATIC_SMEM_BYTES; the rank's error slot.
+    unsafe {
+        if dev::block_idx_x() == 0 && t == 0 {
+            let mine = (peer_base(p.peer_bases, p.rank) + slot) as *mut u64;
+            let heap = if p.heap_bases != 0 { peer_base(p.heap_bases, p.rank) } else { 0 };
+            let offset = |ptr: u64| if ptr == 0 || p.pull == 0 { HtMailbox::NONE } else { ptr - heap };
+            dev::st_relaxed_sys_u64(mine.add(1), offset(p.x));
+            dev::st_relaxed_sys_u64(mine.add(2), offset(p.topk_weights));
+            dev::fence_acq_rel_sys();
+            dev::st_release_sys_u64(mine, p.epoch);
+        }
+        if t < r {
+            let theirs = (peer_base(p.peer_bases, t) + slot) as *const u64;
+            let mut seen = 0;
+            let arrived = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(theirs);
+                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            failed = !arrived || seen < p.epoch;
+            if !arrived {
+                timeout(p.error, p.rank, t, SITE_COMBINE_MAILBOX, p.epoch, seen);
+            }
+            let (x, w) = (dev::ld_relaxed_sys_u64(theirs.add(1)), dev::ld_relaxed_sys_u64(theirs.add(2)));
+            missing = x == HtMailbox::NONE || (p.topk_weights != 0 && w == HtMailbox::NONE);
+            let heap = if p.heap_bases != 0 { peer_base(p.heap_bases, t) } else { 0 };
+            *bases.add(PULL_BASES + t as usize) = heap.wrapping_add(x);
+            *bases.add(PULL_BASES + 8 + t as usize) = heap.wrapping_add(w);
+        }
+    }
+    if dev::sync_threads_or(failed) {
+        return None;
+    }
+    Some(!dev::sync_threads_or(missing))
+}
+
+/// The pull way of a combine: each rank reads every copy of its tokens straight from the
+/// expert ranks' `x` (row `remote_row0[d][c] + send_head`) and sums them in rank order —
+/// one read of each copy, one write of each token. The two blocks of a channel pair share
+/// its tokens.
+#[inline(always)]
+unsafe fn combine_pull(p: &HtCombineParams, l: &HtLayout) {
+    let lane = dev::lane_id();
+    let r = p.num_ranks;
+    let k_count = p.num_topk;
+    let w_per = dev::num_warps() / r;
+    let nw = dev::num_warps() as u64;
+    let first = dev::block_idx_x() / 2 * w_per;
+    let warp_in_pair = (dev::block_idx_x() & 1) as u64 * nw + dev::warp_id() as u64;
+    let row_bytes = 2 * p.hidden as u64;
+    let num_vecs = p.hidden as u64 / 8;
+    let bases: *const u64 = dev::static_smem();
+    // SAFETY (whole body): every row index comes from the dispatch that made the handle
+    // (rows below each peer's `num_rows`); bases from `combine_mode`.
+    unsafe {
+        let in_rank =
+            |tok: u64, d: u32| *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0;
+        for g in 0..w_per {
+            let c = first + g;
+            let (begin, end) = l.channel_range(p.num_tokens as u64, c as u64);
+            let mut tok = begin + warp_in_pair;
+            while tok < end {
+                let mut slot = [0u64; HT_MAX_RANKS as usize];
+                let mut rows = [0u64; HT_MAX_RANKS as usize];
+                let mut from = 0u32;
+                for d in 0..HT_MAX_RANKS {
+                    if d < r && in_rank(tok, d) {
+                        let row0 = *(p.remote_row0 as *const i32).add((d * p.num_channels + c) as usize) as u64;
+                        let row = row0 + *(p.send_head as *const i32).add((tok * r as u64 + d as u64) as usize) as u64;
+                        slot[d as usize] = *bases.add(PULL_BASES + d as usize) + row * row_bytes;
+                        rows[d as usize] = row;
+                        from |= 1 << d;
+                    }
+                }
+                let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
+                let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
+                if r <= 2 {
+                    sum_copies::<2, 4>(&slot, from, num_vecs, out, b0, b1);
+                } else if r <= 4 {
+                    sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
+                } else {
+                    sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
+                }
+                if lane < k_count && p.combined_topk_weights != 0 {
+                    let mut acc = 0f32;
+                    for (d, &row) in rows.iter().enumerate() {
+                        if from >> d & 1 != 0 {
+                            let w = *bases.add(PULL_BASES + 8 + d) as *const f32;
+                            acc += *w.add((row * k_count as u64 + lane as u64) as usize);
+                        }
+                    }
+                    *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
+                }
+                tok += 2 * nw;
+            }
+        }
+    }
+}
+
+/// End of a combine: block `b` raises its flag at every rank and waits for every rank's
+/// block `b`, so no rank's `x` is released (or its mailbox slot reused) while a peer may
+/// still read it. False after a timeout or another thread's error.
+#[inline(always)]
+unsafe fn combine_done(p: &HtCombineParams, l: &HtLayout) -> bool {
+    let t = dev::thread_idx_x();
+    let b = dev::block_idx_x() as u64;
+    let mut failed = false;
+    dev::sync_threads();
+    if t < p.num_ranks {
+        let nb = 2 * l.num_channels;
+        // SAFETY: flags in the ranks' mapped buffers; the rank's error slot.
+        unsafe {
+            let theirs =
+                peer_base(p.peer_bases, t) + l.combine_done + (p.rank as u64 * nb + b) * moe_ep_abi::FLAG_STRIDE_BYTES;
+            dev::fence_acq_rel_sys();
+            dev::st_release_sys_u64(theirs as *mut u64, p.epoch);
+            let mine = (peer_base(p.peer_bases, p.rank)
+                + l.combine_done
+                + (t as u64 * nb + b) * moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
+            let mut seen = 0;
+            let ok = dev::wait_until(p.timeout_ns, || {
+                seen = dev::ld_acquire_sys_u64(mine);
+                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+            });
+            failed = !ok || seen < p.epoch;
+            if !ok {
+                timeout(p.error, p.rank, t, SITE_COMBINE_DONE, p.epoch, seen);
+            }
+        }
+    }
+    !dev::sync_threads_or(failed)
+}
+
 kernel! {
     /// HT combine (see the module docs).
     pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE {
-        let warp = dev::warp_id();
-        let lane = dev::lane_id();
-        let r = p.num_ranks;
-        let (channel, peer, w_per) = channel_and_peer(r);
-        let is_sender = dev::block_idx_x() & 1 == 0;
-        let k_count = p.num_topk;
-        let row_bytes = 2 * p.hidden as u64;
-        let l = HtLayout::new(r, p.num_channels, p.num_slots, p.num_local_experts, p.dispatch_slot_bytes, p.slot_bytes);
-        let bases: *mut u64 = dev::static_smem();
-        // SAFETY (whole body): as in ht_dispatch.
+        let l = HtLayout::new(p.num_ranks, p.num_channels, p.num_slots, p.num_local_experts, p.dispatch_slot_bytes, p.slot_bytes);
+        // SAFETY: the host sized every buffer for this layout and these parameters.
         unsafe {
-            if is_sender {
-                // Send the rows received from `dst` in channel `c` back to it, in order.
-                let dst = peer;
-                let base = peer_base(p.peer_bases, dst);
-                let me = p.rank as u64;
-                let mut ring = Sender::new(
-                    base + l.ring_tail(l.combine_ctrl, me, channel as u64),
-                    base + l.ring_slot(l.combine_slots, p.slot_bytes, me, channel as u64, 0),
-                    p.slot_bytes,
-                    p.num_slots as u64,
-                );
-                let cpm = p.channel_prefix_matrix as *const i32;
-                let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
-                let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
-                for row in row0..row1 {
-                    let waiting = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: dst, site: SITE_COMBINE_SEND };
-                    let Some(slot) = ring.reserve(waiting) else { return };
-                    copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
-                    if lane < k_count && p.topk_weights != 0 {
-                        *((slot + row_bytes) as *mut f32).add(lane as usize) =
-                            *(p.topk_weights as *const f32).add((row * k_count as u64 + lane as u64) as usize);
-                    }
-                    ring.written();
-                }
-                ring.publish();
-                return;
-            }
-            // Receiver: the `R` warps of group `g` sum the tokens of channel `channel` (this
-            // warp's), `R * k` per round (warp `w` takes tokens `w, w + R, ...` of the round),
-            // each token's copies in ascending rank order. All groups run as many rounds as the
-            // block's longest channel (block barriers), and heads are released once a round:
-            // `k > 1` when `R` is small, so two ranks don't pay a barrier and a system fence
-            // every two tokens; a round uses at most half a ring, so senders keep filling.
-            let local = peer_base(p.peer_bases, p.rank);
-            let t = dev::thread_idx_x();
-            let first = dev::block_idx_x() / 2 * w_per; // the block's first channel
-            if t < r * w_per {
-                let c = (first + t / r) as u64;
-                let head = (local + l.ring_tail(l.combine_ctrl, (t % r) as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
-                *bases.add(t as usize) = dev::ld_relaxed_sys_u64(head);
-            }
-            dev::sync_threads();
-            let group_bases = bases.add((warp / r * r) as usize); // this group's, by source rank
-            let (begin, end) = l.channel_range(p.num_tokens as u64, channel as u64);
-            let k = combine_tokens_per_warp(r, p.num_slots) as u64;
-            let per_round = r as u64 * k;
-            let mut rounds = 0;
-            for g in 0..w_per {
-                let (b, e) = l.channel_range(p.num_tokens as u64, (first + g) as u64);
-                rounds = rounds.max((e - b).div_ceil(per_round));
-            }
-            let in_rank = |tok: u64, d: u32| *(p.is_token_in_rank as *const u8).add((tok * r as u64 + d as u64) as usize) != 0;
-            let send_head = |tok: u64, d: u32| *(p.send_head as *const i32).add((tok * r as u64 + d as u64) as usize);
-            for round in 0..rounds {
-                let chunk = begin + round * per_round;
-                let mut failed = false;
-                for j in 0..k {
-                    let tok = chunk + j * r as u64 + (warp % r) as u64;
-                    if tok < end && !failed {
-                        // Wait until every copy of the token has arrived.
-                        for d in 0..r {
-                            if in_rank(tok, d) {
-                                let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
-                                let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
-                                if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
-                                    failed = true;
-                                    break;
-                                }
-                            }
-                        }
-                        if !failed {
-                            // Slots of the token's copies, by source rank.
-                            let mut slot = [0u64; HT_MAX_RANKS as usize];
-                            let mut from = 0u32;
-                            for d in 0..HT_MAX_RANKS {
-                                if d < r && in_rank(tok, d) {
-                                    let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
-                                    slot[d as usize] = local + l.ring_slot(l.combine_slots, p.slot_bytes, d as u64, channel as u64, pos % p.num_slots as u64);
-                                    from |= 1 << d;
-                                }
-                            }
-                            let num_vecs = p.hidden as u64 / 8;
-                            let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
-                            let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
-                            // Eight loads in flight per lane whatever R is (R copies x 8 / R
-                            // vectors): with only R, two ranks' receivers starved for bytes.
-                            if r <= 2 {
-                                sum_copies::<2, 4>(&slot, from, num_vecs, out, b0, b1);
-                            } else if r <= 4 {
-                                sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
-                            } else {
-                                sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
-                            }
-                            if lane < k_count && p.combined_topk_weights != 0 {
-                                let mut acc = 0f32;
-                                for (d, &at) in slot.iter().enumerate() {
-                                    if from >> d & 1 != 0 {
-                                        acc += *((at + row_bytes) as *const f32).add(lane as usize);
-                                    }
-                                }
-                                *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
-                            }
-                        }
-                    }
-                }
-                if dev::sync_threads_or(failed) {
-                    return;
-                }
-                // Free the slots this round consumed: thread `g * R + d` releases head `d` of
-                // the block's channel `g`.
-                if t < r * w_per {
-                    let (d, c) = (t % r, (first + t / r) as u64);
-                    let (b, e) = l.channel_range(p.num_tokens as u64, c);
-                    let chunk = b + round * per_round;
-                    let mut consumed = -1i32;
-                    let mut tok = chunk;
-                    while tok < (chunk + per_round).min(e) {
-                        if in_rank(tok, d) {
-                            consumed = send_head(tok, d);
-                        }
-                        tok += 1;
-                    }
-                    if consumed >= 0 {
-                        dev::fence_acq_rel_sys();
-                        let head = (local + l.ring_tail(l.combine_ctrl, d as u64, c) + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
-                        dev::st_release_sys_u64(head, *bases.add(t as usize) + consumed as u64 + 1);
-                    }
-                }
+            let Some(pull) = combine_mode(&p, &l) else { return };
+            let ok = if pull {
+                combine_pull(&p, &l);
+                true
+            } else {
+                combine_ring(&p, &l)
+            };
+            if !dev::sync_threads_or(!ok) {
+                combine_done(&p, &l);
             }
         }
     }

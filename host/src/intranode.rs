@@ -61,6 +61,9 @@ pub struct HtHandle {
     pub num_recv_tokens: DeviceBuffer,
     /// Whether the outputs are padded to `num_rows`.
     pub padded: bool,
+    /// `[R, C]` i32: where this rank's tokens of each channel start in each peer's rows
+    /// (what a pulling combine reads).
+    pub remote_row0: DeviceBuffer,
     num_channels: usize,
 }
 
@@ -132,6 +135,8 @@ struct DispatchIo<'a> {
     /// `None`: not written (`dispatch_cached_into`).
     recv_src_idx: Option<&'a DeviceBuffer>,
     send_head: &'a DeviceBuffer,
+    /// Written by a full dispatch (`None` for cached ones: the handle has it).
+    remote_row0: Option<&'a DeviceBuffer>,
     num_worst_tokens: Option<usize>,
     /// The `recv_*` buffers lie in the heap.
     direct: bool,
@@ -148,8 +153,9 @@ pub struct HtBuffer {
     cfg: HtConfig,
     host_counts: HostMapped,
     heap: Option<SymHeap>,
-    /// Mailbox epoch of the last dispatch (every rank makes the same calls).
+    /// Mailbox epochs of the last dispatch and combine (every rank makes the same calls).
     dispatch_epoch: u64,
+    combine_epoch: u64,
     poison: Option<u8>,
 }
 
@@ -217,7 +223,7 @@ impl HtBuffer {
         let host_counts = group.device().alloc_host_mapped(4 * (1 + num_local))?;
         let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
         let heap = if cfg.heap_bytes > 0 { Some(SymHeap::new(group, cfg.heap_bytes)?) } else { None };
-        Ok(HtBuffer { sym, layout, cfg, host_counts, heap, dispatch_epoch: 0, poison: None })
+        Ok(HtBuffer { sym, layout, cfg, host_counts, heap, dispatch_epoch: 0, combine_epoch: 0, poison: None })
     }
 
     fn layout_for(num_ranks: usize, cfg: &HtConfig) -> HtLayout {
@@ -293,6 +299,7 @@ impl HtBuffer {
         let channel_prefix_matrix = stream.alloc(4 * num_ranks * (c + 1))?;
         let num_recv_tokens_per_expert = stream.alloc(4 * num_local)?;
         let num_recv_tokens_dev = stream.alloc(4)?;
+        let remote_row0 = stream.alloc(4 * num_ranks * c)?;
         let exact = a.num_worst_tokens.is_none();
         let notify = HtNotifyParams {
             peer_bases: self.sym.peer_table_ptr(),
@@ -364,6 +371,7 @@ impl HtBuffer {
             recv_topk: Some((&recv_topk_idx, &recv_topk_weights)),
             recv_src_idx: Some(&recv_src_idx),
             send_head: &send_head,
+            remote_row0: Some(&remote_row0),
             num_worst_tokens: a.num_worst_tokens,
             direct,
         };
@@ -377,6 +385,7 @@ impl HtBuffer {
             num_rows: rows,
             num_recv_tokens: num_recv_tokens_dev,
             padded: a.num_worst_tokens.is_some(),
+            remote_row0,
             num_channels: c,
         };
         Ok(HtDispatchOutputs {
@@ -449,6 +458,7 @@ impl HtBuffer {
             recv_topk: None,
             recv_src_idx: Some(&recv_src_idx),
             send_head: &send_head,
+            remote_row0: None,
             num_worst_tokens: handle.padded.then_some(rows),
             direct,
         };
@@ -486,10 +496,7 @@ impl HtBuffer {
         };
         let stream = group.stream();
         let send_head = stream.alloc_uninit((t * num_ranks * 4).max(4))?;
-        let in_heap = |b: &DeviceBuffer| {
-            self.heap.as_ref().and_then(|h| h.offset_of(b).map(|o| o + b.len() as u64 <= h.capacity())).unwrap_or(false)
-        };
-        let direct = in_heap(recv_x) && (num_scales == 0 || in_heap(recv_x_scales));
+        let direct = self.in_heap(recv_x) && (num_scales == 0 || self.in_heap(recv_x_scales));
         let io = DispatchIo {
             x,
             hidden_bytes,
@@ -504,6 +511,7 @@ impl HtBuffer {
             recv_topk: None,
             recv_src_idx: None,
             send_head: &send_head,
+            remote_row0: None,
             num_worst_tokens: handle.padded.then_some(rows),
             direct,
         };
@@ -514,6 +522,16 @@ impl HtBuffer {
     /// full), for [`HtBuffer::dispatch_cached_into`]. Freed in stream order when dropped.
     pub fn alloc_output(&self, group: &Group, bytes: usize) -> Option<DeviceBuffer> {
         self.heap.as_ref()?.alloc(group.stream(), bytes)
+    }
+
+    /// Whether all of `b` lies in this buffer's heap (peers can address it).
+    fn in_heap(&self, b: &DeviceBuffer) -> bool {
+        self.heap.as_ref().and_then(|h| h.offset_of(b).map(|o| o + b.len() as u64 <= h.capacity())).unwrap_or(false)
+    }
+
+    /// The output heap (`HtConfig::heap_bytes > 0`).
+    pub fn heap(&self) -> Option<&SymHeap> {
+        self.heap.as_ref()
     }
 
     /// Checks `x` (`[num_tokens, hidden_bytes]`) and its scales; returns the scale count.
@@ -578,6 +596,7 @@ impl HtBuffer {
             error: group.error_ptr(),
             heap_bases: self.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
             epoch: self.dispatch_epoch,
+            remote_row0: io.remote_row0.map_or(0, |b| b.ptr()),
             timeout_ns: group.timeout_ns(),
             hidden_bytes: io.hidden_bytes as u64,
             slot_bytes: self.layout.dispatch_slot_bytes,
@@ -648,6 +667,10 @@ impl HtBuffer {
             None => None,
         };
         let c = self.rings();
+        // Peers pull straight from `x` (and the weights) when they lie in the heap on every
+        // rank (decided on the device); otherwise rows go back through the rings.
+        let pull = self.in_heap(x) && topk_weights.is_none_or(|(w, _)| self.in_heap(w));
+        self.combine_epoch += 1;
         let params = HtCombineParams {
             peer_bases: self.sym.peer_table_ptr(),
             x: x.ptr(),
@@ -660,6 +683,9 @@ impl HtBuffer {
             combined_x: combined_x.ptr(),
             combined_topk_weights: combined_topk_weights.as_ref().map_or(0, |b| b.ptr()),
             error: group.error_ptr(),
+            heap_bases: self.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
+            remote_row0: handle.remote_row0.ptr(),
+            epoch: self.combine_epoch,
             timeout_ns: group.timeout_ns(),
             slot_bytes: self.layout.combine_slot_bytes,
             dispatch_slot_bytes: self.layout.dispatch_slot_bytes,
@@ -671,6 +697,8 @@ impl HtBuffer {
             num_ranks: num_ranks as u32,
             num_channels: c as u32,
             num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
+            pull: pull as u32,
+            reserved: 0,
         };
         let cfg = self.launch_config(num_ranks);
         // SAFETY: the handle's maps come from the matching dispatch; sizes checked above.

@@ -209,7 +209,15 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) -> Vec<bool> {
         assert_eq!(rpm, c.want.handle.rank_prefix_matrix(), "{ctx}: rank_prefix_matrix");
 
         // Combine the fresh expert outputs back (with the received weights, and bias).
-        let yb = upload(group, &c.y[rank]);
+        // With a heap, the expert outputs live in it (`alloc_output`), so peers pull them
+        // when every rank's do; otherwise (or when it is full) a plain upload.
+        let yb = match buf.alloc_output(group, c.y[rank].len() * 2) {
+            Some(b) => {
+                b.write(s, 0, &c.y[rank]).unwrap();
+                b
+            }
+            None => upload(group, &c.y[rank]),
+        };
         let (bb0, bb1) = (upload(group, &c.bias[0][rank]), upload(group, &c.bias[1][rank]));
         let bias = if case.with_bias { [Some(&bb0), Some(&bb1)] } else { [None, None] };
         group.bootstrap().barrier().unwrap();

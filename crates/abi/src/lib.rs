@@ -201,6 +201,8 @@ pub const HT_MAX_BLOCK_WARPS: u32 = 16;
 /// | dispatch ring control `[src][c]` | `R * C * 256` (tail line, head line) |
 /// | dispatch ring slots `[src][c][num_slots]` | `R * C * num_slots * dispatch_slot_bytes` |
 /// | combine ring control / slots | the same with `combine_slot_bytes` |
+/// | combine mailboxes (pull path) | `2 * 128`: `[epoch, x offset, weights offset]` u64, slot `epoch % 2` |
+/// | `combine_done[src][block]` | `R * 2C * 128`: the end-of-combine flags |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HtLayout {
     /// Ranks.
@@ -234,6 +236,10 @@ pub struct HtLayout {
     pub combine_ctrl: u64,
     /// Offset of the combine rings' slots.
     pub combine_slots: u64,
+    /// Offset of the two combine mailboxes (pull path).
+    pub combine_mailbox: u64,
+    /// Offset of `combine_done[src][block]`.
+    pub combine_done: u64,
     /// Total bytes.
     pub total_bytes: u64,
 }
@@ -264,7 +270,9 @@ impl HtLayout {
         let dispatch_slots = align128(dispatch_ctrl + r * c * 2 * FLAG_STRIDE_BYTES);
         let combine_ctrl = align128(dispatch_slots + r * c * n * dispatch_slot_bytes);
         let combine_slots = align128(combine_ctrl + r * c * 2 * FLAG_STRIDE_BYTES);
-        let total_bytes = align128(combine_slots + r * c * n * combine_slot_bytes);
+        let combine_mailbox = align128(combine_slots + r * c * n * combine_slot_bytes);
+        let combine_done = combine_mailbox + 2 * FLAG_STRIDE_BYTES;
+        let total_bytes = combine_done + r * 2 * c * FLAG_STRIDE_BYTES;
         HtLayout {
             num_ranks: r,
             num_channels: c,
@@ -281,6 +289,8 @@ impl HtLayout {
             dispatch_slots,
             combine_ctrl,
             combine_slots,
+            combine_mailbox,
+            combine_done,
             total_bytes,
         }
     }
@@ -452,6 +462,9 @@ pub struct HtDispatchParams {
     pub heap_bases: u64,
     /// This call's mailbox epoch (the same on every rank, increasing).
     pub epoch: u64,
+    /// `[R, C]` i32 out: the first row of this rank's tokens of channel `c` in rank `d`'s
+    /// outputs, where it sends any (for a pulling combine); 0 = not written.
+    pub remote_row0: u64,
     /// Wait bound, ns.
     pub timeout_ns: u64,
     /// Bytes per token (multiple of 16).
@@ -513,6 +526,12 @@ pub struct HtCombineParams {
     /// The [`ErrorSlot`].
     pub error: u64,
     // CONFIG
+    /// Device table of the `R` heap bases (0 = no heap).
+    pub heap_bases: u64,
+    /// `[R, C]` i32 from the dispatch (`HtDispatchParams::remote_row0`).
+    pub remote_row0: u64,
+    /// This call's combine epoch (the same on every rank, increasing).
+    pub epoch: u64,
     /// Wait bound, ns.
     pub timeout_ns: u64,
     /// Bytes per combine slot.
@@ -535,6 +554,10 @@ pub struct HtCombineParams {
     pub num_channels: u32,
     /// Local experts of the buffer (to locate the combine regions).
     pub num_local_experts: u32,
+    /// 1 when `x` (and `topk_weights`, if any) lie in this rank's heap: peers may pull.
+    pub pull: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// Where each region of an LL (low-latency) symmetric buffer lives. Two identical sets

@@ -80,12 +80,12 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
         num_channels: channels,
         warps_per_peer: 0,
         num_slots: 0,
-        // Room for the first dispatch's outputs and the reused ones, at most every token
-        // from every rank.
+        // Room for the first dispatch's outputs and the reused ones (bf16 and fp8 rows,
+        // scales): at most every token from every rank, three times over.
         heap_bytes: if a.ring {
             0
         } else {
-            2 * tokens * group.num_ranks() * (2 * h + 4 * (h / 128) + 4 + 12 * k) + (1 << 20)
+            3 * tokens * group.num_ranks() * (2 * h + 4 * (h / 128) + 4 + 12 * k) + (1 << 20)
         },
     };
     let mut buf = HtBuffer::new(group, cfg)?;
@@ -136,7 +136,11 @@ fn bench_rank(group: &Group, a: &Args, tokens: usize, channels: usize) -> Result
         }
         _ => {
             if !a.ring {
-                eprintln!("rank {r}: outputs don't fit the heap: timing the ring path");
+                let (cap, free) = buf.heap().map_or((0, 0), |h| (h.capacity(), h.free_bytes()));
+                eprintln!(
+                    "rank {r}: outputs don't fit the heap ({free} of {cap} bytes free; first dispatch one-pass: {}): timing the ring path",
+                    out.one_pass
+                );
             }
             let bf16 = time(&mut || buf.dispatch_cached(group, &out.handle, &xb, 2 * h, None).map(drop))?;
             let fp8 =
