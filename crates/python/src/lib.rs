@@ -278,6 +278,8 @@ struct Ctx {
 struct State {
     ht: Option<HtBuffer>,
     ht_generation: u64,
+    /// `HtConfig::heap_bytes` of the next HT buffer (`Buffer(num_heap_bytes=...)`).
+    ht_heap_bytes: usize,
     ll: Option<(LlBuffer, LlConfig)>,
     ll_generation: u64,
 }
@@ -293,7 +295,7 @@ impl Rank {
     fn new(group: Group) -> Rank {
         Rank {
             group: Arc::new(group),
-            state: Mutex::new(State { ht: None, ht_generation: 0, ll: None, ll_generation: 0 }),
+            state: Mutex::new(State { ht: None, ht_generation: 0, ht_heap_bytes: 0, ll: None, ll_generation: 0 }),
         }
     }
 
@@ -360,6 +362,7 @@ impl Rank {
                 && c.num_topk >= want.num_topk
                 && c.num_scales >= want.num_scales
                 && (want.num_channels == 0 || c.num_channels == want.num_channels)
+                && c.heap_bytes == want.heap_bytes
         });
         if !fits {
             let cfg = match st.ht.as_ref().map(|b| *b.config()) {
@@ -517,6 +520,30 @@ impl Rank {
         let devices: Vec<Device> = devices.iter().map(|d| device_from(d)).collect::<PyResult<_>>()?;
         let groups = py.detach(|| Group::in_process(&devices)).py()?;
         Ok(groups.into_iter().map(Rank::new).collect())
+    }
+
+    /// Bytes of the output heap of the HT buffer (0 = none), from the next HT call on.
+    fn set_ht_heap_bytes(&self, py: Python<'_>, bytes: usize) -> PyResult<()> {
+        py.detach(|| -> moe_ep::Result<()> {
+            self.lock()?.ht_heap_bytes = bytes;
+            Ok(())
+        })
+        .py()
+    }
+
+    /// `nbytes` from the HT buffer's heap for work ordered on `stream`, or None (no HT
+    /// buffer yet, no heap, or no room).
+    #[pyo3(signature = (nbytes, stream))]
+    fn ht_alloc_output(&self, py: Python<'_>, nbytes: usize, stream: usize) -> PyResult<Option<Array>> {
+        let ctx = Ctx { stream, previous: None, async_finish: false };
+        py.detach(|| -> moe_ep::Result<Option<Array>> {
+            let st = self.lock()?;
+            let Some(buf) = st.ht.as_ref() else { return Ok(None) };
+            // A block comes back only once the work queued before its release has run, so the
+            // caller may write it at once; its own release waits for the caller's stream.
+            Ok(buf.alloc_output(&self.group, nbytes).map(|b| self.output(&ctx, b, nbytes)))
+        })
+        .py()
     }
 
     /// Rank `rank` of `num_ranks` joined through rank 0's TCP listener named by `unique_id`
@@ -689,7 +716,7 @@ impl Rank {
                 num_channels,
                 warps_per_peer: 0,
                 num_slots: 0,
-                heap_bytes: 0,
+                heap_bytes: st.ht_heap_bytes,
             };
             self.ensure_ht(&mut st, want)?;
             let generation = st.ht_generation;

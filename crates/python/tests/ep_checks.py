@@ -134,9 +134,10 @@ class TorchBackend:
 # --------------------------------------------------------------------------------- ranks
 
 
-def run_in_process(num_ranks, device, backend, body):
-    """`body(buffer, rank, barrier)` on one thread per rank of an in-process group; returns
-    the results in rank order, re-raising the first failure."""
+def run_in_process(num_ranks, device, backend, body, **buffer_kwargs):
+    """`body(buffer, rank, barrier)` on one thread per rank of an in-process group (each
+    `Buffer` made with `buffer_kwargs`); returns the results in rank order, re-raising the
+    first failure."""
     groups = moe_ep.Group.in_process(num_ranks, device)
     bar = threading.Barrier(num_ranks, timeout=600)
     results, errors = [None] * num_ranks, [None] * num_ranks
@@ -144,7 +145,7 @@ def run_in_process(num_ranks, device, backend, body):
     def main(r):
         try:
             with backend.stream():
-                results[r] = body(moe_ep.Buffer(groups[r]), r, bar.wait)
+                results[r] = body(moe_ep.Buffer(groups[r], **buffer_kwargs), r, bar.wait)
         except BaseException as e:  # noqa: BLE001 (reported below, with the rank)
             errors[r] = e
             bar.abort()
@@ -432,6 +433,22 @@ def ht_body(case, backend, reruns=3):
                 if sent.any():
                     d = calc_diff(bf16_to_f32(got_cx[sent]) / copies[sent, None], bf16_to_f32(case.x[r][sent]))
                     assert d < 5e-6, f"combine calc_diff {d}"
+
+        # 8b. with a heap: expert outputs written into get_ht_combine_buffer (pulled by peers
+        # when every rank's are there), the same sums
+        wait()
+        y = buf.get_ht_combine_buffer(handle, H)
+        assert tuple(y.shape) == (num_recv, H), f"combine buffer shape {tuple(y.shape)}"
+        if hasattr(y, "copy_"):
+            y.copy_(recv_x)
+        else:
+            y[...] = recv_x
+        B.sync()
+        wait()
+        cx, cw, _ = buf.combine(y, handle, topk_weights=recv_w)
+        want_x, want_w = ref_ht_combine(case.ref, ys, yws, case.tokens[r], r, H, (None, None))
+        _eq(B.get(cx), want_x, "combined_x from get_ht_combine_buffer")
+        _eq(B.get(cw), want_w, "combined_topk_weights from get_ht_combine_buffer")
 
         # 9. pressure: identical results over reruns
         hashes = set()

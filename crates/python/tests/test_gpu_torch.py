@@ -32,6 +32,13 @@ def test_intranode_deepseek_shapes():
     assert run_in_process(R, DEVICE, B, ht_body(case, B, reruns=10)) == [True] * R
 
 
+def test_intranode_deepseek_shapes_one_pass_with_a_heap():
+    # the same with outputs in a heap: senders store into them directly, combine pulls
+    case = HtCase(seed(), R, num_experts=256, num_topk=8, hidden=7168, max_tokens=TOKENS)
+    body = ht_body(case, B, reruns=3)
+    assert run_in_process(R, DEVICE, B, body, num_heap_bytes=1 << 30) == [True] * R
+
+
 def test_intranode_wide_topk_hidden_2880_empty_rank():
     case = HtCase(seed(), R, num_experts=128, num_topk=16, hidden=2880, max_tokens=TOKENS // 4, empty_rank=1)
     assert run_in_process(R, DEVICE, B, ht_body(case, B, reruns=2)) == [True] * R

@@ -251,14 +251,27 @@ class Buffer:
     `num_rdma_bytes`, `low_latency_mode`, `num_qps_per_rank`, `allow_nvlink_for_low_latency_mode`,
     `allow_mnnvl`, `enable_shrink` are accepted and kept: moe-ep allocates each mode's buffer on
     its first call, sized by that call's shapes (and both modes may be used on one Buffer).
+
+    `num_heap_bytes` (moe-ep only; default: `$MOE_EP_HT_HEAP_BYTES`, else 0): an output heap
+    for HT. Dispatch outputs that fit are stored into by the senders directly (one pass over
+    the data instead of two); a combine whose `x` and `topk_weights` lie in every rank's heap
+    (a dispatch's `recv_x`/`recv_topk_weights`, or `get_ht_combine_buffer`) pulls the copies
+    straight from there. Outputs that don't fit take the rings, as without a heap.
     """
 
     num_sms: int = 20
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
                  num_qps_per_rank=24, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
-                 explicitly_destroy=False, enable_shrink=False, comm=None):
+                 explicitly_destroy=False, enable_shrink=False, comm=None, num_heap_bytes=None):
         _int(num_nvl_bytes, "num_nvl_bytes", 0)
+        if num_heap_bytes is None:
+            env = os.environ.get("MOE_EP_HT_HEAP_BYTES", "0")
+            try:
+                num_heap_bytes = int(env)
+            except ValueError:
+                raise ValueError(f"MOE_EP_HT_HEAP_BYTES: expected a byte count, got {env!r}") from None
+        _int(num_heap_bytes, "num_heap_bytes", 0)
         _int(num_rdma_bytes, "num_rdma_bytes", 0)
         self.runtime = _native_rank(group, comm)
         self.group = group if group is not None else comm
@@ -269,6 +282,8 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
         self.device = self.runtime.device
+        self.num_heap_bytes = num_heap_bytes
+        self.runtime.set_ht_heap_bytes(num_heap_bytes)
 
     # ----------------------------------------------------------------------------------- misc
 
@@ -588,6 +603,21 @@ class Buffer:
             def hook():
                 self.runtime.ll_complete_combine(pending)
         return LowLatencyCombineOutput(combined, self._event(ev, (x, topk_idx, topk_weights)), hook)
+
+    def get_ht_combine_buffer(self, handle, hidden):
+        """moe-ep extension: a `[handle.num_recv_tokens, hidden]` bfloat16 tensor in the HT
+        buffer's heap (`num_heap_bytes`) to write expert outputs into; when every rank combines
+        such a tensor, each rank pulls its tokens' copies straight from the peers' (one pass).
+        A plain tensor when there is no heap or no room (the combine then takes the rings)."""
+        if not isinstance(handle, HtHandle):
+            raise TypeError(f"handle: expected the handle of a moe_ep dispatch, got {type(handle).__name__}")
+        _int(hidden, "hidden", 1)
+        shape = (handle.num_recv_tokens, hidden)
+        nbytes = 2 * shape[0] * shape[1]
+        arr = self.runtime.ht_alloc_output(nbytes, tz.current_stream(self.device)) if nbytes else None
+        if arr is None:
+            return tz.empty(handle._like, self.device, "bfloat16", shape)
+        return tz.out(arr, handle._like, self.device, "bfloat16", shape)
 
     def get_next_low_latency_combine_buffer(self, handle):
         """A `[L, R*M, H]` bfloat16 tensor to write expert outputs into and pass to
