@@ -793,6 +793,9 @@ kernel! {
     }
 }
 
+/// Loads a lane of `sum_copies` may have in flight (copies x steps).
+const XS: usize = 16;
+
 /// Warp-cooperative: one combined row `out` = bf16(b0 + b1 + the copies in ascending rank
 /// order, in f32), from the copies in `slot[d]` for each bit `d` of `from` (`d < NR`) and the
 /// bias rows `b0`, `b1` (0 = none), `num_vecs` 16-byte vectors each. Each lane issues the
@@ -806,7 +809,7 @@ unsafe fn sum_copies<const NR: usize, const U: usize>(
     b0: u64,
     b1: u64,
 ) {
-    const { assert!((U == 1 || U == 2 || U == 4) && NR * U <= HT_MAX_RANKS as usize) };
+    const { assert!((U == 1 || U == 2 || U == 4 || U == 8) && NR * U <= XS) };
     let lane = dev::lane_id() as u64;
     let warp = WARP_SIZE as u64;
     let mut base = 0u64;
@@ -816,8 +819,8 @@ unsafe fn sum_copies<const NR: usize, const U: usize>(
         while base < num_vecs {
             // The `U` steps are written out (loops over them were left rolled, and `xs` then
             // lived in local memory); `xs[u * NR + d]` is copy `d` of step `u`.
-            let mut xs = [U4::default(); HT_MAX_RANKS as usize];
-            let load = |u: usize, xs: &mut [U4; HT_MAX_RANKS as usize]| {
+            let mut xs = [U4::default(); XS];
+            let load = |u: usize, xs: &mut [U4; XS]| {
                 let v = base + u as u64 * warp + lane;
                 for d in 0..NR {
                     if v < num_vecs && from >> d & 1 != 0 {
@@ -825,7 +828,7 @@ unsafe fn sum_copies<const NR: usize, const U: usize>(
                     }
                 }
             };
-            let reduce = |u: usize, xs: &[U4; HT_MAX_RANKS as usize]| {
+            let reduce = |u: usize, xs: &[U4; XS]| {
                 let v = base + u as u64 * warp + lane;
                 if v >= num_vecs {
                     return;
@@ -863,6 +866,12 @@ unsafe fn sum_copies<const NR: usize, const U: usize>(
                 load(2, &mut xs);
                 load(3, &mut xs);
             }
+            if U > 4 {
+                load(4, &mut xs);
+                load(5, &mut xs);
+                load(6, &mut xs);
+                load(7, &mut xs);
+            }
             reduce(0, &xs);
             if U > 1 {
                 reduce(1, &xs);
@@ -870,6 +879,12 @@ unsafe fn sum_copies<const NR: usize, const U: usize>(
             if U > 2 {
                 reduce(2, &xs);
                 reduce(3, &xs);
+            }
+            if U > 4 {
+                reduce(4, &xs);
+                reduce(5, &xs);
+                reduce(6, &xs);
+                reduce(7, &xs);
             }
             base += U as u64 * warp;
         }
@@ -1130,15 +1145,7 @@ unsafe fn combine_pull(p: &HtCombineParams, l: &HtLayout) {
                         from |= 1 << d;
                     }
                 }
-                let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
-                let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
-                if r <= 2 {
-                    sum_copies::<2, 4>(&slot, from, num_vecs, out, b0, b1);
-                } else if r <= 4 {
-                    sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
-                } else {
-                    sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
-                }
+                // Weights first: `rows` is then dead while the copies' loads are in flight.
                 if lane < k_count && p.combined_topk_weights != 0 {
                     let mut acc = 0f32;
                     for (d, &row) in rows.iter().enumerate() {
@@ -1148,6 +1155,17 @@ unsafe fn combine_pull(p: &HtCombineParams, l: &HtLayout) {
                         }
                     }
                     *(p.combined_topk_weights as *mut f32).add((tok * k_count as u64 + lane as u64) as usize) = acc;
+                }
+                let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
+                let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
+                if r <= 2 {
+                    // 16 loads in flight per lane: across GPUs half the copies are remote loads
+                    // (more ranks keep 8: 16 would spill).
+                    sum_copies::<2, 8>(&slot, from, num_vecs, out, b0, b1);
+                } else if r <= 4 {
+                    sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
+                } else {
+                    sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
                 }
                 tok += 2 * nw;
             }
