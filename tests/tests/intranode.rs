@@ -233,3 +233,69 @@ fn ht_num_worst_tokens_too_small_is_an_error_not_an_overflow() {
         other => panic!("rank 0: expected an overflow error, got {other:?}"),
     }
 }
+
+/// A rank that never joins a one-pass call: its peers' waits for its mailboxes end in typed
+/// timeouts naming it and the wait site, not in a hang (cached dispatch: a sender waits for
+/// the receiver's dispatch mailbox; combine: every rank waits for every combine mailbox).
+#[test]
+fn ht_one_pass_missing_peer_is_a_timeout() {
+    use moe_ep::Error;
+    use moe_ep::kernels::intranode::{SITE_COMBINE_MAILBOX, SITE_DISPATCH_DIRECT, SITE_DISPATCH_MAILBOX};
+    let groups = Group::in_process(&devices(2)).unwrap();
+    on_ranks(groups, |rank, mut group| {
+        let cfg = HtConfig {
+            num_experts: 4,
+            hidden: 64,
+            num_topk: 2,
+            num_scales: 0,
+            num_channels: 0,
+            warps_per_peer: 0,
+            num_slots: 0,
+            heap_bytes: 1 << 20,
+        };
+        let mut buf = HtBuffer::new(&group, cfg).unwrap();
+        // Every token to experts 0 and 2: one on each rank.
+        let (t, k) = (3, 2);
+        let topk = upload(&group, &[0i64, 2, 0, 2, 0, 2]);
+        let (weights, x) = (upload(&group, &[0.5f32; 6]), upload(&group, &[3u16; 3 * 64]));
+        let layout = get_dispatch_layout(&group, &topk, IndexType::I64, t, k, 4).unwrap();
+        let args = HtDispatchArgs {
+            x: &x,
+            hidden_bytes: 128,
+            num_tokens: t,
+            x_scales: None,
+            topk: Some((&topk, IndexType::I64, &weights, k)),
+            layout: &layout,
+            expert_alignment: 1,
+            num_worst_tokens: None,
+        };
+        group.bootstrap().barrier().unwrap();
+        let out = buf.dispatch(&group, &args).unwrap();
+        group.stream().synchronize().unwrap();
+        group.take_device_error("ht_dispatch").unwrap();
+        assert!(out.one_pass);
+        group.bootstrap().barrier().unwrap();
+        if rank == 0 {
+            group.set_timeout(std::time::Duration::from_millis(300)).unwrap();
+            let recv = buf.alloc_output(&group, 6 * 128).unwrap();
+            buf.dispatch_cached_into(&group, &out.handle, &x, 128, None, &recv, None).unwrap();
+            group.stream().synchronize().unwrap();
+            match group.take_device_error("ht_dispatch (cached)") {
+                // Its senders wait for rank 1's mailbox, its receivers for rank 1's stores:
+                // whichever gives up first is reported.
+                Err(Error::Timeout { rank: 0, peer: 1, site, .. }) => {
+                    assert!([SITE_DISPATCH_MAILBOX, SITE_DISPATCH_DIRECT].contains(&site), "site {site}")
+                }
+                other => panic!("expected a timeout waiting for rank 1, got {other:?}"),
+            }
+            let _ = buf.combine(&group, &out.handle, &out.recv_x, 64, None, [None, None]).unwrap();
+            group.stream().synchronize().unwrap();
+            match group.take_device_error("ht_combine") {
+                Err(Error::Timeout { rank: 0, peer: 1, site, .. }) => assert_eq!(site, SITE_COMBINE_MAILBOX),
+                other => panic!("expected a timeout waiting for rank 1's combine mailbox, got {other:?}"),
+            }
+        }
+        // Rank 1 keeps its buffer (mapped by rank 0) until rank 0 is done.
+        group.bootstrap().barrier().unwrap();
+    });
+}
