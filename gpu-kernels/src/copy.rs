@@ -23,39 +23,27 @@ unsafe fn load(src: u64, v: u64, read_only: bool) -> U4 {
 /// Both ranges are valid, 16-byte aligned, `bytes` long. All 32 lanes call together.
 #[inline(always)]
 pub unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
-    // SAFETY: forwarded.
-    unsafe { copy_warp_deep::<UNROLL>(dst, src, bytes, src_read_only) }
-}
-
-/// [`copy_warp`] with `N` loads in flight per lane (more registers: for copies whose stores
-/// cross NVLink, where a warp otherwise waits on its loads between bursts of stores).
-///
-/// # Safety
-/// As [`copy_warp`].
-#[inline(always)]
-pub unsafe fn copy_warp_deep<const N: usize>(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
     let n = bytes / 16;
     let lane = dev::lane_id() as u64;
     let warp = WARP_SIZE as u64;
+    let step = warp * UNROLL as u64;
     let mut base = 0u64;
-    // SAFETY: indices stay below `n` vectors. The last round is a partial one (predicated
-    // loads) rather than a tail of single loads, each a full round trip.
+    // SAFETY (both loops): indices stay below `n` vectors.
     unsafe {
-        while base < n {
-            let mut x = [U4::default(); N];
+        while base + step <= n {
+            let mut x = [U4::default(); UNROLL];
             for (j, x) in x.iter_mut().enumerate() {
-                let v = base + lane + warp * j as u64;
-                if v < n {
-                    *x = load(src, v, src_read_only);
-                }
+                *x = load(src, base + lane + warp * j as u64, src_read_only);
             }
             for (j, x) in x.iter().enumerate() {
-                let v = base + lane + warp * j as u64;
-                if v < n {
-                    dev::st_v4((dst as *mut U4).add(v as usize), *x);
-                }
+                dev::st_v4((dst as *mut U4).add((base + lane + warp * j as u64) as usize), *x);
             }
-            base += warp * N as u64;
+            base += step;
+        }
+        let mut v = base + lane;
+        while v < n {
+            dev::st_v4((dst as *mut U4).add(v as usize), load(src, v, src_read_only));
+            v += warp;
         }
     }
 }

@@ -43,7 +43,7 @@ use crate::abi::{
     DeviceError, ErrorSlot, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtMailbox, HtNotifyParams,
     WARP_SIZE, error_code,
 };
-use crate::copy::{copy_warp, copy_warp_deep};
+use crate::copy::copy_warp;
 use crate::dev::{self, U4};
 use crate::num::{bf16_to_f32, f32_to_bf16};
 
@@ -499,7 +499,7 @@ unsafe fn store_direct(p: &HtDispatchParams, m: &Mailbox, dst: u32, t: u64, row:
     // SAFETY (whole body): the receiver sized its outputs for every row it expects (its
     // mailbox would say REFUSE otherwise); inputs as in `ht_dispatch`.
     unsafe {
-        copy_warp_deep::<8>(m.heap + m.out[0] + row * p.hidden_bytes, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
+        copy_warp(m.heap + m.out[0] + row * p.hidden_bytes, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
         if num_scales != 0 && m.out[1] != HtMailbox::NONE {
             let mut s = lane as u64;
             while s < num_scales {
