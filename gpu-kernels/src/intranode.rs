@@ -99,31 +99,65 @@ unsafe fn timeout(err: u64, rank: u32, peer: u32, site: u32, expected: u64, obse
     unsafe { dev::report_timeout(err as *mut ErrorSlot, rank, peer, site, expected, observed) }
 }
 
-/// Barrier among the `R` ranks through flag `which`: threads `t < R` raise it at peer `t`
-/// and wait for peer `t`'s. True (in every thread) when nobody timed out.
+/// Who takes part in a [`flag_barrier`].
+#[derive(Clone, Copy)]
+struct Ranks {
+    peer_bases: u64,
+    error: u64,
+    rank: u32,
+    num_ranks: u32,
+    epoch: u64,
+    timeout_ns: u64,
+}
+
+/// The [`Ranks`] of a kernel's parameters (every HT parameter struct has these fields).
+macro_rules! ranks_of {
+    ($p:expr) => {
+        Ranks {
+            peer_bases: $p.peer_bases,
+            error: $p.error,
+            rank: $p.rank,
+            num_ranks: $p.num_ranks,
+            epoch: $p.epoch,
+            timeout_ns: $p.timeout_ns,
+        }
+    };
+}
+
+/// Barrier among the `R` ranks: thread `t < R` raises `epoch` on the flag this rank owns in
+/// peer `t`'s buffer and waits for peer `t`'s flag in this one; `flag_of(w)` is the offset
+/// of the flag rank `w` writes. True (in every thread) when nobody timed out.
 #[inline(always)]
-unsafe fn barrier(p: &HtNotifyParams, l: &HtLayout, which: u64, site: u32) -> bool {
+unsafe fn flag_barrier(s: Ranks, site: u32, flag_of: impl Fn(u64) -> u64) -> bool {
     let t = dev::thread_idx_x();
     let mut failed = false;
-    if t < p.num_ranks {
-        // SAFETY: flags lie in the symmetric buffers (layout `l`); table has R entries.
+    if t < s.num_ranks {
+        // SAFETY: flags lie in the symmetric buffers; the table has R entries.
         unsafe {
-            let theirs = peer_base(p.peer_bases, t) + l.flag(which, p.rank as u64);
+            let theirs = peer_base(s.peer_bases, t) + flag_of(s.rank as u64);
             dev::fence_acq_rel_sys();
-            dev::st_release_sys_u64(theirs as *mut u64, p.epoch);
-            let mine = (peer_base(p.peer_bases, p.rank) + l.flag(which, t as u64)) as *const u64;
+            dev::st_release_sys_u64(theirs as *mut u64, s.epoch);
+            let mine = (peer_base(s.peer_bases, s.rank) + flag_of(t as u64)) as *const u64;
             let mut seen = 0;
-            let ok = dev::wait_until(p.timeout_ns, || {
+            let ok = dev::wait_until(s.timeout_ns, || {
                 seen = dev::ld_acquire_sys_u64(mine);
-                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
+                seen >= s.epoch || dev::error_raised(s.error as *const ErrorSlot)
             });
-            failed = !ok || seen < p.epoch;
+            failed = !ok || seen < s.epoch;
             if !ok {
-                timeout(p.error, p.rank, t, site, p.epoch, seen);
+                timeout(s.error, s.rank, t, site, s.epoch, seen);
             }
         }
     }
     !dev::sync_threads_or(failed)
+}
+
+/// Barrier of `ht_notify` through flag `which` (0 entry, 1 counts).
+#[inline(always)]
+unsafe fn barrier(p: &HtNotifyParams, l: &HtLayout, which: u64, site: u32) -> bool {
+    let s = ranks_of!(p);
+    // SAFETY: the flags of layout `l`.
+    unsafe { flag_barrier(s, site, |w| l.flag(which, w)) }
 }
 
 kernel! {
@@ -1178,33 +1212,12 @@ unsafe fn combine_pull(p: &HtCombineParams, l: &HtLayout) {
 /// still read it. False after a timeout or another thread's error.
 #[inline(always)]
 unsafe fn combine_done(p: &HtCombineParams, l: &HtLayout) -> bool {
-    let t = dev::thread_idx_x();
     let b = dev::block_idx_x() as u64;
-    let mut failed = false;
+    let nb = 2 * l.num_channels;
+    let s = ranks_of!(p);
     dev::sync_threads();
-    if t < p.num_ranks {
-        let nb = 2 * l.num_channels;
-        // SAFETY: flags in the ranks' mapped buffers; the rank's error slot.
-        unsafe {
-            let theirs =
-                peer_base(p.peer_bases, t) + l.combine_done + (p.rank as u64 * nb + b) * moe_ep_abi::FLAG_STRIDE_BYTES;
-            dev::fence_acq_rel_sys();
-            dev::st_release_sys_u64(theirs as *mut u64, p.epoch);
-            let mine = (peer_base(p.peer_bases, p.rank)
-                + l.combine_done
-                + (t as u64 * nb + b) * moe_ep_abi::FLAG_STRIDE_BYTES) as *const u64;
-            let mut seen = 0;
-            let ok = dev::wait_until(p.timeout_ns, || {
-                seen = dev::ld_acquire_sys_u64(mine);
-                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-            });
-            failed = !ok || seen < p.epoch;
-            if !ok {
-                timeout(p.error, p.rank, t, SITE_COMBINE_DONE, p.epoch, seen);
-            }
-        }
-    }
-    !dev::sync_threads_or(failed)
+    // SAFETY: `combine_done[w][b]` of layout `l`.
+    unsafe { flag_barrier(s, SITE_COMBINE_DONE, |w| l.combine_done + (w * nb + b) * moe_ep_abi::FLAG_STRIDE_BYTES) }
 }
 
 kernel! {

@@ -119,6 +119,15 @@ pub struct HtCombineOutputs {
     pub combined_topk_weights: Option<DeviceBuffer>,
 }
 
+/// A cached dispatch's outputs (`src_idx`: `None` = not written) and whether they lie in
+/// the heap.
+struct Recv<'a> {
+    x: &'a DeviceBuffer,
+    x_scales: &'a DeviceBuffer,
+    src_idx: Option<&'a DeviceBuffer>,
+    direct: bool,
+}
+
 /// Everything one `ht_dispatch` launch reads and writes.
 struct DispatchIo<'a> {
     x: &'a DeviceBuffer,
@@ -434,35 +443,13 @@ impl HtBuffer {
         hidden_bytes: usize,
         x_scales: Option<(&DeviceBuffer, usize)>,
     ) -> Result<(DeviceBuffer, DeviceBuffer)> {
-        if handle.num_channels != self.rings() {
-            return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
-        }
-        let (t, num_ranks) = (handle.num_tokens, group.num_ranks());
-        let num_scales = self.check_x(x, hidden_bytes, t, x_scales)?;
+        let num_scales = self.check_cached(handle, x, hidden_bytes, x_scales)?;
         let stream = group.stream();
         let rows = handle.num_rows;
         let ([recv_x, recv_x_scales, recv_src_idx], direct) =
             self.alloc_recv(stream, [rows * hidden_bytes, rows * num_scales * 4, rows * 4])?;
-        let send_head = stream.alloc_uninit((t * num_ranks * 4).max(4))?;
-        let io = DispatchIo {
-            x,
-            hidden_bytes,
-            num_tokens: t,
-            x_scales,
-            topk: None,
-            is_token_in_rank: &handle.is_token_in_rank,
-            channel_prefix_matrix: &handle.channel_prefix_matrix,
-            num_recv_tokens: &handle.num_recv_tokens,
-            recv_x: &recv_x,
-            recv_x_scales: &recv_x_scales,
-            recv_topk: None,
-            recv_src_idx: Some(&recv_src_idx),
-            send_head: &send_head,
-            remote_row0: None,
-            num_worst_tokens: handle.padded.then_some(rows),
-            direct,
-        };
-        self.launch_dispatch(group, &io)?;
+        let recv = Recv { x: &recv_x, x_scales: &recv_x_scales, src_idx: Some(&recv_src_idx), direct };
+        self.launch_cached(group, handle, x, hidden_bytes, x_scales, recv)?;
         Ok((recv_x, recv_x_scales))
     }
 
@@ -481,11 +468,8 @@ impl HtBuffer {
         recv_x: &DeviceBuffer,
         recv_x_scales: Option<&DeviceBuffer>,
     ) -> Result<()> {
-        if handle.num_channels != self.rings() {
-            return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
-        }
-        let (t, num_ranks, rows) = (handle.num_tokens, group.num_ranks(), handle.num_rows);
-        let num_scales = self.check_x(x, hidden_bytes, t, x_scales)?;
+        let num_scales = self.check_cached(handle, x, hidden_bytes, x_scales)?;
+        let rows = handle.num_rows;
         if recv_x.len() < rows * hidden_bytes || !recv_x.ptr().is_multiple_of(16) {
             return Err(Error::invalid("recv_x", format!("[{rows}, {hidden_bytes}] bytes (16-aligned) needed")));
         }
@@ -494,9 +478,23 @@ impl HtBuffer {
             (_, Some(s)) if s.len() >= rows * num_scales * 4 && s.ptr().is_multiple_of(4) => s,
             _ => return Err(Error::invalid("recv_x_scales", format!("[{rows}, {num_scales}] f32 needed"))),
         };
-        let stream = group.stream();
-        let send_head = stream.alloc_uninit((t * num_ranks * 4).max(4))?;
         let direct = self.in_heap(recv_x) && (num_scales == 0 || self.in_heap(recv_x_scales));
+        let recv = Recv { x: recv_x, x_scales: recv_x_scales, src_idx: None, direct };
+        self.launch_cached(group, handle, x, hidden_bytes, x_scales, recv)
+    }
+
+    /// A cached dispatch along `handle`'s routes into `recv`.
+    fn launch_cached(
+        &mut self,
+        group: &Group,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden_bytes: usize,
+        x_scales: Option<(&DeviceBuffer, usize)>,
+        recv: Recv,
+    ) -> Result<()> {
+        let (t, num_ranks) = (handle.num_tokens, group.num_ranks());
+        let send_head = group.stream().alloc_uninit((t * num_ranks * 4).max(4))?;
         let io = DispatchIo {
             x,
             hidden_bytes,
@@ -506,14 +504,14 @@ impl HtBuffer {
             is_token_in_rank: &handle.is_token_in_rank,
             channel_prefix_matrix: &handle.channel_prefix_matrix,
             num_recv_tokens: &handle.num_recv_tokens,
-            recv_x,
-            recv_x_scales,
+            recv_x: recv.x,
+            recv_x_scales: recv.x_scales,
             recv_topk: None,
-            recv_src_idx: None,
+            recv_src_idx: recv.src_idx,
             send_head: &send_head,
             remote_row0: None,
-            num_worst_tokens: handle.padded.then_some(rows),
-            direct,
+            num_worst_tokens: handle.padded.then_some(handle.num_rows),
+            direct: recv.direct,
         };
         self.launch_dispatch(group, &io)
     }
@@ -532,6 +530,20 @@ impl HtBuffer {
     /// The output heap (`HtConfig::heap_bytes > 0`).
     pub fn heap(&self) -> Option<&SymHeap> {
         self.heap.as_ref()
+    }
+
+    /// Checks a cached dispatch's handle and inputs; returns the scale count.
+    fn check_cached(
+        &self,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden_bytes: usize,
+        x_scales: Option<(&DeviceBuffer, usize)>,
+    ) -> Result<usize> {
+        if handle.num_channels != self.rings() {
+            return Err(Error::invalid("handle", "comes from a buffer with another channel count"));
+        }
+        self.check_x(x, hidden_bytes, handle.num_tokens, x_scales)
     }
 
     /// Checks `x` (`[num_tokens, hidden_bytes]`) and its scales; returns the scale count.

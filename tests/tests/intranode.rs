@@ -10,6 +10,20 @@ use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep_tests::ht::{self, Case, Routes};
 use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
 
+/// 4 experts of hidden 64, top-`num_topk`, defaults otherwise.
+fn small_config(num_topk: usize, heap_bytes: usize) -> HtConfig {
+    HtConfig {
+        num_experts: 4,
+        hidden: 64,
+        num_topk,
+        num_scales: 0,
+        num_channels: 0,
+        warps_per_peer: 0,
+        num_slots: 0,
+        heap_bytes,
+    }
+}
+
 fn run(case: Case) {
     let n = num_ranks(&device()).min(8);
     let calls = ht::prepare(&case, n, &mut Rng::fresh("intranode"));
@@ -67,9 +81,9 @@ fn ht_wide_topk_many_experts_deepseek_hidden() {
 #[test]
 fn ht_one_pass_outputs_in_the_heap() {
     let cpu = device().is_cpu();
-    let heap_bytes = if cpu { 4 << 20 } else { 64 << 20 };
+    let heap_bytes = if cpu { 8 << 20 } else { 256 << 20 };
     let n = num_ranks(&device()).min(8);
-    let exact = Case { calls: 4, heap_bytes, ..Case::new(16, 64, 4, if cpu { 40 } else { 500 }) };
+    let exact = Case { calls: 4, heap_bytes, ..Case::new(16, 2880, 4, if cpu { 40 } else { 500 }) };
     let max_tokens = if cpu { 30 } else { 300 };
     let padded = Case {
         num_worst_tokens: Some(8 * max_tokens + 3),
@@ -138,16 +152,7 @@ fn ht_bad_arguments_are_rejected_before_launch_and_the_buffer_stays_usable() {
     let groups = Group::in_process(&devices(2)).unwrap();
     on_ranks(groups, |rank, group| {
         let bad = |cfg: HtConfig| HtBuffer::new(&group, cfg).err().map(|e| e.to_string());
-        let ok = HtConfig {
-            num_experts: 4,
-            hidden: 64,
-            num_topk: 2,
-            num_scales: 0,
-            num_channels: 0,
-            warps_per_peer: 0,
-            num_slots: 0,
-            heap_bytes: 0,
-        };
+        let ok = small_config(2, 0);
         assert!(bad(HtConfig { num_experts: 5, ..ok }).unwrap().contains("num_experts"));
         assert!(bad(HtConfig { hidden: 60, ..ok }).unwrap().contains("hidden"));
         assert!(bad(HtConfig { hidden: 32768, ..ok }).unwrap().contains("hidden"));
@@ -193,16 +198,7 @@ fn ht_num_worst_tokens_too_small_is_an_error_not_an_overflow() {
     let groups = Group::in_process(&devices(2)).unwrap();
     let results = on_ranks(groups, |_, mut group| {
         group.set_timeout(std::time::Duration::from_millis(500)).unwrap();
-        let cfg = HtConfig {
-            num_experts: 4,
-            hidden: 64,
-            num_topk: 1,
-            num_scales: 0,
-            num_channels: 0,
-            warps_per_peer: 0,
-            num_slots: 0,
-            heap_bytes: 0,
-        };
+        let cfg = small_config(1, 0);
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         // Three tokens per rank, all to expert 0 (rank 0): rank 0 receives 6 rows.
         let (topk, weights, x) =
@@ -243,16 +239,7 @@ fn ht_one_pass_missing_peer_is_a_timeout() {
     use moe_ep::kernels::intranode::{SITE_COMBINE_MAILBOX, SITE_DISPATCH_DIRECT, SITE_DISPATCH_MAILBOX};
     let groups = Group::in_process(&devices(2)).unwrap();
     on_ranks(groups, |rank, mut group| {
-        let cfg = HtConfig {
-            num_experts: 4,
-            hidden: 64,
-            num_topk: 2,
-            num_scales: 0,
-            num_channels: 0,
-            warps_per_peer: 0,
-            num_slots: 0,
-            heap_bytes: 1 << 20,
-        };
+        let cfg = small_config(2, 1 << 20);
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         // Every token to experts 0 and 2: one on each rank.
         let (t, k) = (3, 2);
