@@ -43,7 +43,7 @@ use crate::abi::{
     DeviceError, ErrorSlot, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtMailbox, HtNotifyParams,
     WARP_SIZE, error_code,
 };
-use crate::copy::copy_warp;
+use crate::copy::{copy_warp, shfl_idx_u64};
 use crate::dev::{self, U4};
 use crate::num::{bf16_to_f32, f32_to_bf16};
 
@@ -99,6 +99,62 @@ unsafe fn timeout(err: u64, rank: u32, peer: u32, site: u32, expected: u64, obse
     unsafe { dev::report_timeout(err as *mut ErrorSlot, rank, peer, site, expected, observed) }
 }
 
+/// Who waits for whom, for timeout reports.
+#[derive(Clone, Copy)]
+struct Waiting {
+    timeout_ns: u64,
+    error: u64,
+    rank: u32,
+    peer: u32,
+    site: u32,
+}
+
+/// The [`Waiting`] of a kernel's parameters (every HT parameter struct has these fields)
+/// for `peer` at `site`.
+macro_rules! waiting {
+    ($p:expr, $peer:expr, $site:expr) => {
+        Waiting { timeout_ns: $p.timeout_ns, error: $p.error, rank: $p.rank, peer: $peer, site: $site }
+    };
+}
+
+/// Every wait of these kernels: this thread reads `at` (acquire) until `key(value) >=
+/// expected`, bounded by the timeout. The value seen, or `None` after a timeout (reported
+/// with `expected` and the key seen) or another thread's error.
+#[inline(always)]
+unsafe fn wait_at_least(w: Waiting, at: *const u64, expected: u64, key: impl Fn(u64) -> u64) -> Option<u64> {
+    let mut seen = 0;
+    // SAFETY: `at` is a flag or counter in a mapped buffer (the caller's); the error slot.
+    unsafe {
+        let arrived = dev::wait_until(w.timeout_ns, || {
+            seen = dev::ld_acquire_sys_u64(at);
+            key(seen) >= expected || dev::error_raised(w.error as *const ErrorSlot)
+        });
+        if !arrived {
+            timeout(w.error, w.rank, w.peer, w.site, expected, key(seen));
+        }
+        (arrived && key(seen) >= expected).then_some(seen)
+    }
+}
+
+/// Warp-cooperative [`wait_at_least`]: lane 0 waits, every lane gets the result. Lane 0's
+/// acquire covers every lane's accesses after it (a shuffle orders no memory; the warp
+/// barrier does).
+#[inline(always)]
+unsafe fn warp_wait_at_least(w: Waiting, at: *const u64, expected: u64, key: impl Fn(u64) -> u64) -> Option<u64> {
+    let (mut ok, mut seen) = (1u32, 0u64);
+    if dev::lane_id() == 0 {
+        // SAFETY: forwarded.
+        match unsafe { wait_at_least(w, at, expected, key) } {
+            Some(v) => seen = v,
+            None => ok = 0,
+        }
+    }
+    let ok = dev::shfl_idx_u32(ok, 0);
+    let seen = shfl_idx_u64(seen, 0);
+    dev::sync_warp(0xffff_ffff);
+    (ok == 1).then_some(seen)
+}
+
 /// Who takes part in a [`flag_barrier`].
 #[derive(Clone, Copy)]
 struct Ranks {
@@ -138,15 +194,7 @@ unsafe fn flag_barrier(s: Ranks, site: u32, flag_of: impl Fn(u64) -> u64) -> boo
             dev::fence_acq_rel_sys();
             dev::st_release_sys_u64(theirs as *mut u64, s.epoch);
             let mine = (peer_base(s.peer_bases, s.rank) + flag_of(t as u64)) as *const u64;
-            let mut seen = 0;
-            let ok = dev::wait_until(s.timeout_ns, || {
-                seen = dev::ld_acquire_sys_u64(mine);
-                seen >= s.epoch || dev::error_raised(s.error as *const ErrorSlot)
-            });
-            failed = !ok || seen < s.epoch;
-            if !ok {
-                timeout(s.error, s.rank, t, site, s.epoch, seen);
-            }
+            failed = wait_at_least(waiting!(s, t, site), mine, s.epoch, |v| v).is_none();
         }
     }
     !dev::sync_threads_or(failed)
@@ -262,16 +310,6 @@ kernel! {
     }
 }
 
-/// Who waits for whom, for timeout reports.
-#[derive(Clone, Copy)]
-struct Waiting {
-    timeout_ns: u64,
-    error: u64,
-    rank: u32,
-    peer: u32,
-    site: u32,
-}
-
 /// The sending side of one ring, driven by one warp. It touches the peer's buffer only once
 /// it has something to send: a peer that expects nothing from us may already have finished
 /// (and, at teardown, freed its buffer).
@@ -337,31 +375,10 @@ impl Sender {
         if self.pos - self.head_seen >= self.num_slots {
             // SAFETY: forwarded.
             unsafe { self.publish() };
-            let mut ok = 1u32;
-            let mut head = self.head_seen;
-            if dev::lane_id() == 0 {
-                let (pos, num_slots, head_ptr) = (self.pos, self.num_slots, self.head);
-                // SAFETY: the ring's head line and the rank's error slot.
-                let arrived = dev::wait_until(p.timeout_ns, || {
-                    head = unsafe { dev::ld_acquire_sys_u64(head_ptr) };
-                    pos - head < num_slots || unsafe { dev::error_raised(p.error as *const ErrorSlot) }
-                });
-                ok = (arrived && pos - head < num_slots) as u32;
-                if !arrived {
-                    // SAFETY: as above.
-                    unsafe { timeout(p.error, p.rank, p.peer, p.site, pos + 1 - num_slots, head) };
-                }
-            }
-            let ok = dev::shfl_idx_u32(ok, 0);
-            let lo = dev::shfl_idx_u32(head as u32, 0);
-            let hi = dev::shfl_idx_u32((head >> 32) as u32, 0);
-            // Lane 0's acquire of `head` must cover every lane's stores into the freed slots
-            // (a shuffle orders no memory; the warp barrier does).
-            dev::sync_warp(0xffff_ffff);
-            if ok != 1 {
-                return None;
-            }
-            self.head_seen = (hi as u64) << 32 | lo as u64;
+            // Room for slot `pos` once `head > pos - num_slots`; lane 0's acquire of `head`
+            // covers every lane's stores into the freed slots.
+            // SAFETY: the ring's head line.
+            self.head_seen = unsafe { warp_wait_at_least(p, self.head, self.pos + 1 - self.num_slots, |v| v) }?;
         }
         let slot = self.slots + (self.pos % self.num_slots) * self.slot_bytes;
         self.pos += 1;
@@ -378,36 +395,11 @@ impl Sender {
     }
 }
 
-/// Lane 0 waits until `tail > pos`; returns the tail seen (broadcast), or `None`.
+/// Warp-cooperative: waits until `tail > pos`; the tail seen, or `None`.
 #[inline(always)]
-unsafe fn wait_tail(
-    tail: *const u64,
-    pos: u64,
-    timeout_ns: u64,
-    err: u64,
-    rank: u32,
-    peer: u32,
-    site: u32,
-) -> Option<u64> {
-    let mut seen = 0u64;
-    let mut ok = 1u32;
-    if dev::lane_id() == 0 {
-        // SAFETY: the ring's tail line in the local buffer.
-        let arrived = dev::wait_until(timeout_ns, || {
-            seen = unsafe { dev::ld_acquire_sys_u64(tail) };
-            seen > pos || unsafe { dev::error_raised(err as *const ErrorSlot) }
-        });
-        ok = (arrived && seen > pos) as u32;
-        if !arrived {
-            // SAFETY: the rank's error slot.
-            unsafe { timeout(err, rank, peer, site, pos + 1, seen) };
-        }
-    }
-    let ok = dev::shfl_idx_u32(ok, 0);
-    let lo = dev::shfl_idx_u32(seen as u32, 0);
-    let hi = dev::shfl_idx_u32((seen >> 32) as u32, 0);
-    dev::sync_warp(0xffff_ffff);
-    if ok == 1 { Some((hi as u64) << 32 | lo as u64) } else { None }
+unsafe fn wait_tail(w: Waiting, tail: *const u64, pos: u64) -> Option<u64> {
+    // SAFETY: the ring's tail line in the local buffer.
+    unsafe { warp_wait_at_least(w, tail, pos + 1, |v| v) }
 }
 
 /// A receiver's mailbox as a sender reads it ([`HtMailbox`]).
@@ -431,24 +423,8 @@ unsafe fn read_mailbox(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u3
     unsafe {
         let at = peer_base(p.peer_bases, dst) + l.mailbox;
         let fields = at as *const u64;
-        let mut ok = 1u32;
-        if dev::lane_id() == 0 {
-            let mut seen = 0;
-            let arrived = dev::wait_until(p.timeout_ns, || {
-                seen = dev::ld_acquire_sys_u64(fields.add(HtMailbox::EPOCH as usize));
-                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-            });
-            ok = (arrived && seen >= p.epoch) as u32;
-            if !arrived {
-                timeout(p.error, p.rank, dst, SITE_DISPATCH_MAILBOX, p.epoch, seen);
-            }
-        }
-        let ok = dev::shfl_idx_u32(ok, 0);
-        // Lane 0's acquire covers the other lanes' loads below (the warp barrier orders them).
-        dev::sync_warp(0xffff_ffff);
-        if ok != 1 {
-            return None;
-        }
+        let epoch = fields.add(HtMailbox::EPOCH as usize);
+        warp_wait_at_least(waiting!(p, dst, SITE_DISPATCH_MAILBOX), epoch, p.epoch, |v| v)?;
         // `.sys` loads: this SM may hold an earlier call's mailbox in L1.
         let field = |i: u64| dev::ld_relaxed_sys_u64(fields.add(i as usize));
         let cpm = (at + HtMailbox::BYTES) as *const u32;
@@ -472,24 +448,9 @@ unsafe fn read_mailbox(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u3
 /// noted it (`epoch << 2 | mode` at `note`). `None` after a timeout or another error.
 #[inline(always)]
 unsafe fn wait_note(p: &HtDispatchParams, note: *const u64, dst: u32) -> Option<u64> {
-    let (mut ok, mut seen) = (1u32, 0u64);
-    if dev::lane_id() == 0 {
-        // SAFETY: `note` lies in this rank's buffer; the rank's error slot.
-        unsafe {
-            let arrived = dev::wait_until(p.timeout_ns, || {
-                seen = dev::ld_acquire_sys_u64(note);
-                seen >> 2 >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-            });
-            ok = (arrived && seen >> 2 >= p.epoch) as u32;
-            if !arrived {
-                timeout(p.error, p.rank, dst, SITE_DISPATCH_MAILBOX, p.epoch, seen >> 2);
-            }
-        }
-    }
-    let ok = dev::shfl_idx_u32(ok, 0);
-    let mode = dev::shfl_idx_u32((seen & 3) as u32, 0) as u64;
-    dev::sync_warp(0xffff_ffff);
-    (ok == 1).then_some(mode)
+    // SAFETY: `note` lies in this rank's buffer.
+    let seen = unsafe { warp_wait_at_least(waiting!(p, dst, SITE_DISPATCH_MAILBOX), note, p.epoch, |v| v >> 2) };
+    seen.map(|v| v & 3)
 }
 
 /// Warp-cooperative (one warp of the rank): opens this call's mailbox with `mode`.
@@ -653,13 +614,7 @@ unsafe fn dispatch_send(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u
                     if m.mode != HtMailbox::MODE_RING {
                         continue; // refused: the receiver reported it
                     }
-                    let waiting = Waiting {
-                        timeout_ns: p.timeout_ns,
-                        error: p.error,
-                        rank: p.rank,
-                        peer: dst,
-                        site: SITE_DISPATCH_SEND,
-                    };
+                    let waiting = waiting!(p, dst, SITE_DISPATCH_SEND);
                     let Some(slot) = ring.reserve(waiting) else { return false };
                     copy_warp(slot, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
                     let mut s = lane;
@@ -763,7 +718,7 @@ kernel! {
                 let lo_expert = (p.rank * p.num_local_experts) as i32;
                 let mut got = 0u64;
                 while p.direct == 0 && got < n {
-                    let Some(seen) = wait_tail(tail, base + got, p.timeout_ns, p.error, p.rank, src, SITE_DISPATCH_RECV) else { return };
+                    let Some(seen) = wait_tail(waiting!(p, src, SITE_DISPATCH_RECV), tail, base + got) else { return };
                     let upto = (seen - base).min(n);
                     while got < upto {
                         let slot = slots + ((base + got) % p.num_slots as u64) * p.slot_bytes;
@@ -801,7 +756,7 @@ kernel! {
                 if p.direct != 0 && n > 0 {
                     // Both halves of `src`'s senders add their counts to the ring's tail once
                     // their stores are out; the head follows, so a later ring call starts even.
-                    if wait_tail(tail, base + n - 1, p.timeout_ns, p.error, p.rank, src, SITE_DISPATCH_DIRECT).is_none() {
+                    if wait_tail(waiting!(p, src, SITE_DISPATCH_DIRECT), tail, base + n - 1).is_none() {
                         return;
                     }
                     if lane == 0 {
@@ -954,13 +909,7 @@ unsafe fn combine_ring(p: &HtCombineParams, l: &HtLayout) -> bool {
             let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
             let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
             for row in row0..row1 {
-                let waiting = Waiting {
-                    timeout_ns: p.timeout_ns,
-                    error: p.error,
-                    rank: p.rank,
-                    peer: dst,
-                    site: SITE_COMBINE_SEND,
-                };
+                let waiting = waiting!(p, dst, SITE_COMBINE_SEND);
                 let Some(slot) = ring.reserve(waiting) else { return false };
                 copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
                 if lane < k_count && p.topk_weights != 0 {
@@ -1011,7 +960,7 @@ unsafe fn combine_ring(p: &HtCombineParams, l: &HtLayout) -> bool {
                         if in_rank(tok, d) {
                             let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
                             let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
-                            if wait_tail(tail, pos, p.timeout_ns, p.error, p.rank, d, SITE_COMBINE_RECV).is_none() {
+                            if wait_tail(waiting!(p, d, SITE_COMBINE_RECV), tail, pos).is_none() {
                                 failed = true;
                                 break;
                             }
@@ -1119,15 +1068,7 @@ unsafe fn combine_mode(p: &HtCombineParams, l: &HtLayout) -> Option<bool> {
         }
         if t < r {
             let theirs = (peer_base(p.peer_bases, t) + slot) as *const u64;
-            let mut seen = 0;
-            let arrived = dev::wait_until(p.timeout_ns, || {
-                seen = dev::ld_acquire_sys_u64(theirs);
-                seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-            });
-            failed = !arrived || seen < p.epoch;
-            if !arrived {
-                timeout(p.error, p.rank, t, SITE_COMBINE_MAILBOX, p.epoch, seen);
-            }
+            failed = wait_at_least(waiting!(p, t, SITE_COMBINE_MAILBOX), theirs, p.epoch, |v| v).is_none();
             let (x, w) = (dev::ld_relaxed_sys_u64(theirs.add(1)), dev::ld_relaxed_sys_u64(theirs.add(2)));
             missing = x == HtMailbox::NONE || (p.topk_weights != 0 && w == HtMailbox::NONE);
             let heap = if p.heap_bases != 0 { peer_base(p.heap_bases, t) } else { 0 };

@@ -19,6 +19,7 @@
 //! let heap = SymHeap::new(&group, 1 << 20)?;
 //! let a = heap.alloc(group.stream(), 1000).expect("room");
 //! assert_eq!(heap.offset_of(&a), Some(0));
+//! assert!(heap.contains(&a) && !heap.contains(&group.stream().alloc(16)?));
 //! let b = heap.alloc(group.stream(), 1000).expect("room");
 //! assert_eq!(heap.offset_of(&b), Some(1024)); // 256-byte aligned
 //! drop(a); // free again once the stream has passed this point (at once on the CPU)
@@ -81,6 +82,11 @@ impl SymHeap {
         let base = self.inner.sym.local().ptr();
         let end = base + self.capacity();
         (block.ptr() >= base && block.ptr() < end).then(|| block.ptr() - base)
+    }
+
+    /// Whether all of `buf` lies in this heap (so peers can address it).
+    pub fn contains(&self, buf: &DeviceBuffer) -> bool {
+        self.offset_of(buf).is_some_and(|o| o + buf.len() as u64 <= self.capacity())
     }
 
     /// The device table of every rank's heap base (what kernels add offsets to).

@@ -524,7 +524,7 @@ impl HtBuffer {
 
     /// Whether all of `b` lies in this buffer's heap (peers can address it).
     fn in_heap(&self, b: &DeviceBuffer) -> bool {
-        self.heap.as_ref().and_then(|h| h.offset_of(b).map(|o| o + b.len() as u64 <= h.capacity())).unwrap_or(false)
+        self.heap.as_ref().is_some_and(|h| h.contains(b))
     }
 
     /// The output heap (`HtConfig::heap_bytes > 0`).
@@ -579,13 +579,9 @@ impl HtBuffer {
     fn launch_dispatch(&mut self, group: &Group, io: &DispatchIo) -> Result<()> {
         let num_ranks = group.num_ranks();
         if let Some(byte) = self.poison {
-            for b in
-                [io.recv_x, io.recv_x_scales].into_iter().chain(io.recv_src_idx).chain(io.recv_topk.map(|(i, _)| i))
-            {
+            let topk = io.recv_topk.into_iter().flat_map(|(i, w)| [i, w]);
+            for b in [io.recv_x, io.recv_x_scales].into_iter().chain(io.recv_src_idx).chain(topk) {
                 b.fill_async(group.stream(), byte)?;
-            }
-            if let Some((_, w)) = io.recv_topk {
-                w.fill_async(group.stream(), byte)?;
             }
         }
         self.dispatch_epoch += 1;
