@@ -1,31 +1,46 @@
 //! LL (low-latency) dispatch and combine for decode: every (token, expert) pair goes
 //! straight to the expert's rank, no count exchange, no host synchronisation.
 //!
-//! # Protocol (`LlLayout`, two buffer sets picked by epoch parity)
-//! **Dispatch.** Warps take tokens; lane `k` owns the token's `k`-th expert `e` on rank `d`
-//! (local `l`) and its slot `[l][me][token]` there; the warp reads the row once and stores
-//! it into every slot, and each owning lane marks its slot `[epoch, token]`. Each
-//! block then adds one to a local block counter (`atom.release.gpu` after
-//! `fence.acq_rel.sys`); the block that completes the grid's count raises, at every rank
-//! `d` and local expert `l`, the flag `[l][me] = epoch << 32 | T` (release). Receiving:
-//! a block per local expert, a warp per source rank at once: acquire the source's flag and
-//! count the slots marked with this epoch; after a block barrier every source's first output
-//! row is known, and each warp packs its source's slots, in token order, into
-//! `packed_recv_x` — rows ordered by (source rank, source token) as `reference::ll_dispatch`.
-//! Stale slots carry an older epoch, so nothing needs cleaning.
-//! **Combine.** The same warps send each packed row back to its source rank's slot
-//! `[global expert][token]`; the last block raises combine flag `[e]` at every rank for each
-//! local expert `e`; then each rank acquires all `E` flags and sums, per token, `k`
-//! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit.
+//! # Protocol (`LlLayout`; the host alternates calls between two buffer sets)
+//! **Dispatch, one pass.** The sender stores each row straight into the receiver's output
+//! (`recv x` of the set, which the host hands out as `packed_recv_x`):
+//! 1. Every block counts, per expert, this rank's tokens for it and each pair's index among
+//!    them, in token order (`match.any` over 32 pairs at a time; a shared-memory count per
+//!    warp and expert, then a prefix over the warps).
+//! 2. Per expert with rows, one thread reserves them at the owner: `atom.add` on the owner's
+//!    receive counter returns the range's first row (`begin`), published to the other
+//!    blocks in `begins`. Ranges of different sources land in arrival order; rows within a
+//!    range in token order.
+//! 3. Warps take tokens; lane `k` owns the token's `k`-th expert and its row `begin + index`
+//!    there; the warp reads the row once and stores it (or its fp8 cast and scales) to every
+//!    owner, with the source token in `recv src info`. `pair rows` keep each row's place for
+//!    the combine.
+//! 4. The grid's last block writes, at every owner and local expert, `{begin << 32 | count,
+//!    epoch}` (the flag released last). The receive waits for its `R` flags per local
+//!    expert, outputs the ranges and counts, and zeroes the receive counter.
+//!
+//! Before reserving at an owner, a sender waits until the owner has released its previous
+//! use of the set (`released[owner] >=` the sender's own previous epoch there: every rank
+//! makes the same calls). A rank releases a set when its combine of the set's dispatch is
+//! done with the outputs, or at its next dispatch on the set (at most two outstanding
+//! results, as DeepEP's LL).
+//! **Combine.** An owner whose expert outputs lie in its `combine x` region (zero-copy) raises
+//! combine flag `[me] = epoch << 1 | 1` at every rank and sends nothing: sources read
+//! (pull) each row from there. Otherwise (or when send-only) the owner's warps send each
+//! received row back to its source's slot `[global expert][token]` and the last block
+//! raises `epoch << 1`. Each source acquires all `R` flags and sums, per token, `k`
+//! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit — reading
+//! each `y_k` where its owner's flag says.
 //! fp8 (`LlParams::fp8`): the sender casts each row in the kernel (per-128-channel amax
-//! scales, as `reference::quantize_row_fp8`), so a slot carries `hidden` bytes plus scales.
+//! scales, as `reference::quantize_row_fp8`) and stores the scales column-major.
 //! Epochs live on the device (`LlParams::epoch_word`, `call_epoch`): the host passes the
 //! same parameters every time, so a captured CUDA graph replays correctly.
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
 use crate::abi::{
-    ErrorSlot, LL_FP8, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
+    ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE,
+    LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
 };
 use crate::copy::{copy_warp, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
@@ -35,11 +50,13 @@ use crate::num::{bf16_to_f32, f32_to_bf16};
 pub const SITE_LL_DISPATCH_RECV: u32 = 20;
 /// Combine: waiting for an expert owner's flag.
 pub const SITE_LL_COMBINE_RECV: u32 = 21;
+/// Dispatch sender: waiting for an owner to release its previous use of the set.
+pub const SITE_LL_RELEASE: u32 = 23;
 
 #[inline(always)]
 unsafe fn base_of(p: &LlParams, r: u32, l: &LlLayout) -> u64 {
     // SAFETY: the table holds R addresses; the set offset stays inside each buffer.
-    unsafe { *(p.peer_bases as *const u64).add(r as usize) + (p.epoch & 1) * l.set_bytes }
+    unsafe { *(p.peer_bases as *const u64).add(r as usize) + (p.set & 1) as u64 * l.set_bytes }
 }
 
 /// `ceil(log2(x))` of a positive normal f32, from its bits.
@@ -56,12 +73,30 @@ fn pow2(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
+/// Where the fp8 cast puts each row's scales: group `g`'s at `base + (g / per_word) *
+/// stride + (g % per_word) * bytes`, as an f32 (`ue8m0` false: `per_word` 1, `bytes` 4) or
+/// as its exponent byte (`ue8m0`: four to a word, `per_word` 4, `bytes` 1).
+#[derive(Clone, Copy)]
+struct ScaleDst {
+    stride: u64,
+    ue8m0: bool,
+}
+
 /// Warp-cooperative fp8 cast of one bf16 row (`hidden` a multiple of 128) into every
-/// destination slot (lane `k` holds slot `k` in `dst_of_lane`, for each bit `k` of `lanes`):
-/// `hidden` e4m3 bytes, then `hidden / 128` f32 scales — `reference::quantize_row_fp8`.
-/// Half a warp takes a 128-channel group: 16 lanes of 8 values, amax over the 16 lanes.
+/// destination (lane `k` holds row `k` in `dst_of_lane` and its scales' base in
+/// `scale_of_lane`, for each bit `k` of `lanes`): `hidden` e4m3 bytes and `hidden / 128`
+/// scales placed as `sd` says — `reference::quantize_row_fp8`. Half a warp takes a
+/// 128-channel group: 16 lanes of 8 values, amax over the 16 lanes.
 #[inline(always)]
-unsafe fn cast_row_fp8(dst_of_lane: u64, lanes: u32, src: u64, hidden: u64, round_scale: bool) {
+unsafe fn cast_row_fp8(
+    dst_of_lane: u64,
+    scale_of_lane: u64,
+    lanes: u32,
+    src: u64,
+    hidden: u64,
+    round_scale: bool,
+    sd: ScaleDst,
+) {
     let lane = dev::lane_id() as u64;
     let groups = hidden / 128;
     // This lane's 16-byte vector (8 bf16) of group g; `load` gives zeros past the last group.
@@ -96,15 +131,20 @@ unsafe fn cast_row_fp8(dst_of_lane: u64, lanes: u32, src: u64, hidden: u64, roun
         // Cast once, store to every destination (all lanes shuffle; those with a group store).
         let mut m = lanes;
         while m != 0 {
-            let dst = shfl_idx_u64(dst_of_lane, m.trailing_zeros());
+            let j = m.trailing_zeros();
+            let (dst, scales) = (shfl_idx_u64(dst_of_lane, j), shfl_idx_u64(scale_of_lane, j));
             m &= m - 1;
             if g < groups {
-                // SAFETY: `dst` holds `hidden` bytes of payload then the scales.
+                // SAFETY: `dst` holds `hidden` bytes; `scales` places `groups` scales (ScaleDst).
                 unsafe {
                     *((dst + v * 8) as *mut u32) = q0;
                     *((dst + v * 8 + 4) as *mut u32) = q1;
                     if lane & 15 == 0 {
-                        *((dst + hidden) as *mut f32).add(g as usize) = scale;
+                        if sd.ue8m0 {
+                            *((scales + g / 4 * sd.stride + g % 4) as *mut u8) = (scale.to_bits() >> 23) as u8;
+                        } else {
+                            *((scales + g * sd.stride) as *mut f32) = scale;
+                        }
                     }
                 }
             }
@@ -200,9 +240,11 @@ unsafe fn receive_marked(
 unsafe fn expert_of(p: &LlParams, t: u32, k: u32) -> i64 {
     let at = (t * p.num_topk + k) as usize;
     // SAFETY: `topk_idx` holds [T, K] entries of idx_bytes.
-    unsafe {
+    let e = unsafe {
         if p.idx_bytes == 4 { *(p.topk_idx as *const i32).add(at) as i64 } else { *(p.topk_idx as *const i64).add(at) }
-    }
+    };
+    // An id past the experts (bad input) selects nothing, like -1, rather than a wild address.
+    if e < p.num_experts as i64 { e } else { -1 }
 }
 
 /// The call's epoch: a new one (counter + 1, recorded in `call_epoch`) for a dispatch's send
@@ -239,195 +281,273 @@ unsafe fn last_block(counter: u64) -> bool {
     dev::sync_threads_or(last)
 }
 
+/// Bytes of dynamic shared memory `ll_dispatch` needs with `num_warps` warps per block: a
+/// count per (warp, expert), then a total per expert.
+pub const fn ll_dispatch_smem_bytes(num_warps: u32, num_experts: u32) -> u32 {
+    (num_warps + 1) * num_experts * 4
+}
+
+const FULL: u32 = 0xffff_ffff;
+
+/// Waits (this thread) until `*word >= at_least`, or another rank's error; reports a
+/// timeout for `peer` at `site`. Returns the value seen, or `None`.
+#[inline(always)]
+unsafe fn wait_word(p: &LlParams, word: u64, at_least: u64, peer: u32, site: u32) -> Option<u64> {
+    let mut seen = 0u64;
+    // SAFETY: `word` lies in this rank's buffer (the caller's layout).
+    unsafe {
+        let ok = dev::wait_until(p.timeout_ns, || {
+            seen = dev::ld_acquire_sys_u64(word as *const u64);
+            seen >= at_least || dev::error_raised(p.error as *const ErrorSlot)
+        });
+        if !ok {
+            dev::report_timeout(p.error as *mut ErrorSlot, p.rank, peer, site, at_least, seen);
+        }
+    }
+    (seen >= at_least).then_some(seen)
+}
+
+/// Walks this warp's chunks `c0..c1` of 32 (token, k) pairs, a pair per lane, in order:
+/// `visit(pair, expert, index)` with `index` = the rows for `expert` before the pair —
+/// `counts[expert]` (this warp's running count) plus the chunk's lanes below with the same
+/// expert (`match.any`). Warp-cooperative.
+#[inline(always)]
+unsafe fn walk_pairs(p: &LlParams, counts: *mut u32, c0: u32, c1: u32, mut visit: impl FnMut(u32, i64, u32)) {
+    let lane = dev::lane_id();
+    let pairs = p.num_tokens * p.num_topk;
+    let mut c = c0;
+    while c < c1 {
+        let pair = c * WARP_SIZE + lane;
+        // SAFETY: pairs below T*K lie in topk_idx; counts holds E entries (e < E here).
+        unsafe {
+            let e = if pair < pairs { expert_of(p, pair / p.num_topk, pair % p.num_topk) } else { -1 };
+            let same = dev::match_any_u32(e as u32);
+            let index = if e >= 0 { *counts.add(e as usize) + (same & ((1u32 << lane) - 1)).count_ones() } else { 0 };
+            visit(pair, e, index);
+            dev::sync_warp(FULL); // every lane has read its count
+            if e >= 0 && same.trailing_zeros() == lane {
+                *counts.add(e as usize) += same.count_ones();
+            }
+            dev::sync_warp(FULL); // the new counts are visible to the warp
+        }
+        c += 1;
+    }
+}
+
+/// Reserves `n` rows for this rank at expert `e`'s owner once the owner has released its
+/// use of the set before (epoch `prev`), and publishes the range's first row in `begins`.
+#[inline(always)]
+unsafe fn reserve(p: &LlParams, l: &LlLayout, e: u32, n: u32, prev: u64) -> bool {
+    let num_local = l.num_local_experts as u32;
+    let (owner, le) = (e / num_local, e % num_local);
+    // SAFETY: every address comes from `l`.
+    unsafe {
+        let local = base_of(p, p.rank, l);
+        if wait_word(p, local + l.released + owner as u64 * 8, prev, owner, SITE_LL_RELEASE).is_none() {
+            return false;
+        }
+        let counter = base_of(p, owner, l) + l.recv_counters + le as u64 * 4;
+        let begin = dev::atom_add_relaxed_sys_u32(counter as *mut u32, n);
+        dev::st_release_sys_u64((local + l.begins + e as u64 * 8) as *mut u64, p.epoch << 32 | begin as u64);
+    }
+    true
+}
+
 kernel! {
-    /// LL dispatch (see the module docs).
+    /// LL dispatch, expert-major (see the module docs).
     pub unsafe fn ll_dispatch(p: LlParams) as LL_DISPATCH {
         let mut p = p;
         let new_call = p.phases & LL_SEND != 0;
         // SAFETY: the epoch words come from the host's LlBuffer.
         unsafe { resolve_epoch(&mut p, new_call) };
         let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
-        let num_local = l.num_local_experts as u32;
-        let lane = dev::lane_id();
-        let warps = dev::num_warps() * dev::grid_dim_x();
-        let me = p.rank;
-        let epoch32 = p.epoch as u32;
-        // SAFETY (whole body): every address comes from `l`, the layout the host sized the
-        // buffers with; inputs and outputs hold the shapes LlParams documents.
+        // SAFETY (both halves): every address comes from `l`, the layout the host sized the
+        // buffers with; inputs and outputs hold the shapes LlParams documents, and the launch
+        // gives `ll_dispatch_smem_bytes` of dynamic shared memory.
         unsafe {
-            let local = base_of(&p, me, &l);
-            // Send.
-            let mut t = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
-            while p.phases & LL_SEND != 0 && t < p.num_tokens {
-                // Lane k owns the token's k-th expert: its slot at the expert's rank. The row
-                // is read once and stored to all of them.
-                let e = if lane < p.num_topk { expert_of(&p, t, lane) } else { -1 };
-                let slot = if e >= 0 {
-                    let (dst, le) = (e as u32 / num_local, e as u32 % num_local);
-                    base_of(&p, dst, &l) + l.dispatch_slot(le as u64, me as u64, t as u64)
+            if p.phases & LL_SEND != 0 && !dispatch_send(&p, &l) {
+                return;
+            }
+            if p.phases & LL_RECV != 0 {
+                dispatch_recv(&p, &l);
+            }
+        }
+    }
+}
+
+/// Dispatch's send half (module docs, steps 1-4); false after a timeout or another error.
+#[inline(always)]
+unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
+    let (me, num_experts, k) = (p.rank, p.num_experts, p.num_topk);
+    let num_local = l.num_local_experts as u32;
+    let (lane, warp, nw) = (dev::lane_id(), dev::warp_id(), dev::num_warps());
+    let (block, grid, tid, bd) = (dev::block_idx_x(), dev::grid_dim_x(), dev::thread_idx_x(), dev::block_dim_x());
+    let fp8 = p.fp8 & LL_FP8 != 0;
+    let x_bytes = if fp8 { p.row_bytes / 2 } else { p.row_bytes };
+    let groups = p.row_bytes / 2 / 128;
+    let rows = l.rows_per_expert();
+    let sd = ScaleDst { stride: rows * 4, ue8m0: p.fp8 & LL_UE8M0 != 0 };
+    // SAFETY: as in ll_dispatch.
+    unsafe {
+        let local = base_of(p, me, l);
+        let last_epoch = (local + l.counters + LL_LAST_EPOCH) as *mut u64;
+        let pair_rows = (local + l.pair_rows) as *mut i32;
+        // Every block reads it before counting itself done; the last block advances it.
+        let prev = dev::ld_relaxed_sys_u64(last_epoch);
+        // This rank is done with its previous use of the set (at most two outstanding results).
+        if block == 0 && prev > 0 {
+            let mut r = tid;
+            while r < p.num_ranks {
+                dev::st_release_sys_u64((base_of(p, r, l) + l.released + me as u64 * 8) as *mut u64, prev);
+                r += bd;
+            }
+        }
+        // 1. Per expert: this rank's rows for it, and each pair's index among them.
+        let count: *mut u32 = dev::dyn_smem(); // [warp][expert], then total[expert]
+        let total = count.add((nw * num_experts) as usize);
+        let chunks = (p.num_tokens * k).div_ceil(WARP_SIZE);
+        let (c0, c1) = (chunks * warp / nw, chunks * (warp + 1) / nw);
+        let mine = count.add((warp * num_experts) as usize);
+        let mut e = lane;
+        while e < num_experts {
+            *mine.add(e as usize) = 0;
+            e += WARP_SIZE;
+        }
+        dev::sync_warp(FULL);
+        walk_pairs(p, mine, c0, c1, |_, _, _| {});
+        dev::sync_threads();
+        // Prefix over the warps; 2. one block reserves each expert's rows at its owner.
+        let mut failed = false;
+        let mut e = tid;
+        while e < num_experts {
+            let mut run = 0;
+            for w in 0..nw {
+                let c = count.add((w * num_experts + e) as usize);
+                let n = *c;
+                *c = run;
+                run += n;
+            }
+            *total.add(e as usize) = run;
+            if run > 0 && e % grid == block && !failed {
+                failed = !reserve(p, l, e, run, prev);
+            }
+            e += bd;
+        }
+        if dev::sync_threads_or(failed) {
+            return false;
+        }
+        // Each pair's index among the rows for its expert, for the tokens this block sends.
+        let senders = grid * nw;
+        walk_pairs(p, mine, c0, c1, |pair, e, index| {
+            let t = pair / k;
+            if e >= 0 && t % senders / nw == block {
+                *pair_rows.add((t * LL_MAX_TOPK + pair % k) as usize) = index as i32;
+            }
+        });
+        dev::sync_threads();
+        // 3. Lane k owns the token's k-th expert: its row at the owner. The row is read once
+        // and stored to all of them.
+        let mut t = block * nw + warp;
+        while t < p.num_tokens && !failed {
+            let e = if lane < k { expert_of(p, t, lane) } else { -1 };
+            let (mut dst, mut scales) = (0u64, 0u64);
+            if e >= 0 {
+                let (owner, le) = (e as u32 / num_local, e as u32 % num_local);
+                let at = pair_rows.add((t * LL_MAX_TOPK + lane) as usize);
+                match wait_word(p, local + l.begins + e as u64 * 8, p.epoch << 32, owner, SITE_LL_RELEASE) {
+                    Some(begin) => {
+                        let row = begin as u32 + *at as u32;
+                        *at = row as i32; // for the combine
+                        let out_row = le as u64 * rows + row as u64;
+                        let base = base_of(p, owner, l);
+                        dst = base + l.recv_x + out_row * x_bytes;
+                        *((base + l.recv_src_info) as *mut i32).add(out_row as usize) = t as i32;
+                        let per_word = if sd.ue8m0 { 4 } else { 1 };
+                        scales = base + l.recv_scales + (le as u64 * (groups / per_word) * rows + row as u64) * 4;
+                    }
+                    None => failed = true,
+                }
+            }
+            if dev::ballot(failed) != 0 {
+                failed = true;
+                break;
+            }
+            let lanes = dev::ballot(e >= 0);
+            let src = p.x + t as u64 * p.row_bytes;
+            if fp8 {
+                cast_row_fp8(dst, scales, lanes, src, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0, sd);
+            } else {
+                copy_warp_to_many(dst, lanes, src, p.row_bytes);
+            }
+            t += senders;
+        }
+        if dev::sync_threads_or(failed) {
+            return false;
+        }
+        // 4. The last block: every owner's ranges and flags.
+        if last_block(local + l.counters + LL_DISPATCH_COUNTER) {
+            let mut i = tid;
+            while i < num_experts {
+                let (owner, le) = (i / num_local, i % num_local);
+                let n = *total.add(i as usize);
+                let begin = if n > 0 {
+                    dev::ld_relaxed_sys_u64((local + l.begins + i as u64 * 8) as *const u64) as u32
                 } else {
                     0
                 };
-                let lanes = dev::ballot(e >= 0);
-                let row = p.x + t as u64 * p.row_bytes;
-                if p.fp8 & LL_FP8 != 0 {
-                    cast_row_fp8(slot, lanes, row, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0);
-                } else {
-                    copy_warp_to_many(slot, lanes, row, p.row_bytes);
-                }
-                if e >= 0 {
-                    *((slot + p.row_bytes) as *mut u32) = epoch32;
-                    *((slot + p.row_bytes + 4) as *mut u32) = t;
-                }
-                t += warps;
+                let meta = base_of(p, owner, l) + l.dispatch_flags + (le as u64 * l.num_ranks + me as u64) * 16;
+                dev::st_relaxed_sys_u64(meta as *mut u64, (begin as u64) << 32 | n as u64);
+                dev::st_release_sys_u64((meta + 8) as *mut u64, p.epoch);
+                i += bd;
             }
-            if p.phases & LL_SEND != 0 && last_block(local + l.counters) {
-                let mut i = dev::thread_idx_x();
-                while i < p.num_ranks * num_local {
-                    let (dst, le) = (i / num_local, i % num_local);
-                    let flag = base_of(&p, dst, &l) + l.dispatch_flags + (le as u64 * l.num_ranks + me as u64) * 8;
-                    dev::st_release_sys_u64(flag as *mut u64, p.epoch << 32 | p.num_tokens as u64);
-                    i += dev::block_dim_x();
-                }
-                // Every block read the counter before counting itself done: advance it.
-                if dev::thread_idx_x() == 0 {
-                    dev::st_relaxed_sys_u64(p.epoch_word as *mut u64, p.epoch);
-                }
-            }
-            // Receive: a block per local expert; its warps take the sources (warp w: sources
-            // w, w + warps, ...) and work on them at once: wait for the flag and count the
-            // marked slots, then (after a block barrier, which gives every source's first
-            // row) copy the rows in token order.
-            let num_warps = dev::num_warps();
-            let (warp, r) = (dev::warp_id(), p.num_ranks);
-            let counts: *mut u32 = dev::static_smem(); // [src] marked rows, [R + src] T of src
-            let mut le = dev::block_idx_x();
-            while p.phases & LL_RECV != 0 && le < num_local {
-                let slot = |src: u32, tok: u32| local + l.dispatch_slot(le as u64, src as u64, tok as u64);
-                let marked = |src: u32, tok: u32, num_tokens: u32| {
-                    tok < num_tokens && dev::ld_relaxed_sys_u32((slot(src, tok) + p.row_bytes) as *const u32) == epoch32
-                };
-                let mut failed = false;
-                let mut src = warp;
-                while src < r {
-                    let flag = (local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 8) as *const u64;
-                    let Some(num_tokens) = wait_flag_warp(&p, flag, src, SITE_LL_DISPATCH_RECV) else {
-                        failed = true;
-                        break;
-                    };
-                    let mut n = 0;
-                    let mut t0 = 0;
-                    while t0 < num_tokens {
-                        n += dev::ballot(marked(src, t0 + lane, num_tokens)).count_ones();
-                        t0 += WARP_SIZE;
-                    }
-                    if lane == 0 {
-                        *counts.add(src as usize) = n;
-                        *counts.add((r + src) as usize) = num_tokens;
-                    }
-                    src += num_warps;
-                }
-                if dev::sync_threads_or(failed) {
-                    return;
-                }
-                let mut src = warp;
-                while src < r {
-                    let mut begin = 0u32;
-                    for s in 0..src {
-                        begin += *counts.add(s as usize);
-                    }
-                    let num_tokens = *counts.add((r + src) as usize);
-                    let mut index = 0u32;
-                    let mut t0 = 0;
-                    while t0 < num_tokens {
-                        let mut m = dev::ballot(marked(src, t0 + lane, num_tokens));
-                        while m != 0 {
-                            let tok = t0 + m.trailing_zeros();
-                            m &= m - 1;
-                            receive_row(&p, &l, le, begin + index, tok, slot(src, tok));
-                            index += 1;
-                        }
-                        t0 += WARP_SIZE;
-                    }
-                    if lane == 0 {
-                        let at = (le * r + src) as usize;
-                        *(p.packed_recv_layout_range as *mut i64).add(at) = ((begin as i64) << 32) | index as i64;
-                    }
-                    src += num_warps;
-                }
-                if dev::thread_idx_x() == 0 {
-                    let mut total = 0u32;
-                    for s in 0..r {
-                        total += *counts.add(s as usize);
-                    }
-                    *(p.packed_recv_count as *mut i32).add(le as usize) = total as i32;
-                }
-                dev::sync_threads();
-                le += dev::grid_dim_x();
+            if tid == 0 {
+                dev::st_relaxed_sys_u64(last_epoch, p.epoch);
+                dev::st_relaxed_sys_u64(p.epoch_word as *mut u64, p.epoch);
             }
         }
     }
+    true
 }
 
-/// Warp-cooperative: lane 0 waits for `flag == epoch << 32 | T`; returns `T` (in every
-/// lane), or `None` after a timeout (reported for `peer` at `site`) or another error.
+/// Dispatch's receive half: a block per local expert waits for every source's flag, then
+/// outputs the ranges and the count and readies the receive counter for the set's next use.
 #[inline(always)]
-unsafe fn wait_flag_warp(p: &LlParams, flag: *const u64, peer: u32, site: u32) -> Option<u32> {
-    let mut seen = 0u64;
-    let mut ok = 1u32;
-    if dev::lane_id() == 0 {
-        // SAFETY: `flag` lies in this rank's buffer (the caller's layout).
-        unsafe {
-            let arrived = dev::wait_until(p.timeout_ns, || {
-                seen = dev::ld_acquire_sys_u64(flag);
-                seen >> 32 == p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-            });
-            ok = (arrived && seen >> 32 == p.epoch) as u32;
-            if !arrived {
-                dev::report_timeout(p.error as *mut ErrorSlot, p.rank, peer, site, p.epoch, seen >> 32);
-            }
-        }
-    }
-    let ok = dev::shfl_idx_u32(ok, 0);
-    let num_tokens = dev::shfl_idx_u32(seen as u32, 0);
-    // A shuffle orders no memory: the warp barrier makes lane 0's acquire cover the other
-    // lanes' reads of the source's slots.
-    dev::sync_warp(0xffff_ffff);
-    if ok == 1 { Some(num_tokens) } else { None }
-}
-
-/// Warp-cooperative: copies the slot of token `tok` into row `row` of local expert `le`'s
-/// output (bf16, or fp8 bytes plus scales stored group-major per expert — DeepEP's
-/// column-major `[L, R*M, G]`, the token index contiguous) and records its source token.
-#[inline(always)]
-unsafe fn receive_row(p: &LlParams, l: &LlLayout, le: u32, row: u32, tok: u32, from: u64) {
-    let lane = dev::lane_id() as u64;
-    let out_row = le as u64 * l.num_ranks * l.max_tokens + row as u64;
-    // SAFETY: outputs hold [L, R*M] rows (LlParams); `from` is a slot of the layout.
+unsafe fn dispatch_recv(p: &LlParams, l: &LlLayout) {
+    let (r, num_local) = (p.num_ranks, l.num_local_experts as u32);
+    let (tid, bd) = (dev::thread_idx_x(), dev::block_dim_x());
+    // SAFETY: as in ll_dispatch; `total` is static shared memory.
     unsafe {
-        if p.fp8 & LL_FP8 != 0 {
-            let hidden = p.row_bytes / 2;
-            copy_warp(p.packed_recv_x + out_row * hidden, from, hidden, false);
-            let (groups, rows) = (hidden / 128, l.num_ranks * l.max_tokens);
-            let mut s = lane;
-            while s < groups {
-                let scale = *((from + hidden) as *const f32).add(s as usize);
-                if p.fp8 & LL_UE8M0 != 0 {
-                    // i32 words [L][G/4][R*M]; byte g % 4 of word g / 4 = the exponent of scale g.
-                    let word = (le as u64 * (groups / 4) + s / 4) * rows + row as u64;
-                    *(p.packed_recv_x_scales as *mut u8).add((word * 4 + s % 4) as usize) =
-                        (scale.to_bits() >> 23) as u8;
-                } else {
-                    let at = (le as u64 * groups + s) * rows + row as u64;
-                    *(p.packed_recv_x_scales as *mut f32).add(at as usize) = scale;
-                }
-                s += WARP_SIZE as u64;
+        let local = base_of(p, p.rank, l);
+        let total: *mut u32 = dev::static_smem();
+        let mut le = dev::block_idx_x();
+        while le < num_local {
+            if tid == 0 {
+                *total = 0;
             }
-        } else {
-            copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
-        }
-        if lane == 0 {
-            *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
+            dev::sync_threads();
+            let mut failed = false;
+            let mut src = tid;
+            while src < r {
+                let meta = local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 16;
+                if wait_word(p, meta + 8, p.epoch, src, SITE_LL_DISPATCH_RECV).is_none() {
+                    failed = true;
+                    break;
+                }
+                let range = dev::ld_relaxed_sys_u64(meta as *const u64);
+                *(p.packed_recv_layout_range as *mut i64).add((le * r + src) as usize) = range as i64;
+                dev::atom_add_shared_u32(total, range as u32);
+                src += bd;
+            }
+            if dev::sync_threads_or(failed) {
+                return;
+            }
+            if tid == 0 {
+                *(p.packed_recv_count as *mut i32).add(le as usize) = *total as i32;
+                // Every source has reserved (its flag came after): zero for the set's next use.
+                dev::st_relaxed_sys_u32((local + l.recv_counters + le as u64 * 4) as *mut u32, 0);
+            }
+            dev::sync_threads();
+            le += dev::grid_dim_x();
         }
     }
 }
@@ -454,7 +574,9 @@ kernel! {
             // leave most warps idle). Each warp reads the ranges 32 at a time, a lane each,
             // with a prefix sum for the rows before each (one range after another would be
             // hundreds of dependent loads: ~40 µs at 1 token on an H200).
-            let num_pairs = if p.phases & LL_SEND != 0 { num_local * p.num_ranks } else { 0 };
+            // Zero-copy (`pull`): the rows stay in this rank's combine-x region; sources read them.
+            let pull = p.pull != 0;
+            let num_pairs = if p.phases & LL_SEND != 0 && !pull { num_local * p.num_ranks } else { 0 };
             let mut dealt = 0u32; // rows of the ranges before this chunk
             let mut q0 = 0u32;
             while q0 < num_pairs {
@@ -483,52 +605,51 @@ kernel! {
                     let mut i = (gwarp + warps - before % warps) % warps;
                     while i < count {
                         let row = le * slots_per_expert + begin + i;
-                        let tok = *(p.packed_recv_src_info as *const i32).add(row as usize) as u64;
+                        let tok = *((local + l.recv_src_info) as *const i32).add(row as usize) as u64;
                         let slot = base_of(&p, src, &l) + l.combine_slot(expert as u64, tok);
                         copy_warp(slot, p.x + row as u64 * p.row_bytes, p.row_bytes, true);
-                        if lane == 0 {
-                            *((slot + p.row_bytes) as *mut u32) = p.epoch as u32;
-                        }
                         i += warps;
                     }
                 }
                 dealt = dealt.wrapping_add(dev::shfl_idx_u32(incl, WARP_SIZE - 1));
                 q0 += WARP_SIZE;
             }
-            if p.phases & LL_SEND != 0 && last_block(local + l.counters + 128) {
-                let mut i = dev::thread_idx_x();
-                while i < p.num_ranks * num_local {
-                    let (dst, le) = (i / num_local, i % num_local);
-                    let flag = base_of(&p, dst, &l) + l.combine_flags + (me * num_local + le) as u64 * 8;
-                    dev::st_release_sys_u64(flag as *mut u64, p.epoch);
-                    i += dev::block_dim_x();
+            // Raise this rank's flag at every source (pulling: at once; else once every block's
+            // rows are out) and release the set: its dispatch outputs are no longer read here.
+            let raise = p.phases & LL_SEND != 0
+                && if pull { dev::block_idx_x() == 0 } else { last_block(local + l.counters + LL_COMBINE_COUNTER) };
+            if raise {
+                let mut r = dev::thread_idx_x();
+                while r < p.num_ranks {
+                    let base = base_of(&p, r, &l);
+                    dev::st_release_sys_u64((base + l.combine_flags + me as u64 * 8) as *mut u64, p.epoch << 1 | pull as u64);
+                    dev::st_release_sys_u64((base + l.released + me as u64 * 8) as *mut u64, p.epoch);
+                    r += dev::block_dim_x();
                 }
             }
             if p.phases & LL_RECV == 0 {
                 return;
             }
-            // Every expert owner has sent back everything for this rank?
+            // Every expert owner's rows ready for this rank? `pulled[r]`: read them at rank r.
+            let pulled: *mut u8 = dev::static_smem();
             let mut failed = false;
-            let mut e = dev::thread_idx_x();
-            while e < p.num_experts {
-                let flag = (local + l.combine_flags + e as u64 * 8) as *const u64;
-                let mut seen = 0;
-                let ok = dev::wait_until(p.timeout_ns, || {
-                    seen = dev::ld_acquire_sys_u64(flag);
-                    seen >= p.epoch || dev::error_raised(p.error as *const ErrorSlot)
-                });
-                if !ok || seen < p.epoch {
-                    failed = true;
-                    if !ok {
-                        dev::report_timeout(p.error as *mut ErrorSlot, me, e / num_local, SITE_LL_COMBINE_RECV, p.epoch, seen);
+            let mut r = dev::thread_idx_x();
+            while r < p.num_ranks {
+                let flag = local + l.combine_flags + r as u64 * 8;
+                match wait_word(&p, flag, p.epoch << 1, r, SITE_LL_COMBINE_RECV) {
+                    Some(seen) => *pulled.add(r as usize) = (seen & 1) as u8,
+                    None => {
+                        failed = true;
+                        break;
                     }
-                    break;
                 }
-                e += dev::block_dim_x();
+                r += dev::block_dim_x();
             }
             if dev::sync_threads_or(failed) {
                 return;
             }
+            let pair_rows = (local + l.pair_rows) as *const i32;
+            let rows = l.rows_per_expert();
             // Weighted sum per token, k ascending, one fused multiply-add per term. Work
             // items are (token, 32-vector chunk of the row), dealt over the grid's warps, so
             // a few tokens still keep every warp busy.
@@ -549,7 +670,14 @@ kernel! {
                             return (U4::default(), 0.0, false);
                         }
                         let w = *(p.topk_weights as *const f32).add((t * p.num_topk + k) as usize);
-                        (dev::ld_v4(((local + l.combine_slot(e as u64, t as u64)) as *const U4).add(v as usize)), w, true)
+                        let owner = e as u32 / num_local;
+                        let row = if *pulled.add(owner as usize) != 0 {
+                            let at = *pair_rows.add((t * LL_MAX_TOPK + k) as usize) as u64;
+                            base_of(&p, owner, &l) + l.combine_x + ((e as u64 % l.num_local_experts) * rows + at) * p.row_bytes
+                        } else {
+                            local + l.combine_slot(e as u64, t as u64)
+                        };
+                        (dev::ld_v4((row as *const U4).add(v as usize)), w, true)
                     };
                     macro_rules! add {
                         ($y:expr, $w:expr, $valid:expr) => {
@@ -660,7 +788,7 @@ kernel! {
                 }
                 t += warps;
             }
-            if p.phases & LL_SEND != 0 && last_block(local + l.counters) {
+            if p.phases & LL_SEND != 0 && last_block(local + l.counters + LL_DISPATCH_COUNTER) {
                 let mut dst = dev::thread_idx_x();
                 while dst < p.num_ranks {
                     let flag = base_of(&p, dst, &l) + l.rank_major_flags + me as u64 * 8;

@@ -2,14 +2,24 @@
 //! `low_latency_combine`, expert-major: kernels `ll_dispatch` / `ll_combine` of
 //! `moe-ep-kernels` (`low_latency.rs` states the protocol). No host synchronisation;
 //! consecutive calls alternate between two buffer sets, so dispatch `N+1` may start while
-//! combine `N` drains. Semantics: `reference::ll_dispatch` / `ll_combine`, bit for bit.
+//! combine `N` drains. Semantics: `reference::ll_dispatch` / `ll_combine`, bit for bit,
+//! except that the row ranges of different source ranks land in arrival order.
+//!
+//! One pass: senders store rows straight into the receiver's buffer, so a dispatch's
+//! `packed_recv_x` (and scales, source indices) are views into the buffer set of the call,
+//! as are [`LlBuffer::combine_buffer`]'s zero-copy expert outputs. Like DeepEP's LL results,
+//! at most two are live: a dispatch's views are overwritten once peers run the dispatch
+//! after next on the same set, which they can only start after this rank's combine of
+//! this dispatch (or its next dispatch on the set).
+use std::sync::Arc;
+
 use crate::device::{DeviceBuffer, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
 use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams};
 use moe_ep_kernels::Kernel;
-use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR};
+use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, ll_dispatch_smem_bytes};
 
 /// Sizes an [`LlBuffer`] is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,12 +50,21 @@ pub struct LlDispatchOptions {
 
 /// How to return a dispatch's rows (DeepEP's LL handle).
 pub struct LlHandle {
-    /// `[L, R*M]` i32: source token of each packed row.
+    /// `[L, R*M]` i32: source token of each packed row (a view into the buffer).
     pub packed_recv_src_info: DeviceBuffer,
     /// `[L, R]` i64: `begin << 32 | count` of the rows from each source rank.
     pub packed_recv_layout_range: DeviceBuffer,
     /// `u64`: the call's epoch, written on the device by the dispatch.
     epoch: DeviceBuffer,
+    /// The buffer set of the dispatch (0 or 1).
+    set: u32,
+}
+
+impl LlHandle {
+    /// The buffer set (0 or 1) the dispatch used; its outputs are views into it.
+    pub fn set(&self) -> u32 {
+        self.set
+    }
 }
 
 /// The receive half of a send-only op (DeepEP's `return_recv_hook`, NCCL EP's
@@ -75,7 +94,8 @@ impl LlRecvHook {
 /// Outputs of [`LlBuffer::dispatch`].
 pub struct LlDispatchOutputs {
     /// `[L, R*M, H]` bf16 (fp8 e4m3 bytes with `use_fp8`): per local expert, rows packed
-    /// from 0 by (source rank, token).
+    /// from 0, a range per source rank (ranges in arrival order, rows in token order). A
+    /// view into the buffer (module docs).
     pub packed_recv_x: DeviceBuffer,
     /// With `use_fp8`: f32 scales stored `[L, H/128, R*M]` — DeepEP's column-major
     /// `[L, R*M, H/128]` (the token index contiguous, as TMA loads want) — or, with
@@ -138,12 +158,15 @@ impl LlCombineOutputs {
 }
 
 /// The communication buffer of LL dispatch/combine (one per rank, collective).
-/// Drop it on every rank only after all ranks have finished their last op on it.
+/// Drop it on every rank only after all ranks have finished their last op on it (views
+/// handed out keep this rank's memory alive, not the peers').
 pub struct LlBuffer {
-    sym: SymmetricBuffer,
+    sym: Arc<SymmetricBuffer>,
     layout: LlLayout,
     cfg: LlConfig,
     grid_dim: u32,
+    /// The set of the next allocating call (every rank makes the same calls, so all agree).
+    next_set: u32,
 }
 
 impl LlBuffer {
@@ -172,7 +195,7 @@ impl LlBuffer {
             return Err(Error::invalid("max_tokens", format!("{} is not in 1..=1024", cfg.max_tokens)));
         }
         let layout = LlLayout::new(r as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64);
-        let sym = group.alloc_symmetric(layout.total_bytes() as usize, Sharing::Auto)?;
+        let sym = Arc::new(group.alloc_symmetric(layout.total_bytes() as usize, Sharing::Auto)?);
         // A block per local expert (it receives that expert), at least 16 (every warp sends),
         // within the rank's share of the SMs when ranks share a GPU (all their blocks must
         // be resident at once).
@@ -183,10 +206,35 @@ impl LlBuffer {
             let want = (cfg.num_experts / r).max(16);
             (group.device().num_sms()? as usize / sharing).clamp(1, want) as u32
         };
-        Ok(LlBuffer { sym, layout, cfg, grid_dim })
+        Ok(LlBuffer { sym, layout, cfg, grid_dim, next_set: 0 })
     }
 
-    fn params(&self, group: &Group, call_epoch: &DeviceBuffer) -> LlParams {
+    /// `bytes` at `offset` of set `set` of this rank's buffer, as a buffer that keeps it alive.
+    fn view(&self, set: u32, offset: u64, bytes: usize) -> DeviceBuffer {
+        let local = self.sym.local();
+        let keep = self.sym.clone();
+        let at = local.ptr() + set as u64 * self.layout.set_bytes + offset;
+        // SAFETY: the range lies in this rank's buffer (the layout sized it), which `keep`
+        // holds until the view is dropped. Peers write it only as the module docs say.
+        unsafe { DeviceBuffer::lent(local.device(), at, bytes, Box::new(move || drop(keep))) }
+    }
+
+    fn take_set(&mut self) -> u32 {
+        let set = self.next_set;
+        self.next_set ^= 1;
+        set
+    }
+
+    /// The zero-copy combine input of `handle`'s set (DeepEP's
+    /// `get_next_low_latency_combine_buffer`): `[L, R*M, hidden]` bf16, rows as the dispatch
+    /// packed them. Write the expert outputs here and pass it as [`LlBuffer::combine`]'s
+    /// `x`: sources then read the rows in place instead of this rank sending them.
+    pub fn combine_buffer(&self, handle: &LlHandle) -> DeviceBuffer {
+        let l = &self.layout;
+        self.view(handle.set, l.combine_x, (l.num_local_experts * l.rows_per_expert()) as usize * 2 * self.cfg.hidden)
+    }
+
+    fn params(&self, group: &Group, call_epoch: &DeviceBuffer, set: u32) -> LlParams {
         LlParams {
             peer_bases: self.sym.peer_table_ptr(),
             error: group.error_ptr(),
@@ -198,12 +246,19 @@ impl LlBuffer {
             max_tokens: self.cfg.max_tokens as u32,
             rank: group.rank() as u32,
             num_ranks: group.num_ranks() as u32,
+            set,
             ..LlParams::default()
         }
     }
 
-    fn launch_config(&self, group: &Group) -> LaunchConfig {
-        LaunchConfig { grid_dim: self.grid_dim, block_dim: group.device().block_dim(256).max(128), shared_mem_bytes: 0 }
+    fn launch_config(&self, group: &Group, kernel: &'static Kernel<LlParams>) -> LaunchConfig {
+        let block_dim = group.device().block_dim(256).max(128);
+        let shared_mem_bytes = if std::ptr::eq(kernel, &LL_DISPATCH) {
+            ll_dispatch_smem_bytes(block_dim / 32, self.cfg.num_experts as u32)
+        } else {
+            0
+        };
+        LaunchConfig { grid_dim: self.grid_dim, block_dim, shared_mem_bytes }
     }
 
     fn check_topk(&self, topk_idx: &DeviceBuffer, idx: IndexType, num_tokens: usize, num_topk: usize) -> Result<()> {
@@ -230,7 +285,7 @@ impl LlBuffer {
         params: LlParams,
         send_only: bool,
     ) -> Result<Option<LlRecvHook>> {
-        let cfg = self.launch_config(group);
+        let cfg = self.launch_config(group, kernel);
         let phases = if send_only { LL_SEND } else { LL_SEND | LL_RECV };
         // SAFETY: the callers built `params` for this buffer and for outputs they return.
         unsafe { group.stream().launch(kernel, cfg, LlParams { phases, ..params })? };
@@ -253,17 +308,20 @@ impl LlBuffer {
         opts: LlDispatchOptions,
     ) -> Result<LlDispatchOutputs> {
         let s = group.stream();
-        let (l, r, m, h) =
-            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, self.cfg.hidden);
+        let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
+        let rows = l * self.layout.rows_per_expert() as usize;
         let x_bytes = if opts.use_fp8 { h } else { 2 * h };
+        let set = self.take_set();
+        let lay = self.layout;
         let mut out = LlDispatchOutputs {
-            packed_recv_x: s.alloc_uninit(l * r * m * x_bytes)?,
-            packed_recv_x_scales: if opts.use_fp8 { Some(s.alloc_uninit(4 * l * r * m * (h / 128))?) } else { None },
+            packed_recv_x: self.view(set, lay.recv_x, rows * x_bytes),
+            packed_recv_x_scales: opts.use_fp8.then(|| self.view(set, lay.recv_scales, rows * (h / 128) * 4)),
             packed_recv_count: s.alloc(4 * l)?,
             handle: LlHandle {
-                packed_recv_src_info: s.alloc(4 * l * r * m)?,
+                packed_recv_src_info: self.view(set, lay.recv_src_info, rows * 4),
                 packed_recv_layout_range: s.alloc(8 * l * r)?,
                 epoch: s.alloc(8)?,
+                set,
             },
             recv_hook: None,
         };
@@ -288,8 +346,7 @@ impl LlBuffer {
         opts: LlDispatchOptions,
     ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
-        let (l, r, m, h) =
-            (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.max_tokens, self.cfg.hidden);
+        let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
         if x.len() < num_tokens * 2 * h || !x.ptr().is_multiple_of(16) {
             return Err(Error::invalid("x", format!("[{num_tokens}, {h}] bf16 (16-aligned) needed")));
         }
@@ -302,26 +359,27 @@ impl LlBuffer {
                 format!("needs use_fp8, round_scale and hidden ({h}) a multiple of 512"),
             ));
         }
-        let x_bytes = if opts.use_fp8 { h } else { 2 * h };
-        let scales_ok = match (&out.packed_recv_x_scales, opts.use_fp8) {
-            (Some(sc), true) => sc.len() >= 4 * l * r * m * (h / 128),
-            (_, false) => true,
-            (None, true) => false,
+        let set = out.handle.set;
+        let lay = &self.layout;
+        let ours =
+            |b: &DeviceBuffer, offset: u64| b.ptr() == self.sym.local().ptr() + set as u64 * lay.set_bytes + offset;
+        let scales_ok = match &out.packed_recv_x_scales {
+            Some(sc) => opts.use_fp8 && ours(sc, lay.recv_scales),
+            None => !opts.use_fp8,
         };
-        if out.packed_recv_x.len() < l * r * m * x_bytes
-            || out.handle.packed_recv_src_info.len() < 4 * l * r * m
+        if !ours(&out.packed_recv_x, lay.recv_x)
+            || !ours(&out.handle.packed_recv_src_info, lay.recv_src_info)
             || !scales_ok
+            || out.packed_recv_count.len() < 4 * l
+            || out.handle.packed_recv_layout_range.len() < 8 * l * r
         {
-            return Err(Error::invalid("out", "outputs of a dispatch of another shape or format"));
+            return Err(Error::invalid("out", "outputs of another buffer, or of a dispatch in another format"));
         }
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
-            packed_recv_x: out.packed_recv_x.ptr(),
-            packed_recv_src_info: out.handle.packed_recv_src_info.ptr(),
             packed_recv_layout_range: out.handle.packed_recv_layout_range.ptr(),
             packed_recv_count: out.packed_recv_count.ptr(),
-            packed_recv_x_scales: out.packed_recv_x_scales.as_ref().map_or(0, |b| b.ptr()),
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
@@ -330,7 +388,7 @@ impl LlBuffer {
             } else {
                 0
             },
-            ..self.params(group, &out.handle.epoch)
+            ..self.params(group, &out.handle.epoch, set)
         };
         // The buffer was sized by the same LlLayout; the outputs have the documented shapes
         // (checked) and inputs were checked above.
@@ -361,6 +419,7 @@ impl LlBuffer {
         }
         let s = group.stream();
         let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
+        let set = self.take_set();
         let out = LlRankMajorOutputs {
             recv_x: s.alloc_uninit(r * m * row_bytes)?,
             recv_count: s.alloc(4 * r)?,
@@ -382,7 +441,7 @@ impl LlBuffer {
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, &out._epoch)
+            ..self.params(group, &out._epoch, set)
         };
         // The rank-major regions of the same LlLayout; outputs just allocated as documented.
         let recv_hook = self.launch(group, &LL_DISPATCH_RANK_MAJOR, params, send_only)?;
@@ -450,17 +509,20 @@ impl LlBuffer {
         if combined_x.len() < num_tokens * row_bytes {
             return Err(Error::invalid("combined_x", format!("[{num_tokens}, {}] bf16 needed", self.cfg.hidden)));
         }
+        // Pull when the expert outputs lie in this rank's zero-copy region of the handle's
+        // set, unless send-only (the sends then overlap with whatever runs meanwhile).
+        let pull = !send_only && x.ptr() == self.combine_buffer(handle).ptr();
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
             topk_weights: topk_weights.ptr(),
-            packed_recv_src_info: handle.packed_recv_src_info.ptr(),
             packed_recv_layout_range: handle.packed_recv_layout_range.ptr(),
             combined_x: combined_x.ptr(),
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, &handle.epoch)
+            pull: pull as u32,
+            ..self.params(group, &handle.epoch, handle.set)
         };
         // As in dispatch; the handle comes from a dispatch on this buffer.
         self.launch(group, &LL_COMBINE, params, send_only)

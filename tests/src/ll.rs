@@ -5,7 +5,7 @@ use crate::{Rng, upload};
 use moe_ep::Group;
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
-use moe_ep::reference::{self, LlDispatch, Routing};
+use moe_ep::reference::{self, LayoutRange, LlDispatch, Routing};
 
 /// Per rank, `[T_r, K]` distinct random experts per token (T_r in 1..=max_tokens, or 0 where
 /// `empty(rank)`), each entry dropped (-1) with probability `1 / drop_one_in` (0: never).
@@ -86,8 +86,65 @@ pub fn prepare(case: &Case, n: usize, rng: &mut Rng) -> Vec<Call> {
         .collect()
 }
 
+/// Pairs `(row, reference row)` of every received row (indices into `[L * R * M]`), matched
+/// through the layout ranges: per (local expert, source) the `i`-th row of the kernel's
+/// range is the `i`-th of the reference's (the ranges themselves may lie in any order).
+pub fn matched_rows<T>(
+    want: &reference::LlRecv<T>,
+    ranges: &[i64],
+    n: usize,
+    max_tokens: usize,
+) -> Vec<(usize, usize)> {
+    let slots = n * max_tokens;
+    let mut pairs = Vec::new();
+    for (e, src) in (0..want.packed_recv_count.len()).flat_map(|e| (0..n).map(move |src| (e, src))) {
+        let got = LayoutRange::unpack(ranges[e * n + src]);
+        let w = LayoutRange::unpack(want.packed_recv_layout_range[e * n + src]);
+        pairs.extend((0..got.count.min(w.count)).map(|i| (e * slots + got.begin + i, e * slots + w.begin + i)));
+    }
+    pairs
+}
+
+/// One rank's expert-major dispatch outputs `(packed_recv_x, src_info, counts, ranges)`
+/// against the reference's: the same counts; per (local expert, source) the same number of
+/// rows, the same source tokens and rows bit for bit. The ranges of different sources may
+/// lie in any order (arrival) but must tile `0..count` of each expert.
+pub fn check_expert_major<T: PartialEq + Copy + std::fmt::Debug>(
+    want: &reference::LlRecv<T>,
+    (got_x, got_src, counts, ranges): (&[T], &[i32], &[i32], &[i64]),
+    n: usize,
+    max_tokens: usize,
+    hidden: usize,
+    ctx: &str,
+) {
+    assert_eq!(counts, &want.packed_recv_count[..], "{ctx}: counts");
+    let slots = n * max_tokens;
+    for (e, &cnt) in counts.iter().enumerate() {
+        let mut covered = vec![false; cnt as usize];
+        for src in 0..n {
+            let got = LayoutRange::unpack(ranges[e * n + src]);
+            let w = LayoutRange::unpack(want.packed_recv_layout_range[e * n + src]);
+            assert_eq!(got.count, w.count, "{ctx}: rows from rank {src} at expert {e}");
+            assert!(got.begin + got.count <= cnt as usize, "{ctx}: range {got:?} of rank {src} past expert {e}'s rows");
+            for i in 0..got.count {
+                assert!(!std::mem::replace(&mut covered[got.begin + i], true), "{ctx}: ranges overlap at expert {e}");
+                let (g, r) = (e * slots + got.begin + i, e * slots + w.begin + i);
+                assert_eq!(
+                    got_src[g], want.packed_recv_src_info[r],
+                    "{ctx}: src info of expert {e}, rank {src}, row {i}"
+                );
+                assert!(
+                    got_x[g * hidden..(g + 1) * hidden] == want.packed_recv_x[r * hidden..(r + 1) * hidden],
+                    "{ctx}: row {i} from rank {src} at expert {e}"
+                );
+            }
+        }
+    }
+}
+
 /// One rank's side of every call: counts, layout ranges, source info and rows of every
-/// local expert, and the combined tokens, bit for bit against the reference.
+/// local expert, and the combined tokens, bit for bit against the reference. Some ranks'
+/// expert outputs go through the zero-copy buffer (pulled), the others' are pushed.
 pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
     let (rank, n) = (group.rank(), group.num_ranks());
     let (hidden, num_topk, max_tokens) = (case.hidden, case.num_topk, case.max_tokens);
@@ -109,28 +166,25 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
         let mut out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, num_topk, opts).unwrap();
         assert_eq!(out.recv_hook.is_some(), send_only);
         out.complete(group, &buf).unwrap();
+        // The expert outputs in this dispatch's row order (the reference's, per matched row).
+        let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
+        let mut y = vec![0u16; c.y[rank].len()];
+        for (row, want_row) in matched_rows(&c.want.ranks[rank], &ranges, n, max_tokens) {
+            y[row * hidden..(row + 1) * hidden].copy_from_slice(&c.y[rank][want_row * hidden..(want_row + 1) * hidden]);
+        }
+        // Zero-copy on some ranks and calls: those owners' rows are pulled, the others' pushed.
+        let zero_copy = (rank + call) % 3 != 0;
+        let y_in = if zero_copy { buf.combine_buffer(&out.handle) } else { yb };
+        y_in.write(s, 0, &y).unwrap();
         let mut comb =
-            buf.combine(group, &out.handle, &yb, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
+            buf.combine(group, &out.handle, &y_in, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
         comb.complete(group, &buf).unwrap();
         s.synchronize().unwrap();
         group.take_device_error("ll dispatch+combine").unwrap();
-        let rv = &c.want.ranks[rank];
-        let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
-        assert_eq!(counts, rv.packed_recv_count, "{ctx}: counts");
-        let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
-        assert_eq!(ranges, rv.packed_recv_layout_range, "{ctx}: layout ranges");
         let got_x: Vec<u16> = out.packed_recv_x.to_vec(s).unwrap();
         let got_src: Vec<i32> = out.handle.packed_recv_src_info.to_vec(s).unwrap();
-        let slots = n * max_tokens;
-        for (e, &cnt) in counts.iter().enumerate() {
-            let rows = e * slots..e * slots + cnt as usize;
-            assert_eq!(&got_src[rows.clone()], &rv.packed_recv_src_info[rows.clone()], "{ctx}: src info of expert {e}");
-            assert!(
-                got_x[rows.start * hidden..rows.end * hidden]
-                    == rv.packed_recv_x[rows.start * hidden..rows.end * hidden],
-                "{ctx}: rows of expert {e}"
-            );
-        }
+        let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
+        check_expert_major(&c.want.ranks[rank], (&got_x, &got_src, &counts, &ranges), n, max_tokens, hidden, &ctx);
         let got: Vec<u16> = comb.combined_x.to_vec(s).unwrap();
         assert!(got[..t * hidden] == c.combined[rank][..], "{ctx}: combined_x");
     }

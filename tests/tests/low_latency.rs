@@ -183,10 +183,15 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
             let q: Vec<u8> = out.packed_recv_x.to_vec(s).unwrap();
             let raw: Vec<u8> = out.packed_recv_x_scales.as_ref().unwrap().to_vec(s).unwrap();
             let (slots, groups_per_row) = (n * m, h / 128);
+            let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
+            let matched = ll::matched_rows(rv, &ranges, n, m);
+            let expected: usize = counts.iter().map(|&c| c as usize).sum();
+            assert_eq!(matched.len(), expected, "rank {rank}: every row matched to the reference's");
             let (mut num, mut den) = (0f64, 0f64);
-            for (l, &c) in counts.iter().enumerate() {
-                for row in l * slots..l * slots + c as usize {
-                    let bf16_row = &rv.packed_recv_x[row * h..(row + 1) * h];
+            {
+                for &(row, want_row) in &matched {
+                    let l = row / slots;
+                    let bf16_row = &rv.packed_recv_x[want_row * h..(want_row + 1) * h];
                     let (want_q, want_s) = reference::quantize_row_fp8(bf16_row, round_scale);
                     assert_eq!(
                         &q[row * h..(row + 1) * h],

@@ -561,30 +561,51 @@ pub struct HtCombineParams {
 }
 
 /// Where each region of an LL (low-latency) symmetric buffer lives. Two identical sets
-/// (calls alternate between them by epoch parity); in each, for `L` local experts, `E`
-/// experts in all, `R` ranks and `M` = max tokens per rank:
+/// (the host alternates calls between them; a call's outputs are views into its set); in
+/// each, for `L` local experts, `E` experts in all, `R` ranks and `M` = max tokens per rank:
 ///
 /// | region | size | written by |
 /// |---|---|---|
-/// | dispatch flags `[L][R]` u64 = `epoch << 32 \| T_src` | `L * R * 8` | source rank |
-/// | combine flags `[E]` u64 = `epoch` | `E * 8` | expert owner |
-/// | block counters (dispatch, combine) | 256 | this rank's blocks |
-/// | dispatch slots `[L][R][M]` (row, then `[epoch, token]` u32) | `L * R * M * slot_bytes` | source rank |
-/// | combine slots `[E][M]` (row, then `[epoch, token]`) | `E * M * slot_bytes` | expert owner |
+/// | dispatch flags `[L][R]`: `{begin << 32 \| count, epoch}` u64 pairs | `L * R * 16` | source rank |
+/// | combine flags `[R]` u64 = `epoch << 1 \| pull` | `R * 8` | expert owner |
+/// | released `[R]` u64: the last epoch on this set that rank is done with | `R * 8` | every rank |
+/// | block counters, epoch word, last epoch on this set | 256 | this rank |
+/// | receive counters `[L]` u32: rows reserved per local expert | `L * 4` | source ranks (atomics) |
+/// | begins `[E]` u64 = `epoch << 32 \| begin`: this rank's reserved ranges | `E * 8` | this rank |
+/// | pair rows `[M][LL_MAX_TOPK]` i32: where each (token, k) row landed | `M * 128` | this rank |
+/// | recv x `[L][R*M]` rows of `row_bytes` (fp8: `row_bytes / 2`) | `L * R * M * row_bytes` | source ranks |
+/// | recv scales `[L][H/128][R*M]` f32 | `L * R * M * row_bytes / 64` | source ranks |
+/// | recv src info `[L][R*M]` i32 | `L * R * M * 4` | source ranks |
+/// | combine x `[L][R*M]` rows (zero-copy expert outputs, pulled by sources) | `L * R * M * row_bytes` | this rank's caller |
+/// | combine slots `[E][M]` (pushed rows) | `E * M * slot_bytes` | expert owner |
 /// | rank-major flags `[R]` u64 = `epoch << 32 \| T_src` | `R * 8` | source rank |
 /// | rank-major slots `[R][M]` (row, `[epoch, token]`, 32 ids, 32 weights) | `R * M * rank_major_slot_bytes` | source rank |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LlLayout {
-    /// Bytes per slot: a row of `row_bytes` plus 16 bytes of marker.
+    /// Bytes per combine slot: a row of `row_bytes` plus 16 bytes of marker.
     pub slot_bytes: u64,
     /// Offset of the dispatch flags in a set.
     pub dispatch_flags: u64,
     /// Offset of the combine flags in a set.
     pub combine_flags: u64,
+    /// Offset of the released words in a set.
+    pub released: u64,
     /// Offset of the block counters in a set.
     pub counters: u64,
-    /// Offset of the dispatch slots in a set.
-    pub dispatch_slots: u64,
+    /// Offset of the receive counters in a set.
+    pub recv_counters: u64,
+    /// Offset of the begins in a set.
+    pub begins: u64,
+    /// Offset of the pair rows in a set.
+    pub pair_rows: u64,
+    /// Offset of the received rows in a set.
+    pub recv_x: u64,
+    /// Offset of the received fp8 scales in a set.
+    pub recv_scales: u64,
+    /// Offset of the received rows' source tokens in a set.
+    pub recv_src_info: u64,
+    /// Offset of the zero-copy combine input in a set.
+    pub combine_x: u64,
     /// Offset of the combine slots in a set.
     pub combine_slots: u64,
     /// Offset of the rank-major flags in a set.
@@ -604,6 +625,15 @@ pub struct LlLayout {
     pub max_tokens: u64,
 }
 
+/// [`LlLayout::counters`] + this: the dispatch block counter (u32).
+pub const LL_DISPATCH_COUNTER: u64 = 0;
+/// [`LlLayout::counters`] + this, set 0: the rank's epoch counter (u64).
+pub const LL_EPOCH_WORD: u64 = 64;
+/// [`LlLayout::counters`] + this: the combine block counter (u32).
+pub const LL_COMBINE_COUNTER: u64 = 128;
+/// [`LlLayout::counters`] + this: the epoch of this rank's last dispatch on the set (u64).
+pub const LL_LAST_EPOCH: u64 = 192;
+
 impl LlLayout {
     /// The layout for rows of `row_bytes` (a multiple of 16).
     #[inline(always)]
@@ -613,12 +643,20 @@ impl LlLayout {
             Some(l) => l,
             None => 0,
         };
+        let rows = l * r * m; // received rows per set
         let slot_bytes = row_bytes + 16;
         let dispatch_flags = 0;
-        let combine_flags = align128(dispatch_flags + l * r * 8);
-        let counters = align128(combine_flags + e * 8);
-        let dispatch_slots = align128(counters + 256);
-        let combine_slots = align128(dispatch_slots + l * r * m * slot_bytes);
+        let combine_flags = align128(dispatch_flags + l * r * 16);
+        let released = align128(combine_flags + r * 8);
+        let counters = align128(released + r * 8);
+        let recv_counters = align128(counters + 256);
+        let begins = align128(recv_counters + l * 4);
+        let pair_rows = align128(begins + e * 8);
+        let recv_x = align128(pair_rows + m * 4 * LL_MAX_TOPK as u64);
+        let recv_scales = align128(recv_x + rows * row_bytes);
+        let recv_src_info = align128(recv_scales + rows * (row_bytes / 64));
+        let combine_x = align128(recv_src_info + rows * 4);
+        let combine_slots = align128(combine_x + rows * row_bytes);
         let rank_major_flags = align128(combine_slots + e * m * slot_bytes);
         let rank_major_slot_bytes = slot_bytes + 8 * LL_MAX_TOPK as u64;
         let rank_major_slots = align128(rank_major_flags + r * 8);
@@ -627,8 +665,15 @@ impl LlLayout {
             slot_bytes,
             dispatch_flags,
             combine_flags,
+            released,
             counters,
-            dispatch_slots,
+            recv_counters,
+            begins,
+            pair_rows,
+            recv_x,
+            recv_scales,
+            recv_src_info,
+            combine_x,
             combine_slots,
             rank_major_flags,
             rank_major_slots,
@@ -646,16 +691,16 @@ impl LlLayout {
         2 * self.set_bytes
     }
 
-    /// Dispatch slot of (local expert, source rank, token) within a set.
-    #[inline(always)]
-    pub const fn dispatch_slot(&self, local: u64, src: u64, token: u64) -> u64 {
-        self.dispatch_slots + ((local * self.num_ranks + src) * self.max_tokens + token) * self.slot_bytes
-    }
-
     /// Offset (from the buffer's start, in set 0) of this rank's epoch counter.
     #[inline(always)]
     pub const fn epoch_word(&self) -> u64 {
-        self.counters + 64
+        self.counters + LL_EPOCH_WORD
+    }
+
+    /// Received rows per local expert (`R * M`).
+    #[inline(always)]
+    pub const fn rows_per_expert(&self) -> u64 {
+        self.num_ranks * self.max_tokens
     }
 
     /// Rank-major slot of (source rank, token) within a set.
@@ -698,13 +743,12 @@ pub struct LlParams {
     pub recv_topk_idx: u64,
     /// Rank-major dispatch out: `[R, M, K]` f32 (0 where not local).
     pub recv_topk_weights: u64,
-    /// fp8 dispatch out: `[L, R*M, H/128]` f32 scales.
+    /// fp8 dispatch out: `[L, R*M, H/128]` f32 scales (rank-major: unused).
     pub packed_recv_x_scales: u64,
     /// The [`ErrorSlot`].
     pub error: u64,
-    /// Set by the kernel itself at entry (the host passes 0): the call's flag value, >= 1;
-    /// its parity picks the buffer set. Never a host-side value, so a captured CUDA graph
-    /// replays correctly.
+    /// Set by the kernel itself at entry (the host passes 0): the call's flag value, >= 1.
+    /// Never a host-side value, so a captured CUDA graph replays correctly.
     pub epoch: u64,
     /// This rank's epoch counter (a `u64` in its own buffer, [`LlLayout::epoch_word`]):
     /// a dispatch's send phase takes `counter + 1` as its epoch, and its grid's last block
@@ -737,6 +781,12 @@ pub struct LlParams {
     /// Dispatch: [`LL_FP8`] casts to fp8 e4m3 with per-128-channel scales (hidden a
     /// multiple of 128), [`LL_ROUND_SCALE`] rounds the scales up to powers of two.
     pub fp8: u32,
+    /// The buffer set (0 or 1) of the call, chosen by the host: a dispatch's outputs are
+    /// views into it, so the host must know where they are.
+    pub set: u32,
+    /// Combine: 1 when `x` is this rank's combine-x region of `set` (zero-copy) and the
+    /// call is not send-only — sources then read (pull) the rows from it.
+    pub pull: u32,
     /// Zero.
     pub reserved: u32,
 }

@@ -931,6 +931,25 @@ impl Rank {
         .py()
     }
 
+    /// The zero-copy combine input of `d`'s buffer set (`LlBuffer::combine_buffer`): bytes of
+    /// `[L, R*M, hidden]` bf16; a combine given it reads the rows in place.
+    #[pyo3(signature = (d, stream))]
+    fn ll_combine_buffer(&self, py: Python<'_>, d: PyRef<'_, LlDispatchObj>, stream: usize) -> PyResult<Array> {
+        let ctx = Ctx { stream, previous: None, async_finish: false };
+        let (inner, generation) = (d.inner.clone(), d.generation);
+        py.detach(|| -> moe_ep::Result<Array> {
+            let st = self.lock()?;
+            Self::check_generation(st.ll_generation, generation)?;
+            let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+            let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
+            let outs = outs.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
+            let view = buf.combine_buffer(&outs.handle);
+            let nbytes = view.len();
+            Ok(self.output(&ctx, view, nbytes))
+        })
+        .py()
+    }
+
     /// Runs the receive half of a `send_only` LL dispatch (no-op when already done).
     fn ll_complete_dispatch(&self, py: Python<'_>, d: PyRef<'_, LlDispatchObj>) -> PyResult<()> {
         self.complete_pending(py, &d.inner, d.generation, &d.ctx, "ll_dispatch")

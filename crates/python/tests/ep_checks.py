@@ -503,6 +503,24 @@ def dequant(q, scales, ue8m0):
     return v * np.repeat(s, 128, axis=-1)
 
 
+def ll_blocks(got_range, ref, count, what):
+    """Per local expert, `(source, begin, reference begin, rows)` of each source's block:
+    the same rows as the reference's, the blocks (in arrival order) tiling `0..count`."""
+    out = []
+    for e in range(got_range.shape[0]):
+        blocks, covered = [], np.zeros(int(count[e]), bool)
+        for s in range(got_range.shape[1]):
+            lg, c = int(got_range[e, s]) >> 32, int(got_range[e, s]) & 0xFFFFFFFF
+            lr, cr = int(ref["layout_range"][e, s]) >> 32, int(ref["layout_range"][e, s]) & 0xFFFFFFFF
+            assert c == cr, f"{what}: expert {e} got {c} rows from {s}, want {cr}"
+            assert lg + c <= count[e] and not covered[lg:lg + c].any(), f"{what}: block of {s} at expert {e}"
+            covered[lg:lg + c] = True
+            blocks.append((s, lg, lr, c))
+        assert covered.all(), f"{what}: expert {e}'s blocks leave rows uncovered"
+        out.append(blocks)
+    return out
+
+
 def ll_body(case, backend, rounds=2):
     """DeepEP test_low_latency's checks plus bit-exact equality with the reference, per rank."""
     B, R, E, K, H, M = backend, case.R, case.E, case.K, case.H, case.M
@@ -538,28 +556,27 @@ def ll_body(case, backend, rounds=2):
                     expected_stats += ref["count"]
                 src_info, layout_range, m, hidden, num_experts = handle
                 assert (m, hidden, num_experts) == (M, H, E)
-                _eq(B.get(layout_range), ref["layout_range"], f"{what}: layout_range")
+                blocks = ll_blocks(B.get(layout_range), ref, got_count, what)
                 info = B.get(src_info)
                 for e in range(L):
-                    _eq(info[e, :got_count[e]], ref["src_info"][e, :got_count[e]], f"{what}: src_info {e}")
+                    for s, lg, lr, c in blocks[e]:
+                        _eq(info[e, lg:lg + c], ref["src_info"][e, lr:lr + c], f"{what}: src_info {e} from {s}")
                 if v["use_fp8"]:  # dequantized rows ~ x (DeepEP's bound), fed to combine
                     y = B.dequant_bf16(recv[0], recv[1], v.get("use_ue8m0", False))
                     for e in range(L):
-                        n = got_count[e]
-                        if n:
-                            d = calc_diff(bf16_to_f32(B.get(y[e, :n])), bf16_to_f32(ref["x"][e, :n]))
-                            assert d < 9e-4, f"{what}: fp8 calc_diff {d}"
+                        for s, lg, lr, c in blocks[e]:
+                            if c:
+                                d = calc_diff(bf16_to_f32(B.get(y[e, lg:lg + c])), bf16_to_f32(ref["x"][e, lr:lr + c]))
+                                assert d < 9e-4, f"{what}: fp8 calc_diff {d}"
                 else:  # only the valid rows are fetched (the rest of [L, R*M, H] is not defined)
                     for e in range(L):
-                        n = got_count[e]
-                        got = B.get(recv[e, :n])
-                        _eq(got, ref["x"][e, :n], f"{what}: rows of expert {e}")
-                        # DeepEP: each source block holds its rank value and the right token ids
+                        got = B.get(recv[e, :got_count[e]])
                         rows = bf16_to_f32(got)
-                        for s in range(R):
-                            lo, c = int(ref["layout_range"][e, s] >> 32), int(ref["layout_range"][e, s] & 0xFFFFFFFF)
-                            assert (rows[lo:lo + c, :-128] == s - 128).all(), f"{what}: block of {s}"
-                            _eq(rows[lo:lo + c, -1].astype(np.int32), info[e, lo:lo + c], f"{what}: token ids")
+                        for s, lg, lr, c in blocks[e]:
+                            _eq(got[lg:lg + c], ref["x"][e, lr:lr + c], f"{what}: rows of expert {e} from {s}")
+                            # DeepEP: each source block holds its rank value and the right token ids
+                            assert (rows[lg:lg + c, :-128] == s - 128).all(), f"{what}: block of {s}"
+                            _eq(rows[lg:lg + c, -1].astype(np.int32), info[e, lg:lg + c], f"{what}: token ids")
                     y = recv  # DeepEP's simulated expert: the identity
                 # combine the (dequantized) rows; weighted sum vs x * Σw, exactly for bf16
                 wait()

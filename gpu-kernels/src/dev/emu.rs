@@ -344,6 +344,15 @@ pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
     // SAFETY: caller's contract.
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
 }
+/// `atom.relaxed.sys.global.add.u32`.
+///
+/// # Safety
+/// `p` is valid and aligned.
+pub unsafe fn atom_add_relaxed_sys_u32(p: *mut u32, v: u32) -> u32 {
+    check_device_atomic(p);
+    // SAFETY: caller's contract.
+    unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
+}
 /// `atom.release.gpu.global.add.u32`.
 ///
 /// # Safety
@@ -442,6 +451,10 @@ pub fn shfl_bfly_u32(v: u32, lane_mask: u32) -> u32 {
 /// `shfl.sync.idx.b32`.
 pub fn shfl_idx_u32(v: u32, src_lane: u32) -> u32 {
     exchange(v, |s| s[(src_lane & 31) as usize].load(Ordering::Relaxed))
+}
+/// `match.any.sync.b32`.
+pub fn match_any_u32(v: u32) -> u32 {
+    exchange(v, |s| (0..32).fold(0u32, |acc, i| acc | ((s[i].load(Ordering::Relaxed) == v) as u32) << i))
 }
 /// `vote.sync.ballot.b32`.
 pub fn ballot(pred: bool) -> u32 {

@@ -11,10 +11,11 @@
 //! | `st_relaxed_sys_u32/u64`, `ld_relaxed_sys_u32/u64` | `st/ld.relaxed.sys.global` | a `fence_*` on each side |
 //! | `red_add_release_sys_u32/u64` | `red.release.sys.global.add` | `ld_acquire_sys_*` |
 //! | `atom_add_relaxed_gpu_u32`, `atom_add_release_gpu_u32` | `atom.{relaxed,release}.gpu.global.add` | counters |
+//! | `atom_add_relaxed_sys_u32` | `atom.relaxed.sys.global.add` | counters peers add to |
 //! | `atom_cas_acq_rel_sys_u32` | `atom.acq_rel.sys.global.cas` | claims, locks |
 //! | `fence_acq_rel_gpu/sys`, `fence_sc_sys` | `fence.{acq_rel,sc}.{gpu,sys}` | relaxed flags |
 //! | `ld_nc_v4`, `ld_v4`, `st_v4` | `ld.global.nc.v4.u32`, `ld.global.v4.u32`, `st.global.v4.u32` | 16-byte data moves |
-//! | `shfl_bfly_u32`, `shfl_idx_u32`, `ballot` | `shfl.sync.*`, `vote.sync.ballot` | warp-cooperative: all 32 lanes call |
+//! | `shfl_bfly_u32`, `shfl_idx_u32`, `ballot`, `match_any_u32` | `shfl.sync.*`, `vote.sync.ballot`, `match.any.sync` | warp-cooperative: all 32 lanes call |
 //! | `sync_threads`, `sync_threads_or`, `sync_warp` | `bar.sync 0`, `bar.red.or.pred`, `bar.warp.sync` | |
 //! | `static_smem`, `dyn_smem`, `atom_add_shared_u32` | `.shared` arrays, `atom.shared.add` | |
 //! | `globaltimer_ns`, `nanosleep_ns` | `%globaltimer`, `nanosleep.u32` | wait bounds |

@@ -159,6 +159,20 @@ pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
     };
     old
 }
+/// `atom.relaxed.sys.global.add.u32`; returns the old value. A counter any GPU may add to
+/// (a peer's, over NVLink); orders nothing.
+///
+/// # Safety
+/// `p` is a valid, aligned global address.
+#[inline(always)]
+pub unsafe fn atom_add_relaxed_sys_u32(p: *mut u32, v: u32) -> u32 {
+    let old: u32;
+    // SAFETY: caller's contract.
+    unsafe {
+        asm!("atom.relaxed.sys.global.add.u32 {o}, [{p}], {v};", p = in(reg64) p, v = in(reg32) v, o = out(reg32) old, options(nostack))
+    };
+    old
+}
 /// `atom.release.gpu.global.add.u32`; returns the old value. Publishes prior writes to the GPU.
 ///
 /// # Safety
@@ -292,6 +306,14 @@ pub fn shfl_idx_u32(v: u32, src_lane: u32) -> u32 {
         asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 0x1f, 0xffffffff;",
              r = out(reg32) r, v = in(reg32) v, s = in(reg32) src_lane, options(nostack))
     };
+    r
+}
+/// `match.any.sync.b32`: the lanes whose `v` equals this lane's. Warp-cooperative.
+#[inline(always)]
+pub fn match_any_u32(v: u32) -> u32 {
+    let r: u32;
+    // SAFETY: full-warp match.
+    unsafe { asm!("match.any.sync.b32 {r}, {v}, 0xffffffff;", r = out(reg32) r, v = in(reg32) v, options(nostack)) };
     r
 }
 /// `vote.sync.ballot.b32`: bit `i` set iff lane `i`'s `pred`. Warp-cooperative.

@@ -7,7 +7,8 @@
 //! an event after every op. Per op: the median over iterations of its event interval, the
 //! mean over ranks (host launch skew between ranks sharing a GPU is paid once, not per op).
 //! Bytes a rank moves: dispatch, its `(token, expert)` rows sent; combine, the same rows
-//! back. Ceiling: a same-run D2D copy of all ranks' bytes of the op. `--torch SCRIPT` adds the
+//! back. `combine zc`: the expert outputs already in `LlBuffer::combine_buffer` (zero-copy),
+//! pulled by their sources. Ceiling: a same-run D2D copy of all ranks' bytes of the op. `--torch SCRIPT` adds the
 //! same-run pure-torch reference; `--csv PATH` appends rows for plotting.
 //!
 //! `--gpus N` (issue 5): the ranks (default N) spread over N GPUs, rank r on GPU r % N, peer
@@ -25,8 +26,9 @@ use moe_ep_bench::{
     peer_copy_seconds, torch_us, upload,
 };
 
-/// Median µs of (dispatch bf16, combine, dispatch fp8) on one rank, and the rows it sent.
-fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> Result<[f64; 4]> {
+/// Median µs of (dispatch bf16, combine, dispatch fp8, zero-copy combine) on one rank, and
+/// the rows it sent.
+fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> Result<[f64; 5]> {
     let (h, k, e) = (arg("--hidden", 7168), arg("--topk", 8), arg("--experts", 256));
     let s = group.stream();
     let mut rng = Rng(0x11 ^ (group.rank() as u64) << 32 ^ tokens as u64);
@@ -63,6 +65,8 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     )?;
     s.synchronize()?;
     group.take_device_error("ll")?;
+    // Zero-copy: the expert outputs already in the buffer, read in place by their sources.
+    let zero_copy = buf.combine_buffer(&out.handle);
     let mut capture = |f: &mut dyn FnMut(&mut LlBuffer) -> Result<()>| -> Result<moe_ep::Graph> {
         s.begin_capture()?;
         let r = f(&mut buf);
@@ -82,6 +86,10 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     let c16 = combine_graph(&out.handle)?;
     let c8 = combine_graph(&out8.handle)?;
     let d8 = capture(&mut |b| b.dispatch_into(group, &out8, &x, tokens, &topk, IndexType::I64, k, fp8).map(drop))?;
+    let cz = capture(&mut |b| {
+        let (h, y) = (&out.handle, &zero_copy);
+        b.combine_into(group, h, y, &c.combined_x, tokens, &topk, IndexType::I64, &weights, k, false).map(drop)
+    })?;
     s.synchronize()?;
     // Every rank has instantiated its graphs before any replays: on a shared GPU, an
     // instantiation can wait for the kernels running there, which wait for this rank.
@@ -112,7 +120,8 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     };
     let (d_bf16, comb) = pairs(&d16, &c16)?;
     let (d_fp8, _) = pairs(&d8, &c8)?;
-    Ok([d_bf16, comb, d_fp8, rows as f64])
+    let (_, comb_zero_copy) = pairs(&d16, &cz)?;
+    Ok([d_bf16, comb, d_fp8, rows as f64, comb_zero_copy])
 }
 
 fn main() -> Result<()> {
@@ -144,17 +153,18 @@ fn main() -> Result<()> {
     for &t in &tokens {
         let max_tokens = t.max(1);
         let groups = Group::in_process(&devices)?;
-        let per_rank: Vec<Result<[f64; 4]>> = std::thread::scope(|s| {
+        let per_rank: Vec<Result<[f64; 5]>> = std::thread::scope(|s| {
             let hs: Vec<_> = groups.iter().map(|g| s.spawn(move || bench_rank(g, t, max_tokens, iters))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });
-        let per_rank: Vec<[f64; 4]> = per_rank.into_iter().collect::<Result<_>>()?;
+        let per_rank: Vec<[f64; 5]> = per_rank.into_iter().collect::<Result<_>>()?;
         drop(groups);
         let rows: f64 = per_rank.iter().map(|v| v[3]).sum();
         for (i, op, row_bytes) in [
             (0, "dispatch bf16", 2 * hidden),
             (2, "dispatch fp8", hidden + 4 * (hidden / 128)),
             (1, "combine bf16", 2 * hidden),
+            (4, "combine zc", 2 * hidden),
         ] {
             let us = per_rank.iter().map(|v| v[i]).sum::<f64>() / ranks as f64;
             let bytes = rows * row_bytes as f64;
@@ -166,7 +176,7 @@ fn main() -> Result<()> {
             };
             let gbps = bytes / ranks as f64 / us / 1e3;
             let pct = 100.0 * copy_us / us;
-            let torch_us = torch_us(&torch, t, op);
+            let torch_us = torch_us(&torch, t, if op == "combine zc" { "combine bf16" } else { op });
             let (tu, ratio) = match torch_us {
                 Some(x) => (format!("{x:.1}"), format!("{:.2}x", x / us)),
                 None => ("-".into(), "-".into()),

@@ -620,14 +620,17 @@ class Buffer:
         return tz.out(arr, handle._like, self.device, "bfloat16", shape)
 
     def get_next_low_latency_combine_buffer(self, handle):
-        """A `[L, R*M, H]` bfloat16 tensor to write expert outputs into and pass to
-        `low_latency_combine(..., zero_copy=True)` (our combine reads any tensor in place)."""
+        """A `[L, R*M, H]` bfloat16 view into the LL buffer (the set of `handle`'s dispatch):
+        write the expert outputs there and pass it to `low_latency_combine(..., zero_copy=True)`;
+        the source ranks then read the rows in place (nothing is sent). Like DeepEP's, it is
+        reused two dispatches later."""
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError("handle: expected the handle of a moe_ep low_latency_dispatch")
         like = "torch" if tz.is_torch(handle.src_info) else "numpy"
         r = self.group_size
         shape = (handle.num_experts // r, r * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
-        return tz.empty(like, self.device, "bfloat16", shape)
+        arr = self.runtime.ll_combine_buffer(handle._native, tz.current_stream(self.device))
+        return tz.out(arr, like, self.device, "bfloat16", shape)
 
 
 def dtype_of(fp8):
