@@ -651,69 +651,99 @@ kernel! {
             let pair_rows = (local + l.pair_rows) as *const i32;
             let rows = l.rows_per_expert();
             // Weighted sum per token, k ascending, one fused multiply-add per term. Work
-            // items are (token, 32-vector chunk of the row), dealt over the grid's warps, so
-            // a few tokens still keep every warp busy.
+            // items are (token, part of its 32-vector chunks), about one per warp, so a few
+            // tokens still keep every warp busy; an item looks the token's K rows up once
+            // (lane k: three dependent loads), then streams its chunks.
             let num_vecs = p.row_bytes / 16;
             let chunks = num_vecs.div_ceil(WARP_SIZE as u64);
+            let parts = (warps as u64).div_ceil(p.num_tokens.max(1) as u64).clamp(1, chunks);
+            let per_part = chunks.div_ceil(parts);
             let mut item = gwarp as u64;
-            while item < p.num_tokens as u64 * chunks {
-                let t = (item / chunks) as u32;
-                let v = item % chunks * WARP_SIZE as u64 + lane as u64;
-                if v < num_vecs {
-                    let mut acc = [0f32; 8];
+            while item < p.num_tokens as u64 * parts {
+                let (t, part) = ((item / parts) as u32, item % parts);
+                // Lane k: where the token's k-th expert output lies (0: none) and its weight.
+                let e = if lane < p.num_topk { expert_of(&p, t, lane) } else { -1 };
+                let (row_of_lane, w_of_lane) = if e >= 0 {
+                    let owner = e as u32 / num_local;
+                    let row = if *pulled.add(owner as usize) != 0 {
+                        let at = *pair_rows.add((t * LL_MAX_TOPK + lane) as usize) as u64;
+                        base_of(&p, owner, &l) + l.combine_x + ((e as u64 % l.num_local_experts) * rows + at) * p.row_bytes
+                    } else {
+                        local + l.combine_slot(e as u64, t as u64)
+                    };
+                    (row, *(p.topk_weights as *const f32).add((t * p.num_topk + lane) as usize))
+                } else {
+                    (0, 0.0)
+                };
+                // Two chunks a step: 16 loads in flight per lane before the first add.
+                let c_end = ((part + 1) * per_part).min(chunks);
+                let mut c = part * per_part;
+                while c < c_end {
+                    let va = c * WARP_SIZE as u64 + lane as u64;
+                    let vb = va + WARP_SIZE as u64;
+                    let (in_a, in_b) = (va < num_vecs, c + 1 < c_end && vb < num_vecs);
+                    let (mut acc_a, mut acc_b) = ([0f32; 8], [0f32; 8]);
                     // Eight experts at a time: their loads are all issued before the first
                     // fused multiply-add, which still runs in ascending k. (Named values, not
                     // an array: an array here would live in local memory.)
-                    let fetch = |k: u32| -> (U4, f32, bool) {
-                        let e = if k < p.num_topk { expert_of(&p, t, k) } else { -1 };
-                        if e < 0 {
-                            return (U4::default(), 0.0, false);
+                    let fetch = |k: u32| -> (U4, U4, f32, bool) {
+                        let row = shfl_idx_u64(row_of_lane, k & 31) as *const U4;
+                        let w = f32::from_bits(dev::shfl_idx_u32(w_of_lane.to_bits(), k & 31));
+                        let valid = k < p.num_topk && !row.is_null();
+                        let ya = if valid && in_a { dev::ld_v4(row.add(va as usize)) } else { U4::default() };
+                        let yb = if valid && in_b { dev::ld_v4(row.add(vb as usize)) } else { U4::default() };
+                        (ya, yb, w, valid)
+                    };
+                    let add = |acc: &mut [f32; 8], y: U4, w: f32| {
+                        let words = [y.x, y.y, y.z, y.w];
+                        for i in 0..8 {
+                            acc[i] = dev::fma_rn_f32(bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16), w, acc[i]);
                         }
-                        let w = *(p.topk_weights as *const f32).add((t * p.num_topk + k) as usize);
-                        let owner = e as u32 / num_local;
-                        let row = if *pulled.add(owner as usize) != 0 {
-                            let at = *pair_rows.add((t * LL_MAX_TOPK + k) as usize) as u64;
-                            base_of(&p, owner, &l) + l.combine_x + ((e as u64 % l.num_local_experts) * rows + at) * p.row_bytes
-                        } else {
-                            local + l.combine_slot(e as u64, t as u64)
-                        };
-                        (dev::ld_v4((row as *const U4).add(v as usize)), w, true)
                     };
                     macro_rules! add {
-                        ($y:expr, $w:expr, $valid:expr) => {
-                            if $valid {
-                                let words = [$y.x, $y.y, $y.z, $y.w];
-                                for i in 0..8 {
-                                    acc[i] = dev::fma_rn_f32(bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16), $w, acc[i]);
-                                }
+                        ($f:expr) => {
+                            let (ya, yb, w, valid) = $f;
+                            if valid {
+                                add(&mut acc_a, ya, w);
+                                add(&mut acc_b, yb, w);
                             }
                         };
                     }
                     let mut k0 = 0;
                     while k0 < p.num_topk {
-                        let (y0, w0, v0) = fetch(k0);
-                        let (y1, w1, v1) = fetch(k0 + 1);
-                        let (y2, w2, v2) = fetch(k0 + 2);
-                        let (y3, w3, v3) = fetch(k0 + 3);
-                        let (y4, w4, v4) = fetch(k0 + 4);
-                        let (y5, w5, v5) = fetch(k0 + 5);
-                        let (y6, w6, v6) = fetch(k0 + 6);
-                        let (y7, w7, v7) = fetch(k0 + 7);
-                        add!(y0, w0, v0);
-                        add!(y1, w1, v1);
-                        add!(y2, w2, v2);
-                        add!(y3, w3, v3);
-                        add!(y4, w4, v4);
-                        add!(y5, w5, v5);
-                        add!(y6, w6, v6);
-                        add!(y7, w7, v7);
+                        let f0 = fetch(k0);
+                        let f1 = fetch(k0 + 1);
+                        let f2 = fetch(k0 + 2);
+                        let f3 = fetch(k0 + 3);
+                        let f4 = fetch(k0 + 4);
+                        let f5 = fetch(k0 + 5);
+                        let f6 = fetch(k0 + 6);
+                        let f7 = fetch(k0 + 7);
+                        add!(f0);
+                        add!(f1);
+                        add!(f2);
+                        add!(f3);
+                        add!(f4);
+                        add!(f5);
+                        add!(f6);
+                        add!(f7);
                         k0 += 8;
                     }
-                    let mut out = [0u32; 4];
-                    for i in 0..8 {
-                        out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                    let store = |acc: &[f32; 8], v: u64| {
+                        let mut out = [0u32; 4];
+                        for i in 0..8 {
+                            out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                        }
+                        let at = (p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize);
+                        dev::st_v4(at, U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
+                    };
+                    if in_a {
+                        store(&acc_a, va);
                     }
-                    dev::st_v4((p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize), U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
+                    if in_b {
+                        store(&acc_b, vb);
+                    }
+                    c += 2;
                 }
                 item += warps as u64;
             }
