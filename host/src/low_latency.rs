@@ -219,12 +219,6 @@ impl LlBuffer {
         unsafe { DeviceBuffer::lent(local.device(), at, bytes, Box::new(move || drop(keep))) }
     }
 
-    fn take_set(&mut self) -> u32 {
-        let set = self.next_set;
-        self.next_set ^= 1;
-        set
-    }
-
     /// The zero-copy combine input of `handle`'s set (DeepEP's
     /// `get_next_low_latency_combine_buffer`): `[L, R*M, hidden]` bf16, rows as the dispatch
     /// packed them. Write the expert outputs here and pass it as [`LlBuffer::combine`]'s
@@ -311,7 +305,7 @@ impl LlBuffer {
         let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
         let rows = l * self.layout.rows_per_expert() as usize;
         let x_bytes = if opts.use_fp8 { h } else { 2 * h };
-        let set = self.take_set();
+        let set = self.next_set; // advanced only once the call is launched (errors leave it)
         let lay = self.layout;
         let mut out = LlDispatchOutputs {
             packed_recv_x: self.view(set, lay.recv_x, rows * x_bytes),
@@ -326,6 +320,7 @@ impl LlBuffer {
             recv_hook: None,
         };
         out.recv_hook = self.dispatch_into(group, &out, x, num_tokens, topk_idx, idx, num_topk, opts)?;
+        self.next_set ^= 1;
         Ok(out)
     }
 
@@ -419,7 +414,7 @@ impl LlBuffer {
         }
         let s = group.stream();
         let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
-        let set = self.take_set();
+        let set = self.next_set;
         let out = LlRankMajorOutputs {
             recv_x: s.alloc_uninit(r * m * row_bytes)?,
             recv_count: s.alloc(4 * r)?,
@@ -445,6 +440,7 @@ impl LlBuffer {
         };
         // The rank-major regions of the same LlLayout; outputs just allocated as documented.
         let recv_hook = self.launch(group, &LL_DISPATCH_RANK_MAJOR, params, send_only)?;
+        self.next_set ^= 1;
         Ok(LlRankMajorOutputs { recv_hook, ..out })
     }
 

@@ -146,10 +146,14 @@ pub fn check_expert_major<T: PartialEq + Copy + std::fmt::Debug>(
 /// local expert, and the combined tokens, bit for bit against the reference. Some ranks'
 /// expert outputs go through the zero-copy buffer (pulled), the others' are pushed.
 pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
+    let cfg = LlConfig { num_experts: case.num_experts, hidden: case.hidden, max_tokens: case.max_tokens };
+    check_rank_on(&mut LlBuffer::new(group, cfg).unwrap(), case, calls, group);
+}
+
+/// [`check_rank`] on an existing buffer (built for `case`'s shapes).
+pub fn check_rank_on(buf: &mut LlBuffer, case: &Case, calls: &[Call], group: &Group) {
     let (rank, n) = (group.rank(), group.num_ranks());
     let (hidden, num_topk, max_tokens) = (case.hidden, case.num_topk, case.max_tokens);
-    let cfg = LlConfig { num_experts: case.num_experts, hidden, max_tokens };
-    let mut buf = LlBuffer::new(group, cfg).unwrap();
     let s = group.stream();
     for (call, c) in calls.iter().enumerate() {
         let ctx = format!("rank {rank} call {call}");
@@ -165,7 +169,7 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
         let opts = LlDispatchOptions { send_only, ..Default::default() };
         let mut out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, num_topk, opts).unwrap();
         assert_eq!(out.recv_hook.is_some(), send_only);
-        out.complete(group, &buf).unwrap();
+        out.complete(group, buf).unwrap();
         // The expert outputs in this dispatch's row order (the reference's, per matched row).
         let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
         let mut y = vec![0u16; c.y[rank].len()];
@@ -178,7 +182,7 @@ pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
         y_in.write(s, 0, &y).unwrap();
         let mut comb =
             buf.combine(group, &out.handle, &y_in, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
-        comb.complete(group, &buf).unwrap();
+        comb.complete(group, buf).unwrap();
         s.synchronize().unwrap();
         group.take_device_error("ll dispatch+combine").unwrap();
         let got_x: Vec<u16> = out.packed_recv_x.to_vec(s).unwrap();

@@ -230,3 +230,49 @@ fn ll_fp8_cast_in_the_dispatch_kernel() {
         }
     });
 }
+
+/// Bad arguments are refused before any launch with an error naming them — too many tokens,
+/// top-k out of range, a short `x`, outputs of another buffer handed to `dispatch_into` —
+/// and the buffer stays usable: a correct dispatch + zero-copy combine follows.
+#[test]
+fn ll_bad_arguments_are_errors_and_the_buffer_still_works() {
+    let dev = device();
+    let n = num_ranks(&dev).min(4);
+    let (e, h, k, m) = (16usize, 64usize, 4usize, 6usize);
+    let case = ll::Case { num_experts: e, hidden: h, num_topk: k, max_tokens: m, calls: 1, hooks: false };
+    let calls = ll::prepare(&case, n, &mut Rng::fresh("low_latency-bad-arguments"));
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |rank, group| {
+        let cfg = LlConfig { num_experts: e, hidden: h, max_tokens: m };
+        let mut buf = LlBuffer::new(&group, cfg).unwrap();
+        let mut other = LlBuffer::new(&group, cfg).unwrap();
+        let t = calls[0].tokens[rank];
+        let (topk, xb) = (upload(&group, &calls[0].idx[rank]), upload(&group, &calls[0].x[rank]));
+        let opts = LlDispatchOptions::default();
+        let long_idx = upload(&group, &vec![0i64; (m + 1) * k]);
+        let long_x = upload(&group, &vec![0u16; (m + 1) * h]);
+        let err = |r: moe_ep::Result<_>, what: &str| match r {
+            Err(moe_ep::Error::InvalidArgument { .. }) => {}
+            Err(other) => panic!("rank {rank}: {what}: wrong error {other}"),
+            Ok(_) => panic!("rank {rank}: {what}: accepted"),
+        };
+        err(buf.dispatch(&group, &long_x, m + 1, &long_idx, IndexType::I64, k, opts).map(drop), "num_tokens > max");
+        err(buf.dispatch(&group, &xb, t, &topk, IndexType::I64, 33, opts).map(drop), "top-k 33");
+        err(
+            buf.dispatch(&group, &upload(&group, &[0u16; 8]), m, &long_idx, IndexType::I64, k, opts).map(drop),
+            "short x",
+        );
+        let fp8 = LlDispatchOptions { use_fp8: true, ..opts };
+        err(buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, fp8).map(drop), "fp8 with hidden 64");
+        // Outputs of another buffer: the senders would store into that buffer's set.
+        group.bootstrap().barrier().unwrap();
+        let foreign = other.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts).unwrap();
+        err(buf.dispatch_into(&group, &foreign, &xb, t, &topk, IndexType::I64, k, opts).map(drop), "foreign outputs");
+        group.stream().synchronize().unwrap();
+        group.take_device_error("ll, other buffer").unwrap();
+        // Still usable (and the refused calls moved no buffer set: every rank agrees on the
+        // next one): the whole check of one call on `buf`, zero-copy on some ranks.
+        ll::check_rank_on(&mut buf, &case, &calls, &group);
+        group.bootstrap().barrier().unwrap();
+        drop(foreign);
+    });
+}
