@@ -93,58 +93,15 @@ unsafe fn peer_base(table: u64, r: u32) -> u64 {
     unsafe { *(table as *const u64).add(r as usize) }
 }
 
-#[inline(always)]
-unsafe fn timeout(err: u64, rank: u32, peer: u32, site: u32, expected: u64, observed: u64) {
-    // SAFETY: `err` is the rank's error slot.
-    unsafe { dev::report_timeout(err as *mut ErrorSlot, rank, peer, site, expected, observed) }
-}
-
-/// Who waits for whom, for timeout reports.
-#[derive(Clone, Copy)]
-struct Waiting {
-    timeout_ns: u64,
-    error: u64,
-    rank: u32,
-    peer: u32,
-    site: u32,
-}
-
-/// The [`Waiting`] of a kernel's parameters (every HT parameter struct has these fields)
-/// for `peer` at `site`.
-macro_rules! waiting {
-    ($p:expr, $peer:expr, $site:expr) => {
-        Waiting { timeout_ns: $p.timeout_ns, error: $p.error, rank: $p.rank, peer: $peer, site: $site }
-    };
-}
-
-/// Every wait of these kernels: this thread reads `at` (acquire) until `key(value) >=
-/// expected`, bounded by the timeout. The value seen, or `None` after a timeout (reported
-/// with `expected` and the key seen) or another thread's error.
-#[inline(always)]
-unsafe fn wait_at_least(w: Waiting, at: *const u64, expected: u64, key: impl Fn(u64) -> u64) -> Option<u64> {
-    let mut seen = 0;
-    // SAFETY: `at` is a flag or counter in a mapped buffer (the caller's); the error slot.
-    unsafe {
-        let arrived = dev::wait_until(w.timeout_ns, || {
-            seen = dev::ld_acquire_sys_u64(at);
-            key(seen) >= expected || dev::error_raised(w.error as *const ErrorSlot)
-        });
-        if !arrived {
-            timeout(w.error, w.rank, w.peer, w.site, expected, key(seen));
-        }
-        (arrived && key(seen) >= expected).then_some(seen)
-    }
-}
-
-/// Warp-cooperative [`wait_at_least`]: lane 0 waits, every lane gets the result. Lane 0's
+/// Warp-cooperative [`dev::wait_at_least`]: lane 0 waits, every lane gets the result. Lane 0's
 /// acquire covers every lane's accesses after it (a shuffle orders no memory; the warp
 /// barrier does).
 #[inline(always)]
-unsafe fn warp_wait_at_least(w: Waiting, at: *const u64, expected: u64, key: impl Fn(u64) -> u64) -> Option<u64> {
+unsafe fn warp_wait_at_least(w: dev::Waiting, at: *const u64, expected: u64, key: impl Fn(u64) -> u64) -> Option<u64> {
     let (mut ok, mut seen) = (1u32, 0u64);
     if dev::lane_id() == 0 {
         // SAFETY: forwarded.
-        match unsafe { wait_at_least(w, at, expected, key) } {
+        match unsafe { dev::wait_at_least(w, at, expected, key) } {
             Some(v) => seen = v,
             None => ok = 0,
         }
@@ -194,7 +151,7 @@ unsafe fn flag_barrier(s: Ranks, site: u32, flag_of: impl Fn(u64) -> u64) -> boo
             dev::fence_acq_rel_sys();
             dev::st_release_sys_u64(theirs as *mut u64, s.epoch);
             let mine = (peer_base(s.peer_bases, s.rank) + flag_of(t as u64)) as *const u64;
-            failed = wait_at_least(waiting!(s, t, site), mine, s.epoch, |v| v).is_none();
+            failed = dev::wait_at_least(dev::waiting!(s, t, site), mine, s.epoch, |v| v).is_none();
         }
     }
     !dev::sync_threads_or(failed)
@@ -365,7 +322,7 @@ impl Sender {
     /// ring is full. `None` after a timeout (reported at `site`, waiting for `peer`) or
     /// another thread's error.
     #[inline(always)]
-    unsafe fn reserve(&mut self, p: Waiting) -> Option<u64> {
+    unsafe fn reserve(&mut self, p: dev::Waiting) -> Option<u64> {
         if !self.started {
             // The ring continues where our last call left it (we are its only writer).
             // SAFETY: the ring's tail line in the peer's mapped buffer.
@@ -397,7 +354,7 @@ impl Sender {
 
 /// Warp-cooperative: waits until `tail > pos`; the tail seen, or `None`.
 #[inline(always)]
-unsafe fn wait_tail(w: Waiting, tail: *const u64, pos: u64) -> Option<u64> {
+unsafe fn wait_tail(w: dev::Waiting, tail: *const u64, pos: u64) -> Option<u64> {
     // SAFETY: the ring's tail line in the local buffer.
     unsafe { warp_wait_at_least(w, tail, pos + 1, |v| v) }
 }
@@ -424,7 +381,7 @@ unsafe fn read_mailbox(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u3
         let at = peer_base(p.peer_bases, dst) + l.mailbox;
         let fields = at as *const u64;
         let epoch = fields.add(HtMailbox::EPOCH as usize);
-        warp_wait_at_least(waiting!(p, dst, SITE_DISPATCH_MAILBOX), epoch, p.epoch, |v| v)?;
+        warp_wait_at_least(dev::waiting!(p, dst, SITE_DISPATCH_MAILBOX), epoch, p.epoch, |v| v)?;
         // `.sys` loads: this SM may hold an earlier call's mailbox in L1.
         let field = |i: u64| dev::ld_relaxed_sys_u64(fields.add(i as usize));
         let cpm = (at + HtMailbox::BYTES) as *const u32;
@@ -449,7 +406,7 @@ unsafe fn read_mailbox(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u3
 #[inline(always)]
 unsafe fn wait_note(p: &HtDispatchParams, note: *const u64, dst: u32) -> Option<u64> {
     // SAFETY: `note` lies in this rank's buffer.
-    let seen = unsafe { warp_wait_at_least(waiting!(p, dst, SITE_DISPATCH_MAILBOX), note, p.epoch, |v| v >> 2) };
+    let seen = unsafe { warp_wait_at_least(dev::waiting!(p, dst, SITE_DISPATCH_MAILBOX), note, p.epoch, |v| v >> 2) };
     seen.map(|v| v & 3)
 }
 
@@ -614,7 +571,7 @@ unsafe fn dispatch_send(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u
                     if m.mode != HtMailbox::MODE_RING {
                         continue; // refused: the receiver reported it
                     }
-                    let waiting = waiting!(p, dst, SITE_DISPATCH_SEND);
+                    let waiting = dev::waiting!(p, dst, SITE_DISPATCH_SEND);
                     let Some(slot) = ring.reserve(waiting) else { return false };
                     copy_warp(slot, p.x + t * p.hidden_bytes, p.hidden_bytes, true);
                     let mut s = lane;
@@ -718,7 +675,7 @@ kernel! {
                 let lo_expert = (p.rank * p.num_local_experts) as i32;
                 let mut got = 0u64;
                 while p.direct == 0 && got < n {
-                    let Some(seen) = wait_tail(waiting!(p, src, SITE_DISPATCH_RECV), tail, base + got) else { return };
+                    let Some(seen) = wait_tail(dev::waiting!(p, src, SITE_DISPATCH_RECV), tail, base + got) else { return };
                     let upto = (seen - base).min(n);
                     while got < upto {
                         let slot = slots + ((base + got) % p.num_slots as u64) * p.slot_bytes;
@@ -756,7 +713,7 @@ kernel! {
                 if p.direct != 0 && n > 0 {
                     // Both halves of `src`'s senders add their counts to the ring's tail once
                     // their stores are out; the head follows, so a later ring call starts even.
-                    if wait_tail(waiting!(p, src, SITE_DISPATCH_DIRECT), tail, base + n - 1).is_none() {
+                    if wait_tail(dev::waiting!(p, src, SITE_DISPATCH_DIRECT), tail, base + n - 1).is_none() {
                         return;
                     }
                     if lane == 0 {
@@ -778,6 +735,30 @@ kernel! {
                     row += stride;
                 }
             }
+        }
+    }
+}
+
+/// [`sum_copies`] for `r <= 8` ranks: `U2` vectors of each copy before the first add with two
+/// ranks (`2 * U2` loads in flight per lane), 2 with up to four and 1 with up to eight (8).
+#[inline(always)]
+unsafe fn sum_copies_of<const U2: usize>(
+    r: u32,
+    slot: &[u64; HT_MAX_RANKS as usize],
+    from: u32,
+    num_vecs: u64,
+    out: u64,
+    b0: u64,
+    b1: u64,
+) {
+    // SAFETY: forwarded (`sum_copies`' contract; `from` has bits below `r` only).
+    unsafe {
+        if r <= 2 {
+            sum_copies::<2, U2>(slot, from, num_vecs, out, b0, b1);
+        } else if r <= 4 {
+            sum_copies::<4, 2>(slot, from, num_vecs, out, b0, b1);
+        } else {
+            sum_copies::<8, 1>(slot, from, num_vecs, out, b0, b1);
         }
     }
 }
@@ -909,7 +890,7 @@ unsafe fn combine_ring(p: &HtCombineParams, l: &HtLayout) -> bool {
             let row0 = *cpm.add((dst * (p.num_channels + 1) + channel) as usize) as u64;
             let row1 = *cpm.add((dst * (p.num_channels + 1) + channel + 1) as usize) as u64;
             for row in row0..row1 {
-                let waiting = waiting!(p, dst, SITE_COMBINE_SEND);
+                let waiting = dev::waiting!(p, dst, SITE_COMBINE_SEND);
                 let Some(slot) = ring.reserve(waiting) else { return false };
                 copy_warp(slot, p.x + row * row_bytes, row_bytes, true);
                 if lane < k_count && p.topk_weights != 0 {
@@ -960,7 +941,7 @@ unsafe fn combine_ring(p: &HtCombineParams, l: &HtLayout) -> bool {
                         if in_rank(tok, d) {
                             let pos = *group_bases.add(d as usize) + send_head(tok, d) as u64;
                             let tail = (local + l.ring_tail(l.combine_ctrl, d as u64, channel as u64)) as *const u64;
-                            if wait_tail(waiting!(p, d, SITE_COMBINE_RECV), tail, pos).is_none() {
+                            if wait_tail(dev::waiting!(p, d, SITE_COMBINE_RECV), tail, pos).is_none() {
                                 failed = true;
                                 break;
                             }
@@ -989,13 +970,7 @@ unsafe fn combine_ring(p: &HtCombineParams, l: &HtLayout) -> bool {
                         let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
                         // Eight loads in flight per lane whatever R is (R copies x 8 / R
                         // vectors): with only R, two ranks' receivers starved for bytes.
-                        if r <= 2 {
-                            sum_copies::<2, 4>(&slot, from, num_vecs, out, b0, b1);
-                        } else if r <= 4 {
-                            sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
-                        } else {
-                            sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
-                        }
+                        sum_copies_of::<4>(r, &slot, from, num_vecs, out, b0, b1);
                         if lane < k_count && p.combined_topk_weights != 0 {
                             let mut acc = 0f32;
                             for (d, &at) in slot.iter().enumerate() {
@@ -1068,7 +1043,7 @@ unsafe fn combine_mode(p: &HtCombineParams, l: &HtLayout) -> Option<bool> {
         }
         if t < r {
             let theirs = (peer_base(p.peer_bases, t) + slot) as *const u64;
-            failed = wait_at_least(waiting!(p, t, SITE_COMBINE_MAILBOX), theirs, p.epoch, |v| v).is_none();
+            failed = dev::wait_at_least(dev::waiting!(p, t, SITE_COMBINE_MAILBOX), theirs, p.epoch, |v| v).is_none();
             let (x, w) = (dev::ld_relaxed_sys_u64(theirs.add(1)), dev::ld_relaxed_sys_u64(theirs.add(2)));
             missing = x == HtMailbox::NONE || (p.topk_weights != 0 && w == HtMailbox::NONE);
             let heap = if p.heap_bases != 0 { peer_base(p.heap_bases, t) } else { 0 };
@@ -1133,15 +1108,9 @@ unsafe fn combine_pull(p: &HtCombineParams, l: &HtLayout) {
                 }
                 let row = |base: u64| if base != 0 { base + tok * num_vecs * 16 } else { 0 };
                 let (out, b0, b1) = (row(p.combined_x), row(p.bias_0), row(p.bias_1));
-                if r <= 2 {
-                    // 16 loads in flight per lane: across GPUs half the copies are remote loads
-                    // (more ranks keep 8: 16 would spill).
-                    sum_copies::<2, 8>(&slot, from, num_vecs, out, b0, b1);
-                } else if r <= 4 {
-                    sum_copies::<4, 2>(&slot, from, num_vecs, out, b0, b1);
-                } else {
-                    sum_copies::<8, 1>(&slot, from, num_vecs, out, b0, b1);
-                }
+                // 16 loads in flight per lane with two ranks: across GPUs half the copies are
+                // remote loads (more ranks keep 8: 16 would spill).
+                sum_copies_of::<8>(r, &slot, from, num_vecs, out, b0, b1);
                 tok += 2 * nw;
             }
         }

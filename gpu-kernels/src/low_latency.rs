@@ -289,24 +289,6 @@ pub const fn ll_dispatch_smem_bytes(num_warps: u32, num_experts: u32) -> u32 {
 
 const FULL: u32 = 0xffff_ffff;
 
-/// Waits (this thread) until `*word >= at_least`, or another rank's error; reports a
-/// timeout for `peer` at `site`. Returns the value seen, or `None`.
-#[inline(always)]
-unsafe fn wait_word(p: &LlParams, word: u64, at_least: u64, peer: u32, site: u32) -> Option<u64> {
-    let mut seen = 0u64;
-    // SAFETY: `word` lies in this rank's buffer (the caller's layout).
-    unsafe {
-        let ok = dev::wait_until(p.timeout_ns, || {
-            seen = dev::ld_acquire_sys_u64(word as *const u64);
-            seen >= at_least || dev::error_raised(p.error as *const ErrorSlot)
-        });
-        if !ok {
-            dev::report_timeout(p.error as *mut ErrorSlot, p.rank, peer, site, at_least, seen);
-        }
-    }
-    (seen >= at_least).then_some(seen)
-}
-
 /// Walks this warp's chunks `c0..c1` of 32 (token, k) pairs, a pair per lane, in order:
 /// `visit(pair, expert, index)` with `index` = the rows for `expert` before the pair —
 /// `counts[expert]` (this warp's running count) plus the chunk's lanes below with the same
@@ -343,7 +325,8 @@ unsafe fn reserve(p: &LlParams, l: &LlLayout, e: u32, n: u32, prev: u64) -> bool
     // SAFETY: every address comes from `l`.
     unsafe {
         let local = base_of(p, p.rank, l);
-        if wait_word(p, local + l.released + owner as u64 * 8, prev, owner, SITE_LL_RELEASE).is_none() {
+        let released = (local + l.released + owner as u64 * 8) as *const u64;
+        if dev::wait_at_least(dev::waiting!(p, owner, SITE_LL_RELEASE), released, prev, |v| v).is_none() {
             return false;
         }
         let counter = base_of(p, owner, l) + l.recv_counters + le as u64 * 4;
@@ -454,7 +437,9 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
             if e >= 0 {
                 let (owner, le) = (e as u32 / num_local, e as u32 % num_local);
                 let at = pair_rows.add((t * LL_MAX_TOPK + lane) as usize);
-                match wait_word(p, local + l.begins + e as u64 * 8, p.epoch << 32, owner, SITE_LL_RELEASE) {
+                let waiting = dev::waiting!(p, owner, SITE_LL_RELEASE);
+                match dev::wait_at_least(waiting, (local + l.begins + e as u64 * 8) as *const u64, p.epoch << 32, |v| v)
+                {
                     Some(begin) => {
                         let row = begin as u32 + *at as u32;
                         *at = row as i32; // for the combine
@@ -529,7 +514,8 @@ unsafe fn dispatch_recv(p: &LlParams, l: &LlLayout) {
             let mut src = tid;
             while src < r {
                 let meta = local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 16;
-                if wait_word(p, meta + 8, p.epoch, src, SITE_LL_DISPATCH_RECV).is_none() {
+                let flag = (meta + 8) as *const u64;
+                if dev::wait_at_least(dev::waiting!(p, src, SITE_LL_DISPATCH_RECV), flag, p.epoch, |v| v).is_none() {
                     failed = true;
                     break;
                 }
@@ -635,8 +621,8 @@ kernel! {
             let mut failed = false;
             let mut r = dev::thread_idx_x();
             while r < p.num_ranks {
-                let flag = local + l.combine_flags + r as u64 * 8;
-                match wait_word(&p, flag, p.epoch << 1, r, SITE_LL_COMBINE_RECV) {
+                let flag = (local + l.combine_flags + r as u64 * 8) as *const u64;
+                match dev::wait_at_least(dev::waiting!(p, r, SITE_LL_COMBINE_RECV), flag, p.epoch << 1, |v| v) {
                     Some(seen) => *pulled.add(r as usize) = (seen & 1) as u8,
                     None => {
                         failed = true;

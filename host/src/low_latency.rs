@@ -209,11 +209,14 @@ impl LlBuffer {
         Ok(LlBuffer { sym, layout, cfg, grid_dim, next_set: 0 })
     }
 
+    /// The address of region `offset` of set `set` in this rank's buffer.
+    fn region(&self, set: u32, offset: u64) -> u64 {
+        self.sym.local().ptr() + set as u64 * self.layout.set_bytes + offset
+    }
+
     /// `bytes` at `offset` of set `set` of this rank's buffer, as a buffer that keeps it alive.
     fn view(&self, set: u32, offset: u64, bytes: usize) -> DeviceBuffer {
-        let local = self.sym.local();
-        let keep = self.sym.clone();
-        let at = local.ptr() + set as u64 * self.layout.set_bytes + offset;
+        let (local, keep, at) = (self.sym.local(), self.sym.clone(), self.region(set, offset));
         // SAFETY: the range lies in this rank's buffer (the layout sized it), which `keep`
         // holds until the view is dropped. Peers write it only as the module docs say.
         unsafe { DeviceBuffer::lent(local.device(), at, bytes, Box::new(move || drop(keep))) }
@@ -356,8 +359,7 @@ impl LlBuffer {
         }
         let set = out.handle.set;
         let lay = &self.layout;
-        let ours =
-            |b: &DeviceBuffer, offset: u64| b.ptr() == self.sym.local().ptr() + set as u64 * lay.set_bytes + offset;
+        let ours = |b: &DeviceBuffer, offset: u64| b.ptr() == self.region(set, offset);
         let scales_ok = match &out.packed_recv_x_scales {
             Some(sc) => opts.use_fp8 && ours(sc, lay.recv_scales),
             None => !opts.use_fp8,
@@ -507,7 +509,7 @@ impl LlBuffer {
         }
         // Pull when the expert outputs lie in this rank's zero-copy region of the handle's
         // set, unless send-only (the sends then overlap with whatever runs meanwhile).
-        let pull = !send_only && x.ptr() == self.combine_buffer(handle).ptr();
+        let pull = !send_only && x.ptr() == self.region(handle.set, self.layout.combine_x);
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),

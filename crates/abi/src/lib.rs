@@ -729,9 +729,10 @@ pub struct LlParams {
     pub topk_idx: u64,
     /// Combine: `[T, K]` f32.
     pub topk_weights: u64,
-    /// Dispatch out: `[L, R*M, H]` bf16.
+    /// Rank-major dispatch out: `[R, M, H]` bf16. (Expert-major outputs are regions of the
+    /// buffer set: [`LlLayout::recv_x`] and the regions after it.)
     pub packed_recv_x: u64,
-    /// `[L, R*M]` i32: source token of each row (dispatch writes, combine reads).
+    /// Rank-major dispatch out: `[R, M]` i32, the source token of each row.
     pub packed_recv_src_info: u64,
     /// `[L, R]` i64: `begin << 32 | count` (dispatch writes, combine reads).
     pub packed_recv_layout_range: u64,
@@ -743,8 +744,6 @@ pub struct LlParams {
     pub recv_topk_idx: u64,
     /// Rank-major dispatch out: `[R, M, K]` f32 (0 where not local).
     pub recv_topk_weights: u64,
-    /// fp8 dispatch out: `[L, R*M, H/128]` f32 scales (rank-major: unused).
-    pub packed_recv_x_scales: u64,
     /// The [`ErrorSlot`].
     pub error: u64,
     /// Set by the kernel itself at entry (the host passes 0): the call's flag value, >= 1.

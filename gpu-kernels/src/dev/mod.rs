@@ -22,7 +22,8 @@
 //! | `fma_rn_f32` | `fma.rn.f32` | one rounding, as the reference's `mul_add` |
 //! | `cvt_e4m3x2` | `cvt.rn.satfinite.e4m3x2.f32` | fp8 casts |
 //!
-//! Built on them here: [`wait_until`] (every wait loop in every kernel) and [`report_error`].
+//! Built on them here: [`wait_until`] (every wait loop in every kernel), [`wait_at_least`]
+//! (the HT and LL waits on a flag or counter) and [`report_error`].
 
 use crate::abi::{DeviceError, ErrorSlot, WARP_SIZE, error_code};
 
@@ -81,6 +82,52 @@ pub fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
         }
         spins = spins.wrapping_add(1);
         backoff(spins);
+    }
+}
+
+/// Who waits for whom, for the timeout report of a [`wait_at_least`].
+#[derive(Clone, Copy)]
+pub struct Waiting {
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// The rank's [`ErrorSlot`] (device address).
+    pub error: u64,
+    /// The waiting rank.
+    pub rank: u32,
+    /// The rank waited for.
+    pub peer: u32,
+    /// The kernel's `SITE_*` of this wait.
+    pub site: u32,
+}
+
+/// The [`Waiting`] of a kernel's parameters (every HT and LL parameter struct has
+/// `timeout_ns`, `error` and `rank`) for `peer` at `site`.
+macro_rules! waiting {
+    ($p:expr, $peer:expr, $site:expr) => {
+        $crate::dev::Waiting { timeout_ns: $p.timeout_ns, error: $p.error, rank: $p.rank, peer: $peer, site: $site }
+    };
+}
+pub(crate) use waiting;
+
+/// The wait of the HT and LL kernels: this thread reads `at` (acquire) until `key(value) >=
+/// expected`, bounded by the timeout. The value seen, or `None` after a timeout (reported
+/// with `expected` and the key seen) or another thread's error.
+///
+/// # Safety
+/// `at` is a valid, aligned global address; `w.error` is the rank's error slot.
+#[inline(always)]
+pub unsafe fn wait_at_least(w: Waiting, at: *const u64, expected: u64, key: impl Fn(u64) -> u64) -> Option<u64> {
+    let mut seen = 0;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let arrived = wait_until(w.timeout_ns, || {
+            seen = ld_acquire_sys_u64(at);
+            key(seen) >= expected || error_raised(w.error as *const ErrorSlot)
+        });
+        if !arrived {
+            report_timeout(w.error as *mut ErrorSlot, w.rank, w.peer, w.site, expected, key(seen));
+        }
+        (arrived && key(seen) >= expected).then_some(seen)
     }
 }
 
