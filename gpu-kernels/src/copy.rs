@@ -5,6 +5,9 @@ use crate::dev::{self, U4};
 /// 16-byte loads each lane keeps in flight before storing: one load at a time leaves a
 /// warp waiting a full memory (or NVLink) latency per 512 bytes.
 const UNROLL: usize = 4;
+/// Bytes a warp moves per step of [`copy_warp_to_many`] (its loads in flight): a row split
+/// at multiples of this keeps every step whole.
+pub const COPY_STEP_BYTES: u64 = WARP_SIZE as u64 * UNROLL as u64 * 16;
 
 #[inline(always)]
 unsafe fn load(src: u64, v: u64, read_only: bool) -> U4 {
@@ -40,10 +43,22 @@ pub unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
             }
             base += step;
         }
-        let mut v = base + lane;
-        while v < n {
-            dev::st_v4((dst as *mut U4).add(v as usize), load(src, v, src_read_only));
-            v += warp;
+        // A partial last step: its loads too are all issued before its stores (predicated
+        // only here: the checks cost issue slots in the full steps).
+        if base < n {
+            let mut x = [U4::default(); UNROLL];
+            for (j, x) in x.iter_mut().enumerate() {
+                let v = base + lane + warp * j as u64;
+                if v < n {
+                    *x = load(src, v, src_read_only);
+                }
+            }
+            for (j, x) in x.iter().enumerate() {
+                let v = base + lane + warp * j as u64;
+                if v < n {
+                    dev::st_v4((dst as *mut U4).add(v as usize), *x);
+                }
+            }
         }
     }
 }
@@ -71,7 +86,7 @@ pub unsafe fn copy_warp_to_many(dst_of_lane: u64, lanes: u32, src: u64, bytes: u
     let warp = WARP_SIZE as u64;
     let step = warp * UNROLL as u64;
     let mut base = 0u64;
-    // SAFETY (both loops): indices stay below `n` vectors of every range.
+    // SAFETY (both parts): indices stay below `n` vectors of every range.
     unsafe {
         while base + step <= n {
             let mut x = [U4::default(); UNROLL];
@@ -88,19 +103,26 @@ pub unsafe fn copy_warp_to_many(dst_of_lane: u64, lanes: u32, src: u64, bytes: u
             }
             base += step;
         }
-        // The tail: the loop condition is the same in every lane (shuffles need all 32).
-        while base < n {
-            let v = base + lane;
-            let x = if v < n { load(src, v, true) } else { U4::default() };
+        // A partial last step, predicated (every lane still shuffles).
+        if base < n {
+            let mut x = [U4::default(); UNROLL];
+            for (j, x) in x.iter_mut().enumerate() {
+                let v = base + lane + warp * j as u64;
+                if v < n {
+                    *x = load(src, v, true);
+                }
+            }
             let mut m = lanes;
             while m != 0 {
                 let dst = shfl_idx_u64(dst_of_lane, m.trailing_zeros());
                 m &= m - 1;
-                if v < n {
-                    dev::st_v4((dst as *mut U4).add(v as usize), x);
+                for (j, x) in x.iter().enumerate() {
+                    let v = base + lane + warp * j as u64;
+                    if v < n {
+                        dev::st_v4((dst as *mut U4).add(v as usize), *x);
+                    }
                 }
             }
-            base += warp;
         }
     }
 }

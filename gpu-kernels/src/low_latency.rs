@@ -11,10 +11,11 @@
 //!    receive counter returns the range's first row (`begin`), published to the other
 //!    blocks in `begins`. Ranges of different sources land in arrival order; rows within a
 //!    range in token order.
-//! 3. Warps take tokens; lane `k` owns the token's `k`-th expert and its row `begin + index`
-//!    there; the warp reads the row once and stores it (or its fp8 cast and scales) to every
-//!    owner, with the source token in `recv src info`. `pair rows` keep each row's place for
-//!    the combine.
+//! 3. Each pair's row at its owner (`begin + index`) goes to `pair rows`, kept for the
+//!    combine. Token `t` belongs to block `t % grid`, whose warps split its tokens into
+//!    (token, part of the row) items, so a few tokens still keep every warp busy. Lane `k`
+//!    owns the token's `k`-th expert; the warp reads each part once and stores it (or its
+//!    fp8 cast and scales) to every owner, with the source token in `recv src info`.
 //! 4. The grid's last block writes, at every owner and local expert, `{begin << 32 | count,
 //!    epoch}` (the flag released last). The receive waits for its `R` flags per local
 //!    expert, outputs the ranges and counts, and zeroes the receive counter.
@@ -26,13 +27,15 @@
 //! results, as DeepEP's LL).
 //! **Combine.** An owner whose expert outputs lie in its `combine x` region (zero-copy) raises
 //! combine flag `[me] = epoch << 1 | 1` at every rank and sends nothing: sources read
-//! (pull) each row from there. Otherwise (or when send-only) the owner's warps send each
-//! received row back to its source's slot `[global expert][token]` and the last block
+//! (pull) each row from there. Otherwise (or when send-only) the owner's warps (a few per
+//! local expert) send each received row back to its source's slot `[global expert][token]`
+//! and the last block
 //! raises `epoch << 1`. Each source acquires all `R` flags and sums, per token, `k`
 //! ascending, `fma(y_k, w_k, acc)` from 0 — the reference's order, bit for bit — reading
 //! each `y_k` where its owner's flag says.
 //! fp8 (`LlParams::fp8`): the sender casts each row in the kernel (per-128-channel amax
-//! scales, as `reference::quantize_row_fp8`) and stores the scales column-major.
+//! scales, as `reference::quantize_row_fp8`, 512 channels per warp step, one 16-byte store
+//! per lane and owner) and stores the scales column-major.
 //! Epochs live on the device (`LlParams::epoch_word`, `call_epoch`): the host passes the
 //! same parameters every time, so a captured CUDA graph replays correctly.
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
@@ -42,7 +45,7 @@ use crate::abi::{
     ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE,
     LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
 };
-use crate::copy::{copy_warp, copy_warp_to_many, shfl_idx_u64};
+use crate::copy::{COPY_STEP_BYTES, copy_warp, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
 use crate::num::{bf16_to_f32, f32_to_bf16};
 
@@ -82,11 +85,18 @@ struct ScaleDst {
     ue8m0: bool,
 }
 
-/// Warp-cooperative fp8 cast of one bf16 row (`hidden` a multiple of 128) into every
-/// destination (lane `k` holds row `k` in `dst_of_lane` and its scales' base in
-/// `scale_of_lane`, for each bit `k` of `lanes`): `hidden` e4m3 bytes and `hidden / 128`
-/// scales placed as `sd` says — `reference::quantize_row_fp8`. Half a warp takes a
-/// 128-channel group: 16 lanes of 8 values, amax over the 16 lanes.
+/// Channels a warp casts in one step of [`cast_row_fp8`]: 16 per lane, a 128-channel
+/// group per 8 lanes, so each destination takes one 16-byte store per lane.
+const FP8_STEP: u64 = 512;
+/// Steps whose loads are issued together (4 KB of bf16 in flight per warp).
+const FP8_STEPS_IN_FLIGHT: u64 = 4;
+
+/// Warp-cooperative fp8 cast of steps `steps` ([`FP8_STEP`] channels each) of one bf16 row
+/// (`hidden` a multiple of 128) into every destination (lane `k` holds row `k` in
+/// `dst_of_lane` and its scales' base in `scale_of_lane`, for each bit `k` of `lanes`):
+/// e4m3 bytes and per-group scales placed as `sd` says — `reference::quantize_row_fp8`.
+/// Each step is cast once and stored to every destination.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn cast_row_fp8(
     dst_of_lane: u64,
@@ -96,26 +106,31 @@ unsafe fn cast_row_fp8(
     hidden: u64,
     round_scale: bool,
     sd: ScaleDst,
+    steps: (u64, u64),
 ) {
     let lane = dev::lane_id() as u64;
     let groups = hidden / 128;
-    // This lane's 16-byte vector (8 bf16) of group g; `load` gives zeros past the last group.
-    let vec_of = |g: u64| g * 16 + lane % 16;
-    let load = |g: u64| {
-        // SAFETY: vec_of(g) < hidden / 8 whenever g < groups.
-        if g < groups { unsafe { dev::ld_nc_v4((src as *const U4).add(vec_of(g) as usize)) } } else { U4::default() }
+    // This lane's 16 channels of step `s` (zeros past the row) and their group.
+    let channel = |s: u64| s * FP8_STEP + 16 * lane;
+    let load = |s: u64| {
+        let c = channel(s);
+        if s < steps.1 && c < hidden {
+            // SAFETY: channels c..c+16 lie in the row (c < hidden, both multiples of 16).
+            unsafe { [dev::ld_nc_v4((src + 2 * c) as *const U4), dev::ld_nc_v4((src + 2 * c + 16) as *const U4)] }
+        } else {
+            [U4::default(); 2]
+        }
     };
-    let cast = |x: U4, g: u64| {
-        let v = vec_of(g);
-        let words = [x.x, x.y, x.z, x.w];
-        let mut vals = [0f32; 8];
+    // The e4m3 bytes of the lane's 16 channels and its group's scale (all lanes shuffle).
+    let cast = |x: [U4; 2]| -> (U4, f32) {
+        let words = [x[0].x, x[0].y, x[0].z, x[0].w, x[1].x, x[1].y, x[1].z, x[1].w];
+        let mut vals = [0f32; 16];
         let mut amax = 0f32;
-        for i in 0..8 {
+        for i in 0..16 {
             vals[i] = bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
             amax = amax.max(vals[i].abs());
         }
-        // Max over the 16 lanes of this half-warp (xor masks below 16 stay inside it).
-        amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 8)));
+        // Max over the group's 8 lanes (xor masks below 8 stay inside it).
         amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 4)));
         amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 2)));
         amax = amax.max(f32::from_bits(dev::shfl_bfly_u32(amax.to_bits(), 1)));
@@ -127,40 +142,55 @@ unsafe fn cast_row_fp8(
             (amax / 448.0, 448.0 / amax)
         };
         let pair = |i: usize| dev::cvt_e4m3x2(vals[2 * i] * scale_inv, vals[2 * i + 1] * scale_inv) as u32;
-        let (q0, q1) = (pair(0) | pair(1) << 16, pair(2) | pair(3) << 16);
-        // Cast once, store to every destination (all lanes shuffle; those with a group store).
+        let q = U4 {
+            x: pair(0) | pair(1) << 16,
+            y: pair(2) | pair(3) << 16,
+            z: pair(4) | pair(5) << 16,
+            w: pair(6) | pair(7) << 16,
+        };
+        (q, scale)
+    };
+    // The word this lane stores for step `s`'s scales: its group's f32 scale (lanes 0, 8,
+    // 16, 24), or the step's four UE8M0 exponents packed (lane 0).
+    let scale_word = |scale: f32| -> u32 {
+        if !sd.ue8m0 {
+            return scale.to_bits();
+        }
+        let exp = scale.to_bits() >> 23;
+        exp | dev::shfl_idx_u32(exp, 8) << 8 | dev::shfl_idx_u32(exp, 16) << 16 | dev::shfl_idx_u32(exp, 24) << 24
+    };
+    let mut s = steps.0; // warp-uniform: every lane takes part in every shuffle
+    while s < steps.1 {
+        let x = [load(s), load(s + 1), load(s + 2), load(s + 3)];
+        let (q0, s0) = cast(x[0]);
+        let (q1, s1) = cast(x[1]);
+        let (q2, s2) = cast(x[2]);
+        let (q3, s3) = cast(x[3]);
+        let out = [(q0, scale_word(s0)), (q1, scale_word(s1)), (q2, scale_word(s2)), (q3, scale_word(s3))];
         let mut m = lanes;
         while m != 0 {
             let j = m.trailing_zeros();
             let (dst, scales) = (shfl_idx_u64(dst_of_lane, j), shfl_idx_u64(scale_of_lane, j));
             m &= m - 1;
-            if g < groups {
+            for (i, &(q, word)) in out.iter().enumerate() {
+                let step = s + i as u64;
+                let c = channel(step);
+                if step >= steps.1 || c >= hidden {
+                    continue;
+                }
                 // SAFETY: `dst` holds `hidden` bytes; `scales` places `groups` scales (ScaleDst).
                 unsafe {
-                    *((dst + v * 8) as *mut u32) = q0;
-                    *((dst + v * 8 + 4) as *mut u32) = q1;
-                    if lane & 15 == 0 {
-                        if sd.ue8m0 {
-                            *((scales + g / 4 * sd.stride + g % 4) as *mut u8) = (scale.to_bits() >> 23) as u8;
-                        } else {
-                            *((scales + g * sd.stride) as *mut f32) = scale;
-                        }
+                    dev::st_v4((dst + c) as *mut U4, q);
+                    let g = c / 128;
+                    if sd.ue8m0 && lane == 0 {
+                        *((scales + g / 4 * sd.stride) as *mut u32) = word;
+                    } else if !sd.ue8m0 && lane.is_multiple_of(8) && g < groups {
+                        *((scales + g * sd.stride) as *mut u32) = word;
                     }
                 }
             }
         }
-    };
-    // Half a warp per group, two groups a step, four steps' loads in flight before the first
-    // cast (one step at a time left a 7168-wide row at ~20 µs: 28 round trips to memory).
-    let mut step = 0u64; // warp-uniform: every lane takes part in every shuffle
-    while step < groups {
-        let g = step + lane / 16;
-        let (x0, x1, x2, x3) = (load(g), load(g + 2), load(g + 4), load(g + 6));
-        cast(x0, g);
-        cast(x1, g + 2);
-        cast(x2, g + 4);
-        cast(x3, g + 6);
-        step += 8;
+        s += FP8_STEPS_IN_FLIGHT;
     }
 }
 
@@ -419,55 +449,65 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
         if dev::sync_threads_or(failed) {
             return false;
         }
-        // Each pair's index among the rows for its expert, for the tokens this block sends.
-        let senders = grid * nw;
+        // Each pair's row at its owner (its index among the rows for its expert after the
+        // range's first), for the tokens this block sends: token t goes with block t % grid.
         walk_pairs(p, mine, c0, c1, |pair, e, index| {
             let t = pair / k;
-            if e >= 0 && t % senders / nw == block {
-                *pair_rows.add((t * LL_MAX_TOPK + pair % k) as usize) = index as i32;
-            }
-        });
-        dev::sync_threads();
-        // 3. Lane k owns the token's k-th expert: its row at the owner. The row is read once
-        // and stored to all of them.
-        let mut t = block * nw + warp;
-        while t < p.num_tokens && !failed {
-            let e = if lane < k { expert_of(p, t, lane) } else { -1 };
-            let (mut dst, mut scales) = (0u64, 0u64);
-            if e >= 0 {
-                let (owner, le) = (e as u32 / num_local, e as u32 % num_local);
-                let at = pair_rows.add((t * LL_MAX_TOPK + lane) as usize);
-                let waiting = dev::waiting!(p, owner, SITE_LL_RELEASE);
-                match dev::wait_at_least(waiting, (local + l.begins + e as u64 * 8) as *const u64, p.epoch << 32, |v| v)
-                {
+            if e >= 0 && t % grid == block && !failed {
+                let owner = e as u32 / num_local;
+                let begins = (local + l.begins + e as u64 * 8) as *const u64;
+                match dev::wait_at_least(dev::waiting!(p, owner, SITE_LL_RELEASE), begins, p.epoch << 32, |v| v) {
                     Some(begin) => {
-                        let row = begin as u32 + *at as u32;
-                        *at = row as i32; // for the combine
-                        let out_row = le as u64 * rows + row as u64;
-                        let base = base_of(p, owner, l);
-                        dst = base + l.recv_x + out_row * x_bytes;
-                        *((base + l.recv_src_info) as *mut i32).add(out_row as usize) = t as i32;
-                        let per_word = if sd.ue8m0 { 4 } else { 1 };
-                        scales = base + l.recv_scales + (le as u64 * (groups / per_word) * rows + row as u64) * 4;
+                        *pair_rows.add((t * LL_MAX_TOPK + pair % k) as usize) = (begin as u32 + index) as i32
                     }
                     None => failed = true,
                 }
             }
-            if dev::ballot(failed) != 0 {
-                failed = true;
-                break;
+        });
+        if dev::sync_threads_or(failed) {
+            return false;
+        }
+        // 3. Work items (token, part of its row): the block's tokens, split so that a few
+        // tokens still keep every warp busy (one warp per 7168-wide row left ~10 µs of
+        // dependent round trips at 1 token). Lane k owns the token's k-th expert: its row at
+        // the owner. Each part of the row is read once and stored to all of them.
+        let my_tokens = if block < p.num_tokens { (p.num_tokens - 1 - block) / grid + 1 } else { 0 };
+        // Units a part is made of: a copy step (2 KB) or four fp8 cast steps.
+        let (unit, units) = if fp8 {
+            (FP8_STEPS_IN_FLIGHT, (p.row_bytes / 2).div_ceil(FP8_STEP).div_ceil(FP8_STEPS_IN_FLIGHT))
+        } else {
+            (COPY_STEP_BYTES, p.row_bytes.div_ceil(COPY_STEP_BYTES))
+        };
+        let parts = (nw / my_tokens.max(1)).clamp(1, units as u32) as u64;
+        let per_part = units.div_ceil(parts) * unit;
+        let mut item = warp as u64;
+        while item < my_tokens as u64 * parts {
+            let (t, part) = (block + (item / parts) as u32 * grid, item % parts);
+            let e = if lane < k { expert_of(p, t, lane) } else { -1 };
+            let (mut dst, mut scales) = (0u64, 0u64);
+            if e >= 0 {
+                let (owner, le) = (e as u32 / num_local, e as u32 % num_local);
+                let row = *pair_rows.add((t * LL_MAX_TOPK + lane) as usize) as u64;
+                let out_row = le as u64 * rows + row;
+                let base = base_of(p, owner, l);
+                dst = base + l.recv_x + out_row * x_bytes;
+                if part == 0 {
+                    *((base + l.recv_src_info) as *mut i32).add(out_row as usize) = t as i32;
+                }
+                let per_word = if sd.ue8m0 { 4 } else { 1 };
+                scales = base + l.recv_scales + (le as u64 * (groups / per_word) * rows + row) * 4;
             }
             let lanes = dev::ballot(e >= 0);
             let src = p.x + t as u64 * p.row_bytes;
+            let from = part * per_part;
             if fp8 {
-                cast_row_fp8(dst, scales, lanes, src, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0, sd);
+                let end = (from + per_part).min((p.row_bytes / 2).div_ceil(FP8_STEP));
+                cast_row_fp8(dst, scales, lanes, src, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0, sd, (from, end));
             } else {
-                copy_warp_to_many(dst, lanes, src, p.row_bytes);
+                let end = (from + per_part).min(p.row_bytes);
+                copy_warp_to_many(dst + from, lanes, src + from, end.saturating_sub(from));
             }
-            t += senders;
-        }
-        if dev::sync_threads_or(failed) {
-            return false;
+            item += nw as u64;
         }
         // 4. The last block: every owner's ranges and flags.
         if last_block(local + l.counters + LL_DISPATCH_COUNTER) {
@@ -554,51 +594,55 @@ kernel! {
         // SAFETY (whole body): as in ll_dispatch.
         unsafe {
             let local = base_of(&p, me, &l);
-            // Send every received row back to its source: slot [global expert][token]. The
-            // rows of all (expert, source) ranges, in order, are dealt round-robin to the
-            // grid's warps (a range holds a few rows: dealing each range from warp 0 would
-            // leave most warps idle). Each warp reads the ranges 32 at a time, a lane each,
-            // with a prefix sum for the rows before each (one range after another would be
-            // hundreds of dependent loads: ~40 µs at 1 token on an H200).
+            // Send every received row back to its source: slot [global expert][token]. Each
+            // local expert's rows (packed from 0; the ranges of its sources tile them) are
+            // split over `per_expert` warps, row by row. A row's source is the lane whose
+            // range holds it (a ballot), so no warp walks every range (all warps dealing
+            // all 256 ranges made the send issue-bound: ~45 µs at 128 tokens on an H200).
             // Zero-copy (`pull`): the rows stay in this rank's combine-x region; sources read them.
             let pull = p.pull != 0;
-            let num_pairs = if p.phases & LL_SEND != 0 && !pull { num_local * p.num_ranks } else { 0 };
-            let mut dealt = 0u32; // rows of the ranges before this chunk
-            let mut q0 = 0u32;
-            while q0 < num_pairs {
-                let q = q0 + lane; // range q = local expert q / R, source q % R
-                let range = if q < num_pairs { *(p.packed_recv_layout_range as *const i64).add(q as usize) } else { 0 };
-                let (begin, count) = ((range >> 32) as u32, range as u32);
-                let mut incl = count;
-                let mut off = 1;
-                while off < WARP_SIZE {
-                    let y = dev::shfl_idx_u32(incl, lane.saturating_sub(off));
-                    if lane >= off {
-                        incl += y;
-                    }
-                    off *= 2;
+            let per_expert = (warps / num_local).max(1);
+            let items = if p.phases & LL_SEND != 0 && !pull { num_local * per_expert } else { 0 };
+            let ranges = p.packed_recv_layout_range as *const i64;
+            let mut item = gwarp;
+            while item < items {
+                let (le, sub) = (item / per_expert, item % per_expert);
+                let expert = me * num_local + le;
+                // Lane s: source s0 + s's range of this expert, for 32 sources at a time.
+                let range_at = |s0: u32| {
+                    let src = s0 + lane;
+                    let v = if src < p.num_ranks { *ranges.add((le * p.num_ranks + src) as usize) } else { 0 };
+                    ((v >> 32) as u32, v as u32)
+                };
+                let first = range_at(0);
+                let mut count = 0;
+                let mut s0 = 0;
+                while s0 < p.num_ranks {
+                    let (_, n) = if s0 == 0 { first } else { range_at(s0) };
+                    count += dev::warp_sum_u32(n);
+                    s0 += WARP_SIZE;
                 }
-                let before = dealt.wrapping_add(incl - count);
-                let mut nonempty = dev::ballot(count != 0);
-                while nonempty != 0 {
-                    let j = nonempty.trailing_zeros();
-                    nonempty &= nonempty - 1;
-                    let (begin, count) = (dev::shfl_idx_u32(begin, j), dev::shfl_idx_u32(count, j));
-                    let before = dev::shfl_idx_u32(before, j);
-                    let (le, src) = ((q0 + j) / p.num_ranks, (q0 + j) % p.num_ranks);
-                    let expert = me * num_local + le;
-                    // The first i with (before + i) % warps == gwarp.
-                    let mut i = (gwarp + warps - before % warps) % warps;
-                    while i < count {
-                        let row = le * slots_per_expert + begin + i;
-                        let tok = *((local + l.recv_src_info) as *const i32).add(row as usize) as u64;
-                        let slot = base_of(&p, src, &l) + l.combine_slot(expert as u64, tok);
-                        copy_warp(slot, p.x + row as u64 * p.row_bytes, p.row_bytes, true);
-                        i += warps;
+                let mut r = sub;
+                while r < count {
+                    // The source whose range holds row r.
+                    let holds = |(begin, n): (u32, u32)| n > 0 && begin <= r && r < begin + n;
+                    let mut s0 = 0;
+                    let mut found = dev::ballot(holds(first));
+                    while found == 0 && s0 + WARP_SIZE < p.num_ranks {
+                        s0 += WARP_SIZE;
+                        found = dev::ballot(holds(range_at(s0)));
                     }
+                    if found == 0 {
+                        break; // the ranges don't tile the rows: not a handle of this buffer's dispatch
+                    }
+                    let src = s0 + found.trailing_zeros();
+                    let row = le * slots_per_expert + r;
+                    let tok = *((local + l.recv_src_info) as *const i32).add(row as usize) as u64;
+                    let slot = base_of(&p, src, &l) + l.combine_slot(expert as u64, tok);
+                    copy_warp(slot, p.x + row as u64 * p.row_bytes, p.row_bytes, true);
+                    r += per_expert;
                 }
-                dealt = dealt.wrapping_add(dev::shfl_idx_u32(incl, WARP_SIZE - 1));
-                q0 += WARP_SIZE;
+                item += warps;
             }
             // Raise this rank's flag at every source (pulling: at once; else once every block's
             // rows are out) and release the set: its dispatch outputs are no longer read here.

@@ -22,7 +22,7 @@
 //! | `fma_rn_f32` | `fma.rn.f32` | one rounding, as the reference's `mul_add` |
 //! | `cvt_e4m3x2` | `cvt.rn.satfinite.e4m3x2.f32` | fp8 casts |
 //!
-//! Built on them here: [`wait_until`] (every wait loop in every kernel), [`wait_at_least`]
+//! Built on them here: [`warp_sum_u32`], [`wait_until`] (every wait loop in every kernel), [`wait_at_least`]
 //! (the HT and LL waits on a flag or counter) and [`report_error`].
 
 use crate::abi::{DeviceError, ErrorSlot, WARP_SIZE, error_code};
@@ -64,6 +64,17 @@ pub fn warp_id() -> u32 {
 #[inline(always)]
 pub fn num_warps() -> u32 {
     block_dim_x() / WARP_SIZE
+}
+
+/// The sum of `v` over the warp, in every lane. Warp-cooperative.
+#[inline(always)]
+pub fn warp_sum_u32(mut v: u32) -> u32 {
+    let mut mask = WARP_SIZE / 2;
+    while mask > 0 {
+        v = v.wrapping_add(shfl_bfly_u32(v, mask));
+        mask /= 2;
+    }
+    v
 }
 
 /// Spins until `done()` returns true or `timeout_ns` of `%globaltimer` time passed.

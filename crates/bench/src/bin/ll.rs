@@ -2,10 +2,12 @@
 //! and fp8) and combine (bf16), every rank of the group in this process on the device of
 //! `MOE_EP_DEVICE`.
 //!
-//! Each op is captured once in a CUDA graph (`dispatch_into` / `combine_into`); then
-//! `--iters` (dispatch, combine) pairs are replayed back to back after one host barrier, with
-//! an event after every op. Per op: the median over iterations of its event interval, the
-//! mean over ranks (host launch skew between ranks sharing a GPU is paid once, not per op).
+//! Each rank captures CUDA graphs of `--iters` back-to-back repetitions — of a dispatch, of
+//! a (dispatch, combine) pair, of an fp8 dispatch, of a (dispatch, zero-copy combine) pair —
+//! the way a decode step replays all its layers, and times whole replays (median of 5 after
+//! a warm-up): µs per op = replay / iters; a combine = its pair less the dispatch. Events
+//! only around replays: one between kernels costs ~23 µs with 8 ranks sharing a GPU. Per op:
+//! the mean over ranks.
 //! Bytes a rank moves: dispatch, its `(token, expert)` rows sent; combine, the same rows
 //! back. `combine zc`: the expert outputs already in `LlBuffer::combine_buffer` (zero-copy),
 //! pulled by their sources. Ceiling: a same-run D2D copy of all ranks' bytes of the op. `--torch SCRIPT` adds the
@@ -20,13 +22,13 @@
 //!        [--iters 50] [--sweep] [--torch SCRIPT] [--nccl SCRIPT] [--csv PATH]
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
-use moe_ep::{Device, Event, Group, Result};
+use moe_ep::{Device, Group, Result};
 use moe_ep_bench::{
     Rng, Teardown, arg, baseline, copy_seconds, csv_line, flag, gpu_devices, median, more_hardware_queues,
     peer_copy_seconds, torch_us, upload,
 };
 
-/// Median µs of (dispatch bf16, combine, dispatch fp8, zero-copy combine) on one rank, and
+/// µs per op of (dispatch bf16, combine, dispatch fp8, zero-copy combine) on one rank, and
 /// the rows it sent.
 fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> Result<[f64; 5]> {
     let (h, k, e) = (arg("--hidden", 7168), arg("--topk", 8), arg("--experts", 256));
@@ -51,77 +53,72 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     }
     let c = buf.combine(group, &out.handle, &out.packed_recv_x, tokens, &topk, IndexType::I64, &weights, k, false)?;
     let out8 = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, fp8)?;
-    buf.combine_into(
-        group,
-        &out8.handle,
-        &out.packed_recv_x,
-        &c.combined_x,
-        tokens,
-        &topk,
-        IndexType::I64,
-        &weights,
-        k,
-        false,
-    )?;
     s.synchronize()?;
     group.take_device_error("ll")?;
     // Zero-copy: the expert outputs already in the buffer, read in place by their sources.
     let zero_copy = buf.combine_buffer(&out.handle);
-    let mut capture = |f: &mut dyn FnMut(&mut LlBuffer) -> Result<()>| -> Result<moe_ep::Graph> {
+    #[derive(Clone, Copy)]
+    enum Op {
+        Dispatch,
+        DispatchFp8,
+        Combine,
+        CombineZeroCopy,
+    }
+    // Combines take the handle of the dispatch before them (its epoch): the bf16 one.
+    let issue = |b: &mut LlBuffer, op: Op| -> Result<()> {
+        let (i64, w) = (IndexType::I64, &weights);
+        match op {
+            Op::Dispatch => b.dispatch_into(group, &out, &x, tokens, &topk, i64, k, Default::default()),
+            Op::DispatchFp8 => b.dispatch_into(group, &out8, &x, tokens, &topk, i64, k, fp8),
+            Op::Combine => {
+                b.combine_into(group, &out.handle, &out.packed_recv_x, &c.combined_x, tokens, &topk, i64, w, k, false)
+            }
+            Op::CombineZeroCopy => {
+                b.combine_into(group, &out.handle, &zero_copy, &c.combined_x, tokens, &topk, i64, w, k, false)
+            }
+        }
+        .map(drop)
+    };
+    // Graphs of `iters` repetitions of a sequence of ops, the way a decode step replays all
+    // its layers. Events only around a graph: an event recorded between kernels stalls ranks
+    // sharing a GPU (8 ranks: ~23 µs per event, measured 2026-12-01; each graph node is ~3
+    // µs otherwise).
+    let mut graph_of = |ops: &[Op]| -> Result<moe_ep::Graph> {
         s.begin_capture()?;
-        let r = f(&mut buf);
-        let g = s.end_capture()?;
-        r.map(|_| g)
+        let captured = (0..iters).try_for_each(|_| ops.iter().try_for_each(|&op| issue(&mut buf, op)));
+        let g = s.end_capture();
+        captured?;
+        g
     };
-    let d16 = capture(&mut |b| {
-        b.dispatch_into(group, &out, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default()).map(drop)
-    })?;
-    // Combine graphs take the handle of the dispatch before them (its epoch).
-    let mut combine_graph = |h: &moe_ep::low_latency::LlHandle| {
-        capture(&mut |b| {
-            let y = &out.packed_recv_x;
-            b.combine_into(group, h, y, &c.combined_x, tokens, &topk, IndexType::I64, &weights, k, false).map(drop)
-        })
-    };
-    let c16 = combine_graph(&out.handle)?;
-    let c8 = combine_graph(&out8.handle)?;
-    let d8 = capture(&mut |b| b.dispatch_into(group, &out8, &x, tokens, &topk, IndexType::I64, k, fp8).map(drop))?;
-    let cz = capture(&mut |b| {
-        let (h, y) = (&out.handle, &zero_copy);
-        b.combine_into(group, h, y, &c.combined_x, tokens, &topk, IndexType::I64, &weights, k, false).map(drop)
-    })?;
+    let graphs = [
+        graph_of(&[Op::Dispatch])?,
+        graph_of(&[Op::Dispatch, Op::Combine])?,
+        graph_of(&[Op::DispatchFp8])?,
+        graph_of(&[Op::Dispatch, Op::CombineZeroCopy])?,
+    ];
     s.synchronize()?;
     // Every rank has instantiated its graphs before any replays: on a shared GPU, an
     // instantiation can wait for the kernels running there, which wait for this rank.
     group.bootstrap().barrier()?;
-    // (dispatch, combine) pairs back to back; events after each op.
-    let pairs = |d: &moe_ep::Graph, c: &moe_ep::Graph| -> Result<(f64, f64)> {
-        for _ in 0..3 {
-            d.launch(s)?;
-            c.launch(s)?;
+    // µs per repetition: the median of 5 replays after a warm-up one.
+    let per_rep = |g: &moe_ep::Graph| -> Result<f64> {
+        let mut times = Vec::new();
+        for rep in 0..6 {
+            group.bootstrap().barrier()?;
+            let e0 = s.record_event()?;
+            g.launch(s)?;
+            let e1 = s.record_event()?;
+            e1.synchronize()?;
+            group.take_device_error("ll")?;
+            if rep > 0 {
+                times.push(e0.elapsed_ms(&e1)?);
+            }
         }
-        s.synchronize()?;
-        group.bootstrap().barrier()?;
-        let mut ev: Vec<Event> = vec![s.record_event()?];
-        for _ in 0..iters {
-            d.launch(s)?;
-            ev.push(s.record_event()?);
-            c.launch(s)?;
-            ev.push(s.record_event()?);
-        }
-        s.synchronize()?;
-        group.take_device_error("ll")?;
-        let (mut dt, mut ct) = (Vec::new(), Vec::new());
-        for i in 0..iters {
-            dt.push(ev[2 * i].elapsed_ms(&ev[2 * i + 1])?);
-            ct.push(ev[2 * i + 1].elapsed_ms(&ev[2 * i + 2])?);
-        }
-        Ok((median(dt) as f64 * 1e3, median(ct) as f64 * 1e3))
+        Ok(median(times) as f64 * 1e3 / iters as f64)
     };
-    let (d_bf16, comb) = pairs(&d16, &c16)?;
-    let (d_fp8, _) = pairs(&d8, &c8)?;
-    let (_, comb_zero_copy) = pairs(&d16, &cz)?;
-    Ok([d_bf16, comb, d_fp8, rows as f64, comb_zero_copy])
+    let [d, dc, d8, dz] = [per_rep(&graphs[0])?, per_rep(&graphs[1])?, per_rep(&graphs[2])?, per_rep(&graphs[3])?];
+    // A combine's time: its pair's less the dispatch's.
+    Ok([d, dc - d, d8, rows as f64, dz - d])
 }
 
 fn main() -> Result<()> {
