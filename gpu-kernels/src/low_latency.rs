@@ -810,24 +810,23 @@ kernel! {
             let local = base_of(&p, me, &l);
             let mut t = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
             while p.phases & LL_SEND != 0 && t < p.num_tokens {
-                let mut ranks = 0u64;
-                for k in 0..k_count {
-                    let e = expert_of(&p, t, k);
-                    if e >= 0 {
-                        ranks |= 1u64 << ((e as u32 / num_local) & 63);
-                    }
-                }
-                // 32 destinations at a time, lane d owning destination d0 + d: the row is read
-                // once and stored to each of them.
+                // 32 destinations at a time, lane d owning destination d0 + d (it goes there
+                // when one of the token's experts lives there): the row is read once and
+                // stored to each of them.
                 let (id, weight) = if lane < k_count {
                     (expert_of(&p, t, lane) as i32, *(p.topk_weights as *const f32).add((t * k_count + lane) as usize))
                 } else {
                     (-1, 0.0)
                 };
+                let owner_of_lane = if id >= 0 { id as u32 / num_local } else { u32::MAX };
                 let mut d0 = 0;
                 while d0 < p.num_ranks {
                     let dst = d0 + lane;
-                    let goes = dst < p.num_ranks && (ranks >> (dst & 63)) & 1 != 0;
+                    let mut goes = false;
+                    for k in 0..k_count {
+                        goes |= dev::shfl_idx_u32(owner_of_lane, k) == dst;
+                    }
+                    let goes = goes && dst < p.num_ranks;
                     let slot = if goes { base_of(&p, dst, &l) + l.rank_major_slot(me as u64, t as u64) } else { 0 };
                     let lanes = dev::ballot(goes);
                     copy_warp_to_many(slot, lanes, p.x + t as u64 * p.row_bytes, p.row_bytes);
