@@ -26,15 +26,26 @@ unsafe fn load(src: u64, v: u64, read_only: bool) -> U4 {
 /// Both ranges are valid, 16-byte aligned, `bytes` long. All 32 lanes call together.
 #[inline(always)]
 pub unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
+    // SAFETY: forwarded contract.
+    unsafe { copy_warp_n::<UNROLL>(dst, src, bytes, src_read_only) }
+}
+
+/// [`copy_warp`] with `N` loads in flight per lane: for copies that few warps make, where
+/// more bytes in flight per warp keep memory (or NVLink) busy.
+///
+/// # Safety
+/// As [`copy_warp`].
+#[inline(always)]
+pub unsafe fn copy_warp_n<const N: usize>(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
     let n = bytes / 16;
     let lane = dev::lane_id() as u64;
     let warp = WARP_SIZE as u64;
-    let step = warp * UNROLL as u64;
+    let step = warp * N as u64;
     let mut base = 0u64;
     // SAFETY (both loops): indices stay below `n` vectors.
     unsafe {
         while base + step <= n {
-            let mut x = [U4::default(); UNROLL];
+            let mut x = [U4::default(); N];
             for (j, x) in x.iter_mut().enumerate() {
                 *x = load(src, base + lane + warp * j as u64, src_read_only);
             }
@@ -46,7 +57,7 @@ pub unsafe fn copy_warp(dst: u64, src: u64, bytes: u64, src_read_only: bool) {
         // A partial last step: its loads too are all issued before its stores (predicated
         // only here: the checks cost issue slots in the full steps).
         if base < n {
-            let mut x = [U4::default(); UNROLL];
+            let mut x = [U4::default(); N];
             for (j, x) in x.iter_mut().enumerate() {
                 let v = base + lane + warp * j as u64;
                 if v < n {
