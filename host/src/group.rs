@@ -56,12 +56,24 @@ impl Group {
     /// put several ranks on it). Enables peer access between distinct GPUs. Drive each
     /// returned `Group` from its own thread: collectives block until every rank joins.
     ///
-    /// More ranks × streams than the GPU's hardware queues serialize spinning kernels: set
+    /// More ranks (one stream each) on a GPU than it has hardware queues would queue one
+    /// rank's spinning kernel in front of the kernel it waits for: set
     /// `CUDA_DEVICE_MAX_CONNECTIONS=32` in the environment before the first CUDA call when
-    /// putting more than 8 ranks on one GPU.
+    /// putting more than 8 ranks on one GPU; more than that many ranks on a GPU is refused
+    /// ([`Error::Unsupported`]).
     pub fn in_process(devices: &[Device]) -> Result<Vec<Group>> {
         if devices.is_empty() {
             return Err(Error::invalid("devices", "at least one rank"));
+        }
+        let queues = std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8usize);
+        for d in devices.iter().filter(|d| !d.is_cpu()) {
+            let sharing = devices.iter().filter(|o| o.same_as(d)).count();
+            if sharing > queues {
+                return Err(Error::Unsupported(format!(
+                    "{sharing} ranks on one GPU with {queues} hardware queues (CUDA_DEVICE_MAX_CONNECTIONS, at most 32): \
+                     a rank's waiting kernel could block the one it waits for"
+                )));
+            }
         }
         for a in devices {
             for b in devices {

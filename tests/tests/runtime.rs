@@ -36,6 +36,20 @@ fn events_time_work_and_order_streams() {
     assert!(matches!(err.take("selftest_timeout"), Err(Error::Timeout { .. })));
 }
 
+/// More in-process ranks on one GPU than its hardware queues is refused, not left to hang;
+/// the emulator has no such limit.
+#[test]
+fn too_many_ranks_on_one_gpu_are_refused() {
+    let dev = device();
+    let queues: usize = std::env::var("CUDA_DEVICE_MAX_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let too_many = vec![dev.clone(); queues + 1];
+    match moe_ep::Group::in_process(&too_many) {
+        Err(Error::Unsupported(what)) => assert!(!dev.is_cpu(), "the emulator refused: {what}"),
+        Ok(groups) => assert!(dev.is_cpu(), "{} ranks on one GPU accepted", groups.len()),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
 #[test]
 fn mapped_host_memory_both_ways() {
     let dev = device();
