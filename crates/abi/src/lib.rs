@@ -582,7 +582,9 @@ pub struct HtCombineParams {
 /// | rank-major slots `[R][M]` (row, `[epoch, token]`, 32 ids, 32 weights) | `R * M * rank_major_slot_bytes` | source rank |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LlLayout {
-    /// Bytes per combine slot: a row of `row_bytes` plus 16 bytes of marker.
+    /// Bytes per combine slot: a row of `row_bytes` plus 16 bytes, the `[epoch, token]`
+    /// marker of the rank-major slots that start with the same bytes; the pushed combine's
+    /// completion comes from its flag, so its slots leave those 16 bytes unused.
     pub slot_bytes: u64,
     /// Offset of the dispatch flags in a set.
     pub dispatch_flags: u64,
