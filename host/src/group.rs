@@ -12,10 +12,11 @@
 //! between threads of one process, CUDA IPC handles or shared descriptors (VMM, memfd)
 //! between processes. Kernels then store into peers' buffers directly.
 use crate::bootstrap::{Bootstrap, EnvConfig, InProcessBootstrap, TcpBootstrap, default_timeout};
-use crate::device::{Device, DeviceBuffer, ErrorRecord, Stream, fd};
+use crate::device::{Device, DeviceBuffer, ErrorRecord, HostMapped, Stream, fd};
 use crate::{Error, Result};
 use moe_ep_abi::DEFAULT_TIMEOUT_NS;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How [`Group::alloc_symmetric`] shares memory with ranks in other processes (ranks in
@@ -263,7 +264,13 @@ impl Group {
         // shared GPU) before every rank is done allocating.
         self.bootstrap.barrier()?;
         drop(exported);
-        Ok(SymmetricBuffer { local, _imported: imported, peer_ptrs, peer_table, epoch: 0 })
+        Ok(SymmetricBuffer {
+            local,
+            _imported: imported,
+            peer_ptrs,
+            peer_table: PeerTable::Device(peer_table),
+            epoch: 0,
+        })
     }
 }
 
@@ -338,8 +345,15 @@ pub struct SymmetricBuffer {
     local: DeviceBuffer,
     _imported: Vec<DeviceBuffer>,
     peer_ptrs: Vec<u64>,
-    peer_table: DeviceBuffer,
+    peer_table: PeerTable,
     epoch: u64,
+}
+
+/// Where a [`SymmetricBuffer`]'s table of peer addresses lives.
+enum PeerTable {
+    Device(DeviceBuffer),
+    /// Host memory the GPU reads (written without a CUDA call).
+    Mapped(HostMapped),
 }
 
 impl SymmetricBuffer {
@@ -365,7 +379,10 @@ impl SymmetricBuffer {
 
     /// Device address of the table of all ranks' addresses (`num_ranks` u64).
     pub fn peer_table_ptr(&self) -> u64 {
-        self.peer_table.ptr()
+        match &self.peer_table {
+            PeerTable::Device(t) => t.ptr(),
+            PeerTable::Mapped(t) => t.device_ptr(),
+        }
     }
 
     /// The next flag value for a call using this buffer (1, 2, ...). Every rank calls it
@@ -373,5 +390,36 @@ impl SymmetricBuffer {
     pub fn next_epoch(&mut self) -> u64 {
         self.epoch += 1;
         self.epoch
+    }
+
+    /// Bytes `[offset, offset + len)` of every rank's buffer as a symmetric buffer of its
+    /// own, its peer table in `table` (host memory the GPU reads, `8 * num_ranks` bytes,
+    /// allocated beforehand). Not collective and no CUDA call: every rank already maps every
+    /// other's memory, so one allocation made up front (a DeepEP-style
+    /// `Buffer(num_nvl_bytes)`) can be carved up later, even while a CUDA graph is being
+    /// captured. `offset` is a multiple of 256; the part keeps `self` alive. Carve the same
+    /// way on every rank.
+    pub fn slice(self: &Arc<Self>, offset: usize, len: usize, table: HostMapped) -> Result<SymmetricBuffer> {
+        if !offset.is_multiple_of(256) || offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(Error::invalid(
+                "offset",
+                format!("[{offset}, +{len}) is not a 256-aligned part of a {}-byte buffer", self.len()),
+            ));
+        }
+        if table.len() < 8 * self.peer_ptrs.len() {
+            return Err(Error::invalid("table", format!("{} bytes for {} ranks", table.len(), self.peer_ptrs.len())));
+        }
+        let peer_ptrs: Vec<u64> = self.peer_ptrs.iter().map(|p| p + offset as u64).collect();
+        for (r, p) in peer_ptrs.iter().enumerate() {
+            table.write(8 * r, *p)?;
+        }
+        let device = self.local.device().clone();
+        let keep = self.clone();
+        // SAFETY: the range lies in this rank's buffer (checked), which `keep` holds until the
+        // part is dropped.
+        let local =
+            unsafe { DeviceBuffer::lent(&device, self.local.ptr() + offset as u64, len, Box::new(move || drop(keep))) };
+        let peer_table = PeerTable::Mapped(table);
+        Ok(SymmetricBuffer { local, _imported: Vec::new(), peer_ptrs, peer_table, epoch: 0 })
     }
 }

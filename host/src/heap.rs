@@ -56,18 +56,47 @@ impl SymHeap {
             return Err(Error::invalid("bytes", "a heap needs at least one byte"));
         }
         let capacity = (bytes as u64).next_multiple_of(HEAP_ALIGN);
-        let sym = group.alloc_symmetric(capacity as usize, Sharing::Auto)?;
-        Ok(SymHeap { inner: Arc::new(Inner { sym, blocks: Mutex::new(FreeList::new(capacity)) }) })
+        Ok(SymHeap::in_buffer(group.alloc_symmetric(capacity as usize, Sharing::Auto)?))
+    }
+
+    /// A heap over all of `sym` (e.g. a [`SymmetricBuffer::slice`] of a buffer made up
+    /// front); not collective. Make it alike on every rank.
+    pub fn in_buffer(sym: SymmetricBuffer) -> SymHeap {
+        let capacity = (sym.len() as u64) / HEAP_ALIGN * HEAP_ALIGN;
+        SymHeap { inner: Arc::new(Inner { sym, blocks: Mutex::new(FreeList::new(capacity)) }) }
     }
 
     /// A block of `bytes` for work on `stream` (its contents are whatever was there), or
     /// `None` when no free block is large enough yet. Never waits.
     pub fn alloc(&self, stream: &Stream, bytes: usize) -> Option<DeviceBuffer> {
+        self.alloc_inner(stream, bytes, false)
+    }
+
+    /// Like [`SymHeap::alloc`], but when blocks given back are still in use by their stream,
+    /// waits (on the host) for them, oldest first, until one fits. `None` only when the
+    /// blocks still held by their owners leave no room. A host that runs ahead of the GPU
+    /// (a loop of asynchronous calls) is thus held to the GPU's pace instead of the calls
+    /// taking a slower path.
+    pub fn alloc_waiting(&self, stream: &Stream, bytes: usize) -> Option<DeviceBuffer> {
+        self.alloc_inner(stream, bytes, true)
+    }
+
+    fn alloc_inner(&self, stream: &Stream, bytes: usize, wait: bool) -> Option<DeviceBuffer> {
         let size = (bytes.max(1) as u64).next_multiple_of(HEAP_ALIGN);
         let offset = {
             let mut blocks = self.inner.blocks.lock().ok()?;
-            blocks.reclaim(|done| done.as_ref().is_none_or(|e| e.is_complete().unwrap_or(false)));
-            blocks.take(size)?
+            loop {
+                blocks.reclaim(|done| done.as_ref().is_none_or(|e| e.is_complete().unwrap_or(false)));
+                if let Some(offset) = blocks.take(size) {
+                    break offset;
+                }
+                // The oldest block given back: waiting for it can't deadlock, as its event
+                // follows only work that every rank has queued already.
+                match blocks.pending.first().map(|p| &p.2) {
+                    Some(Some(event)) if wait => event.synchronize().ok()?,
+                    _ => return None,
+                }
+            }
         };
         let (inner, source) = (self.inner.clone(), stream.event_source());
         let give_back = Box::new(move || inner.give_back(offset, size, &source));
@@ -104,6 +133,11 @@ impl SymHeap {
         self.inner.sym.len() as u64
     }
 
+    /// No block of it is held (every one handed out was dropped), and no other clone of it.
+    pub fn is_idle(&self) -> bool {
+        Arc::strong_count(&self.inner) == 1
+    }
+
     /// Bytes in free blocks, not counting blocks whose stream has not passed their drop yet.
     pub fn free_bytes(&self) -> u64 {
         self.inner.blocks.lock().map(|b| b.free_bytes()).unwrap_or(0)
@@ -121,8 +155,8 @@ impl Inner {
     }
 }
 
-/// First-fit free list over `[0, capacity)`; blocks given back wait in `pending` until
-/// their `D` says they are done. Kept free of device types so it can be tested alone.
+/// First-fit free list over `[0, capacity)`; blocks given back wait in `pending` (oldest
+/// first) until their `D` says they are done. Kept free of device types so it can be tested alone.
 struct FreeList<D> {
     capacity: u64,
     /// Sorted by offset, coalesced.
@@ -157,7 +191,7 @@ impl<D> FreeList<D> {
         let mut i = 0;
         while i < self.pending.len() {
             if is_done(&self.pending[i].2) {
-                let (offset, size, _) = self.pending.swap_remove(i);
+                let (offset, size, _) = self.pending.remove(i); // keeps the oldest first
                 self.insert_free(offset, size);
             } else {
                 i += 1;

@@ -10,6 +10,7 @@ use crate::layout::{DispatchLayout, IndexType, MAX_EXPERTS, MAX_TOPK};
 use crate::{Error, Result};
 use moe_ep_abi::{HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams};
 use moe_ep_kernels::intranode::{HT_COMBINE, HT_DISPATCH, HT_NOTIFY};
+use std::sync::Arc;
 
 /// Largest hidden size in bf16 elements.
 pub const MAX_HIDDEN: usize = 16384;
@@ -65,6 +66,14 @@ pub struct HtHandle {
     /// (what a pulling combine reads).
     pub remote_row0: DeviceBuffer,
     num_channels: usize,
+}
+
+impl HtHandle {
+    /// Channels (rings per pair of ranks) of the dispatch: `channel_prefix_matrix` is
+    /// `[R, num_channels + 1]`.
+    pub fn num_channels(&self) -> usize {
+        self.num_channels
+    }
 }
 
 /// Inputs of [`HtBuffer::dispatch`].
@@ -151,17 +160,118 @@ struct DispatchIo<'a> {
     direct: bool,
 }
 
+/// The memory an [`HtBuffer`] lives in, made once (collectively) and laid out for a call's
+/// shapes by [`HtBuffer::in_memory`] — again, without allocating, by [`HtBuffer::relayout`].
+/// This is how a DeepEP-style `Buffer(num_nvl_bytes)` allocates everything at construction.
+pub struct HtMemory {
+    /// The rings, counters and mailboxes from offset 0 (zero before they are laid out);
+    /// after them, when carved, the heap.
+    all: Arc<SymmetricBuffer>,
+    /// Bytes the rings may use.
+    ring_limit: usize,
+    heap: Option<SymHeap>,
+    /// For a heap carved from what the first layout leaves (its peer table, made up front).
+    heap_table: Option<HostMapped>,
+    /// Received-count read-back of exact-size dispatches (room for any expert count).
+    host_counts: HostMapped,
+    /// Flag value of the last notify (ranks make the same calls, so all agree).
+    epoch: u64,
+}
+
+impl HtMemory {
+    /// Collective: `bytes` of symmetric memory on every rank. With `heap_bytes` None the
+    /// first layout takes what it needs from the start and the rest becomes the output heap
+    /// (DeepEP's `num_nvl_bytes`, spent on the fast path); with `Some(n)` the rings may use
+    /// all of `bytes` and a heap of `n` bytes (0: none) is allocated beside.
+    pub fn alloc(group: &Group, bytes: usize, heap_bytes: Option<usize>) -> Result<HtMemory> {
+        let bytes = bytes.next_multiple_of(256);
+        // Before the collective allocations, which end with a barrier (see there).
+        let host_counts = group.device().alloc_host_mapped(4 * (1 + MAX_EXPERTS))?;
+        let heap_table = match heap_bytes {
+            None => Some(group.device().alloc_host_mapped(8 * group.num_ranks())?),
+            Some(_) => None,
+        };
+        let all = Arc::new(group.alloc_symmetric(bytes, Sharing::Auto)?);
+        let heap = match heap_bytes {
+            Some(n) if n > 0 => Some(SymHeap::new(group, n)?),
+            _ => None,
+        };
+        Ok(HtMemory { all, ring_limit: bytes, heap, heap_table, host_counts, epoch: 0 })
+    }
+
+    /// Most bytes the rings may use.
+    pub fn ring_bytes(&self) -> usize {
+        self.max_ring_bytes()
+    }
+
+    /// The output heap, if any.
+    pub fn heap(&self) -> Option<&SymHeap> {
+        self.heap.as_ref()
+    }
+
+    /// The whole allocation, shared (DeepEP's `get_local_buffer_tensor` views this rank's).
+    pub fn shared(&self) -> Arc<SymmetricBuffer> {
+        self.all.clone()
+    }
+
+    /// Fixes the rings' part for a layout of `ring_bytes` (with as much again to grow into)
+    /// and makes the heap of the rest, once.
+    fn carve(&mut self, ring_bytes: usize) -> Result<()> {
+        let Some(table) = self.heap_table.take() else { return Ok(()) };
+        let split = (2 * ring_bytes).next_multiple_of(256).min(self.all.len());
+        let rest = self.all.len() - split;
+        self.ring_limit = split;
+        if rest >= 1 << 20 {
+            self.heap = Some(SymHeap::in_buffer(self.all.slice(split, rest, table)?));
+        }
+        Ok(())
+    }
+
+    /// Whether a layout of `ring_bytes` fits, moving the split first when the carved heap
+    /// holds no block.
+    fn can_fit(&self, ring_bytes: usize) -> bool {
+        ring_bytes <= self.ring_limit
+            || (self.carved() && ring_bytes <= self.all.len() && self.heap.as_ref().is_none_or(|h| h.is_idle()))
+    }
+
+    fn carved(&self) -> bool {
+        self.heap_table.is_none() && self.ring_limit < self.all.len()
+    }
+
+    /// Most bytes the rings could ever use.
+    fn max_ring_bytes(&self) -> usize {
+        if self.heap_table.is_some() || self.carved() { self.all.len() } else { self.ring_limit }
+    }
+
+    /// Room for a layout of `ring_bytes` (`can_fit` said so): moves the split if needed.
+    /// Allocates the heap's new peer table then: not while capturing.
+    fn make_room(&mut self, group: &Group, ring_bytes: usize) -> Result<()> {
+        if ring_bytes <= self.ring_limit {
+            return Ok(());
+        }
+        self.heap = None;
+        self.heap_table = Some(group.device().alloc_host_mapped(8 * group.num_ranks())?);
+        self.ring_limit = self.all.len();
+        self.carve(ring_bytes)
+    }
+
+    /// The rings' part (what a relayout zeroes).
+    fn rings(&self) -> DeviceBuffer {
+        let local = self.all.local();
+        // SAFETY: the first `ring_limit` bytes of this rank's allocation, which `self` keeps.
+        unsafe { DeviceBuffer::borrowed(local.device(), local.ptr(), self.ring_limit) }
+    }
+}
+
 /// The communication buffer of HT intranode dispatch/combine (one per rank, collective).
 ///
 /// Drop it on every rank only after all ranks have finished their last op on it (e.g. after
 /// a `group.bootstrap().barrier()`): peers write into each other's buffers. After a
 /// device-side timeout the rings' counters are out of step; make a new buffer.
 pub struct HtBuffer {
-    sym: SymmetricBuffer,
+    mem: HtMemory,
     layout: HtLayout,
     cfg: HtConfig,
-    host_counts: HostMapped,
-    heap: Option<SymHeap>,
     /// Mailbox epochs of the last dispatch and combine (every rank makes the same calls).
     dispatch_epoch: u64,
     combine_epoch: u64,
@@ -170,7 +280,86 @@ pub struct HtBuffer {
 
 impl HtBuffer {
     /// Collective: allocates and shares the buffer for `cfg` across the group's ranks.
-    pub fn new(group: &Group, mut cfg: HtConfig) -> Result<HtBuffer> {
+    pub fn new(group: &Group, cfg: HtConfig) -> Result<HtBuffer> {
+        let cfg = Self::resolve(group, cfg)?;
+        let mem = HtMemory::alloc(group, Self::size_hint(group.num_ranks(), &cfg), Some(cfg.heap_bytes))?;
+        Self::in_memory(group, cfg, mem)
+    }
+
+    /// The buffer for `cfg` in `mem` (zeroed, as it comes from [`HtMemory::alloc`]), with no
+    /// allocation or exchange of its own (so also inside a CUDA-graph capture). Every rank
+    /// makes the same call. `cfg.heap_bytes` is ignored: the heap is `mem`'s. Too little
+    /// memory for `cfg` is an [`Error::InvalidArgument`] that names the bytes needed.
+    pub fn in_memory(group: &Group, cfg: HtConfig, mut mem: HtMemory) -> Result<HtBuffer> {
+        let mut cfg = Self::resolve(group, cfg)?;
+        let layout = Self::layout_for(group.num_ranks(), &cfg);
+        Self::check_room(&layout, mem.ring_limit)?;
+        mem.carve(layout.total_bytes as usize)?;
+        cfg.heap_bytes = mem.heap.as_ref().map_or(0, |h| h.capacity() as usize);
+        Ok(HtBuffer { mem, layout, cfg, dispatch_epoch: 0, combine_epoch: 0, poison: None })
+    }
+
+    fn check_room(layout: &HtLayout, ring_bytes: usize) -> Result<()> {
+        if layout.total_bytes as usize > ring_bytes {
+            return Err(Error::invalid(
+                "num_nvl_bytes",
+                format!("the rings need {} bytes, the buffer has {ring_bytes}", layout.total_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Collective: the same memory laid out for `cfg` instead (other shapes), once every
+    /// rank's earlier ops on it are done; blocks of the heap stay valid, handles of earlier
+    /// dispatches do not. Synchronises the stream: not while it captures a graph. Too little
+    /// memory is an error that leaves the buffer as it was.
+    pub fn relayout(&mut self, group: &Group, cfg: HtConfig) -> Result<()> {
+        let mut cfg = Self::resolve(group, cfg)?;
+        let layout = Self::layout_for(group.num_ranks(), &cfg);
+        let need = layout.total_bytes as usize;
+        if need > self.mem.max_ring_bytes() {
+            Self::check_room(&layout, self.mem.max_ring_bytes())?;
+        }
+        let stream = group.stream();
+        stream.synchronize()?; // blocks of earlier calls come back to the heap
+        // Decided together (it depends on which heap blocks each rank still holds); also
+        // no peer still reads or writes the old layout after this.
+        let fits = group.bootstrap().all_gather(&[self.mem.can_fit(need) as u8])?;
+        if fits.iter().any(|f| f.first() != Some(&1)) {
+            return Err(Error::invalid(
+                "num_nvl_bytes",
+                format!(
+                    "the rings need {need} bytes, {} are free of heap blocks on every rank: drop earlier dispatch outputs first",
+                    self.mem.ring_limit
+                ),
+            ));
+        }
+        self.mem.make_room(group, need)?;
+        self.mem.rings().fill(stream, 0)?;
+        group.bootstrap().barrier()?; // every rank's counters are zero before any is used
+        cfg.heap_bytes = self.mem.heap.as_ref().map_or(0, |h| h.capacity() as usize);
+        (self.layout, self.cfg) = (layout, cfg);
+        (self.dispatch_epoch, self.combine_epoch) = (0, 0);
+        Ok(())
+    }
+
+    /// The memory (its heap, this rank's whole allocation).
+    pub fn memory(&self) -> &HtMemory {
+        &self.mem
+    }
+
+    /// Bytes of ring memory `cfg` needs on this group (defaults filled in as `new` would).
+    pub fn bytes_needed(group: &Group, cfg: &HtConfig) -> Result<usize> {
+        Ok(Self::size_hint(group.num_ranks(), &Self::resolve(group, *cfg)?))
+    }
+
+    /// Most bytes of ring memory this buffer can have (heap blocks permitting).
+    pub fn ring_bytes(&self) -> usize {
+        self.mem.max_ring_bytes()
+    }
+
+    /// `cfg` with its defaults filled in, checked against the group.
+    fn resolve(group: &Group, mut cfg: HtConfig) -> Result<HtConfig> {
         let num_ranks = group.num_ranks();
         if num_ranks > HT_MAX_RANKS as usize {
             return Err(Error::Unsupported(format!("{num_ranks} ranks in one NVLink domain (at most {HT_MAX_RANKS})")));
@@ -226,13 +415,7 @@ impl HtBuffer {
                 ),
             ));
         }
-        let layout = Self::layout_for(num_ranks, &cfg);
-        let num_local = cfg.num_experts / num_ranks;
-        // Before the collective allocation, which ends with a barrier (see there).
-        let host_counts = group.device().alloc_host_mapped(4 * (1 + num_local))?;
-        let sym = group.alloc_symmetric(layout.total_bytes as usize, Sharing::Auto)?;
-        let heap = if cfg.heap_bytes > 0 { Some(SymHeap::new(group, cfg.heap_bytes)?) } else { None };
-        Ok(HtBuffer { sym, layout, cfg, host_counts, heap, dispatch_epoch: 0, combine_epoch: 0, poison: None })
+        Ok(cfg)
     }
 
     fn layout_for(num_ranks: usize, cfg: &HtConfig) -> HtLayout {
@@ -311,7 +494,7 @@ impl HtBuffer {
         let remote_row0 = stream.alloc(4 * num_ranks * c)?;
         let exact = a.num_worst_tokens.is_none();
         let notify = HtNotifyParams {
-            peer_bases: self.sym.peer_table_ptr(),
+            peer_bases: self.mem.all.peer_table_ptr(),
             num_tokens_per_rank: a.layout.num_tokens_per_rank.ptr(),
             num_tokens_per_expert: a.layout.num_tokens_per_expert.ptr(),
             is_token_in_rank: a.layout.is_token_in_rank.ptr(),
@@ -319,9 +502,12 @@ impl HtBuffer {
             channel_prefix_matrix: channel_prefix_matrix.ptr(),
             num_recv_tokens_per_expert: num_recv_tokens_per_expert.ptr(),
             num_recv_tokens: num_recv_tokens_dev.ptr(),
-            host_counts: if exact { self.host_counts.device_ptr() } else { 0 },
+            host_counts: if exact { self.mem.host_counts.device_ptr() } else { 0 },
             error: group.error_ptr(),
-            epoch: self.sym.next_epoch(),
+            epoch: {
+                self.mem.epoch += 1;
+                self.mem.epoch
+            },
             timeout_ns: group.timeout_ns(),
             num_tokens: t as u32,
             num_experts: self.cfg.num_experts as u32,
@@ -352,9 +538,9 @@ impl HtBuffer {
             None => {
                 stream.synchronize()?;
                 group.take_device_error(HT_NOTIFY.name)?;
-                let n = self.host_counts.read::<u32>(0)? as usize;
+                let n = self.mem.host_counts.read::<u32>(0)? as usize;
                 let per: Vec<i32> =
-                    (0..num_local).map(|e| self.host_counts.read::<i32>(4 * (1 + e))).collect::<Result<_>>()?;
+                    (0..num_local).map(|e| self.mem.host_counts.read::<i32>(4 * (1 + e))).collect::<Result<_>>()?;
                 (n, Some(n), Some(per), alloc_outputs(n)?)
             }
         };
@@ -415,8 +601,12 @@ impl HtBuffer {
     /// when all of them fit (senders then store into them directly), else from the stream's
     /// pool. True for the heap.
     fn alloc_recv<const N: usize>(&self, stream: &Stream, sizes: [usize; N]) -> Result<([DeviceBuffer; N], bool)> {
-        if let Some(heap) = &self.heap {
-            let blocks: Vec<DeviceBuffer> = sizes.iter().map_while(|&b| heap.alloc(stream, b.max(16))).collect();
+        if let Some(heap) = &self.mem.heap {
+            // Waiting for blocks still in use keeps a host that runs ahead on the fast path;
+            // a graph being captured can't wait (its blocks are taken once, at capture).
+            let capturing = stream.capturing();
+            let take = |b: usize| if capturing { heap.alloc(stream, b) } else { heap.alloc_waiting(stream, b) };
+            let blocks: Vec<DeviceBuffer> = sizes.iter().map_while(|&b| take(b.max(16))).collect();
             if let Ok(blocks) = <[DeviceBuffer; N]>::try_from(blocks) {
                 return Ok((blocks, true));
             }
@@ -519,17 +709,17 @@ impl HtBuffer {
     /// A buffer of `bytes` from this buffer's heap (`None` without a heap or when it is
     /// full), for [`HtBuffer::dispatch_cached_into`]. Freed in stream order when dropped.
     pub fn alloc_output(&self, group: &Group, bytes: usize) -> Option<DeviceBuffer> {
-        self.heap.as_ref()?.alloc(group.stream(), bytes)
+        self.mem.heap.as_ref()?.alloc(group.stream(), bytes)
     }
 
     /// Whether all of `b` lies in this buffer's heap (peers can address it).
     fn in_heap(&self, b: &DeviceBuffer) -> bool {
-        self.heap.as_ref().is_some_and(|h| h.contains(b))
+        self.mem.heap.as_ref().is_some_and(|h| h.contains(b))
     }
 
     /// The output heap (`HtConfig::heap_bytes > 0`).
     pub fn heap(&self) -> Option<&SymHeap> {
-        self.heap.as_ref()
+        self.mem.heap.as_ref()
     }
 
     /// Checks a cached dispatch's handle and inputs; returns the scale count.
@@ -587,7 +777,7 @@ impl HtBuffer {
         self.dispatch_epoch += 1;
         let c = self.rings();
         let params = HtDispatchParams {
-            peer_bases: self.sym.peer_table_ptr(),
+            peer_bases: self.mem.all.peer_table_ptr(),
             x: io.x.ptr(),
             x_scales: io.x_scales.map_or(0, |(s, _)| s.ptr()),
             topk_idx: io.topk.map_or(0, |(i, _, _, _)| i.ptr()),
@@ -602,7 +792,7 @@ impl HtBuffer {
             recv_src_idx: io.recv_src_idx.map_or(0, |b| b.ptr()),
             send_head: io.send_head.ptr(),
             error: group.error_ptr(),
-            heap_bases: self.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
+            heap_bases: self.mem.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
             epoch: self.dispatch_epoch,
             remote_row0: io.remote_row0.map_or(0, |b| b.ptr()),
             timeout_ns: group.timeout_ns(),
@@ -680,7 +870,7 @@ impl HtBuffer {
         let pull = self.in_heap(x) && topk_weights.is_none_or(|(w, _)| self.in_heap(w));
         self.combine_epoch += 1;
         let params = HtCombineParams {
-            peer_bases: self.sym.peer_table_ptr(),
+            peer_bases: self.mem.all.peer_table_ptr(),
             x: x.ptr(),
             topk_weights: topk_weights.map_or(0, |(w, _)| w.ptr()),
             bias_0: bias[0].map_or(0, |b| b.ptr()),
@@ -691,7 +881,7 @@ impl HtBuffer {
             combined_x: combined_x.ptr(),
             combined_topk_weights: combined_topk_weights.as_ref().map_or(0, |b| b.ptr()),
             error: group.error_ptr(),
-            heap_bases: self.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
+            heap_bases: self.mem.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
             remote_row0: handle.remote_row0.ptr(),
             epoch: self.combine_epoch,
             timeout_ns: group.timeout_ns(),

@@ -178,6 +178,83 @@ impl LlBuffer {
 
     /// Collective: allocates and shares the buffer.
     pub fn new(group: &Group, cfg: LlConfig) -> Result<LlBuffer> {
+        Self::check_config(group, &cfg)?;
+        let sym = group.alloc_symmetric(Self::size_hint(group.num_ranks(), &cfg), Sharing::Auto)?;
+        Self::in_memory(group, cfg, Arc::new(sym))
+    }
+
+    /// The buffer for `cfg` in `sym` (zeroed, e.g. fresh from [`Group::alloc_symmetric`]
+    /// at a DeepEP-style `Buffer(num_rdma_bytes)`), with no allocation or exchange of its
+    /// own. Every rank makes the same call. Too little memory is an
+    /// [`Error::InvalidArgument`] that names the bytes needed.
+    pub fn in_memory(group: &Group, cfg: LlConfig, sym: Arc<SymmetricBuffer>) -> Result<LlBuffer> {
+        Self::check_config(group, &cfg)?;
+        let r = group.num_ranks();
+        let layout = LlLayout::new(r as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64);
+        if layout.total_bytes() as usize > sym.len() {
+            return Err(Error::invalid(
+                "num_rdma_bytes",
+                format!(
+                    "LL with {} tokens per rank, hidden {} and {} experts needs {} bytes, the buffer has {}",
+                    cfg.max_tokens,
+                    cfg.hidden,
+                    cfg.num_experts,
+                    layout.total_bytes(),
+                    sym.len()
+                ),
+            ));
+        }
+        // A block per local expert (it receives that expert), at least 16 (every warp sends),
+        // within the rank's share of the SMs when ranks share a GPU (all their blocks must
+        // be resident at once).
+        let sharing = group.ranks_on_device()?;
+        let grid_dim = if group.device().is_cpu() {
+            2
+        } else {
+            let want = (cfg.num_experts / r).max(16);
+            (group.device().num_sms()? as usize / sharing).clamp(1, want) as u32
+        };
+        Ok(LlBuffer { sym, layout, cfg, grid_dim, next_set: 0 })
+    }
+
+    /// Collective: the same memory laid out for `cfg` instead, once every rank's earlier ops
+    /// on it are done (views handed out before must no longer be used). Synchronises the
+    /// stream: not while it captures a graph. Too little memory is an error that leaves
+    /// the buffer as it was.
+    pub fn relayout(&mut self, group: &Group, cfg: LlConfig) -> Result<()> {
+        Self::check_config(group, &cfg)?;
+        let need = Self::size_hint(group.num_ranks(), &cfg);
+        if need > self.sym.len() {
+            return Err(Error::invalid(
+                "num_rdma_bytes",
+                format!("{need} bytes needed, the buffer has {}", self.sym.len()),
+            ));
+        }
+        let stream = group.stream();
+        stream.synchronize()?;
+        group.bootstrap().barrier()?; // no peer still reads or writes the old layout
+        self.sym.local().fill(stream, 0)?;
+        group.bootstrap().barrier()?; // every rank's flags are zero before any is used
+        *self = Self::in_memory(group, cfg, self.sym.clone())?;
+        Ok(())
+    }
+
+    /// Bytes of memory this buffer has.
+    pub fn memory_bytes(&self) -> usize {
+        self.sym.len()
+    }
+
+    /// The memory (DeepEP's `get_local_buffer_tensor(use_rdma_buffer=True)` views it).
+    pub fn memory(&self) -> &Arc<SymmetricBuffer> {
+        &self.sym
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlConfig {
+        &self.cfg
+    }
+
+    fn check_config(group: &Group, cfg: &LlConfig) -> Result<()> {
         let r = group.num_ranks();
         if cfg.num_experts == 0 || cfg.num_experts > MAX_EXPERTS || !cfg.num_experts.is_multiple_of(r) {
             return Err(Error::invalid(
@@ -194,19 +271,7 @@ impl LlBuffer {
         if !(1..=1024).contains(&cfg.max_tokens) {
             return Err(Error::invalid("max_tokens", format!("{} is not in 1..=1024", cfg.max_tokens)));
         }
-        let layout = LlLayout::new(r as u32, cfg.num_experts as u32, cfg.max_tokens as u32, 2 * cfg.hidden as u64);
-        let sym = Arc::new(group.alloc_symmetric(layout.total_bytes() as usize, Sharing::Auto)?);
-        // A block per local expert (it receives that expert), at least 16 (every warp sends),
-        // within the rank's share of the SMs when ranks share a GPU (all their blocks must
-        // be resident at once).
-        let sharing = group.ranks_on_device()?;
-        let grid_dim = if group.device().is_cpu() {
-            2
-        } else {
-            let want = (cfg.num_experts / r).max(16);
-            (group.device().num_sms()? as usize / sharing).clamp(1, want) as u32
-        };
-        Ok(LlBuffer { sym, layout, cfg, grid_dim, next_set: 0 })
+        Ok(())
     }
 
     /// The address of region `offset` of set `set` in this rank's buffer.

@@ -14,7 +14,9 @@
 //! * Rust errors become `ValueError` (bad arguments), `TimeoutError` (device-side timeout) or
 //!   `RuntimeError`; nothing here panics on bad input.
 use moe_ep::bootstrap::{Bootstrap, TcpBootstrap, UniqueId as RsUniqueId, default_timeout};
-use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs, HtHandle};
+use moe_ep::group::{Sharing, SymmetricBuffer};
+use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs, HtHandle, HtMemory};
+use moe_ep::layout::MAX_TOPK;
 use moe_ep::layout::{DispatchLayout, IndexType, get_dispatch_layout};
 use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs};
 use moe_ep::{Device, DeviceBuffer, Error, Event, Group, Stream};
@@ -272,16 +274,22 @@ struct Ctx {
     async_finish: bool,
 }
 
-/// The communication buffers of one rank, created on first use with the shapes of that call
-/// (all ranks make the same calls, so they agree); rebuilt, collectively, when a call needs
-/// more. Handles carry the generation of the buffer they were made with.
+/// The communication buffers of one rank. Their memory is allocated (collectively) when the
+/// `Buffer` is made, as DeepEP does; each mode's buffer is laid out in it at its first call,
+/// for that call's shapes, and laid out again (collectively, no allocation) when a later
+/// call has other shapes. Handles carry the generation of the layout they were made with.
 struct State {
+    /// Memory for HT not laid out yet, and how `num_nvl_bytes` was split (for errors).
+    ht_mem: Option<HtMemory>,
     ht: Option<HtBuffer>,
     ht_generation: u64,
-    /// `HtConfig::heap_bytes` of the next HT buffer (`Buffer(num_heap_bytes=...)`).
-    ht_heap_bytes: usize,
-    ll: Option<(LlBuffer, LlConfig)>,
+    /// `Buffer`'s `num_nvl_bytes`.
+    nvl_bytes: usize,
+    /// Memory for LL not laid out yet (`num_rdma_bytes`).
+    ll_mem: Option<Arc<SymmetricBuffer>>,
+    ll: Option<LlBuffer>,
     ll_generation: u64,
+    rdma_bytes: usize,
 }
 
 /// One rank: its group (device, stream, bootstrap) and buffers.
@@ -295,7 +303,16 @@ impl Rank {
     fn new(group: Group) -> Rank {
         Rank {
             group: Arc::new(group),
-            state: Mutex::new(State { ht: None, ht_generation: 0, ht_heap_bytes: 0, ll: None, ll_generation: 0 }),
+            state: Mutex::new(State {
+                ht_mem: None,
+                ht: None,
+                ht_generation: 0,
+                nvl_bytes: 0,
+                ll_mem: None,
+                ll: None,
+                ll_generation: 0,
+                rdma_bytes: 0,
+            }),
         }
     }
 
@@ -353,34 +370,81 @@ impl Rank {
         Array { _owner: owner, ptr, nbytes: nbytes.min(len), cuda: !self.dev().is_cpu() }
     }
 
-    /// Makes sure the HT buffer fits `want`; rebuilds it (collectively) when not.
+    /// Makes sure the HT buffer fits `want`: lays the memory out at the first call (nothing
+    /// collective), again (collectively, no allocation) when a call has larger shapes. The
+    /// channel count is fixed by the first call.
     fn ensure_ht(&self, st: &mut State, want: HtConfig) -> moe_ep::Result<()> {
-        let fits = st.ht.as_ref().is_some_and(|b| {
-            let c = b.config();
+        let old = st.ht.as_ref().map(|b| *b.config());
+        if old.is_some_and(|c| {
             c.num_experts == want.num_experts
                 && c.hidden >= want.hidden
                 && c.num_topk >= want.num_topk
                 && c.num_scales >= want.num_scales
-                && (want.num_channels == 0 || c.num_channels == want.num_channels)
-                && c.heap_bytes == want.heap_bytes
-        });
-        if !fits {
-            let cfg = match st.ht.as_ref().map(|b| *b.config()) {
-                Some(old) if old.num_experts == want.num_experts => HtConfig {
-                    hidden: old.hidden.max(want.hidden),
-                    num_topk: old.num_topk.max(want.num_topk),
-                    num_scales: old.num_scales.max(want.num_scales),
-                    ..want
-                },
-                _ => want,
-            };
-            if st.ht.is_some() {
-                self.quiesce()?;
-                st.ht = None;
-            }
-            st.ht = Some(HtBuffer::new(&self.group, cfg)?);
-            st.ht_generation += 1;
+        }) {
+            return Ok(());
         }
+        // Keep room for what earlier calls needed, and for any top-k when it fits, so that
+        // alternating calls (with and without top-k, bf16 and fp8) keep one layout.
+        let kept = old.filter(|o| o.num_experts == want.num_experts);
+        let exact = HtConfig {
+            hidden: want.hidden.max(kept.map_or(0, |o| o.hidden)),
+            num_topk: want.num_topk.max(kept.map_or(0, |o| o.num_topk)),
+            num_scales: want.num_scales.max(kept.map_or(0, |o| o.num_scales)),
+            num_channels: old.map_or(want.num_channels, |o| o.num_channels),
+            ..want
+        };
+        let roomy = HtConfig { num_topk: MAX_TOPK, ..exact };
+        let ring_bytes = match (&st.ht, &st.ht_mem) {
+            (Some(b), _) => b.ring_bytes(),
+            (None, Some(m)) => m.ring_bytes(),
+            (None, None) => 0,
+        };
+        let cfg = if HtBuffer::bytes_needed(&self.group, &roomy)? <= ring_bytes {
+            roomy
+        } else if HtBuffer::bytes_needed(&self.group, &exact)? <= ring_bytes {
+            exact
+        } else {
+            let need = HtBuffer::bytes_needed(&self.group, &exact)?;
+            return Err(Error::invalid(
+                "num_nvl_bytes",
+                format!(
+                    "Buffer(num_nvl_bytes={}) is too small for HT with hidden {}, top-{} and {} experts: pass at least {need}",
+                    st.nvl_bytes, exact.hidden, exact.num_topk, exact.num_experts
+                ),
+            ));
+        };
+        match (st.ht.as_mut(), st.ht_mem.take()) {
+            (Some(buf), _) => buf.relayout(&self.group, cfg)?,
+            (None, Some(mem)) => st.ht = Some(HtBuffer::in_memory(&self.group, cfg, mem)?),
+            (None, None) => return Err(Error::KernelFault("HT memory missing".into())),
+        }
+        st.ht_generation += 1;
+        Ok(())
+    }
+
+    /// Makes sure the LL buffer is laid out for `cfg` (as `ensure_ht`).
+    fn ensure_ll(&self, st: &mut State, cfg: LlConfig) -> moe_ep::Result<()> {
+        if st.ll.as_ref().is_some_and(|b| *b.config() == cfg) {
+            return Ok(());
+        }
+        let need = LlBuffer::size_hint(self.group.num_ranks(), &cfg);
+        let have = st.ll.as_ref().map_or(st.ll_mem.as_ref().map_or(0, |m| m.len()), |b| b.memory_bytes());
+        if need > have {
+            return Err(Error::invalid(
+                "num_rdma_bytes",
+                format!(
+                    "Buffer(num_rdma_bytes={}) is too small for LL with {} tokens per rank, hidden {} and {} experts: \
+                     pass at least {need} (Buffer.get_low_latency_rdma_size_hint)",
+                    st.rdma_bytes, cfg.max_tokens, cfg.hidden, cfg.num_experts
+                ),
+            ));
+        }
+        match (st.ll.as_mut(), st.ll_mem.take()) {
+            (Some(buf), _) => buf.relayout(&self.group, cfg)?,
+            (None, Some(mem)) => st.ll = Some(LlBuffer::in_memory(&self.group, cfg, mem)?),
+            (None, None) => return Err(Error::KernelFault("LL memory missing".into())),
+        }
+        st.ll_generation += 1;
         Ok(())
     }
 
@@ -404,7 +468,7 @@ impl Rank {
         py.detach(|| -> moe_ep::Result<()> {
             let st = self.lock()?;
             Self::check_generation(st.ll_generation, generation)?;
-            let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+            let buf = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
             let ctx = Ctx { previous: None, async_finish: false, ..ctx };
@@ -459,6 +523,19 @@ impl HtHandleObj {
     /// `[R, R]` int32 (DeepEP's `rank_prefix_matrix`).
     fn rank_prefix_matrix(&self) -> PyResult<Array> {
         self.view(|h| &h.rank_prefix_matrix, 4 * self.num_ranks * self.num_ranks)
+    }
+
+    /// `[R, C + 1]` int32: the first row of each (source rank, channel) in this rank's
+    /// outputs, and each source rank's end.
+    fn channel_prefix_matrix(&self) -> PyResult<Array> {
+        let c = self.handle().py()?.num_channels();
+        self.view(|h| &h.channel_prefix_matrix, 4 * self.num_ranks * (c + 1))
+    }
+
+    /// Channels of the dispatch.
+    #[getter]
+    fn num_channels(&self) -> PyResult<usize> {
+        Ok(self.handle().py()?.num_channels())
     }
 
     /// `[T, R]` bool.
@@ -522,13 +599,60 @@ impl Rank {
         Ok(groups.into_iter().map(Rank::new).collect())
     }
 
-    /// Bytes of the output heap of the HT buffer (0 = none), from the next HT call on.
-    fn set_ht_heap_bytes(&self, py: Python<'_>, bytes: usize) -> PyResult<()> {
+    /// Collective, once (the `Buffer` constructor): allocates the memory of both modes, as
+    /// DeepEP does. HT gets `nvl_bytes`: the rings take what the first call's shapes need and
+    /// the rest is the output heap when `heap_bytes` is None; else the rings may use all of
+    /// it and a heap of `heap_bytes` (0 = none) is allocated beside. LL gets `rdma_bytes`.
+    #[pyo3(signature = (nvl_bytes, heap_bytes, rdma_bytes))]
+    fn allocate(&self, py: Python<'_>, nvl_bytes: usize, heap_bytes: Option<usize>, rdma_bytes: usize) -> PyResult<()> {
         py.detach(|| -> moe_ep::Result<()> {
-            self.lock()?.ht_heap_bytes = bytes;
+            let mut st = self.lock()?;
+            if st.ht.is_some() || st.ht_mem.is_some() || st.ll.is_some() || st.ll_mem.is_some() {
+                return Err(Error::invalid("allocate", "the buffers are allocated already"));
+            }
+            self.group.ranks_on_device()?; // collective the first time: not inside a later call
+            if nvl_bytes > 0 {
+                st.ht_mem = Some(HtMemory::alloc(&self.group, nvl_bytes, heap_bytes)?);
+            }
+            if rdma_bytes > 0 {
+                st.ll_mem = Some(Arc::new(self.group.alloc_symmetric(rdma_bytes, Sharing::Auto)?));
+            }
+            (st.nvl_bytes, st.rdma_bytes) = (nvl_bytes, rdma_bytes);
             Ok(())
         })
         .py()
+    }
+
+    /// This rank's whole HT (`use_rdma_buffer` false) or LL memory from byte `offset`
+    /// (DeepEP's `get_local_buffer_tensor`): bytes, or None when that memory is absent.
+    fn local_buffer(&self, offset: usize, use_rdma_buffer: bool) -> PyResult<Option<Array>> {
+        let st = self.lock().py()?;
+        let local = if use_rdma_buffer {
+            st.ll.as_ref().map(|b| b.memory().clone()).or_else(|| st.ll_mem.clone())
+        } else {
+            st.ht.as_ref().map(|b| b.memory().shared()).or_else(|| st.ht_mem.as_ref().map(|m| m.shared()))
+        };
+        let Some(sym) = local else { return Ok(None) };
+        let len = sym.len();
+        if offset > len {
+            return Err(PyValueError::new_err(format!("offset: {offset} bytes is past the buffer's {len}")));
+        }
+        let ptr = sym.local().ptr() + offset as u64;
+        let owner: Owner = sym;
+        Ok(Some(Array { _owner: owner, ptr, nbytes: len - offset, cuda: !self.dev().is_cpu() }))
+    }
+
+    /// The heap's and the LL memory's sizes: `(rings, heap, ll)` bytes (0 = none).
+    fn memory_bytes(&self) -> PyResult<(usize, usize, usize)> {
+        let st = self.lock().py()?;
+        let rings = st.ht.as_ref().map_or(st.ht_mem.as_ref().map_or(0, |m| m.ring_bytes()), |b| b.ring_bytes());
+        let heap = match (&st.ht, &st.ht_mem) {
+            (Some(b), _) => b.memory().heap().map_or(0, |h| h.capacity() as usize),
+            (None, Some(m)) => m.heap().map_or(0, |h| h.capacity() as usize),
+            (None, None) => 0,
+        };
+        let ll = st.ll.as_ref().map_or(st.ll_mem.as_ref().map_or(0, |m| m.len()), |b| b.memory_bytes());
+        Ok((rings, heap, ll))
     }
 
     /// `nbytes` from the HT buffer's heap for work ordered on `stream`, or None (no HT
@@ -716,7 +840,7 @@ impl Rank {
                 num_channels,
                 warps_per_peer: 0,
                 num_slots: 0,
-                heap_bytes: st.ht_heap_bytes,
+                heap_bytes: 0,
             };
             self.ensure_ht(&mut st, want)?;
             let generation = st.ht_generation;
@@ -885,17 +1009,9 @@ impl Rank {
         let r = self.group.num_ranks();
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            let cfg = LlConfig { num_experts, hidden, max_tokens };
-            if st.ll.as_ref().map(|(_, c)| *c) != Some(cfg) {
-                if st.ll.is_some() {
-                    self.quiesce()?;
-                    st.ll = None;
-                }
-                st.ll = Some((LlBuffer::new(&self.group, cfg)?, cfg));
-                st.ll_generation += 1;
-            }
+            self.ensure_ll(&mut st, LlConfig { num_experts, hidden, max_tokens })?;
             let generation = st.ll_generation;
-            let (buf, _) = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
+            let buf = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
             let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
             self.begin(&ctx)?;
@@ -940,7 +1056,7 @@ impl Rank {
         py.detach(|| -> moe_ep::Result<Array> {
             let st = self.lock()?;
             Self::check_generation(st.ll_generation, generation)?;
-            let (buf, _) = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+            let buf = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
             let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let outs = outs.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
             let view = buf.combine_buffer(&outs.handle);
@@ -982,8 +1098,8 @@ impl Rank {
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
             Self::check_generation(st.ll_generation, generation)?;
-            let (buf, cfg) = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
-            let hidden = cfg.hidden;
+            let buf = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+            let hidden = buf.config().hidden;
             let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let outs = outs.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
             if outs.recv_hook.is_some() {
@@ -1035,11 +1151,10 @@ impl Rank {
     fn destroy(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| -> moe_ep::Result<()> {
             let mut st = self.lock()?;
-            if st.ht.is_some() || st.ll.is_some() {
+            if st.ht.is_some() || st.ll.is_some() || st.ht_mem.is_some() || st.ll_mem.is_some() {
                 self.quiesce()?;
             }
-            st.ht = None;
-            st.ll = None;
+            (st.ht, st.ht_mem, st.ll, st.ll_mem) = (None, None, None, None);
             st.ht_generation += 1;
             st.ll_generation += 1;
             Ok(())

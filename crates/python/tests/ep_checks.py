@@ -138,6 +138,11 @@ def run_in_process(num_ranks, device, backend, body, **buffer_kwargs):
     """`body(buffer, rank, barrier)` on one thread per rank of an in-process group (each
     `Buffer` made with `buffer_kwargs`); returns the results in rank order, re-raising the
     first failure."""
+    # As DeepEP's tests size them: HT rings plus heap, LL buffer for the largest LL case.
+    small = device == "cpu"
+    buffer_kwargs.setdefault("num_nvl_bytes", (64 << 20) if small else int(2e9))
+    buffer_kwargs.setdefault("num_rdma_bytes", moe_ep.Buffer.get_low_latency_rdma_size_hint(
+        32 if small else 128, 1024 if small else 7168, num_ranks, 64 if small else 288))
     groups = moe_ep.Group.in_process(num_ranks, device)
     bar = threading.Barrier(num_ranks, timeout=600)
     results, errors = [None] * num_ranks, [None] * num_ranks

@@ -22,7 +22,7 @@ def main():
     s = box[0]
     tokens = int(os.environ.get("MOE_EP_TEST_TOKENS", "1024"))
     backend = TorchBackend("cuda:0")
-    buf = moe_ep.Buffer(dist.group.WORLD, int(1e9), 0)
+    buf = moe_ep.Buffer(dist.group.WORLD, int(2e9), moe_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, world, 288))
 
     def wait():
         torch.cuda.current_stream().synchronize()

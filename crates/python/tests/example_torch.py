@@ -6,9 +6,10 @@ import moe_ep
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.cuda.set_device(rank % torch.cuda.device_count())
-buffer = moe_ep.Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9))
-
 T, H, E, K = 4096, 7168, 256, 8
+M = 128                                                            # LL tokens per rank at most
+buffer = moe_ep.Buffer(dist.group.WORLD, num_nvl_bytes=int(2e9),   # everything is allocated here
+                       num_rdma_bytes=moe_ep.Buffer.get_low_latency_rdma_size_hint(M, H, world, E))
 x = torch.full((T, H), float(rank), dtype=torch.bfloat16, device="cuda")
 scores = torch.randn(T, E, device="cuda")
 topk_weights, topk_idx = scores.softmax(-1).topk(K, dim=-1)       # topk_idx: moe_ep.topk_idx_t
@@ -23,8 +24,7 @@ combined_x, _, _ = buffer.combine(expert_out, handle)
 # every token comes back once per rank it visited
 assert torch.equal(combined_x.float(), x.float() * is_token_in_rank.sum(1, keepdim=True))
 
-# Low latency (decode): at most 128 tokens per rank, [L, R*128, H] per local expert
-M = 128
+# Low latency (decode): at most M tokens per rank, [L, R*M, H] per local expert
 recv, recv_count, ll_handle, _, hook = buffer.low_latency_dispatch(
     x[:M], topk_idx[:M], M, E, use_fp8=False, return_recv_hook=True)
 hook()                                                             # receive

@@ -224,7 +224,45 @@ def test_ht_and_ll_share_a_buffer_and_a_rebuild_refuses_old_handles():
         cx2, _, _ = buf.combine(rx2, h256)
         return bf16_round(np.float32(2 * (r + 1)))[()], np.unique(cx), np.unique(cx2)
 
-    for want, a, b in run_in_process(R, "cpu", B, body):
+    # The rings may use all of num_nvl_bytes (no heap carved from it): the rebuild always fits.
+    for want, a, b in run_in_process(R, "cpu", B, body, num_heap_bytes=0):
+        assert list(a) == [want] and list(b) == [want]
+
+
+def test_memory_is_allocated_at_construction_and_the_heap_gives_way_only_when_free():
+    """Buffer(num_nvl_bytes) allocates at construction; the first HT call lays the rings out in
+    it and the rest becomes the output heap. A later call that needs larger rings gets them
+    only once no rank holds heap blocks (a ValueError that says so, and the buffer stays
+    usable); a call too large for the whole buffer names the size to pass."""
+    E, K, T = 8, 2, 4
+    idx = np.array([[t % E, (t + 3) % E] for t in range(T)], np.int64)
+    w = np.ones((T, K), np.float32)
+
+    def body(buf, r, wait):
+        rings0, heap0, ll0 = buf.runtime.memory_bytes()
+        assert (rings0, heap0) == (6 << 20, 0) and ll0 == 0  # nothing laid out yet, no LL memory
+        ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idx, E)
+        layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
+        x64 = bf16_round(np.full((T, 64), r + 1, np.float32))
+        rx, _, _, _, h64, _ = buf.dispatch(x64, **layout, topk_idx=idx, topk_weights=w)
+        rings1, heap1, _ = buf.runtime.memory_bytes()
+        assert heap1 > 0 and rings1 == 6 << 20  # (rings can still grow into the heap)
+        big = bf16_round(np.full((T, 4096), r + 1, np.float32))
+        with pytest.raises(ValueError, match="drop earlier dispatch outputs"):
+            buf.dispatch(big, **layout, topk_idx=idx, topk_weights=w)  # rx and h64 hold heap blocks
+        cx, _, _ = buf.combine(rx, h64)  # still usable
+        del rx, h64
+        wait()
+        rx2, _, _, _, h2, _ = buf.dispatch(big, **layout, topk_idx=idx, topk_weights=w)
+        cx2, _, _ = buf.combine(rx2, h2)
+        with pytest.raises(ValueError, match="num_rdma_bytes"):
+            buf.low_latency_dispatch(x64, idx, T, E, use_fp8=False)
+        huge = bf16_round(np.full((T, 16384), r + 1, np.float32))
+        with pytest.raises(ValueError, match=r"pass at least \d+"):
+            buf.dispatch(huge, **layout, topk_idx=idx, topk_weights=w)
+        return bf16_round(np.float32(2 * (r + 1)))[()], np.unique(cx), np.unique(cx2[:, :8])
+
+    for want, a, b in run_in_process(R, "cpu", B, body, num_nvl_bytes=6 << 20, num_rdma_bytes=0):
         assert list(a) == [want] and list(b) == [want]
 
 

@@ -842,7 +842,7 @@ impl Stream {
 
     /// Capturing: through [`Stream::begin_capture`], or (CUDA) by another library on this
     /// stream, e.g. `torch.cuda.graph` on a stream from [`Stream::from_raw`].
-    fn capturing(&self) -> bool {
+    pub fn capturing(&self) -> bool {
         if self.capture.lock().map(|c| c.is_some()).unwrap_or(false) {
             return true;
         }

@@ -53,8 +53,20 @@ def device_of(obj):
     return "cpu"
 
 
-def check(obj, name, device, dtypes, ndim, shape=None):
-    """Checks one input tensor; returns it. `shape` entries of None are free."""
+def is_contiguous(obj):
+    return obj.is_contiguous() if is_torch(obj) else obj.flags["C_CONTIGUOUS"]
+
+
+def contiguous(obj):
+    """A row-major copy (on torch's current stream), or `obj` when it is one already."""
+    if is_contiguous(obj):
+        return obj
+    return obj.contiguous() if is_torch(obj) else np.ascontiguousarray(obj)
+
+
+def check(obj, name, device, dtypes, ndim, shape=None, strided=False):
+    """Checks one input tensor; returns it. `shape` entries of None are free; `strided`
+    accepts any strides (the caller copies)."""
     kind(obj, name)
     dt = dtype_name(obj)
     if dt not in dtypes:
@@ -70,8 +82,7 @@ def check(obj, name, device, dtypes, ndim, shape=None):
     where = device_of(obj)
     if where != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {where}")
-    contiguous = obj.is_contiguous() if is_torch(obj) else obj.flags["C_CONTIGUOUS"]
-    if not contiguous:
+    if not strided and not is_contiguous(obj):
         raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous())")
     return obj
 

@@ -31,10 +31,14 @@ class Config:
         self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
 
     def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
-        """Bytes of the HT buffer for rows of `hidden_bytes` (bf16) with up to 256 experts and
-        top-8. Informational: moe-ep sizes the buffer from the first call's shapes."""
+        """`num_nvl_bytes` for rows of `hidden_bytes` (bf16) with up to 256 experts and any
+        top-k: the rings, plus a heap for the outputs of a dispatch of 4096 tokens per rank
+        (the one-pass path; a smaller heap only means calls that don't fit take the rings)."""
         experts = -(-256 // num_ranks) * num_ranks
-        return _native.ht_size_hint(num_ranks, experts, max(hidden_bytes // 2, 8), 8, self.num_sms // 2, 128)
+        hidden = max(hidden_bytes // 2, 8)
+        rings = _native.ht_size_hint(num_ranks, experts, hidden, 32, self.num_sms // 2, 0)
+        heap = 4096 * num_ranks * (2 * hidden + 4 * (hidden // 128) + 4 + 12 * 8)
+        return rings + heap
 
     def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
         """0: no inter-node HT yet."""
@@ -179,30 +183,79 @@ class LowLatencyCombineOutput(NamedTuple):
     hook: object
 
 
-class HtHandle:
-    """Opaque handle of an HT dispatch (DeepEP's is a 6-tuple); pass it to `combine` or to a
-    cached `dispatch`. Fields are tensors."""
+class HtHandle(tuple):
+    """The handle of an HT dispatch: DeepEP's tuple `(rank_prefix_matrix [R, R],
+    channel_prefix_matrix [R, C], recv_channel_prefix_matrix [R, C + 1], recv_src_idx [N],
+    is_token_in_rank [T, R], send_head [T, R])`, all int32 but `is_token_in_rank` (bool), so
+    `handle[0]` and unpacking work as with DeepEP. Pass it to `combine` or to a cached
+    `dispatch`. C is moe-ep's channel (ring) count, not DeepEP's; `channel_prefix_matrix`
+    (what this rank sends per channel, inclusive prefix) is computed when first read."""
 
-    def __init__(self, native, like, device, recv_src_idx, num_recv_tokens_per_expert):
+    def __new__(cls, native, like, device, recv_src_idx, num_recv_tokens_per_expert):
+        r, t = native.num_ranks, native.num_tokens
+        c = native.num_channels
+        out = lambda a, dt, shape: tz.out(a, like, device, dt, shape)  # noqa: E731
+        items = (out(native.rank_prefix_matrix(), "int32", (r, r)), None,
+                 out(native.channel_prefix_matrix(), "int32", (r, c + 1)), recv_src_idx,
+                 out(native.is_token_in_rank(), "bool", (t, r)), out(native.send_head(), "int32", (t, r)))
+        self = super().__new__(cls, items)
         self._native, self._like, self._device = native, like, device
-        self.recv_src_idx = recv_src_idx  # [rows] int32: source token of each row, -1 on padding
         self.num_recv_tokens_per_expert = num_recv_tokens_per_expert  # [L] int32
         self.num_recv_tokens = native.num_rows
+        self._channel_prefix_matrix = None
+        return self
+
+    def _sender_channel_prefix_matrix(self):
+        # Tokens of channel c are [T*c/C, T*(c+1)/C) (as the kernels split them).
+        if self._channel_prefix_matrix is None:
+            t, c = self._native.num_tokens, self._native.num_channels
+            is_in = tuple.__getitem__(self, 4)
+            ends = [t * (i + 1) // c for i in range(c)]
+            if tz.is_torch(is_in):
+                import torch
+                cum = torch.cat([torch.zeros_like(is_in[:1], dtype=torch.int32), is_in.int().cumsum(0, dtype=torch.int32)])
+                self._channel_prefix_matrix = cum[ends].T.contiguous()
+            else:
+                cum = np.concatenate([np.zeros((1, is_in.shape[1]), np.int32), np.cumsum(is_in, 0, dtype=np.int32)])
+                self._channel_prefix_matrix = np.ascontiguousarray(cum[ends].T)
+        return self._channel_prefix_matrix
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(6)))
+        if i in (1, -5):
+            return self._sender_channel_prefix_matrix()
+        return tuple.__getitem__(self, i)
+
+    def __iter__(self):
+        return (self[i] for i in range(6))
+
+    def __reduce__(self):
+        raise TypeError("a moe_ep HT handle refers to device state and cannot be pickled")
 
     @property
     def rank_prefix_matrix(self):
-        r = self._native.num_ranks
-        return tz.out(self._native.rank_prefix_matrix(), self._like, self._device, "int32", (r, r))
+        return self[0]
+
+    @property
+    def channel_prefix_matrix(self):
+        return self[1]
+
+    @property
+    def recv_channel_prefix_matrix(self):
+        return self[2]
+
+    @property
+    def recv_src_idx(self):
+        return self[3]  # [N] int32: source token of each row, -1 on padding
 
     @property
     def is_token_in_rank(self):
-        shape = (self._native.num_tokens, self._native.num_ranks)
-        return tz.out(self._native.is_token_in_rank(), self._like, self._device, "bool", shape)
+        return self[4]
 
     @property
     def send_head(self):
-        shape = (self._native.num_tokens, self._native.num_ranks)
-        return tz.out(self._native.send_head(), self._like, self._device, "int32", shape)
+        return self[5]
 
 
 class LowLatencyHandle:
@@ -247,16 +300,22 @@ class Buffer:
     (intranode, NVLink) and LL dispatch/combine.
 
     `group`: a `torch.distributed` process group (our handles are all-gathered over it;
-    use the gloo backend when ranks share a GPU), or a `moe_ep.Group`. `num_nvl_bytes`,
-    `num_rdma_bytes`, `low_latency_mode`, `num_qps_per_rank`, `allow_nvlink_for_low_latency_mode`,
-    `allow_mnnvl`, `enable_shrink` are accepted and kept: moe-ep allocates each mode's buffer on
-    its first call, sized by that call's shapes (and both modes may be used on one Buffer).
+    use the gloo backend when ranks share a GPU), or a `moe_ep.Group`. Memory is allocated
+    here, collectively, as DeepEP does: `num_nvl_bytes` for HT, `num_rdma_bytes` for LL
+    (`get_low_latency_rdma_size_hint`). Each mode's memory is laid out at its first call for
+    that call's shapes (no allocation; also inside a CUDA-graph capture), and again —
+    collectively, with a stream synchronisation — if a later call needs larger shapes. A
+    call that does not fit raises `ValueError` naming the byte count to pass.
 
-    `num_heap_bytes` (moe-ep only; default: `$MOE_EP_HT_HEAP_BYTES`, else 0): an output heap
-    for HT. Dispatch outputs that fit are stored into by the senders directly (one pass over
-    the data instead of two); a combine whose `x` and `topk_weights` lie in every rank's heap
-    (a dispatch's `recv_x`/`recv_topk_weights`, or `get_ht_combine_buffer`) pulls the copies
-    straight from there. Outputs that don't fit take the rings, as without a heap.
+    HT's memory holds the rings, and what they leave is an output heap: dispatch outputs
+    that fit are stored into by the senders directly (one pass over the data instead of two);
+    a combine whose `x` and `topk_weights` lie in every rank's heap (a dispatch's
+    `recv_x`/`recv_topk_weights`, or `get_ht_combine_buffer`) pulls the copies straight from
+    there. `num_heap_bytes` (moe-ep only; default `$MOE_EP_HT_HEAP_BYTES`) instead gives the
+    rings all of `num_nvl_bytes` and allocates a heap of that size beside (0: none).
+
+    `low_latency_mode`, `num_qps_per_rank`, `allow_nvlink_for_low_latency_mode`,
+    `allow_mnnvl` are accepted: intranode, every path is NVLink (no NVSHMEM, no QPs).
     """
 
     num_sms: int = 20
@@ -265,14 +324,20 @@ class Buffer:
                  num_qps_per_rank=24, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
                  explicitly_destroy=False, enable_shrink=False, comm=None, num_heap_bytes=None):
         _int(num_nvl_bytes, "num_nvl_bytes", 0)
-        if num_heap_bytes is None:
-            env = os.environ.get("MOE_EP_HT_HEAP_BYTES", "0")
+        _int(num_rdma_bytes, "num_rdma_bytes", 0)
+        if num_heap_bytes is None and "MOE_EP_HT_HEAP_BYTES" in os.environ:
+            env = os.environ["MOE_EP_HT_HEAP_BYTES"]
             try:
                 num_heap_bytes = int(env)
             except ValueError:
                 raise ValueError(f"MOE_EP_HT_HEAP_BYTES: expected a byte count, got {env!r}") from None
-        _int(num_heap_bytes, "num_heap_bytes", 0)
-        _int(num_rdma_bytes, "num_rdma_bytes", 0)
+        if num_heap_bytes is not None:
+            _int(num_heap_bytes, "num_heap_bytes", 0)
+        for v, name in ((low_latency_mode, "low_latency_mode"), (explicitly_destroy, "explicitly_destroy"),
+                        (enable_shrink, "enable_shrink"), (allow_mnnvl, "allow_mnnvl"),
+                        (allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode")):
+            _bool(v, name)
+        _int(num_qps_per_rank, "num_qps_per_rank", 0)
         self.runtime = _native_rank(group, comm)
         self.group = group if group is not None else comm
         self.rank = self.runtime.rank
@@ -282,8 +347,12 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
         self.device = self.runtime.device
+        # Everything is allocated here (collectively), as DeepEP does: no call allocates
+        # collectively later, so the first call may be inside a CUDA-graph capture.
+        self.runtime.allocate(num_nvl_bytes, num_heap_bytes, num_rdma_bytes)
         self.num_heap_bytes = num_heap_bytes
-        self.runtime.set_ht_heap_bytes(num_heap_bytes)
+        self._masked = [False] * self.group_size
+        self._destroyed = False
 
     # ----------------------------------------------------------------------------------- misc
 
@@ -292,6 +361,68 @@ class Buffer:
         if not self.explicitly_destroy:
             raise ValueError("`explicitly_destroy` flag must be set")
         self.runtime.destroy()
+        self._destroyed = True
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        """This rank's raw buffer from element `offset` as a 1-D tensor of `dtype` (or `size`
+        elements viewed as that shape): the HT memory (`num_nvl_bytes`), or the LL memory
+        with `use_rdma_buffer`. Writing into it while ops run corrupts them, as with DeepEP."""
+        import torch
+        _int(offset, "offset", 0)
+        _bool(use_rdma_buffer, "use_rdma_buffer")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        arr = self.runtime.local_buffer(offset * itemsize, use_rdma_buffer)
+        if arr is None:
+            which = "num_rdma_bytes" if use_rdma_buffer else "num_nvl_bytes"
+            raise ValueError(f"use_rdma_buffer={use_rdma_buffer}: this Buffer has no such memory ({which}=0)")
+        raw = torch.as_tensor(arr, device=self.device) if self.device != "cpu" else torch.from_numpy(np.asarray(arr))
+        tensor = raw[: arr.nbytes // itemsize * itemsize].view(dtype)
+        if size is None:
+            return tensor
+        n = 1
+        for d in size:
+            n *= d
+        if tensor.numel() < n:
+            raise ValueError(f"size: {tuple(size)} needs {n} elements, the buffer has {tensor.numel()}")
+        return tensor[:n].view(size)
+
+    # ------------------------------------------------------------------------ rank masking
+
+    def _check_shrink(self):
+        if not self.enable_shrink:
+            raise RuntimeError("rank masking needs Buffer(..., enable_shrink=True)")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        """Marks `rank_to_mask` as masked (`mask=True`) or alive again. Until moe-ep masks dead
+        ranks in its kernels (fault tolerance), an LL call while any rank is masked raises
+        `NotImplementedError` instead of giving results that would differ from DeepEP's."""
+        self._check_shrink()
+        _int(rank_to_mask, "rank_to_mask", 0)
+        _bool(mask, "mask")
+        if rank_to_mask >= self.group_size:
+            raise ValueError(f"rank_to_mask: {rank_to_mask} is not below {self.group_size} ranks")
+        self._masked[rank_to_mask] = mask
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        """Writes each rank's mask (1 = masked) into `mask_status` (`[R]` int32)."""
+        self._check_shrink()
+        tz.check(mask_status, "mask_status", self.device, ("int32",), 1, (self.group_size,))
+        status = [1 if m else 0 for m in self._masked]
+        if tz.is_torch(mask_status):
+            import torch
+            mask_status.copy_(torch.tensor(status, dtype=torch.int32))
+        else:
+            mask_status[:] = status
+
+    def low_latency_clean_mask_buffer(self):
+        """Marks every rank alive."""
+        self._check_shrink()
+        self._masked = [False] * self.group_size
+
+    def _check_unmasked(self):
+        if any(self._masked):
+            dead = [r for r, m in enumerate(self._masked) if m]
+            raise NotImplementedError(f"ranks {dead} are masked: moe-ep cannot leave ranks out of LL ops yet")
 
     @staticmethod
     def is_sm90_compiled():
@@ -402,7 +533,14 @@ class Buffer:
             raise ValueError(f"x: rows of {hidden_bytes} bytes; expected a multiple of 16")
         scales = None
         if fp8:
-            tz.check(x_scales, "x_scales", self.device, ("float32", "int32"), 2, (t, None))
+            # Either layout DeepEP takes: row-major, or column-major (`s.T.contiguous().T`,
+            # what per-token casts for TMA give); the kernels read rows, so copy the latter.
+            tz.check(x_scales, "x_scales", self.device, ("float32", "int32"), 2, (t, None), strided=True)
+            if not tz.is_contiguous(x_scales):
+                if isinstance(previous_event, EventOverlap) and previous_event.event is not None:
+                    previous_event.event.wait(tz.current_stream(self.device))
+                x_scales = tz.contiguous(x_scales)
+                previous_event = None  # the op now follows the current stream (the copy)
             scales = (tz.mem(x_scales), x_scales.shape[1])
         _int(expert_alignment, "expert_alignment", 1)
         _int(num_worst_tokens, "num_worst_tokens", 0)
@@ -516,6 +654,7 @@ class Buffer:
         bfloat16, or with `use_fp8` a pair (`[L, R*M, H]` float8_e4m3fn, scales `[L, R*M, H/128]`
         float32, or `[L, R*M, H/512]` int32 with `use_ue8m0`; column-major views as DeepEP's).
         `hook` (with `return_recv_hook`) receives; call it before using the outputs."""
+        self._check_unmasked()
         like = tz.kind(x, "x")
         tz.check(x, "x", self.device, ("bfloat16",), 2)
         t, hidden = x.shape
@@ -584,6 +723,7 @@ class Buffer:
                             f"{type(handle).__name__}")
         for v, name in ((use_logfmt, "use_logfmt"), (zero_copy, "zero_copy"), (return_recv_hook, "return_recv_hook")):
             _bool(v, name)
+        self._check_unmasked()
         like = tz.kind(x, "x")
         r, m, hidden = self.group_size, handle.num_max_dispatch_tokens_per_rank, handle.hidden
         l = handle.num_experts // r
