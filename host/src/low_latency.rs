@@ -370,19 +370,44 @@ impl LlBuffer {
         opts: LlDispatchOptions,
     ) -> Result<LlDispatchOutputs> {
         let s = group.stream();
-        let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
+        let (l, r) = (self.layout.num_local_experts as usize, group.num_ranks());
+        // The set advances only once the call is launched (errors leave it).
+        let small = [s.alloc(4 * l)?, s.alloc(8 * l * r)?, s.alloc(8)?];
+        self.dispatch_with(group, x, num_tokens, topk_idx, idx, num_topk, opts, small)
+    }
+
+    /// [`LlBuffer::dispatch`] with the small outputs in the caller's memory:
+    /// `packed_recv_count` (`[L]` i32), `packed_recv_layout_range` (`[L, R]` i64) and `epoch`
+    /// (8 bytes, zeroed). Nothing is allocated, so a graph capture that owns the memory
+    /// (e.g. torch's, through `torch.cuda.graph`) can hold the call; the rows are views into
+    /// the buffer as always.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_with(
+        &mut self,
+        group: &Group,
+        x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        num_topk: usize,
+        opts: LlDispatchOptions,
+        [packed_recv_count, packed_recv_layout_range, epoch]: [DeviceBuffer; 3],
+    ) -> Result<LlDispatchOutputs> {
+        if epoch.len() < 8 || !epoch.ptr().is_multiple_of(8) {
+            return Err(Error::invalid("epoch", "8 bytes (8-aligned) needed"));
+        }
+        let (l, h) = (self.layout.num_local_experts as usize, self.cfg.hidden);
         let rows = l * self.layout.rows_per_expert() as usize;
         let x_bytes = if opts.use_fp8 { h } else { 2 * h };
-        let set = self.next_set; // advanced only once the call is launched (errors leave it)
-        let lay = self.layout;
+        let (set, lay) = (self.next_set, self.layout);
         let mut out = LlDispatchOutputs {
             packed_recv_x: self.view(set, lay.recv_x, rows * x_bytes),
             packed_recv_x_scales: opts.use_fp8.then(|| self.view(set, lay.recv_scales, rows * (h / 128) * 4)),
-            packed_recv_count: s.alloc(4 * l)?,
+            packed_recv_count,
             handle: LlHandle {
                 packed_recv_src_info: self.view(set, lay.recv_src_info, rows * 4),
-                packed_recv_layout_range: s.alloc(8 * l * r)?,
-                epoch: s.alloc(8)?,
+                packed_recv_layout_range,
+                epoch,
                 set,
             },
             recv_hook: None,

@@ -112,7 +112,10 @@ struct Guarded<T> {
 
 impl<T> Drop for Guarded<T> {
     fn drop(&mut self) {
+        // While the consumer captures a graph, its work runs only at replays: there is
+        // nothing to wait for now (and a wait would pull the rank's stream into the capture).
         if let Some((consumer, group)) = &self.release_after
+            && !consumer.capturing()
             && let Ok(ev) = consumer.record_event()
         {
             // Errors here can't be reported (a destructor); the driver keeps its state.
@@ -171,6 +174,12 @@ impl Array {
     #[getter]
     fn nbytes(&self) -> usize {
         self.nbytes
+    }
+
+    /// Address of the first byte.
+    #[getter]
+    fn ptr(&self) -> u64 {
+        self.ptr
     }
 }
 
@@ -561,6 +570,12 @@ struct LlDispatchObj {
 
 #[pymethods]
 impl LlDispatchObj {
+    /// The layout generation of the LL buffer the outputs are views into.
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// `(packed_recv_x, packed_recv_x_scales or None, packed_recv_count, packed_recv_src_info,
     /// packed_recv_layout_range)` as byte arrays.
     fn arrays(&self) -> Vec<Option<Array>> {
@@ -983,7 +998,7 @@ impl Rank {
     /// LL dispatch: `(dispatch object, event)`; `send_only` leaves the receive to
     /// `ll_complete_dispatch`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, stream, previous_event, async_finish))]
+    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, small, stream, previous_event, async_finish))]
     fn ll_dispatch(
         &self,
         py: Python<'_>,
@@ -999,6 +1014,7 @@ impl Rank {
         round_scale: bool,
         use_ue8m0: bool,
         send_only: bool,
+        small: Option<(Mem, Mem, Mem)>,
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
@@ -1015,7 +1031,14 @@ impl Rank {
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
             let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
             self.begin(&ctx)?;
-            let out = buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts)?;
+            let out = match small {
+                // The caller's memory for the counts, ranges and epoch (graph-capturable).
+                Some((c, lr, e)) => {
+                    let small = [borrow(&dev, c), borrow(&dev, lr), borrow(&dev, e)];
+                    buf.dispatch_with(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, small)?
+                }
+                None => buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts)?,
+            };
             let ev = self.finish(&ctx, "ll_dispatch")?;
             let l = num_experts / r;
             let rows = l * r * max_tokens;

@@ -614,3 +614,51 @@ def ll_body(case, backend, rounds=2):
         return True
 
     return body
+
+
+def ll_graph_body(case, backend, replays=100):
+    """LL dispatch + combine captured by `torch.cuda.graph` (with and without receive hooks)
+    and replayed `replays` times: after every replay, with the outputs poisoned before it,
+    the counts and the combined rows equal the reference bit for bit (bf16)."""
+    B, E, H, M = backend, case.E, case.H, case.M
+    torch = B.torch
+
+    def body(buf, r, wait):
+        x, idx, w = B.put(case.x[r], "bfloat16"), B.put(case.idx[r], "int64"), B.put(case.w[r], "float32")
+        ref_count, want = torch.from_numpy(case.ref[r]["count"]).to(B.device), B.put(case.combined[r], "bfloat16")
+        for hooks in (False, True):
+            def step():
+                recv, count, handle, _, hook = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False,
+                                                                        return_recv_hook=hooks)
+                if hook is not None:
+                    hook()
+                out, _, chook = buf.low_latency_combine(recv, idx, w, handle, return_recv_hook=hooks)
+                if chook is not None:
+                    chook()
+                return count, out
+
+            B.sync()
+            wait()
+            step()  # eager warm-up (torch's advice before a capture)
+            B.sync()
+            wait()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                count, out = step()
+            B.sync()
+            wait()
+            for i in range(replays):
+                count.fill_(-1)
+                out.fill_(float("nan"))
+                graph.replay()
+                if i % 10 == 9 or i == replays - 1:
+                    B.sync()
+                    assert torch.equal(count, ref_count), f"rank {r} hooks={hooks} replay {i}: recv_count"
+                    assert torch.equal(out.view(torch.int16), want.view(torch.int16)), \
+                        f"rank {r} hooks={hooks} replay {i}: combined_x"
+            B.sync()
+            wait()
+            del graph
+        return True
+
+    return body

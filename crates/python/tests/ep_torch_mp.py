@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ep
-from ep_checks import HtCase, LlCase, TorchBackend, ht_body, ll_body, seed
+from ep_checks import HtCase, LlCase, TorchBackend, ht_body, ll_body, ll_graph_body, seed
 
 
 def main():
@@ -34,6 +34,7 @@ def main():
         ("intranode-2880-top16", lambda: ht_body(HtCase(s + 1, world, 128, 16, 2880, tokens // 4, empty_rank=1),
                                                  backend, reruns=1)),
         ("low-latency", lambda: ll_body(LlCase(s + 2, world, 288, 8, 7168, 128), backend, rounds=3)),
+        ("low-latency torch.cuda.graph x100", lambda: ll_graph_body(LlCase(s + 3, world, 288, 8, 7168, 128), backend)),
     ]
     for name, make in checks:
         try:

@@ -353,6 +353,7 @@ class Buffer:
         self.num_heap_bytes = num_heap_bytes
         self._masked = [False] * self.group_size
         self._destroyed = False
+        self._ll_views = {}
 
     # ----------------------------------------------------------------------------------- misc
 
@@ -461,8 +462,10 @@ class Buffer:
 
     def get_comm_stream(self):
         """The rank's own stream (DeepEP's comm stream) as a `torch.cuda.ExternalStream`."""
-        import torch
-        return torch.cuda.ExternalStream(self.runtime.comm_stream, device=torch.device(self.device))
+        if getattr(self, "_comm_stream", None) is None:
+            import torch
+            self._comm_stream = torch.cuda.ExternalStream(self.runtime.comm_stream, device=torch.device(self.device))
+        return self._comm_stream
 
     # ------------------------------------------------------------------------------ internals
 
@@ -477,6 +480,16 @@ class Buffer:
         # allocate_on_comm_stream: outputs always come from the comm stream's pool and are
         # released after the caller's stream is done with them, so the flag changes nothing.
         return (tz.current_stream(self.device), ev, async_finish)
+
+    def _keep_for_comm(self, tensors):
+        """Tensors of torch's current stream that the comm stream writes: their memory is not
+        reused before the comm stream is done (DeepEP's `record_stream`)."""
+        torch = sys.modules.get("torch")
+        if self.device == "cpu" or torch is None or torch.cuda.is_current_stream_capturing():
+            return
+        comm = self.get_comm_stream()
+        for t in tensors:
+            t.record_stream(comm)
 
     def _event(self, ev, inputs):
         return EventOverlap(ev, inputs if ev is not None else None, self.device)
@@ -677,11 +690,37 @@ class Buffer:
                 raise ValueError("cumulative_local_expert_recv_stats: not supported with async_finish")
         k = topk_idx.shape[1]
         idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
+        # torch tensors hold the counts, ranges and epoch (so a torch.cuda.graph capture owns
+        # their memory and replays write the same tensors); numpy callers get native memory.
+        small = None
+        if like == "torch":  # one allocation: [L*R] ranges, [1] epoch, [L] counts (as int64 halves)
+            words = tz.empty(like, self.device, "int64", (l * r + 1 + (l + 1) // 2,))
+            small = (words[l * r + 1:].view(dtype_torch("int32"))[:l], words[:l * r].view(l, r), words[l * r:l * r + 1])
+            self._keep_for_comm((words,))
         d, ev = self.runtime.ll_dispatch(tz.mem(x), t, hidden, tz.mem(topk_idx), idx_bytes, k, m, num_experts,
                                          use_fp8, round_scale, use_ue8m0, return_recv_hook,
+                                         tuple(tz.mem(a) for a in small) if small else None,
                                          *self._ctx(None, async_finish, False))
         rx, rs, count, src_info, layout_range = d.arrays()
-        out = lambda a, dt, shape: tz.out(a, like, self.device, dt, shape)  # noqa: E731
+        views = self._ll_views
+        gen = d.generation
+
+        def out(a, dt, shape):
+            # The rows, scales and source indices are views into the buffer's two sets: made
+            # once per address and shape (making a tensor costs more than the kernel at 1 token).
+            if tz.is_torch(a):
+                return a
+            key = (gen, a.ptr, dt, shape)
+            v = views.get(key)
+            if v is None:
+                v = tz.out(a, like, self.device, dt, shape)
+                if len(views) > 64:
+                    views.clear()
+                views[key] = v
+            return v
+
+        if small:
+            count, layout_range = small[0], small[1]
         rows = r * m
         recv_x = out(rx, "float8_e4m3fn" if use_fp8 else "bfloat16", (l, rows, hidden))
         if use_fp8:
@@ -692,6 +731,7 @@ class Buffer:
         recv_count = out(count, "int32", (l,))
         handle = LowLatencyHandle(d, out(src_info, "int32", (l, rows)), out(layout_range, "int64", (l, r)),
                                   m, hidden, num_experts)
+        handle._epoch = small[2] if small else None
         stats = cumulative_local_expert_recv_stats
 
         def add_stats():  # in place on the caller's tensor, after the receive
@@ -733,6 +773,9 @@ class Buffer:
         tz.check(topk_weights, "topk_weights", self.device, ("float32",), 2, (t, k))
         if out is not None:
             tz.check(out, "out", self.device, ("bfloat16",), 2, (t, hidden))
+        elif like == "torch":
+            out = tz.empty(like, self.device, "bfloat16", (t, hidden))  # (graph-capturable: torch's memory)
+            self._keep_for_comm((out,))
         idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
         cx, pending, ev = self.runtime.ll_combine(handle._native, tz.mem(x), t, tz.mem(topk_idx), idx_bytes,
                                                   tz.mem(topk_weights), k, tz.mem(out), return_recv_hook,
@@ -771,6 +814,11 @@ class Buffer:
         shape = (handle.num_experts // r, r * handle.num_max_dispatch_tokens_per_rank, handle.hidden)
         arr = self.runtime.ll_combine_buffer(handle._native, tz.current_stream(self.device))
         return tz.out(arr, like, self.device, "bfloat16", shape)
+
+
+def dtype_torch(name):
+    import torch
+    return getattr(torch, name)
 
 
 def dtype_of(fp8):
