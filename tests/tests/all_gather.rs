@@ -44,6 +44,14 @@ fn all_gather_default_sharing_many_calls() {
     round_trip(Sharing::Auto, 1000, 5);
 }
 
+/// Blocks as large as the old demo's (64 KiB on the emulator, 16 MiB on a GPU), so every
+/// thread stores many 16-byte chunks of each block in each call.
+#[test]
+fn all_gather_large_blocks_on_every_rank() {
+    let words = if device().is_cpu() { 16 << 10 } else { 4 << 20 };
+    round_trip(Sharing::Auto, words, 3);
+}
+
 #[test]
 fn all_gather_through_shareable_fd_memory() {
     round_trip(Sharing::Fd, 256, 3);
