@@ -13,7 +13,29 @@ type Bench = (&'static str, &'static str, fn(&[String]) -> Result);
 const BENCHES: &[Bench] = &[
     ("ht", "HT intranode dispatch (bf16, fp8) and combine; see crates/bench/src/bin/ht.rs", ht),
     ("ll", "LL dispatch (bf16, fp8) and combine, graph-replayed; see crates/bench/src/bin/ll.rs", ll),
+    ("py", "the Python Buffer timed DeepEP's way (one process per rank); see tests/gpu/bench_py.py", py),
 ];
+
+/// `cargo xtask bench py [--procs N]`: builds and installs the wheel into target/python-site
+/// as `cargo xtask test` does, then runs tests/gpu/bench_py.sh (needs a GPU, torch, and MPS
+/// when the processes share a GPU).
+fn py(args: &[String]) -> Result {
+    let root = crate::root();
+    let site = crate::ci::install_wheel()?;
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let status = std::process::Command::new("bash")
+        .arg(root.join("tests/gpu/bench_py.sh"))
+        .arg(&out)
+        .args(args)
+        .env("MOE_EP_PYTHON_SITE", &site)
+        .status()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    if !status.success() {
+        return Err(format!("bench py failed: {status}"));
+    }
+    Ok(())
+}
 
 /// `cargo xtask bench ht [args]`.
 fn ht(args: &[String]) -> Result {

@@ -179,12 +179,30 @@ fn copy_gpu_scripts(out: &Path) -> Result<Vec<String>> {
             return Err(format!("gpu-bundle: tests/gpu/{name}: rename it (run.sh and unusual names are not allowed)"));
         }
         fs::copy(&path, out.join(&name)).map_err(|e| format!("copying {}: {e}", path.display()))?;
-        if is_sh {
-            scripts.push(name);
+        if is_sh && !name.starts_with("bench") {
+            scripts.push(name); // a test script (benchmarks run from bench.sh)
         }
     }
     scripts.sort();
+    // deepep_programs.sh's stand-in `deep_ep` package (Python files, one level of folders).
+    copy_py_tree(&dir.join("deepep_shim"), &out.join("deepep_shim"))?;
     Ok(scripts)
+}
+
+/// Copies the `.py` files under `from` (recursively) to `to`.
+fn copy_py_tree(from: &Path, to: &Path) -> Result {
+    let Ok(entries) = fs::read_dir(from) else { return Ok(()) };
+    fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    for e in entries {
+        let path = e.map_err(|e| e.to_string())?.path();
+        let name = path.file_name().unwrap_or_default().to_owned();
+        if path.is_dir() {
+            copy_py_tree(&path, &to.join(&name))?;
+        } else if path.extension().is_some_and(|x| x == "py") {
+            fs::copy(&path, to.join(&name)).map_err(|e| format!("copying {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The Python package for tests/gpu/python_torch.sh: the abi3 wheel (release, stripped; any
@@ -272,6 +290,8 @@ for b in ht ll; do
     tee "$out/bench_$b.log"
 done
 python3 plot_bench.py "$out/bench.csv" "$out" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+echo "=== py (DeepEP's timing loop, one process per rank)"
+./bench_py.sh "$out" 2>&1 | tee "$out/bench_py.log"
 "#;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash

@@ -85,6 +85,15 @@ fn python_steps() -> Vec<Step> {
     })]
 }
 
+/// Builds the release wheel and installs it into target/python-site-bench; returns that folder.
+pub fn install_wheel() -> Result<std::path::PathBuf> {
+    let wheel = build_wheel(&crate::root().join("target/wheels-bench"), true)?;
+    let site = crate::root().join("target/python-site-bench");
+    let _ = std::fs::remove_dir_all(&site);
+    run_cmd(python().args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"]).arg(&site).arg(&wheel))?;
+    Ok(site)
+}
+
 /// `python3` (or `$PYTHON`), run from the workspace root.
 pub fn python() -> std::process::Command {
     let mut cmd = std::process::Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()));
