@@ -16,7 +16,7 @@
 use moe_ep::bootstrap::{Bootstrap, TcpBootstrap, UniqueId as RsUniqueId, default_timeout};
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs, HtHandle};
 use moe_ep::layout::{DispatchLayout, IndexType, get_dispatch_layout};
-use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs};
+use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
 use moe_ep::{Device, DeviceBuffer, Error, Event, Group, Stream};
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -899,7 +899,7 @@ impl Rank {
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
             let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
             self.begin(&ctx)?;
-            let out = buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts)?;
+            let out = buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, LlStats::default())?;
             let ev = self.finish(&ctx, "ll_dispatch")?;
             let l = num_experts / r;
             let rows = l * r * max_tokens;
@@ -1005,10 +1005,22 @@ impl Rank {
                         &wb,
                         num_topk,
                         send_only,
+                        LlStats::default(),
                     )?;
                     LlCombineOutputs { combined_x: target, recv_hook: hook }
                 }
-                None => buf.combine(&self.group, &outs.handle, &xb, num_tokens, &ib, ty, &wb, num_topk, send_only)?,
+                None => buf.combine(
+                    &self.group,
+                    &outs.handle,
+                    &xb,
+                    num_tokens,
+                    &ib,
+                    ty,
+                    &wb,
+                    num_topk,
+                    send_only,
+                    LlStats::default(),
+                )?,
             };
             let ev = self.finish(&ctx, "ll_combine")?;
             let (ptr, len) = (combined.combined_x.ptr(), combined.combined_x.len());
