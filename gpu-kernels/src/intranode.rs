@@ -168,7 +168,7 @@ unsafe fn barrier(p: &HtNotifyParams, l: &HtLayout, which: u64, site: u32) -> bo
 kernel! {
     /// Count exchange before an HT dispatch (see the module docs). One block, >= `R` threads,
     /// `C * R <= 1024`.
-    pub unsafe fn ht_notify(p: HtNotifyParams) as HT_NOTIFY {
+    pub unsafe fn ht_notify(p: HtNotifyParams) as HT_NOTIFY = "_ZN6moe_ep9intranode6notifyEv", {
         let t = dev::thread_idx_x();
         let bd = dev::block_dim_x();
         let (r, c_count) = (p.num_ranks, p.num_channels);
@@ -618,7 +618,7 @@ unsafe fn dispatch_send(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u
 
 kernel! {
     /// HT dispatch (see the module docs).
-    pub unsafe fn ht_dispatch(p: HtDispatchParams) as HT_DISPATCH {
+    pub unsafe fn ht_dispatch(p: HtDispatchParams) as HT_DISPATCH = "_ZN6moe_ep9intranode8dispatchEv", {
         let lane = dev::lane_id();
         let r = p.num_ranks;
         let (channel, peer, w_per) = channel_and_peer(r);
@@ -1132,7 +1132,7 @@ unsafe fn combine_done(p: &HtCombineParams, l: &HtLayout) -> bool {
 
 kernel! {
     /// HT combine (see the module docs).
-    pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE {
+    pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE = "_ZN6moe_ep9intranode7combineEv", {
         let l = HtLayout::new(p.num_ranks, p.num_channels, p.num_slots, p.num_local_experts, p.dispatch_slot_bytes, p.slot_bytes);
         // SAFETY: the host sized every buffer for this layout and these parameters.
         unsafe {

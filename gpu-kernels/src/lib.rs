@@ -22,8 +22,12 @@ pub use moe_ep_abi as abi;
 /// plain function for the emulator.
 #[cfg(not(target_arch = "nvptx64"))]
 pub struct Kernel<P: 'static> {
-    /// Entry name in the PTX module.
+    /// The kernel's name (in errors and docs).
     pub name: &'static str,
+    /// Its entry in the PTX module: the name, or for the dispatch/combine kernels an
+    /// Itanium-mangled `moe_ep::<mode>::<op>()`, which profilers demangle, so that tools
+    /// written for DeepEP (`'::dispatch' in kernel_name`) find them.
+    pub symbol: &'static str,
     /// The kernel body, called once per emulated thread.
     pub cpu: unsafe fn(P),
 }
@@ -33,8 +37,11 @@ pub struct Kernel<P: 'static> {
 /// [`Kernel`] descriptor constant elsewhere.
 macro_rules! kernel {
     ($(#[$m:meta])* pub unsafe fn $name:ident($p:ident: $ty:ty) as $desc:ident $body:block) => {
+        kernel! { $(#[$m])* pub unsafe fn $name($p: $ty) as $desc = stringify!($name), $body }
+    };
+    ($(#[$m:meta])* pub unsafe fn $name:ident($p:ident: $ty:ty) as $desc:ident = $sym:expr, $body:block) => {
         #[cfg(target_arch = "nvptx64")]
-        #[unsafe(no_mangle)]
+        #[unsafe(export_name = $sym)]
         $(#[$m])*
         pub unsafe extern "ptx-kernel" fn $name($p: $ty) $body
 
@@ -48,7 +55,7 @@ macro_rules! kernel {
 
         #[cfg(not(target_arch = "nvptx64"))]
         #[doc = concat!("Descriptor of [`", stringify!($name), "`].")]
-        pub const $desc: $crate::Kernel<$ty> = $crate::Kernel { name: stringify!($name), cpu: $name };
+        pub const $desc: $crate::Kernel<$ty> = $crate::Kernel { name: stringify!($name), symbol: $sym, cpu: $name };
     };
 }
 

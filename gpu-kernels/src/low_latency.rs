@@ -41,6 +41,10 @@
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
 //! (the host hands back a hook); the receive launch comes later, so no SM waits meanwhile.
 //! Waits time out into the error slot at the `SITE_*` sites.
+//! Statistics (DeepEP's, each optional): the expert-major dispatch's receive adds every
+//! local expert's count to `cumulative_local_expert_recv_stats`; both receives add each
+//! flag wait's `%clock64` cycles to the waited-for rank's `*_wait_recv_cost_stats` entry
+//! (dispatch: one wait per local expert and source; combine: block 0's, one per owner).
 use crate::abi::{
     ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE,
     LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
@@ -368,7 +372,7 @@ unsafe fn reserve(p: &LlParams, l: &LlLayout, e: u32, n: u32, prev: u64) -> bool
 
 kernel! {
     /// LL dispatch, expert-major (see the module docs).
-    pub unsafe fn ll_dispatch(p: LlParams) as LL_DISPATCH {
+    pub unsafe fn ll_dispatch(p: LlParams) as LL_DISPATCH = "_ZN6moe_ep11low_latency8dispatchEv", {
         let mut p = p;
         let new_call = p.phases & LL_SEND != 0;
         // SAFETY: the epoch words come from the host's LlBuffer.
@@ -536,11 +540,16 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
 
 /// Dispatch's receive half: a block per local expert waits for every source's flag, then
 /// outputs the ranges and the count and readies the receive counter for the set's next use.
+/// Statistics (each optional): the count is added to the expert's
+/// `cumulative_local_expert_recv_stats` entry, and each wait's `%clock64` cycles (from its
+/// start until the source's flag was seen) to the source's `dispatch_wait_recv_cost_stats`.
 #[inline(always)]
 unsafe fn dispatch_recv(p: &LlParams, l: &LlLayout) {
     let (r, num_local) = (p.num_ranks, l.num_local_experts as u32);
     let (tid, bd) = (dev::thread_idx_x(), dev::block_dim_x());
-    // SAFETY: as in ll_dispatch; `total` is static shared memory.
+    let wait_stats = p.dispatch_wait_recv_cost_stats as *mut u64;
+    // SAFETY: as in ll_dispatch; `total` is static shared memory; the statistics hold [L]
+    // i32 and [R] i64 (the host checked).
     unsafe {
         let local = base_of(p, p.rank, l);
         let total: *mut u32 = dev::static_smem();
@@ -555,9 +564,13 @@ unsafe fn dispatch_recv(p: &LlParams, l: &LlLayout) {
             while src < r {
                 let meta = local + l.dispatch_flags + (le as u64 * l.num_ranks + src as u64) * 16;
                 let flag = (meta + 8) as *const u64;
+                let start = dev::clock64();
                 if dev::wait_at_least(dev::waiting!(p, src, SITE_LL_DISPATCH_RECV), flag, p.epoch, |v| v).is_none() {
                     failed = true;
                     break;
+                }
+                if !wait_stats.is_null() {
+                    dev::red_add_relaxed_gpu_u64(wait_stats.add(src as usize), dev::clock64().wrapping_sub(start));
                 }
                 let range = dev::ld_relaxed_sys_u64(meta as *const u64);
                 *(p.packed_recv_layout_range as *mut i64).add((le * r + src) as usize) = range as i64;
@@ -569,6 +582,10 @@ unsafe fn dispatch_recv(p: &LlParams, l: &LlLayout) {
             }
             if tid == 0 {
                 *(p.packed_recv_count as *mut i32).add(le as usize) = *total as i32;
+                if p.cumulative_local_expert_recv_stats != 0 {
+                    let stat = (p.cumulative_local_expert_recv_stats as *mut u32).add(le as usize);
+                    dev::atom_add_relaxed_gpu_u32(stat, *total); // i32 += count (two's complement)
+                }
                 // Every source has reserved (its flag came after): zero for the set's next use.
                 dev::st_relaxed_sys_u32((local + l.recv_counters + le as u64 * 4) as *mut u32, 0);
             }
@@ -580,7 +597,7 @@ unsafe fn dispatch_recv(p: &LlParams, l: &LlLayout) {
 
 kernel! {
     /// LL combine (see the module docs).
-    pub unsafe fn ll_combine(p: LlParams) as LL_COMBINE {
+    pub unsafe fn ll_combine(p: LlParams) as LL_COMBINE = "_ZN6moe_ep11low_latency7combineEv", {
         let mut p = p;
         // SAFETY: as in ll_dispatch; a combine reuses its dispatch's epoch.
         unsafe { resolve_epoch(&mut p, false) };
@@ -663,17 +680,25 @@ kernel! {
                 return;
             }
             // Every expert owner's rows ready for this rank? `pulled[r]`: read them at rank r.
+            // Block 0's wait cycles for each owner go to the owner's optional wait-cost entry
+            // (`[R]` i64, host-checked; every block waits for the same flags at once: one
+            // measure per combine).
             let pulled: *mut u8 = dev::static_smem();
+            let wait_stats = if dev::block_idx_x() == 0 { p.combine_wait_recv_cost_stats } else { 0 } as *mut u64;
             let mut failed = false;
             let mut r = dev::thread_idx_x();
             while r < p.num_ranks {
                 let flag = (local + l.combine_flags + r as u64 * 8) as *const u64;
+                let start = dev::clock64();
                 match dev::wait_at_least(dev::waiting!(p, r, SITE_LL_COMBINE_RECV), flag, p.epoch << 1, |v| v) {
                     Some(seen) => *pulled.add(r as usize) = (seen & 1) as u8,
                     None => {
                         failed = true;
                         break;
                     }
+                }
+                if !wait_stats.is_null() {
+                    dev::red_add_relaxed_gpu_u64(wait_stats.add(r as usize), dev::clock64().wrapping_sub(start));
                 }
                 r += dev::block_dim_x();
             }

@@ -13,7 +13,7 @@
 //!     cargo xtask demo -- --ranks 2 --tokens 128 --ll-tokens 32 --hidden 512
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs, HtDispatchOutputs};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
-use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlDispatchOutputs};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
 use moe_ep::reference::{self, HtRecv, LayoutRange, LlRecv, Routing, f32_to_bf16};
 use moe_ep::{Device, DeviceBuffer, Group, Stream};
 use std::process::ExitCode;
@@ -329,7 +329,8 @@ fn run_ll(group: &Group, s: &Sizes, input: &Tokens, want: &Expected) -> moe_ep::
     let (mut dispatch, mut combine) = (OpRun::new(rows_bytes), OpRun::new(rows_bytes));
     for call in 0..s.warm_up_calls + s.timed_calls {
         let bf16 = LlDispatchOptions::default(); // no fp8 cast, both halves in one call
-        let (out, dispatch_us) = timed(group, || buf.dispatch(group, &x, t, &topk_idx, IndexType::I64, k, bf16))?;
+        let (out, dispatch_us) =
+            timed(group, || buf.dispatch(group, &x, t, &topk_idx, IndexType::I64, k, bf16, LlStats::default()))?;
         group.take_device_error("ll_dispatch")?;
         dispatch.matched &= ll_dispatch_matches(stream, &out, &want.ll_dispatch, group.num_ranks(), t, h)?;
         // Identity experts writing their outputs into the zero-copy buffer, where the
@@ -337,7 +338,18 @@ fn run_ll(group: &Group, s: &Sizes, input: &Tokens, want: &Expected) -> moe_ep::
         let y = buf.combine_buffer(&out.handle);
         y.copy_from_async(stream, &out.packed_recv_x, y.len())?;
         let (combined, combine_us) = timed(group, || {
-            buf.combine(group, &out.handle, &y, t, &topk_idx, IndexType::I64, &topk_weights, k, false)
+            buf.combine(
+                group,
+                &out.handle,
+                &y,
+                t,
+                &topk_idx,
+                IndexType::I64,
+                &topk_weights,
+                k,
+                false,
+                LlStats::default(),
+            )
         })?;
         group.take_device_error("ll_combine")?;
         combine.matched &= combined.combined_x.to_vec::<u16>(stream)?[..t * h] == want.ll_combined[..];

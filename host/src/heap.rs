@@ -32,6 +32,9 @@ use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::{Error, Result};
 use std::sync::{Arc, Mutex};
 
+/// The longest [`SymHeap::alloc_waiting`] waits for a block to come back.
+const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Block sizes and offsets are multiples of this (the CUDA allocator's own alignment, so
 /// vector loads and TMA work on any block).
 pub const HEAP_ALIGN: u64 = 256;
@@ -93,7 +96,17 @@ impl SymHeap {
                 // The oldest block given back: waiting for it can't deadlock, as its event
                 // follows only work that every rank has queued already.
                 match blocks.pending.first().map(|p| &p.2) {
-                    Some(Some(event)) if wait => event.synchronize().ok()?,
+                    // Polled, not cuEventSynchronize: ranks that are threads of one process
+                    // must keep launching meanwhile (the event may wait for their kernels).
+                    Some(Some(event)) if wait => {
+                        let start = std::time::Instant::now();
+                        while !event.is_complete().ok()? {
+                            if start.elapsed() > WAIT_LIMIT {
+                                return None; // the caller takes its other path
+                            }
+                            std::thread::sleep(std::time::Duration::from_micros(20));
+                        }
+                    }
                     _ => return None,
                 }
             }

@@ -912,7 +912,7 @@ mod tests {
     #[test]
     fn shipped_ptx_bounds_ht_blocks_at_the_host_limit() {
         let want = format!(".maxntid {}, 1, 1", 32 * moe_ep_abi::HT_MAX_BLOCK_WARPS);
-        for kernel in ["ht_dispatch", "ht_combine"] {
+        for kernel in [super::HT_DISPATCH.symbol, super::HT_COMBINE.symbol] {
             let entry = crate::device::PTX.find(&format!(".entry {kernel}(")).expect("kernel in the PTX");
             let params_end = entry + crate::device::PTX[entry..].find("\n)\n").expect("parameter list") + 3;
             let next = crate::device::PTX[params_end..].lines().next();

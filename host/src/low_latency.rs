@@ -48,6 +48,41 @@ pub struct LlDispatchOptions {
     pub use_ue8m0: bool,
 }
 
+/// DeepEP's optional LL statistics (`low_latency_dispatch`'s
+/// `cumulative_local_expert_recv_stats` and `dispatch_wait_recv_cost_stats`,
+/// `low_latency_combine`'s `combine_wait_recv_cost_stats`): device buffers the receive
+/// halves add to on the device, in stream order, so they count asynchronous calls, the
+/// receive launch of a send-only call and every replay of a captured graph. Zero them before
+/// the first call. A buffer must stay alive as long as a launch may use it: a send-only
+/// call's receive half, every replay of a graph that captured it. `None`: not measured.
+///
+/// Wait costs are `%clock64` cycles of the SM that waited (nanoseconds on the CPU emulator):
+/// per wait, from its start until the flag was seen, so at least one poll even when the
+/// flag was already there. They show which ranks arrive late, not how long a call took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LlStats<'a> {
+    /// Dispatch: `[L]` i32; each dispatch adds every local expert's received rows (what it
+    /// writes to `packed_recv_count`).
+    pub cumulative_local_expert_recv_stats: Option<&'a DeviceBuffer>,
+    /// Dispatch: `[R]` i64; entry `s` gains the cycles the receive waited for rank `s`'s
+    /// flag, summed over the local experts (one wait per local expert and source).
+    pub dispatch_wait_recv_cost_stats: Option<&'a DeviceBuffer>,
+    /// Combine: `[R]` i64; entry `s` gains the cycles the receive waited for expert owner
+    /// `s`'s flag (one wait per combine: every block waits for the same flags at once, and
+    /// block 0 measures).
+    pub combine_wait_recv_cost_stats: Option<&'a DeviceBuffer>,
+}
+
+/// The address of statistics buffer `b` (0 for none), checked to hold `[n]` values of
+/// `elem` bytes (`ty`), aligned to them.
+fn stats_ptr(arg: &'static str, b: Option<&DeviceBuffer>, n: usize, elem: usize, ty: &str) -> Result<u64> {
+    match b {
+        None => Ok(0),
+        Some(b) if b.len() >= n * elem && b.ptr().is_multiple_of(elem as u64) => Ok(b.ptr()),
+        Some(b) => Err(Error::invalid(arg, format!("[{n}] {ty} needed ({elem}-aligned), got {} bytes", b.len()))),
+    }
+}
+
 /// How to return a dispatch's rows (DeepEP's LL handle).
 pub struct LlHandle {
     /// `[L, R*M]` i32: source token of each packed row (a view into the buffer).
@@ -86,7 +121,8 @@ impl LlRecvHook {
             return Err(Error::invalid("buffer", "the hook belongs to another LlBuffer"));
         }
         // SAFETY: the parameters were built for this buffer (checked) and for the outputs
-        // that own this hook (they are alive: `complete` borrows them).
+        // that own this hook (they are alive: `complete` borrows them); the caller keeps its
+        // statistics buffers alive for the receive half ([`LlStats`]).
         unsafe { group.stream().launch(self.kernel, self.cfg, self.params) }
     }
 }
@@ -357,7 +393,8 @@ impl LlBuffer {
     /// Collective: sends every `(token, k)` with an expert to the expert's rank. `x` is
     /// `[num_tokens, hidden]` bf16. Asynchronous; device errors surface in
     /// [`Group::take_device_error`]. `send_only`: return once the sends are out, with the
-    /// receive in `recv_hook` (call [`LlDispatchOutputs::complete`]).
+    /// receive in `recv_hook` (call [`LlDispatchOutputs::complete`]). `stats`: the
+    /// dispatch statistics to add to ([`LlStats`]; a combine's is an error).
     #[allow(clippy::too_many_arguments)]
     pub fn dispatch(
         &mut self,
@@ -368,17 +405,18 @@ impl LlBuffer {
         idx: IndexType,
         num_topk: usize,
         opts: LlDispatchOptions,
+        stats: LlStats<'_>,
     ) -> Result<LlDispatchOutputs> {
         let s = group.stream();
         let (l, r) = (self.layout.num_local_experts as usize, group.num_ranks());
         // The set advances only once the call is launched (errors leave it).
         let small = [s.alloc(4 * l)?, s.alloc(8 * l * r)?, s.alloc(8)?];
-        self.dispatch_with(group, x, num_tokens, topk_idx, idx, num_topk, opts, small)
+        self.dispatch_with(group, x, num_tokens, topk_idx, idx, num_topk, opts, small, stats)
     }
 
     /// [`LlBuffer::dispatch`] with the small outputs in the caller's memory:
     /// `packed_recv_count` (`[L]` i32), `packed_recv_layout_range` (`[L, R]` i64) and `epoch`
-    /// (8 bytes, zeroed). Nothing is allocated, so a graph capture that owns the memory
+    /// (8 bytes). Nothing is allocated, so a graph capture that owns the memory
     /// (e.g. torch's, through `torch.cuda.graph`) can hold the call; the rows are views into
     /// the buffer as always.
     #[allow(clippy::too_many_arguments)]
@@ -392,6 +430,7 @@ impl LlBuffer {
         num_topk: usize,
         opts: LlDispatchOptions,
         [packed_recv_count, packed_recv_layout_range, epoch]: [DeviceBuffer; 3],
+        stats: LlStats<'_>,
     ) -> Result<LlDispatchOutputs> {
         if epoch.len() < 8 || !epoch.ptr().is_multiple_of(8) {
             return Err(Error::invalid("epoch", "8 bytes (8-aligned) needed"));
@@ -412,7 +451,7 @@ impl LlBuffer {
             },
             recv_hook: None,
         };
-        out.recv_hook = self.dispatch_into(group, &out, x, num_tokens, topk_idx, idx, num_topk, opts)?;
+        out.recv_hook = self.dispatch_into(group, &out, x, num_tokens, topk_idx, idx, num_topk, opts, stats)?;
         self.next_set ^= 1;
         Ok(out)
     }
@@ -432,6 +471,7 @@ impl LlBuffer {
         idx: IndexType,
         num_topk: usize,
         opts: LlDispatchOptions,
+        stats: LlStats<'_>,
     ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
@@ -462,11 +502,19 @@ impl LlBuffer {
         {
             return Err(Error::invalid("out", "outputs of another buffer, or of a dispatch in another format"));
         }
+        if stats.combine_wait_recv_cost_stats.is_some() {
+            return Err(Error::invalid("combine_wait_recv_cost_stats", "a combine statistic, given to a dispatch"));
+        }
+        let recv_stats =
+            stats_ptr("cumulative_local_expert_recv_stats", stats.cumulative_local_expert_recv_stats, l, 4, "i32")?;
+        let wait_stats = stats_ptr("dispatch_wait_recv_cost_stats", stats.dispatch_wait_recv_cost_stats, r, 8, "i64")?;
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
             packed_recv_layout_range: out.handle.packed_recv_layout_range.ptr(),
             packed_recv_count: out.packed_recv_count.ptr(),
+            cumulative_local_expert_recv_stats: recv_stats,
+            dispatch_wait_recv_cost_stats: wait_stats,
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
@@ -539,7 +587,8 @@ impl LlBuffer {
     /// Collective: returns the expert outputs `x` (`[L, R*M, hidden]` bf16, rows as the
     /// dispatch packed them) to their source ranks and sums them there, weighted by
     /// `topk_weights` (`[num_tokens, K]` f32), into `[num_tokens, hidden]` bf16. One combine
-    /// per dispatch handle. `send_only` as in [`LlBuffer::dispatch`].
+    /// per dispatch handle. `send_only` as in [`LlBuffer::dispatch`]; `stats`: the combine
+    /// statistic to add to ([`LlStats`]; a dispatch's is an error).
     #[allow(clippy::too_many_arguments)]
     pub fn combine(
         &mut self,
@@ -552,6 +601,7 @@ impl LlBuffer {
         topk_weights: &DeviceBuffer,
         num_topk: usize,
         send_only: bool,
+        stats: LlStats<'_>,
     ) -> Result<LlCombineOutputs> {
         let combined_x = group.stream().alloc_uninit((num_tokens * 2 * self.cfg.hidden).max(16))?;
         let recv_hook = self.combine_into(
@@ -565,6 +615,7 @@ impl LlBuffer {
             topk_weights,
             num_topk,
             send_only,
+            stats,
         )?;
         Ok(LlCombineOutputs { combined_x, recv_hook })
     }
@@ -584,6 +635,7 @@ impl LlBuffer {
         topk_weights: &DeviceBuffer,
         num_topk: usize,
         send_only: bool,
+        stats: LlStats<'_>,
     ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let (l, r, m, row_bytes) =
@@ -597,6 +649,15 @@ impl LlBuffer {
         if combined_x.len() < num_tokens * row_bytes {
             return Err(Error::invalid("combined_x", format!("[{num_tokens}, {}] bf16 needed", self.cfg.hidden)));
         }
+        for (arg, given) in [
+            ("cumulative_local_expert_recv_stats", stats.cumulative_local_expert_recv_stats),
+            ("dispatch_wait_recv_cost_stats", stats.dispatch_wait_recv_cost_stats),
+        ] {
+            if given.is_some() {
+                return Err(Error::invalid(arg, "a dispatch statistic, given to a combine"));
+            }
+        }
+        let wait_stats = stats_ptr("combine_wait_recv_cost_stats", stats.combine_wait_recv_cost_stats, r, 8, "i64")?;
         // Pull when the expert outputs lie in this rank's zero-copy region of the handle's
         // set, unless send-only (the sends then overlap with whatever runs meanwhile).
         let pull = !send_only && x.ptr() == self.region(handle.set, self.layout.combine_x);
@@ -606,6 +667,7 @@ impl LlBuffer {
             topk_weights: topk_weights.ptr(),
             packed_recv_layout_range: handle.packed_recv_layout_range.ptr(),
             combined_x: combined_x.ptr(),
+            combine_wait_recv_cost_stats: wait_stats,
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,

@@ -2,10 +2,10 @@
 //! the multi-process ones (`tests/multiprocess_ep.rs`); inputs come from one seeded [`Rng`]
 //! so every process regenerates every rank's data and the reference's outputs.
 use crate::{Rng, upload};
-use moe_ep::Group;
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlStats};
 use moe_ep::reference::{self, LayoutRange, LlDispatch, Routing};
+use moe_ep::{DeviceBuffer, Group};
 
 /// Per rank, `[T_r, K]` distinct random experts per token (T_r in 1..=max_tokens, or 0 where
 /// `empty(rank)`), each entry dropped (-1) with probability `1 / drop_one_in` (0: never).
@@ -40,6 +40,54 @@ pub fn random_routing(
             v
         })
         .collect()
+}
+
+/// A rank's LL statistics buffers ([`LlStats`]), zeroed: `[L]` i32 received rows per local
+/// expert, `[R]` i64 wait cycles per rank of the dispatch's and of the combine's receive.
+pub struct Stats {
+    pub recv: DeviceBuffer,
+    pub dispatch_wait: DeviceBuffer,
+    pub combine_wait: DeviceBuffer,
+}
+
+impl Stats {
+    pub fn new(group: &Group, num_local_experts: usize) -> Stats {
+        let (s, r) = (group.stream(), group.num_ranks());
+        Stats {
+            recv: s.alloc(4 * num_local_experts).unwrap(),
+            dispatch_wait: s.alloc(8 * r).unwrap(),
+            combine_wait: s.alloc(8 * r).unwrap(),
+        }
+    }
+    /// What a dispatch adds to.
+    pub fn dispatch(&self) -> LlStats<'_> {
+        LlStats {
+            cumulative_local_expert_recv_stats: Some(&self.recv),
+            dispatch_wait_recv_cost_stats: Some(&self.dispatch_wait),
+            ..Default::default()
+        }
+    }
+    /// What a combine adds to.
+    pub fn combine(&self) -> LlStats<'_> {
+        LlStats { combine_wait_recv_cost_stats: Some(&self.combine_wait), ..Default::default() }
+    }
+    /// The received rows so far (waits for the stream).
+    pub fn recv(&self, group: &Group) -> Vec<i32> {
+        self.recv.to_vec(group.stream()).unwrap()
+    }
+    /// The dispatch's and the combine's wait cycles so far (waits for the stream).
+    pub fn waits(&self, group: &Group) -> (Vec<i64>, Vec<i64>) {
+        let s = group.stream();
+        (self.dispatch_wait.to_vec(s).unwrap(), self.combine_wait.to_vec(s).unwrap())
+    }
+}
+
+/// The dispatch and combine statistics of `stats`, or none.
+fn dispatch_stats(stats: Option<&Stats>) -> LlStats<'_> {
+    stats.map_or_else(LlStats::default, Stats::dispatch)
+}
+fn combine_stats(stats: Option<&Stats>) -> LlStats<'_> {
+    stats.map_or_else(LlStats::default, Stats::combine)
 }
 
 /// One LL test configuration: expert-major dispatch + weighted combine, `calls` times.
@@ -147,11 +195,12 @@ pub fn check_expert_major<T: PartialEq + Copy + std::fmt::Debug>(
 /// expert outputs go through the zero-copy buffer (pulled), the others' are pushed.
 pub fn check_rank(case: &Case, calls: &[Call], group: &Group) {
     let cfg = LlConfig { num_experts: case.num_experts, hidden: case.hidden, max_tokens: case.max_tokens };
-    check_rank_on(&mut LlBuffer::new(group, cfg).unwrap(), case, calls, group);
+    check_rank_on(&mut LlBuffer::new(group, cfg).unwrap(), case, calls, group, None);
 }
 
-/// [`check_rank`] on an existing buffer (built for `case`'s shapes).
-pub fn check_rank_on(buf: &mut LlBuffer, case: &Case, calls: &[Call], group: &Group) {
+/// [`check_rank`] on an existing buffer (built for `case`'s shapes), adding to `stats` if
+/// given (a send-only dispatch's receive half adds the counts: checked).
+pub fn check_rank_on(buf: &mut LlBuffer, case: &Case, calls: &[Call], group: &Group, stats: Option<&Stats>) {
     let (rank, n) = (group.rank(), group.num_ranks());
     let (hidden, num_topk, max_tokens) = (case.hidden, case.num_topk, case.max_tokens);
     let s = group.stream();
@@ -167,8 +216,13 @@ pub fn check_rank_on(buf: &mut LlBuffer, case: &Case, calls: &[Call], group: &Gr
         group.bootstrap().barrier().unwrap();
         let send_only = case.hooks && call % 2 == 0;
         let opts = LlDispatchOptions { send_only, ..Default::default() };
-        let mut out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, num_topk, opts).unwrap();
+        let before = stats.map(|st| st.recv(group));
+        let mut out =
+            buf.dispatch(group, &xb, t, &topk, IndexType::I64, num_topk, opts, dispatch_stats(stats)).unwrap();
         assert_eq!(out.recv_hook.is_some(), send_only);
+        if let (true, Some(st)) = (send_only, stats) {
+            assert_eq!(Some(st.recv(group)), before, "{ctx}: received-rows statistics before the receive half");
+        }
         out.complete(group, buf).unwrap();
         // The expert outputs in this dispatch's row order (the reference's, per matched row).
         let ranges: Vec<i64> = out.handle.packed_recv_layout_range.to_vec(s).unwrap();
@@ -180,8 +234,20 @@ pub fn check_rank_on(buf: &mut LlBuffer, case: &Case, calls: &[Call], group: &Gr
         let zero_copy = (rank + call) % 3 != 0;
         let y_in = if zero_copy { buf.combine_buffer(&out.handle) } else { yb };
         y_in.write(s, 0, &y).unwrap();
-        let mut comb =
-            buf.combine(group, &out.handle, &y_in, t, &topk, IndexType::I64, &weights, num_topk, send_only).unwrap();
+        let mut comb = buf
+            .combine(
+                group,
+                &out.handle,
+                &y_in,
+                t,
+                &topk,
+                IndexType::I64,
+                &weights,
+                num_topk,
+                send_only,
+                combine_stats(stats),
+            )
+            .unwrap();
         comb.complete(group, buf).unwrap();
         s.synchronize().unwrap();
         group.take_device_error("ll dispatch+combine").unwrap();
@@ -231,7 +297,8 @@ pub fn prepare_graph(n: usize, max_tokens: usize, rng: &mut Rng) -> Graph {
 /// Dispatch + combine captured once (a CUDA graph on a GPU, recorded launches on the CPU)
 /// and replayed `replays` times with new token values in the same buffers; returns the
 /// hash of the last replay's combined tokens (identical in every process of one build).
-pub fn check_graph_rank(d: &Graph, replays: usize, group: &Group) -> u64 {
+/// Every call (the first, ordinary one and each replay) adds to `stats` if given.
+pub fn check_graph_rank(d: &Graph, replays: usize, group: &Group, stats: Option<&Stats>) -> u64 {
     let rank = group.rank();
     let (e, h, k, m) = (d.case.num_experts, d.case.hidden, d.case.num_topk, d.case.max_tokens);
     let mut buf = LlBuffer::new(group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
@@ -241,12 +308,15 @@ pub fn check_graph_rank(d: &Graph, replays: usize, group: &Group) -> u64 {
         (upload(group, &d.idx[rank]), upload(group, &d.w[rank]), upload(group, &d.variants[0].0[rank]));
     group.bootstrap().barrier().unwrap();
     // A first, ordinary call creates the buffers the captured calls reuse.
-    let out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
-    let c = buf.combine(group, &out.handle, &out.packed_recv_x, t, &topk, IndexType::I64, &weights, k, false).unwrap();
+    let opts = LlDispatchOptions::default();
+    let out = buf.dispatch(group, &xb, t, &topk, IndexType::I64, k, opts, dispatch_stats(stats)).unwrap();
+    let y = &out.packed_recv_x;
+    let c =
+        buf.combine(group, &out.handle, y, t, &topk, IndexType::I64, &weights, k, false, combine_stats(stats)).unwrap();
     s.synchronize().unwrap();
     group.take_device_error("ll").unwrap();
     s.begin_capture().unwrap();
-    buf.dispatch_into(group, &out, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
+    buf.dispatch_into(group, &out, &xb, t, &topk, IndexType::I64, k, opts, dispatch_stats(stats)).unwrap();
     buf.combine_into(
         group,
         &out.handle,
@@ -258,6 +328,7 @@ pub fn check_graph_rank(d: &Graph, replays: usize, group: &Group) -> u64 {
         &weights,
         k,
         false,
+        combine_stats(stats),
     )
     .unwrap();
     let graph = s.end_capture().unwrap();

@@ -5,7 +5,7 @@
 //! process (`multiprocess_ep.rs`).
 use moe_ep::Group;
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlStats};
 use moe_ep::reference::{self, Routing, f32_to_bf16};
 use moe_ep_tests::ll::{self, random_routing};
 use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
@@ -90,7 +90,9 @@ fn ll_rank_major_interleaved_with_expert_major() {
             let mut rm =
                 buf.dispatch_rank_major(&group, &xb, t, &topk, IndexType::I64, &weights, k, call % 2 == 1).unwrap();
             rm.complete(&group, &buf).unwrap();
-            let em = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default()).unwrap();
+            let em = buf
+                .dispatch(&group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default(), LlStats::default())
+                .unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ll dispatches").unwrap();
             let rv = &want[rank];
@@ -134,7 +136,7 @@ fn ll_graph_capture_and_replay() {
     let d = ll::prepare_graph(n, if dev.is_cpu() { 8 } else { 128 }, &mut Rng::fresh("low_latency-graph"));
     let replays = if dev.is_cpu() { 6 } else { 100 };
     let hashes =
-        on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ll::check_graph_rank(&d, replays, &group));
+        on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| ll::check_graph_rank(&d, replays, &group, None));
     let last = &d.variants[(replays - 1) % 3].1;
     assert_eq!(hashes, last.iter().map(|v| ll::hash_u16(v)).collect::<Vec<_>>());
 }
@@ -186,7 +188,7 @@ fn fp8_dispatch_matches_the_reference(h: usize) {
             }
             group.bootstrap().barrier().unwrap();
             let opts = LlDispatchOptions { use_fp8: true, round_scale, use_ue8m0, ..Default::default() };
-            let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts).unwrap();
+            let out = buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts, LlStats::default()).unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ll fp8").unwrap();
             let rv = &want.ranks[rank];
@@ -243,9 +245,143 @@ fn fp8_dispatch_matches_the_reference(h: usize) {
     });
 }
 
+/// DeepEP's LL statistics: every dispatch — plain, send-only (added by its receive half:
+/// checked in between), fp8, a captured graph's first call and each replay — adds each
+/// local expert's received rows to `cumulative_local_expert_recv_stats`, exactly; the
+/// outputs stay bit-exact with the statistics on; every wait is measured (entries > 0).
+#[test]
+fn ll_stats_count_every_dispatch() {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let m = if dev.is_cpu() { 8 } else { 128 };
+    let case = ll::Case { num_experts: 16, hidden: 128, num_topk: 4, max_tokens: m, calls: 4, hooks: true };
+    let calls = ll::prepare(&case, n, &mut Rng::fresh("low_latency-stats"));
+    let graph = ll::prepare_graph(n, m, &mut Rng::fresh("low_latency-stats-graph"));
+    let replays = 3;
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |rank, group| {
+        let (l, k, s) = (case.num_experts / n, case.num_topk, group.stream());
+        let stats = ll::Stats::new(&group, l);
+        let cfg = LlConfig { num_experts: case.num_experts, hidden: case.hidden, max_tokens: m };
+        let mut buf = LlBuffer::new(&group, cfg).unwrap();
+        // Plain and send-only calls, alternating, each checked against the reference.
+        ll::check_rank_on(&mut buf, &case, &calls, &group, Some(&stats));
+        let mut want: Vec<i32> =
+            (0..l).map(|e| calls.iter().map(|c| c.want.ranks[rank].packed_recv_count[e]).sum()).collect();
+        assert_eq!(stats.recv(&group), want, "rank {rank}: after the plain and send-only calls");
+        // fp8, call 0's routing again.
+        let c = &calls[0];
+        let (topk, xb) = (upload(&group, &c.idx[rank]), upload(&group, &c.x[rank]));
+        group.bootstrap().barrier().unwrap();
+        let fp8 = LlDispatchOptions { use_fp8: true, ..Default::default() };
+        let out = buf.dispatch(&group, &xb, c.tokens[rank], &topk, IndexType::I64, k, fp8, stats.dispatch()).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ll fp8").unwrap();
+        let counts = &c.want.ranks[rank].packed_recv_count;
+        assert_eq!(&out.packed_recv_count.to_vec::<i32>(s).unwrap(), counts, "rank {rank}: fp8 counts");
+        want.iter_mut().zip(counts).for_each(|(w, c)| *w += c);
+        assert_eq!(stats.recv(&group), want, "rank {rank}: after the fp8 dispatch");
+        // A graph: its first, ordinary call and every replay add again.
+        group.bootstrap().barrier().unwrap();
+        ll::check_graph_rank(&graph, replays, &group, Some(&stats));
+        for (le, w) in want.iter_mut().enumerate() {
+            let rows = graph.idx.iter().flatten().filter(|&&e| e == (rank * l + le) as i64).count();
+            *w += ((1 + replays) * rows) as i32;
+        }
+        assert_eq!(stats.recv(&group), want, "rank {rank}: after {replays} graph replays");
+        let (dispatch_wait, combine_wait) = stats.waits(&group);
+        assert!(dispatch_wait.iter().all(|&c| c > 0), "rank {rank}: dispatch waits {dispatch_wait:?}");
+        assert!(combine_wait.iter().all(|&c| c > 0), "rank {rank}: combine waits {combine_wait:?}");
+    });
+}
+
+/// Wait costs point at the late rank: every rank but `late` sends first (send-only, done)
+/// and then waits in its receive half while `late` sleeps `delay` before its whole call, for
+/// the dispatch and again for the combine. Their waits for the others end at the first poll,
+/// so the entry for `late` is their largest (on the emulator, whose cycles are nanoseconds,
+/// also at least a quarter of the delay per wait). No entry exceeds its waits times the
+/// receive's wall time at 4 cycles per ns, and the outputs stay bit-exact.
+#[test]
+fn ll_wait_cost_stats_point_at_the_late_rank() {
+    let dev = device();
+    let (n, cpu) = (num_ranks(&dev).min(8), dev.is_cpu());
+    if n < 2 {
+        return; // nobody to be late for
+    }
+    let m = if cpu { 8 } else { 128 };
+    let case = ll::Case { num_experts: 16, hidden: 64, num_topk: 4, max_tokens: m, calls: 1, hooks: false };
+    let (l, h, k) = (case.num_experts / n, case.hidden, case.num_topk);
+    let c = &ll::prepare(&case, n, &mut Rng::fresh("low_latency-late-rank"))[0];
+    // Identity experts: each rank returns the rows it received.
+    let rows: Vec<Vec<u16>> = c.want.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
+    let combined = reference::ll_combine(&c.want.handle, &rows, &c.w, h).unwrap();
+    let (late, delay) = (1, std::time::Duration::from_millis(if cpu { 600 } else { 50 }));
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |rank, group| {
+        let s = group.stream();
+        let stats = ll::Stats::new(&group, l);
+        let mut buf =
+            LlBuffer::new(&group, LlConfig { num_experts: case.num_experts, hidden: h, max_tokens: m }).unwrap();
+        let t = c.tokens[rank];
+        let (topk, weights, xb) =
+            (upload(&group, &c.idx[rank]), upload(&group, &c.w[rank]), upload(&group, &c.x[rank]));
+        let early = rank != late;
+        // After the early ranks' send halves: the receive's start, `delay` late on `late`.
+        let start = || {
+            s.synchronize().unwrap();
+            group.bootstrap().barrier().unwrap();
+            if !early {
+                std::thread::sleep(delay);
+            }
+            std::time::Instant::now()
+        };
+        let wall_ns = |start: std::time::Instant| {
+            s.synchronize().unwrap();
+            group.take_device_error("ll").unwrap();
+            start.elapsed().as_nanos() as i64
+        };
+        let opts = LlDispatchOptions { send_only: early, ..Default::default() };
+        let dispatch = |buf: &mut LlBuffer| {
+            buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts, stats.dispatch()).unwrap()
+        };
+        let sent = early.then(|| dispatch(&mut buf));
+        let began = start();
+        let mut out = sent.unwrap_or_else(|| dispatch(&mut buf));
+        out.complete(&group, &buf).unwrap();
+        let dispatch_ns = wall_ns(began);
+        let counts: Vec<i32> = out.packed_recv_count.to_vec(s).unwrap();
+        assert_eq!(counts, c.want.ranks[rank].packed_recv_count, "rank {rank}: counts");
+        let combine = |buf: &mut LlBuffer| {
+            let (y, st) = (&out.packed_recv_x, stats.combine());
+            buf.combine(&group, &out.handle, y, t, &topk, IndexType::I64, &weights, k, early, st).unwrap()
+        };
+        let sent = early.then(|| combine(&mut buf));
+        let began = start();
+        let mut comb = sent.unwrap_or_else(|| combine(&mut buf));
+        comb.complete(&group, &buf).unwrap();
+        let combine_ns = wall_ns(began);
+        let got: Vec<u16> = comb.combined_x.to_vec(s).unwrap();
+        assert!(got[..t * h] == combined[rank][..], "rank {rank}: combined_x");
+        let (dispatch_wait, combine_wait) = stats.waits(&group);
+        let ctx = format!(
+            "rank {rank}: dispatch waits {dispatch_wait:?} ({dispatch_ns} ns), combine waits {combine_wait:?} ({combine_ns} ns)"
+        );
+        // One dispatch wait per local expert and source, one combine wait per owner.
+        assert!(dispatch_wait.iter().all(|&w| 0 < w && w <= l as i64 * dispatch_ns * 4), "{ctx}");
+        assert!(combine_wait.iter().all(|&w| 0 < w && w <= combine_ns * 4), "{ctx}");
+        if early {
+            for (src, (&d, &cw)) in dispatch_wait.iter().zip(&combine_wait).enumerate() {
+                assert!(src == late || (d < dispatch_wait[late] && cw < combine_wait[late]), "{ctx}: late rank {late}");
+            }
+            let quarter = delay.as_nanos() as i64 / 4;
+            assert!(!cpu || (dispatch_wait[late] >= l as i64 * quarter && combine_wait[late] >= quarter), "{ctx}");
+        }
+        group.bootstrap().barrier().unwrap();
+    });
+}
+
 /// Bad arguments are refused before any launch with an error naming them — too many tokens,
-/// top-k out of range, a short `x`, outputs of another buffer handed to `dispatch_into` —
-/// and the buffer stays usable: a correct dispatch + zero-copy combine follows.
+/// top-k out of range, a short `x`, outputs of another buffer handed to `dispatch_into`,
+/// short statistics buffers, a combine statistic given to a dispatch and vice versa — and
+/// the buffer stays usable: a correct dispatch + zero-copy combine follows.
 #[test]
 fn ll_bad_arguments_are_errors_and_the_buffer_still_works() {
     let dev = device();
@@ -267,23 +403,65 @@ fn ll_bad_arguments_are_errors_and_the_buffer_still_works() {
             Err(other) => panic!("rank {rank}: {what}: wrong error {other}"),
             Ok(_) => panic!("rank {rank}: {what}: accepted"),
         };
-        err(buf.dispatch(&group, &long_x, m + 1, &long_idx, IndexType::I64, k, opts).map(drop), "num_tokens > max");
-        err(buf.dispatch(&group, &xb, t, &topk, IndexType::I64, 33, opts).map(drop), "top-k 33");
         err(
-            buf.dispatch(&group, &upload(&group, &[0u16; 8]), m, &long_idx, IndexType::I64, k, opts).map(drop),
+            buf.dispatch(&group, &long_x, m + 1, &long_idx, IndexType::I64, k, opts, LlStats::default()).map(drop),
+            "num_tokens > max",
+        );
+        err(buf.dispatch(&group, &xb, t, &topk, IndexType::I64, 33, opts, LlStats::default()).map(drop), "top-k 33");
+        err(
+            buf.dispatch(
+                &group,
+                &upload(&group, &[0u16; 8]),
+                m,
+                &long_idx,
+                IndexType::I64,
+                k,
+                opts,
+                LlStats::default(),
+            )
+            .map(drop),
             "short x",
         );
         let fp8 = LlDispatchOptions { use_fp8: true, ..opts };
-        err(buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, fp8).map(drop), "fp8 with hidden 64");
+        err(
+            buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, fp8, LlStats::default()).map(drop),
+            "fp8 with hidden 64",
+        );
         // Outputs of another buffer: the senders would store into that buffer's set.
         group.bootstrap().barrier().unwrap();
-        let foreign = other.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts).unwrap();
-        err(buf.dispatch_into(&group, &foreign, &xb, t, &topk, IndexType::I64, k, opts).map(drop), "foreign outputs");
+        let foreign = other.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts, LlStats::default()).unwrap();
+        err(
+            buf.dispatch_into(&group, &foreign, &xb, t, &topk, IndexType::I64, k, opts, LlStats::default()).map(drop),
+            "foreign outputs",
+        );
+        // Statistics: too short for [L] i32 / [R] i64, or given to the wrong op.
+        let named = |r: moe_ep::Result<()>, want: &str| match r {
+            Err(moe_ep::Error::InvalidArgument { arg, .. }) if arg == want => {}
+            Err(other) => panic!("rank {rank}: {want}: wrong error {other}"),
+            Ok(()) => panic!("rank {rank}: {want}: accepted"),
+        };
+        let (short, stats) = (group.stream().alloc(4).unwrap(), ll::Stats::new(&group, e / n));
+        let dispatch_with = |buf: &mut LlBuffer, st: LlStats<'_>| {
+            buf.dispatch(&group, &xb, t, &topk, IndexType::I64, k, opts, st).map(drop)
+        };
+        let short_recv = LlStats { cumulative_local_expert_recv_stats: Some(&short), ..Default::default() };
+        named(dispatch_with(&mut buf, short_recv), "cumulative_local_expert_recv_stats");
+        let short_wait = LlStats { dispatch_wait_recv_cost_stats: Some(&short), ..Default::default() };
+        named(dispatch_with(&mut buf, short_wait), "dispatch_wait_recv_cost_stats");
+        named(dispatch_with(&mut buf, stats.combine()), "combine_wait_recv_cost_stats");
+        let weights = upload(&group, &calls[0].w[rank]);
+        let combine_with = |buf: &mut LlBuffer, st: LlStats<'_>| {
+            let y = &foreign.packed_recv_x;
+            buf.combine(&group, &foreign.handle, y, t, &topk, IndexType::I64, &weights, k, false, st).map(drop)
+        };
+        named(combine_with(&mut buf, stats.dispatch()), "cumulative_local_expert_recv_stats");
+        let short_wait = LlStats { combine_wait_recv_cost_stats: Some(&short), ..Default::default() };
+        named(combine_with(&mut buf, short_wait), "combine_wait_recv_cost_stats");
         group.stream().synchronize().unwrap();
         group.take_device_error("ll, other buffer").unwrap();
         // Still usable (and the refused calls moved no buffer set: every rank agrees on the
         // next one): the whole check of one call on `buf`, zero-copy on some ranks.
-        ll::check_rank_on(&mut buf, &case, &calls, &group);
+        ll::check_rank_on(&mut buf, &case, &calls, &group, None);
         group.bootstrap().barrier().unwrap();
         drop(foreign);
     });

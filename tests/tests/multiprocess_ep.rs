@@ -77,7 +77,7 @@ fn run_case(name: &str, group: &Group, s: &Sizes) -> Option<u64> {
         "ht_20_reruns" => return Some(ht::check_reruns_rank(&ht::prepare_reruns(n, s.ht_tokens, &mut rng), 20, group)),
         "ll_hooks" => ll::check_rank(&ll_hooks(s), &ll::prepare(&ll_hooks(s), n, &mut rng), group),
         "ll_graph_replay" => {
-            return Some(ll::check_graph_rank(&ll::prepare_graph(n, s.ll_tokens, &mut rng), s.replays, group));
+            return Some(ll::check_graph_rank(&ll::prepare_graph(n, s.ll_tokens, &mut rng), s.replays, group, None));
         }
         other => panic!("unknown case {other}"),
     }

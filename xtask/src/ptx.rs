@@ -261,7 +261,8 @@ pub fn build() -> Result<String> {
 /// fail for lack of registers (`ht_combine` at 135 registers x 512 threads did, on an H200).
 /// The host refuses larger HT blocks (`moe_ep_abi::HT_MAX_BLOCK_WARPS` warps), and a host
 /// test checks the shipped PTX carries that bound.
-const MAX_THREADS: &[(&str, u32)] = &[("ht_dispatch", 512), ("ht_combine", 512)];
+const MAX_THREADS: &[(&str, u32)] =
+    &[("_ZN6moe_ep9intranode8dispatchEv", 512), ("_ZN6moe_ep9intranode7combineEv", 512)];
 
 /// `ptx` with a `.maxntid` directive after the parameter list of every kernel of
 /// [`MAX_THREADS`].
@@ -543,11 +544,11 @@ ptxas info    : Used 255 registers, used 0 barriers
 
     #[test]
     fn max_threads_go_after_the_parameter_list() {
-        let ptx = ".visible .entry ht_dispatch(\n\t.param .b8 p[8]\n)\n{\n}\n\
-                   .visible .entry other(\n)\n{\n}\n.visible .entry ht_combine(\n)\n{\n}\n";
+        let ptx = ".visible .entry _ZN6moe_ep9intranode8dispatchEv(\n\t.param .b8 p[8]\n)\n{\n}\n\
+                   .visible .entry other(\n)\n{\n}\n.visible .entry _ZN6moe_ep9intranode7combineEv(\n)\n{\n}\n";
         let out = with_max_threads(ptx).unwrap();
         assert_eq!(out.matches(".maxntid 512, 1, 1\n{").count(), 2, "{out}");
         assert!(out.contains(".entry other(\n)\n{"), "{out}");
-        assert!(with_max_threads(".visible .entry ht_combine(\n)\n{\n}\n").is_err());
+        assert!(with_max_threads(".visible .entry _ZN6moe_ep9intranode7combineEv(\n)\n{\n}\n").is_err());
     }
 }

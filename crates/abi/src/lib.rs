@@ -746,6 +746,17 @@ pub struct LlParams {
     pub recv_topk_idx: u64,
     /// Rank-major dispatch out: `[R, M, K]` f32 (0 where not local).
     pub recv_topk_weights: u64,
+    /// Expert-major dispatch, optional (0: none): `[L]` i32 the receive adds each local
+    /// expert's received rows to (DeepEP's `cumulative_local_expert_recv_stats`).
+    pub cumulative_local_expert_recv_stats: u64,
+    /// Expert-major dispatch, optional (0: none): `[R]` i64 the receive adds, per source
+    /// rank, the `%clock64` cycles each of its waits for that rank's flag took (one wait per
+    /// local expert; DeepEP's `dispatch_wait_recv_cost_stats`).
+    pub dispatch_wait_recv_cost_stats: u64,
+    /// Combine, optional (0: none): `[R]` i64 the receive adds, per expert owner, the
+    /// `%clock64` cycles block 0's wait for that owner's flag took (DeepEP's
+    /// `combine_wait_recv_cost_stats`).
+    pub combine_wait_recv_cost_stats: u64,
     /// The [`ErrorSlot`].
     pub error: u64,
     /// Set by the kernel itself at entry (the host passes 0): the call's flag value, >= 1.
@@ -858,5 +869,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<ErrorSlot>(), 16);
         assert_eq!(core::mem::size_of::<LayoutParams>(), 5 * 8 + 6 * 4);
         assert_eq!(core::mem::size_of::<SelfTestParams>(), 7 * 8);
+        assert_eq!(core::mem::size_of::<LlParams>(), 20 * 8 + 12 * 4);
     }
 }

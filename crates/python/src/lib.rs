@@ -18,7 +18,7 @@ use moe_ep::group::{Sharing, SymmetricBuffer};
 use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs, HtHandle, HtMemory};
 use moe_ep::layout::MAX_TOPK;
 use moe_ep::layout::{DispatchLayout, IndexType, get_dispatch_layout};
-use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs};
+use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
 use moe_ep::{Device, DeviceBuffer, Error, Event, Group, Stream};
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -998,7 +998,7 @@ impl Rank {
     /// LL dispatch: `(dispatch object, event)`; `send_only` leaves the receive to
     /// `ll_complete_dispatch`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, small, stream, previous_event, async_finish))]
+    #[pyo3(signature = (x, num_tokens, hidden, topk_idx, idx_bytes, num_topk, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0, send_only, small, stats, stream, previous_event, async_finish))]
     fn ll_dispatch(
         &self,
         py: Python<'_>,
@@ -1015,6 +1015,7 @@ impl Rank {
         use_ue8m0: bool,
         send_only: bool,
         small: Option<(Mem, Mem, Mem)>,
+        stats: (Option<Mem>, Option<Mem>),
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
@@ -1031,13 +1032,20 @@ impl Rank {
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
             let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
             self.begin(&ctx)?;
+            let borrowed = |m: Option<Mem>| m.map(|m| borrow(&dev, m));
+            let (recv_stats, wait_stats) = (borrowed(stats.0), borrowed(stats.1));
+            let stats = LlStats {
+                cumulative_local_expert_recv_stats: recv_stats.as_ref(),
+                dispatch_wait_recv_cost_stats: wait_stats.as_ref(),
+                combine_wait_recv_cost_stats: None,
+            };
             let out = match small {
                 // The caller's memory for the counts, ranges and epoch (graph-capturable).
                 Some((c, lr, e)) => {
                     let small = [borrow(&dev, c), borrow(&dev, lr), borrow(&dev, e)];
-                    buf.dispatch_with(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, small)?
+                    buf.dispatch_with(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, small, stats)?
                 }
-                None => buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts)?,
+                None => buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, stats)?,
             };
             let ev = self.finish(&ctx, "ll_dispatch")?;
             let l = num_experts / r;
@@ -1097,7 +1105,7 @@ impl Rank {
     /// LL combine: `(combined_x or None when written to `out`, pending receive or None,
     /// event)`. `x` is `[L, R*M, hidden]` bf16, rows as the dispatch packed them.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    #[pyo3(signature = (d, x, num_tokens, topk_idx, idx_bytes, topk_weights, num_topk, out, send_only, stream, previous_event, async_finish))]
+    #[pyo3(signature = (d, x, num_tokens, topk_idx, idx_bytes, topk_weights, num_topk, out, send_only, wait_stats, stream, previous_event, async_finish))]
     fn ll_combine(
         &self,
         py: Python<'_>,
@@ -1110,6 +1118,7 @@ impl Rank {
         num_topk: usize,
         out: Option<Mem>,
         send_only: bool,
+        wait_stats: Option<Mem>,
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
@@ -1128,6 +1137,8 @@ impl Rank {
             if outs.recv_hook.is_some() {
                 return Err(Error::invalid("handle", "its dispatch's receive hook has not been called yet"));
             }
+            let wait_stats = wait_stats.map(|m| borrow(&dev, m));
+            let stats = LlStats { combine_wait_recv_cost_stats: wait_stats.as_ref(), ..LlStats::default() };
             let (xb, ib, wb) = (borrow(&dev, x), borrow(&dev, topk_idx), borrow(&dev, topk_weights));
             self.begin(&ctx)?;
             let combined = match out {
@@ -1144,10 +1155,13 @@ impl Rank {
                         &wb,
                         num_topk,
                         send_only,
+                        stats,
                     )?;
                     LlCombineOutputs { combined_x: target, recv_hook: hook }
                 }
-                None => buf.combine(&self.group, &outs.handle, &xb, num_tokens, &ib, ty, &wb, num_topk, send_only)?,
+                None => {
+                    buf.combine(&self.group, &outs.handle, &xb, num_tokens, &ib, ty, &wb, num_topk, send_only, stats)?
+                }
             };
             let ev = self.finish(&ctx, "ll_combine")?;
             let (ptr, len) = (combined.combined_x.ptr(), combined.combined_x.len());

@@ -543,13 +543,15 @@ def ll_body(case, backend, rounds=2):
             variants.append(dict(use_fp8=True, round_scale=True, use_ue8m0=True))
         stats = B.put(np.zeros(L, np.int32), "int32")
         expected_stats = np.zeros(L, np.int32)
+        wait_d, wait_c = B.put(np.zeros(R, np.int64), "int64"), B.put(np.zeros(R, np.int64), "int64")
         for rnd in range(rounds):  # consecutive calls use both buffer sets
             for v in variants:
                 what = f"rank {r} round {rnd} {v}"
                 wait()
-                use_stats = not v.get("async_finish", False)
+                use_stats = rnd == 0 or not v.get("async_finish", False)  # (added on the device)
                 recv, count, handle, ev, hook = buf.low_latency_dispatch(
-                    x, idx, M, E, cumulative_local_expert_recv_stats=stats if use_stats else None, **v)
+                    x, idx, M, E, cumulative_local_expert_recv_stats=stats if use_stats else None,
+                    dispatch_wait_recv_cost_stats=wait_d, **v)
                 assert (hook is not None) == v.get("return_recv_hook", False)
                 if hook is not None:
                     hook()
@@ -595,6 +597,7 @@ def ll_body(case, backend, rounds=2):
                 B.sync()
                 wait()
                 cx, cev, chook = buf.low_latency_combine(y_in, idx, w, handle, zero_copy=zero_copy, out=out,
+                                                         combine_wait_recv_cost_stats=wait_c,
                                                          return_recv_hook=v.get("return_recv_hook", False),
                                                          async_finish=v.get("async_finish", False))
                 if out is not None:
@@ -610,6 +613,10 @@ def ll_body(case, backend, rounds=2):
                 if not v["use_fp8"]:
                     _eq(got_c, case.combined[r], f"{what}: combined_x")
         _eq(B.get(stats), expected_stats, "cumulative_local_expert_recv_stats")
+        # clock cycles waited for each source rank: every rank was waited for, none negative
+        for name, ws in (("dispatch", wait_d), ("combine", wait_c)):
+            got = B.get(ws)
+            assert (got > 0).all(), f"rank {r}: {name}_wait_recv_cost_stats {got}"
         wait()
         return True
 

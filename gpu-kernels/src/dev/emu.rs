@@ -392,6 +392,16 @@ pub unsafe fn red_add_release_sys_u64(p: *mut u64, v: u64) {
     unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Ordering::Release);
 }
 
+/// `red.relaxed.gpu.global.add.u64`.
+///
+/// # Safety
+/// `p` is valid and 8-aligned.
+pub unsafe fn red_add_relaxed_gpu_u64(p: *mut u64, v: u64) {
+    check_device_atomic(p);
+    // SAFETY: caller's contract.
+    unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Ordering::Relaxed);
+}
+
 // ------------------------------------------------------------------ fences
 /// `fence.acq_rel.gpu`.
 pub fn fence_acq_rel_gpu() {
@@ -477,6 +487,10 @@ pub fn cvt_e4m3x2(lo: f32, hi: f32) -> u16 {
 pub fn globaltimer_ns() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+/// `%clock64`: the emulator's cycle is a nanosecond of [`globaltimer_ns`] (monotonic).
+pub fn clock64() -> u64 {
+    globaltimer_ns()
 }
 /// `nanosleep.u32`.
 pub fn nanosleep_ns(ns: u32) {

@@ -10,6 +10,7 @@
 //! | `ld_acquire_sys_u32/u64` | `ld.acquire.sys.global` | `st_release_sys_*`, `red_add_release_sys_*` |
 //! | `st_relaxed_sys_u32/u64`, `ld_relaxed_sys_u32/u64` | `st/ld.relaxed.sys.global` | a `fence_*` on each side |
 //! | `red_add_release_sys_u32/u64` | `red.release.sys.global.add` | `ld_acquire_sys_*` |
+//! | `red_add_relaxed_gpu_u64` | `red.relaxed.gpu.global.add.u64` | statistics (read after the kernel) |
 //! | `atom_add_relaxed_gpu_u32`, `atom_add_release_gpu_u32` | `atom.{relaxed,release}.gpu.global.add` | counters |
 //! | `atom_add_relaxed_sys_u32` | `atom.relaxed.sys.global.add` | counters peers add to |
 //! | `atom_cas_acq_rel_sys_u32` | `atom.acq_rel.sys.global.cas` | claims, locks |
@@ -19,6 +20,7 @@
 //! | `sync_threads`, `sync_threads_or`, `sync_warp` | `bar.sync 0`, `bar.red.or.pred`, `bar.warp.sync` | |
 //! | `static_smem`, `dyn_smem`, `atom_add_shared_u32` | `.shared` arrays, `atom.shared.add` | |
 //! | `globaltimer_ns`, `nanosleep_ns` | `%globaltimer`, `nanosleep.u32` | wait bounds |
+//! | `clock64` | `%clock64` | wait-cost statistics (SM cycles; emulator: ns) |
 //! | `fma_rn_f32` | `fma.rn.f32` | one rounding, as the reference's `mul_add` |
 //! | `cvt_e4m3x2` | `cvt.rn.satfinite.e4m3x2.f32` | fp8 casts |
 //!

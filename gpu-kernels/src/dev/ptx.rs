@@ -219,6 +219,17 @@ pub unsafe fn red_add_release_sys_u64(p: *mut u64, v: u64) {
     unsafe { asm!("red.release.sys.global.add.u64 [{p}], {v};", p = in(reg64) p, v = in(reg64) v, options(nostack)) }
 }
 
+/// `red.relaxed.gpu.global.add.u64`: add, no return value, orders nothing. Statistics this
+/// GPU accumulates and reads after the kernel.
+///
+/// # Safety
+/// `p` is a valid, 8-aligned global address.
+#[inline(always)]
+pub unsafe fn red_add_relaxed_gpu_u64(p: *mut u64, v: u64) {
+    // SAFETY: caller's contract.
+    unsafe { asm!("red.relaxed.gpu.global.add.u64 [{p}], {v};", p = in(reg64) p, v = in(reg64) v, options(nostack)) }
+}
+
 // ------------------------------------------------------------------ fences
 /// `fence.acq_rel.gpu`.
 #[inline(always)]
@@ -360,6 +371,15 @@ pub fn globaltimer_ns() -> u64 {
     let t: u64;
     // SAFETY: reads a special register; volatile (not pure) so it is re-read in loops.
     unsafe { asm!("mov.u64 {t}, %globaltimer;", t = out(reg64) t, options(nomem, nostack)) };
+    t
+}
+/// `%clock64`: this SM's cycle counter, to measure short waits (SM cycles, not time: it
+/// runs at the SM clock and SMs' counters are unrelated).
+#[inline(always)]
+pub fn clock64() -> u64 {
+    let t: u64;
+    // SAFETY: reads a special register; volatile (not pure) so it is re-read.
+    unsafe { asm!("mov.u64 {t}, %clock64;", t = out(reg64) t, options(nomem, nostack)) };
     t
 }
 /// `nanosleep.u32`: yield the issue slot for about `ns` nanoseconds.

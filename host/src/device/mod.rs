@@ -938,7 +938,7 @@ impl Stream {
                 }))
             }
             Some(d) => {
-                let f = d.function(kernel.name, PTX)?;
+                let f = d.function(kernel.symbol, PTX)?;
                 if cfg.shared_mem_bytes > 48 << 10 {
                     let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
                     // SAFETY: `f` is a loaded function.

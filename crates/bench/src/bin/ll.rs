@@ -21,7 +21,7 @@
 //!     ll [--gpus 1] [--ranks 8] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
 //!        [--iters 50] [--sweep] [--torch SCRIPT] [--nccl SCRIPT] [--csv PATH]
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlStats};
 use moe_ep::{Device, Group, Result};
 use moe_ep_bench::{
     Rng, Teardown, arg, baseline, copy_seconds, csv_line, flag, gpu_devices, median, more_hardware_queues,
@@ -46,13 +46,25 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     group.bootstrap().barrier()?; // nobody launches while a peer still uploads (shared GPU)
     // Ordinary calls create the outputs the captured ones reuse.
     let started = std::time::Instant::now();
-    let out = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default())?;
+    let out =
+        buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, LlDispatchOptions::default(), LlStats::default())?;
     // (The emulator runs kernels inside the call; on a GPU a long call is a stalled host.)
     if !group.device().is_cpu() && started.elapsed().as_secs_f64() > 1.0 {
         eprintln!("rank {}: the first dispatch() call stalled {:?} on the host", group.rank(), started.elapsed());
     }
-    let c = buf.combine(group, &out.handle, &out.packed_recv_x, tokens, &topk, IndexType::I64, &weights, k, false)?;
-    let out8 = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, fp8)?;
+    let c = buf.combine(
+        group,
+        &out.handle,
+        &out.packed_recv_x,
+        tokens,
+        &topk,
+        IndexType::I64,
+        &weights,
+        k,
+        false,
+        LlStats::default(),
+    )?;
+    let out8 = buf.dispatch(group, &x, tokens, &topk, IndexType::I64, k, fp8, LlStats::default())?;
     s.synchronize()?;
     group.take_device_error("ll")?;
     // Zero-copy: the expert outputs already in the buffer, read in place by their sources.
@@ -68,14 +80,36 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
     let issue = |b: &mut LlBuffer, op: Op| -> Result<()> {
         let (i64, w) = (IndexType::I64, &weights);
         match op {
-            Op::Dispatch => b.dispatch_into(group, &out, &x, tokens, &topk, i64, k, Default::default()),
-            Op::DispatchFp8 => b.dispatch_into(group, &out8, &x, tokens, &topk, i64, k, fp8),
-            Op::Combine => {
-                b.combine_into(group, &out.handle, &out.packed_recv_x, &c.combined_x, tokens, &topk, i64, w, k, false)
+            Op::Dispatch => {
+                b.dispatch_into(group, &out, &x, tokens, &topk, i64, k, Default::default(), LlStats::default())
             }
-            Op::CombineZeroCopy => {
-                b.combine_into(group, &out.handle, &zero_copy, &c.combined_x, tokens, &topk, i64, w, k, false)
-            }
+            Op::DispatchFp8 => b.dispatch_into(group, &out8, &x, tokens, &topk, i64, k, fp8, LlStats::default()),
+            Op::Combine => b.combine_into(
+                group,
+                &out.handle,
+                &out.packed_recv_x,
+                &c.combined_x,
+                tokens,
+                &topk,
+                i64,
+                w,
+                k,
+                false,
+                LlStats::default(),
+            ),
+            Op::CombineZeroCopy => b.combine_into(
+                group,
+                &out.handle,
+                &zero_copy,
+                &c.combined_x,
+                tokens,
+                &topk,
+                i64,
+                w,
+                k,
+                false,
+                LlStats::default(),
+            ),
         }
         .map(drop)
     };

@@ -683,11 +683,14 @@ class Buffer:
         if t > m:
             raise ValueError(f"x: {t} tokens > num_max_dispatch_tokens_per_rank {m}")
         l = num_experts // r
+        # Statistics are added on the device by the receive (in stream order: with
+        # async_finish, hooks and graph replays alike).
         if cumulative_local_expert_recv_stats is not None:
             tz.check(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", self.device,
                      ("int32",), 1, (l,))
-            if async_finish:
-                raise ValueError("cumulative_local_expert_recv_stats: not supported with async_finish")
+        if dispatch_wait_recv_cost_stats is not None:
+            tz.check(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", self.device, ("int64",), 1, (r,))
+        stats = (tz.mem(cumulative_local_expert_recv_stats), tz.mem(dispatch_wait_recv_cost_stats))
         k = topk_idx.shape[1]
         idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
         # torch tensors hold the counts, ranges and epoch (so a torch.cuda.graph capture owns
@@ -699,7 +702,7 @@ class Buffer:
             self._keep_for_comm((words,))
         d, ev = self.runtime.ll_dispatch(tz.mem(x), t, hidden, tz.mem(topk_idx), idx_bytes, k, m, num_experts,
                                          use_fp8, round_scale, use_ue8m0, return_recv_hook,
-                                         tuple(tz.mem(a) for a in small) if small else None,
+                                         tuple(tz.mem(a) for a in small) if small else None, stats,
                                          *self._ctx(None, async_finish, False))
         rx, rs, count, src_info, layout_range = d.arrays()
         views = self._ll_views
@@ -732,23 +735,10 @@ class Buffer:
         handle = LowLatencyHandle(d, out(src_info, "int32", (l, rows)), out(layout_range, "int64", (l, r)),
                                   m, hidden, num_experts)
         handle._epoch = small[2] if small else None
-        stats = cumulative_local_expert_recv_stats
-
-        def add_stats():  # in place on the caller's tensor, after the receive
-            if stats is None:
-                return
-            if tz.is_torch(stats):
-                stats.add_(recv_count)
-            else:
-                np.add(stats, recv_count, out=stats)
-
         hook = None
         if return_recv_hook:
             def hook():
                 self.runtime.ll_complete_dispatch(d)
-                add_stats()
-        else:
-            add_stats()
         return LowLatencyDispatchOutput(recv_x, recv_count, handle, self._event(ev, (x, topk_idx)), hook)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
@@ -771,6 +761,8 @@ class Buffer:
         tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2)
         t, k = topk_idx.shape
         tz.check(topk_weights, "topk_weights", self.device, ("float32",), 2, (t, k))
+        if combine_wait_recv_cost_stats is not None:
+            tz.check(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats", self.device, ("int64",), 1, (r,))
         if out is not None:
             tz.check(out, "out", self.device, ("bfloat16",), 2, (t, hidden))
         elif like == "torch":
@@ -779,6 +771,7 @@ class Buffer:
         idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
         cx, pending, ev = self.runtime.ll_combine(handle._native, tz.mem(x), t, tz.mem(topk_idx), idx_bytes,
                                                   tz.mem(topk_weights), k, tz.mem(out), return_recv_hook,
+                                                  tz.mem(combine_wait_recv_cost_stats),
                                                   *self._ctx(None, async_finish, False))
         combined = out if out is not None else tz.out(cx, like, self.device, "bfloat16", (t, hidden))
         hook = None

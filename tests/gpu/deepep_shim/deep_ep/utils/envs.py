@@ -42,8 +42,16 @@ def init_dist(local_rank: int, num_local_ranks: int, seed: int = 0):
     ip = os.getenv("MASTER_ADDR", "127.0.0.1")
     port = int(os.getenv("MASTER_PORT", "8361"))
     dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", world_size=num_local_ranks, rank=local_rank)
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"):
+    for name in ("all_reduce", "all_gather", "broadcast"):
         setattr(dist, name, _on_host(getattr(dist, name)))
+    all_gather = dist.all_gather
+
+    def all_gather_into_tensor(output, input, group=None, async_op=False):
+        # gloo wants the output flat along dim 0; NCCL (what DeepEP uses) any shape.
+        parts = list(output.view(-1, *input.shape).unbind(0))
+        return all_gather(parts, input, group=group, async_op=async_op)
+
+    dist.all_gather_into_tensor = all_gather_into_tensor
     torch.cuda.set_device(local_rank % torch.cuda.device_count())
     torch.set_default_dtype(torch.bfloat16)
     torch.set_default_device("cuda")
