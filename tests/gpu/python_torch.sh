@@ -42,7 +42,10 @@ export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 per_test=()
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout=240); fi
 
-echo "--- 8 ranks as threads of one process (CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset})"
+# 8 ranks' streams and 8 torch streams: more than the default 8 hardware queues (a kernel
+# queued behind a peer's spinning one would wait for it: timeouts).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
+echo "--- 8 ranks as threads of one process (CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS)"
 if (cd python/tests && timeout 1200 "$PY" -m pytest -v --tb=short -p no:cacheprovider "${per_test[@]}" test_gpu_torch.py); then
   pass=$((pass + 1)); echo "python in-process: ok"
 else
