@@ -199,14 +199,19 @@ impl HtMemory {
         Ok(HtMemory { all, ring_limit: bytes, heap, heap_table, host_counts, epoch: 0 })
     }
 
-    /// Most bytes the rings may use.
+    /// Most bytes the rings could ever use (moving into the carved heap while it is idle).
     pub fn ring_bytes(&self) -> usize {
-        self.max_ring_bytes()
+        if self.heap_table.is_some() || self.carved() { self.all.len() } else { self.ring_limit }
     }
 
     /// The output heap, if any.
     pub fn heap(&self) -> Option<&SymHeap> {
         self.heap.as_ref()
+    }
+
+    /// Bytes of the output heap (0: none).
+    pub fn heap_bytes(&self) -> usize {
+        self.heap.as_ref().map_or(0, |h| h.capacity() as usize)
     }
 
     /// The whole allocation, shared (DeepEP's `get_local_buffer_tensor` views this rank's).
@@ -236,11 +241,6 @@ impl HtMemory {
 
     fn carved(&self) -> bool {
         self.heap_table.is_none() && self.ring_limit < self.all.len()
-    }
-
-    /// Most bytes the rings could ever use.
-    fn max_ring_bytes(&self) -> usize {
-        if self.heap_table.is_some() || self.carved() { self.all.len() } else { self.ring_limit }
     }
 
     /// Room for a layout of `ring_bytes` (`can_fit` said so): moves the split if needed.
@@ -295,7 +295,7 @@ impl HtBuffer {
         let layout = Self::layout_for(group.num_ranks(), &cfg);
         Self::check_room(&layout, mem.ring_limit)?;
         mem.carve(layout.total_bytes as usize)?;
-        cfg.heap_bytes = mem.heap.as_ref().map_or(0, |h| h.capacity() as usize);
+        cfg.heap_bytes = mem.heap_bytes();
         Ok(HtBuffer { mem, layout, cfg, dispatch_epoch: 0, combine_epoch: 0, poison: None })
     }
 
@@ -317,9 +317,7 @@ impl HtBuffer {
         let mut cfg = Self::resolve(group, cfg)?;
         let layout = Self::layout_for(group.num_ranks(), &cfg);
         let need = layout.total_bytes as usize;
-        if need > self.mem.max_ring_bytes() {
-            Self::check_room(&layout, self.mem.max_ring_bytes())?;
-        }
+        Self::check_room(&layout, self.mem.ring_bytes())?;
         let stream = group.stream();
         stream.synchronize()?; // blocks of earlier calls come back to the heap
         // Decided together (it depends on which heap blocks each rank still holds); also
@@ -337,7 +335,7 @@ impl HtBuffer {
         self.mem.make_room(group, need)?;
         self.mem.rings().fill(stream, 0)?;
         group.bootstrap().barrier()?; // every rank's counters are zero before any is used
-        cfg.heap_bytes = self.mem.heap.as_ref().map_or(0, |h| h.capacity() as usize);
+        cfg.heap_bytes = self.mem.heap_bytes();
         (self.layout, self.cfg) = (layout, cfg);
         (self.dispatch_epoch, self.combine_epoch) = (0, 0);
         Ok(())
@@ -351,11 +349,6 @@ impl HtBuffer {
     /// Bytes of ring memory `cfg` needs on this group (defaults filled in as `new` would).
     pub fn bytes_needed(group: &Group, cfg: &HtConfig) -> Result<usize> {
         Ok(Self::size_hint(group.num_ranks(), &Self::resolve(group, *cfg)?))
-    }
-
-    /// Most bytes of ring memory this buffer can have (heap blocks permitting).
-    pub fn ring_bytes(&self) -> usize {
-        self.mem.max_ring_bytes()
     }
 
     /// `cfg` with its defaults filled in, checked against the group.

@@ -275,11 +275,6 @@ impl LlBuffer {
         Ok(())
     }
 
-    /// Bytes of memory this buffer has.
-    pub fn memory_bytes(&self) -> usize {
-        self.sym.len()
-    }
-
     /// The memory (DeepEP's `get_local_buffer_tensor(use_rdma_buffer=True)` views it).
     pub fn memory(&self) -> &Arc<SymmetricBuffer> {
         &self.sym

@@ -288,7 +288,7 @@ struct Ctx {
 /// for that call's shapes, and laid out again (collectively, no allocation) when a later
 /// call has other shapes. Handles carry the generation of the layout they were made with.
 struct State {
-    /// Memory for HT not laid out yet, and how `num_nvl_bytes` was split (for errors).
+    /// Memory for HT not laid out yet.
     ht_mem: Option<HtMemory>,
     ht: Option<HtBuffer>,
     ht_generation: u64,
@@ -299,6 +299,18 @@ struct State {
     ll: Option<LlBuffer>,
     ll_generation: u64,
     rdma_bytes: usize,
+}
+
+impl State {
+    /// HT's memory, laid out or not.
+    fn ht_memory(&self) -> Option<&HtMemory> {
+        self.ht.as_ref().map(|b| b.memory()).or(self.ht_mem.as_ref())
+    }
+
+    /// LL's memory, laid out or not.
+    fn ll_memory(&self) -> Option<&Arc<SymmetricBuffer>> {
+        self.ll.as_ref().map(|b| b.memory()).or(self.ll_mem.as_ref())
+    }
 }
 
 /// One rank: its group (device, stream, bootstrap) and buffers.
@@ -403,17 +415,13 @@ impl Rank {
             ..want
         };
         let roomy = HtConfig { num_topk: MAX_TOPK, ..exact };
-        let ring_bytes = match (&st.ht, &st.ht_mem) {
-            (Some(b), _) => b.ring_bytes(),
-            (None, Some(m)) => m.ring_bytes(),
-            (None, None) => 0,
-        };
+        let ring_bytes = st.ht_memory().map_or(0, |m| m.ring_bytes());
+        let need = HtBuffer::bytes_needed(&self.group, &exact)?;
         let cfg = if HtBuffer::bytes_needed(&self.group, &roomy)? <= ring_bytes {
             roomy
-        } else if HtBuffer::bytes_needed(&self.group, &exact)? <= ring_bytes {
+        } else if need <= ring_bytes {
             exact
         } else {
-            let need = HtBuffer::bytes_needed(&self.group, &exact)?;
             return Err(Error::invalid(
                 "num_nvl_bytes",
                 format!(
@@ -437,7 +445,7 @@ impl Rank {
             return Ok(());
         }
         let need = LlBuffer::size_hint(self.group.num_ranks(), &cfg);
-        let have = st.ll.as_ref().map_or(st.ll_mem.as_ref().map_or(0, |m| m.len()), |b| b.memory_bytes());
+        let have = st.ll_memory().map_or(0, |m| m.len());
         if need > have {
             return Err(Error::invalid(
                 "num_rdma_bytes",
@@ -642,11 +650,7 @@ impl Rank {
     /// (DeepEP's `get_local_buffer_tensor`): bytes, or None when that memory is absent.
     fn local_buffer(&self, offset: usize, use_rdma_buffer: bool) -> PyResult<Option<Array>> {
         let st = self.lock().py()?;
-        let local = if use_rdma_buffer {
-            st.ll.as_ref().map(|b| b.memory().clone()).or_else(|| st.ll_mem.clone())
-        } else {
-            st.ht.as_ref().map(|b| b.memory().shared()).or_else(|| st.ht_mem.as_ref().map(|m| m.shared()))
-        };
+        let local = if use_rdma_buffer { st.ll_memory().cloned() } else { st.ht_memory().map(|m| m.shared()) };
         let Some(sym) = local else { return Ok(None) };
         let len = sym.len();
         if offset > len {
@@ -660,14 +664,8 @@ impl Rank {
     /// The heap's and the LL memory's sizes: `(rings, heap, ll)` bytes (0 = none).
     fn memory_bytes(&self) -> PyResult<(usize, usize, usize)> {
         let st = self.lock().py()?;
-        let rings = st.ht.as_ref().map_or(st.ht_mem.as_ref().map_or(0, |m| m.ring_bytes()), |b| b.ring_bytes());
-        let heap = match (&st.ht, &st.ht_mem) {
-            (Some(b), _) => b.memory().heap().map_or(0, |h| h.capacity() as usize),
-            (None, Some(m)) => m.heap().map_or(0, |h| h.capacity() as usize),
-            (None, None) => 0,
-        };
-        let ll = st.ll.as_ref().map_or(st.ll_mem.as_ref().map_or(0, |m| m.len()), |b| b.memory_bytes());
-        Ok((rings, heap, ll))
+        let (rings, heap) = st.ht_memory().map_or((0, 0), |m| (m.ring_bytes(), m.heap_bytes()));
+        Ok((rings, heap, st.ll_memory().map_or(0, |m| m.len())))
     }
 
     /// `nbytes` from the HT buffer's heap for work ordered on `stream`, or None (no HT

@@ -84,32 +84,22 @@ fn bench_rank(group: &Group, tokens: usize, max_tokens: usize, iters: usize) -> 
                 b.dispatch_into(group, &out, &x, tokens, &topk, i64, k, Default::default(), LlStats::default())
             }
             Op::DispatchFp8 => b.dispatch_into(group, &out8, &x, tokens, &topk, i64, k, fp8, LlStats::default()),
-            Op::Combine => b.combine_into(
-                group,
-                &out.handle,
-                &out.packed_recv_x,
-                &c.combined_x,
-                tokens,
-                &topk,
-                i64,
-                w,
-                k,
-                false,
-                LlStats::default(),
-            ),
-            Op::CombineZeroCopy => b.combine_into(
-                group,
-                &out.handle,
-                &zero_copy,
-                &c.combined_x,
-                tokens,
-                &topk,
-                i64,
-                w,
-                k,
-                false,
-                LlStats::default(),
-            ),
+            Op::Combine | Op::CombineZeroCopy => {
+                let y = if matches!(op, Op::Combine) { &out.packed_recv_x } else { &zero_copy };
+                b.combine_into(
+                    group,
+                    &out.handle,
+                    y,
+                    &c.combined_x,
+                    tokens,
+                    &topk,
+                    i64,
+                    w,
+                    k,
+                    false,
+                    LlStats::default(),
+                )
+            }
         }
         .map(drop)
     };

@@ -125,13 +125,6 @@ def out(arr, like, device, dtype, shape):
     return np.asarray(arr)[: numel * _SIZES[dtype]].view(ndt).reshape(shape)
 
 
-def zeros(like, device, dtype, shape):
-    torch = _torch()
-    if like == "torch":
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
-    return np.zeros(shape, dtype=_NUMPY_OUT[dtype])
-
-
 def empty(like, device, dtype, shape):
     torch = _torch()
     if like == "torch":

@@ -352,7 +352,6 @@ class Buffer:
         self.runtime.allocate(num_nvl_bytes, num_heap_bytes, num_rdma_bytes)
         self.num_heap_bytes = num_heap_bytes
         self._masked = [False] * self.group_size
-        self._destroyed = False
         self._ll_views = {}
 
     # ----------------------------------------------------------------------------------- misc
@@ -362,7 +361,6 @@ class Buffer:
         if not self.explicitly_destroy:
             raise ValueError("`explicitly_destroy` flag must be set")
         self.runtime.destroy()
-        self._destroyed = True
 
     def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
         """This rank's raw buffer from element `offset` as a 1-D tensor of `dtype` (or `size`
