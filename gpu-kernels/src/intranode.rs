@@ -40,8 +40,9 @@
 //!
 //! Wait sites ([`crate::abi::DeviceError::site`]): see the `SITE_*` constants.
 use crate::abi::{
-    DeviceError, ErrorSlot, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtMailbox, HtNotifyParams,
-    WARP_SIZE, error_code,
+    DeviceError, ErrorSlot, HT_COMBINE_BLOCKS, HT_DISPATCH_BLOCKS, HT_EPOCH_COMBINE, HT_EPOCH_DISPATCH,
+    HT_EPOCH_NOTIFY, HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtMailbox, HtNotifyParams, WARP_SIZE,
+    error_code,
 };
 use crate::copy::{copy_warp, shfl_idx_u64};
 use crate::dev::{self, U4};
@@ -91,6 +92,27 @@ fn combine_tokens_per_warp(num_ranks: u32, num_slots: u32) -> u32 {
 unsafe fn peer_base(table: u64, r: u32) -> u64 {
     // SAFETY: the caller passes the device table of `R` symmetric buffer addresses.
     unsafe { *(table as *const u64).add(r as usize) }
+}
+
+/// The call's epoch: one past the last call's, on this rank's epoch word `which`
+/// ([`HtLayout::epochs`], `local` = this rank's buffer). Every thread reads it at kernel
+/// entry, before the kernel stores it back.
+#[inline(always)]
+unsafe fn call_epoch(local: u64, l: &HtLayout, which: u64) -> u64 {
+    // SAFETY: the word lies in this rank's buffer, written by earlier kernels of the stream.
+    unsafe { dev::ld_relaxed_sys_u64((local + l.epochs + which) as *const u64) + 1 }
+}
+
+/// End of a dispatch/combine, in every thread of every block whatever happened before: the
+/// grid's last block (counted on `counter`) stores `epoch` on word `which`.
+#[inline(always)]
+unsafe fn end_call(local: u64, l: &HtLayout, which: u64, counter: u64, epoch: u64) {
+    // SAFETY: word and counter lie in this rank's buffer (HtLayout::epochs).
+    unsafe {
+        if dev::last_block(local + l.epochs + counter) && dev::thread_idx_x() == 0 {
+            dev::st_relaxed_sys_u64((local + l.epochs + which) as *mut u64, epoch);
+        }
+    }
 }
 
 /// Warp-cooperative [`dev::wait_at_least`]: lane 0 waits, every lane gets the result. Lane 0's
@@ -175,9 +197,12 @@ kernel! {
         let num_local = p.num_experts.checked_div(r).unwrap_or(0);
         let l = HtLayout::new(r, c_count, 0, num_local, 0, 0);
         let bins: *mut u32 = dev::static_smem();
+        let mut p = p;
         // SAFETY (whole body): regions come from `l`, the layout the host sized the buffers
         // with; inputs hold the documented shapes.
         unsafe {
+            let local = peer_base(p.peer_bases, p.rank);
+            p.epoch = call_epoch(local, &l, HT_EPOCH_NOTIFY);
             if !barrier(&p, &l, 0, SITE_NOTIFY_ENTRY) {
                 return;
             }
@@ -222,7 +247,10 @@ kernel! {
             if !barrier(&p, &l, 1, SITE_NOTIFY_COUNTS) {
                 return;
             }
-            let local = peer_base(p.peer_bases, p.rank);
+            if t == 0 {
+                // Every thread read the word at entry, before the barriers.
+                dev::st_relaxed_sys_u64((local + l.epochs + HT_EPOCH_NOTIFY) as *mut u64, p.epoch);
+            }
             let counts = (local + l.count_matrix) as *const i32;
             if t == 0 {
                 let rpm = p.rank_prefix_matrix as *mut i32;
@@ -619,121 +647,134 @@ unsafe fn dispatch_send(p: &HtDispatchParams, l: &HtLayout, dst: u32, channel: u
 kernel! {
     /// HT dispatch (see the module docs).
     pub unsafe fn ht_dispatch(p: HtDispatchParams) as HT_DISPATCH = "_ZN6moe_ep9intranode8dispatchEv", {
-        let lane = dev::lane_id();
-        let r = p.num_ranks;
-        let (channel, peer, w_per) = channel_and_peer(r);
-        let is_sender = dev::block_idx_x() & 1 == 0;
-        let k_count = p.num_topk;
-        let l = HtLayout::new(r, p.num_channels, p.num_slots, p.num_local_experts, p.slot_bytes, 0);
-        let meta = p.hidden_bytes + 4 * p.num_scales as u64; // offset of src_idx in a slot
-        // SAFETY (whole body): buffers and regions as documented in HtDispatchParams and
-        // HtLayout; the host checked every size before the launch.
+        let l = HtLayout::new(p.num_ranks, p.num_channels, p.num_slots, p.num_local_experts, p.slot_bytes, 0);
+        let mut p = p;
+        // SAFETY: the host sized every buffer for this layout and these parameters.
         unsafe {
-            if is_sender {
-                if !dispatch_send(&p, &l, peer, channel, 0) {
-                    return;
-                }
-            } else {
-                // A padded output must hold every row: refuse rather than write past it.
-                let num_recv = *(p.num_recv_tokens as *const i32) as u32;
-                let overflow = p.num_worst_tokens != 0 && num_recv > p.num_worst_tokens;
-                if dev::block_idx_x() == 1 && dev::warp_id() == 0 {
-                    let mode = if overflow {
-                        HtMailbox::MODE_REFUSE
-                    } else if p.direct != 0 {
-                        HtMailbox::MODE_DIRECT
-                    } else {
-                        HtMailbox::MODE_RING
+            let local = peer_base(p.peer_bases, p.rank);
+            p.epoch = call_epoch(local, &l, HT_EPOCH_DISPATCH);
+            dispatch(&p, &l);
+            end_call(local, &l, HT_EPOCH_DISPATCH, HT_DISPATCH_BLOCKS, p.epoch);
+        }
+    }
+}
+
+/// The body of `ht_dispatch`: its threads may leave at different points (errors).
+#[inline(always)]
+unsafe fn dispatch(p: &HtDispatchParams, l: &HtLayout) {
+    let lane = dev::lane_id();
+    let r = p.num_ranks;
+    let (channel, peer, w_per) = channel_and_peer(r);
+    let is_sender = dev::block_idx_x() & 1 == 0;
+    let k_count = p.num_topk;
+    let meta = p.hidden_bytes + 4 * p.num_scales as u64; // offset of src_idx in a slot
+    // SAFETY (whole body): buffers and regions as documented in HtDispatchParams and
+    // HtLayout; the host checked every size before the launch.
+    unsafe {
+        if is_sender {
+            if !dispatch_send(p, l, peer, channel, 0) {
+                return;
+            }
+        } else {
+            // A padded output must hold every row: refuse rather than write past it.
+            let num_recv = *(p.num_recv_tokens as *const i32) as u32;
+            let overflow = p.num_worst_tokens != 0 && num_recv > p.num_worst_tokens;
+            if dev::block_idx_x() == 1 && dev::warp_id() == 0 {
+                let mode = if overflow {
+                    HtMailbox::MODE_REFUSE
+                } else if p.direct != 0 {
+                    HtMailbox::MODE_DIRECT
+                } else {
+                    HtMailbox::MODE_RING
+                };
+                open_mailbox(p, l, mode);
+            }
+            if overflow {
+                if dev::thread_idx_x() == 0 {
+                    let rec = DeviceError {
+                        code: error_code::OVERFLOW,
+                        rank: p.rank,
+                        peer: u32::MAX,
+                        block: dev::block_idx_x(),
+                        site: SITE_DISPATCH_RECV,
+                        expected: p.num_worst_tokens as u64,
+                        observed: num_recv as u64,
+                        reserved: 0,
                     };
-                    open_mailbox(&p, &l, mode);
+                    dev::report_error(p.error as *mut ErrorSlot, rec);
                 }
-                if overflow {
-                    if dev::thread_idx_x() == 0 {
-                        let rec = DeviceError {
-                            code: error_code::OVERFLOW,
-                            rank: p.rank,
-                            peer: u32::MAX,
-                            block: dev::block_idx_x(),
-                            site: SITE_DISPATCH_RECV,
-                            expected: p.num_worst_tokens as u64,
-                            observed: num_recv as u64,
-                            reserved: 0,
-                        };
-                        dev::report_error(p.error as *mut ErrorSlot, rec);
+                return;
+            }
+            let src = peer;
+            let local = peer_base(p.peer_bases, p.rank);
+            let tail = (local + l.ring_tail(l.dispatch_ctrl, src as u64, channel as u64)) as *const u64;
+            let head = (tail as u64 + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
+            let slots = local + l.ring_slot(l.dispatch_slots, p.slot_bytes, src as u64, channel as u64, 0);
+            let cpm = p.channel_prefix_matrix as *const i32;
+            let row0 = *cpm.add((src * (p.num_channels + 1) + channel) as usize) as u64;
+            let n = *cpm.add((src * (p.num_channels + 1) + channel + 1) as usize) as u64 - row0;
+            let base = dev::ld_relaxed_sys_u64(head);
+            let lo_expert = (p.rank * p.num_local_experts) as i32;
+            let mut got = 0u64;
+            while p.direct == 0 && got < n {
+                let Some(seen) = wait_tail(dev::waiting!(p, src, SITE_DISPATCH_RECV), tail, base + got) else { return };
+                let upto = (seen - base).min(n);
+                while got < upto {
+                    let slot = slots + ((base + got) % p.num_slots as u64) * p.slot_bytes;
+                    let row = row0 + got;
+                    copy_warp(p.recv_x + row * p.hidden_bytes, slot, p.hidden_bytes, false);
+                    let mut s = lane;
+                    while s < p.num_scales {
+                        *(p.recv_x_scales as *mut f32).add((row * p.num_scales as u64 + s as u64) as usize) =
+                            *((slot + p.hidden_bytes) as *const f32).add(s as usize);
+                        s += WARP_SIZE;
                     }
-                    return;
+                    if lane == 0 && p.recv_src_idx != 0 {
+                        *(p.recv_src_idx as *mut i32).add(row as usize) = *((slot + meta) as *const i32);
+                    }
+                    if lane < k_count {
+                        let e = *((slot + meta + 4) as *const i32).add(lane as usize);
+                        let w = *((slot + meta + 4 + 4 * k_count as u64) as *const f32).add(lane as usize);
+                        let local_e = e - lo_expert;
+                        let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < p.num_local_experts;
+                        let at = (row * k_count as u64 + lane as u64) as usize;
+                        *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
+                        *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
+                    }
+                    got += 1;
                 }
-                let src = peer;
-                let local = peer_base(p.peer_bases, p.rank);
-                let tail = (local + l.ring_tail(l.dispatch_ctrl, src as u64, channel as u64)) as *const u64;
-                let head = (tail as u64 + moe_ep_abi::FLAG_STRIDE_BYTES) as *mut u64;
-                let slots = local + l.ring_slot(l.dispatch_slots, p.slot_bytes, src as u64, channel as u64, 0);
-                let cpm = p.channel_prefix_matrix as *const i32;
-                let row0 = *cpm.add((src * (p.num_channels + 1) + channel) as usize) as u64;
-                let n = *cpm.add((src * (p.num_channels + 1) + channel + 1) as usize) as u64 - row0;
-                let base = dev::ld_relaxed_sys_u64(head);
-                let lo_expert = (p.rank * p.num_local_experts) as i32;
-                let mut got = 0u64;
-                while p.direct == 0 && got < n {
-                    let Some(seen) = wait_tail(dev::waiting!(p, src, SITE_DISPATCH_RECV), tail, base + got) else { return };
-                    let upto = (seen - base).min(n);
-                    while got < upto {
-                        let slot = slots + ((base + got) % p.num_slots as u64) * p.slot_bytes;
-                        let row = row0 + got;
-                        copy_warp(p.recv_x + row * p.hidden_bytes, slot, p.hidden_bytes, false);
-                        let mut s = lane;
-                        while s < p.num_scales {
-                            *(p.recv_x_scales as *mut f32).add((row * p.num_scales as u64 + s as u64) as usize) =
-                                *((slot + p.hidden_bytes) as *const f32).add(s as usize);
-                            s += WARP_SIZE;
-                        }
-                        if lane == 0 && p.recv_src_idx != 0 {
-                            *(p.recv_src_idx as *mut i32).add(row as usize) = *((slot + meta) as *const i32);
-                        }
-                        if lane < k_count {
-                            let e = *((slot + meta + 4) as *const i32).add(lane as usize);
-                            let w = *((slot + meta + 4 + 4 * k_count as u64) as *const f32).add(lane as usize);
-                            let local_e = e - lo_expert;
-                            let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < p.num_local_experts;
-                            let at = (row * k_count as u64 + lane as u64) as usize;
-                            *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
-                            *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
-                        }
-                        got += 1;
-                    }
-                    dev::sync_warp(0xffff_ffff);
-                    if lane == 0 {
-                        dev::st_release_sys_u64(head, base + got);
-                    }
-                }
-                // The second half of this warp's channel to `peer`, when it takes direct stores.
-                if !dispatch_send(&p, &l, peer, channel, 1) {
-                    return;
-                }
-                if p.direct != 0 && n > 0 {
-                    // Both halves of `src`'s senders add their counts to the ring's tail once
-                    // their stores are out; the head follows, so a later ring call starts even.
-                    if wait_tail(dev::waiting!(p, src, SITE_DISPATCH_DIRECT), tail, base + n - 1).is_none() {
-                        return;
-                    }
-                    if lane == 0 {
-                        dev::st_release_sys_u64(head, base + n);
-                    }
+                dev::sync_warp(0xffff_ffff);
+                if lane == 0 {
+                    dev::st_release_sys_u64(head, base + got);
                 }
             }
-            // Padding rows of a fixed-size (num_worst_tokens) output, spread over receivers.
-            if !is_sender && p.num_worst_tokens != 0 {
-                let num_recv = *(p.num_recv_tokens as *const i32) as u64;
-                let stride = (p.num_channels / w_per * dev::block_dim_x()) as u64;
-                let mut row = num_recv + (dev::block_idx_x() / 2 * dev::block_dim_x() + dev::thread_idx_x()) as u64;
-                while row < p.num_worst_tokens as u64 && p.recv_src_idx != 0 {
-                    *(p.recv_src_idx as *mut i32).add(row as usize) = -1;
-                    for k in 0..k_count as u64 {
-                        *(p.recv_topk_idx as *mut i64).add((row * k_count as u64 + k) as usize) = -1;
-                        *(p.recv_topk_weights as *mut f32).add((row * k_count as u64 + k) as usize) = 0.0;
-                    }
-                    row += stride;
+            // The second half of this warp's channel to `peer`, when it takes direct stores.
+            if !dispatch_send(p, l, peer, channel, 1) {
+                return;
+            }
+            if p.direct != 0 && n > 0 {
+                // Both halves of `src`'s senders add their counts to the ring's tail once
+                // their stores are out; the head follows, so a later ring call starts even.
+                if wait_tail(dev::waiting!(p, src, SITE_DISPATCH_DIRECT), tail, base + n - 1).is_none() {
+                    return;
                 }
+                if lane == 0 {
+                    dev::st_release_sys_u64(head, base + n);
+                }
+            }
+        }
+        // Padding rows of a fixed-size (num_worst_tokens) output, spread over receivers.
+        if !is_sender && p.num_worst_tokens != 0 {
+            let num_recv = *(p.num_recv_tokens as *const i32) as u64;
+            let stride = (p.num_channels / w_per * dev::block_dim_x()) as u64;
+            let mut row = num_recv + (dev::block_idx_x() / 2 * dev::block_dim_x() + dev::thread_idx_x()) as u64;
+            while row < p.num_worst_tokens as u64 && p.recv_src_idx != 0 {
+                *(p.recv_src_idx as *mut i32).add(row as usize) = -1;
+                for k in 0..k_count as u64 {
+                    *(p.recv_topk_idx as *mut i64).add((row * k_count as u64 + k) as usize) = -1;
+                    *(p.recv_topk_weights as *mut f32).add((row * k_count as u64 + k) as usize) = 0.0;
+                }
+                row += stride;
             }
         }
     }
@@ -1134,18 +1175,24 @@ kernel! {
     /// HT combine (see the module docs).
     pub unsafe fn ht_combine(p: HtCombineParams) as HT_COMBINE = "_ZN6moe_ep9intranode7combineEv", {
         let l = HtLayout::new(p.num_ranks, p.num_channels, p.num_slots, p.num_local_experts, p.dispatch_slot_bytes, p.slot_bytes);
+        let mut p = p;
         // SAFETY: the host sized every buffer for this layout and these parameters.
         unsafe {
-            let Some(pull) = combine_mode(&p, &l) else { return };
-            let ok = if pull {
-                combine_pull(&p, &l);
-                true
-            } else {
-                combine_ring(&p, &l)
-            };
-            if !dev::sync_threads_or(!ok) {
-                combine_done(&p, &l);
+            let local = peer_base(p.peer_bases, p.rank);
+            p.epoch = call_epoch(local, &l, HT_EPOCH_COMBINE);
+            // Block-uniform from here on (`combine_ring`'s warps meet again at its end).
+            if let Some(pull) = combine_mode(&p, &l) {
+                let ok = if pull {
+                    combine_pull(&p, &l);
+                    true
+                } else {
+                    combine_ring(&p, &l)
+                };
+                if !dev::sync_threads_or(!ok) {
+                    combine_done(&p, &l);
+                }
             }
+            end_call(local, &l, HT_EPOCH_COMBINE, HT_COMBINE_BLOCKS, p.epoch);
         }
     }
 }

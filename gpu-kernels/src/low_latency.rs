@@ -299,22 +299,6 @@ unsafe fn resolve_epoch(p: &mut LlParams, new_call: bool) {
     }
 }
 
-/// After this block's sends: count it done; true (in every thread) in the grid's last block,
-/// which then sees every other block's sends.
-#[inline(always)]
-unsafe fn last_block(counter: u64) -> bool {
-    dev::sync_threads();
-    let mut last = false;
-    if dev::thread_idx_x() == 0 {
-        dev::fence_acq_rel_sys();
-        // SAFETY: the counter lies in this rank's buffer.
-        let old = unsafe { dev::atom_add_release_gpu_u32(counter as *mut u32, 1) };
-        last = (old + 1) % dev::grid_dim_x() == 0;
-        dev::fence_acq_rel_sys();
-    }
-    dev::sync_threads_or(last)
-}
-
 /// Bytes of dynamic shared memory `ll_dispatch` needs with `num_warps` warps per block: a
 /// count per (warp, expert), then a total per expert.
 pub const fn ll_dispatch_smem_bytes(num_warps: u32, num_experts: u32) -> u32 {
@@ -514,7 +498,7 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
             item += nw as u64;
         }
         // 4. The last block: every owner's ranges and flags.
-        if last_block(local + l.counters + LL_DISPATCH_COUNTER) {
+        if dev::last_block(local + l.counters + LL_DISPATCH_COUNTER) {
             let mut i = tid;
             while i < num_experts {
                 let (owner, le) = (i / num_local, i % num_local);
@@ -666,7 +650,7 @@ kernel! {
             // Raise this rank's flag at every source (pulling: at once; else once every block's
             // rows are out) and release the set: its dispatch outputs are no longer read here.
             let raise = p.phases & LL_SEND != 0
-                && if pull { dev::block_idx_x() == 0 } else { last_block(local + l.counters + LL_COMBINE_COUNTER) };
+                && if pull { dev::block_idx_x() == 0 } else { dev::last_block(local + l.counters + LL_COMBINE_COUNTER) };
             if raise {
                 let mut r = dev::thread_idx_x();
                 while r < p.num_ranks {
@@ -874,7 +858,7 @@ kernel! {
                 }
                 t += warps;
             }
-            if p.phases & LL_SEND != 0 && last_block(local + l.counters + LL_DISPATCH_COUNTER) {
+            if p.phases & LL_SEND != 0 && dev::last_block(local + l.counters + LL_DISPATCH_COUNTER) {
                 let mut dst = dev::thread_idx_x();
                 while dst < p.num_ranks {
                     let flag = base_of(&p, dst, &l) + l.rank_major_flags + me as u64 * 8;

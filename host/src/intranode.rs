@@ -120,6 +120,43 @@ pub struct HtDispatchOutputs {
     pub one_pass: bool,
 }
 
+/// The memory a dispatch writes besides its rows: the handle's maps and the per-expert
+/// counts (`T` tokens, `R` ranks, `C` channels = [`HtBuffer::num_channels`], `L` local experts).
+pub struct HtMaps {
+    /// `[L]` i32.
+    pub num_recv_tokens_per_expert: DeviceBuffer,
+    /// `[R, R]` i32.
+    pub rank_prefix_matrix: DeviceBuffer,
+    /// `[R, C + 1]` i32.
+    pub channel_prefix_matrix: DeviceBuffer,
+    /// `[1]` i32.
+    pub num_recv_tokens: DeviceBuffer,
+    /// `[R, C]` i32.
+    pub remote_row0: DeviceBuffer,
+    /// `[T, R]` i32.
+    pub send_head: DeviceBuffer,
+    /// `[T, R]` bool bytes (the dispatch copies the layout's here).
+    pub is_token_in_rank: DeviceBuffer,
+}
+
+/// The caller's memory for [`HtBuffer::dispatch_into`] (rows = `num_worst_tokens`, `S`
+/// scales, `K` top-k); a buffer the call doesn't write (scales without `x_scales`, top-k
+/// without `topk`) may be any, e.g. `recv_x` again.
+pub struct HtDispatchBuffers {
+    /// `[rows, hidden_bytes]`, 16-aligned.
+    pub recv_x: DeviceBuffer,
+    /// `[rows, S]` f32.
+    pub recv_x_scales: DeviceBuffer,
+    /// `[rows, K]` i64.
+    pub recv_topk_idx: DeviceBuffer,
+    /// `[rows, K]` f32.
+    pub recv_topk_weights: DeviceBuffer,
+    /// `[rows]` i32.
+    pub recv_src_idx: DeviceBuffer,
+    /// The rest.
+    pub maps: HtMaps,
+}
+
 /// Outputs of [`HtBuffer::combine`].
 pub struct HtCombineOutputs {
     /// `[num_tokens, hidden]` bf16.
@@ -174,8 +211,6 @@ pub struct HtMemory {
     heap_table: Option<HostMapped>,
     /// Received-count read-back of exact-size dispatches (room for any expert count).
     host_counts: HostMapped,
-    /// Flag value of the last notify (ranks make the same calls, so all agree).
-    epoch: u64,
 }
 
 impl HtMemory {
@@ -196,7 +231,7 @@ impl HtMemory {
             Some(n) if n > 0 => Some(SymHeap::new(group, n)?),
             _ => None,
         };
-        Ok(HtMemory { all, ring_limit: bytes, heap, heap_table, host_counts, epoch: 0 })
+        Ok(HtMemory { all, ring_limit: bytes, heap, heap_table, host_counts })
     }
 
     /// Most bytes the rings could ever use (moving into the carved heap while it is idle).
@@ -272,9 +307,6 @@ pub struct HtBuffer {
     mem: HtMemory,
     layout: HtLayout,
     cfg: HtConfig,
-    /// Mailbox epochs of the last dispatch and combine (every rank makes the same calls).
-    dispatch_epoch: u64,
-    combine_epoch: u64,
     poison: Option<u8>,
 }
 
@@ -296,7 +328,7 @@ impl HtBuffer {
         Self::check_room(&layout, mem.ring_limit)?;
         mem.carve(layout.total_bytes as usize)?;
         cfg.heap_bytes = mem.heap_bytes();
-        Ok(HtBuffer { mem, layout, cfg, dispatch_epoch: 0, combine_epoch: 0, poison: None })
+        Ok(HtBuffer { mem, layout, cfg, poison: None })
     }
 
     fn check_room(layout: &HtLayout, ring_bytes: usize) -> Result<()> {
@@ -337,7 +369,6 @@ impl HtBuffer {
         group.bootstrap().barrier()?; // every rank's counters are zero before any is used
         cfg.heap_bytes = self.mem.heap_bytes();
         (self.layout, self.cfg) = (layout, cfg);
-        (self.dispatch_epoch, self.combine_epoch) = (0, 0);
         Ok(())
     }
 
@@ -433,6 +464,12 @@ impl HtBuffer {
         self.cfg.num_channels * self.cfg.warps_per_peer
     }
 
+    /// Channels of a dispatch's maps (rings per pair of ranks, [`HtHandle::num_channels`]):
+    /// `channel_prefix_matrix` is `[R, num_channels + 1]`, `remote_row0` `[R, num_channels]`.
+    pub fn num_channels(&self) -> usize {
+        self.rings()
+    }
+
     /// The dispatch/combine launch: a sender and a receiver block per channel, a warp per
     /// (ring, peer) in each.
     fn launch_config(&self, num_ranks: usize) -> LaunchConfig {
@@ -456,9 +493,60 @@ impl HtBuffer {
     /// Exact-size mode synchronises once (to size the outputs); with `num_worst_tokens` the
     /// whole op is asynchronous. Device-side errors surface in [`Group::take_device_error`].
     pub fn dispatch(&mut self, group: &Group, a: &HtDispatchArgs) -> Result<HtDispatchOutputs> {
-        let num_ranks = group.num_ranks();
-        let (t, hb) = (a.num_tokens, a.hidden_bytes);
-        let num_scales = self.check_x(a.x, hb, t, a.x_scales)?;
+        let num_scales = self.check_dispatch(group, a)?;
+        let stream = group.stream();
+        if let Some(rows) = a.num_worst_tokens {
+            // Before the first kernel: once peers spin in the notify kernel, a driver call
+            // that waits for the device (allocation may) would stall this rank's own launch.
+            let out = self.alloc_dispatch_buffers(group, a, rows, num_scales)?;
+            return self.dispatch_into(group, a, out);
+        }
+        if stream.capturing() {
+            return Err(Error::invalid(
+                "num_worst_tokens",
+                "exact-size outputs need a host synchronisation, which a CUDA-graph capture can't make: pass num_worst_tokens",
+            ));
+        }
+        let maps = self.alloc_maps(group, a.num_tokens)?;
+        self.launch_notify(group, a, &maps, true)?;
+        stream.synchronize()?;
+        group.take_device_error(HT_NOTIFY.name)?;
+        let rows = self.mem.host_counts.read::<u32>(0)? as usize;
+        let num_local = self.cfg.num_experts / group.num_ranks();
+        let per: Vec<i32> =
+            (0..num_local).map(|e| self.mem.host_counts.read::<i32>(4 * (1 + e))).collect::<Result<_>>()?;
+        let out = self.alloc_rows(group, a, rows, num_scales, maps)?;
+        let mut outputs = self.launch_full_dispatch(group, a, out, rows, false)?;
+        (outputs.num_recv_tokens, outputs.num_recv_tokens_per_expert_list) = (Some(rows), Some(per));
+        Ok(outputs)
+    }
+
+    /// [`HtBuffer::dispatch`] with `num_worst_tokens` into the caller's memory: nothing is
+    /// allocated, so a CUDA-graph capture of the call owns all of it (the outputs and the
+    /// handle's maps live as long as `out`'s memory). Outputs in this buffer's heap
+    /// ([`HtBuffer::alloc_output`]) are stored into by the senders directly.
+    pub fn dispatch_into(
+        &mut self,
+        group: &Group,
+        a: &HtDispatchArgs,
+        out: HtDispatchBuffers,
+    ) -> Result<HtDispatchOutputs> {
+        let num_scales = self.check_dispatch(group, a)?;
+        let Some(rows) = a.num_worst_tokens else {
+            return Err(Error::invalid(
+                "num_worst_tokens",
+                "dispatch_into writes padded outputs: pass num_worst_tokens",
+            ));
+        };
+        self.check_buffers(group, a, rows, num_scales, &out)?;
+        self.launch_notify(group, a, &out.maps, false)?;
+        self.launch_full_dispatch(group, a, out, rows, true)
+    }
+
+    /// Checks a dispatch's inputs; returns the scale count.
+    fn check_dispatch(&self, group: &Group, a: &HtDispatchArgs) -> Result<usize> {
+        let (t, num_ranks) = (a.num_tokens, group.num_ranks());
+        let num_scales = self.check_x(a.x, a.hidden_bytes, t, a.x_scales)?;
         let num_topk = a.topk.map_or(0, |(_, _, _, k)| k);
         if num_topk > self.cfg.num_topk {
             return Err(Error::invalid("topk_idx", format!("top-{num_topk} > the buffer's {}", self.cfg.num_topk)));
@@ -476,94 +564,164 @@ impl HtBuffer {
         if a.expert_alignment == 0 {
             return Err(Error::invalid("expert_alignment", "must be at least 1"));
         }
-        let dev = group.device().clone();
-        let stream = group.stream();
-        let num_local = self.cfg.num_experts / num_ranks;
-        let c = self.rings();
-        let rank_prefix_matrix = stream.alloc(4 * num_ranks * num_ranks)?;
-        let channel_prefix_matrix = stream.alloc(4 * num_ranks * (c + 1))?;
-        let num_recv_tokens_per_expert = stream.alloc(4 * num_local)?;
-        let num_recv_tokens_dev = stream.alloc(4)?;
-        let remote_row0 = stream.alloc(4 * num_ranks * c)?;
-        let exact = a.num_worst_tokens.is_none();
+        Ok(num_scales)
+    }
+
+    /// Checks the sizes and alignment of a [`HtBuffer::dispatch_into`]'s memory.
+    fn check_buffers(
+        &self,
+        group: &Group,
+        a: &HtDispatchArgs,
+        rows: usize,
+        num_scales: usize,
+        out: &HtDispatchBuffers,
+    ) -> Result<()> {
+        let (t, r, c) = (a.num_tokens, group.num_ranks(), self.rings());
+        let k = a.topk.map_or(0, |(_, _, _, k)| k);
+        let m = &out.maps;
+        let checks: [(&DeviceBuffer, usize, u64, &'static str, bool); 12] = [
+            (&out.recv_x, rows * a.hidden_bytes, 16, "recv_x", true),
+            (&out.recv_x_scales, rows * num_scales * 4, 4, "recv_x_scales", num_scales > 0),
+            (&out.recv_topk_idx, rows * k * 8, 8, "recv_topk_idx", k > 0),
+            (&out.recv_topk_weights, rows * k * 4, 4, "recv_topk_weights", k > 0),
+            (&out.recv_src_idx, rows * 4, 4, "recv_src_idx", true),
+            (&m.num_recv_tokens_per_expert, 4 * (self.cfg.num_experts / r), 4, "num_recv_tokens_per_expert", true),
+            (&m.rank_prefix_matrix, 4 * r * r, 4, "rank_prefix_matrix", true),
+            (&m.channel_prefix_matrix, 4 * r * (c + 1), 4, "channel_prefix_matrix", true),
+            (&m.num_recv_tokens, 4, 4, "num_recv_tokens", true),
+            (&m.remote_row0, 4 * r * c, 4, "remote_row0", true),
+            (&m.send_head, 4 * t * r, 4, "send_head", true),
+            (&m.is_token_in_rank, t * r, 1, "is_token_in_rank", true),
+        ];
+        for (buf, bytes, align, name, used) in checks {
+            if used && (buf.len() < bytes || !buf.ptr().is_multiple_of(align)) {
+                return Err(Error::invalid(name, format!("{bytes} bytes ({align}-aligned) needed, got {}", buf.len())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The handle's maps of a dispatch of `num_tokens`, from the stream's pool.
+    fn alloc_maps(&self, group: &Group, num_tokens: usize) -> Result<HtMaps> {
+        let (stream, r, c) = (group.stream(), group.num_ranks(), self.rings());
+        Ok(HtMaps {
+            num_recv_tokens_per_expert: stream.alloc(4 * (self.cfg.num_experts / r))?,
+            rank_prefix_matrix: stream.alloc(4 * r * r)?,
+            channel_prefix_matrix: stream.alloc(4 * r * (c + 1))?,
+            num_recv_tokens: stream.alloc(4)?,
+            remote_row0: stream.alloc(4 * r * c)?,
+            send_head: stream.alloc_uninit((num_tokens * r * 4).max(4))?,
+            is_token_in_rank: stream.alloc_uninit((num_tokens * r).max(1))?,
+        })
+    }
+
+    /// The row outputs of a dispatch (from the heap when they all fit) beside `maps`.
+    fn alloc_rows(
+        &self,
+        group: &Group,
+        a: &HtDispatchArgs,
+        rows: usize,
+        num_scales: usize,
+        maps: HtMaps,
+    ) -> Result<HtDispatchBuffers> {
+        let k = a.topk.map_or(0, |(_, _, _, k)| k);
+        let sizes = [rows * a.hidden_bytes, rows * num_scales * 4, rows * k * 8, rows * k * 4, rows * 4];
+        let ([recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx], _) =
+            self.alloc_recv(group.stream(), sizes)?;
+        Ok(HtDispatchBuffers { recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, maps })
+    }
+
+    /// Everything a padded dispatch writes.
+    fn alloc_dispatch_buffers(
+        &self,
+        group: &Group,
+        a: &HtDispatchArgs,
+        rows: usize,
+        num_scales: usize,
+    ) -> Result<HtDispatchBuffers> {
+        let maps = self.alloc_maps(group, a.num_tokens)?;
+        self.alloc_rows(group, a, rows, num_scales, maps)
+    }
+
+    /// The count exchange of a dispatch into `maps` (and, `exact`, the host's copy).
+    fn launch_notify(&mut self, group: &Group, a: &HtDispatchArgs, maps: &HtMaps, exact: bool) -> Result<()> {
+        let num_ranks = group.num_ranks();
         let notify = HtNotifyParams {
             peer_bases: self.mem.all.peer_table_ptr(),
             num_tokens_per_rank: a.layout.num_tokens_per_rank.ptr(),
             num_tokens_per_expert: a.layout.num_tokens_per_expert.ptr(),
             is_token_in_rank: a.layout.is_token_in_rank.ptr(),
-            rank_prefix_matrix: rank_prefix_matrix.ptr(),
-            channel_prefix_matrix: channel_prefix_matrix.ptr(),
-            num_recv_tokens_per_expert: num_recv_tokens_per_expert.ptr(),
-            num_recv_tokens: num_recv_tokens_dev.ptr(),
+            rank_prefix_matrix: maps.rank_prefix_matrix.ptr(),
+            channel_prefix_matrix: maps.channel_prefix_matrix.ptr(),
+            num_recv_tokens_per_expert: maps.num_recv_tokens_per_expert.ptr(),
+            num_recv_tokens: maps.num_recv_tokens.ptr(),
             host_counts: if exact { self.mem.host_counts.device_ptr() } else { 0 },
             error: group.error_ptr(),
-            epoch: {
-                self.mem.epoch += 1;
-                self.mem.epoch
-            },
+            epoch: 0, // the kernel's (HtLayout::epochs)
             timeout_ns: group.timeout_ns(),
-            num_tokens: t as u32,
+            num_tokens: a.num_tokens as u32,
             num_experts: self.cfg.num_experts as u32,
-            num_channels: c as u32,
+            num_channels: self.rings() as u32,
             expert_alignment: a.expert_alignment as u32,
             rank: group.rank() as u32,
             num_ranks: num_ranks as u32,
         };
-        let block_dim = dev.block_dim(256).max(32 * num_ranks as u32);
-        let alloc_outputs = |rows: usize| -> Result<([DeviceBuffer; 5], bool, [DeviceBuffer; 2])> {
-            let sizes = [rows * hb, rows * num_scales * 4, rows * num_topk * 8, rows * num_topk * 4, rows * 4];
-            let (recv, direct) = self.alloc_recv(stream, sizes)?;
-            let maps = [stream.alloc_uninit((t * num_ranks * 4).max(4))?, stream.alloc_uninit((t * num_ranks).max(1))?];
-            Ok((recv, direct, maps))
-        };
-        // Padded outputs are allocated before the first kernel: once peers spin in the
-        // notify kernel, a driver call that waits for the device (allocation may) would stall
-        // this rank's own launch.
-        let early = match a.num_worst_tokens {
-            Some(w) => Some(alloc_outputs(w)?),
-            None => None,
-        };
-        // SAFETY: every region comes from the layout the buffer was sized with; outputs were
-        // just allocated with the documented shapes.
-        unsafe { stream.launch(&HT_NOTIFY, LaunchConfig { grid_dim: 1, block_dim, shared_mem_bytes: 0 }, notify)? };
-        let (rows, num_recv, per_expert, outputs) = match early {
-            Some(outputs) => (a.num_worst_tokens.unwrap_or(0), None, None, outputs),
-            None => {
-                stream.synchronize()?;
-                group.take_device_error(HT_NOTIFY.name)?;
-                let n = self.mem.host_counts.read::<u32>(0)? as usize;
-                let per: Vec<i32> =
-                    (0..num_local).map(|e| self.mem.host_counts.read::<i32>(4 * (1 + e))).collect::<Result<_>>()?;
-                (n, Some(n), Some(per), alloc_outputs(n)?)
-            }
-        };
-        let (
-            [recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx],
-            direct,
-            [send_head, is_token_in_rank],
-        ) = outputs;
-        if t > 0 {
-            is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * num_ranks)?;
+        let block_dim = group.device().block_dim(256).max(32 * num_ranks as u32);
+        // SAFETY: every region comes from the layout the buffer was sized with; the maps
+        // hold the documented shapes (allocated or checked).
+        unsafe {
+            group.stream().launch(&HT_NOTIFY, LaunchConfig { grid_dim: 1, block_dim, shared_mem_bytes: 0 }, notify)
         }
+    }
+
+    /// The `ht_dispatch` of a full (not cached) dispatch into `out`, after its notify.
+    fn launch_full_dispatch(
+        &mut self,
+        group: &Group,
+        a: &HtDispatchArgs,
+        out: HtDispatchBuffers,
+        rows: usize,
+        padded: bool,
+    ) -> Result<HtDispatchOutputs> {
+        let (t, stream) = (a.num_tokens, group.stream());
+        let HtDispatchBuffers { recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, maps } = out;
+        if t > 0 {
+            maps.is_token_in_rank.copy_from_async(stream, &a.layout.is_token_in_rank, t * group.num_ranks())?;
+        }
+        let num_scales = a.x_scales.map_or(0, |(_, n)| n);
+        let with_topk = a.topk.is_some();
+        let direct = self.in_heap(&recv_x)
+            && (num_scales == 0 || self.in_heap(&recv_x_scales))
+            && (!with_topk || (self.in_heap(&recv_topk_idx) && self.in_heap(&recv_topk_weights)))
+            && self.in_heap(&recv_src_idx);
         let io = DispatchIo {
             x: a.x,
-            hidden_bytes: hb,
+            hidden_bytes: a.hidden_bytes,
             num_tokens: t,
             x_scales: a.x_scales,
             topk: a.topk,
             is_token_in_rank: &a.layout.is_token_in_rank,
-            channel_prefix_matrix: &channel_prefix_matrix,
-            num_recv_tokens: &num_recv_tokens_dev,
+            channel_prefix_matrix: &maps.channel_prefix_matrix,
+            num_recv_tokens: &maps.num_recv_tokens,
             recv_x: &recv_x,
             recv_x_scales: &recv_x_scales,
             recv_topk: Some((&recv_topk_idx, &recv_topk_weights)),
             recv_src_idx: Some(&recv_src_idx),
-            send_head: &send_head,
-            remote_row0: Some(&remote_row0),
-            num_worst_tokens: a.num_worst_tokens,
+            send_head: &maps.send_head,
+            remote_row0: Some(&maps.remote_row0),
+            num_worst_tokens: padded.then_some(rows),
             direct,
         };
         self.launch_dispatch(group, &io)?;
+        let HtMaps {
+            num_recv_tokens_per_expert,
+            rank_prefix_matrix,
+            channel_prefix_matrix,
+            num_recv_tokens,
+            remote_row0,
+            send_head,
+            is_token_in_rank,
+        } = maps;
         let handle = HtHandle {
             rank_prefix_matrix,
             channel_prefix_matrix,
@@ -571,10 +729,10 @@ impl HtBuffer {
             send_head,
             num_tokens: t,
             num_rows: rows,
-            num_recv_tokens: num_recv_tokens_dev,
-            padded: a.num_worst_tokens.is_some(),
+            num_recv_tokens,
+            padded,
             remote_row0,
-            num_channels: c,
+            num_channels: self.rings(),
         };
         Ok(HtDispatchOutputs {
             recv_x,
@@ -583,8 +741,8 @@ impl HtBuffer {
             recv_topk_weights,
             recv_src_idx,
             num_recv_tokens_per_expert,
-            num_recv_tokens_per_expert_list: per_expert,
-            num_recv_tokens: num_recv,
+            num_recv_tokens_per_expert_list: None,
+            num_recv_tokens: None,
             handle,
             one_pass: direct,
         })
@@ -767,7 +925,6 @@ impl HtBuffer {
                 b.fill_async(group.stream(), byte)?;
             }
         }
-        self.dispatch_epoch += 1;
         let c = self.rings();
         let params = HtDispatchParams {
             peer_bases: self.mem.all.peer_table_ptr(),
@@ -779,14 +936,15 @@ impl HtBuffer {
             channel_prefix_matrix: io.channel_prefix_matrix.ptr(),
             num_recv_tokens: io.num_recv_tokens.ptr(),
             recv_x: io.recv_x.ptr(),
-            recv_x_scales: io.recv_x_scales.ptr(),
+            // 0 without scales: an unused buffer may lie outside the heap (kernels take offsets).
+            recv_x_scales: if io.x_scales.is_some() { io.recv_x_scales.ptr() } else { 0 },
             recv_topk_idx: io.recv_topk.map_or(0, |(i, _)| i.ptr()),
             recv_topk_weights: io.recv_topk.map_or(0, |(_, w)| w.ptr()),
             recv_src_idx: io.recv_src_idx.map_or(0, |b| b.ptr()),
             send_head: io.send_head.ptr(),
             error: group.error_ptr(),
             heap_bases: self.mem.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
-            epoch: self.dispatch_epoch,
+            epoch: 0, // the kernel's (HtLayout::epochs)
             remote_row0: io.remote_row0.map_or(0, |b| b.ptr()),
             timeout_ns: group.timeout_ns(),
             hidden_bytes: io.hidden_bytes as u64,
@@ -823,7 +981,95 @@ impl HtBuffer {
         topk_weights: Option<(&DeviceBuffer, usize)>,
         bias: [Option<&DeviceBuffer>; 2],
     ) -> Result<HtCombineOutputs> {
-        let num_ranks = group.num_ranks();
+        self.check_combine(handle, x, hidden, topk_weights, bias)?;
+        let t = handle.num_tokens;
+        let stream = group.stream();
+        let out = HtCombineOutputs {
+            combined_x: stream.alloc_uninit((t * hidden * 2).max(16))?,
+            combined_topk_weights: match topk_weights {
+                Some((_, k)) => Some(stream.alloc_uninit((t * k * 4).max(4))?),
+                None => None,
+            },
+        };
+        self.combine_into(group, handle, x, hidden, topk_weights, bias, out)
+    }
+
+    /// [`HtBuffer::combine`] into the caller's `out` (`combined_x [T, hidden]` bf16,
+    /// `combined_topk_weights [T, K]` f32 with weights): nothing is allocated, so a CUDA-graph
+    /// capture of the call owns all its memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine_into(
+        &mut self,
+        group: &Group,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden: usize,
+        topk_weights: Option<(&DeviceBuffer, usize)>,
+        bias: [Option<&DeviceBuffer>; 2],
+        out: HtCombineOutputs,
+    ) -> Result<HtCombineOutputs> {
+        self.check_combine(handle, x, hidden, topk_weights, bias)?;
+        let (t, num_ranks) = (handle.num_tokens, group.num_ranks());
+        let num_topk = topk_weights.map_or(0, |(_, k)| k);
+        let HtCombineOutputs { combined_x, combined_topk_weights } = out;
+        if combined_x.len() < t * hidden * 2 || !combined_x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("combined_x", format!("[{t}, {hidden}] bf16 (16-aligned) needed")));
+        }
+        let combined_topk_weights = match (topk_weights, combined_topk_weights) {
+            (None, _) => None,
+            (Some(_), Some(w)) if w.len() >= t * num_topk * 4 && w.ptr().is_multiple_of(4) => Some(w),
+            (Some(_), _) => {
+                return Err(Error::invalid("combined_topk_weights", format!("[{t}, {num_topk}] f32 needed")));
+            }
+        };
+        let c = self.rings();
+        // Peers pull straight from `x` (and the weights) when they lie in the heap on every
+        // rank (decided on the device); otherwise rows go back through the rings.
+        let pull = self.in_heap(x) && topk_weights.is_none_or(|(w, _)| self.in_heap(w));
+        let params = HtCombineParams {
+            peer_bases: self.mem.all.peer_table_ptr(),
+            x: x.ptr(),
+            topk_weights: topk_weights.map_or(0, |(w, _)| w.ptr()),
+            bias_0: bias[0].map_or(0, |b| b.ptr()),
+            bias_1: bias[1].map_or(0, |b| b.ptr()),
+            is_token_in_rank: handle.is_token_in_rank.ptr(),
+            channel_prefix_matrix: handle.channel_prefix_matrix.ptr(),
+            send_head: handle.send_head.ptr(),
+            combined_x: combined_x.ptr(),
+            combined_topk_weights: combined_topk_weights.as_ref().map_or(0, |b| b.ptr()),
+            error: group.error_ptr(),
+            heap_bases: self.mem.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
+            remote_row0: handle.remote_row0.ptr(),
+            epoch: 0, // the kernel's (HtLayout::epochs)
+            timeout_ns: group.timeout_ns(),
+            slot_bytes: self.layout.combine_slot_bytes,
+            dispatch_slot_bytes: self.layout.dispatch_slot_bytes,
+            num_tokens: t as u32,
+            hidden: hidden as u32,
+            num_topk: num_topk as u32,
+            num_slots: self.cfg.num_slots as u32,
+            rank: group.rank() as u32,
+            num_ranks: num_ranks as u32,
+            num_channels: c as u32,
+            num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
+            pull: pull as u32,
+            reserved: 0,
+        };
+        let cfg = self.launch_config(num_ranks);
+        // SAFETY: the handle's maps come from the matching dispatch; sizes checked above.
+        unsafe { group.stream().launch(&HT_COMBINE, cfg, params)? };
+        Ok(HtCombineOutputs { combined_x, combined_topk_weights })
+    }
+
+    /// Checks a combine's inputs.
+    fn check_combine(
+        &self,
+        handle: &HtHandle,
+        x: &DeviceBuffer,
+        hidden: usize,
+        topk_weights: Option<(&DeviceBuffer, usize)>,
+        bias: [Option<&DeviceBuffer>; 2],
+    ) -> Result<()> {
         if hidden == 0 || !hidden.is_multiple_of(8) || hidden > self.cfg.hidden {
             return Err(Error::invalid(
                 "hidden",
@@ -850,51 +1096,7 @@ impl HtBuffer {
                 return Err(Error::invalid("bias", format!("[{}, {hidden}] bf16 needed", handle.num_tokens)));
             }
         }
-        let t = handle.num_tokens;
-        let stream = group.stream();
-        let combined_x = stream.alloc_uninit((t * hidden * 2).max(16))?;
-        let combined_topk_weights = match topk_weights {
-            Some((_, k)) => Some(stream.alloc_uninit((t * k * 4).max(4))?),
-            None => None,
-        };
-        let c = self.rings();
-        // Peers pull straight from `x` (and the weights) when they lie in the heap on every
-        // rank (decided on the device); otherwise rows go back through the rings.
-        let pull = self.in_heap(x) && topk_weights.is_none_or(|(w, _)| self.in_heap(w));
-        self.combine_epoch += 1;
-        let params = HtCombineParams {
-            peer_bases: self.mem.all.peer_table_ptr(),
-            x: x.ptr(),
-            topk_weights: topk_weights.map_or(0, |(w, _)| w.ptr()),
-            bias_0: bias[0].map_or(0, |b| b.ptr()),
-            bias_1: bias[1].map_or(0, |b| b.ptr()),
-            is_token_in_rank: handle.is_token_in_rank.ptr(),
-            channel_prefix_matrix: handle.channel_prefix_matrix.ptr(),
-            send_head: handle.send_head.ptr(),
-            combined_x: combined_x.ptr(),
-            combined_topk_weights: combined_topk_weights.as_ref().map_or(0, |b| b.ptr()),
-            error: group.error_ptr(),
-            heap_bases: self.mem.heap.as_ref().map_or(0, |h| h.peer_table_ptr()),
-            remote_row0: handle.remote_row0.ptr(),
-            epoch: self.combine_epoch,
-            timeout_ns: group.timeout_ns(),
-            slot_bytes: self.layout.combine_slot_bytes,
-            dispatch_slot_bytes: self.layout.dispatch_slot_bytes,
-            num_tokens: t as u32,
-            hidden: hidden as u32,
-            num_topk: num_topk as u32,
-            num_slots: self.cfg.num_slots as u32,
-            rank: group.rank() as u32,
-            num_ranks: num_ranks as u32,
-            num_channels: c as u32,
-            num_local_experts: (self.cfg.num_experts / num_ranks) as u32,
-            pull: pull as u32,
-            reserved: 0,
-        };
-        let cfg = self.launch_config(num_ranks);
-        // SAFETY: the handle's maps come from the matching dispatch; sizes checked above.
-        unsafe { group.stream().launch(&HT_COMBINE, cfg, params)? };
-        Ok(HtCombineOutputs { combined_x, combined_topk_weights })
+        Ok(())
     }
 }
 

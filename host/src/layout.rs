@@ -51,6 +51,80 @@ pub fn get_dispatch_layout(
     num_topk: usize,
     num_experts: usize,
 ) -> Result<DispatchLayout> {
+    check_layout_args(group, topk_idx, idx, num_tokens, num_topk, num_experts)?;
+    let num_ranks = group.num_ranks();
+    let stream = group.stream();
+    let layout = DispatchLayout {
+        num_tokens_per_rank: stream.alloc_uninit(4 * num_ranks)?,
+        num_tokens_per_expert: stream.alloc_uninit(4 * num_experts)?,
+        is_token_in_rank: stream.alloc_uninit(num_tokens * num_ranks)?,
+    };
+    get_dispatch_layout_into(group, topk_idx, idx, num_tokens, num_topk, num_experts, layout)
+}
+
+/// [`get_dispatch_layout`] into the caller's memory (`[R]` i32, `[E]` i32, `[T, R]` bytes):
+/// nothing is allocated, so a CUDA-graph capture of the call owns all of it.
+pub fn get_dispatch_layout_into(
+    group: &Group,
+    topk_idx: &DeviceBuffer,
+    idx: IndexType,
+    num_tokens: usize,
+    num_topk: usize,
+    num_experts: usize,
+    layout: DispatchLayout,
+) -> Result<DispatchLayout> {
+    check_layout_args(group, topk_idx, idx, num_tokens, num_topk, num_experts)?;
+    let num_ranks = group.num_ranks();
+    let sizes = [
+        (&layout.num_tokens_per_rank, 4 * num_ranks, 4, "num_tokens_per_rank"),
+        (&layout.num_tokens_per_expert, 4 * num_experts, 4, "num_tokens_per_expert"),
+        (&layout.is_token_in_rank, num_tokens * num_ranks, 1, "is_token_in_rank"),
+    ];
+    for (b, bytes, align, name) in sizes {
+        if b.len() < bytes || !b.ptr().is_multiple_of(align) || !b.device().same_as(group.device()) {
+            return Err(Error::invalid(name, format!("{bytes} bytes ({align}-aligned) on the group's device needed")));
+        }
+    }
+    let dev = group.device();
+    let stream = group.stream();
+    // The kernel counts with atomics and leaves rows of tokens without experts as they are.
+    for (b, _, _, _) in sizes {
+        b.fill_async(stream, 0)?;
+    }
+    if num_tokens == 0 {
+        return Ok(layout);
+    }
+    let params = LayoutParams {
+        topk_idx: topk_idx.ptr(),
+        num_tokens_per_rank: layout.num_tokens_per_rank.ptr(),
+        num_tokens_per_expert: layout.num_tokens_per_expert.ptr(),
+        is_token_in_rank: layout.is_token_in_rank.ptr(),
+        error: group.error_ptr(),
+        num_tokens: num_tokens as u32,
+        num_topk: num_topk as u32,
+        num_experts: num_experts as u32,
+        num_ranks: num_ranks as u32,
+        idx_bytes: idx.bytes() as u32,
+        rank: group.rank() as u32,
+    };
+    let block_dim = dev.block_dim(256);
+    let max_blocks = if dev.is_cpu() { 4 } else { 2 * dev.num_sms()? };
+    let grid_dim = (num_tokens as u32).div_ceil(block_dim).clamp(1, max_blocks);
+    let shared_mem_bytes = 4 * (num_experts + num_ranks) as u32;
+    // SAFETY: the outputs hold the sizes the kernel writes (checked above; zeroed on this
+    // stream, as its atomics need); `topk_idx` was checked to hold [num_tokens, num_topk] entries.
+    unsafe { stream.launch(&GET_DISPATCH_LAYOUT, LaunchConfig { grid_dim, block_dim, shared_mem_bytes }, params)? };
+    Ok(layout)
+}
+
+fn check_layout_args(
+    group: &Group,
+    topk_idx: &DeviceBuffer,
+    idx: IndexType,
+    num_tokens: usize,
+    num_topk: usize,
+    num_experts: usize,
+) -> Result<()> {
     let num_ranks = group.num_ranks();
     if !(1..=MAX_TOPK).contains(&num_topk) {
         return Err(Error::invalid("num_topk", format!("{num_topk} is not in 1..={MAX_TOPK}")));
@@ -82,35 +156,5 @@ pub fn get_dispatch_layout(
     if !topk_idx.device().same_as(group.device()) {
         return Err(Error::invalid("topk_idx", "must live on the group's device"));
     }
-    let dev = group.device();
-    let stream = group.stream();
-    let layout = DispatchLayout {
-        num_tokens_per_rank: stream.alloc(4 * num_ranks)?,
-        num_tokens_per_expert: stream.alloc(4 * num_experts)?,
-        is_token_in_rank: stream.alloc(num_tokens * num_ranks)?,
-    };
-    if num_tokens == 0 {
-        return Ok(layout); // stream-ordered allocations are zeroed
-    }
-    let params = LayoutParams {
-        topk_idx: topk_idx.ptr(),
-        num_tokens_per_rank: layout.num_tokens_per_rank.ptr(),
-        num_tokens_per_expert: layout.num_tokens_per_expert.ptr(),
-        is_token_in_rank: layout.is_token_in_rank.ptr(),
-        error: group.error_ptr(),
-        num_tokens: num_tokens as u32,
-        num_topk: num_topk as u32,
-        num_experts: num_experts as u32,
-        num_ranks: num_ranks as u32,
-        idx_bytes: idx.bytes() as u32,
-        rank: group.rank() as u32,
-    };
-    let block_dim = dev.block_dim(256);
-    let max_blocks = if dev.is_cpu() { 4 } else { 2 * dev.num_sms()? };
-    let grid_dim = (num_tokens as u32).div_ceil(block_dim).clamp(1, max_blocks);
-    let shared_mem_bytes = 4 * (num_experts + num_ranks) as u32;
-    // SAFETY: the outputs were just allocated with the sizes the kernel writes (and zeroed
-    // earlier on this stream, as its atomics need); `topk_idx` was checked to hold [num_tokens, num_topk] entries.
-    unsafe { stream.launch(&GET_DISPATCH_LAYOUT, LaunchConfig { grid_dim, block_dim, shared_mem_bytes }, params)? };
-    Ok(layout)
+    Ok(())
 }

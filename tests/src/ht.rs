@@ -4,7 +4,7 @@
 //! process regenerates every rank's data and the CPU reference's outputs for it.
 use crate::{Rng, upload};
 use moe_ep::Group;
-use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs};
+use moe_ep::intranode::{HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtMaps};
 use moe_ep::layout::{IndexType, get_dispatch_layout};
 use moe_ep::reference::{self, HtCombined, HtDispatch, Routing};
 use std::hash::{Hash, Hasher};
@@ -422,4 +422,136 @@ pub fn check_reruns_rank(d: &Reruns, reruns: usize, group: &Group) -> u64 {
     }
     group.bootstrap().barrier().unwrap();
     last.expect("at least one rerun")
+}
+
+/// Graph-replay inputs (hidden 64, top-4 of 16, padded outputs): one routing and three sets
+/// of token values, each with the reference's dispatch and the combine of what was received
+/// (identity experts, the received weights, no bias).
+pub struct Graph {
+    pub case: Case,
+    pub idx: Vec<Vec<i64>>,
+    pub tokens: Vec<usize>,
+    pub w: Vec<Vec<f32>>,
+    pub variants: Vec<GraphVariant>,
+}
+
+/// One set of token values and what the reference makes of it.
+pub struct GraphVariant {
+    pub x: Vec<Vec<u16>>,
+    pub want: HtDispatch<u16>,
+    pub combined: Vec<HtCombined>,
+}
+
+/// Graph-replay data for `n` ranks of up to `max_tokens` tokens.
+pub fn prepare_graph(n: usize, max_tokens: usize, rng: &mut Rng) -> Graph {
+    let case = Case { num_worst_tokens: Some(n * max_tokens), with_bias: false, ..Case::new(16, 64, 4, max_tokens) };
+    let (h, k, e) = (case.hidden, case.num_topk, case.num_experts);
+    let idx = routing(rng, n, &case, 1);
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 1e9).collect()).collect();
+    let r = Routing::new(n, e, k, idx.clone()).unwrap();
+    let variants = (0..3)
+        .map(|_| {
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
+            let d = reference::ht_dispatch(&r, &x, &w, h, 1, case.num_worst_tokens).unwrap();
+            let y: Vec<Vec<u16>> = d.ranks.iter().map(|rv| rv.recv_x.clone()).collect();
+            let rw: Vec<Vec<f32>> = d.ranks.iter().map(|rv| rv.recv_topk_weights.clone()).collect();
+            let c = reference::ht_combine(&d.handle, &y, Some(&rw), [None, None], h).unwrap();
+            GraphVariant { x, want: d, combined: c }
+        })
+        .collect();
+    Graph { case, idx, tokens, w, variants }
+}
+
+/// Padded dispatch + combine into memory allocated up front (from the heap with
+/// `in_heap`: the one-pass dispatch and the pulling combine), captured once (a CUDA graph
+/// on a GPU, recorded launches on the CPU) and replayed `replays` times with new token
+/// values; every output is poisoned before each replay and compared with the reference
+/// after it. Returns whether the dispatch took the one-pass way.
+pub fn check_graph_rank(d: &Graph, replays: usize, in_heap: bool, group: &Group) -> bool {
+    let (rank, h, k, e) = (group.rank(), d.case.hidden, d.case.num_topk, d.case.num_experts);
+    let (r, rows) = (group.num_ranks(), d.case.num_worst_tokens.unwrap());
+    let cfg = HtConfig { heap_bytes: if in_heap { 4 << 20 } else { 0 }, ..d.case.config(0) };
+    let mut buf = HtBuffer::new(group, cfg).unwrap();
+    let s = group.stream();
+    let t = d.tokens[rank];
+    let (topk, weights) = (upload(group, &d.idx[rank]), upload(group, &d.w[rank]));
+    let xb = upload(group, &d.variants[0].x[rank]);
+    let layout = get_dispatch_layout(group, &topk, IndexType::I64, t, k, e).unwrap();
+    let args = HtDispatchArgs {
+        x: &xb,
+        hidden_bytes: 2 * h,
+        num_tokens: t,
+        x_scales: None,
+        topk: Some((&topk, IndexType::I64, &weights, k)),
+        layout: &layout,
+        expert_alignment: 1,
+        num_worst_tokens: Some(rows),
+    };
+    let row_buf = |bytes: usize| match in_heap {
+        true => buf.alloc_output(group, bytes).expect("room in the heap"),
+        false => s.alloc(bytes).unwrap(),
+    };
+    let c = buf.num_channels();
+    let into = HtDispatchBuffers {
+        recv_x: row_buf(rows * 2 * h),
+        recv_x_scales: s.alloc(16).unwrap(), // not written (no scales); not in the heap either
+        recv_topk_idx: row_buf(rows * k * 8),
+        recv_topk_weights: row_buf(rows * k * 4),
+        recv_src_idx: row_buf(rows * 4),
+        maps: HtMaps {
+            num_recv_tokens_per_expert: s.alloc(4 * (e / r)).unwrap(),
+            rank_prefix_matrix: s.alloc(4 * r * r).unwrap(),
+            channel_prefix_matrix: s.alloc(4 * r * (c + 1)).unwrap(),
+            num_recv_tokens: s.alloc(4).unwrap(),
+            remote_row0: s.alloc(4 * r * c).unwrap(),
+            send_head: s.alloc((4 * t * r).max(4)).unwrap(),
+            is_token_in_rank: s.alloc((t * r).max(1)).unwrap(),
+        },
+    };
+    let combined = HtCombineOutputs {
+        combined_x: s.alloc((t * h * 2).max(16)).unwrap(),
+        combined_topk_weights: Some(s.alloc((t * k * 4).max(4)).unwrap()),
+    };
+    // An ordinary call first (kernels loaded, rings warm), then the capture.
+    group.bootstrap().barrier().unwrap();
+    drop(buf.dispatch(group, &args).unwrap());
+    s.synchronize().unwrap();
+    group.take_device_error("ht_dispatch").unwrap();
+    s.begin_capture().unwrap();
+    let out = buf.dispatch_into(group, &args, into).unwrap();
+    let comb =
+        buf.combine_into(group, &out.handle, &out.recv_x, h, Some((&out.recv_topk_weights, k)), [None, None], combined);
+    let comb = comb.unwrap();
+    let graph = s.end_capture().unwrap();
+    let one_pass = out.one_pass;
+    // Instantiation can wait for kernels running on a shared GPU: all ranks first, then replay.
+    group.bootstrap().barrier().unwrap();
+    let cw = comb.combined_topk_weights.as_ref().unwrap();
+    for replay in 0..replays {
+        let GraphVariant { x, want, combined: want_c } = &d.variants[replay % 3];
+        xb.write(s, 0, &x[rank]).unwrap();
+        for b in [&out.recv_x, &out.recv_topk_idx, &out.recv_topk_weights, &out.recv_src_idx, &comb.combined_x, cw] {
+            b.fill(s, 0xA5).unwrap(); // poison
+        }
+        group.bootstrap().barrier().unwrap();
+        graph.launch(s).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("ht graph").unwrap();
+        let (rv, ctx) = (&want.ranks[rank], format!("rank {rank} replay {replay}"));
+        let m = rv.num_recv_tokens;
+        assert!(out.recv_x.to_vec::<u16>(s).unwrap()[..m * h] == rv.recv_x[..m * h], "{ctx}: recv_x");
+        assert_eq!(out.recv_src_idx.to_vec::<i32>(s).unwrap()[..rows], rv.recv_src_idx[..], "{ctx}: recv_src_idx");
+        assert_eq!(out.recv_topk_idx.to_vec::<i64>(s).unwrap()[..rows * k], rv.recv_topk_idx[..], "{ctx}: topk_idx");
+        let got_w: Vec<f32> = out.recv_topk_weights.to_vec(s).unwrap();
+        assert!(got_w[..rows * k].iter().zip(&rv.recv_topk_weights).all(|(a, b)| a.to_bits() == b.to_bits()), "{ctx}");
+        let cx: Vec<u16> = comb.combined_x.to_vec(s).unwrap();
+        assert!(cx[..t * h] == want_c[rank].combined_x[..], "{ctx}: combined_x");
+        let got_cw: Vec<f32> = cw.to_vec(s).unwrap();
+        let want_cw = want_c[rank].combined_topk_weights.as_ref().unwrap();
+        assert!(got_cw[..t * k].iter().zip(want_cw).all(|(a, b)| a.to_bits() == b.to_bits()), "{ctx}: weights");
+    }
+    group.bootstrap().barrier().unwrap();
+    drop(graph);
+    one_pass
 }

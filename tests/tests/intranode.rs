@@ -119,6 +119,24 @@ fn ht_one_pass_and_ring_mixed_in_one_call() {
 }
 
 /// Every model hidden size the issue names, one call each (and the largest supported).
+/// Padded dispatch + combine into memory allocated up front, captured once (a CUDA graph on
+/// a GPU, recorded launches on the CPU) and replayed with new token values: the epochs live
+/// on the device, so identical parameters give fresh, correct results every replay — through
+/// the rings, and with every output in the heap (one-pass dispatch, pulling combine).
+#[test]
+fn ht_graph_capture_and_replay() {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let d = ht::prepare_graph(n, if dev.is_cpu() { 24 } else { 512 }, &mut Rng::fresh("intranode-graph"));
+    let replays = if dev.is_cpu() { 4 } else { 100 };
+    for in_heap in [false, true] {
+        let one_pass = on_ranks(Group::in_process(&devices(n)).unwrap(), |_, group| {
+            ht::check_graph_rank(&d, replays, in_heap, &group)
+        });
+        assert!(one_pass.iter().all(|&p| p == in_heap), "in_heap {in_heap}: one-pass {one_pass:?}");
+    }
+}
+
 #[test]
 fn ht_hidden_sizes_2880_to_16384() {
     let cpu = device().is_cpu();

@@ -193,6 +193,7 @@ pub const HT_MAX_BLOCK_WARPS: u32 = 16;
 /// | region | size |
 /// |---|---|
 /// | barrier flags | `2 * R * 128` (entry, counts) |
+/// | epoch words, block counters | `128`, see [`HtLayout::epochs`] |
 /// | `count_matrix[src][dst]` i32 | `R * R * 4` (every rank gets every row) |
 /// | `expert_counts[src][L]` i32 | `R * L * 4` |
 /// | `channel_counts[src][C]` i32 | `R * C * 4` |
@@ -217,6 +218,12 @@ pub struct HtLayout {
     pub combine_slot_bytes: u64,
     /// Offset of the barrier flags.
     pub flags: u64,
+    /// Offset of this rank's epoch words (u64 at [`HT_EPOCH_NOTIFY`], [`HT_EPOCH_DISPATCH`],
+    /// [`HT_EPOCH_COMBINE`]: the epoch of the kernel's last call) and the dispatch/combine
+    /// finished-block counters (u32 at [`HT_DISPATCH_BLOCKS`], [`HT_COMBINE_BLOCKS`]). Each
+    /// kernel takes `word + 1` as its call's epoch at entry and its grid's last block stores
+    /// it back, so epochs live on the device: a CUDA-graph replay takes a new one.
+    pub epochs: u64,
     /// Offset of `count_matrix`.
     pub count_matrix: u64,
     /// Offset of `expert_counts`.
@@ -261,7 +268,8 @@ impl HtLayout {
     ) -> Self {
         let (r, c, n) = (num_ranks as u64, num_channels as u64, num_slots as u64);
         let flags = 0;
-        let count_matrix = align128(flags + 2 * r * FLAG_STRIDE_BYTES);
+        let epochs = align128(flags + 2 * r * FLAG_STRIDE_BYTES);
+        let count_matrix = epochs + FLAG_STRIDE_BYTES;
         let expert_counts = align128(count_matrix + r * r * 4);
         let channel_counts = align128(expert_counts + r * num_local_experts as u64 * 4);
         let mailbox = align128(channel_counts + r * c * 4);
@@ -280,6 +288,7 @@ impl HtLayout {
             dispatch_slot_bytes,
             combine_slot_bytes,
             flags,
+            epochs,
             count_matrix,
             expert_counts,
             channel_counts,
@@ -333,6 +342,17 @@ impl HtLayout {
         (num_tokens * c / self.num_channels, num_tokens * (c + 1) / self.num_channels)
     }
 }
+
+/// [`HtLayout::epochs`] + this: the epoch of the rank's last `ht_notify` (u64).
+pub const HT_EPOCH_NOTIFY: u64 = 0;
+/// [`HtLayout::epochs`] + this: the epoch of the rank's last `ht_dispatch` (u64).
+pub const HT_EPOCH_DISPATCH: u64 = 8;
+/// [`HtLayout::epochs`] + this: the epoch of the rank's last `ht_combine` (u64).
+pub const HT_EPOCH_COMBINE: u64 = 16;
+/// [`HtLayout::epochs`] + this: `ht_dispatch` blocks finished, over all calls (u32).
+pub const HT_DISPATCH_BLOCKS: u64 = 24;
+/// [`HtLayout::epochs`] + this: `ht_combine` blocks finished, over all calls (u32).
+pub const HT_COMBINE_BLOCKS: u64 = 28;
 
 /// A rank's dispatch mailbox, at [`HtLayout::mailbox`] of its own buffer: what a sender needs
 /// to store tokens straight into this rank's outputs (the one-pass path). Written by the
@@ -401,7 +421,8 @@ pub struct HtNotifyParams {
     /// The [`ErrorSlot`].
     pub error: u64,
     // CONFIG
-    /// Flag value of this call.
+    /// Flag value of this call: the kernel sets it at entry ([`HtLayout::epochs`]); the host
+    /// passes 0.
     pub epoch: u64,
     /// Wait bound, ns.
     pub timeout_ns: u64,
@@ -460,7 +481,8 @@ pub struct HtDispatchParams {
     // CONFIG
     /// Device table of the `R` heap bases (0 = no heap: every rank takes the ring).
     pub heap_bases: u64,
-    /// This call's mailbox epoch (the same on every rank, increasing).
+    /// This call's mailbox epoch (the same on every rank, increasing): the kernel sets it at
+    /// entry ([`HtLayout::epochs`]); the host passes 0.
     pub epoch: u64,
     /// `[R, C]` i32 out: the first row of this rank's tokens of channel `c` in rank `d`'s
     /// outputs, where it sends any (for a pulling combine); 0 = not written.
@@ -530,7 +552,8 @@ pub struct HtCombineParams {
     pub heap_bases: u64,
     /// `[R, C]` i32 from the dispatch (`HtDispatchParams::remote_row0`).
     pub remote_row0: u64,
-    /// This call's combine epoch (the same on every rank, increasing).
+    /// This call's combine epoch (the same on every rank, increasing): the kernel sets it at
+    /// entry ([`HtLayout::epochs`]); the host passes 0.
     pub epoch: u64,
     /// Wait bound, ns.
     pub timeout_ns: u64,

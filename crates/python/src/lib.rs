@@ -15,9 +15,12 @@
 //!   `RuntimeError`; nothing here panics on bad input.
 use moe_ep::bootstrap::{Bootstrap, TcpBootstrap, UniqueId as RsUniqueId, default_timeout};
 use moe_ep::group::{Sharing, SymmetricBuffer};
-use moe_ep::intranode::{HtBuffer, HtConfig, HtDispatchArgs, HtHandle, HtMemory};
+use moe_ep::intranode::{
+    HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMaps,
+    HtMemory,
+};
 use moe_ep::layout::MAX_TOPK;
-use moe_ep::layout::{DispatchLayout, IndexType, get_dispatch_layout};
+use moe_ep::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch_layout_into};
 use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
 use moe_ep::{Device, DeviceBuffer, Error, Event, Group, Stream};
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
@@ -394,7 +397,7 @@ impl Rank {
     /// Makes sure the HT buffer fits `want`: lays the memory out at the first call (nothing
     /// collective), again (collectively, no allocation) when a call has larger shapes. The
     /// channel count is fixed by the first call.
-    fn ensure_ht(&self, st: &mut State, want: HtConfig) -> moe_ep::Result<()> {
+    fn ensure_ht(&self, st: &mut State, want: HtConfig, ctx: &Ctx) -> moe_ep::Result<()> {
         let old = st.ht.as_ref().map(|b| *b.config());
         if old.is_some_and(|c| {
             c.num_experts == want.num_experts
@@ -431,6 +434,7 @@ impl Rank {
             ));
         };
         match (st.ht.as_mut(), st.ht_mem.take()) {
+            (Some(_), _) if self.capturing(ctx) => return Err(Self::no_relayout_in_capture("HT")),
             (Some(buf), _) => buf.relayout(&self.group, cfg)?,
             (None, Some(mem)) => st.ht = Some(HtBuffer::in_memory(&self.group, cfg, mem)?),
             (None, None) => return Err(Error::KernelFault("HT memory missing".into())),
@@ -439,8 +443,24 @@ impl Rank {
         Ok(())
     }
 
+    /// Whether the caller's stream captures a CUDA graph.
+    fn capturing(&self, ctx: &Ctx) -> bool {
+        self.caller(ctx).is_some_and(|s| s.capturing())
+    }
+
+    /// A relayout synchronises and exchanges with peers: not inside a capture.
+    fn no_relayout_in_capture(mode: &str) -> Error {
+        Error::invalid(
+            "x",
+            format!(
+                "this call needs the {mode} buffer laid out for larger shapes, which can't happen inside a CUDA-graph \
+                 capture: make one call with the largest shapes before capturing"
+            ),
+        )
+    }
+
     /// Makes sure the LL buffer is laid out for `cfg` (as `ensure_ht`).
-    fn ensure_ll(&self, st: &mut State, cfg: LlConfig) -> moe_ep::Result<()> {
+    fn ensure_ll(&self, st: &mut State, cfg: LlConfig, ctx: &Ctx) -> moe_ep::Result<()> {
         if st.ll.as_ref().is_some_and(|b| *b.config() == cfg) {
             return Ok(());
         }
@@ -457,6 +477,7 @@ impl Rank {
             ));
         }
         match (st.ll.as_mut(), st.ll_mem.take()) {
+            (Some(_), _) if self.capturing(ctx) => return Err(Self::no_relayout_in_capture("LL")),
             (Some(buf), _) => buf.relayout(&self.group, cfg)?,
             (None, Some(mem)) => st.ll = Some(LlBuffer::in_memory(&self.group, cfg, mem)?),
             (None, None) => return Err(Error::KernelFault("LL memory missing".into())),
@@ -494,6 +515,79 @@ impl Rank {
             self.finish(&ctx, kernel).map(|_| ())
         })
         .py()
+    }
+
+    /// Lays the HT buffer out for `c` (`ensure_ht`) and runs `run` (a dispatch) on the comm
+    /// stream: the outputs, the layout generation and the event.
+    fn run_ht_dispatch(
+        &self,
+        ctx: &Ctx,
+        c: &HtDispatchCall,
+        run: impl FnOnce(&mut HtBuffer, &HtDispatchArgs) -> moe_ep::Result<HtDispatchOutputs>,
+    ) -> moe_ep::Result<(HtDispatchOutputs, u64, Option<NativeEvent>)> {
+        let dev = self.dev();
+        let topk_ty = match c.topk {
+            Some((_, b, _, _)) => Some(index_type(b).map_err(|_| Error::invalid("topk_idx", "int32 or int64"))?),
+            None => None,
+        };
+        let mut st = self.lock()?;
+        // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
+        // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
+        let num_channels = match c.num_channels {
+            0 => 0,
+            n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
+        };
+        // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
+        let want = HtConfig {
+            num_experts: c.num_experts,
+            hidden: c.hidden,
+            num_topk: c.topk.map_or(0, |t| t.3),
+            num_scales: c.x_scales.map_or(0, |s| s.1).max(c.hidden / 128),
+            num_channels,
+            warps_per_peer: 0,
+            num_slots: 0,
+            heap_bytes: 0,
+        };
+        self.ensure_ht(&mut st, want, ctx)?;
+        let generation = st.ht_generation;
+        let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
+        let xb = borrow(dev, c.x);
+        let sb = c.x_scales.map(|(m, n)| (borrow(dev, m), n));
+        let tb = c.topk.map(|(i, _, w, k)| (borrow(dev, i), borrow(dev, w), k));
+        let l = DispatchLayout {
+            num_tokens_per_rank: borrow(dev, c.layout.0),
+            num_tokens_per_expert: borrow(dev, c.layout.1),
+            is_token_in_rank: borrow(dev, c.layout.2),
+        };
+        let args = HtDispatchArgs {
+            x: &xb,
+            hidden_bytes: c.hidden_bytes,
+            num_tokens: c.num_tokens,
+            x_scales: sb.as_ref().map(|(b, n)| (b, *n)),
+            topk: match (&tb, topk_ty) {
+                (Some((i, w, k)), Some(ty)) => Some((i, ty, w, *k)),
+                _ => None,
+            },
+            layout: &l,
+            expert_alignment: c.expert_alignment,
+            num_worst_tokens: c.num_worst_tokens,
+        };
+        self.begin(ctx)?;
+        let out = run(buf, &args)?;
+        let ev = self.finish(ctx, "ht_dispatch")?;
+        Ok((out, generation, ev))
+    }
+
+    /// The Python object of a dispatch's handle.
+    fn ht_handle(&self, ctx: &Ctx, handle: HtHandle, generation: u64, num_tokens: usize) -> HtHandleObj {
+        HtHandleObj {
+            num_rows: handle.num_rows,
+            num_tokens,
+            num_ranks: self.group.num_ranks(),
+            inner: self.guard(ctx, handle),
+            generation,
+            cuda: !self.dev().is_cpu(),
+        }
     }
 
     fn check_generation(current: u64, generation: u64) -> moe_ep::Result<()> {
@@ -610,6 +704,21 @@ fn ctx_of(stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish:
 
 type Scales = Option<(Mem, usize)>;
 type TopK = Option<(Mem, usize, Mem, usize)>;
+
+/// The arguments of a (not cached) HT dispatch, as Python passes them.
+struct HtDispatchCall {
+    x: Mem,
+    hidden: usize,
+    hidden_bytes: usize,
+    num_tokens: usize,
+    x_scales: Scales,
+    topk: TopK,
+    layout: (Mem, Mem, Mem),
+    num_experts: usize,
+    expert_alignment: usize,
+    num_worst_tokens: Option<usize>,
+    num_channels: usize,
+}
 
 #[pymethods]
 impl Rank {
@@ -762,9 +871,10 @@ impl Rank {
     }
 
     /// `get_dispatch_layout`: `(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
-    /// event)`.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (topk_idx, idx_bytes, num_tokens, num_topk, num_experts, stream, previous_event, async_finish))]
+    /// event)`; with `out` (the three) the caller's tensors are written (e.g. inside a
+    /// CUDA-graph capture) and the three outputs are None.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[pyo3(signature = (topk_idx, idx_bytes, num_tokens, num_topk, num_experts, out, stream, previous_event, async_finish))]
     fn layout(
         &self,
         py: Python<'_>,
@@ -773,22 +883,37 @@ impl Rank {
         num_tokens: usize,
         num_topk: usize,
         num_experts: usize,
+        out: Option<[Mem; 3]>,
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-    ) -> PyResult<(Array, Array, Array, Option<NativeEvent>)> {
+    ) -> PyResult<(Option<Array>, Option<Array>, Option<Array>, Option<NativeEvent>)> {
         let ctx = ctx_of(stream, previous_event, async_finish);
         let ty = index_type(idx_bytes)?;
         let r = self.group.num_ranks();
         py.detach(|| -> moe_ep::Result<_> {
             self.begin(&ctx)?;
-            let idx = borrow(self.dev(), topk_idx);
-            let l = get_dispatch_layout(&self.group, &idx, ty, num_tokens, num_topk, num_experts)?;
+            let dev = self.dev();
+            let idx = borrow(dev, topk_idx);
+            let (t, k, e) = (num_tokens, num_topk, num_experts);
+            let l = match out {
+                Some([a, b, c]) => {
+                    let into = DispatchLayout {
+                        num_tokens_per_rank: borrow(dev, a),
+                        num_tokens_per_expert: borrow(dev, b),
+                        is_token_in_rank: borrow(dev, c),
+                    };
+                    get_dispatch_layout_into(&self.group, &idx, ty, t, k, e, into)?;
+                    None
+                }
+                None => Some(get_dispatch_layout(&self.group, &idx, ty, t, k, e)?),
+            };
             let ev = self.finish(&ctx, "get_dispatch_layout")?;
+            let Some(l) = l else { return Ok((None, None, None, ev)) };
             Ok((
-                self.output(&ctx, l.num_tokens_per_rank, 4 * r),
-                self.output(&ctx, l.num_tokens_per_expert, 4 * num_experts),
-                self.output(&ctx, l.is_token_in_rank, num_tokens * r),
+                Some(self.output(&ctx, l.num_tokens_per_rank, 4 * r)),
+                Some(self.output(&ctx, l.num_tokens_per_expert, 4 * num_experts)),
+                Some(self.output(&ctx, l.is_token_in_rank, num_tokens * r)),
                 ev,
             ))
         })
@@ -829,70 +954,27 @@ impl Rank {
         Option<NativeEvent>,
     )> {
         let ctx = ctx_of(stream, previous_event, async_finish);
-        let dev = self.dev().clone();
-        let topk_ty = match topk {
-            Some((_, b, _, _)) => Some(index_type(b)?),
-            None => None,
+        let call = HtDispatchCall {
+            x,
+            hidden,
+            hidden_bytes,
+            num_tokens,
+            x_scales,
+            topk,
+            layout,
+            num_experts,
+            expert_alignment,
+            num_worst_tokens,
+            num_channels,
         };
+        let num_scales = x_scales.map_or(0, |s| s.1);
         let num_topk = topk.map_or(0, |t| t.3);
-        let (r, num_local) = (self.group.num_ranks(), num_experts / self.group.num_ranks().max(1));
+        let num_local = num_experts / self.group.num_ranks().max(1);
         py.detach(|| -> moe_ep::Result<_> {
-            let mut st = self.lock()?;
-            // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
-            // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
-            let num_channels = match num_channels {
-                0 => 0,
-                n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
-            };
-            // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
-            let want = HtConfig {
-                num_experts,
-                hidden,
-                num_topk,
-                num_scales: x_scales.map_or(0, |s| s.1).max(hidden / 128),
-                num_channels,
-                warps_per_peer: 0,
-                num_slots: 0,
-                heap_bytes: 0,
-            };
-            self.ensure_ht(&mut st, want)?;
-            let generation = st.ht_generation;
-            let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
-            let xb = borrow(&dev, x);
-            let sb = x_scales.map(|(m, n)| (borrow(&dev, m), n));
-            let tb = topk.map(|(i, _, w, k)| (borrow(&dev, i), borrow(&dev, w), k));
-            let l = DispatchLayout {
-                num_tokens_per_rank: borrow(&dev, layout.0),
-                num_tokens_per_expert: borrow(&dev, layout.1),
-                is_token_in_rank: borrow(&dev, layout.2),
-            };
-            let args = HtDispatchArgs {
-                x: &xb,
-                hidden_bytes,
-                num_tokens,
-                x_scales: sb.as_ref().map(|(b, n)| (b, *n)),
-                topk: match (&tb, topk_ty) {
-                    (Some((i, w, k)), Some(ty)) => Some((i, ty, w, *k)),
-                    _ => None,
-                },
-                layout: &l,
-                expert_alignment,
-                num_worst_tokens,
-            };
-            self.begin(&ctx)?;
-            let out = buf.dispatch(&self.group, &args)?;
-            let ev = self.finish(&ctx, "ht_dispatch")?;
+            let (out, generation, ev) = self.run_ht_dispatch(&ctx, &call, |buf, a| buf.dispatch(&self.group, a))?;
             let rows = out.handle.num_rows;
-            let num_scales = x_scales.map_or(0, |s| s.1);
-            let handle = HtHandleObj {
-                num_rows: rows,
-                num_tokens,
-                num_ranks: r,
-                inner: self.guard(&ctx, out.handle),
-                generation,
-                cuda: !dev.is_cpu(),
-            };
             let with_topk = topk.is_some();
+            let handle = self.ht_handle(&ctx, out.handle, generation, num_tokens);
             Ok((
                 self.output(&ctx, out.recv_x, rows * hidden_bytes),
                 (num_scales > 0).then(|| self.output(&ctx, out.recv_x_scales, rows * num_scales * 4)),
@@ -908,9 +990,79 @@ impl Rank {
         .py()
     }
 
-    /// HT dispatch reusing `handle`'s layout: `(recv_x, recv_x_scales or None, event)`.
+    /// HT dispatch with `num_worst_tokens` into the caller's tensors (what a CUDA-graph
+    /// capture needs: torch's memory, owned by the graph): `rows` = `(recv_x, recv_x_scales,
+    /// recv_topk_idx, recv_topk_weights, recv_src_idx)` (unused ones may repeat `recv_x`),
+    /// `maps` = `(num_recv_tokens_per_expert [L], rank_prefix_matrix [R, R],
+    /// channel_prefix_matrix [R, >= C + 1], num_recv_tokens [1], remote_row0 [R, >= C],
+    /// send_head [T, R], is_token_in_rank [T, R])`. Returns `(handle, event)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (handle, x, hidden_bytes, x_scales, stream, previous_event, async_finish))]
+    #[pyo3(signature = (x, hidden, hidden_bytes, num_tokens, x_scales, topk, layout, num_experts, expert_alignment, num_worst_tokens, num_channels, rows, maps, stream, previous_event, async_finish))]
+    fn ht_dispatch_into(
+        &self,
+        py: Python<'_>,
+        x: Mem,
+        hidden: usize,
+        hidden_bytes: usize,
+        num_tokens: usize,
+        x_scales: Scales,
+        topk: TopK,
+        layout: (Mem, Mem, Mem),
+        num_experts: usize,
+        expert_alignment: usize,
+        num_worst_tokens: usize,
+        num_channels: usize,
+        rows: [Mem; 5],
+        maps: [Mem; 7],
+        stream: usize,
+        previous_event: Option<PyRef<'_, NativeEvent>>,
+        async_finish: bool,
+    ) -> PyResult<(HtHandleObj, Option<NativeEvent>)> {
+        let ctx = ctx_of(stream, previous_event, async_finish);
+        let call = HtDispatchCall {
+            x,
+            hidden,
+            hidden_bytes,
+            num_tokens,
+            x_scales,
+            topk,
+            layout,
+            num_experts,
+            expert_alignment,
+            num_worst_tokens: Some(num_worst_tokens),
+            num_channels,
+        };
+        let dev = self.dev().clone();
+        py.detach(|| -> moe_ep::Result<_> {
+            let b = |m: Mem| borrow(&dev, m);
+            let into = HtDispatchBuffers {
+                recv_x: b(rows[0]),
+                recv_x_scales: b(rows[1]),
+                recv_topk_idx: b(rows[2]),
+                recv_topk_weights: b(rows[3]),
+                recv_src_idx: b(rows[4]),
+                maps: HtMaps {
+                    num_recv_tokens_per_expert: b(maps[0]),
+                    rank_prefix_matrix: b(maps[1]),
+                    channel_prefix_matrix: b(maps[2]),
+                    num_recv_tokens: b(maps[3]),
+                    remote_row0: b(maps[4]),
+                    send_head: b(maps[5]),
+                    is_token_in_rank: b(maps[6]),
+                },
+            };
+            let (out, generation, ev) =
+                self.run_ht_dispatch(&ctx, &call, |buf, a| buf.dispatch_into(&self.group, a, into))?;
+            Ok((self.ht_handle(&ctx, out.handle, generation, num_tokens), ev))
+        })
+        .py()
+    }
+
+    /// HT dispatch reusing `handle`'s layout: `(recv_x, recv_x_scales or None, event)`; with
+    /// `out` = `(recv_x, recv_x_scales)` the caller's tensors are written (e.g. inside a
+    /// CUDA-graph capture) and the two outputs are None.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[pyo3(signature = (handle, x, hidden_bytes, x_scales, out, stream, previous_event, async_finish))]
     fn ht_dispatch_cached(
         &self,
         py: Python<'_>,
@@ -918,10 +1070,11 @@ impl Rank {
         x: Mem,
         hidden_bytes: usize,
         x_scales: Scales,
+        out: Option<(Mem, Option<Mem>)>,
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-    ) -> PyResult<(Array, Option<Array>, Option<NativeEvent>)> {
+    ) -> PyResult<(Option<Array>, Option<Array>, Option<NativeEvent>)> {
         let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let (inner, generation, rows) = (handle.inner.clone(), handle.generation, handle.num_rows);
@@ -932,13 +1085,21 @@ impl Rank {
             let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
             let xb = borrow(&dev, x);
             let sb = x_scales.map(|(m, n)| (borrow(&dev, m), n));
+            let scales = sb.as_ref().map(|(b, n)| (b, *n));
             self.begin(&ctx)?;
-            let (recv_x, recv_scales) =
-                buf.dispatch_cached(&self.group, h, &xb, hidden_bytes, sb.as_ref().map(|(b, n)| (b, *n)))?;
+            let recv = match out {
+                Some((rx, rs)) => {
+                    let (rx, rs) = (borrow(&dev, rx), rs.map(|m| borrow(&dev, m)));
+                    buf.dispatch_cached_into(&self.group, h, &xb, hidden_bytes, scales, &rx, rs.as_ref())?;
+                    None
+                }
+                None => Some(buf.dispatch_cached(&self.group, h, &xb, hidden_bytes, scales)?),
+            };
             let ev = self.finish(&ctx, "ht_dispatch")?;
+            let Some((recv_x, recv_scales)) = recv else { return Ok((None, None, ev)) };
             let num_scales = x_scales.map_or(0, |s| s.1);
             Ok((
-                self.output(&ctx, recv_x, rows * hidden_bytes),
+                Some(self.output(&ctx, recv_x, rows * hidden_bytes)),
                 (num_scales > 0).then(|| self.output(&ctx, recv_scales, rows * num_scales * 4)),
                 ev,
             ))
@@ -946,9 +1107,11 @@ impl Rank {
         .py()
     }
 
-    /// HT combine: `(combined_x, combined_topk_weights or None, event)`.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (handle, x, hidden, topk_weights, bias, stream, previous_event, async_finish))]
+    /// HT combine: `(combined_x, combined_topk_weights or None, event)`; with `out` =
+    /// `(combined_x, combined_topk_weights)` the caller's tensors are written (e.g. inside a
+    /// CUDA-graph capture) and the two outputs are None.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[pyo3(signature = (handle, x, hidden, topk_weights, bias, out, stream, previous_event, async_finish))]
     fn ht_combine(
         &self,
         py: Python<'_>,
@@ -957,10 +1120,11 @@ impl Rank {
         hidden: usize,
         topk_weights: Option<(Mem, usize)>,
         bias: (Option<Mem>, Option<Mem>),
+        out: Option<(Mem, Option<Mem>)>,
         stream: usize,
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
-    ) -> PyResult<(Array, Option<Array>, Option<NativeEvent>)> {
+    ) -> PyResult<(Option<Array>, Option<Array>, Option<NativeEvent>)> {
         let ctx = ctx_of(stream, previous_event, async_finish);
         let dev = self.dev().clone();
         let (inner, generation, t) = (handle.inner.clone(), handle.generation, handle.num_tokens);
@@ -981,12 +1145,21 @@ impl Rank {
             let wb = topk_weights.map(|(m, k)| (borrow(&dev, m), k));
             let b0 = bias.0.map(|m| borrow(&dev, m));
             let b1 = bias.1.map(|m| borrow(&dev, m));
+            let (w, bias) = (wb.as_ref().map(|(b, k)| (b, *k)), [b0.as_ref(), b1.as_ref()]);
             self.begin(&ctx)?;
-            let out = buf.combine(&self.group, h, &xb, hidden, wb.as_ref().map(|(b, k)| (b, *k)), [b0.as_ref(), b1.as_ref()])?;
+            let combined = match out {
+                Some((cx, cw)) => {
+                    let into = HtCombineOutputs { combined_x: borrow(&dev, cx), combined_topk_weights: cw.map(|m| borrow(&dev, m)) };
+                    buf.combine_into(&self.group, h, &xb, hidden, w, bias, into)?;
+                    None
+                }
+                None => Some(buf.combine(&self.group, h, &xb, hidden, w, bias)?),
+            };
             let ev = self.finish(&ctx, "ht_combine")?;
+            let Some(c) = combined else { return Ok((None, None, ev)) };
             Ok((
-                self.output(&ctx, out.combined_x, t * hidden * 2),
-                out.combined_topk_weights.map(|w| self.output(&ctx, w, t * k * 4)),
+                Some(self.output(&ctx, c.combined_x, t * hidden * 2)),
+                c.combined_topk_weights.map(|w| self.output(&ctx, w, t * k * 4)),
                 ev,
             ))
         })
@@ -1024,7 +1197,7 @@ impl Rank {
         let r = self.group.num_ranks();
         py.detach(|| -> moe_ep::Result<_> {
             let mut st = self.lock()?;
-            self.ensure_ll(&mut st, LlConfig { num_experts, hidden, max_tokens })?;
+            self.ensure_ll(&mut st, LlConfig { num_experts, hidden, max_tokens }, &ctx)?;
             let generation = st.ll_generation;
             let buf = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
             let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));

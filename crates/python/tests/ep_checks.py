@@ -316,13 +316,15 @@ def _eq(got, want, what):
                           f"{got[tuple(bad[0])]} != {want[tuple(bad[0])]}"
 
 
-def ht_body(case, backend, reruns=3):
+def ht_body(case, backend, reruns=3, outputs_made_here=False):
     """DeepEP test_intranode's checks (see anchors.md), plus bit-exact equality with the
-    reference, for one rank."""
+    reference, for one rank. `outputs_made_here`: every output in a tensor made by `Buffer`
+    (the path a CUDA-graph capture takes), outside a capture."""
     B, R, E, K, H = backend, case.R, case.E, case.K, case.H
     L = E // R
 
     def body(buf, r, wait):
+        buf._outputs_in_caller_memory = outputs_made_here
         idx, w = B.put(case.idx[r], "int64"), B.put(case.w[r], "float32")
         x, x_rank = B.put(case.x[r], "bfloat16"), B.put(case.x_rank[r], "bfloat16")
         x_fp8, scales = B.put(case.x_fp8[r], "float8_e4m3fn"), B.put(case.scales[r], "float32")
@@ -401,6 +403,7 @@ def ht_body(case, backend, reruns=3):
         rx, ri, rw, counts, hw, _ = buf.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
         got_x, got_i = B.get(rx), B.get(ri)
         assert got_x.shape == (worst, H) and counts == []
+        assert hasattr(hw, "_keep") == outputs_made_here, "padded outputs in tensors made by Buffer"
         _eq(got_x[:num_recv], ref["x"], "padded recv_x prefix")
         _eq(got_i[:num_recv], ref["topk_idx"], "padded recv_topk_idx prefix")
         assert (got_i[num_recv:] == -1).all(), "padding rows must have topk_idx -1"
@@ -466,6 +469,90 @@ def ht_body(case, backend, reruns=3):
                 digest.update(np.ascontiguousarray(B.get(a)).view(np.uint8).data)
             hashes.add(digest.hexdigest())
         assert len(hashes) == 1, "outputs changed between reruns"
+        wait()
+        return True
+
+    return body
+
+
+def ht_graph_body(case, backend, replays=100):
+    """The HT layer's communication as SGLang/vLLM capture it: `get_dispatch_layout`, a
+    padded dispatch (`num_worst_tokens`) with top-k, and a combine, captured by
+    `torch.cuda.graph` and replayed `replays` times with new rows in `x` (two variants in
+    turn) and every output poisoned before each replay; each replay's outputs equal the
+    reference bit for bit. Also: a capture without `num_worst_tokens` is a ValueError."""
+    B, R, E, K, H = backend, case.R, case.E, case.K, case.H
+    torch = B.torch
+
+    def body(buf, r, wait):
+        idx, w = B.put(case.idx[r], "int64"), B.put(case.w[r], "float32")
+        xs = [B.put(case.x[r], "bfloat16"), B.put(case.x_rank[r], "bfloat16")]
+        x = xs[0].clone()
+        worst = max(len(d["src_idx"]) for d in case.ref) + 5
+        n = len(case.ref[r]["src_idx"])
+        yws = [d["topk_weights"] for d in case.ref]
+        wants = []
+        for ref in (case.ref, case.ref_rank):
+            cx, cw = ref_ht_combine(case.ref, [d["x"] for d in ref], yws, case.tokens[r], r, H)
+            wants.append((B.put(ref[r]["x"], "bfloat16"), B.put(cx, "bfloat16"), B.put(cw, "float32")))
+        want_idx = B.put(case.ref[r]["topk_idx"], "int64")
+        want_w = B.put(case.ref[r]["topk_weights"], "float32")
+        want_src = B.put(case.ref[r]["src_idx"], "int32")
+
+        def step():
+            ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idx, E)
+            rx, ri, rw, counts, h, _ = buf.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
+                                                    num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w,
+                                                    num_worst_tokens=worst)
+            cx, cw, _ = buf.combine(rx, h, topk_weights=rw)
+            return rx, ri, rw, h, cx, cw
+
+        B.sync()
+        wait()
+        step()  # eager warm-up: the buffer is laid out for these shapes before the capture
+        B.sync()
+        wait()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            rx, ri, rw, h, cx, cw = step()
+        assert tuple(rx.shape) == (worst, H) and h.num_recv_tokens == worst
+        B.sync()
+        wait()
+        src = h.recv_src_idx
+        for i in range(replays):
+            want_x, want_cx, want_cw = wants[i % 2]
+            x.copy_(xs[i % 2])
+            for t in (rx, cx):
+                t.view(torch.int16).fill_(-1)
+            for t in (ri, src):
+                t.fill_(-7)
+            for t in (rw, cw):
+                t.fill_(float("nan"))
+            graph.replay()
+            B.sync()
+            what = f"rank {r} replay {i}"
+            assert torch.equal(rx[:n].view(torch.int16), want_x.view(torch.int16)), f"{what}: recv_x"
+            assert torch.equal(ri[:n], want_idx) and bool((ri[n:] == -1).all()), f"{what}: recv_topk_idx"
+            assert torch.equal(rw[:n].view(torch.int32), want_w.view(torch.int32)), f"{what}: recv_topk_weights"
+            assert torch.equal(src[:n], want_src) and bool((src[n:] == -1).all()), f"{what}: recv_src_idx"
+            assert torch.equal(cx.view(torch.int16), want_cx.view(torch.int16)), f"{what}: combined_x"
+            assert torch.equal(cw.view(torch.int32), want_cw.view(torch.int32)), f"{what}: combined_topk_weights"
+        wait()
+        del graph
+
+        # Exact-size outputs need a host synchronisation: refused up front, capture intact.
+        g2 = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g2):
+                ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idx, E)
+                try:
+                    buf.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
+                    raise AssertionError("a dispatch without num_worst_tokens was captured")
+                except ValueError as e:
+                    assert "num_worst_tokens" in str(e), str(e)
+        finally:
+            del g2
+        B.sync()
         wait()
         return True
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ep
-from ep_checks import HtCase, LlCase, TorchBackend, ht_body, ll_body, ll_graph_body, seed
+from ep_checks import HtCase, LlCase, TorchBackend, ht_body, ht_graph_body, ll_body, ll_graph_body, seed
 
 
 def main():
@@ -33,6 +33,8 @@ def main():
         ("intranode", lambda: ht_body(HtCase(s, world, 256, 8, 7168, tokens), backend, reruns=5)),
         ("intranode-2880-top16", lambda: ht_body(HtCase(s + 1, world, 128, 16, 2880, tokens // 4, empty_rank=1),
                                                  backend, reruns=1)),
+        ("intranode torch.cuda.graph x100", lambda: ht_graph_body(HtCase(s + 4, world, 256, 8, 7168, tokens // 2),
+                                                                  backend)),
         ("low-latency", lambda: ll_body(LlCase(s + 2, world, 288, 8, 7168, 128), backend, rounds=3)),
         ("low-latency torch.cuda.graph x100", lambda: ll_graph_body(LlCase(s + 3, world, 288, 8, 7168, 128), backend)),
     ]

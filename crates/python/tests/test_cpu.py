@@ -28,6 +28,15 @@ def test_intranode_checks_one_pass_with_a_heap():
     assert run_in_process(R, "cpu", B, body, num_heap_bytes=4 << 20) == [True] * R
 
 
+def test_intranode_checks_into_outputs_made_by_buffer():
+    # the path a CUDA-graph capture takes (outputs in tensors Buffer makes, the caller's
+    # allocator's: layout, padded and cached dispatch, combine), outside a capture; with a
+    # heap, so combine pulls from the get_ht_combine_buffer tensor as before
+    case = HtCase(seed(), R, num_experts=16, num_topk=4, hidden=128, max_tokens=12)
+    body = ht_body(case, B, reruns=2, outputs_made_here=True)
+    assert run_in_process(R, "cpu", B, body, num_heap_bytes=4 << 20) == [True] * R
+
+
 def test_intranode_empty_rank_and_wide_topk():
     # a rank with no tokens, hidden 2880 (gpt-oss), top-16 of 64: beyond DeepEP's limits
     case = HtCase(seed(), R, num_experts=64, num_topk=16, hidden=2944, max_tokens=4, empty_rank=1)

@@ -25,7 +25,7 @@
 //! | `cvt_e4m3x2` | `cvt.rn.satfinite.e4m3x2.f32` | fp8 casts |
 //!
 //! Built on them here: [`warp_sum_u32`], [`wait_until`] (every wait loop in every kernel), [`wait_at_least`]
-//! (the HT and LL waits on a flag or counter) and [`report_error`].
+//! (the HT and LL waits on a flag or counter), [`last_block`] and [`report_error`].
 
 use crate::abi::{DeviceError, ErrorSlot, WARP_SIZE, error_code};
 
@@ -199,4 +199,25 @@ pub unsafe fn report_timeout(slot: *mut ErrorSlot, rank: u32, peer: u32, site: u
 pub unsafe fn error_raised(slot: *const ErrorSlot) -> bool {
     // SAFETY: forwarded contract.
     unsafe { ld_relaxed_sys_u32(core::ptr::addr_of!((*slot).claimed)) != 0 }
+}
+
+/// Block-cooperative, after this block's work: counts the block done on `counter` (a u32
+/// that only grows, one per block per launch); true (in every thread) in the grid's last
+/// block of this launch, which then sees every other block's work.
+///
+/// # Safety
+/// `counter` is a u32 in this GPU's memory that only this kernel's launches add to, each
+/// with the same grid size; every thread of the block calls this.
+#[inline(always)]
+pub unsafe fn last_block(counter: u64) -> bool {
+    sync_threads();
+    let mut last = false;
+    if thread_idx_x() == 0 {
+        fence_acq_rel_sys();
+        // SAFETY: forwarded contract.
+        let old = unsafe { atom_add_release_gpu_u32(counter as *mut u32, 1) };
+        last = (old + 1) % grid_dim_x() == 0;
+        fence_acq_rel_sys();
+    }
+    sync_threads_or(last)
 }

@@ -460,6 +460,9 @@ impl DeviceBuffer {
 
     /// Queues setting every byte to `value` on `stream` (done at once on the CPU).
     pub fn fill_async(&self, stream: &Stream, value: u8) -> Result<()> {
+        if self.bytes == 0 {
+            return Ok(()); // (an empty tensor's pointer may be null)
+        }
         match self.device.cuda_backend() {
             None => {
                 let (ptr, bytes) = (self.ptr, self.bytes);

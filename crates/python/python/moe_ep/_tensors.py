@@ -132,6 +132,13 @@ def empty(like, device, dtype, shape):
     return np.empty(shape, dtype=_NUMPY_OUT[dtype])
 
 
+def zeros(like, device, dtype, shape):
+    torch = _torch()
+    if like == "torch":
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+    return np.zeros(shape, dtype=_NUMPY_OUT[dtype])
+
+
 def current_stream(device):
     """Raw CUstream of torch's current stream on `device` (0 on the CPU)."""
     if device == "cpu":

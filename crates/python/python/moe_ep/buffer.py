@@ -115,6 +115,16 @@ class Group:
         return self._native.num_ranks
 
 
+# Room for this many HT channels in maps made before the call (`Buffer._dispatch_into`).
+_MAX_CHANNELS = 128
+
+
+def _capturing(device):
+    """Whether torch's current stream on `device` captures a CUDA graph."""
+    torch = sys.modules.get("torch")
+    return device != "cpu" and torch is not None and torch.cuda.is_current_stream_capturing()
+
+
 def _default_device():
     """`MOE_EP_DEVICE`, else torch's current CUDA device, else the CPU emulator."""
     name = os.environ.get("MOE_EP_DEVICE")
@@ -191,14 +201,18 @@ class HtHandle(tuple):
     `dispatch`. C is moe-ep's channel (ring) count, not DeepEP's; `channel_prefix_matrix`
     (what this rank sends per channel, inclusive prefix) is computed when first read."""
 
-    def __new__(cls, native, like, device, recv_src_idx, num_recv_tokens_per_expert):
-        r, t = native.num_ranks, native.num_tokens
-        c = native.num_channels
-        out = lambda a, dt, shape: tz.out(a, like, device, dt, shape)  # noqa: E731
-        items = (out(native.rank_prefix_matrix(), "int32", (r, r)), None,
-                 out(native.channel_prefix_matrix(), "int32", (r, c + 1)), recv_src_idx,
-                 out(native.is_token_in_rank(), "bool", (t, r)), out(native.send_head(), "int32", (t, r)))
-        self = super().__new__(cls, items)
+    def __new__(cls, native, like, device, recv_src_idx, num_recv_tokens_per_expert, maps=None):
+        # `maps`: `(rank_prefix_matrix, recv_channel_prefix_matrix, is_token_in_rank,
+        # send_head)` when the dispatch wrote the caller's tensors; else views of native memory.
+        if maps is None:
+            r, t = native.num_ranks, native.num_tokens
+            c = native.num_channels
+            out = lambda a, dt, shape: tz.out(a, like, device, dt, shape)  # noqa: E731
+            maps = (out(native.rank_prefix_matrix(), "int32", (r, r)),
+                    out(native.channel_prefix_matrix(), "int32", (r, c + 1)),
+                    out(native.is_token_in_rank(), "bool", (t, r)), out(native.send_head(), "int32", (t, r)))
+        rpm, rcpm, is_in, send_head = maps
+        self = super().__new__(cls, (rpm, None, rcpm, recv_src_idx, is_in, send_head))
         self._native, self._like, self._device = native, like, device
         self.num_recv_tokens_per_expert = num_recv_tokens_per_expert  # [L] int32
         self.num_recv_tokens = native.num_rows
@@ -353,6 +367,9 @@ class Buffer:
         self.num_heap_bytes = num_heap_bytes
         self._masked = [False] * self.group_size
         self._ll_views = {}
+        # HT outputs in tensors made here (see `_outputs_made_here`) even outside a capture:
+        # lets tests run that path on the CPU.
+        self._outputs_in_caller_memory = False
 
     # ----------------------------------------------------------------------------------- misc
 
@@ -489,6 +506,13 @@ class Buffer:
         for t in tensors:
             t.record_stream(comm)
 
+    def _outputs_made_here(self, like):
+        """Whether HT ops write tensors made here (torch's allocator) instead of returning
+        native memory: inside a CUDA-graph capture, whose graph must own all it writes."""
+        if like != "torch" and not self._outputs_in_caller_memory:
+            return False
+        return self._outputs_in_caller_memory or _capturing(self.device)
+
     def _event(self, ev, inputs):
         return EventOverlap(ev, inputs if ev is not None else None, self.device)
 
@@ -513,8 +537,15 @@ class Buffer:
         t, k = topk_idx.shape
         r = self.group_size
         idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
-        a, b, c, ev = self.runtime.layout(tz.mem(topk_idx), idx_bytes, t, k, num_experts,
-                                          *self._ctx(previous_event, async_finish, allocate_on_comm_stream))
+        ctx = self._ctx(previous_event, async_finish, allocate_on_comm_stream)
+        if self._outputs_made_here(like):
+            outs = (tz.empty(like, self.device, "int32", (r,)), tz.empty(like, self.device, "int32", (num_experts,)),
+                    tz.empty(like, self.device, "bool", (t, r)))
+            self._keep_for_comm(outs)
+            *_, ev = self.runtime.layout(tz.mem(topk_idx), idx_bytes, t, k, num_experts,
+                                         tuple(tz.mem(o) for o in outs), *ctx)
+            return DispatchLayout(outs[0], None, outs[1], outs[2], self._event(ev, (topk_idx,)))
+        a, b, c, ev = self.runtime.layout(tz.mem(topk_idx), idx_bytes, t, k, num_experts, None, *ctx)
         return DispatchLayout(tz.out(a, like, self.device, "int32", (r,)), None,
                               tz.out(b, like, self.device, "int32", (num_experts,)),
                               tz.out(c, like, self.device, "bool", (t, r)), self._event(ev, (topk_idx,)))
@@ -566,8 +597,15 @@ class Buffer:
                 raise ValueError("topk_idx / topk_weights: must be None for a cached dispatch (with handle)")
             if t != handle._native.num_tokens:
                 raise ValueError(f"x: {t} tokens, the handle's dispatch had {handle._native.num_tokens}")
-            rx, rs, ev = self.runtime.ht_dispatch_cached(handle._native, tz.mem(x), hidden_bytes, scales, *ctx)
             n = handle._native.num_rows
+            if self._outputs_made_here(like):
+                rx = tz.empty(like, self.device, dtype_of(fp8), (n, hidden))
+                rs = tz.empty(like, self.device, tz.dtype_name(x_scales), (n, x_scales.shape[1])) if fp8 else None
+                self._keep_for_comm((rx,) + ((rs,) if fp8 else ()))
+                *_, ev = self.runtime.ht_dispatch_cached(handle._native, tz.mem(x), hidden_bytes, scales,
+                                                         (tz.mem(rx), tz.mem(rs)), *ctx)
+                return DispatchOutput((rx, rs) if fp8 else rx, None, None, None, None, self._event(ev, xs))
+            rx, rs, ev = self.runtime.ht_dispatch_cached(handle._native, tz.mem(x), hidden_bytes, scales, None, *ctx)
             recv_x = tz.out(rx, like, self.device, dtype_of(fp8), (n, hidden))
             if fp8:
                 recv_x = (recv_x, tz.out(rs, like, self.device, tz.dtype_name(x_scales), (n, x_scales.shape[1])))
@@ -594,6 +632,13 @@ class Buffer:
             idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
             topk = (tz.mem(topk_idx), idx_bytes, tz.mem(topk_weights), k)
         layout = (tz.mem(num_tokens_per_rank), tz.mem(num_tokens_per_expert), tz.mem(is_token_in_rank))
+        inputs = xs + tuple(v for v in (topk_idx, topk_weights, is_token_in_rank) if v is not None)
+        if _capturing(self.device) and not num_worst_tokens:
+            raise ValueError("num_worst_tokens: needed inside a CUDA-graph capture (exact-size outputs need a "
+                             "host synchronisation); pass the most rows a rank may receive")
+        if num_worst_tokens and self._outputs_made_here(like):
+            return self._dispatch_into(x, x_scales, hidden, hidden_bytes, scales, topk_idx, topk, k, layout,
+                                       num_experts, expert_alignment, num_worst_tokens, channels, ctx, inputs)
         (rx, rs, ri, rw, src, per_expert, per_list, h, ev) = self.runtime.ht_dispatch(
             tz.mem(x), hidden, hidden_bytes, t, scales, topk, layout, num_experts, expert_alignment,
             num_worst_tokens or None, channels, *ctx)
@@ -604,11 +649,41 @@ class Buffer:
             recv_x = (recv_x, out(rs, tz.dtype_name(x_scales), (n, x_scales.shape[1])))
         handle = HtHandle(h, like, self.device, out(src, "int32", (n,)),
                           out(per_expert, "int32", (num_experts // r,)))
-        inputs = xs + tuple(v for v in (topk_idx, topk_weights, is_token_in_rank) if v is not None)
         return DispatchOutput(recv_x,
                               out(ri, "int64", (n, k)) if ri is not None else None,
                               out(rw, "float32", (n, k)) if rw is not None else None,
                               list(per_list) if per_list is not None else [],
+                              handle, self._event(ev, inputs))
+
+    def _dispatch_into(self, x, x_scales, hidden, hidden_bytes, scales, topk_idx, topk, k, layout, num_experts,
+                       expert_alignment, n, channels, ctx, inputs):
+        """A padded dispatch into tensors made here (`_outputs_made_here`)."""
+        like, dev, r = tz.kind(x, "x"), self.device, self.group_size
+        t = x.shape[0]
+        fp8 = x_scales is not None
+        empty = lambda dt, shape: tz.empty(like, dev, dt, shape)  # noqa: E731
+        recv_x = empty(dtype_of(fp8), (n, hidden))
+        recv_scales = empty(tz.dtype_name(x_scales), (n, x_scales.shape[1])) if fp8 else None
+        recv_topk_idx = empty("int64", (n, k)) if topk else None
+        recv_topk_weights = empty("float32", (n, k)) if topk else None
+        recv_src_idx = empty("int32", (n,))
+        # The channel count is the buffer's (known after the call): room for any.
+        cmax = max(_MAX_CHANNELS, channels)
+        maps = (empty("int32", (num_experts // r,)), empty("int32", (r, r)), empty("int32", (r * (cmax + 1),)),
+                empty("int32", (1,)), tz.zeros(like, dev, "int32", (r * cmax,)), empty("int32", (t, r)),
+                empty("bool", (t, r)))
+        rows = tuple(a if a is not None else recv_x
+                     for a in (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
+        self._keep_for_comm(rows + maps)
+        h, ev = self.runtime.ht_dispatch_into(tz.mem(x), hidden, hidden_bytes, t, scales, topk, layout, num_experts,
+                                              expert_alignment, n, channels, tuple(tz.mem(a) for a in rows),
+                                              tuple(tz.mem(m) for m in maps), *ctx)
+        c = h.num_channels
+        per_expert, rpm, cpm, _, row0, send_head, is_in = maps
+        handle = HtHandle(h, like, dev, recv_src_idx, per_expert, (rpm, cpm[: r * (c + 1)].reshape(r, c + 1), is_in,
+                                                                   send_head))
+        handle._keep = maps  # the native handle refers to all of them
+        return DispatchOutput((recv_x, recv_scales) if fp8 else recv_x, recv_topk_idx, recv_topk_weights, [],
                               handle, self._event(ev, inputs))
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
@@ -639,9 +714,17 @@ class Buffer:
             if b is not None:
                 tz.check(b, name, self.device, ("bfloat16",), 2, (t, hidden))
         self._num_channels(config)
-        cx, cw, ev = self.runtime.ht_combine(handle._native, tz.mem(x), hidden, weights, (tz.mem(b0), tz.mem(b1)),
-                                             *self._ctx(previous_event, async_finish, allocate_on_comm_stream))
+        ctx = self._ctx(previous_event, async_finish, allocate_on_comm_stream)
         inputs = tuple(v for v in (x, topk_weights, b0, b1) if v is not None)
+        if self._outputs_made_here(like):
+            cx = tz.empty(like, self.device, "bfloat16", (t, hidden))
+            cw = tz.empty(like, self.device, "float32", (t, weights[1])) if weights else None
+            self._keep_for_comm((cx,) + ((cw,) if weights else ()))
+            *_, ev = self.runtime.ht_combine(handle._native, tz.mem(x), hidden, weights, (tz.mem(b0), tz.mem(b1)),
+                                             (tz.mem(cx), tz.mem(cw)), *ctx)
+            return CombineOutput(cx, cw, self._event(ev, inputs))
+        cx, cw, ev = self.runtime.ht_combine(handle._native, tz.mem(x), hidden, weights, (tz.mem(b0), tz.mem(b1)),
+                                             None, *ctx)
         return CombineOutput(tz.out(cx, like, self.device, "bfloat16", (t, hidden)),
                              tz.out(cw, like, self.device, "float32", (t, weights[1])) if cw is not None else None,
                              self._event(ev, inputs))
