@@ -11,16 +11,13 @@ Prints a table on rank 0; `--csv` appends its rows.
 """
 import argparse
 import datetime
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepep_shim"))
-import moe_ep  # noqa: E402
-from deep_ep.utils.math import per_token_cast_to_fp8  # noqa: E402
-from deep_ep.utils.testing import bench  # noqa: E402
+import moe_ep
+from moe_ep.utils.math import per_token_cast_to_fp8
+from moe_ep.utils.testing import bench
 
 
 def ht_rows(buffer, rank, num_ranks, args):

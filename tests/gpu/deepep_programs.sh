@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# DeepEP's own test programs run against moe-ep, unchanged: `deepep_shim/` goes first on
-# PYTHONPATH, so their `import deep_ep` gets moe_ep (plus moe-ep's versions of DeepEP's test
-# helpers). DeepEP's files are not part of moe-ep: point DEEPEP_TESTS at a folder holding
+# DeepEP's own test programs run against moe-ep, unchanged: the `deep_ep` alias package
+# (crates/python/deep_ep_alias) is on PYTHONPATH, so their `import deep_ep` gets moe_ep and
+# `deep_ep.utils` moe-ep's versions of DeepEP's helpers. DeepEP's files are not part of moe-ep: point DEEPEP_TESTS at a folder holding
 # test_intranode.py and test_low_latency.py (DeepEP's tests/legacy/). On one GPU the
 # processes share it under MPS. MOE_EP_DEEPEP_PROCS (default 8) processes.
 # Last line: "N passed, M failed".
@@ -19,7 +19,7 @@ site=$(mktemp -d /tmp/moe-ep-deepep.XXXXXX)
 trap 'rm -rf "$site"' EXIT
 "$PY" -m pip install --quiet --no-deps --no-index --target "$site" python/moe_ep-*.whl 2>/dev/null ||
   for w in python/moe_ep-*.whl; do "$PY" -m zipfile -e "$w" "$site"; done
-export PYTHONPATH="$PWD/deepep_shim:$site:$dir" PYTHONUNBUFFERED=1
+export PYTHONPATH="$site:$PWD/python/deep_ep_alias:$dir" PYTHONUNBUFFERED=1
 export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER} MOE_EP_TIMEOUT_S=${MOE_EP_TIMEOUT_S:-30}
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/moe-ep-mps} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/moe-ep-mps-log}
 started=0

@@ -4,7 +4,8 @@
 # intranode and low-latency checks
 #   1. as 8 ranks on one GPU, threads of one process (pytest python/tests/test_gpu_torch.py);
 #   2. as 8 processes on one GPU under MPS, bootstrapped through a torch.distributed (gloo)
-#      process group (torchrun python/tests/ep_torch_mp.py), and docs/python.md's example.
+#      process group (torchrun python/tests/ep_torch_mp.py), docs/python.md's example, and a
+#      DeepEP-style program run through `import deep_ep` (python/tests/deepep_style_mp.py).
 # Needs python3 with torch (CUDA) and numpy; pytest is installed from python/wheels when
 # missing. MOE_EP_PY_PROCS (default 8) processes, MOE_EP_TEST_TOKENS (default 1024) HT tokens
 # per rank. Last line: "N passed, M failed".
@@ -31,7 +32,7 @@ install python/moe_ep-*.whl || { echo "0 passed, 1 failed"; exit 1; }
 if ! "$PY" -c "import pytest" 2>/dev/null; then
   install python/wheels/*.whl || { echo "no pytest"; echo "0 passed, 1 failed"; exit 1; }
 fi
-export PYTHONPATH="$site:$PWD/python/tests"
+export PYTHONPATH="$site:$PWD/python/tests:$PWD/python/deep_ep_alias" # (deep_ep: moe-ep's alias package)
 # Fail fast and say why: device-side waits and the bootstrap give up well inside the
 # script's limit, and pytest prints short tracebacks (with a per-test limit when it can).
 export MOE_EP_TIMEOUT_S=${MOE_EP_TIMEOUT_S:-20} MOE_EP_BOOTSTRAP_TIMEOUT_S=${MOE_EP_BOOTSTRAP_TIMEOUT_S:-60}
@@ -70,6 +71,12 @@ if (cd python/tests && timeout 600 "$PY" -m torch.distributed.run --standalone -
   pass=$((pass + 1)); echo "python example: ok"
 else
   fail=$((fail + 1)); echo "python example: FAILED"
+fi
+echo "--- a DeepEP-style program (import deep_ep: Megatron's, vLLM's and SGLang's calls), $procs processes under MPS"
+if (cd python/tests && timeout 600 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$procs" deepep_style_mp.py); then
+  pass=$((pass + 1)); echo "python DeepEP-style program: ok"
+else
+  fail=$((fail + 1)); echo "python DeepEP-style program: FAILED"
 fi
 echo quit | nvidia-cuda-mps-control
 echo "$pass passed, $fail failed"

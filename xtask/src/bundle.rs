@@ -184,8 +184,6 @@ fn copy_gpu_scripts(out: &Path) -> Result<Vec<String>> {
         }
     }
     scripts.sort();
-    // deepep_programs.sh's stand-in `deep_ep` package (Python files, one level of folders).
-    copy_py_tree(&dir.join("deepep_shim"), &out.join("deepep_shim"))?;
     Ok(scripts)
 }
 
@@ -213,6 +211,8 @@ fn python_package(out: &Path) -> Result {
     let dir = out.join("python");
     let wheel = crate::ci::build_wheel(&dir, true)?;
     eprintln!("wheel: {}", wheel.display());
+    // `import deep_ep` served by moe-ep (pure Python: scripts put the folder on PYTHONPATH).
+    copy_py_tree(&root().join("crates/python/deep_ep_alias"), &dir.join("deep_ep_alias"))?;
     let tests = dir.join("tests");
     fs::create_dir_all(&tests).map_err(|e| e.to_string())?;
     let src = root().join("crates/python/tests");

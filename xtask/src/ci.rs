@@ -76,10 +76,13 @@ fn python_steps() -> Vec<Step> {
         let site = crate::root().join("target/python-site");
         let _ = std::fs::remove_dir_all(&site);
         run_cmd(python().args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"]).arg(&site).arg(&wheel))?;
+        // The `deep_ep` alias package is pure Python: its folder on the path is an install.
+        let path = std::env::join_paths([site.clone(), crate::root().join("crates/python/deep_ep_alias")])
+            .map_err(|e| e.to_string())?;
         run_cmd(
             python()
                 .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "crates/python/tests"])
-                .env("PYTHONPATH", &site)
+                .env("PYTHONPATH", path)
                 .env("MOE_EP_DEVICE", "cpu"),
         )
     })]

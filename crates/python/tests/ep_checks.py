@@ -113,11 +113,17 @@ class TorchBackend:
         return t.cpu().numpy()
 
     def dequant_bf16(self, q, scales, ue8m0):
-        """fp8 rows times their per-128-channel scales, as bf16, on the device."""
+        """fp8 rows times their per-128-channel scales, as bf16, on the device; one expert at
+        a time (float32 copies of all [L, R*M, H] rows took 1 GiB per rank: 8 ranks on an H100
+        ran out of memory)."""
         torch = self.torch
-        if ue8m0:  # four exponent bytes per int32: scale 2^(byte - 127)
-            scales = torch.exp2(scales.contiguous().view(torch.uint8).float() - 127)
-        return (q.float() * scales.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+        out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
+        for e in range(q.shape[0]):
+            s = scales[e]
+            if ue8m0:  # four exponent bytes per int32: scale 2^(byte - 127)
+                s = torch.exp2(s.contiguous().view(torch.uint8).float() - 127)
+            out[e] = (q[e].float() * s.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+        return out
 
     def sync(self):
         if self.device != "cpu":
@@ -675,11 +681,10 @@ def ll_body(case, backend, rounds=2):
                 # combine the (dequantized) rows; weighted sum vs x * Σw, exactly for bf16
                 wait()
                 zero_copy = rnd == 1
-                if zero_copy:
-                    y_in = buf.get_next_low_latency_combine_buffer(handle)
-                    y_in[...] = y
-                else:
-                    y_in = y
+                if zero_copy:  # DeepEP's meaning: the rows are read from the buffer, whatever x holds
+                    buf.get_next_low_latency_combine_buffer(handle)[...] = y
+                    y[...] = 0xFFFF  # x itself poisoned
+                y_in = y
                 out = B.put(np.full((t, H), 0xFFFF, np.uint16), "bfloat16") if rnd == 0 else None  # poisoned
                 B.sync()
                 wait()

@@ -1,8 +1,12 @@
 """The Python layer on the CPU back end (no GPU, no torch): numpy arrays, 4 ranks as threads of
 this process, running our port of DeepEP's intranode and low-latency checks (ep_checks.py)
 against the reference, plus argument validation."""
+import copy
 import os
+import pickle
+import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -95,8 +99,13 @@ def test_bad_inputs_raise_and_buffer_stays_usable():
             buf.dispatch(x, **layout, topk_idx=idx)
         with pytest.raises(ValueError, match="required"):
             buf.dispatch(x, topk_idx=idx, topk_weights=w)
-        with pytest.raises(TypeError, match="EventOverlap"):
-            buf.dispatch(x, **layout, topk_idx=idx, topk_weights=w, previous_event=object())
+        with pytest.raises(TypeError, match="EventHandle"):
+            buf.dispatch(x, **layout, topk_idx=idx, topk_weights=w,
+                         previous_event=types.SimpleNamespace(event="not an event"))
+        with pytest.raises(TypeError, match="async_finish: expected a bool"):
+            buf.get_dispatch_layout(idx, E, async_finish="yes")
+        with pytest.raises(TypeError, match="num_worst_tokens: expected an int"):
+            buf.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=2.5)
         with pytest.raises(ValueError, match="num_max_dispatch_tokens_per_rank"):
             buf.low_latency_dispatch(x, idx, 2, E)
         with pytest.raises(TypeError, match="handle"):
@@ -292,3 +301,111 @@ def test_a_missing_peer_is_a_timeout_error(monkeypatch):
         return True
 
     assert run_in_process(2, "cpu", B, body) == [True, True]
+
+
+def test_deep_ep_alias_package_is_moe_ep():
+    """`import deep_ep` (crates/python/deep_ep_alias) gives moe_ep's objects, and `deep_ep.X`
+    is the module `moe_ep.X` itself, as DeepEP-written code and frameworks import them."""
+    import deep_ep
+    from deep_ep.utils import EventHandle, EventOverlap
+    import deep_ep.utils.event as event
+
+    assert deep_ep.Buffer is moe_ep.Buffer and deep_ep.Config is moe_ep.Config
+    assert (EventHandle, EventOverlap) == (moe_ep.EventHandle, moe_ep.EventOverlap)
+    assert deep_ep.EventOverlap is moe_ep.utils.EventOverlap and deep_ep.topk_idx_t == moe_ep.topk_idx_t
+    assert event is moe_ep.utils.event and sys.modules["deep_ep.utils"] is moe_ep.utils
+    assert moe_ep.utils.event.__spec__.name == "moe_ep.utils.event"  # moe_ep's modules keep their own spec
+    assert deep_ep.__version__ == moe_ep.__version__
+    assert not hasattr(deep_ep, "ElasticBuffer")  # (vLLM takes DeepEP V2's path when it exists)
+    with pytest.raises(ImportError):
+        import deep_ep.no_such_module  # noqa: F401
+
+
+def test_event_overlap_as_deep_ep_has_it():
+    """DeepEP's EventOverlap: a hook after the wait and its result, `with ev(release_handle=True)`
+    dropping the event, one hook at a time; `EventHandle()` made by the caller (Megatron passes
+    `EventOverlap(EventHandle())` as previous_event)."""
+    handle = moe_ep.EventHandle()
+    ev = moe_ep.EventOverlap(handle, extra_tensors=(np.zeros(1),))
+    ev.register_hook_after_wait(lambda: "sorted")
+    with pytest.raises(RuntimeError, match="already registered"):
+        ev.register_hook_after_wait(lambda: None)
+    assert ev.current_stream_wait() == "sorted" and ev.extra_tensors is None and ev.hook_after_wait is None
+    with ev(release_handle=True):
+        pass
+    assert ev.event is None
+    assert moe_ep.Buffer.capture().current_stream_wait() is None
+    with pytest.raises(TypeError, match="EventHandle"):
+        moe_ep.EventOverlap("an event")
+
+
+def test_handles_and_configs_as_deep_ep_has_them():
+    """LL handles are DeepEP's 5-tuples (copy/deepcopy keep them; pickling refuses: device
+    state); Config's defaults and the per-rank-count recommended configs are DeepEP's."""
+    E, K, T = 8, 2, 4
+    idx = np.array([[t % E, (t + 3) % E] for t in range(T)], np.int64)
+
+    def body(buf, r, wait):
+        x = bf16_round(np.full((T, 64), r + 1, np.float32))
+        _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+        assert isinstance(handle, tuple) and len(handle) == 5 and handle[2:] == (T, 64, E)
+        assert copy.copy(handle) is handle and copy.deepcopy(handle) is handle
+        with pytest.raises(TypeError, match="pickled"):
+            pickle.dumps(handle)
+        return True
+
+    assert run_in_process(R, "cpu", B, body) == [True] * R
+    cfg = moe_ep.Config(20)
+    assert (cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens,
+            cfg.num_max_rdma_chunked_send_tokens, cfg.num_max_rdma_chunked_recv_tokens) == (6, 256, 6, 256)
+    sends = [(moe_ep.Buffer.get_dispatch_config(n).num_max_nvl_chunked_send_tokens,
+              moe_ep.Buffer.get_combine_config(n).num_max_nvl_chunked_send_tokens) for n in (2, 4, 8)]
+    assert sends == [(24, 10), (6, 9), (6, 4)]
+
+
+def test_arguments_as_deep_ep_binding_takes_them():
+    """What DeepEP's C++ binding converts is accepted: numpy integers and bools, None for a
+    bool, `use_fabric`, `num_qps_per_rank=None`; previous_event is any object (its `.event`, if
+    any, is waited for); a caller-made `EventOverlap(EventHandle())` works."""
+    E, K, T = 8, 2, 4
+    idx = np.array([[t % E, (t + 3) % E] for t in range(T)], np.int64)
+    w = np.ones((T, K), np.float32)
+
+    def body(buf, r, wait):
+        x = bf16_round(np.full((T, 64), r + 1, np.float32))
+        prev = moe_ep.EventOverlap(moe_ep.EventHandle())
+        ntpr, _, ntpe, itir, ev = buf.get_dispatch_layout(idx, np.int64(E), previous_event=prev, async_finish=None,
+                                                          allocate_on_comm_stream=np.bool_(True))
+        rx, _, rw, _, handle, ev = buf.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
+                                                num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w,
+                                                num_worst_tokens=np.int32(0), expert_alignment=np.int64(1),
+                                                previous_event=object(), async_finish=np.bool_(True))
+        ev.current_stream_wait()
+        cx, _, _ = buf.combine(rx, handle, previous_event=ev, async_finish=1)
+        recv, _, llh, _, _ = buf.low_latency_dispatch(x, idx, np.int64(T), np.int32(E), use_fp8=np.bool_(False),
+                                                      return_recv_hook=None)
+        out, _, _ = buf.low_latency_combine(recv, idx, w, llh, zero_copy=0)
+        return bf16_round(np.float32(2 * (r + 1)))[()], np.unique(cx)
+
+    for want, got in run_in_process(R, "cpu", B, body, use_fabric=False, num_qps_per_rank=None,
+                                    explicitly_destroy=np.bool_(False)):
+        assert list(got) == [want]
+
+
+def test_zeroed_ll_memory_as_vllm_clean_buffers_does():
+    """vLLM's DeepEP manager zeroes the whole LL memory (`get_local_buffer_tensor(int8,
+    use_rdma_buffer=True).zero_()`) between calls, on every rank: all-zero LL memory is a fresh
+    buffer's (the epoch counters live in it and restart together), so later calls pass every
+    check."""
+    case = LlCase(seed(), R, num_experts=8, num_topk=3, hidden=512, max_tokens=6)
+    checks = ll_body(case, B, rounds=2)
+
+    def body(buf, r, wait):
+        assert checks(buf, r, wait)
+        buf.runtime.synchronize()
+        wait()
+        np.asarray(buf.runtime.local_buffer(0, True))[...] = 0
+        wait()
+        return checks(buf, r, wait)
+
+    assert run_in_process(R, "cpu", B, body) == [True] * R

@@ -3,12 +3,27 @@
     import moe_ep
     buffer = moe_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes)   # as deep_ep.Buffer
 
+`moe_ep.utils` has DeepEP's helpers (`deep_ep.utils`) under the same names; the optional
+`deep_ep` package (crates/python/deep_ep_alias) makes `import deep_ep` give all of this.
 See docs/python.md for what is identical to DeepEP and what differs.
 """
-from .buffer import (Buffer, Config, EventOverlap, Group, HtHandle, LowLatencyHandle, UniqueId)
-from . import _native
+from .buffer import (Buffer, Config, Group, HtHandle, LowLatencyHandle, UniqueId)
+from .utils import EventHandle, EventOverlap
+from . import _native, utils
 
-__all__ = ["Buffer", "Config", "EventOverlap", "Group", "UniqueId", "HtHandle", "LowLatencyHandle", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "Group", "UniqueId", "HtHandle", "LowLatencyHandle",
+           "topk_idx_t", "utils"]
+
+
+def _version():
+    try:
+        from importlib.metadata import version
+        return version("moe-ep")
+    except Exception:  # noqa: BLE001 (not installed as a distribution, e.g. on PYTHONPATH)
+        return "0+unknown"
+
+
+__version__ = _version()
 
 
 def __getattr__(name):

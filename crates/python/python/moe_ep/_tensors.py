@@ -31,6 +31,27 @@ def is_torch(obj):
     return t is not None and isinstance(obj, t.Tensor)
 
 
+# Per-call costs matter (an LL dispatch of one token takes microseconds on the GPU): what can
+# be looked up once is.
+_TORCH_DTYPE_NAMES = {}  # torch.dtype -> canonical name
+_DEVICES = {}  # 'cpu' / 'cuda:N' -> (is_cuda, index)
+
+
+def _torch_dtype_name(dtype):
+    name = _TORCH_DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _TORCH_DTYPE_NAMES.setdefault(dtype, str(dtype).replace("torch.", ""))
+    return name
+
+
+def _device(device):
+    d = _DEVICES.get(device)
+    if d is None:
+        cuda = device.startswith("cuda")
+        d = _DEVICES.setdefault(device, (cuda, int(device.partition(":")[2] or 0) if cuda else -1))
+    return d
+
+
 def kind(obj, name):
     """'torch' or 'numpy'; TypeError for anything else."""
     if is_torch(obj):
@@ -42,7 +63,7 @@ def kind(obj, name):
 
 def dtype_name(obj):
     if is_torch(obj):
-        return str(obj.dtype).replace("torch.", "")
+        return _torch_dtype_name(obj.dtype)
     return _NUMPY.get(obj.dtype.name, obj.dtype.name)
 
 
@@ -67,6 +88,14 @@ def contiguous(obj):
 def check(obj, name, device, dtypes, ndim, shape=None, strided=False):
     """Checks one input tensor; returns it. `shape` entries of None are free; `strided`
     accepts any strides (the caller copies)."""
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        # The common case, quickly; anything off goes through the general checks for the message.
+        cuda, index = _device(device)
+        if (_torch_dtype_name(obj.dtype) in dtypes and obj.dim() == ndim and obj.is_cuda == cuda
+                and (not cuda or obj.get_device() == index) and (strided or obj.is_contiguous())
+                and (shape is None or all(w is None or g == w for g, w in zip(obj.shape, shape)))):
+            return obj
     kind(obj, name)
     dt = dtype_name(obj)
     if dt not in dtypes:
@@ -141,9 +170,11 @@ def zeros(like, device, dtype, shape):
 
 def current_stream(device):
     """Raw CUstream of torch's current stream on `device` (0 on the CPU)."""
-    if device == "cpu":
-        return 0
+    cuda, index = _device(device)
     torch = _torch()
-    if torch is None:
+    if not cuda or torch is None:
         return 0
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.cuda.current_stream reads
+    if raw is not None:
+        return raw(index)
     return torch.cuda.current_stream(torch.device(device)).cuda_stream

@@ -4,6 +4,7 @@ Method names, arguments, defaults and return tuples are DeepEP's; docs/python.md
 differs. Shapes below: T tokens of this rank, H hidden, K top-k, E experts, R ranks,
 L = E / R local experts, M = `num_max_dispatch_tokens_per_rank`.
 """
+import operator
 import os
 import sys
 
@@ -12,6 +13,7 @@ from typing import NamedTuple, Optional
 
 from . import _native
 from . import _tensors as tz
+from .utils.event import EventHandle, EventOverlap
 
 _INDEX = ("int64", "int32")
 
@@ -21,7 +23,8 @@ class Config:
     chunk sizes are accepted and kept but not used (our rings have fixed slots)."""
 
     def __init__(self, num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
-                 num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=128):
+                 num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256):
+        num_sms = _int(num_sms, "num_sms")
         if num_sms <= 0 or num_sms % 2:
             raise ValueError(f"num_sms: expected a positive even number, got {num_sms}")
         self.num_sms = num_sms
@@ -47,29 +50,6 @@ class Config:
     def __repr__(self):
         return (f"Config(num_sms={self.num_sms}, nvl_chunk=({self.num_max_nvl_chunked_send_tokens}, "
                 f"{self.num_max_nvl_chunked_recv_tokens}))")
-
-
-class EventOverlap:
-    """An event after an op (`async_finish=True`), or None. `current_stream_wait()` makes the
-    caller's current stream wait for it; `with event:` does so on exit. Keeps `extra_tensors`
-    (the op's inputs) alive until then, as DeepEP does."""
-
-    def __init__(self, event=None, extra_tensors=None, device="cpu"):
-        self.event = event
-        self.extra_tensors = extra_tensors
-        self._device = device
-
-    def current_stream_wait(self):
-        if self.event is not None:
-            self.event.wait(tz.current_stream(self._device))
-        self.extra_tensors = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.event is not None:
-            self.current_stream_wait()
 
 
 class UniqueId:
@@ -247,6 +227,12 @@ class HtHandle(tuple):
     def __reduce__(self):
         raise TypeError("a moe_ep HT handle refers to device state and cannot be pickled")
 
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self  # it only refers to the dispatch's state, which is not copied
+
     @property
     def rank_prefix_matrix(self):
         return self[0]
@@ -272,41 +258,62 @@ class HtHandle(tuple):
         return self[5]
 
 
-class LowLatencyHandle:
-    """Handle of an LL dispatch; unpacks like DeepEP's `(src_info, layout_range,
-    num_max_dispatch_tokens_per_rank, hidden, num_experts)`."""
+class LowLatencyHandle(tuple):
+    """The handle of an LL dispatch: DeepEP's tuple `(src_info [L, R*M] int32, layout_range
+    [L, R] int64, num_max_dispatch_tokens_per_rank, hidden, num_experts)`, carrying our state.
+    Pass it to `low_latency_combine` or `get_next_low_latency_combine_buffer`."""
 
-    def __init__(self, native, src_info, layout_range, m, hidden, num_experts):
+    def __new__(cls, native, src_info, layout_range, m, hidden, num_experts):
+        self = super().__new__(cls, (src_info, layout_range, m, hidden, num_experts))
         self._native = native
-        self.src_info, self.layout_range = src_info, layout_range
-        self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts = m, hidden, num_experts
+        return self
 
-    def _tuple(self):
-        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
-                self.num_experts)
+    src_info = property(lambda self: self[0])
+    layout_range = property(lambda self: self[1])
+    num_max_dispatch_tokens_per_rank = property(lambda self: self[2])
+    hidden = property(lambda self: self[3])
+    num_experts = property(lambda self: self[4])
 
-    def __iter__(self):
-        return iter(self._tuple())
+    def __reduce__(self):
+        raise TypeError("a moe_ep LL handle refers to device state and cannot be pickled")
 
-    def __getitem__(self, i):
-        return self._tuple()[i]
+    def __copy__(self):
+        return self
 
-    def __len__(self):
-        return 5
+    def __deepcopy__(self, memo):
+        return self  # it only refers to the buffer's state, which is not copied
 
 
 def _bool(v, name):
-    if not isinstance(v, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
-    return v
+    """`v` as a bool, accepting what DeepEP's C++ binding takes: None (False), bools, numpy
+    bools and integers."""
+    if v is None or isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    try:
+        return bool(operator.index(v))
+    except TypeError:
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}") from None
 
 
 def _int(v, name, lo=None):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    """`v` as an int (anything with `__index__`: numpy integers too, not floats)."""
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}") from None
     if lo is not None and v < lo:
         raise ValueError(f"{name}: expected at least {lo}, got {v}")
     return v
+
+
+def _native_event(previous_event):
+    """The native event to wait for, by DeepEP's rule: `previous_event.event` if there is one."""
+    event = getattr(previous_event, "event", None)
+    if event is None:
+        return None
+    if not isinstance(event, EventHandle):
+        raise TypeError(f"previous_event.event: expected a moe_ep EventHandle, got {type(event).__name__}")
+    return event._native
 
 
 class Buffer:
@@ -336,9 +343,9 @@ class Buffer:
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
                  num_qps_per_rank=24, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
-                 explicitly_destroy=False, enable_shrink=False, comm=None, num_heap_bytes=None):
-        _int(num_nvl_bytes, "num_nvl_bytes", 0)
-        _int(num_rdma_bytes, "num_rdma_bytes", 0)
+                 use_fabric=False, explicitly_destroy=False, enable_shrink=False, comm=None, num_heap_bytes=None):
+        num_nvl_bytes = _int(num_nvl_bytes, "num_nvl_bytes", 0)
+        num_rdma_bytes = _int(num_rdma_bytes, "num_rdma_bytes", 0)
         if num_heap_bytes is None and "MOE_EP_HT_HEAP_BYTES" in os.environ:
             env = os.environ["MOE_EP_HT_HEAP_BYTES"]
             try:
@@ -346,12 +353,15 @@ class Buffer:
             except ValueError:
                 raise ValueError(f"MOE_EP_HT_HEAP_BYTES: expected a byte count, got {env!r}") from None
         if num_heap_bytes is not None:
-            _int(num_heap_bytes, "num_heap_bytes", 0)
-        for v, name in ((low_latency_mode, "low_latency_mode"), (explicitly_destroy, "explicitly_destroy"),
-                        (enable_shrink, "enable_shrink"), (allow_mnnvl, "allow_mnnvl"),
+            num_heap_bytes = _int(num_heap_bytes, "num_heap_bytes", 0)
+        low_latency_mode = _bool(low_latency_mode, "low_latency_mode")
+        explicitly_destroy = _bool(explicitly_destroy, "explicitly_destroy")
+        enable_shrink = _bool(enable_shrink, "enable_shrink")
+        for v, name in ((allow_mnnvl, "allow_mnnvl"), (use_fabric, "use_fabric"),
                         (allow_nvlink_for_low_latency_mode, "allow_nvlink_for_low_latency_mode")):
             _bool(v, name)
-        _int(num_qps_per_rank, "num_qps_per_rank", 0)
+        if num_qps_per_rank is not None:  # DeepEP passes it to NVSHMEM only
+            _int(num_qps_per_rank, "num_qps_per_rank", 0)
         self.runtime = _native_rank(group, comm)
         self.group = group if group is not None else comm
         self.rank = self.runtime.rank
@@ -384,8 +394,8 @@ class Buffer:
         elements viewed as that shape): the HT memory (`num_nvl_bytes`), or the LL memory
         with `use_rdma_buffer`. Writing into it while ops run corrupts them, as with DeepEP."""
         import torch
-        _int(offset, "offset", 0)
-        _bool(use_rdma_buffer, "use_rdma_buffer")
+        offset = _int(offset, "offset", 0)
+        use_rdma_buffer = _bool(use_rdma_buffer, "use_rdma_buffer")
         itemsize = torch.empty((), dtype=dtype).element_size()
         arr = self.runtime.local_buffer(offset * itemsize, use_rdma_buffer)
         if arr is None:
@@ -413,8 +423,8 @@ class Buffer:
         ranks in its kernels (fault tolerance), an LL call while any rank is masked raises
         `NotImplementedError` instead of giving results that would differ from DeepEP's."""
         self._check_shrink()
-        _int(rank_to_mask, "rank_to_mask", 0)
-        _bool(mask, "mask")
+        rank_to_mask = _int(rank_to_mask, "rank_to_mask", 0)
+        mask = _bool(mask, "mask")
         if rank_to_mask >= self.group_size:
             raise ValueError(f"rank_to_mask: {rank_to_mask} is not below {self.group_size} ranks")
         self._masked[rank_to_mask] = mask
@@ -448,7 +458,7 @@ class Buffer:
     @staticmethod
     def set_num_sms(new_num_sms):
         """SMs for HT kernels (two per channel)."""
-        _int(new_num_sms, "new_num_sms", 2)
+        new_num_sms = _int(new_num_sms, "new_num_sms", 2)
         if new_num_sms % 2:
             raise ValueError(f"new_num_sms: the SM count must be even, got {new_num_sms}")
         Buffer.num_sms = new_num_sms
@@ -456,11 +466,7 @@ class Buffer:
     @staticmethod
     def capture():
         """An event on torch's current CUDA stream (an empty EventOverlap without CUDA)."""
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available():
-            return EventOverlap(None)
-        device = f"cuda:{torch.cuda.current_device()}"
-        return EventOverlap(_native.record_event(device, tz.current_stream(device)), device=device)
+        return EventOverlap(EventHandle())
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
@@ -469,11 +475,15 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks):
-        return Config(Buffer.num_sms, 6, 256, 6, 128)
+        """DeepEP's recommended config for `num_ranks` (any count here: only `num_sms` is used)."""
+        send_tokens = {2: 24}.get(_int(num_ranks, "num_ranks", 1), 6)
+        return Config(Buffer.num_sms, send_tokens, 256, 6, 128)
 
     @staticmethod
     def get_combine_config(num_ranks):
-        return Config(Buffer.num_sms, 4, 256, 6, 128)
+        """DeepEP's recommended config for `num_ranks` (any count here: only `num_sms` is used)."""
+        send_tokens = {2: 10, 4: 9}.get(_int(num_ranks, "num_ranks", 1), 4)
+        return Config(Buffer.num_sms, send_tokens, 256, 6, 128)
 
     def get_comm_stream(self):
         """The rank's own stream (DeepEP's comm stream) as a `torch.cuda.ExternalStream`."""
@@ -487,14 +497,9 @@ class Buffer:
     def _ctx(self, previous_event, async_finish, allocate_on_comm_stream):
         _bool(async_finish, "async_finish")
         _bool(allocate_on_comm_stream, "allocate_on_comm_stream")
-        ev = None
-        if previous_event is not None:
-            if not isinstance(previous_event, EventOverlap):
-                raise TypeError(f"previous_event: expected an EventOverlap, got {type(previous_event).__name__}")
-            ev = previous_event.event
         # allocate_on_comm_stream: outputs always come from the comm stream's pool and are
         # released after the caller's stream is done with them, so the flag changes nothing.
-        return (tz.current_stream(self.device), ev, async_finish)
+        return (tz.current_stream(self.device), _native_event(previous_event), bool(async_finish))
 
     def _keep_for_comm(self, tensors):
         """Tensors of torch's current stream that the comm stream writes: their memory is not
@@ -514,7 +519,7 @@ class Buffer:
         return self._outputs_in_caller_memory or _capturing(self.device)
 
     def _event(self, ev, inputs):
-        return EventOverlap(ev, inputs if ev is not None else None, self.device)
+        return EventOverlap(EventHandle._of(ev, self.device), inputs if ev is not None else None)
 
     def _num_channels(self, config):
         if config is not None and not isinstance(config, Config):
@@ -533,7 +538,7 @@ class Buffer:
         is_token_in_rank [T, R] bool, event)`."""
         like = tz.kind(topk_idx, "topk_idx")
         tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2)
-        _int(num_experts, "num_experts", 1)
+        num_experts = _int(num_experts, "num_experts", 1)
         t, k = topk_idx.shape
         r = self.group_size
         idx_bytes = 8 if tz.dtype_name(topk_idx) == "int64" else 4
@@ -579,13 +584,13 @@ class Buffer:
             # what per-token casts for TMA give); the kernels read rows, so copy the latter.
             tz.check(x_scales, "x_scales", self.device, ("float32", "int32"), 2, (t, None), strided=True)
             if not tz.is_contiguous(x_scales):
-                if isinstance(previous_event, EventOverlap) and previous_event.event is not None:
-                    previous_event.event.wait(tz.current_stream(self.device))
+                if _native_event(previous_event) is not None:
+                    previous_event.event.current_stream_wait()
                 x_scales = tz.contiguous(x_scales)
                 previous_event = None  # the op now follows the current stream (the copy)
             scales = (tz.mem(x_scales), x_scales.shape[1])
-        _int(expert_alignment, "expert_alignment", 1)
-        _int(num_worst_tokens, "num_worst_tokens", 0)
+        expert_alignment = _int(expert_alignment, "expert_alignment", 1)
+        num_worst_tokens = _int(num_worst_tokens, "num_worst_tokens", 0)
         ctx = self._ctx(previous_event, async_finish, allocate_on_comm_stream)
         channels = self._num_channels(config)
         xs = (x,) if x_scales is None else (x, x_scales)
@@ -754,10 +759,9 @@ class Buffer:
         t, hidden = x.shape
         tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2, (t, None))
         m = _int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1)
-        _int(num_experts, "num_experts", 1)
-        for v, name in ((use_fp8, "use_fp8"), (round_scale, "round_scale"), (use_ue8m0, "use_ue8m0"),
-                        (return_recv_hook, "return_recv_hook")):
-            _bool(v, name)
+        num_experts = _int(num_experts, "num_experts", 1)
+        use_fp8, round_scale = _bool(use_fp8, "use_fp8"), _bool(round_scale, "round_scale")
+        use_ue8m0, return_recv_hook = _bool(use_ue8m0, "use_ue8m0"), _bool(return_recv_hook, "return_recv_hook")
         r = self.group_size
         if num_experts % r:
             raise ValueError(f"num_experts: {num_experts} is not a multiple of {r} ranks")
@@ -832,13 +836,17 @@ class Buffer:
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected the handle of a moe_ep low_latency_dispatch, got "
                             f"{type(handle).__name__}")
-        for v, name in ((use_logfmt, "use_logfmt"), (zero_copy, "zero_copy"), (return_recv_hook, "return_recv_hook")):
-            _bool(v, name)
+        _bool(use_logfmt, "use_logfmt")
+        zero_copy, return_recv_hook = _bool(zero_copy, "zero_copy"), _bool(return_recv_hook, "return_recv_hook")
         self._check_unmasked()
         like = tz.kind(x, "x")
         r, m, hidden = self.group_size, handle.num_max_dispatch_tokens_per_rank, handle.hidden
         l = handle.num_experts // r
         tz.check(x, "x", self.device, ("bfloat16",), 3, (l, r * m, hidden))
+        if zero_copy:
+            # DeepEP's meaning: the expert outputs are in the buffer's combine view (written
+            # there by the caller), whatever `x` holds; the source ranks read them in place.
+            x = self.get_next_low_latency_combine_buffer(handle)
         tz.check(topk_idx, "topk_idx", self.device, _INDEX, 2)
         t, k = topk_idx.shape
         tz.check(topk_weights, "topk_weights", self.device, ("float32",), 2, (t, k))

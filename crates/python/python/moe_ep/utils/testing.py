@@ -1,5 +1,5 @@
-"""Timing helpers of DeepEP-style tests: CUDA events around repeated calls, or kernel times
-from the torch profiler."""
+"""Timing helpers of DeepEP-style tests (`deep_ep.utils.testing`'s names and meaning): CUDA
+events around repeated calls, or kernel times from the torch profiler."""
 import json
 import os
 import tempfile
@@ -35,7 +35,9 @@ def bench(fn, num_warmups: int = 50, num_tests: int = 50, post_fn=None, flush_l2
     return np.average(times), np.min(times), np.max(times)
 
 
-class _Quiet:
+class suppress_stdout_stderr:  # noqa: N801 (DeepEP's name)
+    """Silences this process's stdout and stderr (file descriptors 1 and 2) inside `with`."""
+
     def __enter__(self):
         self.saved = os.dup(1), os.dup(2)
         self.null = os.open(os.devnull, os.O_WRONLY)
@@ -62,7 +64,7 @@ def bench_kineto(fn, kernel_names, num_tests: int = 30, suppress_kineto_output: 
     torch.cuda.synchronize()
     dummy = torch.ones(1, dtype=torch.float, device="cuda")
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-    with (_Quiet() if suppress_kineto_output else _NoQuiet()):
+    with (suppress_stdout_stderr() if suppress_kineto_output else empty_suppress()):
         with profiler:
             for _ in range(num_tests):
                 flush_l2_cache(flush_l2)
@@ -90,7 +92,9 @@ def bench_kineto(fn, kernel_names, num_tests: int = 30, suppress_kineto_output: 
     return out[0] if single else out
 
 
-class _NoQuiet:
+class empty_suppress:  # noqa: N801 (DeepEP's name)
+    """A `with` that does nothing (`suppress_stdout_stderr`'s stand-in)."""
+
     def __enter__(self):
         return self
 
