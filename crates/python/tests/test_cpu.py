@@ -13,7 +13,8 @@ import pytest
 
 os.environ.setdefault("MOE_EP_DEVICE", "cpu")
 import moe_ep  # noqa: E402
-from ep_checks import HtCase, LlCase, NumpyBackend, bf16_round, ht_body, ll_body, run_in_process, seed  # noqa: E402
+from ep_checks import (HtCase, LlCase, NumpyBackend, bf16_round, ht_body, ll_body, ref_ht_dispatch,  # noqa: E402
+                       routing, run_in_process, seed)
 
 R = 4
 B = NumpyBackend()
@@ -91,8 +92,8 @@ def test_bad_inputs_raise_and_buffer_stays_usable():
             buf.get_dispatch_layout(np.asfortranarray(idx), E)
         ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idx, E)
         layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
-        with pytest.raises(TypeError, match="expected dtype bfloat16, got float32"):
-            buf.dispatch(x.astype(np.float32), **layout, topk_idx=idx, topk_weights=w)
+        with pytest.raises(TypeError, match="expected dtype bfloat16 or float16 or float32, got int32"):
+            buf.dispatch(x.astype(np.int32), **layout, topk_idx=idx, topk_weights=w)
         with pytest.raises(ValueError, match="expected shape"):
             buf.dispatch(x, **layout, topk_idx=idx[:3], topk_weights=w)
         with pytest.raises(ValueError, match="both or neither"):
@@ -407,5 +408,29 @@ def test_zeroed_ll_memory_as_vllm_clean_buffers_does():
         np.asarray(buf.runtime.local_buffer(0, True))[...] = 0
         wait()
         return checks(buf, r, wait)
+
+    assert run_in_process(R, "cpu", B, body) == [True] * R
+
+
+def test_ht_dispatch_copies_rows_of_other_dtypes():
+    """As DeepEP's, HT dispatch moves rows of any dtype (combine sums bfloat16): float32 and
+    float16 rows arrive bit for bit, in a fresh and in a cached dispatch."""
+    E, K, H = 8, 2, 64
+    rng = np.random.default_rng(seed())
+    idxs = routing(rng, R, E, K, [5, 0, 7, 3])
+    xs32 = [rng.standard_normal((len(i), H)).astype(np.float32) for i in idxs]
+
+    def body(buf, r, wait):
+        ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(idxs[r], E)
+        for xs in (xs32, [a.astype(np.float16) for a in xs32]):
+            rx, _, _, _, handle, _ = buf.dispatch(xs[r], num_tokens_per_rank=ntpr, is_token_in_rank=itir,
+                                                  num_tokens_per_expert=ntpe)
+            again, *_ = buf.dispatch(xs[r] * 2, handle=handle)
+            for got, sent in ((rx, xs), (again, [a * 2 for a in xs])):
+                want = ref_ht_dispatch(idxs, sent, None, R, E)[0][r]["x"]
+                assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), \
+                    f"rank {r}: {want.dtype} rows"
+            wait()
+        return True
 
     assert run_in_process(R, "cpu", B, body) == [True] * R

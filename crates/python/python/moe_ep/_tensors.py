@@ -12,14 +12,19 @@ import sys
 import numpy as np
 
 # Canonical dtype names -> element size.
-_SIZES = {"bfloat16": 2, "float8_e4m3fn": 1, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
+_SIZES = {"bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
 # numpy dtype names -> canonical (raw bit containers for the types numpy lacks).
 _NUMPY = {
     "uint16": "bfloat16", "bfloat16": "bfloat16", "uint8": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn",
-    "float32": "float32", "int32": "int32", "int64": "int64", "bool": "bool",
+    "float16": "float16", "float32": "float32", "int32": "int32", "int64": "int64", "bool": "bool",
 }
-_NUMPY_OUT = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float32": np.float32, "int32": np.int32,
-              "int64": np.int64, "bool": np.bool_}
+_NUMPY_OUT = {"bfloat16": np.uint16, "float16": np.float16, "float8_e4m3fn": np.uint8, "float32": np.float32,
+              "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+def itemsize(dtype):
+    """Bytes per element of a canonical dtype name."""
+    return _SIZES[dtype]
 
 
 def _torch():

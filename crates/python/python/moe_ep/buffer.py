@@ -16,6 +16,8 @@ from . import _tensors as tz
 from .utils.event import EventHandle, EventOverlap
 
 _INDEX = ("int64", "int32")
+# HT dispatch payloads besides fp8 (the kernels copy rows of bytes; combine sums bfloat16).
+_HT_PAYLOAD = ("bfloat16", "float16", "float32")
 
 
 class Config:
@@ -559,7 +561,8 @@ class Buffer:
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None, async_finish=False,
                  allocate_on_comm_stream=False):
-        """HT dispatch. `x`: `[T, H]` bfloat16, or `(x [T, H] float8_e4m3fn, scales [T, S] float32)`.
+        """HT dispatch. `x`: `[T, H]` bfloat16 (or float16 / float32: rows are copied as bytes), or
+        `(x [T, H] float8_e4m3fn, scales [T, S] float32)`.
         With `handle` (from an earlier dispatch): cached mode, the same routes, no count exchange.
 
         Returns `(recv_x (a tuple with scales for fp8), recv_topk_idx [N, K] int64,
@@ -573,11 +576,14 @@ class Buffer:
         else:
             x_scales = None
         like = tz.kind(x, "x")
-        tz.check(x, "x", self.device, ("float8_e4m3fn",) if fp8 else ("bfloat16",), 2)
+        tz.check(x, "x", self.device, ("float8_e4m3fn",) if fp8 else _HT_PAYLOAD, 2)
         t, hidden = x.shape
-        hidden_bytes = hidden if fp8 else 2 * hidden
+        x_dtype = tz.dtype_name(x)
+        hidden_bytes = hidden * tz.itemsize(x_dtype)
         if hidden_bytes % 16:
             raise ValueError(f"x: rows of {hidden_bytes} bytes; expected a multiple of 16")
+        # The buffer is sized in bf16 elements per row (combine's rows); fp8 rows fit in that.
+        hidden_elems = hidden if fp8 else hidden_bytes // 2
         scales = None
         if fp8:
             # Either layout DeepEP takes: row-major, or column-major (`s.T.contiguous().T`,
@@ -604,14 +610,14 @@ class Buffer:
                 raise ValueError(f"x: {t} tokens, the handle's dispatch had {handle._native.num_tokens}")
             n = handle._native.num_rows
             if self._outputs_made_here(like):
-                rx = tz.empty(like, self.device, dtype_of(fp8), (n, hidden))
+                rx = tz.empty(like, self.device, x_dtype, (n, hidden))
                 rs = tz.empty(like, self.device, tz.dtype_name(x_scales), (n, x_scales.shape[1])) if fp8 else None
                 self._keep_for_comm((rx,) + ((rs,) if fp8 else ()))
                 *_, ev = self.runtime.ht_dispatch_cached(handle._native, tz.mem(x), hidden_bytes, scales,
                                                          (tz.mem(rx), tz.mem(rs)), *ctx)
                 return DispatchOutput((rx, rs) if fp8 else rx, None, None, None, None, self._event(ev, xs))
             rx, rs, ev = self.runtime.ht_dispatch_cached(handle._native, tz.mem(x), hidden_bytes, scales, None, *ctx)
-            recv_x = tz.out(rx, like, self.device, dtype_of(fp8), (n, hidden))
+            recv_x = tz.out(rx, like, self.device, x_dtype, (n, hidden))
             if fp8:
                 recv_x = (recv_x, tz.out(rs, like, self.device, tz.dtype_name(x_scales), (n, x_scales.shape[1])))
             return DispatchOutput(recv_x, None, None, None, None, self._event(ev, xs))
@@ -642,14 +648,14 @@ class Buffer:
             raise ValueError("num_worst_tokens: needed inside a CUDA-graph capture (exact-size outputs need a "
                              "host synchronisation); pass the most rows a rank may receive")
         if num_worst_tokens and self._outputs_made_here(like):
-            return self._dispatch_into(x, x_scales, hidden, hidden_bytes, scales, topk_idx, topk, k, layout,
-                                       num_experts, expert_alignment, num_worst_tokens, channels, ctx, inputs)
+            return self._dispatch_into(x, x_scales, hidden, hidden_elems, hidden_bytes, scales, topk_idx, topk, k,
+                                       layout, num_experts, expert_alignment, num_worst_tokens, channels, ctx, inputs)
         (rx, rs, ri, rw, src, per_expert, per_list, h, ev) = self.runtime.ht_dispatch(
-            tz.mem(x), hidden, hidden_bytes, t, scales, topk, layout, num_experts, expert_alignment,
+            tz.mem(x), hidden_elems, hidden_bytes, t, scales, topk, layout, num_experts, expert_alignment,
             num_worst_tokens or None, channels, *ctx)
         n = h.num_rows
         out = lambda a, dt, shape: tz.out(a, like, self.device, dt, shape)  # noqa: E731
-        recv_x = out(rx, dtype_of(fp8), (n, hidden))
+        recv_x = out(rx, x_dtype, (n, hidden))
         if fp8:
             recv_x = (recv_x, out(rs, tz.dtype_name(x_scales), (n, x_scales.shape[1])))
         handle = HtHandle(h, like, self.device, out(src, "int32", (n,)),
@@ -660,14 +666,14 @@ class Buffer:
                               list(per_list) if per_list is not None else [],
                               handle, self._event(ev, inputs))
 
-    def _dispatch_into(self, x, x_scales, hidden, hidden_bytes, scales, topk_idx, topk, k, layout, num_experts,
-                       expert_alignment, n, channels, ctx, inputs):
+    def _dispatch_into(self, x, x_scales, hidden, hidden_elems, hidden_bytes, scales, topk_idx, topk, k, layout,
+                       num_experts, expert_alignment, n, channels, ctx, inputs):
         """A padded dispatch into tensors made here (`_outputs_made_here`)."""
         like, dev, r = tz.kind(x, "x"), self.device, self.group_size
         t = x.shape[0]
         fp8 = x_scales is not None
         empty = lambda dt, shape: tz.empty(like, dev, dt, shape)  # noqa: E731
-        recv_x = empty(dtype_of(fp8), (n, hidden))
+        recv_x = empty(tz.dtype_name(x), (n, hidden))
         recv_scales = empty(tz.dtype_name(x_scales), (n, x_scales.shape[1])) if fp8 else None
         recv_topk_idx = empty("int64", (n, k)) if topk else None
         recv_topk_weights = empty("float32", (n, k)) if topk else None
@@ -680,9 +686,9 @@ class Buffer:
         rows = tuple(a if a is not None else recv_x
                      for a in (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
         self._keep_for_comm(rows + maps)
-        h, ev = self.runtime.ht_dispatch_into(tz.mem(x), hidden, hidden_bytes, t, scales, topk, layout, num_experts,
-                                              expert_alignment, n, channels, tuple(tz.mem(a) for a in rows),
-                                              tuple(tz.mem(m) for m in maps), *ctx)
+        h, ev = self.runtime.ht_dispatch_into(tz.mem(x), hidden_elems, hidden_bytes, t, scales, topk, layout,
+                                              num_experts, expert_alignment, n, channels,
+                                              tuple(tz.mem(a) for a in rows), tuple(tz.mem(m) for m in maps), *ctx)
         c = h.num_channels
         per_expert, rpm, cpm, _, row0, send_head, is_in = maps
         handle = HtHandle(h, like, dev, recv_src_idx, per_expert, (rpm, cpm[: r * (c + 1)].reshape(r, c + 1), is_in,
@@ -903,5 +909,3 @@ def dtype_torch(name):
     return getattr(torch, name)
 
 
-def dtype_of(fp8):
-    return "float8_e4m3fn" if fp8 else "bfloat16"
