@@ -175,7 +175,21 @@ class LowLatencyCombineOutput(NamedTuple):
     hook: object
 
 
-class HtHandle(tuple):
+class _Handle(tuple):
+    """A dispatch's handle: DeepEP's tuple, carrying moe-ep's state of the dispatch. Copies are
+    the handle itself (the state is the buffer's, not copied); pickling is refused."""
+
+    def __reduce__(self):
+        raise TypeError(f"a moe_ep {type(self).__name__} refers to device state and cannot be pickled")
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class HtHandle(_Handle):
     """The handle of an HT dispatch: DeepEP's tuple `(rank_prefix_matrix [R, R],
     channel_prefix_matrix [R, C], recv_channel_prefix_matrix [R, C + 1], recv_src_idx [N],
     is_token_in_rank [T, R], send_head [T, R])`, all int32 but `is_token_in_rank` (bool), so
@@ -226,15 +240,6 @@ class HtHandle(tuple):
     def __iter__(self):
         return (self[i] for i in range(6))
 
-    def __reduce__(self):
-        raise TypeError("a moe_ep HT handle refers to device state and cannot be pickled")
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self  # it only refers to the dispatch's state, which is not copied
-
     @property
     def rank_prefix_matrix(self):
         return self[0]
@@ -260,7 +265,7 @@ class HtHandle(tuple):
         return self[5]
 
 
-class LowLatencyHandle(tuple):
+class LowLatencyHandle(_Handle):
     """The handle of an LL dispatch: DeepEP's tuple `(src_info [L, R*M] int32, layout_range
     [L, R] int64, num_max_dispatch_tokens_per_rank, hidden, num_experts)`, carrying our state.
     Pass it to `low_latency_combine` or `get_next_low_latency_combine_buffer`."""
@@ -275,15 +280,6 @@ class LowLatencyHandle(tuple):
     num_max_dispatch_tokens_per_rank = property(lambda self: self[2])
     hidden = property(lambda self: self[3])
     num_experts = property(lambda self: self[4])
-
-    def __reduce__(self):
-        raise TypeError("a moe_ep LL handle refers to device state and cannot be pickled")
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self  # it only refers to the buffer's state, which is not copied
 
 
 def _bool(v, name):
@@ -497,11 +493,11 @@ class Buffer:
     # ------------------------------------------------------------------------------ internals
 
     def _ctx(self, previous_event, async_finish, allocate_on_comm_stream):
-        _bool(async_finish, "async_finish")
+        async_finish = _bool(async_finish, "async_finish")
         _bool(allocate_on_comm_stream, "allocate_on_comm_stream")
         # allocate_on_comm_stream: outputs always come from the comm stream's pool and are
         # released after the caller's stream is done with them, so the flag changes nothing.
-        return (tz.current_stream(self.device), _native_event(previous_event), bool(async_finish))
+        return (tz.current_stream(self.device), _native_event(previous_event), async_finish)
 
     def _keep_for_comm(self, tensors):
         """Tensors of torch's current stream that the comm stream writes: their memory is not
