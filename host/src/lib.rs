@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+pub mod buffer;
 pub mod collective;
 pub mod device;
 mod error;
@@ -15,6 +16,7 @@ pub mod layout;
 pub mod low_latency;
 pub mod reference;
 
+pub use buffer::{Buffer, BufferConfig, CallStream, Output};
 pub use device::{Device, DeviceBuffer, ErrorRecord, Event, Graph, HostMapped, LaunchConfig, Stream};
 pub use error::{Error, Result};
 pub use group::{Group, Sharing, SymmetricBuffer};

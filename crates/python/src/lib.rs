@@ -1,4 +1,5 @@
-//! `moe_ep._native`: thin PyO3 shims over the `moe-ep` host crate. The DeepEP-compatible API
+//! `moe_ep._native`: thin PyO3 shims over the `moe-ep` host crate's [`moe_ep::Buffer`] (the
+//! session: memory, layouts, stream ordering, outputs). The DeepEP-compatible API
 //! (`moe_ep.Buffer`, argument checks, torch/numpy handling) is Python, in `python/moe_ep/`.
 //!
 //! * Tensors come in as `(data pointer, byte length)` pairs and are used in place
@@ -6,28 +7,25 @@
 //! * Streams come in as raw `CUstream` integers (torch's current stream). Every op runs on the
 //!   rank's own stream (DeepEP's "comm stream"), ordered after the caller's stream or
 //!   `previous_event`, and, unless `async_finish`, the caller's stream waits for it.
-//! * Outputs go out as [`Array`]s: bytes exposing `__array_interface__` (CPU) or
-//!   `__cuda_array_interface__` (GPU), which Python views as numpy arrays / torch tensors
-//!   without copying. They keep the memory alive, and free it only after the caller's stream
-//!   is done with it ([`Guarded`], what torch's `record_stream` does for DeepEP).
+//! * Outputs go out as [`Array`]s: a [`moe_ep::Output`] exposing `__array_interface__` (CPU)
+//!   or `__cuda_array_interface__` (GPU), which Python views as numpy arrays / torch tensors
+//!   without copying.
 //! * Every blocking call releases the GIL: ranks of one process are Python threads.
 //! * Rust errors become `ValueError` (bad arguments), `TimeoutError` (device-side timeout) or
 //!   `RuntimeError`; nothing here panics on bad input.
 use moe_ep::bootstrap::{Bootstrap, TcpBootstrap, UniqueId as RsUniqueId, default_timeout};
-use moe_ep::group::{Sharing, SymmetricBuffer};
-use moe_ep::intranode::{
-    HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMaps,
-    HtMemory,
+use moe_ep::buffer::{
+    HtCombineCall, HtDispatchCall, HtDispatchHandle, LayoutCall, LlCombineCall, LlCombinePending, LlDispatch,
+    LlDispatchCall,
 };
-use moe_ep::layout::MAX_TOPK;
-use moe_ep::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch_layout_into};
-use moe_ep::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
-use moe_ep::{Device, DeviceBuffer, Error, Event, Group, Stream};
+use moe_ep::intranode::{HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtMaps};
+use moe_ep::layout::{DispatchLayout, IndexType};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlStats};
+use moe_ep::{Buffer, BufferConfig, CallStream, Device, DeviceBuffer, Error, Event, Group, Output, Stream};
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use std::any::Any;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A Rust error as the Python exception a caller can act on.
 fn py_err(e: Error) -> PyErr {
@@ -88,64 +86,20 @@ fn borrowed_stream(device: &Device, raw: usize) -> Arc<Stream> {
     s
 }
 
-/// Holds an output's memory; on drop, first makes the rank's stream wait for the stream that
-/// consumed the output (so a stream-ordered free on the rank's stream can't overtake the
-/// consumer's reads), then frees.
-/// LL outputs whose receive half may still be pending (`send_only`).
-trait LlPending {
-    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> moe_ep::Result<()>;
-}
-
-impl LlPending for LlDispatchOutputs {
-    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> moe_ep::Result<()> {
-        LlDispatchOutputs::complete(self, group, buf)
-    }
-}
-
-impl LlPending for LlCombineOutputs {
-    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> moe_ep::Result<()> {
-        LlCombineOutputs::complete(self, group, buf)
-    }
-}
-
-struct Guarded<T> {
-    value: Option<T>,
-    release_after: Option<(Arc<Stream>, Arc<Group>)>,
-}
-
-impl<T> Drop for Guarded<T> {
-    fn drop(&mut self) {
-        // While the consumer captures a graph, its work runs only at replays: there is
-        // nothing to wait for now (and a wait would pull the rank's stream into the capture).
-        if let Some((consumer, group)) = &self.release_after
-            && !consumer.capturing()
-            && let Ok(ev) = consumer.record_event()
-        {
-            // Errors here can't be reported (a destructor); the driver keeps its state.
-            let _ = group.stream().wait_event(&ev);
-        }
-        drop(self.value.take());
-    }
-}
-
-type Owner = Arc<dyn Any + Send + Sync>;
-
 /// Bytes on a device (or host memory on the CPU back end), viewed from Python without a copy
 /// through `__array_interface__` / `__cuda_array_interface__` as a flat `uint8` array.
 #[pyclass(frozen, module = "moe_ep._native")]
 struct Array {
-    _owner: Owner,
-    ptr: u64,
-    nbytes: usize,
+    out: Output,
     cuda: bool,
 }
 
 impl Array {
     fn interface<'py>(&self, py: Python<'py>, version: u32) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("shape", (self.nbytes,))?;
+        d.set_item("shape", (self.out.len(),))?;
         d.set_item("typestr", "|u1")?;
-        d.set_item("data", (self.ptr, false))?;
+        d.set_item("data", (self.out.ptr(), false))?;
         d.set_item("strides", py.None())?;
         d.set_item("version", version)?;
         Ok(d)
@@ -176,13 +130,13 @@ impl Array {
     /// Size in bytes.
     #[getter]
     fn nbytes(&self) -> usize {
-        self.nbytes
+        self.out.len()
     }
 
     /// Address of the first byte.
     #[getter]
     fn ptr(&self) -> u64 {
-        self.ptr
+        self.out.ptr()
     }
 }
 
@@ -277,397 +231,171 @@ impl UniqueId {
     }
 }
 
-/// The per-call stream context Python passes: the caller's stream, an optional event to
-/// wait for instead, and whether to return an event instead of making the caller wait.
-#[derive(Clone)]
-struct Ctx {
-    stream: usize,
-    previous: Option<Arc<Event>>,
-    async_finish: bool,
-}
-
-/// The communication buffers of one rank. Their memory is allocated (collectively) when the
-/// `Buffer` is made, as DeepEP does; each mode's buffer is laid out in it at its first call,
-/// for that call's shapes, and laid out again (collectively, no allocation) when a later
-/// call has other shapes. Handles carry the generation of the layout they were made with.
-struct State {
-    /// Memory for HT not laid out yet.
-    ht_mem: Option<HtMemory>,
-    ht: Option<HtBuffer>,
-    ht_generation: u64,
-    /// `Buffer`'s `num_nvl_bytes`.
-    nvl_bytes: usize,
-    /// Memory for LL not laid out yet (`num_rdma_bytes`).
-    ll_mem: Option<Arc<SymmetricBuffer>>,
-    ll: Option<LlBuffer>,
-    ll_generation: u64,
-    rdma_bytes: usize,
-}
-
-impl State {
-    /// HT's memory, laid out or not.
-    fn ht_memory(&self) -> Option<&HtMemory> {
-        self.ht.as_ref().map(|b| b.memory()).or(self.ht_mem.as_ref())
-    }
-
-    /// LL's memory, laid out or not.
-    fn ll_memory(&self) -> Option<&Arc<SymmetricBuffer>> {
-        self.ll.as_ref().map(|b| b.memory()).or(self.ll_mem.as_ref())
+/// The stream context of a call, from what Python passes: torch's current stream, an event
+/// to wait for instead, and whether to return an event.
+fn call_of(device: &Device, stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish: bool) -> CallStream {
+    CallStream {
+        caller: (!device.is_cpu()).then(|| borrowed_stream(device, stream)),
+        previous: previous.map(|e| e.event.clone()),
+        async_finish,
     }
 }
 
-/// One rank: its group (device, stream, bootstrap) and buffers.
+/// A native event for Python (None when the op needs no waiting).
+fn event_of(device: &Device, ev: Option<Arc<Event>>) -> Option<NativeEvent> {
+    ev.map(|event| NativeEvent { event, device: device.clone() })
+}
+
+type Scales = Option<(Mem, usize)>;
+type TopK = Option<(Mem, usize, Mem, usize)>;
+
+/// An HT dispatch's inputs as Python passes them, borrowed as device buffers.
+struct HtInputs {
+    x: DeviceBuffer,
+    x_scales: Option<(DeviceBuffer, usize)>,
+    topk: Option<(DeviceBuffer, IndexType, DeviceBuffer, usize)>,
+    layout: DispatchLayout,
+}
+
+impl HtInputs {
+    fn new(dev: &Device, x: Mem, x_scales: Scales, topk: TopK, layout: (Mem, Mem, Mem)) -> PyResult<HtInputs> {
+        let topk = match topk {
+            Some((i, b, w, k)) => Some((borrow(dev, i), index_type(b)?, borrow(dev, w), k)),
+            None => None,
+        };
+        Ok(HtInputs {
+            x: borrow(dev, x),
+            x_scales: x_scales.map(|(m, n)| (borrow(dev, m), n)),
+            topk,
+            layout: DispatchLayout {
+                num_tokens_per_rank: borrow(dev, layout.0),
+                num_tokens_per_expert: borrow(dev, layout.1),
+                is_token_in_rank: borrow(dev, layout.2),
+            },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call(
+        &self,
+        hidden: usize,
+        hidden_bytes: usize,
+        num_tokens: usize,
+        num_experts: usize,
+        expert_alignment: usize,
+        num_worst_tokens: Option<usize>,
+        num_channels: usize,
+    ) -> HtDispatchCall<'_> {
+        HtDispatchCall {
+            args: HtDispatchArgs {
+                x: &self.x,
+                hidden_bytes,
+                num_tokens,
+                x_scales: self.x_scales.as_ref().map(|(b, n)| (b, *n)),
+                topk: self.topk.as_ref().map(|(i, ty, w, k)| (i, *ty, w, *k)),
+                layout: &self.layout,
+                expert_alignment,
+                num_worst_tokens,
+            },
+            hidden,
+            num_experts,
+            num_channels,
+        }
+    }
+}
+
+/// One rank: its group (device, stream, bootstrap) and, once allocated, its [`Buffer`].
 #[pyclass(frozen, module = "moe_ep._native")]
 struct Rank {
     group: Arc<Group>,
-    state: Mutex<State>,
+    buffer: OnceLock<Buffer>,
 }
 
 impl Rank {
     fn new(group: Group) -> Rank {
-        Rank {
-            group: Arc::new(group),
-            state: Mutex::new(State {
-                ht_mem: None,
-                ht: None,
-                ht_generation: 0,
-                nvl_bytes: 0,
-                ll_mem: None,
-                ll: None,
-                ll_generation: 0,
-                rdma_bytes: 0,
-            }),
-        }
-    }
-
-    fn lock(&self) -> moe_ep::Result<MutexGuard<'_, State>> {
-        self.state.lock().map_err(|_| Error::KernelFault("a previous call panicked".into()))
+        Rank { group: Arc::new(group), buffer: OnceLock::new() }
     }
 
     fn dev(&self) -> &Device {
         self.group.device()
     }
 
-    /// The caller's stream (None on the CPU, where work runs at once).
-    fn caller(&self, ctx: &Ctx) -> Option<Arc<Stream>> {
-        (!self.dev().is_cpu()).then(|| borrowed_stream(self.dev(), ctx.stream))
+    fn buffer(&self) -> moe_ep::Result<&Buffer> {
+        self.buffer.get().ok_or_else(|| Error::invalid("Buffer", "its memory is not allocated yet"))
     }
 
-    /// Orders the comm stream after the caller (or `previous`), and surfaces errors that
-    /// kernels reported since the last call.
-    fn begin(&self, ctx: &Ctx) -> moe_ep::Result<()> {
-        self.group.take_device_error("an earlier op")?;
-        let comm = self.group.stream();
-        match (&ctx.previous, self.caller(ctx)) {
-            (Some(ev), _) => comm.wait_event(ev),
-            (None, Some(caller)) => comm.wait_event(&caller.record_event()?),
-            (None, None) => Ok(()),
-        }
+    fn array(&self, out: Output) -> Array {
+        Array { out, cuda: !self.dev().is_cpu() }
     }
 
-    /// The caller's stream waits for the comm stream, or gets an event to wait on later.
-    fn finish(&self, ctx: &Ctx, kernel: &'static str) -> moe_ep::Result<Option<NativeEvent>> {
-        if self.dev().is_cpu() {
-            self.group.take_device_error(kernel)?; // the work is done: report bad input now
-        }
-        let ev = self.group.stream().record_event()?;
-        if ctx.async_finish {
-            return Ok(Some(NativeEvent { event: Arc::new(ev), device: self.dev().clone() }));
-        }
-        if let Some(caller) = self.caller(ctx) {
-            caller.wait_event(&ev)?;
-        }
-        Ok(None)
-    }
-
-    fn guard<T: Send + Sync + 'static>(&self, ctx: &Ctx, value: T) -> Arc<Guarded<T>> {
-        // Whatever `allocate_on_comm_stream` says, the caller's stream may read the output
-        // (DeepEP records both streams too).
-        let release_after = self.caller(ctx).map(|caller| (caller, self.group.clone()));
-        Arc::new(Guarded { value: Some(value), release_after })
-    }
-
-    /// An output of its own.
-    fn output(&self, ctx: &Ctx, buf: DeviceBuffer, nbytes: usize) -> Array {
-        let (ptr, len) = (buf.ptr(), buf.len());
-        let owner: Owner = self.guard(ctx, buf);
-        Array { _owner: owner, ptr, nbytes: nbytes.min(len), cuda: !self.dev().is_cpu() }
-    }
-
-    /// Makes sure the HT buffer fits `want`: lays the memory out at the first call (nothing
-    /// collective), again (collectively, no allocation) when a call has larger shapes. The
-    /// channel count is fixed by the first call.
-    fn ensure_ht(&self, st: &mut State, want: HtConfig, ctx: &Ctx) -> moe_ep::Result<()> {
-        let old = st.ht.as_ref().map(|b| *b.config());
-        if old.is_some_and(|c| {
-            c.num_experts == want.num_experts
-                && c.hidden >= want.hidden
-                && c.num_topk >= want.num_topk
-                && c.num_scales >= want.num_scales
-        }) {
-            return Ok(());
-        }
-        // Keep room for what earlier calls needed, and for any top-k when it fits, so that
-        // alternating calls (with and without top-k, bf16 and fp8) keep one layout.
-        let kept = old.filter(|o| o.num_experts == want.num_experts);
-        let exact = HtConfig {
-            hidden: want.hidden.max(kept.map_or(0, |o| o.hidden)),
-            num_topk: want.num_topk.max(kept.map_or(0, |o| o.num_topk)),
-            num_scales: want.num_scales.max(kept.map_or(0, |o| o.num_scales)),
-            num_channels: old.map_or(want.num_channels, |o| o.num_channels),
-            ..want
-        };
-        let roomy = HtConfig { num_topk: MAX_TOPK, ..exact };
-        let ring_bytes = st.ht_memory().map_or(0, |m| m.ring_bytes());
-        let need = HtBuffer::bytes_needed(&self.group, &exact)?;
-        let cfg = if HtBuffer::bytes_needed(&self.group, &roomy)? <= ring_bytes {
-            roomy
-        } else if need <= ring_bytes {
-            exact
-        } else {
-            return Err(Error::invalid(
-                "num_nvl_bytes",
-                format!(
-                    "Buffer(num_nvl_bytes={}) is too small for HT with hidden {}, top-{} and {} experts: pass at least {need}",
-                    st.nvl_bytes, exact.hidden, exact.num_topk, exact.num_experts
-                ),
-            ));
-        };
-        match (st.ht.as_mut(), st.ht_mem.take()) {
-            (Some(_), _) if self.capturing(ctx) => return Err(Self::no_relayout_in_capture("HT")),
-            (Some(buf), _) => buf.relayout(&self.group, cfg)?,
-            (None, Some(mem)) => st.ht = Some(HtBuffer::in_memory(&self.group, cfg, mem)?),
-            (None, None) => return Err(Error::KernelFault("HT memory missing".into())),
-        }
-        st.ht_generation += 1;
-        Ok(())
-    }
-
-    /// Whether the caller's stream captures a CUDA graph.
-    fn capturing(&self, ctx: &Ctx) -> bool {
-        self.caller(ctx).is_some_and(|s| s.capturing())
-    }
-
-    /// A relayout synchronises and exchanges with peers: not inside a capture.
-    fn no_relayout_in_capture(mode: &str) -> Error {
-        Error::invalid(
-            "x",
-            format!(
-                "this call needs the {mode} buffer laid out for larger shapes, which can't happen inside a CUDA-graph \
-                 capture: make one call with the largest shapes before capturing"
-            ),
-        )
-    }
-
-    /// Makes sure the LL buffer is laid out for `cfg` (as `ensure_ht`).
-    fn ensure_ll(&self, st: &mut State, cfg: LlConfig, ctx: &Ctx) -> moe_ep::Result<()> {
-        if st.ll.as_ref().is_some_and(|b| *b.config() == cfg) {
-            return Ok(());
-        }
-        let need = LlBuffer::size_hint(self.group.num_ranks(), &cfg);
-        let have = st.ll_memory().map_or(0, |m| m.len());
-        if need > have {
-            return Err(Error::invalid(
-                "num_rdma_bytes",
-                format!(
-                    "Buffer(num_rdma_bytes={}) is too small for LL with {} tokens per rank, hidden {} and {} experts: \
-                     pass at least {need} (Buffer.get_low_latency_rdma_size_hint)",
-                    st.rdma_bytes, cfg.max_tokens, cfg.hidden, cfg.num_experts
-                ),
-            ));
-        }
-        match (st.ll.as_mut(), st.ll_mem.take()) {
-            (Some(_), _) if self.capturing(ctx) => return Err(Self::no_relayout_in_capture("LL")),
-            (Some(buf), _) => buf.relayout(&self.group, cfg)?,
-            (None, Some(mem)) => st.ll = Some(LlBuffer::in_memory(&self.group, cfg, mem)?),
-            (None, None) => return Err(Error::KernelFault("LL memory missing".into())),
-        }
-        st.ll_generation += 1;
-        Ok(())
-    }
-
-    /// Returns once no rank uses its buffers any more (before one is dropped: peers write
-    /// into each other's).
-    fn quiesce(&self) -> moe_ep::Result<()> {
-        self.group.stream().synchronize()?;
-        self.group.bootstrap().barrier()
-    }
-
-    /// Runs the pending receive half of an LL op (`send_only`), on the op's stream context.
-    fn complete_pending<T: LlPending + Send>(
-        &self,
-        py: Python<'_>,
-        inner: &Arc<Guarded<Mutex<T>>>,
-        generation: u64,
-        ctx: &Ctx,
-        kernel: &'static str,
-    ) -> PyResult<()> {
-        let (inner, ctx) = (inner.clone(), ctx.clone());
-        py.detach(|| -> moe_ep::Result<()> {
-            let st = self.lock()?;
-            Self::check_generation(st.ll_generation, generation)?;
-            let buf = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
-            let out = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let mut out = out.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
-            let ctx = Ctx { previous: None, async_finish: false, ..ctx };
-            self.begin(&ctx)?;
-            out.complete(&self.group, buf)?;
-            self.finish(&ctx, kernel).map(|_| ())
-        })
-        .py()
-    }
-
-    /// Lays the HT buffer out for `c` (`ensure_ht`) and runs `run` (a dispatch) on the comm
-    /// stream: the outputs, the layout generation and the event.
-    fn run_ht_dispatch(
-        &self,
-        ctx: &Ctx,
-        c: &HtDispatchCall,
-        run: impl FnOnce(&mut HtBuffer, &HtDispatchArgs) -> moe_ep::Result<HtDispatchOutputs>,
-    ) -> moe_ep::Result<(HtDispatchOutputs, u64, Option<NativeEvent>)> {
-        let dev = self.dev();
-        let topk_ty = match c.topk {
-            Some((_, b, _, _)) => Some(index_type(b).map_err(|_| Error::invalid("topk_idx", "int32 or int64"))?),
-            None => None,
-        };
-        let mut st = self.lock()?;
-        // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
-        // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
-        let num_channels = match c.num_channels {
-            0 => 0,
-            n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
-        };
-        // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
-        let want = HtConfig {
-            num_experts: c.num_experts,
-            hidden: c.hidden,
-            num_topk: c.topk.map_or(0, |t| t.3),
-            num_scales: c.x_scales.map_or(0, |s| s.1).max(c.hidden / 128),
-            num_channels,
-            warps_per_peer: 0,
-            num_slots: 0,
-            heap_bytes: 0,
-        };
-        self.ensure_ht(&mut st, want, ctx)?;
-        let generation = st.ht_generation;
-        let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
-        let xb = borrow(dev, c.x);
-        let sb = c.x_scales.map(|(m, n)| (borrow(dev, m), n));
-        let tb = c.topk.map(|(i, _, w, k)| (borrow(dev, i), borrow(dev, w), k));
-        let l = DispatchLayout {
-            num_tokens_per_rank: borrow(dev, c.layout.0),
-            num_tokens_per_expert: borrow(dev, c.layout.1),
-            is_token_in_rank: borrow(dev, c.layout.2),
-        };
-        let args = HtDispatchArgs {
-            x: &xb,
-            hidden_bytes: c.hidden_bytes,
-            num_tokens: c.num_tokens,
-            x_scales: sb.as_ref().map(|(b, n)| (b, *n)),
-            topk: match (&tb, topk_ty) {
-                (Some((i, w, k)), Some(ty)) => Some((i, ty, w, *k)),
-                _ => None,
-            },
-            layout: &l,
-            expert_alignment: c.expert_alignment,
-            num_worst_tokens: c.num_worst_tokens,
-        };
-        self.begin(ctx)?;
-        let out = run(buf, &args)?;
-        let ev = self.finish(ctx, "ht_dispatch")?;
-        Ok((out, generation, ev))
-    }
-
-    /// The Python object of a dispatch's handle.
-    fn ht_handle(&self, ctx: &Ctx, handle: HtHandle, generation: u64, num_tokens: usize) -> HtHandleObj {
-        HtHandleObj {
-            num_rows: handle.num_rows,
-            num_tokens,
-            num_ranks: self.group.num_ranks(),
-            inner: self.guard(ctx, handle),
-            generation,
-            cuda: !self.dev().is_cpu(),
-        }
-    }
-
-    fn check_generation(current: u64, generation: u64) -> moe_ep::Result<()> {
-        if generation != current {
-            return Err(Error::invalid(
-                "handle",
-                "was made before the buffer was rebuilt for larger shapes; dispatch again",
-            ));
-        }
-        Ok(())
+    fn opt_array(&self, out: Option<Output>) -> Option<Array> {
+        out.map(|o| self.array(o))
     }
 }
 
 /// The handle of an HT dispatch.
 #[pyclass(frozen, module = "moe_ep._native")]
 struct HtHandleObj {
-    inner: Arc<Guarded<HtHandle>>,
-    generation: u64,
+    handle: HtDispatchHandle,
     cuda: bool,
-    /// Rows of the dispatch outputs (exact count, or `num_worst_tokens`).
-    #[pyo3(get)]
-    num_rows: usize,
-    /// Tokens of this rank.
-    #[pyo3(get)]
-    num_tokens: usize,
     /// Ranks.
     #[pyo3(get)]
     num_ranks: usize,
 }
 
 impl HtHandleObj {
-    fn handle(&self) -> moe_ep::Result<&HtHandle> {
-        self.inner.value.as_ref().ok_or_else(|| Error::KernelFault("handle already released".into()))
-    }
-
-    fn view(&self, pick: fn(&HtHandle) -> &DeviceBuffer, nbytes: usize) -> PyResult<Array> {
-        let buf = pick(self.handle().py()?);
-        Ok(Array { _owner: self.inner.clone(), ptr: buf.ptr(), nbytes: nbytes.min(buf.len()), cuda: self.cuda })
+    fn array(&self, out: moe_ep::Result<Output>) -> PyResult<Array> {
+        Ok(Array { out: out.py()?, cuda: self.cuda })
     }
 }
 
 #[pymethods]
 impl HtHandleObj {
+    /// Rows of the dispatch outputs (exact count, or `num_worst_tokens`).
+    #[getter]
+    fn num_rows(&self) -> usize {
+        self.handle.num_rows
+    }
+
+    /// Tokens of this rank.
+    #[getter]
+    fn num_tokens(&self) -> usize {
+        self.handle.num_tokens
+    }
+
     /// `[R, R]` int32 (DeepEP's `rank_prefix_matrix`).
     fn rank_prefix_matrix(&self) -> PyResult<Array> {
-        self.view(|h| &h.rank_prefix_matrix, 4 * self.num_ranks * self.num_ranks)
+        self.array(self.handle.rank_prefix_matrix())
     }
 
     /// `[R, C + 1]` int32: the first row of each (source rank, channel) in this rank's
     /// outputs, and each source rank's end.
     fn channel_prefix_matrix(&self) -> PyResult<Array> {
-        let c = self.handle().py()?.num_channels();
-        self.view(|h| &h.channel_prefix_matrix, 4 * self.num_ranks * (c + 1))
+        self.array(self.handle.channel_prefix_matrix())
     }
 
     /// Channels of the dispatch.
     #[getter]
     fn num_channels(&self) -> PyResult<usize> {
-        Ok(self.handle().py()?.num_channels())
+        self.handle.num_channels().py()
     }
 
     /// `[T, R]` bool.
     fn is_token_in_rank(&self) -> PyResult<Array> {
-        self.view(|h| &h.is_token_in_rank, self.num_tokens * self.num_ranks)
+        self.array(self.handle.is_token_in_rank())
     }
 
     /// `[T, R]` int32.
     fn send_head(&self) -> PyResult<Array> {
-        self.view(|h| &h.send_head, 4 * self.num_tokens * self.num_ranks)
+        self.array(self.handle.send_head())
     }
 }
 
-/// Outputs and handle of an LL dispatch (shared, so combine and the hook can use them).
+/// Outputs and handle of an LL dispatch (combine and the hook use it).
 #[pyclass(frozen, module = "moe_ep._native")]
 struct LlDispatchObj {
-    inner: Arc<Guarded<Mutex<LlDispatchOutputs>>>,
-    generation: u64,
+    d: LlDispatch,
     cuda: bool,
-    ptrs: [(u64, usize); 5],
-    ctx: Ctx,
 }
 
 #[pymethods]
@@ -675,49 +403,31 @@ impl LlDispatchObj {
     /// The layout generation of the LL buffer the outputs are views into.
     #[getter]
     fn generation(&self) -> u64 {
-        self.generation
+        self.d.generation()
     }
 
     /// `(packed_recv_x, packed_recv_x_scales or None, packed_recv_count, packed_recv_src_info,
     /// packed_recv_layout_range)` as byte arrays.
     fn arrays(&self) -> Vec<Option<Array>> {
-        self.ptrs
-            .iter()
-            .map(|&(ptr, nbytes)| {
-                (ptr != 0).then(|| Array { _owner: self.inner.clone(), ptr, nbytes, cuda: self.cuda })
-            })
-            .collect()
+        let v = self.d.views();
+        let cuda = self.cuda;
+        [
+            Some(v.packed_recv_x),
+            v.packed_recv_x_scales,
+            Some(v.packed_recv_count),
+            Some(v.packed_recv_src_info),
+            Some(v.packed_recv_layout_range),
+        ]
+        .into_iter()
+        .map(|o| o.map(|out| Array { out, cuda }))
+        .collect()
     }
 }
 
-/// The pending receive half of a `send_only` LL combine, and its output.
+/// The pending receive half of a `send_only` LL combine.
 #[pyclass(frozen, module = "moe_ep._native")]
 struct LlCombineObj {
-    inner: Arc<Guarded<Mutex<LlCombineOutputs>>>,
-    generation: u64,
-    ctx: Ctx,
-}
-
-fn ctx_of(stream: usize, previous: Option<PyRef<'_, NativeEvent>>, async_finish: bool) -> Ctx {
-    Ctx { stream, previous: previous.map(|e| e.event.clone()), async_finish }
-}
-
-type Scales = Option<(Mem, usize)>;
-type TopK = Option<(Mem, usize, Mem, usize)>;
-
-/// The arguments of a (not cached) HT dispatch, as Python passes them.
-struct HtDispatchCall {
-    x: Mem,
-    hidden: usize,
-    hidden_bytes: usize,
-    num_tokens: usize,
-    x_scales: Scales,
-    topk: TopK,
-    layout: (Mem, Mem, Mem),
-    num_experts: usize,
-    expert_alignment: usize,
-    num_worst_tokens: Option<usize>,
-    num_channels: usize,
+    pending: LlCombinePending,
 }
 
 #[pymethods]
@@ -732,64 +442,35 @@ impl Rank {
     }
 
     /// Collective, once (the `Buffer` constructor): allocates the memory of both modes, as
-    /// DeepEP does. HT gets `nvl_bytes`: the rings take what the first call's shapes need and
-    /// the rest is the output heap when `heap_bytes` is None; else the rings may use all of
-    /// it and a heap of `heap_bytes` (0 = none) is allocated beside. LL gets `rdma_bytes`.
+    /// DeepEP does ([`BufferConfig`]).
     #[pyo3(signature = (nvl_bytes, heap_bytes, rdma_bytes))]
     fn allocate(&self, py: Python<'_>, nvl_bytes: usize, heap_bytes: Option<usize>, rdma_bytes: usize) -> PyResult<()> {
-        py.detach(|| -> moe_ep::Result<()> {
-            let mut st = self.lock()?;
-            if st.ht.is_some() || st.ht_mem.is_some() || st.ll.is_some() || st.ll_mem.is_some() {
-                return Err(Error::invalid("allocate", "the buffers are allocated already"));
-            }
-            self.group.ranks_on_device()?; // collective the first time: not inside a later call
-            if nvl_bytes > 0 {
-                st.ht_mem = Some(HtMemory::alloc(&self.group, nvl_bytes, heap_bytes)?);
-            }
-            if rdma_bytes > 0 {
-                st.ll_mem = Some(Arc::new(self.group.alloc_symmetric(rdma_bytes, Sharing::Auto)?));
-            }
-            (st.nvl_bytes, st.rdma_bytes) = (nvl_bytes, rdma_bytes);
-            Ok(())
-        })
-        .py()
+        if self.buffer.get().is_some() {
+            return Err(py_err(Error::invalid("allocate", "the buffers are allocated already")));
+        }
+        let config = BufferConfig { nvl_bytes, heap_bytes, rdma_bytes };
+        let buffer = py.detach(|| Buffer::new(self.group.clone(), config)).py()?;
+        self.buffer.set(buffer).map_err(|_| py_err(Error::invalid("allocate", "the buffers are allocated already")))
     }
 
     /// This rank's whole HT (`use_rdma_buffer` false) or LL memory from byte `offset`
     /// (DeepEP's `get_local_buffer_tensor`): bytes, or None when that memory is absent.
     fn local_buffer(&self, offset: usize, use_rdma_buffer: bool) -> PyResult<Option<Array>> {
-        let st = self.lock().py()?;
-        let local = if use_rdma_buffer { st.ll_memory().cloned() } else { st.ht_memory().map(|m| m.shared()) };
-        let Some(sym) = local else { return Ok(None) };
-        let len = sym.len();
-        if offset > len {
-            return Err(PyValueError::new_err(format!("offset: {offset} bytes is past the buffer's {len}")));
-        }
-        let ptr = sym.local().ptr() + offset as u64;
-        let owner: Owner = sym;
-        Ok(Some(Array { _owner: owner, ptr, nbytes: len - offset, cuda: !self.dev().is_cpu() }))
+        Ok(self.opt_array(self.buffer().and_then(|b| b.local_buffer(offset, use_rdma_buffer)).py()?))
     }
 
     /// The heap's and the LL memory's sizes: `(rings, heap, ll)` bytes (0 = none).
     fn memory_bytes(&self) -> PyResult<(usize, usize, usize)> {
-        let st = self.lock().py()?;
-        let (rings, heap) = st.ht_memory().map_or((0, 0), |m| (m.ring_bytes(), m.heap_bytes()));
-        Ok((rings, heap, st.ll_memory().map_or(0, |m| m.len())))
+        self.buffer().and_then(|b| b.memory_bytes()).py()
     }
 
     /// `nbytes` from the HT buffer's heap for work ordered on `stream`, or None (no HT
     /// buffer yet, no heap, or no room).
     #[pyo3(signature = (nbytes, stream))]
     fn ht_alloc_output(&self, py: Python<'_>, nbytes: usize, stream: usize) -> PyResult<Option<Array>> {
-        let ctx = Ctx { stream, previous: None, async_finish: false };
-        py.detach(|| -> moe_ep::Result<Option<Array>> {
-            let st = self.lock()?;
-            let Some(buf) = st.ht.as_ref() else { return Ok(None) };
-            // A block comes back only once the work queued before its release has run, so the
-            // caller may write it at once; its own release waits for the caller's stream.
-            Ok(buf.alloc_output(&self.group, nbytes).map(|b| self.output(&ctx, b, nbytes)))
-        })
-        .py()
+        let call = call_of(self.dev(), stream, None, false);
+        let out = py.detach(|| self.buffer()?.ht_alloc_output(&call, nbytes)).py()?;
+        Ok(self.opt_array(out))
     }
 
     /// Rank `rank` of `num_ranks` joined through rank 0's TCP listener named by `unique_id`
@@ -888,36 +569,27 @@ impl Rank {
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
     ) -> PyResult<(Option<Array>, Option<Array>, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let ty = index_type(idx_bytes)?;
-        let r = self.group.num_ranks();
-        py.detach(|| -> moe_ep::Result<_> {
-            self.begin(&ctx)?;
-            let dev = self.dev();
-            let idx = borrow(dev, topk_idx);
-            let (t, k, e) = (num_tokens, num_topk, num_experts);
-            let l = match out {
-                Some([a, b, c]) => {
-                    let into = DispatchLayout {
-                        num_tokens_per_rank: borrow(dev, a),
-                        num_tokens_per_expert: borrow(dev, b),
-                        is_token_in_rank: borrow(dev, c),
-                    };
-                    get_dispatch_layout_into(&self.group, &idx, ty, t, k, e, into)?;
-                    None
-                }
-                None => Some(get_dispatch_layout(&self.group, &idx, ty, t, k, e)?),
-            };
-            let ev = self.finish(&ctx, "get_dispatch_layout")?;
-            let Some(l) = l else { return Ok((None, None, None, ev)) };
-            Ok((
-                Some(self.output(&ctx, l.num_tokens_per_rank, 4 * r)),
-                Some(self.output(&ctx, l.num_tokens_per_expert, 4 * num_experts)),
-                Some(self.output(&ctx, l.is_token_in_rank, num_tokens * r)),
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let index_type = index_type(idx_bytes)?;
+        let idx = borrow(dev, topk_idx);
+        let into = out.map(|[a, b, c]| DispatchLayout {
+            num_tokens_per_rank: borrow(dev, a),
+            num_tokens_per_expert: borrow(dev, b),
+            is_token_in_rank: borrow(dev, c),
+        });
+        let c = LayoutCall { topk_idx: &idx, index_type, num_tokens, num_topk, num_experts };
+        let (l, ev) = py.detach(|| self.buffer()?.layout(&call, &c, into)).py()?;
+        let ev = event_of(dev, ev);
+        Ok(match l {
+            Some(l) => (
+                Some(self.array(l.num_tokens_per_rank)),
+                Some(self.array(l.num_tokens_per_expert)),
+                Some(self.array(l.is_token_in_rank)),
                 ev,
-            ))
+            ),
+            None => (None, None, None, ev),
         })
-        .py()
     }
 
     /// HT dispatch (not cached). Returns `(recv_x, recv_x_scales, recv_topk_idx,
@@ -953,41 +625,30 @@ impl Rank {
         HtHandleObj,
         Option<NativeEvent>,
     )> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let call = HtDispatchCall {
-            x,
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let inputs = HtInputs::new(dev, x, x_scales, topk, layout)?;
+        let c = inputs.call(
             hidden,
             hidden_bytes,
             num_tokens,
-            x_scales,
-            topk,
-            layout,
             num_experts,
             expert_alignment,
             num_worst_tokens,
             num_channels,
-        };
-        let num_scales = x_scales.map_or(0, |s| s.1);
-        let num_topk = topk.map_or(0, |t| t.3);
-        let num_local = num_experts / self.group.num_ranks().max(1);
-        py.detach(|| -> moe_ep::Result<_> {
-            let (out, generation, ev) = self.run_ht_dispatch(&ctx, &call, |buf, a| buf.dispatch(&self.group, a))?;
-            let rows = out.handle.num_rows;
-            let with_topk = topk.is_some();
-            let handle = self.ht_handle(&ctx, out.handle, generation, num_tokens);
-            Ok((
-                self.output(&ctx, out.recv_x, rows * hidden_bytes),
-                (num_scales > 0).then(|| self.output(&ctx, out.recv_x_scales, rows * num_scales * 4)),
-                with_topk.then(|| self.output(&ctx, out.recv_topk_idx, rows * num_topk * 8)),
-                with_topk.then(|| self.output(&ctx, out.recv_topk_weights, rows * num_topk * 4)),
-                self.output(&ctx, out.recv_src_idx, rows * 4),
-                self.output(&ctx, out.num_recv_tokens_per_expert, num_local * 4),
-                out.num_recv_tokens_per_expert_list,
-                handle,
-                ev,
-            ))
-        })
-        .py()
+        );
+        let (out, ev) = py.detach(|| self.buffer()?.ht_dispatch(&call, &c)).py()?;
+        Ok((
+            self.array(out.recv_x),
+            self.opt_array(out.recv_x_scales),
+            self.opt_array(out.recv_topk_idx),
+            self.opt_array(out.recv_topk_weights),
+            self.array(out.recv_src_idx),
+            self.array(out.num_recv_tokens_per_expert),
+            out.num_recv_tokens_per_expert_list,
+            HtHandleObj { handle: out.handle, cuda: !dev.is_cpu(), num_ranks: self.group.num_ranks() },
+            event_of(dev, ev),
+        ))
     }
 
     /// HT dispatch with `num_worst_tokens` into the caller's tensors (what a CUDA-graph
@@ -1018,44 +679,30 @@ impl Rank {
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
     ) -> PyResult<(HtHandleObj, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let call = HtDispatchCall {
-            x,
-            hidden,
-            hidden_bytes,
-            num_tokens,
-            x_scales,
-            topk,
-            layout,
-            num_experts,
-            expert_alignment,
-            num_worst_tokens: Some(num_worst_tokens),
-            num_channels,
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let inputs = HtInputs::new(dev, x, x_scales, topk, layout)?;
+        let worst = Some(num_worst_tokens);
+        let c = inputs.call(hidden, hidden_bytes, num_tokens, num_experts, expert_alignment, worst, num_channels);
+        let b = |m: Mem| borrow(dev, m);
+        let into = HtDispatchBuffers {
+            recv_x: b(rows[0]),
+            recv_x_scales: b(rows[1]),
+            recv_topk_idx: b(rows[2]),
+            recv_topk_weights: b(rows[3]),
+            recv_src_idx: b(rows[4]),
+            maps: HtMaps {
+                num_recv_tokens_per_expert: b(maps[0]),
+                rank_prefix_matrix: b(maps[1]),
+                channel_prefix_matrix: b(maps[2]),
+                num_recv_tokens: b(maps[3]),
+                remote_row0: b(maps[4]),
+                send_head: b(maps[5]),
+                is_token_in_rank: b(maps[6]),
+            },
         };
-        let dev = self.dev().clone();
-        py.detach(|| -> moe_ep::Result<_> {
-            let b = |m: Mem| borrow(&dev, m);
-            let into = HtDispatchBuffers {
-                recv_x: b(rows[0]),
-                recv_x_scales: b(rows[1]),
-                recv_topk_idx: b(rows[2]),
-                recv_topk_weights: b(rows[3]),
-                recv_src_idx: b(rows[4]),
-                maps: HtMaps {
-                    num_recv_tokens_per_expert: b(maps[0]),
-                    rank_prefix_matrix: b(maps[1]),
-                    channel_prefix_matrix: b(maps[2]),
-                    num_recv_tokens: b(maps[3]),
-                    remote_row0: b(maps[4]),
-                    send_head: b(maps[5]),
-                    is_token_in_rank: b(maps[6]),
-                },
-            };
-            let (out, generation, ev) =
-                self.run_ht_dispatch(&ctx, &call, |buf, a| buf.dispatch_into(&self.group, a, into))?;
-            Ok((self.ht_handle(&ctx, out.handle, generation, num_tokens), ev))
-        })
-        .py()
+        let (handle, ev) = py.detach(|| self.buffer()?.ht_dispatch_into(&call, &c, into)).py()?;
+        Ok((HtHandleObj { handle, cuda: !dev.is_cpu(), num_ranks: self.group.num_ranks() }, event_of(dev, ev)))
     }
 
     /// HT dispatch reusing `handle`'s layout: `(recv_x, recv_x_scales or None, event)`; with
@@ -1075,36 +722,23 @@ impl Rank {
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
     ) -> PyResult<(Option<Array>, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let dev = self.dev().clone();
-        let (inner, generation, rows) = (handle.inner.clone(), handle.generation, handle.num_rows);
-        py.detach(|| -> moe_ep::Result<_> {
-            let mut st = self.lock()?;
-            Self::check_generation(st.ht_generation, generation)?;
-            let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("handle", "no HT buffer"))?;
-            let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let xb = borrow(&dev, x);
-            let sb = x_scales.map(|(m, n)| (borrow(&dev, m), n));
-            let scales = sb.as_ref().map(|(b, n)| (b, *n));
-            self.begin(&ctx)?;
-            let recv = match out {
-                Some((rx, rs)) => {
-                    let (rx, rs) = (borrow(&dev, rx), rs.map(|m| borrow(&dev, m)));
-                    buf.dispatch_cached_into(&self.group, h, &xb, hidden_bytes, scales, &rx, rs.as_ref())?;
-                    None
-                }
-                None => Some(buf.dispatch_cached(&self.group, h, &xb, hidden_bytes, scales)?),
-            };
-            let ev = self.finish(&ctx, "ht_dispatch")?;
-            let Some((recv_x, recv_scales)) = recv else { return Ok((None, None, ev)) };
-            let num_scales = x_scales.map_or(0, |s| s.1);
-            Ok((
-                Some(self.output(&ctx, recv_x, rows * hidden_bytes)),
-                (num_scales > 0).then(|| self.output(&ctx, recv_scales, rows * num_scales * 4)),
-                ev,
-            ))
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let xb = borrow(dev, x);
+        let sb = x_scales.map(|(m, n)| (borrow(dev, m), n));
+        let into = out.map(|(rx, rs)| (borrow(dev, rx), rs.map(|m| borrow(dev, m))));
+        let h = &handle.handle;
+        let (recv, ev) = py
+            .detach(|| {
+                let scales = sb.as_ref().map(|(b, n)| (b, *n));
+                self.buffer()?.ht_dispatch_cached(&call, h, &xb, hidden_bytes, scales, into)
+            })
+            .py()?;
+        let ev = event_of(dev, ev);
+        Ok(match recv {
+            Some((rx, rs)) => (Some(self.array(rx)), self.opt_array(rs), ev),
+            None => (None, None, ev),
         })
-        .py()
     }
 
     /// HT combine: `(combined_x, combined_topk_weights or None, event)`; with `out` =
@@ -1125,45 +759,28 @@ impl Rank {
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
     ) -> PyResult<(Option<Array>, Option<Array>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let dev = self.dev().clone();
-        let (inner, generation, t) = (handle.inner.clone(), handle.generation, handle.num_tokens);
-        py.detach(|| -> moe_ep::Result<_> {
-            let mut st = self.lock()?;
-            Self::check_generation(st.ht_generation, generation)?;
-            let h = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let k = topk_weights.map_or(0, |w| w.1);
-            let fits = st.ht.as_ref().is_some_and(|b| b.config().hidden >= hidden && b.config().num_topk >= k);
-            if !fits {
-                return Err(Error::invalid(
-                    "x",
-                    format!("combine of hidden {hidden} / top-{k} after a dispatch sized for less; dispatch with these shapes first"),
-                ));
-            }
-            let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("handle", "no HT buffer"))?;
-            let xb = borrow(&dev, x);
-            let wb = topk_weights.map(|(m, k)| (borrow(&dev, m), k));
-            let b0 = bias.0.map(|m| borrow(&dev, m));
-            let b1 = bias.1.map(|m| borrow(&dev, m));
-            let (w, bias) = (wb.as_ref().map(|(b, k)| (b, *k)), [b0.as_ref(), b1.as_ref()]);
-            self.begin(&ctx)?;
-            let combined = match out {
-                Some((cx, cw)) => {
-                    let into = HtCombineOutputs { combined_x: borrow(&dev, cx), combined_topk_weights: cw.map(|m| borrow(&dev, m)) };
-                    buf.combine_into(&self.group, h, &xb, hidden, w, bias, into)?;
-                    None
-                }
-                None => Some(buf.combine(&self.group, h, &xb, hidden, w, bias)?),
-            };
-            let ev = self.finish(&ctx, "ht_combine")?;
-            let Some(c) = combined else { return Ok((None, None, ev)) };
-            Ok((
-                Some(self.output(&ctx, c.combined_x, t * hidden * 2)),
-                c.combined_topk_weights.map(|w| self.output(&ctx, w, t * k * 4)),
-                ev,
-            ))
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let xb = borrow(dev, x);
+        let wb = topk_weights.map(|(m, k)| (borrow(dev, m), k));
+        let (b0, b1) = (bias.0.map(|m| borrow(dev, m)), bias.1.map(|m| borrow(dev, m)));
+        let into = out.map(|(cx, cw)| HtCombineOutputs {
+            combined_x: borrow(dev, cx),
+            combined_topk_weights: cw.map(|m| borrow(dev, m)),
+        });
+        let c = HtCombineCall {
+            x: &xb,
+            hidden,
+            topk_weights: wb.as_ref().map(|(b, k)| (b, *k)),
+            bias: [b0.as_ref(), b1.as_ref()],
+        };
+        let h = &handle.handle;
+        let (combined, ev) = py.detach(|| self.buffer()?.ht_combine(&call, h, &c, into)).py()?;
+        let ev = event_of(dev, ev);
+        Ok(match combined {
+            Some((cx, cw)) => (Some(self.array(cx)), self.opt_array(cw), ev),
+            None => (None, None, ev),
         })
-        .py()
     }
 
     /// LL dispatch: `(dispatch object, event)`; `send_only` leaves the receive to
@@ -1191,86 +808,45 @@ impl Rank {
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
     ) -> PyResult<(LlDispatchObj, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let dev = self.dev().clone();
-        let ty = index_type(idx_bytes)?;
-        let r = self.group.num_ranks();
-        py.detach(|| -> moe_ep::Result<_> {
-            let mut st = self.lock()?;
-            self.ensure_ll(&mut st, LlConfig { num_experts, hidden, max_tokens }, &ctx)?;
-            let generation = st.ll_generation;
-            let buf = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
-            let (xb, ib) = (borrow(&dev, x), borrow(&dev, topk_idx));
-            let opts = LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 };
-            self.begin(&ctx)?;
-            let borrowed = |m: Option<Mem>| m.map(|m| borrow(&dev, m));
-            let (recv_stats, wait_stats) = (borrowed(stats.0), borrowed(stats.1));
-            let stats = LlStats {
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let index_type = index_type(idx_bytes)?;
+        let (xb, ib) = (borrow(dev, x), borrow(dev, topk_idx));
+        let (recv_stats, wait_stats) = (stats.0.map(|m| borrow(dev, m)), stats.1.map(|m| borrow(dev, m)));
+        let c = LlDispatchCall {
+            x: &xb,
+            num_tokens,
+            hidden,
+            topk_idx: &ib,
+            index_type,
+            num_topk,
+            max_tokens,
+            num_experts,
+            options: LlDispatchOptions { send_only, use_fp8, round_scale, use_ue8m0 },
+            small: small.map(|(c, lr, e)| [borrow(dev, c), borrow(dev, lr), borrow(dev, e)]),
+            stats: LlStats {
                 cumulative_local_expert_recv_stats: recv_stats.as_ref(),
                 dispatch_wait_recv_cost_stats: wait_stats.as_ref(),
                 combine_wait_recv_cost_stats: None,
-            };
-            let out = match small {
-                // The caller's memory for the counts, ranges and epoch (graph-capturable).
-                Some((c, lr, e)) => {
-                    let small = [borrow(&dev, c), borrow(&dev, lr), borrow(&dev, e)];
-                    buf.dispatch_with(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, small, stats)?
-                }
-                None => buf.dispatch(&self.group, &xb, num_tokens, &ib, ty, num_topk, opts, stats)?,
-            };
-            let ev = self.finish(&ctx, "ll_dispatch")?;
-            let l = num_experts / r;
-            let rows = l * r * max_tokens;
-            let scales = if !use_fp8 {
-                (0, 0)
-            } else if use_ue8m0 {
-                (out.packed_recv_x_scales.as_ref().map_or(0, |b| b.ptr()), rows * (hidden / 512) * 4)
-            } else {
-                (out.packed_recv_x_scales.as_ref().map_or(0, |b| b.ptr()), rows * (hidden / 128) * 4)
-            };
-            let ptrs = [
-                (out.packed_recv_x.ptr(), rows * if use_fp8 { hidden } else { 2 * hidden }),
-                scales,
-                (out.packed_recv_count.ptr(), 4 * l),
-                (out.handle.packed_recv_src_info.ptr(), 4 * rows),
-                (out.handle.packed_recv_layout_range.ptr(), 8 * l * r),
-            ];
-            Ok((
-                LlDispatchObj {
-                    inner: self.guard(&ctx, Mutex::new(out)),
-                    generation,
-                    cuda: !dev.is_cpu(),
-                    ptrs,
-                    ctx: ctx.clone(),
-                },
-                ev,
-            ))
-        })
-        .py()
+            },
+        };
+        let (d, ev) = py.detach(|| self.buffer()?.ll_dispatch(&call, c)).py()?;
+        Ok((LlDispatchObj { d, cuda: !dev.is_cpu() }, event_of(dev, ev)))
     }
 
     /// The zero-copy combine input of `d`'s buffer set (`LlBuffer::combine_buffer`): bytes of
     /// `[L, R*M, hidden]` bf16; a combine given it reads the rows in place.
     #[pyo3(signature = (d, stream))]
     fn ll_combine_buffer(&self, py: Python<'_>, d: PyRef<'_, LlDispatchObj>, stream: usize) -> PyResult<Array> {
-        let ctx = Ctx { stream, previous: None, async_finish: false };
-        let (inner, generation) = (d.inner.clone(), d.generation);
-        py.detach(|| -> moe_ep::Result<Array> {
-            let st = self.lock()?;
-            Self::check_generation(st.ll_generation, generation)?;
-            let buf = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
-            let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let outs = outs.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
-            let view = buf.combine_buffer(&outs.handle);
-            let nbytes = view.len();
-            Ok(self.output(&ctx, view, nbytes))
-        })
-        .py()
+        let call = call_of(self.dev(), stream, None, false);
+        let d = &d.d;
+        Ok(self.array(py.detach(|| self.buffer()?.ll_combine_buffer(&call, d)).py()?))
     }
 
     /// Runs the receive half of a `send_only` LL dispatch (no-op when already done).
     fn ll_complete_dispatch(&self, py: Python<'_>, d: PyRef<'_, LlDispatchObj>) -> PyResult<()> {
-        self.complete_pending(py, &d.inner, d.generation, &d.ctx, "ll_dispatch")
+        let d = &d.d;
+        py.detach(|| self.buffer()?.ll_complete_dispatch(d)).py()
     }
 
     /// LL combine: `(combined_x or None when written to `out`, pending receive or None,
@@ -1294,80 +870,36 @@ impl Rank {
         previous_event: Option<PyRef<'_, NativeEvent>>,
         async_finish: bool,
     ) -> PyResult<(Option<Array>, Option<LlCombineObj>, Option<NativeEvent>)> {
-        let ctx = ctx_of(stream, previous_event, async_finish);
-        let dev = self.dev().clone();
-        let ty = index_type(idx_bytes)?;
-        let (inner, generation) = (d.inner.clone(), d.generation);
-        py.detach(|| -> moe_ep::Result<_> {
-            let mut st = self.lock()?;
-            Self::check_generation(st.ll_generation, generation)?;
-            let buf = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
-            let hidden = buf.config().hidden;
-            let outs = inner.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))?;
-            let outs = outs.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
-            if outs.recv_hook.is_some() {
-                return Err(Error::invalid("handle", "its dispatch's receive hook has not been called yet"));
-            }
-            let wait_stats = wait_stats.map(|m| borrow(&dev, m));
-            let stats = LlStats { combine_wait_recv_cost_stats: wait_stats.as_ref(), ..LlStats::default() };
-            let (xb, ib, wb) = (borrow(&dev, x), borrow(&dev, topk_idx), borrow(&dev, topk_weights));
-            self.begin(&ctx)?;
-            let combined = match out {
-                Some(m) => {
-                    let target = borrow(&dev, m);
-                    let hook = buf.combine_into(
-                        &self.group,
-                        &outs.handle,
-                        &xb,
-                        &target,
-                        num_tokens,
-                        &ib,
-                        ty,
-                        &wb,
-                        num_topk,
-                        send_only,
-                        stats,
-                    )?;
-                    LlCombineOutputs { combined_x: target, recv_hook: hook }
-                }
-                None => {
-                    buf.combine(&self.group, &outs.handle, &xb, num_tokens, &ib, ty, &wb, num_topk, send_only, stats)?
-                }
-            };
-            let ev = self.finish(&ctx, "ll_combine")?;
-            let (ptr, len) = (combined.combined_x.ptr(), combined.combined_x.len());
-            let pending = combined.recv_hook.is_some();
-            let keep = self.guard(&ctx, Mutex::new(combined));
-            let array = out.is_none().then(|| Array {
-                _owner: keep.clone(),
-                ptr,
-                nbytes: (num_tokens * hidden * 2).min(len),
-                cuda: !dev.is_cpu(),
-            });
-            let hook = pending.then(|| LlCombineObj { inner: keep, generation, ctx: ctx.clone() });
-            Ok((array, hook, ev))
-        })
-        .py()
+        let dev = self.dev();
+        let call = call_of(dev, stream, previous_event, async_finish);
+        let index_type = index_type(idx_bytes)?;
+        let (xb, ib, wb) = (borrow(dev, x), borrow(dev, topk_idx), borrow(dev, topk_weights));
+        let wait_stats = wait_stats.map(|m| borrow(dev, m));
+        let c = LlCombineCall {
+            x: &xb,
+            num_tokens,
+            topk_idx: &ib,
+            index_type,
+            topk_weights: &wb,
+            num_topk,
+            send_only,
+            wait_stats: wait_stats.as_ref(),
+        };
+        let target = out.map(|m| borrow(dev, m));
+        let d = &d.d;
+        let (combined, pending, ev) = py.detach(|| self.buffer()?.ll_combine(&call, d, &c, target)).py()?;
+        Ok((self.opt_array(combined), pending.map(|pending| LlCombineObj { pending }), event_of(dev, ev)))
     }
 
     /// Runs the receive half of a `send_only` LL combine.
     fn ll_complete_combine(&self, py: Python<'_>, c: PyRef<'_, LlCombineObj>) -> PyResult<()> {
-        self.complete_pending(py, &c.inner, c.generation, &c.ctx, "ll_combine")
+        let pending = &c.pending;
+        py.detach(|| self.buffer()?.ll_complete_combine(pending)).py()
     }
 
     /// Drops this rank's buffers (collective: every rank calls it).
     fn destroy(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| -> moe_ep::Result<()> {
-            let mut st = self.lock()?;
-            if st.ht.is_some() || st.ll.is_some() || st.ht_mem.is_some() || st.ll_mem.is_some() {
-                self.quiesce()?;
-            }
-            (st.ht, st.ht_mem, st.ll, st.ll_mem) = (None, None, None, None);
-            st.ht_generation += 1;
-            st.ll_generation += 1;
-            Ok(())
-        })
-        .py()
+        py.detach(|| self.buffer()?.destroy()).py()
     }
 }
 

@@ -1,0 +1,968 @@
+//! One rank's expert-parallel session, what every interface (Python's `moe_ep.Buffer`, the C
+//! ABI, Rust programs) drives: DeepEP's `Buffer` semantics over [`HtBuffer`] and [`LlBuffer`].
+//!
+//! * Memory is allocated when the [`Buffer`] is made (collectively), as DeepEP's is: HT gets
+//!   `nvl_bytes`, LL `rdma_bytes`. Each mode is laid out in its memory at its first call for
+//!   that call's shapes, and laid out again (collectively, without allocating) when a later
+//!   call needs larger ones; handles carry the generation of the layout they were made with
+//!   and are refused after a relayout.
+//! * Every op runs on the rank's own stream (DeepEP's comm stream), ordered after the caller's
+//!   stream or an event ([`CallStream`]); then the caller's stream waits for it, or, with
+//!   `async_finish`, the op returns an event to wait on later.
+//! * Outputs are [`Output`]s: memory that stays valid while referenced and is released only
+//!   after the caller's stream is done with it (what torch's `record_stream` does for DeepEP).
+//!
+//! ```
+//! use moe_ep::buffer::{Buffer, BufferConfig, CallStream, LayoutCall};
+//! use moe_ep::layout::IndexType;
+//! use moe_ep::{Device, Group};
+//!
+//! let groups = Group::in_process(&vec![Device::cpu(); 2])?;
+//! std::thread::scope(|s| -> moe_ep::Result<()> {
+//!     let ranks: Vec<_> = groups
+//!         .into_iter()
+//!         .map(|group| {
+//!             s.spawn(move || -> moe_ep::Result<Vec<i32>> {
+//!                 let buffer = Buffer::new(group, BufferConfig { nvl_bytes: 8 << 20, heap_bytes: None, rdma_bytes: 0 })?;
+//!                 let dev = buffer.group().device();
+//!                 let topk_idx = dev.alloc(4 * 8)?; // 4 tokens, top-2, int32
+//!                 topk_idx.write(buffer.group().stream(), 0, &[0i32, 1, 2, 3, 0, 3, 1, 2])?;
+//!                 let call = LayoutCall { topk_idx: &topk_idx, index_type: IndexType::I32, num_tokens: 4, num_topk: 2, num_experts: 4 };
+//!                 let (layout, _) = buffer.layout(&CallStream::default(), &call, None)?;
+//!                 layout.expect("outputs").num_tokens_per_rank.to_vec(buffer.group())
+//!             })
+//!         })
+//!         .collect();
+//!     for rank in ranks {
+//!         // token 0 goes to rank 0 only, token 1 to rank 1 only, tokens 2 and 3 to both
+//!         assert_eq!(rank.join().expect("a rank panicked")?, vec![3, 3]);
+//!     }
+//!     Ok(())
+//! })?;
+//! # Ok::<(), moe_ep::Error>(())
+//! ```
+
+use crate::group::{Sharing, SymmetricBuffer};
+use crate::intranode::{
+    HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMemory,
+};
+use crate::layout::{DispatchLayout, IndexType, MAX_TOPK, get_dispatch_layout, get_dispatch_layout_into};
+use crate::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
+use crate::{DeviceBuffer, Error, Event, Group, Result, Stream};
+use std::any::Any;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The memory of a [`Buffer`], allocated when it is made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BufferConfig {
+    /// HT memory (DeepEP's `num_nvl_bytes`; 0 = no HT). The rings take what the first call's
+    /// shapes need and the rest is the output heap, unless `heap_bytes` is given.
+    pub nvl_bytes: usize,
+    /// A heap of its own (0 = none) beside rings that may use all of `nvl_bytes`.
+    pub heap_bytes: Option<usize>,
+    /// LL memory (DeepEP's `num_rdma_bytes`; 0 = no LL): [`LlBuffer::size_hint`].
+    pub rdma_bytes: usize,
+}
+
+/// The caller's side of an op: the stream it runs after and waits for it (`caller`, None on
+/// the CPU back end or for the legacy default stream's semantics of "nothing to order"), an
+/// event to run after instead (`previous`), and whether to return an event instead of making
+/// the caller wait (`async_finish`).
+#[derive(Clone, Default)]
+pub struct CallStream {
+    /// The caller's stream.
+    pub caller: Option<Arc<Stream>>,
+    /// Run after this event instead of after `caller`'s current work.
+    pub previous: Option<Arc<Event>>,
+    /// Return an event (the caller waits for it later) instead of making `caller` wait.
+    pub async_finish: bool,
+}
+
+impl CallStream {
+    /// Ops ordered after `caller`'s work so far, and `caller` after them.
+    pub fn on(caller: Arc<Stream>) -> CallStream {
+        CallStream { caller: Some(caller), ..CallStream::default() }
+    }
+
+    fn capturing(&self) -> bool {
+        self.caller.as_ref().is_some_and(|s| s.capturing())
+    }
+}
+
+/// Holds an output's memory; on drop, first makes the rank's stream wait for the stream that
+/// consumed the output (so a stream-ordered free on the rank's stream can't overtake the
+/// consumer's reads), then frees.
+struct Guarded<T> {
+    value: Option<T>,
+    release_after: Option<(Arc<Stream>, Arc<Group>)>,
+}
+
+impl<T> Guarded<T> {
+    fn value(&self) -> Result<&T> {
+        self.value.as_ref().ok_or_else(|| Error::invalid("handle", "released"))
+    }
+}
+
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        // While the consumer captures a graph, its work runs only at replays: there is
+        // nothing to wait for now (and a wait would pull the rank's stream into the capture).
+        if let Some((consumer, group)) = &self.release_after
+            && !consumer.capturing()
+            && let Ok(ev) = consumer.record_event()
+        {
+            // Errors here can't be reported (a destructor); the driver keeps its state.
+            let _ = group.stream().wait_event(&ev);
+        }
+        drop(self.value.take());
+    }
+}
+
+type Owner = Arc<dyn Any + Send + Sync>;
+
+/// Memory an op returns (device memory, or host memory on the CPU back end): valid while this
+/// value (or a clone) lives; released after the stream of the call that made it is done.
+#[derive(Clone)]
+pub struct Output {
+    _owner: Owner,
+    ptr: u64,
+    len: usize,
+}
+
+impl Output {
+    /// Address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps whatever owns the memory alive (a C handle or a Python object holds this).
+    pub fn owner(&self) -> Arc<dyn Any + Send + Sync> {
+        self._owner.clone()
+    }
+
+    /// Copies the first `len / size_of::<T>()` elements to the host (waits for `stream`).
+    pub fn to_vec<T: bytemuck::Pod + Default>(&self, group: &Group) -> Result<Vec<T>> {
+        // SAFETY: the memory is this output's, alive while `self` is.
+        let view = unsafe { DeviceBuffer::borrowed(group.device(), self.ptr, self.len) };
+        view.to_vec(group.stream())
+    }
+}
+
+/// The state of the HT and LL buffers.
+struct State {
+    /// HT memory not laid out yet.
+    ht_mem: Option<HtMemory>,
+    ht: Option<HtBuffer>,
+    ht_generation: u64,
+    /// LL memory not laid out yet.
+    ll_mem: Option<Arc<SymmetricBuffer>>,
+    ll: Option<LlBuffer>,
+    ll_generation: u64,
+    config: BufferConfig,
+}
+
+impl State {
+    /// HT's memory, laid out or not.
+    fn ht_memory(&self) -> Option<&HtMemory> {
+        self.ht.as_ref().map(|b| b.memory()).or(self.ht_mem.as_ref())
+    }
+
+    /// LL's memory, laid out or not.
+    fn ll_memory(&self) -> Option<&Arc<SymmetricBuffer>> {
+        self.ll.as_ref().map(|b| b.memory()).or(self.ll_mem.as_ref())
+    }
+}
+
+/// One rank's communication buffers (DeepEP's `Buffer`): see the module docs. Calls are
+/// collective (every rank makes the same ones, in the same order); a rank's calls may come
+/// from any thread, one at a time.
+pub struct Buffer {
+    group: Arc<Group>,
+    state: Mutex<State>,
+}
+
+/// The handle of an HT dispatch: pass it to [`Buffer::ht_combine`] or a cached dispatch.
+#[derive(Clone)]
+pub struct HtDispatchHandle {
+    inner: Arc<Guarded<HtHandle>>,
+    generation: u64,
+    /// Rows of the dispatch outputs (the exact count, or `num_worst_tokens`).
+    pub num_rows: usize,
+    /// Tokens of this rank.
+    pub num_tokens: usize,
+    num_ranks: usize,
+}
+
+impl HtDispatchHandle {
+    fn view(&self, pick: fn(&HtHandle) -> &DeviceBuffer, len: usize) -> Result<Output> {
+        let buf = pick(self.inner.value()?);
+        Ok(Output { _owner: self.inner.clone(), ptr: buf.ptr(), len: len.min(buf.len()) })
+    }
+
+    /// The dispatch's handle in the host crate's terms.
+    pub fn handle(&self) -> Result<&HtHandle> {
+        self.inner.value()
+    }
+
+    /// `[R, R]` i32 (DeepEP's `rank_prefix_matrix`).
+    pub fn rank_prefix_matrix(&self) -> Result<Output> {
+        self.view(|h| &h.rank_prefix_matrix, 4 * self.num_ranks * self.num_ranks)
+    }
+
+    /// `[R, C + 1]` i32: the first row of each (source rank, channel) in this rank's outputs,
+    /// and each source rank's end.
+    pub fn channel_prefix_matrix(&self) -> Result<Output> {
+        let c = self.num_channels()?;
+        self.view(|h| &h.channel_prefix_matrix, 4 * self.num_ranks * (c + 1))
+    }
+
+    /// Channels of the dispatch.
+    pub fn num_channels(&self) -> Result<usize> {
+        Ok(self.inner.value()?.num_channels())
+    }
+
+    /// `[T, R]` bool.
+    pub fn is_token_in_rank(&self) -> Result<Output> {
+        self.view(|h| &h.is_token_in_rank, self.num_tokens * self.num_ranks)
+    }
+
+    /// `[T, R]` i32.
+    pub fn send_head(&self) -> Result<Output> {
+        self.view(|h| &h.send_head, 4 * self.num_tokens * self.num_ranks)
+    }
+}
+
+/// DeepEP's `get_dispatch_layout` of `topk_idx` (`[num_tokens, num_topk]`, -1 = none).
+#[derive(Clone, Copy)]
+pub struct LayoutCall<'a> {
+    /// `[num_tokens, num_topk]`.
+    pub topk_idx: &'a DeviceBuffer,
+    /// Its type.
+    pub index_type: IndexType,
+    /// T.
+    pub num_tokens: usize,
+    /// K.
+    pub num_topk: usize,
+    /// E.
+    pub num_experts: usize,
+}
+
+/// Outputs of [`Buffer::layout`] (DeepEP's `get_dispatch_layout`).
+pub struct LayoutOutputs {
+    /// `[R]` i32.
+    pub num_tokens_per_rank: Output,
+    /// `[E]` i32.
+    pub num_tokens_per_expert: Output,
+    /// `[T, R]` bool.
+    pub is_token_in_rank: Output,
+}
+
+/// A (not cached) HT dispatch: [`HtDispatchArgs`] plus what lays the buffer out.
+pub struct HtDispatchCall<'a> {
+    /// The rows, scales, top-k, layout and options.
+    pub args: HtDispatchArgs<'a>,
+    /// Row size in bf16 elements (`hidden_bytes / 2`; fp8: `hidden_bytes`): what the rings
+    /// are sized for.
+    pub hidden: usize,
+    /// Experts in all.
+    pub num_experts: usize,
+    /// Channels wanted (DeepEP's `num_sms / 2`; 0 = the default); fixed by the first call.
+    pub num_channels: usize,
+}
+
+/// Outputs of [`Buffer::ht_dispatch`] (DeepEP's names).
+pub struct HtDispatchResult {
+    /// `[N, hidden_bytes]`.
+    pub recv_x: Output,
+    /// `[N, S]` f32 (fp8 dispatch).
+    pub recv_x_scales: Option<Output>,
+    /// `[N, K]` i64 (with top-k).
+    pub recv_topk_idx: Option<Output>,
+    /// `[N, K]` f32 (with top-k).
+    pub recv_topk_weights: Option<Output>,
+    /// `[N]` i32: source token of each row (-1 on padding).
+    pub recv_src_idx: Output,
+    /// `[L]` i32.
+    pub num_recv_tokens_per_expert: Output,
+    /// The same on the host (exact-size dispatches only).
+    pub num_recv_tokens_per_expert_list: Option<Vec<i32>>,
+    /// For combine and cached dispatches.
+    pub handle: HtDispatchHandle,
+}
+
+/// Outputs and handle of an LL dispatch: pass it to [`Buffer::ll_combine`] (and, after
+/// a `send_only` dispatch, to [`Buffer::ll_complete_dispatch`] first).
+#[derive(Clone)]
+pub struct LlDispatch {
+    inner: Arc<Guarded<Mutex<LlDispatchOutputs>>>,
+    generation: u64,
+    call: CallStream,
+    views: [(u64, usize); 5],
+}
+
+/// The views of an [`LlDispatch`]'s outputs.
+pub struct LlDispatchViews {
+    /// `[L, R*M, H]` bf16, or fp8 with `use_fp8`.
+    pub packed_recv_x: Output,
+    /// `[L, H/128, R*M]` f32 or `[L, H/512, R*M]` UE8M0 words (fp8).
+    pub packed_recv_x_scales: Option<Output>,
+    /// `[L]` i32.
+    pub packed_recv_count: Output,
+    /// `[L, R*M]` i32.
+    pub packed_recv_src_info: Output,
+    /// `[L, R]` i64 `begin << 32 | count`.
+    pub packed_recv_layout_range: Output,
+}
+
+impl LlDispatch {
+    /// The layout generation of the LL buffer its outputs are views into.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Its outputs (views into the LL buffer, or the caller's memory for the counts).
+    pub fn views(&self) -> LlDispatchViews {
+        let out = |(ptr, len): (u64, usize)| Output { _owner: self.inner.clone(), ptr, len };
+        let [x, scales, count, src_info, layout_range] = self.views;
+        LlDispatchViews {
+            packed_recv_x: out(x),
+            packed_recv_x_scales: (scales.0 != 0).then(|| out(scales)),
+            packed_recv_count: out(count),
+            packed_recv_src_info: out(src_info),
+            packed_recv_layout_range: out(layout_range),
+        }
+    }
+}
+
+/// An LL dispatch (DeepEP's `low_latency_dispatch`, expert-major).
+pub struct LlDispatchCall<'a> {
+    /// `[T, H]` bf16.
+    pub x: &'a DeviceBuffer,
+    /// Tokens of this rank (T <= `max_tokens`).
+    pub num_tokens: usize,
+    /// H.
+    pub hidden: usize,
+    /// `[T, K]`.
+    pub topk_idx: &'a DeviceBuffer,
+    /// Its type.
+    pub index_type: IndexType,
+    /// K.
+    pub num_topk: usize,
+    /// M (DeepEP's `num_max_dispatch_tokens_per_rank`).
+    pub max_tokens: usize,
+    /// E.
+    pub num_experts: usize,
+    /// fp8, scales, `send_only`.
+    pub options: LlDispatchOptions,
+    /// The caller's memory for `packed_recv_count [L]`, `packed_recv_layout_range [L, R]` and
+    /// the call's epoch (8 bytes), so a CUDA-graph capture owns them; None: the rank's pool.
+    pub small: Option<[DeviceBuffer; 3]>,
+    /// DeepEP's statistics.
+    pub stats: LlStats<'a>,
+}
+
+/// An LL combine (DeepEP's `low_latency_combine`).
+pub struct LlCombineCall<'a> {
+    /// `[L, R*M, H]` bf16 rows as the dispatch packed them.
+    pub x: &'a DeviceBuffer,
+    /// T (the dispatch's).
+    pub num_tokens: usize,
+    /// `[T, K]`.
+    pub topk_idx: &'a DeviceBuffer,
+    /// Its type.
+    pub index_type: IndexType,
+    /// `[T, K]` f32.
+    pub topk_weights: &'a DeviceBuffer,
+    /// K.
+    pub num_topk: usize,
+    /// Return once the sends are out ([`Buffer::ll_complete_combine`] receives).
+    pub send_only: bool,
+    /// `[R]` i64 `combine_wait_recv_cost_stats`.
+    pub wait_stats: Option<&'a DeviceBuffer>,
+}
+
+/// The pending receive half of a `send_only` LL combine.
+pub struct LlCombinePending {
+    inner: Arc<Guarded<Mutex<LlCombineOutputs>>>,
+    generation: u64,
+    call: CallStream,
+}
+
+/// An HT combine (DeepEP's `combine`).
+pub struct HtCombineCall<'a> {
+    /// `[N, hidden]` bf16 rows as dispatched.
+    pub x: &'a DeviceBuffer,
+    /// hidden (bf16 elements).
+    pub hidden: usize,
+    /// `[N, K]` f32 and K.
+    pub topk_weights: Option<(&'a DeviceBuffer, usize)>,
+    /// Up to two `[T, hidden]` bf16 biases.
+    pub bias: [Option<&'a DeviceBuffer>; 2],
+}
+
+/// LL outputs whose receive half may still be pending (`send_only`).
+trait LlPending {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()>;
+}
+
+impl LlPending for LlDispatchOutputs {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        LlDispatchOutputs::complete(self, group, buf)
+    }
+}
+
+impl LlPending for LlCombineOutputs {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        LlCombineOutputs::complete(self, group, buf)
+    }
+}
+
+impl Buffer {
+    /// Allocates the memory of both modes (collective), as DeepEP's constructor does.
+    pub fn new(group: impl Into<Arc<Group>>, config: BufferConfig) -> Result<Buffer> {
+        let group = group.into();
+        group.ranks_on_device()?; // collective the first time: not inside a later call
+        let ht_mem = match config.nvl_bytes {
+            0 => None,
+            n => Some(HtMemory::alloc(&group, n, config.heap_bytes)?),
+        };
+        let ll_mem = match config.rdma_bytes {
+            0 => None,
+            n => Some(Arc::new(group.alloc_symmetric(n, Sharing::Auto)?)),
+        };
+        let state = State { ht_mem, ht: None, ht_generation: 0, ll_mem, ll: None, ll_generation: 0, config };
+        Ok(Buffer { group, state: Mutex::new(state) })
+    }
+
+    /// The rank's group (device, stream, bootstrap).
+    pub fn group(&self) -> &Arc<Group> {
+        &self.group
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| Error::KernelFault("a previous call panicked".into()))
+    }
+
+    /// Orders the rank's stream after the caller (or `previous`), and surfaces errors that
+    /// kernels reported since the last call.
+    fn begin(&self, call: &CallStream) -> Result<()> {
+        self.group.take_device_error("an earlier op")?;
+        let comm = self.group.stream();
+        match (&call.previous, &call.caller) {
+            (Some(ev), _) => comm.wait_event(ev),
+            (None, Some(caller)) => comm.wait_event(&caller.record_event()?),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// The caller's stream waits for the rank's stream, or gets an event to wait on later.
+    fn finish(&self, call: &CallStream, kernel: &'static str) -> Result<Option<Arc<Event>>> {
+        if self.group.device().is_cpu() {
+            self.group.take_device_error(kernel)?; // the work is done: report bad input now
+        }
+        let ev = self.group.stream().record_event()?;
+        if call.async_finish {
+            return Ok(Some(Arc::new(ev)));
+        }
+        if let Some(caller) = &call.caller {
+            caller.wait_event(&ev)?;
+        }
+        Ok(None)
+    }
+
+    fn guard<T: Send + Sync + 'static>(&self, call: &CallStream, value: T) -> Arc<Guarded<T>> {
+        // Whatever `allocate_on_comm_stream` says, the caller's stream may read the output
+        // (DeepEP records both streams too).
+        let release_after = call.caller.clone().map(|caller| (caller, self.group.clone()));
+        Arc::new(Guarded { value: Some(value), release_after })
+    }
+
+    /// An output of its own.
+    fn output(&self, call: &CallStream, buf: DeviceBuffer, len: usize) -> Output {
+        let (ptr, have) = (buf.ptr(), buf.len());
+        Output { _owner: self.guard(call, buf), ptr, len: len.min(have) }
+    }
+
+    /// Makes sure the HT buffer fits `want`: lays the memory out at the first call (nothing
+    /// collective), again (collectively, no allocation) when a call has larger shapes. The
+    /// channel count is fixed by the first call.
+    fn ensure_ht(&self, st: &mut State, want: HtConfig, call: &CallStream) -> Result<()> {
+        let old = st.ht.as_ref().map(|b| *b.config());
+        if old.is_some_and(|c| {
+            c.num_experts == want.num_experts
+                && c.hidden >= want.hidden
+                && c.num_topk >= want.num_topk
+                && c.num_scales >= want.num_scales
+        }) {
+            return Ok(());
+        }
+        // Keep room for what earlier calls needed, and for any top-k when it fits, so that
+        // alternating calls (with and without top-k, bf16 and fp8) keep one layout.
+        let kept = old.filter(|o| o.num_experts == want.num_experts);
+        let exact = HtConfig {
+            hidden: want.hidden.max(kept.map_or(0, |o| o.hidden)),
+            num_topk: want.num_topk.max(kept.map_or(0, |o| o.num_topk)),
+            num_scales: want.num_scales.max(kept.map_or(0, |o| o.num_scales)),
+            num_channels: old.map_or(want.num_channels, |o| o.num_channels),
+            ..want
+        };
+        let roomy = HtConfig { num_topk: MAX_TOPK, ..exact };
+        let ring_bytes = st.ht_memory().map_or(0, |m| m.ring_bytes());
+        let need = HtBuffer::bytes_needed(&self.group, &exact)?;
+        let cfg = if HtBuffer::bytes_needed(&self.group, &roomy)? <= ring_bytes {
+            roomy
+        } else if need <= ring_bytes {
+            exact
+        } else {
+            return Err(Error::invalid(
+                "num_nvl_bytes",
+                format!(
+                    "Buffer(num_nvl_bytes={}) is too small for HT with hidden {}, top-{} and {} experts: pass at least {need}",
+                    st.config.nvl_bytes, exact.hidden, exact.num_topk, exact.num_experts
+                ),
+            ));
+        };
+        match (st.ht.as_mut(), st.ht_mem.take()) {
+            (Some(_), _) if call.capturing() => return Err(no_relayout_in_capture("HT")),
+            (Some(buf), _) => buf.relayout(&self.group, cfg)?,
+            (None, Some(mem)) => st.ht = Some(HtBuffer::in_memory(&self.group, cfg, mem)?),
+            (None, None) => return Err(Error::KernelFault("HT memory missing".into())),
+        }
+        st.ht_generation += 1;
+        Ok(())
+    }
+
+    /// Makes sure the LL buffer is laid out for `cfg` (as `ensure_ht`).
+    fn ensure_ll(&self, st: &mut State, cfg: LlConfig, call: &CallStream) -> Result<()> {
+        if st.ll.as_ref().is_some_and(|b| *b.config() == cfg) {
+            return Ok(());
+        }
+        let need = LlBuffer::size_hint(self.group.num_ranks(), &cfg);
+        let have = st.ll_memory().map_or(0, |m| m.len());
+        if need > have {
+            return Err(Error::invalid(
+                "num_rdma_bytes",
+                format!(
+                    "Buffer(num_rdma_bytes={}) is too small for LL with {} tokens per rank, hidden {} and {} experts: \
+                     pass at least {need} (Buffer.get_low_latency_rdma_size_hint)",
+                    st.config.rdma_bytes, cfg.max_tokens, cfg.hidden, cfg.num_experts
+                ),
+            ));
+        }
+        match (st.ll.as_mut(), st.ll_mem.take()) {
+            (Some(_), _) if call.capturing() => return Err(no_relayout_in_capture("LL")),
+            (Some(buf), _) => buf.relayout(&self.group, cfg)?,
+            (None, Some(mem)) => st.ll = Some(LlBuffer::in_memory(&self.group, cfg, mem)?),
+            (None, None) => return Err(Error::KernelFault("LL memory missing".into())),
+        }
+        st.ll_generation += 1;
+        Ok(())
+    }
+
+    /// Returns once no rank uses its buffers any more (before one is dropped: peers write
+    /// into each other's).
+    fn quiesce(&self) -> Result<()> {
+        self.group.stream().synchronize()?;
+        self.group.bootstrap().barrier()
+    }
+
+    /// This rank's whole HT (`rdma` false) or LL memory from byte `offset` (DeepEP's
+    /// `get_local_buffer_tensor`), or None when that memory is absent.
+    pub fn local_buffer(&self, offset: usize, rdma: bool) -> Result<Option<Output>> {
+        let st = self.lock()?;
+        let local = if rdma { st.ll_memory().cloned() } else { st.ht_memory().map(|m| m.shared()) };
+        let Some(sym) = local else { return Ok(None) };
+        let len = sym.len();
+        if offset > len {
+            return Err(Error::invalid("offset", format!("{offset} bytes is past the buffer's {len}")));
+        }
+        let ptr = sym.local().ptr() + offset as u64;
+        Ok(Some(Output { _owner: sym, ptr, len: len - offset }))
+    }
+
+    /// `(rings, heap, ll)` bytes (0 = none).
+    pub fn memory_bytes(&self) -> Result<(usize, usize, usize)> {
+        let st = self.lock()?;
+        let (rings, heap) = st.ht_memory().map_or((0, 0), |m| (m.ring_bytes(), m.heap_bytes()));
+        Ok((rings, heap, st.ll_memory().map_or(0, |m| m.len())))
+    }
+
+    /// `nbytes` from the HT buffer's heap for work ordered on `call`'s stream, or None (no HT
+    /// buffer yet, no heap, or no room).
+    pub fn ht_alloc_output(&self, call: &CallStream, nbytes: usize) -> Result<Option<Output>> {
+        let st = self.lock()?;
+        let Some(buf) = st.ht.as_ref() else { return Ok(None) };
+        // A block comes back only once the work queued before its release has run, so the
+        // caller may write it at once; its own release waits for the caller's stream.
+        Ok(buf.alloc_output(&self.group, nbytes).map(|b| self.output(call, b, nbytes)))
+    }
+
+    /// Waits for the rank's stream, then reports what its kernels reported.
+    pub fn synchronize(&self) -> Result<()> {
+        self.group.stream().synchronize()?;
+        self.group.take_device_error("an earlier op")
+    }
+
+    /// Drops the buffers (collective: every rank calls it); handles made before are refused.
+    pub fn destroy(&self) -> Result<()> {
+        let mut st = self.lock()?;
+        if st.ht.is_some() || st.ll.is_some() || st.ht_mem.is_some() || st.ll_mem.is_some() {
+            self.quiesce()?;
+        }
+        (st.ht, st.ht_mem, st.ll, st.ll_mem) = (None, None, None, None);
+        st.ht_generation += 1;
+        st.ll_generation += 1;
+        Ok(())
+    }
+
+    /// DeepEP's `get_dispatch_layout`. With `out`, the caller's buffers are written (e.g.
+    /// inside a CUDA-graph capture) and no outputs are returned.
+    pub fn layout(
+        &self,
+        call: &CallStream,
+        c: &LayoutCall<'_>,
+        out: Option<DispatchLayout>,
+    ) -> Result<(Option<LayoutOutputs>, Option<Arc<Event>>)> {
+        self.begin(call)?;
+        let (idx, ty, t, k, e) = (c.topk_idx, c.index_type, c.num_tokens, c.num_topk, c.num_experts);
+        let l = match out {
+            Some(into) => {
+                get_dispatch_layout_into(&self.group, idx, ty, t, k, e, into)?;
+                None
+            }
+            None => Some(get_dispatch_layout(&self.group, idx, ty, t, k, e)?),
+        };
+        let ev = self.finish(call, "get_dispatch_layout")?;
+        let r = self.group.num_ranks();
+        let outputs = l.map(|l| LayoutOutputs {
+            num_tokens_per_rank: self.output(call, l.num_tokens_per_rank, 4 * r),
+            num_tokens_per_expert: self.output(call, l.num_tokens_per_expert, 4 * c.num_experts),
+            is_token_in_rank: self.output(call, l.is_token_in_rank, c.num_tokens * r),
+        });
+        Ok((outputs, ev))
+    }
+
+    /// Lays the HT buffer out for `c` and runs `run` (a dispatch) on the rank's stream.
+    fn run_ht_dispatch(
+        &self,
+        call: &CallStream,
+        c: &HtDispatchCall<'_>,
+        run: impl FnOnce(&mut HtBuffer) -> Result<HtDispatchOutputs>,
+    ) -> Result<(HtDispatchOutputs, u64, Option<Arc<Event>>)> {
+        let dev = self.group.device();
+        let mut st = self.lock()?;
+        // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
+        // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
+        let num_channels = match c.num_channels {
+            0 => 0,
+            n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
+        };
+        // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
+        let want = HtConfig {
+            num_experts: c.num_experts,
+            hidden: c.hidden,
+            num_topk: c.args.topk.map_or(0, |t| t.3),
+            num_scales: c.args.x_scales.map_or(0, |s| s.1).max(c.hidden / 128),
+            num_channels,
+            warps_per_peer: 0,
+            num_slots: 0,
+            heap_bytes: 0,
+        };
+        self.ensure_ht(&mut st, want, call)?;
+        let generation = st.ht_generation;
+        let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
+        self.begin(call)?;
+        let out = run(buf)?;
+        let ev = self.finish(call, "ht_dispatch")?;
+        Ok((out, generation, ev))
+    }
+
+    fn ht_handle(&self, call: &CallStream, handle: HtHandle, generation: u64, num_tokens: usize) -> HtDispatchHandle {
+        HtDispatchHandle {
+            num_rows: handle.num_rows,
+            num_tokens,
+            num_ranks: self.group.num_ranks(),
+            inner: self.guard(call, handle),
+            generation,
+        }
+    }
+
+    /// DeepEP's `dispatch` without a handle: exact-size outputs, or `num_worst_tokens` rows.
+    pub fn ht_dispatch(
+        &self,
+        call: &CallStream,
+        c: &HtDispatchCall<'_>,
+    ) -> Result<(HtDispatchResult, Option<Arc<Event>>)> {
+        let (out, generation, ev) = self.run_ht_dispatch(call, c, |buf| buf.dispatch(&self.group, &c.args))?;
+        let rows = out.handle.num_rows;
+        let num_scales = c.args.x_scales.map_or(0, |s| s.1);
+        let num_topk = c.args.topk.map_or(0, |t| t.3);
+        let num_local = c.num_experts / self.group.num_ranks().max(1);
+        let with_topk = c.args.topk.is_some();
+        let result = HtDispatchResult {
+            recv_x: self.output(call, out.recv_x, rows * c.args.hidden_bytes),
+            recv_x_scales: (num_scales > 0).then(|| self.output(call, out.recv_x_scales, rows * num_scales * 4)),
+            recv_topk_idx: with_topk.then(|| self.output(call, out.recv_topk_idx, rows * num_topk * 8)),
+            recv_topk_weights: with_topk.then(|| self.output(call, out.recv_topk_weights, rows * num_topk * 4)),
+            recv_src_idx: self.output(call, out.recv_src_idx, rows * 4),
+            num_recv_tokens_per_expert: self.output(call, out.num_recv_tokens_per_expert, num_local * 4),
+            num_recv_tokens_per_expert_list: out.num_recv_tokens_per_expert_list,
+            handle: self.ht_handle(call, out.handle, generation, c.args.num_tokens),
+        };
+        Ok((result, ev))
+    }
+
+    /// An HT dispatch with `num_worst_tokens` into the caller's buffers (what a CUDA-graph
+    /// capture needs: memory the graph owns).
+    pub fn ht_dispatch_into(
+        &self,
+        call: &CallStream,
+        c: &HtDispatchCall<'_>,
+        into: HtDispatchBuffers,
+    ) -> Result<(HtDispatchHandle, Option<Arc<Event>>)> {
+        if c.args.num_worst_tokens.is_none() {
+            return Err(Error::invalid("num_worst_tokens", "needed to dispatch into the caller's buffers"));
+        }
+        let (out, generation, ev) =
+            self.run_ht_dispatch(call, c, |buf| buf.dispatch_into(&self.group, &c.args, into))?;
+        Ok((self.ht_handle(call, out.handle, generation, c.args.num_tokens), ev))
+    }
+
+    /// A dispatch reusing `handle`'s routes (DeepEP's cached mode): `(recv_x, recv_x_scales)`;
+    /// with `out`, the caller's buffers are written and nothing is returned.
+    #[allow(clippy::type_complexity)]
+    pub fn ht_dispatch_cached(
+        &self,
+        call: &CallStream,
+        handle: &HtDispatchHandle,
+        x: &DeviceBuffer,
+        hidden_bytes: usize,
+        x_scales: Option<(&DeviceBuffer, usize)>,
+        out: Option<(DeviceBuffer, Option<DeviceBuffer>)>,
+    ) -> Result<(Option<(Output, Option<Output>)>, Option<Arc<Event>>)> {
+        let mut st = self.lock()?;
+        check_generation(st.ht_generation, handle.generation)?;
+        let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("handle", "no HT buffer"))?;
+        let h = handle.inner.value()?;
+        self.begin(call)?;
+        let recv = match out {
+            Some((rx, rs)) => {
+                buf.dispatch_cached_into(&self.group, h, x, hidden_bytes, x_scales, &rx, rs.as_ref())?;
+                None
+            }
+            None => Some(buf.dispatch_cached(&self.group, h, x, hidden_bytes, x_scales)?),
+        };
+        let ev = self.finish(call, "ht_dispatch")?;
+        let rows = handle.num_rows;
+        let num_scales = x_scales.map_or(0, |s| s.1);
+        let recv = recv.map(|(recv_x, recv_scales)| {
+            (
+                self.output(call, recv_x, rows * hidden_bytes),
+                (num_scales > 0).then(|| self.output(call, recv_scales, rows * num_scales * 4)),
+            )
+        });
+        Ok((recv, ev))
+    }
+
+    /// DeepEP's `combine`: `(combined_x, combined_topk_weights)`; with `out`, the caller's
+    /// buffers are written and nothing is returned.
+    #[allow(clippy::type_complexity)]
+    pub fn ht_combine(
+        &self,
+        call: &CallStream,
+        handle: &HtDispatchHandle,
+        c: &HtCombineCall<'_>,
+        out: Option<HtCombineOutputs>,
+    ) -> Result<(Option<(Output, Option<Output>)>, Option<Arc<Event>>)> {
+        let mut st = self.lock()?;
+        check_generation(st.ht_generation, handle.generation)?;
+        let h = handle.inner.value()?;
+        let (hidden, k) = (c.hidden, c.topk_weights.map_or(0, |w| w.1));
+        let fits = st.ht.as_ref().is_some_and(|b| b.config().hidden >= hidden && b.config().num_topk >= k);
+        if !fits {
+            return Err(Error::invalid(
+                "x",
+                format!(
+                    "combine of hidden {hidden} / top-{k} after a dispatch sized for less; dispatch with these shapes first"
+                ),
+            ));
+        }
+        let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("handle", "no HT buffer"))?;
+        self.begin(call)?;
+        let combined = match out {
+            Some(into) => {
+                buf.combine_into(&self.group, h, c.x, hidden, c.topk_weights, c.bias, into)?;
+                None
+            }
+            None => Some(buf.combine(&self.group, h, c.x, hidden, c.topk_weights, c.bias)?),
+        };
+        let ev = self.finish(call, "ht_combine")?;
+        let t = handle.num_tokens;
+        let combined = combined.map(|o| {
+            (
+                self.output(call, o.combined_x, t * hidden * 2),
+                o.combined_topk_weights.map(|w| self.output(call, w, t * k * 4)),
+            )
+        });
+        Ok((combined, ev))
+    }
+
+    /// DeepEP's `low_latency_dispatch` (expert-major); with `options.send_only` the receive
+    /// is left to [`Buffer::ll_complete_dispatch`].
+    pub fn ll_dispatch(&self, call: &CallStream, c: LlDispatchCall<'_>) -> Result<(LlDispatch, Option<Arc<Event>>)> {
+        let mut st = self.lock()?;
+        let cfg = LlConfig { num_experts: c.num_experts, hidden: c.hidden, max_tokens: c.max_tokens };
+        self.ensure_ll(&mut st, cfg, call)?;
+        let generation = st.ll_generation;
+        let buf = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
+        self.begin(call)?;
+        let (x, t, idx, ty, k, o) = (c.x, c.num_tokens, c.topk_idx, c.index_type, c.num_topk, c.options);
+        let out = match c.small {
+            // The caller's memory for the counts, ranges and epoch (graph-capturable).
+            Some(small) => buf.dispatch_with(&self.group, x, t, idx, ty, k, o, small, c.stats)?,
+            None => buf.dispatch(&self.group, x, t, idx, ty, k, o, c.stats)?,
+        };
+        let ev = self.finish(call, "ll_dispatch")?;
+        let (r, hidden, use_fp8) = (self.group.num_ranks(), c.hidden, o.use_fp8);
+        let l = c.num_experts / r;
+        let rows = l * r * c.max_tokens;
+        let scales_ptr = out.packed_recv_x_scales.as_ref().map_or(0, |b| b.ptr());
+        let scales = match (use_fp8, o.use_ue8m0) {
+            (false, _) => (0, 0),
+            (true, true) => (scales_ptr, rows * (hidden / 512) * 4),
+            (true, false) => (scales_ptr, rows * (hidden / 128) * 4),
+        };
+        let views = [
+            (out.packed_recv_x.ptr(), rows * if use_fp8 { hidden } else { 2 * hidden }),
+            scales,
+            (out.packed_recv_count.ptr(), 4 * l),
+            (out.handle.packed_recv_src_info.ptr(), 4 * rows),
+            (out.handle.packed_recv_layout_range.ptr(), 8 * l * r),
+        ];
+        let d = LlDispatch { inner: self.guard(call, Mutex::new(out)), generation, call: call.clone(), views };
+        Ok((d, ev))
+    }
+
+    /// The zero-copy combine input of `d`'s buffer set ([`LlBuffer::combine_buffer`]):
+    /// `[L, R*M, hidden]` bf16; a combine given it reads the rows in place.
+    pub fn ll_combine_buffer(&self, call: &CallStream, d: &LlDispatch) -> Result<Output> {
+        let st = self.lock()?;
+        check_generation(st.ll_generation, d.generation)?;
+        let buf = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+        let outs = d.inner.value()?.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
+        let view = buf.combine_buffer(&outs.handle);
+        let len = view.len();
+        Ok(self.output(call, view, len))
+    }
+
+    /// Runs the pending receive half of an LL op (`send_only`), on the op's stream context.
+    fn complete_pending<T: LlPending + Send>(
+        &self,
+        inner: &Guarded<Mutex<T>>,
+        generation: u64,
+        call: &CallStream,
+        kernel: &'static str,
+    ) -> Result<()> {
+        let st = self.lock()?;
+        check_generation(st.ll_generation, generation)?;
+        let buf = st.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+        let mut out = inner.value()?.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
+        let call = CallStream { previous: None, async_finish: false, ..call.clone() };
+        self.begin(&call)?;
+        out.complete(&self.group, buf)?;
+        self.finish(&call, kernel).map(|_| ())
+    }
+
+    /// Runs the receive half of a `send_only` LL dispatch (DeepEP's hook; no-op when done).
+    pub fn ll_complete_dispatch(&self, d: &LlDispatch) -> Result<()> {
+        self.complete_pending(&d.inner, d.generation, &d.call, "ll_dispatch")
+    }
+
+    /// Runs the receive half of a `send_only` LL combine.
+    pub fn ll_complete_combine(&self, c: &LlCombinePending) -> Result<()> {
+        self.complete_pending(&c.inner, c.generation, &c.call, "ll_combine")
+    }
+
+    /// DeepEP's `low_latency_combine` of `d`'s rows: `(combined_x [T, hidden] bf16 unless
+    /// written to `out`, the pending receive of a `send_only` call, event)`.
+    #[allow(clippy::type_complexity)]
+    pub fn ll_combine(
+        &self,
+        call: &CallStream,
+        d: &LlDispatch,
+        c: &LlCombineCall<'_>,
+        out: Option<DeviceBuffer>,
+    ) -> Result<(Option<Output>, Option<LlCombinePending>, Option<Arc<Event>>)> {
+        let mut st = self.lock()?;
+        check_generation(st.ll_generation, d.generation)?;
+        let buf = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+        let hidden = buf.config().hidden;
+        let outs = d.inner.value()?.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
+        if outs.recv_hook.is_some() {
+            return Err(Error::invalid("handle", "its dispatch's receive hook has not been called yet"));
+        }
+        let stats = LlStats { combine_wait_recv_cost_stats: c.wait_stats, ..LlStats::default() };
+        let (t, ty, k, send_only) = (c.num_tokens, c.index_type, c.num_topk, c.send_only);
+        self.begin(call)?;
+        let written = out.is_some();
+        let combined = match out {
+            Some(target) => {
+                let hook = buf.combine_into(
+                    &self.group,
+                    &outs.handle,
+                    c.x,
+                    &target,
+                    t,
+                    c.topk_idx,
+                    ty,
+                    c.topk_weights,
+                    k,
+                    send_only,
+                    stats,
+                )?;
+                LlCombineOutputs { combined_x: target, recv_hook: hook }
+            }
+            None => {
+                buf.combine(&self.group, &outs.handle, c.x, t, c.topk_idx, ty, c.topk_weights, k, send_only, stats)?
+            }
+        };
+        let ev = self.finish(call, "ll_combine")?;
+        let (ptr, len) = (combined.combined_x.ptr(), combined.combined_x.len());
+        let pending = combined.recv_hook.is_some();
+        let keep = self.guard(call, Mutex::new(combined));
+        let combined_x = (!written).then(|| Output { _owner: keep.clone(), ptr, len: (t * hidden * 2).min(len) });
+        let hook = pending.then(|| LlCombinePending { inner: keep, generation: d.generation, call: call.clone() });
+        Ok((combined_x, hook, ev))
+    }
+}
+
+/// A relayout synchronises and exchanges with peers: not inside a capture.
+fn no_relayout_in_capture(mode: &str) -> Error {
+    Error::invalid(
+        "x",
+        format!(
+            "this call needs the {mode} buffer laid out for larger shapes, which can't happen inside a CUDA-graph \
+             capture: make one call with the largest shapes before capturing"
+        ),
+    )
+}
+
+fn check_generation(current: u64, generation: u64) -> Result<()> {
+    if generation != current {
+        return Err(Error::invalid(
+            "handle",
+            "was made before the buffer was rebuilt for larger shapes; dispatch again",
+        ));
+    }
+    Ok(())
+}
