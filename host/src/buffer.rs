@@ -145,11 +145,6 @@ impl Output {
         self.len == 0
     }
 
-    /// Keeps whatever owns the memory alive (a C handle or a Python object holds this).
-    pub fn owner(&self) -> Arc<dyn Any + Send + Sync> {
-        self._owner.clone()
-    }
-
     /// Copies the first `len / size_of::<T>()` elements to the host (waits for `stream`).
     pub fn to_vec<T: bytemuck::Pod + Default>(&self, group: &Group) -> Result<Vec<T>> {
         // SAFETY: the memory is this output's, alive while `self` is.
@@ -207,11 +202,6 @@ impl HtDispatchHandle {
     fn view(&self, pick: fn(&HtHandle) -> &DeviceBuffer, len: usize) -> Result<Output> {
         let buf = pick(self.inner.value()?);
         Ok(Output { _owner: self.inner.clone(), ptr: buf.ptr(), len: len.min(buf.len()) })
-    }
-
-    /// The dispatch's handle in the host crate's terms.
-    pub fn handle(&self) -> Result<&HtHandle> {
-        self.inner.value()
     }
 
     /// `[R, R]` i32 (DeepEP's `rank_prefix_matrix`).
