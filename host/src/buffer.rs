@@ -46,7 +46,8 @@ use crate::group::{Sharing, SymmetricBuffer};
 use crate::intranode::{
     HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMemory,
 };
-use crate::layout::{DispatchLayout, IndexType, MAX_TOPK, get_dispatch_layout, get_dispatch_layout_into};
+use crate::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch_layout_into};
+use crate::limits::MAX_TOPK;
 use crate::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
 use crate::{DeviceBuffer, Error, Event, Group, Result, Stream};
 use std::any::Any;

@@ -7,13 +7,13 @@ use crate::device::{DeviceBuffer, HostMapped, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::heap::SymHeap;
 use crate::layout::{DispatchLayout, IndexType, MAX_EXPERTS, MAX_TOPK};
+use crate::limits::{MAX_HT_BLOCK_WARPS, MAX_HT_RANKS};
 use crate::{Error, Result};
-use moe_ep_abi::{HT_MAX_RANKS, HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams};
+use moe_ep_abi::{HtCombineParams, HtDispatchParams, HtLayout, HtNotifyParams};
 use moe_ep_kernels::intranode::{HT_COMBINE, HT_DISPATCH, HT_NOTIFY};
 use std::sync::Arc;
 
-/// Largest hidden size in bf16 elements.
-pub const MAX_HIDDEN: usize = 16384;
+pub use crate::limits::MAX_HIDDEN;
 
 /// Sizes an [`HtBuffer`] is built for (every call must fit them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,8 +385,8 @@ impl HtBuffer {
     /// `cfg` with its defaults filled in, checked against the group.
     fn resolve(group: &Group, mut cfg: HtConfig) -> Result<HtConfig> {
         let num_ranks = group.num_ranks();
-        if num_ranks > HT_MAX_RANKS as usize {
-            return Err(Error::Unsupported(format!("{num_ranks} ranks in one NVLink domain (at most {HT_MAX_RANKS})")));
+        if num_ranks > MAX_HT_RANKS {
+            return Err(Error::Unsupported(format!("{num_ranks} ranks in one NVLink domain (at most {MAX_HT_RANKS})")));
         }
         if cfg.num_experts == 0 || cfg.num_experts > MAX_EXPERTS || !cfg.num_experts.is_multiple_of(num_ranks) {
             return Err(Error::invalid(
@@ -411,7 +411,7 @@ impl HtBuffer {
             let sms = group.device().num_sms()? as usize;
             cfg.num_channels = if cpu { 2 } else { (sms / (2 * sharing)).clamp(1, 10) };
         }
-        let max_warps = moe_ep_abi::HT_MAX_BLOCK_WARPS as usize;
+        let max_warps = MAX_HT_BLOCK_WARPS;
         if cfg.warps_per_peer == 0 {
             cfg.warps_per_peer = if cpu { 1 } else { (max_warps / num_ranks).max(1) };
         }
@@ -1106,7 +1106,7 @@ mod tests {
     /// writes `.maxntid`; a larger block would fail for lack of registers).
     #[test]
     fn shipped_ptx_bounds_ht_blocks_at_the_host_limit() {
-        let want = format!(".maxntid {}, 1, 1", 32 * moe_ep_abi::HT_MAX_BLOCK_WARPS);
+        let want = format!(".maxntid {}, 1, 1", 32 * crate::limits::MAX_HT_BLOCK_WARPS);
         for kernel in [super::HT_DISPATCH.symbol, super::HT_COMBINE.symbol] {
             let entry = crate::device::PTX.find(&format!(".entry {kernel}(")).expect("kernel in the PTX");
             let params_end = entry + crate::device::PTX[entry..].find("\n)\n").expect("parameter list") + 3;

@@ -1,14 +1,11 @@
 //! Where one rank's tokens go: the layout DeepEP's `get_dispatch_layout` returns, computed
 //! on the device by the `get_dispatch_layout` kernel of `moe-ep-kernels`.
 use crate::device::LaunchConfig;
+use crate::limits::MAX_LAYOUT_RANKS;
+pub use crate::limits::{MAX_EXPERTS, MAX_TOPK};
 use crate::{DeviceBuffer, Error, Group, Result};
-use moe_ep_abi::{LAYOUT_MAX_RANKS, LayoutParams};
+use moe_ep_abi::LayoutParams;
 use moe_ep_kernels::layout::GET_DISPATCH_LAYOUT;
-
-/// Most experts per token.
-pub const MAX_TOPK: usize = 32;
-/// Most experts in all.
-pub const MAX_EXPERTS: usize = 1024;
 
 /// Element type of `topk_idx`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,9 +132,9 @@ fn check_layout_args(
             format!("{num_experts} must be in 1..={MAX_EXPERTS} and a multiple of {num_ranks} ranks"),
         ));
     }
-    if num_ranks > LAYOUT_MAX_RANKS as usize {
+    if num_ranks > MAX_LAYOUT_RANKS {
         return Err(Error::Unsupported(format!(
-            "{num_ranks} ranks (the layout kernel takes up to {LAYOUT_MAX_RANKS})"
+            "{num_ranks} ranks (the layout kernel takes up to {MAX_LAYOUT_RANKS})"
         )));
     }
     if num_tokens > i32::MAX as usize / num_topk {

@@ -13,6 +13,7 @@ pub mod group;
 pub mod heap;
 pub mod intranode;
 pub mod layout;
+pub mod limits;
 pub mod low_latency;
 pub mod reference;
 

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use crate::device::{DeviceBuffer, LaunchConfig};
 use crate::group::{Group, Sharing, SymmetricBuffer};
-use crate::layout::{IndexType, MAX_EXPERTS, MAX_TOPK};
+use crate::layout::IndexType;
+use crate::limits::{MAX_EXPERTS, MAX_HIDDEN, MAX_TOPK};
 use crate::{Error, Result};
 use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams};
 use moe_ep_kernels::Kernel;
@@ -293,10 +294,10 @@ impl LlBuffer {
                 format!("{} must be in 1..={MAX_EXPERTS} and a multiple of {r}", cfg.num_experts),
             ));
         }
-        if cfg.hidden == 0 || cfg.hidden > crate::intranode::MAX_HIDDEN || !cfg.hidden.is_multiple_of(8) {
+        if cfg.hidden == 0 || cfg.hidden > MAX_HIDDEN || !cfg.hidden.is_multiple_of(8) {
             return Err(Error::invalid(
                 "hidden",
-                format!("{} must be a positive multiple of 8 up to 16384", cfg.hidden),
+                format!("{} must be a positive multiple of 8 up to {MAX_HIDDEN}", cfg.hidden),
             ));
         }
         if !(1..=1024).contains(&cfg.max_tokens) {

@@ -923,7 +923,11 @@ impl Stream {
     ///    documentation describes, until the kernel finishes.
     /// 2. `P` is the parameter type the kernel was written for (guaranteed by `Kernel<P>`).
     pub unsafe fn launch<P: Pod + Sync>(&self, kernel: &Kernel<P>, cfg: LaunchConfig, params: P) -> Result<()> {
-        if cfg.grid_dim == 0 || cfg.block_dim == 0 || !cfg.block_dim.is_multiple_of(32) || cfg.block_dim > 1024 {
+        if cfg.grid_dim == 0
+            || cfg.block_dim == 0
+            || !cfg.block_dim.is_multiple_of(32)
+            || cfg.block_dim as usize > crate::limits::MAX_BLOCK_THREADS
+        {
             return Err(Error::invalid("cfg", format!("bad launch shape {cfg:?}")));
         }
         match self.device.cuda_backend() {
