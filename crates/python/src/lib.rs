@@ -544,11 +544,7 @@ impl Rank {
 
     /// Waits for the rank's stream, then reports what its kernels reported.
     fn synchronize(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| {
-            self.group.stream().synchronize()?;
-            self.group.take_device_error("an earlier op")
-        })
-        .py()
+        py.detach(|| self.buffer()?.synchronize()).py()
     }
 
     /// `get_dispatch_layout`: `(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank,
