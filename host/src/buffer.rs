@@ -44,7 +44,8 @@
 
 use crate::group::{Sharing, SymmetricBuffer};
 use crate::intranode::{
-    HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMemory,
+    HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMaps,
+    HtMemory,
 };
 use crate::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch_layout_into};
 use crate::limits::MAX_TOPK;
@@ -299,6 +300,7 @@ pub struct LlDispatch {
     generation: u64,
     call: CallStream,
     views: [(u64, usize); 5],
+    recv_into: Option<Arc<DeviceBuffer>>,
 }
 
 /// The views of an [`LlDispatch`]'s outputs.
@@ -360,6 +362,9 @@ pub struct LlDispatchCall<'a> {
     pub small: Option<[DeviceBuffer; 3]>,
     /// DeepEP's statistics.
     pub stats: LlStats<'a>,
+    /// Caller memory (`[L, R*M, H]` rows, bf16 or fp8 bytes) that `packed_recv_x` is copied
+    /// into once received (NCCL EP's outputs, which are the caller's, not views).
+    pub recv_into: Option<DeviceBuffer>,
 }
 
 /// An LL combine (DeepEP's `low_latency_combine`).
@@ -401,14 +406,117 @@ pub struct HtCombineCall<'a> {
     pub bias: [Option<&'a DeviceBuffer>; 2],
 }
 
+/// The largest shapes HT calls will use, to lay the buffer out before the first call
+/// ([`Buffer::ht_prepare`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HtShapes {
+    /// Experts in all.
+    pub num_experts: usize,
+    /// Largest row size in bf16 elements (dispatch rows of up to `2 * hidden` bytes).
+    pub hidden: usize,
+    /// Largest top-k.
+    pub num_topk: usize,
+    /// Largest number of f32 scales per token (0 = `hidden / 128`).
+    pub num_scales: usize,
+    /// Channels wanted (0 = the default); fixed by the first layout.
+    pub num_channels: usize,
+}
+
+/// A routing to prepare for dispatches ([`Buffer::ht_route`]).
+pub struct HtRouteCall<'a> {
+    /// `[num_tokens, num_topk]`, -1 = no expert. Copied: the caller may reuse it at once.
+    pub topk_idx: &'a DeviceBuffer,
+    /// Its type.
+    pub index_type: IndexType,
+    /// T.
+    pub num_tokens: usize,
+    /// K.
+    pub num_topk: usize,
+    /// Round each local expert's receive count up to this (>= 1).
+    pub expert_alignment: usize,
+    /// The shapes the buffer is laid out for (at the first call).
+    pub shapes: HtShapes,
+    /// Memory for the route's state ([`Buffer::ht_route_bytes`]), or None for the rank's pool.
+    pub memory: Option<DeviceBuffer>,
+}
+
+/// A routing whose counts were exchanged (NCCL EP's HT handle after `ncclEpUpdateHandle`):
+/// dispatches go along it ([`Buffer::ht_dispatch_routed`]) any number of times.
+#[derive(Clone)]
+pub struct HtRoute {
+    inner: Arc<Guarded<RouteState>>,
+    generation: u64,
+    /// T.
+    pub num_tokens: usize,
+    /// K.
+    pub num_topk: usize,
+    /// The type of the copied `topk_idx`.
+    pub index_type: IndexType,
+    /// As given to [`Buffer::ht_route`].
+    pub expert_alignment: usize,
+    num_local_experts: usize,
+}
+
+struct RouteState {
+    topk_idx: DeviceBuffer,
+    layout: DispatchLayout,
+    maps: HtMaps,
+    _memory: Option<DeviceBuffer>,
+}
+
+impl HtRoute {
+    fn view(&self, pick: fn(&RouteState) -> &DeviceBuffer, len: usize) -> Result<Output> {
+        let buf = pick(self.inner.value()?);
+        Ok(Output { _owner: self.inner.clone(), ptr: buf.ptr(), len: len.min(buf.len()) })
+    }
+
+    /// `[1]` i32 on the device: rows this rank receives (after the route's stream work).
+    pub fn num_recv_tokens(&self) -> Result<Output> {
+        self.view(|r| &r.maps.num_recv_tokens, 4)
+    }
+
+    /// `[L]` i32 on the device: rows per local expert, rounded up to the alignment.
+    pub fn num_recv_tokens_per_expert(&self) -> Result<Output> {
+        self.view(|r| &r.maps.num_recv_tokens_per_expert, 4 * self.num_local_experts)
+    }
+}
+
+/// A dispatch along an [`HtRoute`] into the caller's memory (`rows` rows, at least what
+/// arrives: more is a device-side error).
+pub struct HtRoutedDispatch<'a> {
+    /// `[T, hidden_bytes]`.
+    pub x: &'a DeviceBuffer,
+    /// Bytes per row, a multiple of 16.
+    pub hidden_bytes: usize,
+    /// `[T, S]` f32 and S.
+    pub x_scales: Option<(&'a DeviceBuffer, usize)>,
+    /// `[T, K]` f32.
+    pub topk_weights: &'a DeviceBuffer,
+    /// Output rows.
+    pub rows: usize,
+    /// `[rows, hidden_bytes]`, 16-aligned.
+    pub recv_x: DeviceBuffer,
+    /// `[rows, S]` f32 (with `x_scales`).
+    pub recv_x_scales: Option<DeviceBuffer>,
+    /// `[rows, K]` i64: local expert ids, -1 elsewhere.
+    pub recv_topk_idx: DeviceBuffer,
+    /// `[rows, K]` f32.
+    pub recv_topk_weights: DeviceBuffer,
+}
+
 /// LL outputs whose receive half may still be pending (`send_only`).
 trait LlPending {
     fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()>;
+    fn pending(&self) -> bool;
 }
 
 impl LlPending for LlDispatchOutputs {
     fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
         LlDispatchOutputs::complete(self, group, buf)
+    }
+
+    fn pending(&self) -> bool {
+        self.recv_hook.is_some()
     }
 }
 
@@ -416,6 +524,18 @@ impl LlPending for LlCombineOutputs {
     fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
         LlCombineOutputs::complete(self, group, buf)
     }
+
+    fn pending(&self) -> bool {
+        self.recv_hook.is_some()
+    }
+}
+
+/// Copies an LL dispatch's received rows (a view into the buffer) into the caller's memory.
+fn copy_rows(group: &Group, into: &DeviceBuffer, rows: &DeviceBuffer) -> Result<()> {
+    if into.len() < rows.len() {
+        return Err(Error::invalid("recv_x", format!("{} bytes needed, got {}", rows.len(), into.len())));
+    }
+    into.copy_from_async(group.stream(), rows, rows.len())
 }
 
 impl Buffer {
@@ -598,6 +718,14 @@ impl Buffer {
         Ok(buf.alloc_output(&self.group, nbytes).map(|b| self.output(call, b, nbytes)))
     }
 
+    /// Runs `work` (copies, fills) on the rank's stream, ordered after the caller as ops
+    /// are, with the caller then ordered after it.
+    pub fn run(&self, call: &CallStream, work: impl FnOnce(&Stream) -> Result<()>) -> Result<()> {
+        self.begin(call)?;
+        work(self.group.stream())?;
+        self.finish(call, "a copy").map(|_| ())
+    }
+
     /// Waits for the rank's stream, then reports what its kernels reported.
     pub fn synchronize(&self) -> Result<()> {
         self.group.stream().synchronize()?;
@@ -650,25 +778,15 @@ impl Buffer {
         c: &HtDispatchCall<'_>,
         run: impl FnOnce(&mut HtBuffer) -> Result<HtDispatchOutputs>,
     ) -> Result<(HtDispatchOutputs, u64, Option<Arc<Event>>)> {
-        let dev = self.group.device();
-        let mut st = self.lock()?;
-        // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
-        // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
-        let num_channels = match c.num_channels {
-            0 => 0,
-            n => n.min((dev.num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
-        };
-        // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
-        let want = HtConfig {
+        let shapes = HtShapes {
             num_experts: c.num_experts,
             hidden: c.hidden,
             num_topk: c.args.topk.map_or(0, |t| t.3),
-            num_scales: c.args.x_scales.map_or(0, |s| s.1).max(c.hidden / 128),
-            num_channels,
-            warps_per_peer: 0,
-            num_slots: 0,
-            heap_bytes: 0,
+            num_scales: c.args.x_scales.map_or(0, |s| s.1),
+            num_channels: c.num_channels,
         };
+        let want = self.ht_config(&shapes)?;
+        let mut st = self.lock()?;
         self.ensure_ht(&mut st, want, call)?;
         let generation = st.ht_generation;
         let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
@@ -808,6 +926,186 @@ impl Buffer {
         Ok((combined, ev))
     }
 
+    /// Lays the HT buffer out for `shapes` now (nothing collective the first time) rather
+    /// than at the first call; later calls within these shapes keep the layout.
+    pub fn ht_prepare(&self, shapes: &HtShapes) -> Result<()> {
+        let mut st = self.lock()?;
+        self.ensure_ht(&mut st, self.ht_config(shapes)?, &CallStream::default())
+    }
+
+    /// The [`HtConfig`] a call of `shapes` wants.
+    fn ht_config(&self, shapes: &HtShapes) -> Result<HtConfig> {
+        // `Config.num_sms / 2` channels, but no more than the rank's share of the GPU's
+        // SMs: all ranks' blocks must be resident at once when ranks share a GPU.
+        let num_channels = match shapes.num_channels {
+            0 => 0,
+            n => n.min((self.group.device().num_sms()? as usize / (2 * self.group.ranks_on_device()?)).max(1)),
+        };
+        Ok(HtConfig {
+            num_experts: shapes.num_experts,
+            hidden: shapes.hidden,
+            num_topk: shapes.num_topk,
+            // Scales for fp8 rows of this hidden always fit, so bf16 and fp8 share a buffer.
+            num_scales: shapes.num_scales.max(shapes.hidden / 128),
+            num_channels,
+            warps_per_peer: 0,
+            num_slots: 0,
+            heap_bytes: 0,
+        })
+    }
+
+    /// Bytes of an [`HtRouteCall::memory`] for `num_tokens` tokens of top-`num_topk`
+    /// `index_type` ids once the HT buffer is laid out ([`Buffer::ht_prepare`]).
+    pub fn ht_route_bytes(&self, num_tokens: usize, num_topk: usize, index_type: IndexType) -> Result<usize> {
+        let st = self.lock()?;
+        let buf = st.ht.as_ref().ok_or_else(|| Error::invalid("buffer", "HT is not laid out yet (ht_prepare)"))?;
+        let (r, e) = (self.group.num_ranks(), buf.config().num_experts);
+        Ok(route_bytes(r, e, num_tokens, num_topk * index_type.bytes()) + buf.maps_bytes(&self.group, num_tokens))
+    }
+
+    /// Collective: prepares `c`'s routing for dispatches (NCCL EP's `ncclEpUpdateHandle`):
+    /// copies `topk_idx`, computes its layout and exchanges the counts, on the rank's stream.
+    /// The route's counts are then readable on the device.
+    pub fn ht_route(&self, call: &CallStream, c: HtRouteCall<'_>) -> Result<HtRoute> {
+        let (t, k, ty) = (c.num_tokens, c.num_topk, c.index_type);
+        if c.topk_idx.len() < t * k * ty.bytes() {
+            return Err(Error::invalid("topk_idx", format!("[{t}, {k}] needs {} bytes", t * k * ty.bytes())));
+        }
+        if c.shapes.num_topk < k {
+            return Err(Error::invalid("num_topk", format!("top-{k} > the shapes' top-{}", c.shapes.num_topk)));
+        }
+        let want = self.ht_config(&c.shapes)?;
+        let mut st = self.lock()?;
+        self.ensure_ht(&mut st, want, call)?;
+        let generation = st.ht_generation;
+        let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
+        let (r, e, dev) = (self.group.num_ranks(), buf.config().num_experts, self.group.device());
+        let stream = self.group.stream();
+        let (topk_idx, layout, maps) = match &c.memory {
+            Some(mem) => {
+                let need = route_bytes(r, e, t, k * ty.bytes()) + buf.maps_bytes(&self.group, t);
+                if mem.len() < need || !mem.ptr().is_multiple_of(16) {
+                    return Err(Error::invalid(
+                        "memory",
+                        format!("{need} bytes (16-aligned) needed, got {}", mem.len()),
+                    ));
+                }
+                let mut at = mem.ptr();
+                let mut next = |bytes: usize| {
+                    // SAFETY: `mem` holds all of these (checked above); the route keeps it.
+                    let b = unsafe { DeviceBuffer::borrowed(dev, at, bytes) };
+                    at += bytes.next_multiple_of(16) as u64;
+                    b
+                };
+                let topk_idx = next((t * k * ty.bytes()).max(1));
+                let layout = DispatchLayout {
+                    num_tokens_per_rank: next(4 * r),
+                    num_tokens_per_expert: next(4 * e),
+                    is_token_in_rank: next((t * r).max(1)),
+                };
+                // SAFETY: the rest of `mem`, 16-aligned, sized by maps_bytes (checked above).
+                let maps = unsafe { buf.maps_at(&self.group, at, t) };
+                (topk_idx, Some(layout), maps)
+            }
+            None => {
+                let maps = buf.alloc_maps(&self.group, t)?;
+                (stream.alloc_uninit((t * k * ty.bytes()).max(16))?, None, maps)
+            }
+        };
+        self.begin(call)?;
+        if t * k > 0 {
+            topk_idx.copy_from_async(stream, c.topk_idx, t * k * ty.bytes())?;
+        }
+        let layout = match layout {
+            Some(into) => {
+                // SAFETY: views of the same route memory, which outlives the call.
+                let again = unsafe {
+                    DispatchLayout {
+                        num_tokens_per_rank: DeviceBuffer::borrowed(dev, into.num_tokens_per_rank.ptr(), 4 * r),
+                        num_tokens_per_expert: DeviceBuffer::borrowed(dev, into.num_tokens_per_expert.ptr(), 4 * e),
+                        is_token_in_rank: DeviceBuffer::borrowed(dev, into.is_token_in_rank.ptr(), (t * r).max(1)),
+                    }
+                };
+                get_dispatch_layout_into(&self.group, &topk_idx, ty, t, k, e, again)?;
+                into
+            }
+            None => get_dispatch_layout(&self.group, &topk_idx, ty, t, k, e)?,
+        };
+        buf.notify(&self.group, &layout, t, c.expert_alignment, &maps)?;
+        self.finish(call, "ht_notify")?;
+        let state = RouteState { topk_idx, layout, maps, _memory: c.memory };
+        Ok(HtRoute {
+            inner: self.guard(call, state),
+            generation,
+            num_tokens: t,
+            num_topk: k,
+            index_type: ty,
+            expert_alignment: c.expert_alignment,
+            num_local_experts: e / r,
+        })
+    }
+
+    /// Collective: a dispatch along `route` (NCCL EP's `ncclEpDispatch`, forward, after
+    /// `ncclEpUpdateHandle`) into the caller's memory. Its handle serves combines and cached
+    /// dispatches (the backward passes) as a handle of [`Buffer::ht_dispatch`] does.
+    pub fn ht_dispatch_routed(
+        &self,
+        call: &CallStream,
+        route: &HtRoute,
+        d: HtRoutedDispatch<'_>,
+    ) -> Result<(HtDispatchHandle, Option<Arc<Event>>)> {
+        let mut st = self.lock()?;
+        check_generation(st.ht_generation, route.generation)?;
+        let buf = st.ht.as_mut().ok_or_else(|| Error::invalid("route", "no HT buffer"))?;
+        let state = route.inner.value()?;
+        let (dev, t, k) = (self.group.device(), route.num_tokens, route.num_topk);
+        // The dispatch's handle takes views of the route's maps that keep the route alive.
+        let owner: Owner = route.inner.clone();
+        let lend = |b: &DeviceBuffer| {
+            let keep = owner.clone();
+            // SAFETY: `b` lies in the route's memory, which `keep` holds until the view drops.
+            unsafe { DeviceBuffer::lent(dev, b.ptr(), b.len(), Box::new(move || drop(keep))) }
+        };
+        let m = &state.maps;
+        let maps = HtMaps {
+            num_recv_tokens_per_expert: lend(&m.num_recv_tokens_per_expert),
+            rank_prefix_matrix: lend(&m.rank_prefix_matrix),
+            channel_prefix_matrix: lend(&m.channel_prefix_matrix),
+            num_recv_tokens: lend(&m.num_recv_tokens),
+            remote_row0: lend(&m.remote_row0),
+            send_head: lend(&m.send_head),
+            is_token_in_rank: lend(&m.is_token_in_rank),
+        };
+        let stream = self.group.stream();
+        let recv_x_scales = match d.recv_x_scales {
+            Some(b) => b,
+            // SAFETY: not written without scales (HtDispatchBuffers' contract).
+            None => unsafe { DeviceBuffer::borrowed(dev, d.recv_x.ptr(), d.recv_x.len()) },
+        };
+        let out = HtDispatchBuffers {
+            recv_x: d.recv_x,
+            recv_x_scales,
+            recv_topk_idx: d.recv_topk_idx,
+            recv_topk_weights: d.recv_topk_weights,
+            recv_src_idx: stream.alloc_uninit((4 * d.rows).max(16))?,
+            maps,
+        };
+        let args = HtDispatchArgs {
+            x: d.x,
+            hidden_bytes: d.hidden_bytes,
+            num_tokens: t,
+            x_scales: d.x_scales,
+            topk: Some((&state.topk_idx, route.index_type, d.topk_weights, k)),
+            layout: &state.layout,
+            expert_alignment: route.expert_alignment,
+            num_worst_tokens: Some(d.rows),
+        };
+        self.begin(call)?;
+        let out = buf.dispatch_notified(&self.group, &args, out)?;
+        let ev = self.finish(call, "ht_dispatch")?;
+        Ok((self.ht_handle(call, out.handle, route.generation, t), ev))
+    }
+
     /// DeepEP's `low_latency_dispatch` (expert-major); with `options.send_only` the receive
     /// is left to [`Buffer::ll_complete_dispatch`].
     pub fn ll_dispatch(&self, call: &CallStream, c: LlDispatchCall<'_>) -> Result<(LlDispatch, Option<Arc<Event>>)> {
@@ -823,6 +1121,12 @@ impl Buffer {
             Some(small) => buf.dispatch_with(&self.group, x, t, idx, ty, k, o, small, c.stats)?,
             None => buf.dispatch(&self.group, x, t, idx, ty, k, o, c.stats)?,
         };
+        let recv_into = c.recv_into;
+        if let Some(into) = &recv_into
+            && !o.send_only
+        {
+            copy_rows(&self.group, into, &out.packed_recv_x)?;
+        }
         let ev = self.finish(call, "ll_dispatch")?;
         let (r, hidden, use_fp8) = (self.group.num_ranks(), c.hidden, o.use_fp8);
         let l = c.num_experts / r;
@@ -840,7 +1144,13 @@ impl Buffer {
             (out.handle.packed_recv_src_info.ptr(), 4 * rows),
             (out.handle.packed_recv_layout_range.ptr(), 8 * l * r),
         ];
-        let d = LlDispatch { inner: self.guard(call, Mutex::new(out)), generation, call: call.clone(), views };
+        let d = LlDispatch {
+            inner: self.guard(call, Mutex::new(out)),
+            generation,
+            call: call.clone(),
+            views,
+            recv_into: recv_into.map(Arc::new),
+        };
         Ok((d, ev))
     }
 
@@ -863,6 +1173,7 @@ impl Buffer {
         generation: u64,
         call: &CallStream,
         kernel: &'static str,
+        then: impl FnOnce(&T) -> Result<()>,
     ) -> Result<()> {
         let st = self.lock()?;
         check_generation(st.ll_generation, generation)?;
@@ -870,18 +1181,25 @@ impl Buffer {
         let mut out = inner.value()?.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
         let call = CallStream { previous: None, async_finish: false, ..call.clone() };
         self.begin(&call)?;
+        let pending = out.pending();
         out.complete(&self.group, buf)?;
+        if pending {
+            then(&out)?;
+        }
         self.finish(&call, kernel).map(|_| ())
     }
 
     /// Runs the receive half of a `send_only` LL dispatch (DeepEP's hook; no-op when done).
     pub fn ll_complete_dispatch(&self, d: &LlDispatch) -> Result<()> {
-        self.complete_pending(&d.inner, d.generation, &d.call, "ll_dispatch")
+        self.complete_pending(&d.inner, d.generation, &d.call, "ll_dispatch", |out| match &d.recv_into {
+            Some(into) => copy_rows(&self.group, into, &out.packed_recv_x),
+            None => Ok(()),
+        })
     }
 
     /// Runs the receive half of a `send_only` LL combine.
     pub fn ll_complete_combine(&self, c: &LlCombinePending) -> Result<()> {
-        self.complete_pending(&c.inner, c.generation, &c.call, "ll_combine")
+        self.complete_pending(&c.inner, c.generation, &c.call, "ll_combine", |_| Ok(()))
     }
 
     /// DeepEP's `low_latency_combine` of `d`'s rows: `(combined_x [T, hidden] bf16 unless
@@ -935,6 +1253,13 @@ impl Buffer {
         let hook = pending.then(|| LlCombinePending { inner: keep, generation: d.generation, call: call.clone() });
         Ok((combined_x, hook, ev))
     }
+}
+
+/// Bytes of a route's `topk_idx` copy (`idx_row_bytes` per token) and layout, each rounded
+/// to 16, before its maps.
+fn route_bytes(num_ranks: usize, num_experts: usize, num_tokens: usize, idx_row_bytes: usize) -> usize {
+    let (r, t) = (num_ranks, num_tokens);
+    [t * idx_row_bytes, 4 * r, 4 * num_experts, t * r].iter().map(|b| b.max(&1).next_multiple_of(16)).sum()
 }
 
 /// A relayout synchronises and exchanges with peers: not inside a capture.

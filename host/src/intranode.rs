@@ -508,7 +508,7 @@ impl HtBuffer {
             ));
         }
         let maps = self.alloc_maps(group, a.num_tokens)?;
-        self.launch_notify(group, a, &maps, true)?;
+        self.launch_notify(group, a.layout, a.num_tokens, a.expert_alignment, &maps, true)?;
         stream.synchronize()?;
         group.take_device_error(HT_NOTIFY.name)?;
         let rows = self.mem.host_counts.read::<u32>(0)? as usize;
@@ -539,8 +539,98 @@ impl HtBuffer {
             ));
         };
         self.check_buffers(group, a, rows, num_scales, &out)?;
-        self.launch_notify(group, a, &out.maps, false)?;
+        self.launch_notify(group, a.layout, a.num_tokens, a.expert_alignment, &out.maps, false)?;
         self.launch_full_dispatch(group, a, out, rows, true)
+    }
+
+    /// Collective: the count exchange of a padded dispatch on its own (NCCL EP's handle
+    /// time): fills `maps` for `layout` (`num_tokens` tokens; per-expert counts rounded up to
+    /// `expert_alignment`) with what [`HtBuffer::dispatch_notified`] then sends along, any
+    /// number of times. Asynchronous.
+    pub fn notify(
+        &mut self,
+        group: &Group,
+        layout: &DispatchLayout,
+        num_tokens: usize,
+        expert_alignment: usize,
+        maps: &HtMaps,
+    ) -> Result<()> {
+        let (t, r, c) = (num_tokens, group.num_ranks(), self.rings());
+        if layout.is_token_in_rank.len() < t * r || layout.num_tokens_per_expert.len() < 4 * self.cfg.num_experts {
+            return Err(Error::invalid("layout", "does not match num_tokens / num_experts"));
+        }
+        if expert_alignment == 0 {
+            return Err(Error::invalid("expert_alignment", "must be at least 1"));
+        }
+        let checks: [(&DeviceBuffer, usize, &'static str); 4] = [
+            (&maps.num_recv_tokens_per_expert, 4 * (self.cfg.num_experts / r), "num_recv_tokens_per_expert"),
+            (&maps.rank_prefix_matrix, 4 * r * r, "rank_prefix_matrix"),
+            (&maps.channel_prefix_matrix, 4 * r * (c + 1), "channel_prefix_matrix"),
+            (&maps.num_recv_tokens, 4, "num_recv_tokens"),
+        ];
+        for (buf, bytes, name) in checks {
+            if buf.len() < bytes || !buf.ptr().is_multiple_of(4) {
+                return Err(Error::invalid(name, format!("{bytes} bytes (4-aligned) needed, got {}", buf.len())));
+            }
+        }
+        self.launch_notify(group, layout, t, expert_alignment, maps, false)
+    }
+
+    /// Collective: a padded dispatch (`a.num_worst_tokens` rows) into `out` along the counts
+    /// an earlier [`HtBuffer::notify`] of `a.layout` left in `out.maps` (`a.expert_alignment`
+    /// as given there). Every rank dispatches after the same notify.
+    pub fn dispatch_notified(
+        &mut self,
+        group: &Group,
+        a: &HtDispatchArgs,
+        out: HtDispatchBuffers,
+    ) -> Result<HtDispatchOutputs> {
+        let num_scales = self.check_dispatch(group, a)?;
+        let Some(rows) = a.num_worst_tokens else {
+            return Err(Error::invalid("num_worst_tokens", "a notified dispatch writes padded outputs"));
+        };
+        self.check_buffers(group, a, rows, num_scales, &out)?;
+        self.launch_full_dispatch(group, a, out, rows, true)
+    }
+
+    /// The maps of a dispatch of `num_tokens` as [`HtBuffer::notify`] and
+    /// [`HtBuffer::dispatch_notified`] need them, in one allocation of
+    /// [`HtBuffer::maps_bytes`] bytes at `base` (e.g. a caller's handle memory).
+    ///
+    /// # Safety
+    /// `base` is device memory of this buffer's device, 16-aligned, at least
+    /// `maps_bytes(group, num_tokens)` long, valid while the maps (and handles made from them)
+    /// are used.
+    pub unsafe fn maps_at(&self, group: &Group, base: u64, num_tokens: usize) -> HtMaps {
+        let (r, c, l) = (group.num_ranks(), self.rings(), self.cfg.num_experts / group.num_ranks());
+        let sizes = Self::maps_sizes(r, c, l, num_tokens);
+        let mut at = base;
+        let mut next = |bytes: usize| {
+            // SAFETY: the caller's region holds all of them (maps_bytes sums these sizes).
+            let b = unsafe { DeviceBuffer::borrowed(group.device(), at, bytes) };
+            at += bytes.next_multiple_of(16) as u64;
+            b
+        };
+        HtMaps {
+            num_recv_tokens_per_expert: next(sizes[0]),
+            rank_prefix_matrix: next(sizes[1]),
+            channel_prefix_matrix: next(sizes[2]),
+            num_recv_tokens: next(sizes[3]),
+            remote_row0: next(sizes[4]),
+            send_head: next(sizes[5]),
+            is_token_in_rank: next(sizes[6]),
+        }
+    }
+
+    /// Bytes of [`HtBuffer::maps_at`]'s region for `num_tokens` tokens.
+    pub fn maps_bytes(&self, group: &Group, num_tokens: usize) -> usize {
+        let (r, l) = (group.num_ranks(), self.cfg.num_experts / group.num_ranks());
+        Self::maps_sizes(r, self.rings(), l, num_tokens).iter().map(|b| b.next_multiple_of(16)).sum()
+    }
+
+    /// Sizes of the maps in [`HtMaps`] order.
+    fn maps_sizes(r: usize, c: usize, l: usize, t: usize) -> [usize; 7] {
+        [4 * l, 4 * r * r, 4 * r * (c + 1), 4, 4 * r * c, (4 * t * r).max(4), (t * r).max(1)]
     }
 
     /// Checks a dispatch's inputs; returns the scale count.
@@ -602,7 +692,7 @@ impl HtBuffer {
     }
 
     /// The handle's maps of a dispatch of `num_tokens`, from the stream's pool.
-    fn alloc_maps(&self, group: &Group, num_tokens: usize) -> Result<HtMaps> {
+    pub fn alloc_maps(&self, group: &Group, num_tokens: usize) -> Result<HtMaps> {
         let (stream, r, c) = (group.stream(), group.num_ranks(), self.rings());
         Ok(HtMaps {
             num_recv_tokens_per_expert: stream.alloc(4 * (self.cfg.num_experts / r))?,
@@ -644,13 +734,21 @@ impl HtBuffer {
     }
 
     /// The count exchange of a dispatch into `maps` (and, `exact`, the host's copy).
-    fn launch_notify(&mut self, group: &Group, a: &HtDispatchArgs, maps: &HtMaps, exact: bool) -> Result<()> {
+    fn launch_notify(
+        &mut self,
+        group: &Group,
+        layout: &DispatchLayout,
+        num_tokens: usize,
+        expert_alignment: usize,
+        maps: &HtMaps,
+        exact: bool,
+    ) -> Result<()> {
         let num_ranks = group.num_ranks();
         let notify = HtNotifyParams {
             peer_bases: self.mem.all.peer_table_ptr(),
-            num_tokens_per_rank: a.layout.num_tokens_per_rank.ptr(),
-            num_tokens_per_expert: a.layout.num_tokens_per_expert.ptr(),
-            is_token_in_rank: a.layout.is_token_in_rank.ptr(),
+            num_tokens_per_rank: layout.num_tokens_per_rank.ptr(),
+            num_tokens_per_expert: layout.num_tokens_per_expert.ptr(),
+            is_token_in_rank: layout.is_token_in_rank.ptr(),
             rank_prefix_matrix: maps.rank_prefix_matrix.ptr(),
             channel_prefix_matrix: maps.channel_prefix_matrix.ptr(),
             num_recv_tokens_per_expert: maps.num_recv_tokens_per_expert.ptr(),
@@ -659,10 +757,10 @@ impl HtBuffer {
             error: group.error_ptr(),
             epoch: 0, // the kernel's (HtLayout::epochs)
             timeout_ns: group.timeout_ns(),
-            num_tokens: a.num_tokens as u32,
+            num_tokens: num_tokens as u32,
             num_experts: self.cfg.num_experts as u32,
             num_channels: self.rings() as u32,
-            expert_alignment: a.expert_alignment as u32,
+            expert_alignment: expert_alignment as u32,
             rank: group.rank() as u32,
             num_ranks: num_ranks as u32,
         };

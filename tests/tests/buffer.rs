@@ -116,6 +116,7 @@ fn ht_and_ll_through_the_session_match_the_reference() {
             options: LlDispatchOptions::default(),
             small: None,
             stats: LlStats::default(),
+            recv_into: None,
         };
         let (d, _) = buffer.ll_dispatch(&on, dc).unwrap();
         let views = d.views();
@@ -232,6 +233,7 @@ fn stale_handles_and_too_small_memory_are_typed_errors() {
             options: LlDispatchOptions::default(),
             small: None,
             stats: LlStats::default(),
+            recv_into: None,
         };
         match buffer.ll_dispatch(&on, dc) {
             Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "num_rdma_bytes"),

@@ -66,6 +66,10 @@ pub fn run(args: &[String]) -> Result {
         .map_err(|e| format!("copying {}: {e}", ptx::TRACKED))?;
     let scripts = copy_gpu_scripts(&out)?;
     python_package(&out)?;
+    // The C library (shared, stripped) and the C tests built against it, for tests/gpu/c_abi.sh.
+    eprintln!("==> C library and C tests");
+    crate::capi::install(true, false, &out.join("c"))?;
+    crate::capi::build_tests(&out.join("c"), &out.join("c/bin"))?;
 
     let demo = examples.iter().map(|(n, _)| n.clone()).find(|n| *n == format!("{HOST_PACKAGE}-{DEMO_EXAMPLE}"));
     let test_names: Vec<String> = tests.iter().map(|(n, _)| n.clone()).collect();

@@ -32,6 +32,9 @@ pub fn run(args: &[String]) -> Result {
             run_cmd(cargo().args(["test", "--workspace"]).args(&test_args))
         }),
     ];
+    steps.push(step("C ABI: cc crates/capi/tests/c/*.c against the installed header and libnccl_ep, run", || {
+        crate::capi::test()
+    }));
     steps.extend(python_steps());
 
     let mut done: Vec<(String, &str, String)> = Vec::new();

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bundle;
+mod capi;
 mod ci;
 mod json;
 mod ptx;
@@ -26,7 +27,11 @@ commands:
         env MOE_EP_PTXAS=path uses that ptxas instead of the cached PyPI one
   test [-- <cargo test args>]
         CI: cargo fmt --check, cargo clippy -D warnings, ptx --check, cargo test --workspace
-        (arguments after `--` go to `cargo test --workspace`; harness args after a second `--`).
+        (arguments after `--` go to `cargo test --workspace`; harness args after a second `--`),
+        the C tests against the installed C library, the Python package's tests.
+  capi-install [--release] [--prefix DIR]
+        Build the C library and install DIR/include/nccl_ep.h (+ nccl_ep/ep_enums.h) and
+        DIR/lib/libnccl_ep.{so,a} (default DIR: target/c-abi).
   demo [args...]
         cargo run --release -p moe-ep --example demo -- args...
   gpu-bundle [--out DIR] [--no-ptx]
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         "test" => ci::run(rest),
         "demo" => demo(rest),
         "gpu-bundle" => bundle::run(rest),
+        "capi-install" => capi::install_cmd(rest),
         "bench" => bench::run(rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");

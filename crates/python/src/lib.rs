@@ -25,7 +25,7 @@ use moe_ep::{Buffer, BufferConfig, CallStream, Device, DeviceBuffer, Error, Even
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 /// A Rust error as the Python exception a caller can act on.
 fn py_err(e: Error) -> PyErr {
@@ -68,22 +68,11 @@ fn index_type(idx_bytes: usize) -> PyResult<IndexType> {
     }
 }
 
-/// A [`Stream`] view of someone else's `CUstream` (torch's), made once per (GPU, stream) and
-/// kept: views are needed on every call and in every output's release, and making one may
-/// cost more than a handle (a memory pool of its own).
+/// A [`Stream`] view of torch's `CUstream` `raw`, kept per (GPU, stream).
 fn borrowed_stream(device: &Device, raw: usize) -> Arc<Stream> {
-    type Cache = Mutex<Vec<((Option<usize>, usize), Arc<Stream>)>>;
-    static CACHE: Cache = Mutex::new(Vec::new());
-    let key = (device.ordinal(), raw);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, s)) = cache.iter().find(|(k, _)| *k == key) {
-        return s.clone();
-    }
     // SAFETY: Python passes streams of this device's primary context (torch's current
     // stream), which torch never destroys (its streams come from pools).
-    let s = Arc::new(unsafe { Stream::from_raw(device, raw) });
-    cache.push((key, s.clone()));
-    s
+    unsafe { Stream::from_raw_shared(device, raw) }
 }
 
 /// Bytes on a device (or host memory on the CPU back end), viewed from Python without a copy
@@ -825,6 +814,7 @@ impl Rank {
                 dispatch_wait_recv_cost_stats: wait_stats.as_ref(),
                 combine_wait_recv_cost_stats: None,
             },
+            recv_into: None,
         };
         let (d, ev) = py.detach(|| self.buffer()?.ll_dispatch(&call, c)).py()?;
         Ok((LlDispatchObj { d, cuda: !dev.is_cpu() }, event_of(dev, ev)))

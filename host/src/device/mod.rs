@@ -1140,4 +1140,24 @@ impl Stream {
             capture: Mutex::new(None),
         }
     }
+
+    /// [`Stream::from_raw`], made once per (device, `raw`) and kept for the process: callers
+    /// that pass the same stream on every call (torch's current stream, a C program's
+    /// `cudaStream_t`) then get the same view, whose capture state persists between calls.
+    ///
+    /// # Safety
+    /// As [`Stream::from_raw`], for as long as ops given the view may use it.
+    pub unsafe fn from_raw_shared(device: &Device, raw: usize) -> Arc<Stream> {
+        type Cache = Mutex<Vec<((Option<usize>, usize), Arc<Stream>)>>;
+        static CACHE: Cache = Mutex::new(Vec::new());
+        let key = (device.ordinal(), raw);
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, s)) = cache.iter().find(|(k, _)| *k == key) {
+            return s.clone();
+        }
+        // SAFETY: forwarded to the caller.
+        let s = Arc::new(unsafe { Stream::from_raw(device, raw) });
+        cache.push((key, s.clone()));
+        s
+    }
 }

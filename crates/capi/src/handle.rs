@@ -1,0 +1,748 @@
+//! EP handles: one routing (`topk_idx`) in one layout, and the ops along it.
+//!
+//! * HT FLAT: `ncclEpUpdateHandle` copies the routing and exchanges its counts
+//!   ([`Buffer::ht_route`]); `ncclEpDispatch` sends along it into the caller's outputs
+//!   (forward) or along the last forward dispatch's routes (backward, DeepEP's cached
+//!   dispatch); `ncclEpCombine` returns rows along the last forward dispatch.
+//! * LL expert-major: `ncclEpUpdateHandle` copies the routing; dispatch and combine are
+//!   DeepEP's low-latency ops, optionally split by `send_only` + `ncclEpComplete`. The rows
+//!   land in the LL buffer and are copied into the caller's `[L, R*M, H]` output once
+//!   received (NCCL EP's staged, non-window outputs).
+use crate::error::{Failure, Result};
+use crate::group::{Algorithm, EpGroup, GroupConfig};
+use crate::sys::*;
+use crate::tensor::Tensor;
+use moe_ep::buffer::{
+    HtCombineCall, HtDispatchHandle, HtRoute, HtRouteCall, HtRoutedDispatch, LlCombineCall, LlCombinePending,
+    LlDispatch, LlDispatchCall,
+};
+use moe_ep::intranode::HtCombineOutputs;
+use moe_ep::layout::IndexType;
+use moe_ep::low_latency::{LlDispatchOptions, LlStats};
+use moe_ep::{Buffer, CallStream, Device, DeviceBuffer, Stream};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// The layouts this release runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    HtFlat,
+    LlExpertMajor,
+}
+
+impl Layout {
+    /// The layout of `raw` for a group of `algorithm`.
+    pub fn of(raw: ncclEpLayout_t, algorithm: Algorithm) -> Result<Layout> {
+        match (algorithm, raw) {
+            (_, NCCL_EP_LAYOUT_UNSET) => Err(Failure::invalid("layout is NCCL_EP_LAYOUT_UNSET: pick one")),
+            (Algorithm::HighThroughput, NCCL_EP_LAYOUT_FLAT) => Ok(Layout::HtFlat),
+            (Algorithm::LowLatency, NCCL_EP_LAYOUT_EXPERT_MAJOR) => Ok(Layout::LlExpertMajor),
+            (Algorithm::HighThroughput, NCCL_EP_LAYOUT_EXPERT_MAJOR)
+            | (Algorithm::LowLatency, NCCL_EP_LAYOUT_RANK_MAJOR) => {
+                Err(Failure::usage(format!("layout {raw} is not supported by this moe-ep release for this algorithm")))
+            }
+            (Algorithm::HighThroughput, _) => {
+                Err(Failure::invalid(format!("layout {raw}: HT takes FLAT or EXPERT_MAJOR")))
+            }
+            (Algorithm::LowLatency, _) => {
+                Err(Failure::invalid(format!("layout {raw}: LL takes EXPERT_MAJOR or RANK_MAJOR")))
+            }
+        }
+    }
+}
+
+/// Where a handle's device memory comes from.
+enum Memory {
+    /// The caller's (`handle_mem`): never freed here.
+    Caller(DeviceBuffer),
+    /// The group's `alloc_fn`: `free_fn` on destroy.
+    Allocated { buffer: DeviceBuffer, free: ncclEpFreeFn_t, context: usize },
+    /// moe-ep's own allocations.
+    Own,
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        if let Memory::Allocated { buffer, free: Some(free), context } = self {
+            // SAFETY: the pointer came from the group's alloc_fn with this context; the
+            // handle is being destroyed, so nothing uses it any more. Errors can't be reported.
+            let _ = unsafe { free(buffer.ptr() as *mut c_void, *context as *mut c_void) };
+        }
+    }
+}
+
+/// An LL routing: the copy of `topk_idx` the ops read.
+struct LlRouting {
+    topk_idx: DeviceBuffer,
+    index_type: IndexType,
+    num_tokens: usize,
+}
+
+/// What a handle holds between calls.
+#[derive(Default)]
+struct State {
+    ht_route: Option<HtRoute>,
+    ht_dispatch: Option<HtDispatchHandle>,
+    ll_routing: Option<LlRouting>,
+    ll_dispatch: Option<LlDispatch>,
+    ll_dispatch_pending: bool,
+    ll_combine_pending: Option<LlCombinePending>,
+}
+
+/// What `ncclEpHandle_t` points to.
+pub struct EpHandle {
+    buffer: Arc<Buffer>,
+    config: GroupConfig,
+    layout: Layout,
+    /// K (LL: fixed at init; HT: from the routing when not given).
+    num_topk: Option<usize>,
+    memory: Memory,
+    /// LL: `packed_recv_layout_range [L, R]` i64 and the epoch word, in `memory` or own.
+    ll_small: Option<[DeviceBuffer; 2]>,
+    state: Mutex<State>,
+}
+
+/// The stream context of a call on `stream` (a `cudaStream_t`; ignored on the CPU emulator).
+///
+/// # Safety
+/// `stream` is NULL or a live stream of the group's GPU.
+unsafe fn call_on(device: &Device, stream: cudaStream_t) -> CallStream {
+    CallStream {
+        // SAFETY: forwarded.
+        caller: (!device.is_cpu()).then(|| unsafe { Stream::from_raw_shared(device, stream as usize) }),
+        ..CallStream::default()
+    }
+}
+
+/// Bytes of an LL handle's memory: the routing copy, the layout ranges, the epoch word.
+fn ll_sizes(cfg: &GroupConfig, num_ranks: usize, num_topk: usize) -> [usize; 3] {
+    let l = cfg.num_experts / num_ranks;
+    [cfg.max_dispatch_tokens_per_rank * num_topk * 8, 8 * l * num_ranks, 8]
+}
+
+fn index_type(t: &Tensor) -> Result<IndexType> {
+    match t.dtype {
+        ncclInt32 => Ok(IndexType::I32),
+        ncclInt64 => Ok(IndexType::I64),
+        _ => Err(Failure::invalid(format!("{}: ncclInt32 or ncclInt64 expected", t.name))),
+    }
+}
+
+impl EpHandle {
+    fn group(&self) -> &moe_ep::Group {
+        self.buffer.group()
+    }
+
+    fn device(&self) -> &Device {
+        self.group().device()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| Failure::usage("the handle was left inconsistent by a failed call"))
+    }
+
+    /// Bytes `ncclEpHandleMemSize` reports.
+    pub fn memory_bytes(group: &EpGroup, layout: Layout, num_topk: usize) -> Result<usize> {
+        let r = group.buffer.group().num_ranks();
+        match layout {
+            Layout::HtFlat => {
+                Ok(group.buffer.ht_route_bytes(group.config.max_dispatch_tokens_per_rank, num_topk, IndexType::I64)?)
+            }
+            Layout::LlExpertMajor => {
+                Ok(ll_sizes(&group.config, r, num_topk).iter().map(|b| b.next_multiple_of(16)).sum())
+            }
+        }
+    }
+
+    /// `ncclEpInitHandle`: `handle_mem` is the caller's memory (at least `memory_bytes`).
+    pub fn new(
+        group: &EpGroup,
+        layout: Layout,
+        num_topk: Option<usize>,
+        handle_mem: Option<Tensor>,
+    ) -> Result<EpHandle> {
+        let (cfg, buffer) = (group.config, group.buffer.clone());
+        let device = buffer.group().device().clone();
+        let k = match (layout, num_topk) {
+            (Layout::LlExpertMajor, None) => return Err(Failure::invalid("num_topk: LL handles need it (> 0)")),
+            (_, k) => k,
+        };
+        if let Some(k) = k
+            && (k == 0 || k > moe_ep::limits::MAX_TOPK || (cfg.num_topk > 0 && k > cfg.num_topk))
+        {
+            let most = if cfg.num_topk > 0 { cfg.num_topk } else { moe_ep::limits::MAX_TOPK };
+            return Err(Failure::invalid(format!("num_topk {k} is outside 1..={most}")));
+        }
+        let need = EpHandle::memory_bytes(group, layout, k.unwrap_or(moe_ep::limits::MAX_TOPK))?;
+        let memory = match handle_mem {
+            Some(t) => {
+                t.expect(&[ncclUint8, ncclInt8], &[None])?;
+                if t.bytes() < need || !t.data.is_multiple_of(16) {
+                    return Err(Failure::invalid(format!(
+                        "handle_mem: {need} bytes (16-aligned) needed (ncclEpHandleMemSize), got {}",
+                        t.bytes()
+                    )));
+                }
+                // SAFETY: the caller's memory of the group's GPU, which it keeps until the
+                // handle is destroyed (ncclEpInitHandle's contract).
+                Memory::Caller(unsafe { t.buffer(&device) })
+            }
+            None => match cfg.alloc.alloc_fn {
+                Some(alloc) => {
+                    let mut ptr: *mut c_void = std::ptr::null_mut();
+                    // SAFETY: the caller's allocator, called as its type says.
+                    let err = unsafe { alloc(&mut ptr, need, cfg.alloc.context) };
+                    if err != 0 || ptr.is_null() || !(ptr as u64).is_multiple_of(16) {
+                        return Err(Failure {
+                            code: ncclUnhandledCudaError,
+                            message: format!("alloc_fn({need}) failed: {err}"),
+                        });
+                    }
+                    // SAFETY: `need` bytes just allocated on the group's GPU.
+                    let buffer = unsafe { DeviceBuffer::borrowed(&device, ptr as u64, need) };
+                    Memory::Allocated { buffer, free: cfg.alloc.free_fn, context: cfg.alloc.context as usize }
+                }
+                None => Memory::Own,
+            },
+        };
+        let ll_small = match layout {
+            Layout::LlExpertMajor => {
+                let r = buffer.group().num_ranks();
+                let [idx, ranges, epoch] = ll_sizes(&cfg, r, k.unwrap_or(1));
+                Some(match &memory {
+                    Memory::Caller(b) | Memory::Allocated { buffer: b, .. } => {
+                        let base = b.ptr() + idx.next_multiple_of(16) as u64;
+                        let at = base + ranges.next_multiple_of(16) as u64;
+                        // SAFETY: inside the handle's memory (sized by ll_sizes).
+                        unsafe {
+                            [DeviceBuffer::borrowed(&device, base, ranges), DeviceBuffer::borrowed(&device, at, epoch)]
+                        }
+                    }
+                    Memory::Own => [device.alloc(ranges)?, device.alloc(16)?],
+                })
+            }
+            Layout::HtFlat => None,
+        };
+        Ok(EpHandle { buffer, config: cfg, layout, num_topk: k, memory, ll_small, state: Mutex::new(State::default()) })
+    }
+
+    /// The handle's memory, or None for moe-ep's own.
+    fn caller_memory(&self) -> Option<DeviceBuffer> {
+        match &self.memory {
+            Memory::Caller(b) | Memory::Allocated { buffer: b, .. } => {
+                // SAFETY: the handle's memory outlives what is made from it (the handle).
+                Some(unsafe { DeviceBuffer::borrowed(self.device(), b.ptr(), b.len()) })
+            }
+            Memory::Own => None,
+        }
+    }
+
+    /// `ncclEpUpdateHandle`: a new routing (collective for HT).
+    ///
+    /// # Safety
+    /// `stream` is NULL or a live stream of the group's GPU; tensors in `layout_info` are
+    /// the caller's live memory.
+    pub unsafe fn update(
+        &self,
+        topk_idx: &Tensor,
+        layout_info: Option<&ncclEpLayoutInfo_t>,
+        stream: cudaStream_t,
+    ) -> Result<()> {
+        // SAFETY: forwarded.
+        let call = unsafe { call_on(self.device(), stream) };
+        let ty = index_type(topk_idx)?;
+        topk_idx.expect(&[topk_idx.dtype], &[None, self.num_topk])?;
+        let (t, k) = (topk_idx.dims[0], topk_idx.dims[1]);
+        if t > self.config.max_dispatch_tokens_per_rank {
+            return Err(Failure::invalid(format!(
+                "topk_idx: {t} tokens > max_dispatch_tokens_per_rank {}",
+                self.config.max_dispatch_tokens_per_rank
+            )));
+        }
+        // SAFETY: the caller's tensor on the group's GPU, alive for the call.
+        let idx = unsafe { topk_idx.buffer(self.device()) };
+        let mut st = self.lock()?;
+        match self.layout {
+            Layout::HtFlat => {
+                let info = HtLayoutInfo::read(layout_info)?;
+                let call_ = HtRouteCall {
+                    topk_idx: &idx,
+                    index_type: ty,
+                    num_tokens: t,
+                    num_topk: k,
+                    expert_alignment: 1,
+                    shapes: self.config.ht_shapes(),
+                    memory: self.caller_memory(),
+                };
+                st.ht_dispatch = None;
+                st.ht_route = None;
+                let route = self.buffer.ht_route(&call, call_)?;
+                info.write(&self.buffer, &call, &route, self.device())?;
+                st.ht_route = Some(route);
+            }
+            Layout::LlExpertMajor => {
+                if let Some(info) = layout_info
+                    && [info.expert_counters, info.src_rank_counters, info.expert_offsets, info.recv_total_counter]
+                        .iter()
+                        .any(|p| !p.is_null())
+                {
+                    return Err(Failure::invalid("layout_info: LL handles take none at update (pass NULL)"));
+                }
+                let bytes = t * k * ty.bytes();
+                let copy = match self.caller_memory() {
+                    Some(m) => m,
+                    None => match st.ll_routing.take() {
+                        Some(old) if old.topk_idx.len() >= bytes.max(16) => old.topk_idx,
+                        _ => self.device().alloc((self.config.max_dispatch_tokens_per_rank * k * 8).max(16))?,
+                    },
+                };
+                self.buffer.run(&call, |s| if bytes > 0 { copy.copy_from_async(s, &idx, bytes) } else { Ok(()) })?;
+                st.ll_dispatch = None;
+                st.ll_dispatch_pending = false;
+                st.ll_combine_pending = None;
+                st.ll_routing = Some(LlRouting { topk_idx: copy, index_type: ty, num_tokens: t });
+            }
+        }
+        Ok(())
+    }
+
+    /// `ncclEpDispatch`.
+    ///
+    /// # Safety
+    /// As [`EpHandle::update`], for every tensor the structs name.
+    pub unsafe fn dispatch(
+        &self,
+        inputs: &ncclEpDispatchInputs_t,
+        outputs: &ncclEpDispatchOutputs_t,
+        layout_info: Option<&ncclEpLayoutInfo_t>,
+        cfg: &ncclEpDispatchConfig_t,
+        stream: cudaStream_t,
+    ) -> Result<()> {
+        // SAFETY: (whole body) the caller's descriptors and memory (this fn's contract).
+        unsafe {
+            let call = call_on(self.device(), stream);
+            let x = Tensor::required("inputs->tokens", inputs.tokens)?;
+            let weights = Tensor::from_ptr("inputs->topk_weights", inputs.topk_weights)?;
+            let scales = Tensor::from_ptr("inputs->scales", inputs.scales)?;
+            let recv_x = Tensor::required("outputs->tokens", outputs.tokens)?;
+            let recv_weights = Tensor::from_ptr("outputs->topk_weights", outputs.topk_weights)?;
+            let recv_scales = Tensor::from_ptr("outputs->scales", outputs.scales)?;
+            let recv_idx = Tensor::from_ptr("outputs->topk_idx", outputs.topk_idx)?;
+            if cfg.round_scales != 0 {
+                return Err(Failure::usage("config.round_scales: no recipe of this release rounds scales"));
+            }
+            let quant = cfg.quant_recipe;
+            match quant {
+                NCCL_EP_DISP_QUANT_NONE if scales.is_some() || recv_scales.is_some() => {
+                    return Err(Failure::invalid("scales given without the QUANT_FWD recipe"));
+                }
+                NCCL_EP_DISP_QUANT_NONE => {}
+                NCCL_EP_DISP_QUANT_FWD if self.layout == Layout::HtFlat => {}
+                NCCL_EP_DISP_QUANT_FWD | NCCL_EP_DISP_QUANT_DS_FP8E3M4 => {
+                    return Err(Failure::usage(format!(
+                        "quant_recipe {quant} is not supported by this release for this layout"
+                    )));
+                }
+                other => return Err(Failure::invalid(format!("config.quant_recipe {other} is unknown"))),
+            }
+            let mut st = self.lock()?;
+            match self.layout {
+                Layout::HtFlat => {
+                    if cfg.send_only != 0 {
+                        return Err(Failure::usage("config.send_only is for LL; HT dispatches complete on their own"));
+                    }
+                    if HtLayoutInfo::read(layout_info)?.any() {
+                        return Err(Failure::invalid(
+                            "layout_info: HT counters come from ncclEpUpdateHandle (pass NULL)",
+                        ));
+                    }
+                    let bwd = match cfg.pass_direction {
+                        NCCL_EP_FWD_PASS => false,
+                        NCCL_EP_BWD_PASS => true,
+                        other => return Err(Failure::invalid(format!("config.pass_direction {other} is unknown"))),
+                    };
+                    self.ht_dispatch(
+                        &mut st,
+                        &call,
+                        bwd,
+                        [Some(x), weights, scales],
+                        [Some(recv_x), recv_weights, recv_scales, recv_idx],
+                    )
+                }
+                Layout::LlExpertMajor => {
+                    for (t, what) in [
+                        (&weights, "inputs->topk_weights"),
+                        (&recv_weights, "outputs->topk_weights"),
+                        (&recv_idx, "outputs->topk_idx"),
+                    ] {
+                        if t.is_some() {
+                            return Err(Failure::invalid(format!(
+                                "{what}: not used by the LL expert-major layout (pass NULL)"
+                            )));
+                        }
+                    }
+                    let counters = layout_info
+                        .and_then(|i| Tensor::from_ptr("layout_info->expert_counters", i.expert_counters).transpose())
+                        .transpose()?;
+                    let Some(counters) = counters else {
+                        return Err(Failure::invalid(
+                            "layout_info->expert_counters is required by the LL expert-major layout",
+                        ));
+                    };
+                    self.ll_dispatch(&mut st, &call, &x, &recv_x, &counters, cfg.send_only != 0)
+                }
+            }
+        }
+    }
+
+    /// HT dispatch: forward along the route, or backward along the last forward dispatch.
+    fn ht_dispatch(
+        &self,
+        st: &mut State,
+        call: &CallStream,
+        bwd: bool,
+        [x, weights, scales]: [Option<Tensor>; 3],
+        [recv_x, recv_weights, recv_scales, recv_idx]: [Option<Tensor>; 4],
+    ) -> Result<()> {
+        let (x, recv_x) = (x.expect("required"), recv_x.expect("required"));
+        let dev = self.device().clone();
+        const TOKEN_TYPES: [ncclDataType_t; 5] =
+            [ncclBfloat16, ncclFloat16, ncclFloat32, ncclFloat8e4m3, ncclFloat8e5m2];
+        x.expect(&TOKEN_TYPES, &[None, None])?;
+        let hidden_bytes = x.bytes() / x.dims[0].max(1);
+        let hidden_bytes =
+            if x.dims[0] == 0 { x.dims[1] * crate::tensor::element_bytes(x.dtype).unwrap_or(1) } else { hidden_bytes };
+        if hidden_bytes > self.config.max_token_bytes || !hidden_bytes.is_multiple_of(16) {
+            return Err(Failure::invalid(format!(
+                "inputs->tokens: {hidden_bytes} bytes per token must be a multiple of 16 up to max_token_bytes {}",
+                self.config.max_token_bytes
+            )));
+        }
+        let rows = recv_x.dims.first().copied().unwrap_or(0);
+        recv_x.expect(&[x.dtype], &[None, Some(x.dims[1])])?;
+        let s = match (&scales, &recv_scales) {
+            (Some(s), Some(rs)) => {
+                s.expect(&[ncclFloat32], &[Some(x.dims[0]), None])?;
+                rs.expect(&[ncclFloat32], &[Some(rows), Some(s.dims[1])])?;
+                Some(s.dims[1])
+            }
+            (None, None) => None,
+            _ => return Err(Failure::invalid("QUANT_FWD needs both inputs->scales and outputs->scales")),
+        };
+        // SAFETY: (views below) the caller's live memory on the group's GPU, as described.
+        let buf = |t: &Tensor| unsafe { t.buffer(&dev) };
+        let (xb, sb) = (buf(&x), scales.as_ref().map(buf));
+        if bwd {
+            for (t, what) in [
+                (&weights, "inputs->topk_weights"),
+                (&recv_weights, "outputs->topk_weights"),
+                (&recv_idx, "outputs->topk_idx"),
+            ] {
+                if t.is_some() {
+                    return Err(Failure::invalid(format!("{what}: a backward dispatch takes none")));
+                }
+            }
+            let Some(h) = &st.ht_dispatch else {
+                return Err(Failure::usage("a backward dispatch follows a forward dispatch of the handle"));
+            };
+            x.expect(&TOKEN_TYPES, &[Some(h.num_tokens), None])?;
+            if rows != h.num_rows {
+                return Err(Failure::invalid(format!(
+                    "outputs->tokens: {rows} rows given, the forward dispatch had {}",
+                    h.num_rows
+                )));
+            }
+            let out = (buf(&recv_x), recv_scales.as_ref().map(buf));
+            self.buffer.ht_dispatch_cached(call, h, &xb, hidden_bytes, sb.as_ref().zip(s), Some(out))?;
+            return Ok(());
+        }
+        let Some(route) = &st.ht_route else {
+            return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
+        };
+        let (t, k) = (route.num_tokens, route.num_topk);
+        x.expect(&TOKEN_TYPES, &[Some(t), None])?;
+        let Some(weights) = weights else {
+            return Err(Failure::invalid("inputs->topk_weights is required by a forward HT dispatch"));
+        };
+        weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
+        let (Some(recv_weights), Some(recv_idx)) = (recv_weights, recv_idx) else {
+            return Err(Failure::invalid(
+                "outputs->topk_weights and outputs->topk_idx are required by the HT FLAT layout",
+            ));
+        };
+        recv_weights.expect(&[ncclFloat32], &[Some(rows), Some(k)])?;
+        recv_idx.expect(&[ncclInt64], &[Some(rows), Some(k)])?;
+        let wb = buf(&weights);
+        let d = HtRoutedDispatch {
+            x: &xb,
+            hidden_bytes,
+            x_scales: sb.as_ref().zip(s),
+            topk_weights: &wb,
+            rows,
+            recv_x: buf(&recv_x),
+            recv_x_scales: recv_scales.as_ref().map(buf),
+            recv_topk_idx: buf(&recv_idx),
+            recv_topk_weights: buf(&recv_weights),
+        };
+        let (handle, _) = self.buffer.ht_dispatch_routed(call, route, d)?;
+        st.ht_dispatch = Some(handle);
+        Ok(())
+    }
+
+    /// LL expert-major dispatch; the rows reach `recv_x` when the receive has run.
+    fn ll_dispatch(
+        &self,
+        st: &mut State,
+        call: &CallStream,
+        x: &Tensor,
+        recv_x: &Tensor,
+        counters: &Tensor,
+        send_only: bool,
+    ) -> Result<()> {
+        if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
+            return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
+        }
+        let Some(routing) = &st.ll_routing else {
+            return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
+        };
+        let (r, cfg) = (self.group().num_ranks(), &self.config);
+        let (l, m, t) = (cfg.num_experts / r, cfg.max_dispatch_tokens_per_rank, routing.num_tokens);
+        x.expect(&[ncclBfloat16], &[Some(t), None])?;
+        let h = x.dims[1];
+        if h > cfg.hidden() {
+            return Err(Failure::invalid(format!(
+                "inputs->tokens: hidden {h} > max_token_bytes / 2 = {}",
+                cfg.hidden()
+            )));
+        }
+        recv_x.expect(&[ncclBfloat16], &[Some(l), Some(r * m), Some(h)])?;
+        counters.expect(&[ncclInt32], &[Some(l)])?;
+        let dev = self.device();
+        let [ranges, epoch] = self.ll_small.as_ref().ok_or_else(|| Failure::usage("not an LL handle"))?;
+        // SAFETY: (views) the caller's live tensors and the handle's memory, on its GPU.
+        let (xb, counts, into) = unsafe { (x.buffer(dev), counters.buffer(dev), recv_x.buffer(dev)) };
+        // SAFETY: the handle's memory (ll_small), alive as long as the handle.
+        let small = unsafe {
+            [
+                counts,
+                DeviceBuffer::borrowed(dev, ranges.ptr(), ranges.len()),
+                DeviceBuffer::borrowed(dev, epoch.ptr(), epoch.len()),
+            ]
+        };
+        let c = LlDispatchCall {
+            x: &xb,
+            num_tokens: t,
+            hidden: h,
+            topk_idx: &routing.topk_idx,
+            index_type: routing.index_type,
+            num_topk: self.num_topk.unwrap_or(0),
+            max_tokens: m,
+            num_experts: cfg.num_experts,
+            options: LlDispatchOptions { send_only, ..LlDispatchOptions::default() },
+            small: Some(small),
+            stats: LlStats::default(),
+            recv_into: Some(into),
+        };
+        let (d, _) = self.buffer.ll_dispatch(call, c)?;
+        st.ll_dispatch = Some(d);
+        st.ll_dispatch_pending = send_only;
+        Ok(())
+    }
+
+    /// `ncclEpCombine`.
+    ///
+    /// # Safety
+    /// As [`EpHandle::dispatch`].
+    pub unsafe fn combine(
+        &self,
+        inputs: &ncclEpCombineInputs_t,
+        outputs: &ncclEpCombineOutputs_t,
+        cfg: &ncclEpCombineConfig_t,
+        stream: cudaStream_t,
+    ) -> Result<()> {
+        // SAFETY: (whole body) the caller's descriptors and memory (this fn's contract).
+        unsafe {
+            let call = call_on(self.device(), stream);
+            let x = Tensor::required("inputs->tokens", inputs.tokens)?;
+            let weights = Tensor::from_ptr("inputs->topk_weights", inputs.topk_weights)?;
+            let out = Tensor::required("outputs->tokens", outputs.tokens)?;
+            let out_weights = Tensor::from_ptr("outputs->topk_weights", outputs.topk_weights)?;
+            if !inputs.scales.is_null() || cfg.quant_recipe != NCCL_EP_COMB_QUANT_NONE {
+                return Err(Failure::usage("combine quantization (NVFP4) is not supported by this release"));
+            }
+            let dev = self.device().clone();
+            let buf = |t: &Tensor| t.buffer(&dev);
+            let mut st = self.lock()?;
+            match self.layout {
+                Layout::HtFlat => {
+                    if cfg.send_only != 0 {
+                        return Err(Failure::usage("config.send_only is for LL; HT combines complete on their own"));
+                    }
+                    let bwd = match cfg.pass_direction {
+                        NCCL_EP_FWD_PASS => false,
+                        NCCL_EP_BWD_PASS => true,
+                        other => return Err(Failure::invalid(format!("config.pass_direction {other} is unknown"))),
+                    };
+                    let Some(h) = &st.ht_dispatch else {
+                        return Err(Failure::usage("a combine follows a forward dispatch of the handle"));
+                    };
+                    x.expect(&[ncclBfloat16], &[Some(h.num_rows), None])?;
+                    let hidden = x.dims[1];
+                    out.expect(&[ncclBfloat16], &[Some(h.num_tokens), Some(hidden)])?;
+                    let k = st.ht_route.as_ref().map_or(0, |r| r.num_topk);
+                    let weights = match (bwd, weights, out_weights) {
+                        (false, None, None) => None,
+                        (false, _, _) => {
+                            return Err(Failure::invalid(
+                                "topk_weights: a forward HT combine takes none (apply them before)",
+                            ));
+                        }
+                        (true, Some(w), Some(ow)) => {
+                            w.expect(&[ncclFloat32], &[Some(h.num_rows), Some(k)])?;
+                            ow.expect(&[ncclFloat32], &[Some(h.num_tokens), Some(k)])?;
+                            Some((buf(&w), buf(&ow)))
+                        }
+                        (true, _, _) => {
+                            return Err(Failure::invalid(
+                                "a backward HT combine needs inputs->topk_weights and outputs->topk_weights",
+                            ));
+                        }
+                    };
+                    let xb = buf(&x);
+                    let (w_in, w_out) = weights.unzip();
+                    let c = HtCombineCall {
+                        x: &xb,
+                        hidden,
+                        topk_weights: w_in.as_ref().map(|w| (w, k)),
+                        bias: [None, None],
+                    };
+                    let into = HtCombineOutputs { combined_x: buf(&out), combined_topk_weights: w_out };
+                    self.buffer.ht_combine(&call, h, &c, Some(into))?;
+                    Ok(())
+                }
+                Layout::LlExpertMajor => {
+                    if weights.is_some() {
+                        return Err(Failure::invalid(
+                            "inputs->topk_weights: LL takes the weights in outputs->topk_weights",
+                        ));
+                    }
+                    if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
+                        return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
+                    }
+                    let (Some(d), Some(routing)) = (&st.ll_dispatch, &st.ll_routing) else {
+                        return Err(Failure::usage("a combine follows a dispatch of the handle"));
+                    };
+                    let (r, cfg_) = (self.group().num_ranks(), &self.config);
+                    let (l, m, t, k) = (
+                        cfg_.num_experts / r,
+                        cfg_.max_dispatch_tokens_per_rank,
+                        routing.num_tokens,
+                        self.num_topk.unwrap_or(0),
+                    );
+                    x.expect(&[ncclBfloat16], &[Some(l), Some(r * m), None])?;
+                    let h = x.dims[2];
+                    out.expect(&[ncclBfloat16], &[Some(t), Some(h)])?;
+                    let Some(w) = out_weights else {
+                        return Err(Failure::invalid(
+                            "outputs->topk_weights (the routing weights) is required by an LL combine",
+                        ));
+                    };
+                    w.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
+                    let (xb, wb) = (buf(&x), buf(&w));
+                    let send_only = cfg.send_only != 0;
+                    let c = LlCombineCall {
+                        x: &xb,
+                        num_tokens: t,
+                        topk_idx: &routing.topk_idx,
+                        index_type: routing.index_type,
+                        topk_weights: &wb,
+                        num_topk: k,
+                        send_only,
+                        wait_stats: None,
+                    };
+                    let (_, pending, _) = self.buffer.ll_combine(&call, d, &c, Some(buf(&out)))?;
+                    st.ll_combine_pending = pending;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// `ncclEpComplete`: the receive half of a send-only LL op (nothing otherwise).
+    pub fn complete(&self) -> Result<()> {
+        let mut st = self.lock()?;
+        if let Some(p) = st.ll_combine_pending.take() {
+            self.buffer.ll_complete_combine(&p)?;
+        }
+        if std::mem::take(&mut st.ll_dispatch_pending)
+            && let Some(d) = &st.ll_dispatch
+        {
+            self.buffer.ll_complete_dispatch(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// The handle-time tensors of an HT `ncclEpLayoutInfo_t`.
+struct HtLayoutInfo {
+    expert_counters: Option<Tensor>,
+    recv_total_counter: Option<Tensor>,
+    others: bool,
+}
+
+impl HtLayoutInfo {
+    fn read(info: Option<&ncclEpLayoutInfo_t>) -> Result<HtLayoutInfo> {
+        let Some(i) = info else {
+            return Ok(HtLayoutInfo { expert_counters: None, recv_total_counter: None, others: false });
+        };
+        if i.recv_topk_idx_kind == NCCL_EP_EXPERT_ID_GLOBAL {
+            return Err(Failure::usage("recv_topk_idx_kind GLOBAL is not supported by this release (LOCAL ids)"));
+        }
+        // SAFETY: the caller's descriptors.
+        unsafe {
+            Ok(HtLayoutInfo {
+                expert_counters: Tensor::from_ptr("layout_info->expert_counters", i.expert_counters)?,
+                recv_total_counter: Tensor::from_ptr("layout_info->recv_total_counter", i.recv_total_counter)?,
+                others: !i.expert_offsets.is_null() || !i.src_rank_counters.is_null(),
+            })
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.expert_counters.is_some() || self.recv_total_counter.is_some() || self.others
+    }
+
+    /// Copies the route's counts into the caller's tensors (after the count exchange).
+    fn write(&self, buffer: &Buffer, call: &CallStream, route: &HtRoute, dev: &Device) -> Result<()> {
+        if self.others {
+            return Err(Failure::invalid(
+                "layout_info: expert_offsets (expert-major) and src_rank_counters (LL rank-major) do not apply to HT FLAT",
+            ));
+        }
+        let l = route.num_recv_tokens_per_expert()?.len() / 4;
+        if let Some(c) = &self.expert_counters {
+            c.expect(&[ncclInt32], &[Some(l)])?;
+        }
+        if let Some(c) = &self.recv_total_counter {
+            c.expect(&[ncclInt32, ncclInt64], &[Some(1)])?;
+        }
+        let (per_expert, total) = (route.num_recv_tokens_per_expert()?, route.num_recv_tokens()?);
+        buffer.run(call, |s| {
+            // SAFETY: (views) the caller's tensors and the route's outputs, alive for the call.
+            unsafe {
+                if let Some(c) = &self.expert_counters {
+                    c.buffer(dev).copy_from_async(s, &DeviceBuffer::borrowed(dev, per_expert.ptr(), 4 * l), 4 * l)?;
+                }
+                if let Some(c) = &self.recv_total_counter {
+                    let into = c.buffer(dev);
+                    if c.dtype == ncclInt64 {
+                        into.fill_async(s, 0)?; // the count is >= 0: the i32's bytes, zero-extended
+                    }
+                    into.copy_from_async(s, &DeviceBuffer::borrowed(dev, total.ptr(), 4), 4)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,433 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+// A C program written against NCCL EP's nccl_ep.h, run on moe-ep's libnccl_ep: NRANKS ranks
+// as threads of one process (moe-ep's bootstrap id instead of an NCCL communicator), HT FLAT
+// and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16, checked
+// against a reference computed here; send_only + ncclEpComplete; the struct versioning rule.
+//
+// Memory: the CPU emulator takes host pointers; with MOE_EP_DEVICE=cuda[:N] the program
+// loads libcuda at run time for device memory (no CUDA headers or link-time dependency).
+#include <nccl_ep.h>
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NRANKS_DEFAULT 4
+#define NUM_EXPERTS 8
+#define HIDDEN 64
+#define TOPK 2
+#define MAX_TOKENS 10
+
+static int g_nranks = NRANKS_DEFAULT;
+static moeEpUniqueId g_id;
+static int g_failures = 0;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+#define CHECK(cond, ...)                                          \
+    do {                                                          \
+        if (!(cond)) {                                            \
+            pthread_mutex_lock(&g_lock);                          \
+            fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);       \
+            fprintf(stderr, __VA_ARGS__);                         \
+            fprintf(stderr, "\n");                                \
+            g_failures++;                                         \
+            pthread_mutex_unlock(&g_lock);                        \
+            return 1;                                             \
+        }                                                         \
+    } while (0)
+
+#define NCCL_OK(call)                                                                  \
+    do {                                                                               \
+        ncclResult_t r_ = (call);                                                      \
+        CHECK(r_ == ncclSuccess, "%s -> %d: %s", #call, (int)r_, moeEpGetLastError()); \
+    } while (0)
+
+// For thread bodies (which return a pointer): count the failure and go on.
+#define NCCL_OK_VOID(call)                                                                           \
+    do {                                                                                             \
+        ncclResult_t r_ = (call);                                                                    \
+        if (r_ != ncclSuccess) {                                                                     \
+            pthread_mutex_lock(&g_lock);                                                             \
+            fprintf(stderr, "%s:%d: %s -> %d: %s\n", __FILE__, __LINE__, #call, (int)r_, moeEpGetLastError()); \
+            g_failures++;                                                                            \
+            pthread_mutex_unlock(&g_lock);                                                           \
+        }                                                                                            \
+    } while (0)
+
+// ---- memory: host (emulator) or CUDA through the driver API, loaded at run time ----
+static struct {
+    int cuda;
+    int ordinal;
+    void* ctx;
+    int (*init)(unsigned);
+    int (*device_get)(int*, int);
+    int (*retain)(void**, int);
+    int (*set_current)(void*);
+    int (*alloc)(uint64_t*, size_t);
+    int (*free)(uint64_t);
+    int (*htod)(uint64_t, const void*, size_t);
+    int (*dtoh)(void*, uint64_t, size_t);
+    int (*sync)(void);
+} cu;
+
+static int mem_init(void) {
+    const char* dev = getenv("MOE_EP_DEVICE");
+    if (dev == NULL || strncmp(dev, "cuda", 4) != 0) return 0;
+    cu.ordinal = dev[4] == ':' ? atoi(dev + 5) : 0;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW);
+    if (lib == NULL) {
+        fprintf(stderr, "MOE_EP_DEVICE=%s but libcuda.so.1 is missing\n", dev);
+        return 1;
+    }
+    *(void**)&cu.init = dlsym(lib, "cuInit");
+    *(void**)&cu.device_get = dlsym(lib, "cuDeviceGet");
+    *(void**)&cu.retain = dlsym(lib, "cuDevicePrimaryCtxRetain");
+    *(void**)&cu.set_current = dlsym(lib, "cuCtxSetCurrent");
+    *(void**)&cu.alloc = dlsym(lib, "cuMemAlloc_v2");
+    *(void**)&cu.free = dlsym(lib, "cuMemFree_v2");
+    *(void**)&cu.htod = dlsym(lib, "cuMemcpyHtoD_v2");
+    *(void**)&cu.dtoh = dlsym(lib, "cuMemcpyDtoH_v2");
+    *(void**)&cu.sync = dlsym(lib, "cuCtxSynchronize");
+    int device = 0;
+    if (cu.init(0) != 0 || cu.device_get(&device, cu.ordinal) != 0 || cu.retain(&cu.ctx, device) != 0) {
+        fprintf(stderr, "CUDA initialisation failed\n");
+        return 1;
+    }
+    cu.cuda = 1;
+    return 0;
+}
+
+static void* mem_alloc(size_t bytes) {
+    if (!cu.cuda) return calloc(1, bytes < 16 ? 16 : bytes);
+    uint64_t p = 0;
+    cu.set_current(cu.ctx);
+    return cu.alloc(&p, bytes < 16 ? 16 : bytes) == 0 ? (void*)(uintptr_t)p : NULL;
+}
+
+static void mem_free(void* p) {
+    if (!cu.cuda) free(p);
+    else cu.free((uint64_t)(uintptr_t)p);
+}
+
+static void mem_put(void* dst, const void* src, size_t bytes) {
+    if (!cu.cuda) memcpy(dst, src, bytes);
+    else cu.htod((uint64_t)(uintptr_t)dst, src, bytes);
+}
+
+static void mem_get(void* dst, const void* src, size_t bytes) {
+    if (!cu.cuda) memcpy(dst, src, bytes);
+    else {
+        cu.sync();  // the library's work on the caller's (default) stream
+        cu.dtoh(dst, (uint64_t)(uintptr_t)src, bytes);
+    }
+}
+
+// ---- data ----
+static uint16_t bf16(float v) {  // exact for the small values used here
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    return (uint16_t)(bits >> 16);
+}
+
+static float from_bf16(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+static int num_tokens(int rank, int call) { return 1 + (rank * 3 + call * 5) % MAX_TOKENS; }
+
+// Top-2 of token t of rank r in call c: two distinct experts, some entries dropped.
+static int64_t expert(int r, int t, int k, int c) {
+    if ((r + t + k + c) % 5 == 4) return -1;
+    return (r + 3 * t + c + k * (NUM_EXPERTS / 2)) % NUM_EXPERTS;
+}
+
+static float token_value(int r, int t, int h) { return (float)((r * 13 + t * 7 + h) % 9) - 4.0f; }
+
+static float weight(int r, int t, int k) { return k == 0 ? 0.5f : (float)((r + t) % 3) * 0.25f; }
+
+static void make_tensor(ncclEpTensor_t* t, size_t* dims, unsigned ndim, ncclDataType_t dtype, void* data) {
+    *t = NCCL_EP_TENSOR_INIT;
+    t->ndim = ndim;
+    t->datatype = dtype;
+    t->data = data;
+    t->sizes = dims;
+}
+
+struct rank_arg {
+    int rank;
+};
+
+static int ht_round_trip(int rank, ncclEpGroup_t group, int call) {
+    const int L = NUM_EXPERTS / g_nranks, T = num_tokens(rank, call), rows = g_nranks * MAX_TOKENS;
+    int64_t idx[MAX_TOKENS * TOPK];
+    float w[MAX_TOKENS * TOPK];
+    uint16_t x[MAX_TOKENS * HIDDEN];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
+        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
+    }
+    void* d_idx = mem_alloc(sizeof idx);
+    void* d_w = mem_alloc(sizeof w);
+    void* d_x = mem_alloc(sizeof x);
+    void* d_recv = mem_alloc((size_t)rows * HIDDEN * 2);
+    void* d_recv_w = mem_alloc((size_t)rows * TOPK * 4);
+    void* d_recv_idx = mem_alloc((size_t)rows * TOPK * 8);
+    void* d_out = mem_alloc((size_t)T * HIDDEN * 2);
+    void* d_counts = mem_alloc(4 * (size_t)L);
+    mem_put(d_idx, idx, sizeof idx);
+    mem_put(d_w, w, sizeof w);
+    mem_put(d_x, x, sizeof x);
+
+    size_t idx_dims[2] = {(size_t)T, TOPK}, x_dims[2] = {(size_t)T, HIDDEN}, w_dims[2] = {(size_t)T, TOPK};
+    size_t recv_dims[2] = {(size_t)rows, HIDDEN}, rk_dims[2] = {(size_t)rows, TOPK}, cnt_dims[1] = {(size_t)L};
+    ncclEpTensor_t t_idx, t_x, t_w, t_recv, t_recv_w, t_recv_idx, t_out, t_counts;
+    make_tensor(&t_idx, idx_dims, 2, ncclInt64, d_idx);
+    make_tensor(&t_x, x_dims, 2, ncclBfloat16, d_x);
+    make_tensor(&t_w, w_dims, 2, ncclFloat32, d_w);
+    make_tensor(&t_recv, recv_dims, 2, ncclBfloat16, d_recv);
+    make_tensor(&t_recv_w, rk_dims, 2, ncclFloat32, d_recv_w);
+    make_tensor(&t_recv_idx, rk_dims, 2, ncclInt64, d_recv_idx);
+    make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
+    make_tensor(&t_counts, cnt_dims, 1, ncclInt32, d_counts);
+
+    ncclEpLayoutInfo_t info = NCCL_EP_LAYOUT_INFO_INIT;
+    info.expert_counters = &t_counts;
+    ncclEpHandle_t handle = NULL;
+    NCCL_OK(ncclEpCreateHandle(&handle, group, NCCL_EP_LAYOUT_FLAT, &t_idx, &info, NULL, NULL));
+
+    ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
+    in.tokens = &t_x;
+    in.topk_weights = &t_w;
+    ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    out.tokens = &t_recv;
+    out.topk_weights = &t_recv_w;
+    out.topk_idx = &t_recv_idx;
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, NULL, NULL, NULL));
+
+    // Reference: rows from every source rank s in token order, for tokens with an expert here.
+    uint16_t* recv = malloc((size_t)rows * HIDDEN * 2);
+    int64_t* recv_idx = malloc((size_t)rows * TOPK * 8);
+    float* recv_w = malloc((size_t)rows * TOPK * 4);
+    int counts[NUM_EXPERTS] = {0}, got_counts[NUM_EXPERTS];
+    mem_get(recv, d_recv, (size_t)rows * HIDDEN * 2);
+    mem_get(recv_idx, d_recv_idx, (size_t)rows * TOPK * 8);
+    mem_get(recv_w, d_recv_w, (size_t)rows * TOPK * 4);
+    mem_get(got_counts, d_counts, 4 * (size_t)L);
+    int row = 0;
+    for (int s = 0; s < g_nranks; s++) {
+        for (int t = 0; t < num_tokens(s, call); t++) {
+            int here = 0;
+            for (int k = 0; k < TOPK; k++) here |= expert(s, t, k, call) >= 0 && expert(s, t, k, call) / L == rank;
+            if (!here) continue;
+            for (int h = 0; h < HIDDEN; h++)
+                CHECK(recv[row * HIDDEN + h] == bf16(token_value(s, t, h)), "rank %d: HT row %d (rank %d token %d)", rank, row, s, t);
+            for (int k = 0; k < TOPK; k++) {
+                int64_t e = expert(s, t, k, call);
+                int local = e >= 0 && e / L == rank;
+                CHECK(recv_idx[row * TOPK + k] == (local ? e - rank * L : -1), "rank %d: HT top-k id of row %d", rank, row);
+                CHECK(recv_w[row * TOPK + k] == (local ? weight(s, t, k) : 0.0f), "rank %d: HT weight of row %d", rank, row);
+                if (local) counts[e - rank * L]++;
+            }
+            row++;
+        }
+    }
+    for (int e = 0; e < L; e++) CHECK(got_counts[e] == counts[e], "rank %d: expert %d counts %d, want %d", rank, e, got_counts[e], counts[e]);
+
+    // Identity experts: the combine sums one copy per destination rank.
+    ncclEpCombineInputs_t cin = NCCL_EP_COMBINE_INPUTS_INIT;
+    cin.tokens = &t_recv;
+    ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
+    cout.tokens = &t_out;
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, NULL, NULL));
+    uint16_t y[MAX_TOKENS * HIDDEN];
+    mem_get(y, d_out, (size_t)T * HIDDEN * 2);
+    for (int t = 0; t < T; t++) {
+        int dests = 0;
+        for (int r = 0; r < g_nranks; r++) {
+            int in_r = 0;
+            for (int k = 0; k < TOPK; k++) in_r |= expert(rank, t, k, call) >= 0 && expert(rank, t, k, call) / L == r;
+            dests += in_r;
+        }
+        for (int h = 0; h < HIDDEN; h++)
+            CHECK(from_bf16(y[t * HIDDEN + h]) == dests * token_value(rank, t, h), "rank %d: HT combined token %d", rank, t);
+    }
+    NCCL_OK(ncclEpHandleDestroy(handle));
+    free(recv), free(recv_idx), free(recv_w);
+    void* bufs[] = {d_idx, d_w, d_x, d_recv, d_recv_w, d_recv_idx, d_out, d_counts};
+    for (unsigned i = 0; i < sizeof bufs / sizeof bufs[0]; i++) mem_free(bufs[i]);
+    return 0;
+}
+
+static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, int call) {
+    const int L = NUM_EXPERTS / g_nranks, T = num_tokens(rank, call), slots = g_nranks * MAX_TOKENS;
+    const int send_only = call % 2;
+    int64_t idx[MAX_TOKENS * TOPK];
+    float w[MAX_TOKENS * TOPK];
+    uint16_t x[MAX_TOKENS * HIDDEN];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
+        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
+    }
+    (void)group;
+    size_t recv_bytes = (size_t)L * slots * HIDDEN * 2;
+    void *d_idx = mem_alloc(sizeof idx), *d_w = mem_alloc(sizeof w), *d_x = mem_alloc(sizeof x);
+    void *d_recv = mem_alloc(recv_bytes), *d_counts = mem_alloc(4 * (size_t)L), *d_out = mem_alloc((size_t)T * HIDDEN * 2);
+    mem_put(d_idx, idx, sizeof idx);
+    mem_put(d_w, w, sizeof w);
+    mem_put(d_x, x, sizeof x);
+    size_t idx_dims[2] = {(size_t)T, TOPK}, x_dims[2] = {(size_t)T, HIDDEN};
+    size_t recv_dims[3] = {(size_t)L, (size_t)slots, HIDDEN}, cnt_dims[1] = {(size_t)L};
+    ncclEpTensor_t t_idx, t_x, t_w, t_recv, t_counts, t_out;
+    make_tensor(&t_idx, idx_dims, 2, ncclInt64, d_idx);
+    make_tensor(&t_x, x_dims, 2, ncclBfloat16, d_x);
+    make_tensor(&t_w, idx_dims, 2, ncclFloat32, d_w);
+    make_tensor(&t_recv, recv_dims, 3, ncclBfloat16, d_recv);
+    make_tensor(&t_counts, cnt_dims, 1, ncclInt32, d_counts);
+    make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
+
+    NCCL_OK(ncclEpUpdateHandle(handle, &t_idx, NULL, NULL));
+    ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
+    in.tokens = &t_x;
+    ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    out.tokens = &t_recv;
+    ncclEpLayoutInfo_t info = NCCL_EP_LAYOUT_INFO_INIT;
+    info.expert_counters = &t_counts;
+    ncclEpDispatchConfig_t dcfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+    dcfg.send_only = (unsigned)send_only;
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, &info, &dcfg, NULL));
+    NCCL_OK(ncclEpComplete(handle, NULL, NULL));  // the receive of a send-only call; else a no-op
+
+    int counts[NUM_EXPERTS] = {0}, got[NUM_EXPERTS];
+    for (int s = 0; s < g_nranks; s++)
+        for (int t = 0; t < num_tokens(s, call); t++)
+            for (int k = 0; k < TOPK; k++) {
+                int64_t e = expert(s, t, k, call);
+                if (e >= 0 && e / L == rank) counts[e - rank * L]++;
+            }
+    mem_get(got, d_counts, 4 * (size_t)L);
+    for (int e = 0; e < L; e++) CHECK(got[e] == counts[e], "rank %d: LL expert %d count %d, want %d", rank, e, got[e], counts[e]);
+
+    ncclEpCombineInputs_t cin = NCCL_EP_COMBINE_INPUTS_INIT;
+    cin.tokens = &t_recv;  // identity experts
+    ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
+    cout.tokens = &t_out;
+    cout.topk_weights = &t_w;
+    ncclEpCombineConfig_t ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
+    ccfg.send_only = (unsigned)send_only;
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, &ccfg, NULL));
+    NCCL_OK(ncclEpComplete(handle, NULL, NULL));
+    uint16_t y[MAX_TOKENS * HIDDEN];
+    mem_get(y, d_out, (size_t)T * HIDDEN * 2);
+    for (int t = 0; t < T; t++) {
+        float sum_w = 0;
+        for (int k = 0; k < TOPK; k++)
+            if (expert(rank, t, k, call) >= 0) sum_w += weight(rank, t, k);
+        for (int h = 0; h < HIDDEN; h++)
+            CHECK(from_bf16(y[t * HIDDEN + h]) == sum_w * token_value(rank, t, h), "rank %d: LL combined token %d (call %d)", rank, t, call);
+    }
+    void* bufs[] = {d_idx, d_w, d_x, d_recv, d_counts, d_out};
+    for (unsigned i = 0; i < sizeof bufs / sizeof bufs[0]; i++) mem_free(bufs[i]);
+    return 0;
+}
+
+static ncclEpGroupConfig_t config(ncclEpAlgorithm_t algorithm) {
+    ncclEpGroupConfig_t c = NCCL_EP_GROUP_CONFIG_INIT;
+    c.algorithm = algorithm;
+    c.num_experts = NUM_EXPERTS;
+    c.max_dispatch_tokens_per_rank = MAX_TOKENS;
+    c.max_recv_tokens_per_rank = algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT ? (unsigned)(g_nranks * MAX_TOKENS) : NCCL_EP_AUTO;
+    c.max_token_bytes = HIDDEN * 2;
+    return c;
+}
+
+// The versioning rule on one rank's handle calls (nothing collective).
+static int struct_rules(int rank, ncclEpGroup_t group) {
+    ncclEpHandle_t h = NULL;
+    ncclEpHandleConfig_t hc = NCCL_EP_HANDLE_CONFIG_INIT;
+    hc.magic = 0xdead;
+    CHECK(ncclEpInitHandle(&h, group, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, TOPK, NULL) == ncclInvalidArgument, "rank %d: wrong magic accepted", rank);
+    CHECK(strstr(moeEpGetLastError(), "magic") != NULL, "rank %d: message '%s'", rank, moeEpGetLastError());
+    hc = NCCL_EP_HANDLE_CONFIG_INIT;
+    hc.size = 8;
+    CHECK(ncclEpInitHandle(&h, group, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, TOPK, NULL) == ncclInvalidArgument, "rank %d: undersized accepted", rank);
+    struct {
+        ncclEpHandleConfig_t v1;
+        uint64_t future_field;
+    } bigger = {NCCL_EP_HANDLE_CONFIG_INIT, 42};
+    bigger.v1.size = sizeof bigger;
+    NCCL_OK(ncclEpInitHandle(&h, group, NCCL_EP_LAYOUT_EXPERT_MAJOR, &bigger.v1, TOPK, NULL));
+    CHECK(strcmp(moeEpGetLastError(), "") == 0, "rank %d: message after a success", rank);
+    NCCL_OK(ncclEpHandleDestroy(h));
+    int version = 0;
+    NCCL_OK(ncclEpGetVersion(&version));
+    CHECK(version == NCCL_EP_VERSION_CODE, "rank %d: version %d", rank, version);
+    return 0;
+}
+
+static void* run_rank(void* p) {
+    int rank = ((struct rank_arg*)p)->rank, failed = 0;
+    if (cu.cuda) cu.set_current(cu.ctx);
+    ncclEpGroup_t ht = NULL;
+    ncclEpGroupConfig_t ht_cfg = config(NCCL_EP_ALGO_HIGH_THROUGHPUT);
+    if (moeEpCreateGroup(&ht, &g_id, rank, g_nranks, -1, &ht_cfg) != ncclSuccess) {
+        fprintf(stderr, "rank %d: HT group: %s\n", rank, moeEpGetLastError());
+        pthread_mutex_lock(&g_lock), g_failures++, pthread_mutex_unlock(&g_lock);
+        return NULL;
+    }
+    for (int call = 0; call < 3 && !failed; call++) failed = ht_round_trip(rank, ht, call);
+    NCCL_OK_VOID(ncclEpGroupDestroy(ht));
+    return NULL;
+}
+
+struct ll_arg {
+    int rank;
+    moeEpUniqueId id;
+};
+
+static void* run_ll_rank(void* p) {
+    struct ll_arg* a = p;
+    if (cu.cuda) cu.set_current(cu.ctx);
+    ncclEpGroup_t ll = NULL;
+    ncclEpGroupConfig_t cfg = config(NCCL_EP_ALGO_LOW_LATENCY);
+    if (moeEpCreateGroup(&ll, &a->id, a->rank, g_nranks, -1, &cfg) != ncclSuccess) {
+        fprintf(stderr, "rank %d: LL group: %s\n", a->rank, moeEpGetLastError());
+        pthread_mutex_lock(&g_lock), g_failures++, pthread_mutex_unlock(&g_lock);
+        return NULL;
+    }
+    ncclEpHandle_t h = NULL;
+    int failed = struct_rules(a->rank, ll);
+    if (!failed) NCCL_OK_VOID(ncclEpInitHandle(&h, ll, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, TOPK, NULL));
+    if (h != NULL) {
+        for (int call = 0; call < 4 && !failed; call++) failed = ll_round_trip(a->rank, ll, h, call);
+        NCCL_OK_VOID(ncclEpHandleDestroy(h));
+    }
+    NCCL_OK_VOID(ncclEpGroupDestroy(ll));
+    return NULL;
+}
+
+int main(void) {
+    if (getenv("MOE_EP_TEST_RANKS")) g_nranks = atoi(getenv("MOE_EP_TEST_RANKS"));
+    if (g_nranks < 1 || NUM_EXPERTS % g_nranks != 0 || mem_init() != 0) return 2;
+    pthread_t threads[NUM_EXPERTS];
+    struct rank_arg args[NUM_EXPERTS];
+    struct ll_arg ll_args[NUM_EXPERTS];
+    if (moeEpGetUniqueId(&g_id) != ncclSuccess) return 2;
+    for (int r = 0; r < g_nranks; r++) args[r].rank = r, pthread_create(&threads[r], NULL, run_rank, &args[r]);
+    for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
+    moeEpUniqueId ll_id;
+    if (moeEpGetUniqueId(&ll_id) != ncclSuccess) return 2;
+    for (int r = 0; r < g_nranks; r++) ll_args[r].rank = r, ll_args[r].id = ll_id, pthread_create(&threads[r], NULL, run_ll_rank, &ll_args[r]);
+    for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
+    if (g_failures) {
+        fprintf(stderr, "roundtrip: %d failure(s)\n", g_failures);
+        return 1;
+    }
+    printf("roundtrip: ok (%d ranks, %s)\n", g_nranks, cu.cuda ? "GPU" : "CPU emulator");
+    return 0;
+}

@@ -1,0 +1,400 @@
+//! The C ABI (`libnccl_ep`, NCCL EP's `nccl_ep.h`) driven the way a C program drives it:
+//! groups from moe-ep's bootstrap id, tensor descriptors over device memory, handles,
+//! dispatch/combine, bit for bit against the CPU reference; struct versioning and bad input.
+#![allow(clippy::undocumented_unsafe_blocks)]
+use moe_ep::reference::{self, Routing};
+use moe_ep::{Device, DeviceBuffer, Stream};
+use moe_ep_tests::{Rng, device, ht, ll};
+use nccl_ep::sys::*;
+use nccl_ep::*;
+use std::ffi::CStr;
+use std::ptr::{null, null_mut};
+
+fn last_error() -> String {
+    unsafe { CStr::from_ptr(moeEpGetLastError()) }.to_string_lossy().into_owned()
+}
+
+#[track_caller]
+fn ok(r: ncclResult_t) {
+    assert_eq!(r, ncclSuccess, "{}", last_error());
+}
+
+/// Device memory with its descriptor (the sizes live in `dims`, which the descriptor points to).
+struct Tensor {
+    desc: ncclEpTensor_t,
+    _dims: Box<[usize]>,
+    buf: DeviceBuffer,
+}
+
+impl Tensor {
+    fn new<T: bytemuck::Pod>(dev: &Device, dtype: ncclDataType_t, dims: &[usize], data: &[T]) -> Tensor {
+        let s = stream(dev);
+        let bytes = std::mem::size_of_val(data);
+        let buf = dev.alloc(bytes.max(16)).unwrap();
+        buf.write(&s, 0, data).unwrap();
+        s.synchronize().unwrap();
+        let mut dims: Box<[usize]> = dims.into();
+        let mut desc = NCCL_EP_TENSOR_INIT;
+        (desc.ndim, desc.datatype, desc.data, desc.sizes) =
+            (dims.len() as u32, dtype, buf.ptr() as *mut _, dims.as_mut_ptr());
+        Tensor { desc, _dims: dims, buf }
+    }
+
+    /// Filled with `byte` (a poison the op must overwrite).
+    fn filled(dev: &Device, dtype: ncclDataType_t, dims: &[usize], byte: u8) -> Tensor {
+        let n: usize = dims.iter().product::<usize>() * tensor::element_bytes(dtype).unwrap();
+        Tensor::new(dev, dtype, dims, &vec![byte; n])
+    }
+
+    fn read<T: bytemuck::Pod + Default>(&self, dev: &Device) -> Vec<T> {
+        let s = stream(dev);
+        s.synchronize().unwrap();
+        self.buf.to_vec(&s).unwrap()
+    }
+
+    fn ptr(&mut self) -> *mut ncclEpTensor_t {
+        &mut self.desc
+    }
+}
+
+/// The stream C calls pass (NULL: the legacy default stream, which every blocking stream
+/// synchronises with).
+fn stream(dev: &Device) -> Stream {
+    unsafe { Stream::from_raw(dev, 0) }
+}
+
+/// A config shared by the rank threads (its allocator pointers are NULL).
+#[derive(Clone, Copy)]
+struct Config(ncclEpGroupConfig_t);
+unsafe impl Send for Config {}
+unsafe impl Sync for Config {}
+
+impl Config {
+    /// (A method, so closures capture the whole `Config`, which is `Sync`.)
+    fn get(&self) -> *const ncclEpGroupConfig_t {
+        &self.0
+    }
+}
+
+/// Runs `f(rank, group)` on `n` threads, each rank's group made through moeEpCreateGroup.
+fn on_groups(n: usize, cfg: ncclEpGroupConfig_t, f: impl Fn(usize, ncclEpGroup_t) + Sync) {
+    let mut id = moeEpUniqueId::zeroed();
+    ok(unsafe { moeEpGetUniqueId(&mut id) });
+    let (f, id, cfg) = (&f, &id, Config(cfg));
+    std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..n)
+            .map(|r| {
+                s.spawn(move || {
+                    let mut g = null_mut();
+                    ok(unsafe { moeEpCreateGroup(&mut g, id, r as i32, n as i32, -1, cfg.get()) });
+                    f(r, g);
+                    ok(unsafe { ncclEpGroupDestroy(g) });
+                })
+            })
+            .collect();
+        for h in ranks {
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        }
+    });
+}
+
+fn ht_config(num_experts: usize, hidden: usize, max_tokens: usize, max_recv: usize) -> ncclEpGroupConfig_t {
+    let mut c = NCCL_EP_GROUP_CONFIG_INIT;
+    c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT;
+    c.num_experts = num_experts as u32;
+    c.max_dispatch_tokens_per_rank = max_tokens as u32;
+    c.max_recv_tokens_per_rank = max_recv as u32;
+    c.max_token_bytes = 2 * hidden as u32;
+    c
+}
+
+/// HT FLAT, forward and backward, over two routings of one handle (caller-owned handle
+/// memory, counters at update time) and a second handle made by ncclEpCreateHandle:
+/// recv rows, top-k ids and weights, counts, combine and the backward passes bit for bit.
+#[test]
+fn ht_flat_forward_and_backward_match_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m) = (4, 16, 64, 4, 12);
+    let case = ht::Case { calls: 2, num_worst_tokens: None, ..ht::Case::new(e, h, k, m) };
+    let calls = ht::prepare(&case, n, &mut Rng::fresh("c_abi-ht"));
+    let rows = n * m; // static outputs: the worst case
+    on_groups(n, ht_config(e, h, m, rows), |rank, g| unsafe {
+        let mut size = 0usize;
+        ok(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, null(), &mut size, k as i32));
+        let mut mem = Tensor::filled(&dev, ncclUint8, &[size], 0xa5);
+        let mut handle = null_mut();
+        ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_FLAT, null(), k as i32, mem.ptr()));
+        for (i, c) in calls.iter().enumerate() {
+            let t = c.tokens[rank];
+            let want = &c.want.ranks[rank];
+            let got_rows = want.num_recv_tokens;
+            let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
+            let mut counters = Tensor::filled(&dev, ncclInt32, &[e / n], 0xff);
+            let mut total = Tensor::filled(&dev, ncclInt64, &[1], 0xff);
+            let mut info = NCCL_EP_LAYOUT_INFO_INIT;
+            (info.expert_counters, info.recv_total_counter) = (counters.ptr(), total.ptr());
+            let h_ = if i == 0 {
+                ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, null_mut()));
+                handle
+            } else {
+                let mut other = null_mut();
+                ok(ncclEpCreateHandle(&mut other, g, NCCL_EP_LAYOUT_FLAT, idx.ptr(), &info, null(), null_mut()));
+                other
+            };
+            assert_eq!(
+                counters.read::<i32>(&dev)[..e / n],
+                want.num_recv_tokens_per_expert[..],
+                "rank {rank}: counters"
+            );
+            assert_eq!(total.read::<i64>(&dev)[0], got_rows as i64, "rank {rank}: recv total");
+
+            let (mut x, mut w) = (
+                Tensor::new(&dev, ncclBfloat16, &[t, h], &c.x[rank]),
+                Tensor::new(&dev, ncclFloat32, &[t, k], &c.w[rank]),
+            );
+            let mut recv = Tensor::filled(&dev, ncclBfloat16, &[rows, h], 0xee);
+            let mut recv_w = Tensor::filled(&dev, ncclFloat32, &[rows, k], 0xee);
+            let mut recv_idx = Tensor::filled(&dev, ncclInt64, &[rows, k], 0xee);
+            let mut din = NCCL_EP_DISPATCH_INPUTS_INIT;
+            (din.tokens, din.topk_weights) = (x.ptr(), w.ptr());
+            let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+            (dout.tokens, dout.topk_weights, dout.topk_idx) = (recv.ptr(), recv_w.ptr(), recv_idx.ptr());
+            ok(ncclEpDispatch(h_, &din, &dout, null(), null(), null_mut()));
+            ok(ncclEpComplete(h_, null(), null_mut())); // nothing pending: a no-op
+            let ctx = format!("rank {rank}, routing {i}");
+            assert!(recv.read::<u16>(&dev)[..got_rows * h] == want.recv_x[..], "{ctx}: recv rows");
+            assert_eq!(recv_idx.read::<i64>(&dev)[..got_rows * k], want.recv_topk_idx[..], "{ctx}: recv top-k ids");
+            assert_eq!(recv_w.read::<f32>(&dev)[..got_rows * k], want.recv_topk_weights[..], "{ctx}: recv weights");
+
+            // Forward combine of the expert outputs (their rows in `recv`'s place).
+            let mut y_rows = c.y[rank].clone();
+            y_rows.resize(rows * h, 0);
+            let mut y = Tensor::new(&dev, ncclBfloat16, &[rows, h], &y_rows);
+            let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+            let mut cin = NCCL_EP_COMBINE_INPUTS_INIT;
+            cin.tokens = y.ptr();
+            let mut cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
+            cout.tokens = out.ptr();
+            ok(ncclEpCombine(h_, &cin, &cout, null(), null_mut()));
+            let want_y = reference::ht_combine(&c.want.handle, &c.y, None, [None, None], h).unwrap();
+            assert!(out.read::<u16>(&dev)[..t * h] == want_y[rank].combined_x[..], "{ctx}: combined");
+
+            // Backward: combine's backward is a dispatch of the gradients along the same
+            // routes; dispatch's backward a combine that also sums the weight gradients.
+            let mut grad = Tensor::new(&dev, ncclBfloat16, &[t, h], &c.bias[0][rank]);
+            let mut grad_recv = Tensor::filled(&dev, ncclBfloat16, &[rows, h], 0xee);
+            let (mut bin, mut bout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
+            (bin.tokens, bout.tokens) = (grad.ptr(), grad_recv.ptr());
+            let mut bwd = NCCL_EP_DISPATCH_CONFIG_INIT;
+            bwd.pass_direction = NCCL_EP_BWD_PASS;
+            ok(ncclEpDispatch(h_, &bin, &bout, null(), &bwd, null_mut()));
+            let want_g =
+                reference::ht_dispatch(&Routing::new(n, e, k, c.idx.clone()).unwrap(), &c.bias[0], &c.w, h, 1, None)
+                    .unwrap();
+            assert!(
+                grad_recv.read::<u16>(&dev)[..got_rows * h] == want_g.ranks[rank].recv_x[..],
+                "{ctx}: backward dispatch"
+            );
+
+            let wg: Vec<f32> = (0..got_rows * k).map(|j| j as f32 * 0.25 - 3.0).collect();
+            let mut wg_rows = wg.clone();
+            wg_rows.resize(rows * k, 0.0);
+            let mut w_grad = Tensor::new(&dev, ncclFloat32, &[rows, k], &wg_rows);
+            let mut w_out = Tensor::filled(&dev, ncclFloat32, &[t, k], 0xee);
+            let mut out2 = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+            let (mut cin2, mut cout2) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
+            (cin2.tokens, cin2.topk_weights, cout2.tokens, cout2.topk_weights) =
+                (y.ptr(), w_grad.ptr(), out2.ptr(), w_out.ptr());
+            let mut cbwd = NCCL_EP_COMBINE_CONFIG_INIT;
+            cbwd.pass_direction = NCCL_EP_BWD_PASS;
+            ok(ncclEpCombine(h_, &cin2, &cout2, &cbwd, null_mut()));
+            // Every rank's weight gradients, as the reference takes them.
+            let all_wg: Vec<Vec<f32>> = (0..n)
+                .map(|r| (0..c.want.ranks[r].num_recv_tokens * k).map(|j| j as f32 * 0.25 - 3.0).collect())
+                .collect();
+            let want_w = reference::ht_combine(&c.want.handle, &c.y, Some(&all_wg), [None, None], h).unwrap();
+            assert!(out2.read::<u16>(&dev)[..t * h] == want_w[rank].combined_x[..], "{ctx}: backward combine rows");
+            assert_eq!(
+                w_out.read::<f32>(&dev)[..t * k],
+                want_w[rank].combined_topk_weights.as_ref().unwrap()[..],
+                "{ctx}: backward combine weights"
+            );
+            if h_ != handle {
+                ok(ncclEpHandleDestroy(h_));
+            }
+        }
+        ok(ncclEpHandleDestroy(handle));
+    });
+}
+
+fn ll_config(num_experts: usize, hidden: usize, max_tokens: usize) -> ncclEpGroupConfig_t {
+    let mut c = NCCL_EP_GROUP_CONFIG_INIT;
+    c.algorithm = NCCL_EP_ALGO_LOW_LATENCY;
+    c.num_experts = num_experts as u32;
+    c.max_dispatch_tokens_per_rank = max_tokens as u32;
+    c.max_token_bytes = 2 * hidden as u32;
+    c
+}
+
+/// LL expert-major: per-expert counts and rows (arrival order within an expert is free),
+/// and the weighted combine bit for bit; every other call split by send_only +
+/// ncclEpComplete.
+#[test]
+fn ll_expert_major_with_send_only_matches_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m) = (4, 8, 64, 3, 6);
+    let case = ll::Case { num_experts: e, hidden: h, num_topk: k, max_tokens: m, calls: 3, hooks: true };
+    let calls = ll::prepare(&case, n, &mut Rng::fresh("c_abi-ll"));
+    let l = e / n;
+    on_groups(n, ll_config(e, h, m), |rank, g| unsafe {
+        let mut handle = null_mut();
+        ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, null(), k as i32, null()));
+        for (i, c) in calls.iter().enumerate() {
+            let (t, send_only) = (c.tokens[rank], i % 2 == 1);
+            let ctx = format!("rank {rank}, call {i}");
+            let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), null_mut()));
+            let mut x = Tensor::new(&dev, ncclBfloat16, &[t, h], &c.x[rank]);
+            let mut recv = Tensor::filled(&dev, ncclBfloat16, &[l, n * m, h], 0xee);
+            let mut counters = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
+            let (mut din, mut dout, mut info) =
+                (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT, NCCL_EP_LAYOUT_INFO_INIT);
+            (din.tokens, dout.tokens, info.expert_counters) = (x.ptr(), recv.ptr(), counters.ptr());
+            let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+            cfg.send_only = send_only as u32;
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
+            if send_only {
+                ok(ncclEpComplete(handle, null(), null_mut()));
+            }
+            let want = &c.want.ranks[rank];
+            assert_eq!(counters.read::<i32>(&dev)[..l], want.packed_recv_count[..], "{ctx}: counts");
+            let got: Vec<u16> = recv.read(&dev);
+            for ex in 0..l {
+                let rows_of = |v: &[u16]| {
+                    let mut r: Vec<Vec<u16>> = (0..want.packed_recv_count[ex] as usize)
+                        .map(|j| v[(ex * n * m + j) * h..(ex * n * m + j + 1) * h].to_vec())
+                        .collect();
+                    r.sort();
+                    r
+                };
+                assert!(rows_of(&got) == rows_of(&want.packed_recv_x), "{ctx}: rows of local expert {ex}");
+            }
+            // Identity experts: combine the received rows themselves.
+            let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+            let mut w = Tensor::new(&dev, ncclFloat32, &[t, k], &c.w[rank]);
+            let (mut cin, mut cout) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
+            (cin.tokens, cout.tokens, cout.topk_weights) = (recv.ptr(), out.ptr(), w.ptr());
+            let mut ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
+            ccfg.send_only = send_only as u32;
+            ok(ncclEpCombine(handle, &cin, &cout, &ccfg, null_mut()));
+            if send_only {
+                ok(ncclEpComplete(handle, null(), null_mut()));
+            }
+            let ys: Vec<Vec<u16>> = c.want.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
+            let want_out = reference::ll_combine(&c.want.handle, &ys, &c.w, h).unwrap();
+            assert!(out.read::<u16>(&dev)[..t * h] == want_out[rank][..], "{ctx}: combined");
+        }
+        ok(ncclEpHandleDestroy(handle));
+    });
+}
+
+/// The versioning rule and bad input: wrong magic, undersized, NULL required arguments,
+/// mismatched tensors are refused with a code and a message, larger (future) structs are
+/// read up to the fields known, and the group stays usable.
+#[test]
+fn bad_structs_and_tensors_are_refused_and_the_group_stays_usable() {
+    let dev = device();
+    let (n, e, h, k, m) = (2, 4, 32, 2, 4);
+    // A config as a future caller would pass it: bigger, with a tail we don't know.
+    #[repr(C)]
+    struct Future {
+        cfg: ncclEpGroupConfig_t,
+        tail: [u64; 4],
+    }
+    let mut fut = Future { cfg: ht_config(e, h, m, n * m), tail: [u64::MAX; 4] };
+    fut.cfg.size = size_of::<Future>() as u32;
+    let _ = &fut.tail;
+    let future = Config(fut.cfg);
+    let mut v = 0;
+    ok(unsafe { ncclEpGetVersion(&mut v) });
+    assert_eq!(v, NCCL_EP_VERSION_CODE);
+    on_groups(n, ht_config(e, h, m, n * m), |_rank, g| unsafe {
+        // Group configs: wrong magic, undersized, V1-sized (accepted by the rule) are checked
+        // before anything collective, so one rank can try them alone.
+        let mut bad = ht_config(e, h, m, n * m);
+        bad.magic = 0x1234;
+        let mut id = moeEpUniqueId::zeroed();
+        ok(moeEpGetUniqueId(&mut id));
+        let mut g2 = null_mut();
+        assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &bad), ncclInvalidArgument);
+        assert!(last_error().contains("magic"), "{}", last_error());
+        bad.magic = NCCL_EP_MAGIC;
+        bad.size = NCCL_EP_GROUP_CONFIG_V1_SIZE - 4;
+        assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &bad), ncclInvalidArgument);
+        assert!(last_error().contains("V1 size"), "{}", last_error());
+        assert_eq!(moeEpCreateGroup(&mut g2, &id, 2, 2, -1, future.get()), ncclInvalidArgument, "rank >= nranks");
+        let mut overflow = ht_config(e, h, m, n * m);
+        overflow.overflow_policy = NCCL_EP_OVERFLOW_DROP;
+        assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &overflow), ncclInvalidUsage);
+
+        // Handles: unset layout, LL layout on an HT group, NULL out-pointer.
+        let mut hnd = null_mut();
+        assert_eq!(ncclEpInitHandle(&mut hnd, g, NCCL_EP_LAYOUT_UNSET, null(), k as i32, null()), ncclInvalidArgument);
+        assert_eq!(
+            ncclEpInitHandle(&mut hnd, g, NCCL_EP_LAYOUT_RANK_MAJOR, null(), k as i32, null()),
+            ncclInvalidArgument
+        );
+        assert_eq!(ncclEpInitHandle(null_mut(), g, NCCL_EP_LAYOUT_FLAT, null(), k as i32, null()), ncclInvalidArgument);
+        let mut small = Tensor::filled(&dev, ncclUint8, &[16], 0);
+        assert_eq!(
+            ncclEpInitHandle(&mut hnd, g, NCCL_EP_LAYOUT_FLAT, null(), k as i32, small.ptr()),
+            ncclInvalidArgument
+        );
+        assert!(last_error().contains("ncclEpHandleMemSize"), "{}", last_error());
+
+        // Tensors: bad magic, window-backed, wrong dtype, wrong shape.
+        ok(ncclEpInitHandle(&mut hnd, g, NCCL_EP_LAYOUT_FLAT, null(), k as i32, null()));
+        let mut idx = Tensor::new(&dev, ncclInt64, &[m, k], &vec![0i64; m * k]);
+        idx.desc.magic = 0;
+        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()), ncclInvalidArgument);
+        idx.desc.magic = NCCL_EP_TENSOR_MAGIC;
+        idx.desc.win_hdl = 8 as *mut _;
+        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()), ncclInvalidUsage);
+        idx.desc.win_hdl = null_mut();
+        idx.desc.datatype = ncclFloat32;
+        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()), ncclInvalidArgument);
+        assert!(last_error().contains("ncclInt32 or ncclInt64"), "{}", last_error());
+        idx.desc.datatype = ncclInt64;
+        let mut wide = Tensor::new(&dev, ncclInt64, &[m, k + 1], &vec![0i64; m * (k + 1)]);
+        assert_eq!(ncclEpUpdateHandle(hnd, wide.ptr(), null(), null_mut()), ncclInvalidArgument, "top-k above init's");
+        // A dispatch before any routing, a combine before any dispatch.
+        let mut x = Tensor::filled(&dev, ncclBfloat16, &[m, h], 0);
+        let (mut din, dout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
+        din.tokens = x.ptr();
+        assert_eq!(
+            ncclEpDispatch(hnd, &din, &dout, null(), null(), null_mut()),
+            ncclInvalidArgument,
+            "outputs->tokens missing"
+        );
+        // Structs: undersized dispatch config, a bigger (future) one is accepted as far as known.
+        let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+        cfg.size = 8;
+        assert_eq!(ncclEpDispatch(hnd, &din, &dout, null(), &cfg, null_mut()), ncclInvalidArgument);
+        assert_eq!(ncclEpMaskQuery(g, null_mut(), null_mut()), ncclInvalidUsage);
+        assert_eq!(ncclEpGetAsyncError(null_mut(), null_mut()), ncclInvalidArgument);
+        // Tensor descriptors from the library.
+        let mut t = null_mut();
+        ok(ncclEpTensorAlloc(&mut t, 2, ncclBfloat16, [3usize, 5].as_ptr(), null()));
+        assert_eq!(((*t).ndim, *(*t).sizes.add(1), (*t).datatype), (2, 5, ncclBfloat16));
+        ok(ncclEpTensorDestroy(t));
+        assert_eq!(ncclEpTensorDestroy(idx.ptr()), ncclInvalidArgument, "not the library's");
+        ok(ncclEpTensorDestroy(null_mut()));
+
+        // Still usable: the routing goes through now.
+        ok(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()));
+        assert_eq!(last_error(), "");
+        ok(ncclEpHandleDestroy(hnd));
+    });
+    // The future-sized config makes a working group.
+    on_groups(1, fut.cfg, |_, _| {});
+}
