@@ -30,7 +30,8 @@ pub fn install(release: bool, with_static: bool, prefix: &Path) -> Result {
         build.arg("--release").env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
     }
     run_cmd(&mut build)?;
-    let built = root().join("target").join(if release { "release" } else { "debug" });
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d));
+    let built = target.join(if release { "release" } else { "debug" });
     let copy = |from: &Path, to: &Path| -> Result {
         std::fs::create_dir_all(to.parent().ok_or("no parent")?).map_err(|e| format!("{}: {e}", to.display()))?;
         std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
