@@ -887,7 +887,12 @@ kernel! {
                         let local_e = e - lo;
                         let is_local = e >= 0 && local_e >= 0 && (local_e as u32) < num_local;
                         let at = (out_row * k_count as u64 + lane as u64) as usize;
-                        *(p.recv_topk_idx as *mut i64).add(at) = if is_local { local_e as i64 } else { -1 };
+                        let id = if is_local { local_e } else { -1 };
+                        if p.recv_idx_bytes == 4 {
+                            *(p.recv_topk_idx as *mut i32).add(at) = id;
+                        } else {
+                            *(p.recv_topk_idx as *mut i64).add(at) = id as i64;
+                        }
                         *(p.recv_topk_weights as *mut f32).add(at) = if is_local { w } else { 0.0 };
                     }
                 };
@@ -899,6 +904,112 @@ kernel! {
                     *(p.packed_recv_count as *mut i32).add(src as usize) = n as i32;
                 }
                 src += dev::grid_dim_x();
+            }
+        }
+    }
+}
+
+/// Rank-major combine: waiting for a rank's flag.
+pub const SITE_LL_RANK_MAJOR_COMBINE: u32 = 24;
+
+kernel! {
+    /// LL combine, rank-major (NCCL EP's `RANK_MAJOR`). Send: row `j` of block `s` of `x`
+    /// (`[R, M, H]` bf16, one pre-reduced row per token the rank-major dispatch brought here:
+    /// `packed_recv_count [R]` rows per block, their tokens in `packed_recv_src_info [R, M]`)
+    /// goes to rank `s`'s combine slot `[me][token]`; the grid's last block raises combine
+    /// flag `[me] = epoch << 1` at every rank and releases the set, as the expert-major
+    /// combine does. Receive: once all `R` flags are up, each token of `topk_idx` sums the
+    /// rows of the ranks holding one of its experts, rank ascending, in f32 from 0,
+    /// unweighted, rounded once to bf16 into `combined_x` `[T, H]` (zeros without experts).
+    pub unsafe fn ll_combine_rank_major(p: LlParams) as LL_COMBINE_RANK_MAJOR {
+        let mut p = p;
+        // SAFETY: as in ll_dispatch; a combine reuses its dispatch's epoch.
+        unsafe { resolve_epoch(&mut p, false) };
+        let l = LlLayout::new(p.num_ranks, p.num_experts, p.max_tokens, p.row_bytes);
+        let num_local = l.num_local_experts as u32;
+        let lane = dev::lane_id();
+        let gwarp = dev::block_idx_x() * dev::num_warps() + dev::warp_id();
+        let warps = dev::num_warps() * dev::grid_dim_x();
+        let me = p.rank;
+        // SAFETY (whole body): as in ll_dispatch; `x`, the counts and the source tokens are
+        // the host-checked outputs of this set's rank-major dispatch.
+        unsafe {
+            let local = base_of(&p, me, &l);
+            if p.phases & LL_SEND != 0 {
+                let mut row = gwarp;
+                while row < p.num_ranks * p.max_tokens {
+                    let (src, j) = (row / p.max_tokens, row % p.max_tokens);
+                    let count = *(p.packed_recv_count as *const i32).add(src as usize);
+                    let tok = *(p.packed_recv_src_info as *const i32).add(row as usize);
+                    // A token past M would address another slot: not this dispatch's (skip).
+                    if (j as i32) < count && tok >= 0 && (tok as u32) < p.max_tokens {
+                        let slot = base_of(&p, src, &l) + l.combine_slot(me as u64, tok as u64);
+                        copy_warp_n::<8>(slot, p.x + row as u64 * p.row_bytes, p.row_bytes, true);
+                    }
+                    row += warps;
+                }
+                if dev::last_block(local + l.counters + LL_COMBINE_COUNTER) {
+                    let mut r = dev::thread_idx_x();
+                    while r < p.num_ranks {
+                        let base = base_of(&p, r, &l);
+                        dev::st_release_sys_u64((base + l.combine_flags + me as u64 * 8) as *mut u64, p.epoch << 1);
+                        dev::st_release_sys_u64((base + l.released + me as u64 * 8) as *mut u64, p.epoch);
+                        r += dev::block_dim_x();
+                    }
+                }
+            }
+            if p.phases & LL_RECV == 0 {
+                return;
+            }
+            let mut failed = false;
+            let mut r = dev::thread_idx_x();
+            while r < p.num_ranks {
+                let flag = (local + l.combine_flags + r as u64 * 8) as *const u64;
+                if dev::wait_at_least(dev::waiting!(p, r, SITE_LL_RANK_MAJOR_COMBINE), flag, p.epoch << 1, |v| v).is_none() {
+                    failed = true;
+                    break;
+                }
+                r += dev::block_dim_x();
+            }
+            if dev::sync_threads_or(failed) {
+                return;
+            }
+            // Items: (token, 32 vectors of 16 bytes), lane v on vector `32 * chunk + v`.
+            let num_vecs = p.row_bytes / 16;
+            let chunks = num_vecs.div_ceil(WARP_SIZE as u64);
+            let mut item = gwarp as u64;
+            while item < p.num_tokens as u64 * chunks {
+                let (t, chunk) = ((item / chunks) as u32, item % chunks);
+                let v = chunk * WARP_SIZE as u64 + lane as u64;
+                // Lane k: the rank of the token's k-th expert (MAX: none).
+                let e = if lane < p.num_topk { expert_of(&p, t, lane) } else { -1 };
+                let owner = if e >= 0 { e as u32 / num_local } else { u32::MAX };
+                let mut acc = [0f32; 8];
+                let mut after = 0u32; // ranks below this are summed
+                loop {
+                    let next = dev::warp_min_u32(if owner >= after { owner } else { u32::MAX });
+                    if next == u32::MAX {
+                        break;
+                    }
+                    if v < num_vecs {
+                        let row = (local + l.combine_slot(next as u64, t as u64)) as *const U4;
+                        let y = dev::ld_v4(row.add(v as usize));
+                        let words = [y.x, y.y, y.z, y.w];
+                        for i in 0..8 {
+                            acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+                        }
+                    }
+                    after = next + 1;
+                }
+                if v < num_vecs {
+                    let mut out = [0u32; 4];
+                    for i in 0..8 {
+                        out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+                    }
+                    let at = (p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize);
+                    dev::st_v4(at, U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
+                }
+                item += warps as u64;
             }
         }
     }

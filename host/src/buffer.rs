@@ -49,7 +49,9 @@ use crate::intranode::{
 };
 use crate::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch_layout_into};
 use crate::limits::MAX_TOPK;
-use crate::low_latency::{LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlStats};
+use crate::low_latency::{
+    LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlRankMajorOutputs, LlStats,
+};
 use crate::{DeviceBuffer, Error, Event, Group, Result, Stream};
 use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -394,6 +396,56 @@ pub struct LlCombinePending {
     call: CallStream,
 }
 
+/// A rank-major LL dispatch (NCCL EP's `RANK_MAJOR`) into the caller's outputs.
+pub struct LlRankMajorCall<'a> {
+    /// `[T, H]` bf16.
+    pub x: &'a DeviceBuffer,
+    /// T (<= `max_tokens`).
+    pub num_tokens: usize,
+    /// H.
+    pub hidden: usize,
+    /// `[T, K]`.
+    pub topk_idx: &'a DeviceBuffer,
+    /// Its type.
+    pub index_type: IndexType,
+    /// `[T, K]` f32.
+    pub topk_weights: &'a DeviceBuffer,
+    /// K.
+    pub num_topk: usize,
+    /// M.
+    pub max_tokens: usize,
+    /// E.
+    pub num_experts: usize,
+    /// Return once the sends are out ([`Buffer::ll_complete_rank_major`] receives).
+    pub send_only: bool,
+    /// Where the rows land ([`LlRankMajorOutputs::in_memory`]).
+    pub outputs: LlRankMajorOutputs,
+}
+
+/// A rank-major LL dispatch's outputs and handle: pass it to [`Buffer::ll_combine_rank_major`].
+#[derive(Clone)]
+pub struct LlRankMajor {
+    inner: Arc<Guarded<Mutex<LlRankMajorOutputs>>>,
+    generation: u64,
+    call: CallStream,
+}
+
+/// A rank-major LL combine ([`Buffer::ll_combine_rank_major`]).
+pub struct LlRankMajorCombineCall<'a> {
+    /// `[R, M, H]` bf16: one pre-reduced row per received row.
+    pub x: &'a DeviceBuffer,
+    /// T (the dispatch's).
+    pub num_tokens: usize,
+    /// `[T, K]`, the dispatch's.
+    pub topk_idx: &'a DeviceBuffer,
+    /// Its type.
+    pub index_type: IndexType,
+    /// K.
+    pub num_topk: usize,
+    /// Return once the sends are out ([`Buffer::ll_complete_combine`] receives).
+    pub send_only: bool,
+}
+
 /// An HT combine (DeepEP's `combine`).
 pub struct HtCombineCall<'a> {
     /// `[N, hidden]` bf16 rows as dispatched.
@@ -523,6 +575,16 @@ impl LlPending for LlDispatchOutputs {
 impl LlPending for LlCombineOutputs {
     fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
         LlCombineOutputs::complete(self, group, buf)
+    }
+
+    fn pending(&self) -> bool {
+        self.recv_hook.is_some()
+    }
+}
+
+impl LlPending for LlRankMajorOutputs {
+    fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
+        LlRankMajorOutputs::complete(self, group, buf)
     }
 
     fn pending(&self) -> bool {
@@ -1200,6 +1262,49 @@ impl Buffer {
     /// Runs the receive half of a `send_only` LL combine.
     pub fn ll_complete_combine(&self, c: &LlCombinePending) -> Result<()> {
         self.complete_pending(&c.inner, c.generation, &c.call, "ll_combine", |_| Ok(()))
+    }
+
+    /// NCCL EP's rank-major LL dispatch into `c.outputs`; with `send_only` the receive is
+    /// left to [`Buffer::ll_complete_rank_major`].
+    pub fn ll_dispatch_rank_major(&self, call: &CallStream, c: LlRankMajorCall<'_>) -> Result<LlRankMajor> {
+        let mut st = self.lock()?;
+        let cfg = LlConfig { num_experts: c.num_experts, hidden: c.hidden, max_tokens: c.max_tokens };
+        self.ensure_ll(&mut st, cfg, call)?;
+        let generation = st.ll_generation;
+        let buf = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
+        self.begin(call)?;
+        let mut out = c.outputs;
+        let (x, t, idx, ty, w, k) = (c.x, c.num_tokens, c.topk_idx, c.index_type, c.topk_weights, c.num_topk);
+        buf.dispatch_rank_major_into(&self.group, &mut out, x, t, idx, ty, w, k, c.send_only)?;
+        self.finish(call, "ll_dispatch_rank_major")?;
+        Ok(LlRankMajor { inner: self.guard(call, Mutex::new(out)), generation, call: call.clone() })
+    }
+
+    /// Runs the receive half of a `send_only` rank-major dispatch (no-op when done).
+    pub fn ll_complete_rank_major(&self, d: &LlRankMajor) -> Result<()> {
+        self.complete_pending(&d.inner, d.generation, &d.call, "ll_dispatch_rank_major", |_| Ok(()))
+    }
+
+    /// NCCL EP's rank-major LL combine of `d` into `combined_x` (`[T, hidden]` bf16): the
+    /// pending receive of a `send_only` call, if any.
+    pub fn ll_combine_rank_major(
+        &self,
+        call: &CallStream,
+        d: &LlRankMajor,
+        c: &LlRankMajorCombineCall<'_>,
+        combined_x: DeviceBuffer,
+    ) -> Result<Option<LlCombinePending>> {
+        let mut st = self.lock()?;
+        check_generation(st.ll_generation, d.generation)?;
+        let buf = st.ll.as_mut().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?;
+        let outs = d.inner.value()?.lock().map_err(|_| Error::KernelFault("poisoned".into()))?;
+        self.begin(call)?;
+        let (t, idx, ty, k) = (c.num_tokens, c.topk_idx, c.index_type, c.num_topk);
+        let hook = buf.combine_rank_major(&self.group, &outs, c.x, &combined_x, t, idx, ty, k, c.send_only)?;
+        self.finish(call, "ll_combine_rank_major")?;
+        let pending = hook.is_some();
+        let keep = self.guard(call, Mutex::new(LlCombineOutputs { combined_x, recv_hook: hook }));
+        Ok(pending.then(|| LlCombinePending { inner: keep, generation: d.generation, call: call.clone() }))
     }
 
     /// DeepEP's `low_latency_combine` of `d`'s rows: `(combined_x [T, hidden] bf16 unless

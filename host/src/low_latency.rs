@@ -20,7 +20,9 @@ use crate::limits::{MAX_EXPERTS, MAX_HIDDEN, MAX_TOPK};
 use crate::{Error, Result};
 use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams};
 use moe_ep_kernels::Kernel;
-use moe_ep_kernels::low_latency::{LL_COMBINE, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, ll_dispatch_smem_bytes};
+use moe_ep_kernels::low_latency::{
+    LL_COMBINE, LL_COMBINE_RANK_MAJOR, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, ll_dispatch_smem_bytes,
+};
 
 /// Sizes an [`LlBuffer`] is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +119,8 @@ impl LlRecvHook {
         hook.take().map_or(Ok(()), |h| h.launch(group, buf))
     }
 
-    fn launch(self, group: &Group, buf: &LlBuffer) -> Result<()> {
+    /// Launches the receive half on the group's stream (`buf`: the buffer of the op).
+    pub fn launch(self, group: &Group, buf: &LlBuffer) -> Result<()> {
         if self.params.peer_bases != buf.sym.peer_table_ptr() {
             return Err(Error::invalid("buffer", "the hook belongs to another LlBuffer"));
         }
@@ -154,7 +157,8 @@ impl LlDispatchOutputs {
     }
 }
 
-/// Outputs of [`LlBuffer::dispatch_rank_major`] (NCCL EP's `RANK_MAJOR` layout).
+/// Outputs of [`LlBuffer::dispatch_rank_major`] (NCCL EP's `RANK_MAJOR` layout), and the
+/// handle of its [`LlBuffer::combine_rank_major`].
 pub struct LlRankMajorOutputs {
     /// `[R, M, H]` bf16: block `s` holds, in token order, rank `s`'s tokens with an expert here.
     pub recv_x: DeviceBuffer,
@@ -162,17 +166,41 @@ pub struct LlRankMajorOutputs {
     pub recv_count: DeviceBuffer,
     /// `[R, M]` i32: source token of each row.
     pub recv_src_idx: DeviceBuffer,
-    /// `[R, M, K]` i64: local expert ids, -1 for experts elsewhere.
+    /// `[R, M, K]` local expert ids, -1 for experts elsewhere: i64, or i32 when
+    /// `recv_idx_bytes` is 4.
     pub recv_topk_idx: DeviceBuffer,
     /// `[R, M, K]` f32: weights, 0 where the expert is elsewhere.
     pub recv_topk_weights: DeviceBuffer,
+    /// Bytes per `recv_topk_idx` entry: 8 or 4.
+    pub recv_idx_bytes: usize,
     /// Pending receive of a `send_only` dispatch.
     pub recv_hook: Option<LlRecvHook>,
-    /// The call's epoch, written on the device; kept alive for the receive half.
-    _epoch: DeviceBuffer,
+    /// The call's epoch, written on the device; read by the receive half and the combine.
+    epoch: DeviceBuffer,
+    /// The buffer set of the call.
+    set: u32,
 }
 
 impl LlRankMajorOutputs {
+    /// Outputs in the caller's memory, for [`LlBuffer::dispatch_rank_major_into`] (the shapes
+    /// above; `epoch`: 8 bytes, 8-aligned, kept for the combine).
+    pub fn in_memory(
+        [recv_x, recv_count, recv_src_idx, recv_topk_idx, recv_topk_weights, epoch]: [DeviceBuffer; 6],
+        recv_idx_bytes: usize,
+    ) -> LlRankMajorOutputs {
+        LlRankMajorOutputs {
+            recv_x,
+            recv_count,
+            recv_src_idx,
+            recv_topk_idx,
+            recv_topk_weights,
+            recv_idx_bytes,
+            recv_hook: None,
+            epoch,
+            set: 0,
+        }
+    }
+
     /// Runs the receive half of a `send_only` dispatch (no-op otherwise).
     pub fn complete(&mut self, group: &Group, buf: &LlBuffer) -> Result<()> {
         LlRecvHook::take_and_launch(&mut self.recv_hook, group, buf)
@@ -540,6 +568,48 @@ impl LlBuffer {
         num_topk: usize,
         send_only: bool,
     ) -> Result<LlRankMajorOutputs> {
+        let s = group.stream();
+        let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
+        let mut out = LlRankMajorOutputs::in_memory(
+            [
+                s.alloc_uninit(r * m * 2 * self.cfg.hidden)?,
+                s.alloc(4 * r)?,
+                s.alloc(4 * r * m)?,
+                s.alloc(8 * r * m * num_topk)?,
+                s.alloc(4 * r * m * num_topk)?,
+                s.alloc(8)?,
+            ],
+            8,
+        );
+        self.dispatch_rank_major_into(
+            group,
+            &mut out,
+            x,
+            num_tokens,
+            topk_idx,
+            idx,
+            topk_weights,
+            num_topk,
+            send_only,
+        )?;
+        Ok(out)
+    }
+
+    /// [`LlBuffer::dispatch_rank_major`] into `out` (e.g. [`LlRankMajorOutputs::in_memory`]):
+    /// nothing is allocated. Leaves the receive hook of a `send_only` call in `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_rank_major_into(
+        &mut self,
+        group: &Group,
+        out: &mut LlRankMajorOutputs,
+        x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        topk_weights: &DeviceBuffer,
+        num_topk: usize,
+        send_only: bool,
+    ) -> Result<()> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let row_bytes = 2 * self.cfg.hidden;
         if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
@@ -548,18 +618,24 @@ impl LlBuffer {
         if topk_weights.len() < num_tokens * num_topk * 4 {
             return Err(Error::invalid("topk_weights", format!("[{num_tokens}, {num_topk}] f32 needed")));
         }
-        let s = group.stream();
-        let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
+        let (r, m, k, ib) = (group.num_ranks(), self.cfg.max_tokens, num_topk, out.recv_idx_bytes);
+        if ib != 4 && ib != 8 {
+            return Err(Error::invalid("recv_topk_idx", format!("{ib}-byte ids (expected 4 or 8)")));
+        }
+        let checks: [(&DeviceBuffer, usize, u64, &'static str); 6] = [
+            (&out.recv_x, r * m * row_bytes, 16, "recv_x"),
+            (&out.recv_count, 4 * r, 4, "recv_count"),
+            (&out.recv_src_idx, 4 * r * m, 4, "recv_src_idx"),
+            (&out.recv_topk_idx, ib * r * m * k, ib as u64, "recv_topk_idx"),
+            (&out.recv_topk_weights, 4 * r * m * k, 4, "recv_topk_weights"),
+            (&out.epoch, 8, 8, "epoch"),
+        ];
+        for (buf, bytes, align, name) in checks {
+            if buf.len() < bytes || !buf.ptr().is_multiple_of(align) {
+                return Err(Error::invalid(name, format!("{bytes} bytes ({align}-aligned) needed, got {}", buf.len())));
+            }
+        }
         let set = self.next_set;
-        let out = LlRankMajorOutputs {
-            recv_x: s.alloc_uninit(r * m * row_bytes)?,
-            recv_count: s.alloc(4 * r)?,
-            recv_src_idx: s.alloc(4 * r * m)?,
-            recv_topk_idx: s.alloc(8 * r * m * num_topk)?,
-            recv_topk_weights: s.alloc(4 * r * m * num_topk)?,
-            recv_hook: None,
-            _epoch: s.alloc(8)?,
-        };
         let params = LlParams {
             x: x.ptr(),
             topk_idx: topk_idx.ptr(),
@@ -572,12 +648,59 @@ impl LlBuffer {
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
-            ..self.params(group, &out._epoch, set)
+            recv_idx_bytes: ib as u32,
+            ..self.params(group, &out.epoch, set)
         };
-        // The rank-major regions of the same LlLayout; outputs just allocated as documented.
-        let recv_hook = self.launch(group, &LL_DISPATCH_RANK_MAJOR, params, send_only)?;
+        // The rank-major regions of the same LlLayout; outputs checked above.
+        out.recv_hook = self.launch(group, &LL_DISPATCH_RANK_MAJOR, params, send_only)?;
+        out.set = set;
         self.next_set ^= 1;
-        Ok(LlRankMajorOutputs { recv_hook, ..out })
+        Ok(())
+    }
+
+    /// Collective: NCCL EP's rank-major combine of `d` (this buffer's rank-major dispatch,
+    /// received): `x` (`[R, M, hidden]` bf16, one pre-reduced row per row of `d.recv_x`)
+    /// goes back to the tokens' ranks, where each token of `topk_idx` (`[num_tokens, K]`, the
+    /// dispatch's) sums the rows of the ranks holding its experts, rank ascending, in f32,
+    /// into `combined_x` (`[num_tokens, hidden]` bf16). Returns the receive hook of a
+    /// `send_only` call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine_rank_major(
+        &mut self,
+        group: &Group,
+        d: &LlRankMajorOutputs,
+        x: &DeviceBuffer,
+        combined_x: &DeviceBuffer,
+        num_tokens: usize,
+        topk_idx: &DeviceBuffer,
+        idx: IndexType,
+        num_topk: usize,
+        send_only: bool,
+    ) -> Result<Option<LlRecvHook>> {
+        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
+        if d.recv_hook.is_some() {
+            return Err(Error::invalid("handle", "its dispatch's receive half has not run yet"));
+        }
+        let (r, m, row_bytes) = (group.num_ranks(), self.cfg.max_tokens, 2 * self.cfg.hidden);
+        if x.len() < r * m * row_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{r}, {m}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
+        }
+        if combined_x.len() < num_tokens * row_bytes || !combined_x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("combined_x", format!("[{num_tokens}, {}] bf16 needed", self.cfg.hidden)));
+        }
+        let params = LlParams {
+            x: x.ptr(),
+            topk_idx: topk_idx.ptr(),
+            packed_recv_src_info: d.recv_src_idx.ptr(),
+            packed_recv_count: d.recv_count.ptr(),
+            combined_x: combined_x.ptr(),
+            num_tokens: num_tokens as u32,
+            num_topk: num_topk as u32,
+            idx_bytes: idx.bytes() as u32,
+            ..self.params(group, &d.epoch, d.set)
+        };
+        // The counts and tokens come from a dispatch on this buffer (its set and epoch).
+        self.launch(group, &LL_COMBINE_RANK_MAJOR, params, send_only)
     }
 
     /// Collective: returns the expert outputs `x` (`[L, R*M, hidden]` bf16, rows as the

@@ -53,7 +53,8 @@
 //! * **High-throughput (HT)** ([`ht_dispatch`], [`ht_combine`]), DeepEP's "normal" mode:
 //!   a token travels once to each rank holding at least one of its experts; combine sums the
 //!   copies (no weights).
-//! * **Low-latency (LL)** ([`ll_dispatch`], [`ll_dispatch_rank_major`], [`ll_combine`]):
+//! * **Low-latency (LL)** ([`ll_dispatch`], [`ll_dispatch_rank_major`], [`ll_combine`],
+//!   [`ll_combine_rank_major`]):
 //!   a token travels once per selected expert into fixed-size per-expert buffers; combine
 //!   applies the routing weights.
 //!
@@ -863,6 +864,57 @@ pub fn ll_dispatch_rank_major<T: Copy + Default>(
             recv.recv_count[src] = to_i32(row, "x")?;
         }
         out.push(recv);
+    }
+    Ok(out)
+}
+
+/// Low-latency combine, rank-major (NCCL EP's `RANK_MAJOR`): each rank `r` returns one
+/// pre-reduced row per token its [`ll_dispatch_rank_major`] received (`y[r]`, bf16 bits
+/// shaped like its `recv_x`: `[R, M, hidden]`, rows below `recv_count`), and each source
+/// token sums, in f32 from 0, the rows of the ranks holding one of its experts in ascending
+/// rank order, unweighted, rounded once to bf16. `recv[r]` is rank `r`'s dispatch output.
+/// Returns `[T_s, hidden]` bf16 per source rank; a token with no expert gives zeros.
+pub fn ll_combine_rank_major(
+    routing: &Routing,
+    recv: &[LlRankMajorRecv<u16>],
+    y: &[Vec<u16>],
+    hidden: usize,
+    num_max_dispatch_tokens_per_rank: usize,
+) -> Result<Vec<Vec<u16>>> {
+    let (num_ranks, num_topk, m) = (routing.num_ranks(), routing.num_topk(), num_max_dispatch_tokens_per_rank);
+    check_hidden(hidden)?;
+    if recv.len() != num_ranks || y.len() != num_ranks || y.iter().any(|v| v.len() != num_ranks * m * hidden) {
+        return Err(Error::invalid("y", format!("one [{num_ranks}, {m}, {hidden}] tensor per rank expected")));
+    }
+    let mut out = Vec::with_capacity(num_ranks);
+    for src in 0..num_ranks {
+        let mut combined = vec![0u16; routing.num_tokens(src) * hidden];
+        for token in 0..routing.num_tokens(src) {
+            let mut owners: Vec<usize> = (0..num_topk)
+                .filter_map(|k| routing.expert(src, token, k).map(|e| routing.rank_of_expert(e)))
+                .collect();
+            owners.sort_unstable();
+            owners.dedup();
+            let mut acc = vec![0f32; hidden];
+            for r in owners {
+                let block = &recv[r].recv_src_idx[src * m..(src + 1) * m];
+                let count = recv[r].recv_count[src] as usize;
+                let Some(j) = block[..count].iter().position(|&t| t as usize == token) else {
+                    return Err(Error::invalid(
+                        "recv",
+                        format!("rank {r} did not receive token {token} of rank {src}"),
+                    ));
+                };
+                let row = &y[r][(src * m + j) * hidden..(src * m + j + 1) * hidden];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += bf16_to_f32(v);
+                }
+            }
+            for (o, a) in combined[token * hidden..(token + 1) * hidden].iter_mut().zip(acc) {
+                *o = f32_to_bf16(a);
+            }
+        }
+        out.push(combined);
     }
     Ok(out)
 }

@@ -298,6 +298,83 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
     });
 }
 
+/// LL rank-major: per-source counts (`src_rank_counters`), rows, i32 ids and weights, and
+/// the combine of fresh pre-reduced rows, bit for bit; every other call send-only.
+#[test]
+fn ll_rank_major_matches_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m) = (4, 8, 64, 3, 6);
+    let mut rng = Rng::fresh("c_abi-ll-rank-major");
+    let calls: Vec<_> = (0..3)
+        .map(|call| {
+            let idx = ll::random_routing(&mut rng, n, (e, k, m), 5, |r| (r + call) % 4 == 3);
+            let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+            let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 4.0)).collect();
+            let w: Vec<Vec<f32>> =
+                tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 7e9).collect()).collect();
+            let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+            let recv = reference::ll_dispatch_rank_major(&routing, &x, &w, h, m).unwrap();
+            let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(n * m * h, 4.0)).collect();
+            let want = reference::ll_combine_rank_major(&routing, &recv, &y, h, m).unwrap();
+            (idx, tokens, x, w, recv, y, want)
+        })
+        .collect();
+    on_groups(n, ll_config(e, h, m), |rank, g| unsafe {
+        let mut size = 0usize;
+        ok(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, null(), &mut size, k as i32));
+        let mut mem = Tensor::filled(&dev, ncclUint8, &[size], 0x5a);
+        let mut handle = null_mut();
+        ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_RANK_MAJOR, null(), k as i32, mem.ptr()));
+        for (i, (idx, tokens, x, w, recv, y, want)) in calls.iter().enumerate() {
+            let (t, send_only, ctx) = (tokens[rank], i % 2 == 1, format!("rank {rank}, call {i}"));
+            let mut idx_t = Tensor::new(&dev, ncclInt64, &[t, k], &idx[rank]);
+            ok(ncclEpUpdateHandle(handle, idx_t.ptr(), null(), null_mut()));
+            let (mut xt, mut wt) =
+                (Tensor::new(&dev, ncclBfloat16, &[t, h], &x[rank]), Tensor::new(&dev, ncclFloat32, &[t, k], &w[rank]));
+            let mut rx = Tensor::filled(&dev, ncclBfloat16, &[n, m, h], 0xee);
+            let mut rw = Tensor::filled(&dev, ncclFloat32, &[n, m, k], 0xee);
+            let mut ri = Tensor::filled(&dev, ncclInt32, &[n, m, k], 0xee);
+            let mut counts = Tensor::filled(&dev, ncclInt32, &[n], 0xff);
+            let (mut din, mut dout, mut info) =
+                (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT, NCCL_EP_LAYOUT_INFO_INIT);
+            (din.tokens, din.topk_weights) = (xt.ptr(), wt.ptr());
+            (dout.tokens, dout.topk_weights, dout.topk_idx) = (rx.ptr(), rw.ptr(), ri.ptr());
+            info.src_rank_counters = counts.ptr();
+            let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+            cfg.send_only = send_only as u32;
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
+            if send_only {
+                ok(ncclEpComplete(handle, null(), null_mut()));
+            }
+            let rv = &recv[rank];
+            assert_eq!(counts.read::<i32>(&dev)[..n], rv.recv_count[..], "{ctx}: src_rank_counters");
+            let (gx, gw, gi) = (rx.read::<u16>(&dev), rw.read::<f32>(&dev), ri.read::<i32>(&dev));
+            for (src, &c) in rv.recv_count.iter().enumerate() {
+                let (rows, ks) = (src * m..src * m + c as usize, src * m * k..(src * m + c as usize) * k);
+                assert!(
+                    gx[rows.start * h..rows.end * h] == rv.recv_x[rows.start * h..rows.end * h],
+                    "{ctx}: rows from {src}"
+                );
+                assert_eq!(gw[ks.clone()], rv.recv_topk_weights[ks.clone()], "{ctx}: weights from {src}");
+                let ids: Vec<i64> = gi[ks.clone()].iter().map(|&v| v as i64).collect();
+                assert_eq!(ids, rv.recv_topk_idx[ks], "{ctx}: ids from {src}");
+            }
+            let mut yt = Tensor::new(&dev, ncclBfloat16, &[n, m, h], &y[rank]);
+            let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+            let (mut cin, mut cout) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
+            (cin.tokens, cout.tokens) = (yt.ptr(), out.ptr());
+            let mut ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
+            ccfg.send_only = send_only as u32;
+            ok(ncclEpCombine(handle, &cin, &cout, &ccfg, null_mut()));
+            if send_only {
+                ok(ncclEpComplete(handle, null(), null_mut()));
+            }
+            assert!(out.read::<u16>(&dev)[..t * h] == want[rank][..], "{ctx}: combined");
+        }
+        ok(ncclEpHandleDestroy(handle));
+    });
+}
+
 /// The versioning rule and bad input: wrong magic, undersized, NULL required arguments,
 /// mismatched tensors are refused with a code and a message, larger (future) structs are
 /// read up to the fields known, and the group stays usable.

@@ -126,6 +126,78 @@ fn ll_rank_major_interleaved_with_expert_major() {
     });
 }
 
+/// Rank-major dispatch then rank-major combine (NCCL EP's `RANK_MAJOR`) against
+/// `reference::ll_combine_rank_major`: each rank returns fresh rows for what it received,
+/// the sources sum them per token; ids out as i32 and i64; every other call send-only.
+#[test]
+fn ll_rank_major_combine_matches_the_reference() {
+    let dev = device();
+    let n = num_ranks(&dev).min(8);
+    let (e, h, k, m) = (16usize, 64usize, 4usize, if dev.is_cpu() { 10 } else { 128 });
+    let mut rng = Rng::fresh("low_latency-rank-major-combine");
+    let mut calls = Vec::new();
+    for call in 0..4 {
+        let idx = random_routing(&mut rng, n, (e, k, m), 5, |r| (r + call) % 4 == 3);
+        let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+        let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 4.0)).collect();
+        let w: Vec<Vec<f32>> = tokens.iter().map(|&t| vec![0.5; t * k]).collect();
+        let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+        let recv = reference::ll_dispatch_rank_major(&routing, &x, &w, h, m).unwrap();
+        let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(n * m * h, 4.0)).collect();
+        let want = reference::ll_combine_rank_major(&routing, &recv, &y, h, m).unwrap();
+        calls.push((idx, tokens, x, w, recv, y, want));
+    }
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |rank, group| {
+        let mut buf = LlBuffer::new(&group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
+        let s = group.stream();
+        for (call, (idx, tokens, x, w, recv, y, want)) in calls.iter().enumerate() {
+            let (ctx, t, send_only, ib) =
+                (format!("rank {rank} call {call}"), tokens[rank], call % 2 == 1, 4 + 4 * (call % 2));
+            let (topk, weights, xb) = (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &x[rank]));
+            let mut out = moe_ep::low_latency::LlRankMajorOutputs::in_memory(
+                [
+                    s.alloc(n * m * 2 * h).unwrap(),
+                    s.alloc(4 * n).unwrap(),
+                    s.alloc(4 * n * m).unwrap(),
+                    s.alloc(ib * n * m * k).unwrap(),
+                    s.alloc(4 * n * m * k).unwrap(),
+                    s.alloc(8).unwrap(),
+                ],
+                ib,
+            );
+            buf.dispatch_rank_major_into(&group, &mut out, &xb, t, &topk, IndexType::I64, &weights, k, send_only)
+                .unwrap();
+            out.complete(&group, &buf).unwrap();
+            s.synchronize().unwrap();
+            group.take_device_error("ll rank-major dispatch").unwrap();
+            let rv = &recv[rank];
+            assert_eq!(out.recv_count.to_vec::<i32>(s).unwrap(), rv.recv_count, "{ctx}: counts");
+            let ids: Vec<i64> = match ib {
+                4 => out.recv_topk_idx.to_vec::<i32>(s).unwrap().into_iter().map(i64::from).collect(),
+                _ => out.recv_topk_idx.to_vec::<i64>(s).unwrap(),
+            };
+            for (src, &c) in rv.recv_count.iter().enumerate() {
+                let rows = src * m * k..(src * m + c as usize) * k;
+                assert_eq!(ids[rows.clone()], rv.recv_topk_idx[rows], "{ctx}: {ib}-byte ids from {src}");
+            }
+            // Expert outputs: this rank's fresh rows, poison past the counts.
+            let yb = upload(&group, &y[rank]);
+            let combined = s.alloc(t * 2 * h + 16).unwrap();
+            combined.fill_async(s, 0xee).unwrap();
+            let hook =
+                buf.combine_rank_major(&group, &out, &yb, &combined, t, &topk, IndexType::I64, k, send_only).unwrap();
+            if let Some(hook) = hook {
+                hook.launch(&group, &buf).unwrap();
+            }
+            s.synchronize().unwrap();
+            group.take_device_error("ll rank-major combine").unwrap();
+            let got: Vec<u16> = combined.to_vec(s).unwrap();
+            assert!(got[..t * h] == want[rank][..], "{ctx}: combined");
+            group.bootstrap().barrier().unwrap(); // nobody reuses the set while a peer reads it
+        }
+    });
+}
+
 /// Dispatch + combine captured once (a CUDA graph on a GPU, recorded launches on the CPU)
 /// and replayed many times with new token values in the same buffers: the epochs live on
 /// the device, so identical parameters give fresh, correct results every replay.

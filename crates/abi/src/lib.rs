@@ -748,7 +748,8 @@ impl LlLayout {
 pub struct LlParams {
     /// Device table of the `R` symmetric buffer addresses.
     pub peer_bases: u64,
-    /// Dispatch: `[T, H]` bf16 tokens. Combine: `[L, R*M, H]` bf16 expert outputs.
+    /// Dispatch: `[T, H]` bf16 tokens. Combine: `[L, R*M, H]` bf16 expert outputs
+    /// (rank-major combine: `[R, M, H]`, one pre-reduced row per received token).
     pub x: u64,
     /// `[T, K]` expert ids (`idx_bytes` wide).
     pub topk_idx: u64,
@@ -757,15 +758,17 @@ pub struct LlParams {
     /// Rank-major dispatch out: `[R, M, H]` bf16. (Expert-major outputs are regions of the
     /// buffer set: [`LlLayout::recv_x`] and the regions after it.)
     pub packed_recv_x: u64,
-    /// Rank-major dispatch out: `[R, M]` i32, the source token of each row.
+    /// Rank-major dispatch out (and rank-major combine in): `[R, M]` i32, the source token of
+    /// each row.
     pub packed_recv_src_info: u64,
     /// `[L, R]` i64: `begin << 32 | count` (dispatch writes, combine reads).
     pub packed_recv_layout_range: u64,
-    /// Dispatch out: `[L]` i32.
+    /// Dispatch out: `[L]` i32 (rank-major: `[R]`, also the rank-major combine's input).
     pub packed_recv_count: u64,
     /// Combine out: `[T, H]` bf16.
     pub combined_x: u64,
-    /// Rank-major dispatch out: `[R, M, K]` i64 local expert ids (-1 elsewhere).
+    /// Rank-major dispatch out: `[R, M, K]` local expert ids (-1 elsewhere), i64 or i32
+    /// (`recv_idx_bytes`).
     pub recv_topk_idx: u64,
     /// Rank-major dispatch out: `[R, M, K]` f32 (0 where not local).
     pub recv_topk_weights: u64,
@@ -822,8 +825,9 @@ pub struct LlParams {
     /// Combine: 1 when `x` is this rank's combine-x region of `set` (zero-copy) and the
     /// call is not send-only — sources then read (pull) the rows from it.
     pub pull: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// Rank-major dispatch: bytes of each `recv_topk_idx` entry, 8 (i64) or 4 (i32, NCCL
+    /// EP's); 0 reads as 8.
+    pub recv_idx_bytes: u32,
 }
 
 /// [`LlParams::fp8`]: cast to fp8 in the dispatch kernel.

@@ -14,11 +14,11 @@ use crate::sys::*;
 use crate::tensor::Tensor;
 use moe_ep::buffer::{
     HtCombineCall, HtDispatchHandle, HtRoute, HtRouteCall, HtRoutedDispatch, LlCombineCall, LlCombinePending,
-    LlDispatch, LlDispatchCall,
+    LlDispatch, LlDispatchCall, LlRankMajor, LlRankMajorCall, LlRankMajorCombineCall,
 };
 use moe_ep::intranode::HtCombineOutputs;
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlDispatchOptions, LlStats};
+use moe_ep::low_latency::{LlDispatchOptions, LlRankMajorOutputs, LlStats};
 use moe_ep::{Buffer, CallStream, Device, DeviceBuffer, Stream};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 pub enum Layout {
     HtFlat,
     LlExpertMajor,
+    LlRankMajor,
 }
 
 impl Layout {
@@ -37,9 +38,9 @@ impl Layout {
             (_, NCCL_EP_LAYOUT_UNSET) => Err(Failure::invalid("layout is NCCL_EP_LAYOUT_UNSET: pick one")),
             (Algorithm::HighThroughput, NCCL_EP_LAYOUT_FLAT) => Ok(Layout::HtFlat),
             (Algorithm::LowLatency, NCCL_EP_LAYOUT_EXPERT_MAJOR) => Ok(Layout::LlExpertMajor),
-            (Algorithm::HighThroughput, NCCL_EP_LAYOUT_EXPERT_MAJOR)
-            | (Algorithm::LowLatency, NCCL_EP_LAYOUT_RANK_MAJOR) => {
-                Err(Failure::usage(format!("layout {raw} is not supported by this moe-ep release for this algorithm")))
+            (Algorithm::LowLatency, NCCL_EP_LAYOUT_RANK_MAJOR) => Ok(Layout::LlRankMajor),
+            (Algorithm::HighThroughput, NCCL_EP_LAYOUT_EXPERT_MAJOR) => {
+                Err(Failure::usage("HT EXPERT_MAJOR is not supported by this moe-ep release: use FLAT"))
             }
             (Algorithm::HighThroughput, _) => {
                 Err(Failure::invalid(format!("layout {raw}: HT takes FLAT or EXPERT_MAJOR")))
@@ -85,7 +86,10 @@ struct State {
     ht_dispatch: Option<HtDispatchHandle>,
     ll_routing: Option<LlRouting>,
     ll_dispatch: Option<LlDispatch>,
+    ll_rank_major: Option<LlRankMajor>,
     ll_dispatch_pending: bool,
+    /// Rank-major: the caller's `src_rank_counters`, filled when the receive has run.
+    ll_counts_to: Option<Tensor>,
     ll_combine_pending: Option<LlCombinePending>,
 }
 
@@ -97,8 +101,10 @@ pub struct EpHandle {
     /// K (LL: fixed at init; HT: from the routing when not given).
     num_topk: Option<usize>,
     memory: Memory,
-    /// LL: `packed_recv_layout_range [L, R]` i64 and the epoch word, in `memory` or own.
-    ll_small: Option<[DeviceBuffer; 2]>,
+    /// LL, in `memory` or own ([`ll_sizes`] after the routing copy): expert-major
+    /// `packed_recv_layout_range [L, R]` i64 and the epoch word; rank-major `recv_count [R]`
+    /// i32, `recv_src_idx [R, M]` i32 and the epoch word.
+    ll_small: Vec<DeviceBuffer>,
     state: Mutex<State>,
 }
 
@@ -114,10 +120,16 @@ unsafe fn call_on(device: &Device, stream: cudaStream_t) -> CallStream {
     }
 }
 
-/// Bytes of an LL handle's memory: the routing copy, the layout ranges, the epoch word.
-fn ll_sizes(cfg: &GroupConfig, num_ranks: usize, num_topk: usize) -> [usize; 3] {
-    let l = cfg.num_experts / num_ranks;
-    [cfg.max_dispatch_tokens_per_rank * num_topk * 8, 8 * l * num_ranks, 8]
+/// Bytes of the parts of an LL handle's memory: the routing copy, then [`EpHandle`]'s
+/// `ll_small` (none for HT).
+fn ll_sizes(cfg: &GroupConfig, layout: Layout, num_ranks: usize, num_topk: usize) -> Vec<usize> {
+    let (r, m) = (num_ranks, cfg.max_dispatch_tokens_per_rank);
+    let idx = m * num_topk * 8;
+    match layout {
+        Layout::HtFlat => vec![],
+        Layout::LlExpertMajor => vec![idx, 8 * (cfg.num_experts / r) * r, 8],
+        Layout::LlRankMajor => vec![idx, 4 * r, 4 * r * m, 8],
+    }
 }
 
 fn index_type(t: &Tensor) -> Result<IndexType> {
@@ -148,8 +160,8 @@ impl EpHandle {
             Layout::HtFlat => {
                 Ok(group.buffer.ht_route_bytes(group.config.max_dispatch_tokens_per_rank, num_topk, IndexType::I64)?)
             }
-            Layout::LlExpertMajor => {
-                Ok(ll_sizes(&group.config, r, num_topk).iter().map(|b| b.next_multiple_of(16)).sum())
+            Layout::LlExpertMajor | Layout::LlRankMajor => {
+                Ok(ll_sizes(&group.config, layout, r, num_topk).iter().map(|b| b.next_multiple_of(16)).sum())
             }
         }
     }
@@ -164,7 +176,9 @@ impl EpHandle {
         let (cfg, buffer) = (group.config, group.buffer.clone());
         let device = buffer.group().device().clone();
         let k = match (layout, num_topk) {
-            (Layout::LlExpertMajor, None) => return Err(Failure::invalid("num_topk: LL handles need it (> 0)")),
+            (Layout::LlExpertMajor | Layout::LlRankMajor, None) => {
+                return Err(Failure::invalid("num_topk: LL handles need it (> 0)"));
+            }
             (_, k) => k,
         };
         if let Some(k) = k
@@ -205,24 +219,23 @@ impl EpHandle {
                 None => Memory::Own,
             },
         };
-        let ll_small = match layout {
-            Layout::LlExpertMajor => {
-                let r = buffer.group().num_ranks();
-                let [idx, ranges, epoch] = ll_sizes(&cfg, r, k.unwrap_or(1));
-                Some(match &memory {
-                    Memory::Caller(b) | Memory::Allocated { buffer: b, .. } => {
-                        let base = b.ptr() + idx.next_multiple_of(16) as u64;
-                        let at = base + ranges.next_multiple_of(16) as u64;
-                        // SAFETY: inside the handle's memory (sized by ll_sizes).
-                        unsafe {
-                            [DeviceBuffer::borrowed(&device, base, ranges), DeviceBuffer::borrowed(&device, at, epoch)]
-                        }
-                    }
-                    Memory::Own => [device.alloc(ranges)?, device.alloc(16)?],
-                })
-            }
-            Layout::HtFlat => None,
+        let sizes = ll_sizes(&cfg, layout, buffer.group().num_ranks(), k.unwrap_or(1));
+        let mut ll_small = Vec::new();
+        let mut at = match &memory {
+            Memory::Caller(b) | Memory::Allocated { buffer: b, .. } => Some(b.ptr()),
+            Memory::Own => None,
         };
+        for (i, &bytes) in sizes.iter().enumerate() {
+            if let Some(a) = at.as_mut() {
+                if i > 0 {
+                    // SAFETY: inside the handle's memory (sized by ll_sizes).
+                    ll_small.push(unsafe { DeviceBuffer::borrowed(&device, *a, bytes) });
+                }
+                *a += bytes.next_multiple_of(16) as u64;
+            } else if i > 0 {
+                ll_small.push(device.alloc(bytes.next_multiple_of(16))?);
+            }
+        }
         Ok(EpHandle { buffer, config: cfg, layout, num_topk: k, memory, ll_small, state: Mutex::new(State::default()) })
     }
 
@@ -280,7 +293,7 @@ impl EpHandle {
                 info.write(&self.buffer, &call, &route, self.device())?;
                 st.ht_route = Some(route);
             }
-            Layout::LlExpertMajor => {
+            Layout::LlExpertMajor | Layout::LlRankMajor => {
                 if let Some(info) = layout_info
                     && [info.expert_counters, info.src_rank_counters, info.expert_offsets, info.recv_total_counter]
                         .iter()
@@ -298,7 +311,9 @@ impl EpHandle {
                 };
                 self.buffer.run(&call, |s| if bytes > 0 { copy.copy_from_async(s, &idx, bytes) } else { Ok(()) })?;
                 st.ll_dispatch = None;
+                st.ll_rank_major = None;
                 st.ll_dispatch_pending = false;
+                st.ll_counts_to = None;
                 st.ll_combine_pending = None;
                 st.ll_routing = Some(LlRouting { topk_idx: copy, index_type: ty, num_tokens: t });
             }
@@ -390,6 +405,40 @@ impl EpHandle {
                         ));
                     };
                     self.ll_dispatch(&mut st, &call, &x, &recv_x, &counters, cfg.send_only != 0)
+                }
+                Layout::LlRankMajor => {
+                    let (Some(w), Some(rw), Some(ri)) = (weights, recv_weights, recv_idx) else {
+                        return Err(Failure::invalid(
+                            "the LL rank-major layout needs inputs->topk_weights, outputs->topk_weights and outputs->topk_idx",
+                        ));
+                    };
+                    let counts = match layout_info {
+                        Some(i) => {
+                            if !i.expert_counters.is_null()
+                                || !i.expert_offsets.is_null()
+                                || !i.recv_total_counter.is_null()
+                            {
+                                return Err(Failure::invalid(
+                                    "layout_info: the LL rank-major layout fills src_rank_counters only",
+                                ));
+                            }
+                            if i.recv_topk_idx_kind == NCCL_EP_EXPERT_ID_GLOBAL {
+                                return Err(Failure::usage(
+                                    "recv_topk_idx_kind GLOBAL is not supported by this release (LOCAL ids)",
+                                ));
+                            }
+                            Tensor::from_ptr("layout_info->src_rank_counters", i.src_rank_counters)?
+                        }
+                        None => None,
+                    };
+                    self.ll_dispatch_rank_major(
+                        &mut st,
+                        &call,
+                        [&x, &w],
+                        [&recv_x, &rw, &ri],
+                        counts,
+                        cfg.send_only != 0,
+                    )
                 }
             }
         }
@@ -518,7 +567,7 @@ impl EpHandle {
         recv_x.expect(&[ncclBfloat16], &[Some(l), Some(r * m), Some(h)])?;
         counters.expect(&[ncclInt32], &[Some(l)])?;
         let dev = self.device();
-        let [ranges, epoch] = self.ll_small.as_ref().ok_or_else(|| Failure::usage("not an LL handle"))?;
+        let [ranges, epoch] = &self.ll_small[..] else { return Err(Failure::usage("not an LL expert-major handle")) };
         // SAFETY: (views) the caller's live tensors and the handle's memory, on its GPU.
         let (xb, counts, into) = unsafe { (x.buffer(dev), counters.buffer(dev), recv_x.buffer(dev)) };
         // SAFETY: the handle's memory (ll_small), alive as long as the handle.
@@ -547,6 +596,94 @@ impl EpHandle {
         st.ll_dispatch = Some(d);
         st.ll_dispatch_pending = send_only;
         Ok(())
+    }
+
+    /// LL rank-major dispatch into the caller's `[R, M, H]` rows, `[R, M, K]` weights and
+    /// ids; the per-source counts stay in the handle (the combine reads them) and are copied
+    /// to `counts` when the receive has run.
+    fn ll_dispatch_rank_major(
+        &self,
+        st: &mut State,
+        call: &CallStream,
+        [x, weights]: [&Tensor; 2],
+        [recv_x, recv_weights, recv_idx]: [&Tensor; 3],
+        counts: Option<Tensor>,
+        send_only: bool,
+    ) -> Result<()> {
+        if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
+            return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
+        }
+        let Some(routing) = &st.ll_routing else {
+            return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
+        };
+        let (r, cfg, k) = (self.group().num_ranks(), &self.config, self.num_topk.unwrap_or(0));
+        let (m, t) = (cfg.max_dispatch_tokens_per_rank, routing.num_tokens);
+        x.expect(&[ncclBfloat16], &[Some(t), None])?;
+        let h = x.dims[1];
+        if h > cfg.hidden() {
+            return Err(Failure::invalid(format!(
+                "inputs->tokens: hidden {h} > max_token_bytes / 2 = {}",
+                cfg.hidden()
+            )));
+        }
+        weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
+        recv_x.expect(&[ncclBfloat16], &[Some(r), Some(m), Some(h)])?;
+        recv_weights.expect(&[ncclFloat32], &[Some(r), Some(m), Some(k)])?;
+        recv_idx.expect(&[ncclInt32, ncclInt64], &[Some(r), Some(m), Some(k)])?;
+        if let Some(c) = &counts {
+            c.expect(&[ncclInt32], &[Some(r)])?;
+        }
+        let [count, src_idx, epoch] = &self.ll_small[..] else {
+            return Err(Failure::usage("not an LL rank-major handle"));
+        };
+        let dev = self.device();
+        // SAFETY: the caller's live tensors on the group's GPU.
+        let (xb, wb) = unsafe { (x.buffer(dev), weights.buffer(dev)) };
+        // SAFETY: the handle's memory, alive as long as the handle (and what it holds).
+        let lend = |b: &DeviceBuffer| unsafe { DeviceBuffer::borrowed(dev, b.ptr(), b.len()) };
+        // SAFETY: as above.
+        let outputs = unsafe {
+            LlRankMajorOutputs::in_memory(
+                [
+                    recv_x.buffer(dev),
+                    lend(count),
+                    lend(src_idx),
+                    recv_idx.buffer(dev),
+                    recv_weights.buffer(dev),
+                    lend(epoch),
+                ],
+                if recv_idx.dtype == ncclInt32 { 4 } else { 8 },
+            )
+        };
+        let c = LlRankMajorCall {
+            x: &xb,
+            num_tokens: t,
+            hidden: h,
+            topk_idx: &routing.topk_idx,
+            index_type: routing.index_type,
+            topk_weights: &wb,
+            num_topk: k,
+            max_tokens: m,
+            num_experts: cfg.num_experts,
+            send_only,
+            outputs,
+        };
+        st.ll_rank_major = Some(self.buffer.ll_dispatch_rank_major(call, c)?);
+        st.ll_dispatch_pending = send_only;
+        st.ll_counts_to = counts;
+        if !send_only {
+            self.copy_counts(st, call)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a received rank-major dispatch's counts to the caller's `src_rank_counters`.
+    fn copy_counts(&self, st: &mut State, call: &CallStream) -> Result<()> {
+        let (Some(to), [count, ..]) = (st.ll_counts_to.take(), &self.ll_small[..]) else { return Ok(()) };
+        let dev = self.device();
+        // SAFETY: the caller's tensor (checked [R] i32 at dispatch) and the handle's counts.
+        let into = unsafe { to.buffer(dev) };
+        Ok(self.buffer.run(call, |s| into.copy_from_async(s, count, into.len()))?)
     }
 
     /// `ncclEpCombine`.
@@ -620,6 +757,34 @@ impl EpHandle {
                     self.buffer.ht_combine(&call, h, &c, Some(into))?;
                     Ok(())
                 }
+                Layout::LlRankMajor => {
+                    if weights.is_some() || out_weights.is_some() {
+                        return Err(Failure::invalid(
+                            "topk_weights: the LL rank-major combine takes none (rows come pre-reduced)",
+                        ));
+                    }
+                    if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
+                        return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
+                    }
+                    let (Some(d), Some(routing)) = (&st.ll_rank_major, &st.ll_routing) else {
+                        return Err(Failure::usage("a combine follows a dispatch of the handle"));
+                    };
+                    let (r, m, t) =
+                        (self.group().num_ranks(), self.config.max_dispatch_tokens_per_rank, routing.num_tokens);
+                    x.expect(&[ncclBfloat16], &[Some(r), Some(m), None])?;
+                    out.expect(&[ncclBfloat16], &[Some(t), Some(x.dims[2])])?;
+                    let xb = buf(&x);
+                    let c = LlRankMajorCombineCall {
+                        x: &xb,
+                        num_tokens: t,
+                        topk_idx: &routing.topk_idx,
+                        index_type: routing.index_type,
+                        num_topk: self.num_topk.unwrap_or(0),
+                        send_only: cfg.send_only != 0,
+                    };
+                    st.ll_combine_pending = self.buffer.ll_combine_rank_major(&call, d, &c, buf(&out))?;
+                    Ok(())
+                }
                 Layout::LlExpertMajor => {
                     if weights.is_some() {
                         return Err(Failure::invalid(
@@ -668,16 +833,26 @@ impl EpHandle {
         }
     }
 
-    /// `ncclEpComplete`: the receive half of a send-only LL op (nothing otherwise).
-    pub fn complete(&self) -> Result<()> {
+    /// `ncclEpComplete`: the receive half of a send-only LL op (nothing otherwise). The
+    /// half runs in its op's stream context; follow-up copies are ordered on `stream`.
+    ///
+    /// # Safety
+    /// `stream` is NULL or a live stream of the group's GPU.
+    pub unsafe fn complete(&self, stream: cudaStream_t) -> Result<()> {
+        // SAFETY: forwarded.
+        let call = unsafe { call_on(self.device(), stream) };
         let mut st = self.lock()?;
         if let Some(p) = st.ll_combine_pending.take() {
             self.buffer.ll_complete_combine(&p)?;
         }
-        if std::mem::take(&mut st.ll_dispatch_pending)
-            && let Some(d) = &st.ll_dispatch
-        {
-            self.buffer.ll_complete_dispatch(d)?;
+        if std::mem::take(&mut st.ll_dispatch_pending) {
+            if let Some(d) = &st.ll_dispatch {
+                self.buffer.ll_complete_dispatch(d)?;
+            }
+            if let Some(d) = &st.ll_rank_major {
+                self.buffer.ll_complete_rank_major(d)?;
+                self.copy_counts(&mut st, &call)?;
+            }
         }
         Ok(())
     }

@@ -361,14 +361,15 @@ pub unsafe extern "C" fn ncclEpCombine(
 pub unsafe extern "C" fn ncclEpComplete(
     handle: ncclEpHandle_t,
     config: *const ncclEpCompleteConfig_t,
-    _stream: cudaStream_t,
+    stream: cudaStream_t,
 ) -> ncclResult_t {
     guard("ncclEpComplete", || {
         let h = handle_ref(handle)?;
-        // SAFETY: the caller's struct or NULL.
-        unsafe { read(config) }?;
-        // The receive half runs on the stream context of the op it completes.
-        h.complete()
+        // SAFETY: the caller's struct or NULL, and its stream.
+        unsafe {
+            read(config)?;
+            h.complete(stream)
+        }
     })
 }
 

@@ -79,6 +79,17 @@ pub fn warp_sum_u32(mut v: u32) -> u32 {
     v
 }
 
+/// The minimum of `v` over the warp, in every lane. Warp-cooperative.
+#[inline(always)]
+pub fn warp_min_u32(mut v: u32) -> u32 {
+    let mut mask = WARP_SIZE / 2;
+    while mask > 0 {
+        v = v.min(shfl_bfly_u32(v, mask));
+        mask /= 2;
+    }
+    v
+}
+
 /// Spins until `done()` returns true or `timeout_ns` of `%globaltimer` time passed.
 /// Returns `false` on timeout. Every wait loop in every kernel goes through here, so every
 /// wait is bounded (the caller turns `false` into a [`report_error`]).

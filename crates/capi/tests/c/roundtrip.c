@@ -2,7 +2,8 @@
 // A C program written against NCCL EP's nccl_ep.h, run on moe-ep's libnccl_ep: NRANKS ranks
 // as threads of one process (moe-ep's bootstrap id instead of an NCCL communicator), HT FLAT
 // and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16, checked
-// against a reference computed here; send_only + ncclEpComplete; the struct versioning rule.
+// against a reference computed here; LL RANK_MAJOR too; send_only + ncclEpComplete; the
+// struct versioning rule.
 //
 // Memory: the CPU emulator takes host pointers; with MOE_EP_DEVICE=cuda[:N] the program
 // loads libcuda at run time for device memory (no CUDA headers or link-time dependency).
@@ -336,6 +337,104 @@ static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, i
     return 0;
 }
 
+// Ranks holding one of token t's experts (rank s, call c), as a bit mask.
+static unsigned owner_mask(int s, int t, int call) {
+    unsigned mask = 0;
+    for (int k = 0; k < TOPK; k++) {
+        int64_t e = expert(s, t, k, call);
+        if (e >= 0) mask |= 1u << (e / (NUM_EXPERTS / g_nranks));
+    }
+    return mask;
+}
+
+static int ll_rank_major_round_trip(int rank, ncclEpHandle_t handle, int call) {
+    const int L = NUM_EXPERTS / g_nranks, T = num_tokens(rank, call), R = g_nranks, M = MAX_TOKENS;
+    const int send_only = call % 2;
+    int64_t idx[MAX_TOKENS * TOPK];
+    float w[MAX_TOKENS * TOPK];
+    uint16_t x[MAX_TOKENS * HIDDEN];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
+        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
+    }
+    size_t slots = (size_t)R * M;
+    void *d_idx = mem_alloc(sizeof idx), *d_w = mem_alloc(sizeof w), *d_x = mem_alloc(sizeof x);
+    void *d_recv = mem_alloc(slots * HIDDEN * 2), *d_rw = mem_alloc(slots * TOPK * 4), *d_ri = mem_alloc(slots * TOPK * 4);
+    void *d_counts = mem_alloc(4 * (size_t)R), *d_out = mem_alloc((size_t)T * HIDDEN * 2);
+    mem_put(d_idx, idx, sizeof idx);
+    mem_put(d_w, w, sizeof w);
+    mem_put(d_x, x, sizeof x);
+    size_t idx_dims[2] = {(size_t)T, TOPK}, x_dims[2] = {(size_t)T, HIDDEN}, cnt_dims[1] = {(size_t)R};
+    size_t recv_dims[3] = {(size_t)R, (size_t)M, HIDDEN}, rk_dims[3] = {(size_t)R, (size_t)M, TOPK};
+    ncclEpTensor_t t_idx, t_x, t_w, t_recv, t_rw, t_ri, t_counts, t_out;
+    make_tensor(&t_idx, idx_dims, 2, ncclInt64, d_idx);
+    make_tensor(&t_x, x_dims, 2, ncclBfloat16, d_x);
+    make_tensor(&t_w, idx_dims, 2, ncclFloat32, d_w);
+    make_tensor(&t_recv, recv_dims, 3, ncclBfloat16, d_recv);
+    make_tensor(&t_rw, rk_dims, 3, ncclFloat32, d_rw);
+    make_tensor(&t_ri, rk_dims, 3, ncclInt32, d_ri);
+    make_tensor(&t_counts, cnt_dims, 1, ncclInt32, d_counts);
+    make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
+
+    NCCL_OK(ncclEpUpdateHandle(handle, &t_idx, NULL, NULL));
+    ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
+    in.tokens = &t_x;
+    in.topk_weights = &t_w;
+    ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    out.tokens = &t_recv;
+    out.topk_weights = &t_rw;
+    out.topk_idx = &t_ri;
+    ncclEpLayoutInfo_t info = NCCL_EP_LAYOUT_INFO_INIT;
+    info.src_rank_counters = &t_counts;
+    ncclEpDispatchConfig_t dcfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+    dcfg.send_only = (unsigned)send_only;
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, &info, &dcfg, NULL));
+    NCCL_OK(ncclEpComplete(handle, NULL, NULL));
+
+    // Reference: block s holds rank s's tokens with an expert here, in token order.
+    int counts[NUM_EXPERTS];
+    int32_t* ri = malloc(slots * TOPK * 4);
+    uint16_t* recv = malloc(slots * HIDDEN * 2);
+    mem_get(counts, d_counts, 4 * (size_t)R);
+    mem_get(ri, d_ri, slots * TOPK * 4);
+    mem_get(recv, d_recv, slots * HIDDEN * 2);
+    for (int s = 0; s < R; s++) {
+        int row = 0;
+        for (int t = 0; t < num_tokens(s, call); t++) {
+            if (!(owner_mask(s, t, call) >> rank & 1)) continue;
+            int slot = s * M + row++;
+            CHECK(recv[(size_t)slot * HIDDEN] == bf16(token_value(s, t, 0)), "rank %d: RM row %d of rank %d", rank, row - 1, s);
+            for (int k = 0; k < TOPK; k++) {
+                int64_t e = expert(s, t, k, call);
+                int want = e >= 0 && e / L == rank ? (int)(e - rank * L) : -1;
+                CHECK(ri[slot * TOPK + k] == want, "rank %d: RM id %d of row %d from %d", rank, k, row - 1, s);
+            }
+        }
+        CHECK(counts[s] == row, "rank %d: RM count from %d is %d, want %d", rank, s, counts[s], row);
+    }
+
+    // Identity experts: return the received rows; each token sums one per owner rank.
+    ncclEpCombineInputs_t cin = NCCL_EP_COMBINE_INPUTS_INIT;
+    cin.tokens = &t_recv;
+    ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
+    cout.tokens = &t_out;
+    ncclEpCombineConfig_t ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
+    ccfg.send_only = (unsigned)send_only;
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, &ccfg, NULL));
+    NCCL_OK(ncclEpComplete(handle, NULL, NULL));
+    uint16_t y[MAX_TOKENS * HIDDEN];
+    mem_get(y, d_out, (size_t)T * HIDDEN * 2);
+    for (int t = 0; t < T; t++) {
+        int owners = __builtin_popcount(owner_mask(rank, t, call));
+        for (int h = 0; h < HIDDEN; h++)
+            CHECK(from_bf16(y[t * HIDDEN + h]) == owners * token_value(rank, t, h), "rank %d: RM combined token %d", rank, t);
+    }
+    free(ri), free(recv);
+    void* bufs[] = {d_idx, d_w, d_x, d_recv, d_rw, d_ri, d_counts, d_out};
+    for (unsigned i = 0; i < sizeof bufs / sizeof bufs[0]; i++) mem_free(bufs[i]);
+    return 0;
+}
+
 static ncclEpGroupConfig_t config(ncclEpAlgorithm_t algorithm) {
     ncclEpGroupConfig_t c = NCCL_EP_GROUP_CONFIG_INIT;
     c.algorithm = algorithm;
@@ -406,6 +505,12 @@ static void* run_ll_rank(void* p) {
     if (h != NULL) {
         for (int call = 0; call < 4 && !failed; call++) failed = ll_round_trip(a->rank, ll, h, call);
         NCCL_OK_VOID(ncclEpHandleDestroy(h));
+    }
+    ncclEpHandle_t rm = NULL;
+    if (!failed) NCCL_OK_VOID(ncclEpInitHandle(&rm, ll, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, TOPK, NULL));
+    if (rm != NULL) {
+        for (int call = 0; call < 4 && !failed; call++) failed = ll_rank_major_round_trip(a->rank, rm, call);
+        NCCL_OK_VOID(ncclEpHandleDestroy(rm));
     }
     NCCL_OK_VOID(ncclEpGroupDestroy(ll));
     return NULL;
