@@ -62,6 +62,7 @@ macro_rules! kernel {
 pub mod collective;
 pub mod copy;
 pub mod dev;
+pub mod expert_major;
 pub mod intranode;
 pub mod layout;
 pub mod low_latency;

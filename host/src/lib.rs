@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod collective;
 pub mod device;
 mod error;
+pub mod expert_major;
 pub mod group;
 pub mod heap;
 pub mod intranode;

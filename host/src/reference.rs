@@ -573,6 +573,91 @@ pub fn ht_dispatch<T: Copy + Default>(
     Ok(HtDispatch { ranks, handle })
 }
 
+/// One rank's HT dispatch output in NCCL EP's `EXPERT_MAJOR` layout ([`ht_expert_major`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HtExpertMajor<T> {
+    /// `[slots, H]`: zone `e` (local expert order) holds, in row order, every received row
+    /// with local expert `e`, then `T::default()` padding up to `counts[e]`.
+    pub x: Vec<T>,
+    /// `[slots]`: each slot's weight (the row's weight for the zone's expert; 0 on padding).
+    pub weights: Vec<f32>,
+    /// `[L]`: zone sizes (`num_recv_tokens_per_expert`, aligned).
+    pub counts: Vec<i32>,
+    /// `[L]`: zone starts.
+    pub offsets: Vec<i32>,
+    /// `[N, K]`: the slot of each (row, k) whose expert is local, else -1.
+    pub slot_of: Vec<i32>,
+}
+
+/// NCCL EP's HT `EXPERT_MAJOR` layout of `recv` (one rank's [`ht_dispatch`] output, `L`
+/// local experts, rows `hidden` wide) in `num_slots` slots.
+pub fn ht_expert_major<T: Copy + Default>(
+    recv: &HtRecv<T>,
+    num_topk: usize,
+    hidden: usize,
+    num_slots: usize,
+) -> Result<HtExpertMajor<T>> {
+    let counts = recv.num_recv_tokens_per_expert.clone();
+    let offsets: Vec<i32> = counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c))).collect();
+    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    if total > num_slots {
+        return Err(Error::invalid("num_slots", format!("{total} slots needed, {num_slots} given")));
+    }
+    let n = recv.num_recv_tokens;
+    let mut out = HtExpertMajor {
+        x: vec![T::default(); num_slots * hidden],
+        weights: vec![0.0; num_slots],
+        counts: counts.clone(),
+        offsets: offsets.clone(),
+        slot_of: vec![-1; n * num_topk],
+    };
+    let mut filled = vec![0usize; counts.len()];
+    for row in 0..n {
+        for k in 0..num_topk {
+            let e = recv.recv_topk_idx[row * num_topk + k];
+            if e < 0 {
+                continue;
+            }
+            let slot = offsets[e as usize] as usize + filled[e as usize];
+            filled[e as usize] += 1;
+            out.x[slot * hidden..(slot + 1) * hidden].copy_from_slice(&recv.recv_x[row * hidden..(row + 1) * hidden]);
+            out.weights[slot] = recv.recv_topk_weights[row * num_topk + k];
+            out.slot_of[row * num_topk + k] = to_i32(slot, "slot")?;
+        }
+    }
+    Ok(out)
+}
+
+/// The way back from NCCL EP's HT `EXPERT_MAJOR` layout: each of the `N` rows of `em` is the
+/// f32 sum, k ascending, of its slots' rows of `y` (`[slots, hidden]` bf16), rounded once;
+/// with `weights` (`[slots]`), also `[N, K]` weights (0 where the expert is elsewhere).
+pub fn ht_expert_major_reduce<T>(
+    em: &HtExpertMajor<T>,
+    y: &[u16],
+    weights: Option<&[f32]>,
+    num_topk: usize,
+    hidden: usize,
+) -> (Vec<u16>, Option<Vec<f32>>) {
+    let n = em.slot_of.len() / num_topk.max(1);
+    let mut x = vec![0u16; n * hidden];
+    for row in 0..n {
+        let mut acc = vec![0f32; hidden];
+        for k in 0..num_topk {
+            let s = em.slot_of[row * num_topk + k];
+            if s >= 0 {
+                for (a, &v) in acc.iter_mut().zip(&y[s as usize * hidden..(s as usize + 1) * hidden]) {
+                    *a += bf16_to_f32(v);
+                }
+            }
+        }
+        for (o, a) in x[row * hidden..(row + 1) * hidden].iter_mut().zip(acc) {
+            *o = f32_to_bf16(a);
+        }
+    }
+    let w = weights.map(|w| em.slot_of.iter().map(|&s| if s >= 0 { w[s as usize] } else { 0.0 }).collect());
+    (x, w)
+}
+
 /// What one source rank gets back from [`ht_combine`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HtCombined {

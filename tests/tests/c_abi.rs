@@ -227,6 +227,115 @@ fn ht_flat_forward_and_backward_match_the_reference() {
     });
 }
 
+/// HT EXPERT_MAJOR with a zone alignment: zone sizes (i64), starts (i32) and total at update
+/// time, the zones and slot weights, the forward combine of fresh per-slot outputs and both
+/// backward passes, bit for bit against the reference (zones over FLAT rows).
+#[test]
+fn ht_expert_major_forward_and_backward_match_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m, align) = (4, 16, 64, 4, 10, 4usize);
+    let case = ht::Case { calls: 2, num_worst_tokens: None, ..ht::Case::new(e, h, k, m) };
+    let calls = ht::prepare(&case, n, &mut Rng::fresh("c_abi-ht-em"));
+    let slots = n * m * 2 + e * align;
+    let l = e / n;
+    on_groups(n, ht_config(e, h, m, slots), |rank, g| unsafe {
+        let mut hcfg = NCCL_EP_HANDLE_CONFIG_INIT;
+        hcfg.dispatch_output_per_expert_alignment = align;
+        let mut handle = null_mut();
+        ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hcfg, k as i32, null()));
+        for (i, c) in calls.iter().enumerate() {
+            let (t, ctx) = (c.tokens[rank], format!("rank {rank}, routing {i}"));
+            let routing = Routing::new(n, e, k, c.idx.clone()).unwrap();
+            let want = reference::ht_dispatch(&routing, &c.x, &c.w, h, align, Some(slots)).unwrap();
+            let ems: Vec<_> = want.ranks.iter().map(|r| reference::ht_expert_major(r, k, h, slots).unwrap()).collect();
+            let em = &ems[rank];
+            let used: usize = em.counts.iter().map(|&c| c as usize).sum();
+
+            let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
+            let mut counts = Tensor::filled(&dev, ncclInt64, &[l], 0xff);
+            let mut offsets = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
+            let mut total = Tensor::filled(&dev, ncclInt32, &[1], 0xff);
+            let mut info = NCCL_EP_LAYOUT_INFO_INIT;
+            (info.expert_counters, info.expert_offsets, info.recv_total_counter) =
+                (counts.ptr(), offsets.ptr(), total.ptr());
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, null_mut()));
+            let want_counts: Vec<i64> = em.counts.iter().map(|&c| c as i64).collect();
+            assert_eq!(counts.read::<i64>(&dev)[..l], want_counts[..], "{ctx}: zone sizes");
+            assert_eq!(offsets.read::<i32>(&dev)[..l], em.offsets[..], "{ctx}: zone starts");
+            assert_eq!(total.read::<i32>(&dev)[0], used as i32, "{ctx}: slots in all");
+
+            let (mut x, mut w) = (
+                Tensor::new(&dev, ncclBfloat16, &[t, h], &c.x[rank]),
+                Tensor::new(&dev, ncclFloat32, &[t, k], &c.w[rank]),
+            );
+            let mut zones = Tensor::filled(&dev, ncclBfloat16, &[slots, h], 0xee);
+            let mut zone_w = Tensor::filled(&dev, ncclFloat32, &[slots], 0xee);
+            let (mut din, mut dout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
+            (din.tokens, din.topk_weights, dout.tokens, dout.topk_weights) =
+                (x.ptr(), w.ptr(), zones.ptr(), zone_w.ptr());
+            ok(ncclEpDispatch(handle, &din, &dout, null(), null(), null_mut()));
+            assert!(zones.read::<u16>(&dev)[..used * h] == em.x[..used * h], "{ctx}: zones (rows and zero padding)");
+            assert_eq!(zone_w.read::<f32>(&dev)[..used], em.weights[..used], "{ctx}: slot weights");
+
+            // Forward combine of fresh per-slot outputs: zones -> flat rows -> home.
+            let pad = |mut v: Vec<u16>, rows: usize| {
+                v.resize(rows * h, 0);
+                v
+            };
+            let ys: Vec<Vec<u16>> = (0..n).map(|r| pad(c.y[r].clone(), slots)).collect();
+            let flats: Vec<Vec<u16>> =
+                (0..n).map(|r| pad(reference::ht_expert_major_reduce(&ems[r], &ys[r], None, k, h).0, slots)).collect();
+            let want_out = reference::ht_combine(&want.handle, &flats, None, [None, None], h).unwrap();
+            let mut y = Tensor::new(&dev, ncclBfloat16, &[slots, h], &ys[rank]);
+            let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+            let (mut cin, mut cout) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
+            (cin.tokens, cout.tokens) = (y.ptr(), out.ptr());
+            ok(ncclEpCombine(handle, &cin, &cout, null(), null_mut()));
+            assert!(out.read::<u16>(&dev)[..t * h] == want_out[rank].combined_x[..], "{ctx}: combined");
+
+            // Backward dispatch: gradients along the routes into the same zones.
+            let want_g = reference::ht_dispatch(&routing, &c.bias[0], &c.w, h, align, Some(slots)).unwrap();
+            let em_g = reference::ht_expert_major(&want_g.ranks[rank], k, h, slots).unwrap();
+            let mut grad = Tensor::new(&dev, ncclBfloat16, &[t, h], &c.bias[0][rank]);
+            let mut grad_zones = Tensor::filled(&dev, ncclBfloat16, &[slots, h], 0xee);
+            let (mut bin, mut bout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
+            (bin.tokens, bout.tokens) = (grad.ptr(), grad_zones.ptr());
+            let mut bwd = NCCL_EP_DISPATCH_CONFIG_INIT;
+            bwd.pass_direction = NCCL_EP_BWD_PASS;
+            ok(ncclEpDispatch(handle, &bin, &bout, null(), &bwd, null_mut()));
+            assert!(grad_zones.read::<u16>(&dev)[..used * h] == em_g.x[..used * h], "{ctx}: backward dispatch");
+
+            // Backward combine: per-slot weight gradients come home as [T, K].
+            let wgs: Vec<Vec<f32>> = (0..n).map(|_| (0..slots).map(|j| j as f32 * 0.125 - 1.0).collect()).collect();
+            let (flat_ws, flat_ys): (Vec<Vec<f32>>, Vec<Vec<u16>>) = (0..n)
+                .map(|r| {
+                    let (fx, fw) = reference::ht_expert_major_reduce(&ems[r], &ys[r], Some(&wgs[r]), k, h);
+                    let mut fw = fw.unwrap();
+                    fw.resize(slots * k, 0.0);
+                    (fw, pad(fx, slots))
+                })
+                .unzip();
+            let want_b = reference::ht_combine(&want.handle, &flat_ys, Some(&flat_ws), [None, None], h).unwrap();
+            let mut wg = Tensor::new(&dev, ncclFloat32, &[slots], &wgs[rank]);
+            let (mut out2, mut w_out) =
+                (Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee), Tensor::filled(&dev, ncclFloat32, &[t, k], 0xee));
+            let (mut cin2, mut cout2) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
+            (cin2.tokens, cin2.topk_weights, cout2.tokens, cout2.topk_weights) =
+                (y.ptr(), wg.ptr(), out2.ptr(), w_out.ptr());
+            let mut cbwd = NCCL_EP_COMBINE_CONFIG_INIT;
+            cbwd.pass_direction = NCCL_EP_BWD_PASS;
+            ok(ncclEpCombine(handle, &cin2, &cout2, &cbwd, null_mut()));
+            assert!(out2.read::<u16>(&dev)[..t * h] == want_b[rank].combined_x[..], "{ctx}: backward combine rows");
+            assert_eq!(
+                w_out.read::<f32>(&dev)[..t * k],
+                want_b[rank].combined_topk_weights.as_ref().unwrap()[..],
+                "{ctx}: backward combine weights"
+            );
+        }
+        ok(ncclEpHandleDestroy(handle));
+    });
+}
+
 fn ll_config(num_experts: usize, hidden: usize, max_tokens: usize) -> ncclEpGroupConfig_t {
     let mut c = NCCL_EP_GROUP_CONFIG_INIT;
     c.algorithm = NCCL_EP_ALGO_LOW_LATENCY;

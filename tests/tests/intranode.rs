@@ -308,3 +308,117 @@ fn ht_one_pass_missing_peer_is_a_timeout() {
         group.bootstrap().barrier().unwrap();
     });
 }
+
+/// NCCL EP's HT `EXPERT_MAJOR` layout over a padded FLAT dispatch with aligned counts: the
+/// zones, slot weights and padding, and the way back (rows and weights), bit for bit against
+/// the reference; too few slots is a typed error.
+#[test]
+fn ht_expert_major_permute_and_reduce_match_the_reference() {
+    use moe_ep::expert_major::{ExpertMajorIo, zone_counts};
+    use moe_ep::reference::{self, Routing};
+    let dev = device();
+    let n = num_ranks(&dev).min(4);
+    let (e, h, k, m, align) = (8usize, 64usize, 3usize, if dev.is_cpu() { 12 } else { 256 }, 4usize);
+    let case = Case { calls: 1, ..Case::new(e, h, k, m) };
+    let mut rng = Rng::fresh("intranode-expert-major");
+    let idx = ht::routing(&mut rng, n, &case, 1);
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
+    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|_| rng.next_u32() as f32 / 9e9).collect()).collect();
+    let rows = n * m; // flat rows
+    let slots = rows * 2 + e * align; // room for duplicates and padding
+    let want =
+        reference::ht_dispatch(&Routing::new(n, e, k, idx.clone()).unwrap(), &x, &w, h, align, Some(rows)).unwrap();
+    let ems: Vec<_> = want.ranks.iter().map(|r| reference::ht_expert_major(r, k, h, slots).unwrap()).collect();
+    let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(slots * h, 8.0)).collect();
+    let yw: Vec<Vec<f32>> = (0..n).map(|_| (0..slots).map(|i| i as f32 * 0.5).collect()).collect();
+    on_ranks(Group::in_process(&devices(n)).unwrap(), |rank, group| {
+        let cfg = HtConfig { num_experts: e, hidden: h, num_topk: k, ..small_config(k, 0) };
+        let mut buf = HtBuffer::new(&group, cfg).unwrap();
+        let (t, s) = (tokens[rank], group.stream());
+        let (topk, weights, xb) = (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &x[rank]));
+        let layout = get_dispatch_layout(&group, &topk, IndexType::I64, t, k, e).unwrap();
+        let args = HtDispatchArgs {
+            x: &xb,
+            hidden_bytes: 2 * h,
+            num_tokens: t,
+            x_scales: None,
+            topk: Some((&topk, IndexType::I64, &weights, k)),
+            layout: &layout,
+            expert_alignment: align,
+            num_worst_tokens: Some(rows),
+        };
+        group.bootstrap().barrier().unwrap();
+        let out = buf.dispatch(&group, &args).unwrap();
+        let (em_x, em_w, slot_map) =
+            (s.alloc(slots * 2 * h).unwrap(), s.alloc(4 * slots).unwrap(), s.alloc(4 * rows * k).unwrap());
+        em_x.fill_async(s, 0xee).unwrap();
+        em_w.fill_async(s, 0xee).unwrap();
+        let io = |slots: usize| ExpertMajorIo {
+            flat_x: &out.recv_x,
+            flat_topk_idx: &out.recv_topk_idx,
+            flat_topk_weights: Some(&out.recv_topk_weights),
+            num_rows: &out.handle.num_recv_tokens,
+            expert_counts: &out.num_recv_tokens_per_expert,
+            em_x: &em_x,
+            em_weights: Some(&em_w),
+            slot_map: &slot_map,
+            row_bytes: 2 * h,
+            max_rows: rows,
+            num_slots: slots,
+            num_topk: k,
+            num_local_experts: e / n,
+        };
+        io(slots).permute(&group).unwrap();
+        let l = e / n;
+        let (counts, offsets, total) = (s.alloc(8 * l).unwrap(), s.alloc(4 * l).unwrap(), s.alloc(8).unwrap());
+        zone_counts(&group, &out.num_recv_tokens_per_expert, l, [Some(&counts), None, Some(&total)], true).unwrap();
+        zone_counts(&group, &out.num_recv_tokens_per_expert, l, [None, Some(&offsets), None], false).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("expert-major permute").unwrap();
+        let want_em = &ems[rank];
+        let used: usize = want_em.counts.iter().map(|&c| c as usize).sum();
+        let ctx = format!("rank {rank}");
+        assert_eq!(
+            counts.to_vec::<i64>(s).unwrap(),
+            want_em.counts.iter().map(|&c| c as i64).collect::<Vec<_>>(),
+            "{ctx}: i64 counts"
+        );
+        assert_eq!(offsets.to_vec::<i32>(s).unwrap(), want_em.offsets, "{ctx}: offsets");
+        assert_eq!(total.to_vec::<i64>(s).unwrap(), vec![used as i64], "{ctx}: total");
+        assert!(em_x.to_vec::<u16>(s).unwrap()[..used * h] == want_em.x[..used * h], "{ctx}: zones");
+        assert_eq!(em_w.to_vec::<f32>(s).unwrap()[..used], want_em.weights[..used], "{ctx}: slot weights");
+
+        // The way back: fresh expert outputs per slot and slot weights.
+        let (yb, ywb) = (upload(&group, &y[rank]), upload(&group, &yw[rank]));
+        let (flat, flat_w) = (s.alloc(rows * 2 * h).unwrap(), s.alloc(4 * rows * k).unwrap());
+        flat.fill_async(s, 0xee).unwrap();
+        let back = ExpertMajorIo {
+            flat_x: &flat,
+            flat_topk_weights: Some(&flat_w),
+            em_x: &yb,
+            em_weights: Some(&ywb),
+            ..io(slots)
+        };
+        back.reduce(&group).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("expert-major reduce").unwrap();
+        let (want_x, want_w) = reference::ht_expert_major_reduce(want_em, &y[rank], Some(&yw[rank]), k, h);
+        let nr = want.ranks[rank].num_recv_tokens;
+        assert!(flat.to_vec::<u16>(s).unwrap()[..nr * h] == want_x[..nr * h], "{ctx}: reduced rows");
+        assert_eq!(flat_w.to_vec::<f32>(s).unwrap()[..nr * k], want_w.unwrap()[..nr * k], "{ctx}: reduced weights");
+
+        // Too few slots: a typed error naming both counts.
+        if used > 0 {
+            io(used - 1).permute(&group).unwrap();
+            s.synchronize().unwrap();
+            match group.take_device_error("expert-major permute") {
+                Err(moe_ep::Error::InvalidArgument { reason, .. }) => {
+                    assert!(reason.contains(&format!("{used} rows arrive")), "{ctx}: {reason}")
+                }
+                other => panic!("{ctx}: expected an overflow error, got {other:?}"),
+            }
+        }
+        group.bootstrap().barrier().unwrap();
+    });
+}

@@ -179,6 +179,59 @@ pub struct LayoutParams {
     pub rank: u32,
 }
 
+/// Parameters of the HT expert-major kernels (NCCL EP's HT `EXPERT_MAJOR` layout over the
+/// rows of a FLAT dispatch): `ht_expert_major_counts` (zone counts, offsets and total),
+/// `ht_expert_major_permute` (flat rows to per-expert zones) and `ht_expert_major_reduce`
+/// (zones back to one row per flat row). `L` local experts, `K` top-k, zones in local
+/// expert order, each `expert_counts[e]` slots long (already rounded up to the alignment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HtExpertMajorParams {
+    // FLAT SIDE (permute: input; reduce: output)
+    /// `[max_rows, row_bytes]` rows in dispatch order.
+    pub flat_x: u64,
+    /// `[max_rows, K]` i64: the local expert of each (row, k), -1 elsewhere.
+    pub flat_topk_idx: u64,
+    /// `[max_rows, K]` f32 (0: none).
+    pub flat_topk_weights: u64,
+    /// `[1]` i32: rows of this dispatch.
+    pub num_rows: u64,
+    /// `[L]` i32: slots of each zone.
+    pub expert_counts: u64,
+    // EXPERT-MAJOR SIDE (permute: output; reduce: input)
+    /// `[num_slots, row_bytes]`: zone `e` starts at the sum of the counts before it.
+    pub em_x: u64,
+    /// `[num_slots]` f32: the weight of each slot's (row, expert) (0: none).
+    pub em_weights: u64,
+    /// `[max_rows, K]` i32: the slot of each (row, k) whose expert is local (permute writes,
+    /// reduce reads; other entries untouched).
+    pub slot_map: u64,
+    // COUNTS (ht_expert_major_counts' outputs, each optional: 0 = none)
+    /// `[L]` zone sizes, i32 (i64 when `out_i64`).
+    pub counts_out: u64,
+    /// `[L]` zone offsets (exclusive prefix sums), i32 or i64.
+    pub offsets_out: u64,
+    /// `[1]` slots in all, i32 or i64.
+    pub total_out: u64,
+    /// The [`ErrorSlot`]: `OVERFLOW` when the zones need more than `num_slots`.
+    pub error: u64,
+    // CONFIG
+    /// Bytes per row, a multiple of 16 (reduce: bf16 rows).
+    pub row_bytes: u64,
+    /// Capacity of the flat arrays in rows.
+    pub max_rows: u32,
+    /// Capacity of the expert-major arrays in slots.
+    pub num_slots: u32,
+    /// K.
+    pub num_topk: u32,
+    /// L.
+    pub num_local_experts: u32,
+    /// This rank (error reports).
+    pub rank: u32,
+    /// 1: the counts outputs are i64.
+    pub out_i64: u32,
+}
+
 /// Most ranks of one NVLink domain in the HT intranode kernels (a warp per peer).
 pub const HT_MAX_RANKS: u32 = 8;
 /// Most warps in an HT dispatch/combine block (`warps_per_peer * num_ranks`): the kernels are

@@ -16,6 +16,7 @@ use moe_ep::buffer::{
     HtCombineCall, HtDispatchHandle, HtRoute, HtRouteCall, HtRoutedDispatch, LlCombineCall, LlCombinePending,
     LlDispatch, LlDispatchCall, LlRankMajor, LlRankMajorCall, LlRankMajorCombineCall,
 };
+use moe_ep::expert_major::{ExpertMajorIo, zone_counts};
 use moe_ep::intranode::HtCombineOutputs;
 use moe_ep::layout::IndexType;
 use moe_ep::low_latency::{LlDispatchOptions, LlRankMajorOutputs, LlStats};
@@ -27,6 +28,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     HtFlat,
+    /// Zones per local expert, each a multiple of the alignment.
+    HtExpertMajor,
     LlExpertMajor,
     LlRankMajor,
 }
@@ -39,9 +42,7 @@ impl Layout {
             (Algorithm::HighThroughput, NCCL_EP_LAYOUT_FLAT) => Ok(Layout::HtFlat),
             (Algorithm::LowLatency, NCCL_EP_LAYOUT_EXPERT_MAJOR) => Ok(Layout::LlExpertMajor),
             (Algorithm::LowLatency, NCCL_EP_LAYOUT_RANK_MAJOR) => Ok(Layout::LlRankMajor),
-            (Algorithm::HighThroughput, NCCL_EP_LAYOUT_EXPERT_MAJOR) => {
-                Err(Failure::usage("HT EXPERT_MAJOR is not supported by this moe-ep release: use FLAT"))
-            }
+            (Algorithm::HighThroughput, NCCL_EP_LAYOUT_EXPERT_MAJOR) => Ok(Layout::HtExpertMajor),
             (Algorithm::HighThroughput, _) => {
                 Err(Failure::invalid(format!("layout {raw}: HT takes FLAT or EXPERT_MAJOR")))
             }
@@ -84,6 +85,8 @@ struct LlRouting {
 struct State {
     ht_route: Option<HtRoute>,
     ht_dispatch: Option<HtDispatchHandle>,
+    /// HT expert-major: the last forward dispatch's flat ids and slot map.
+    ht_zones: Option<Zones>,
     ll_routing: Option<LlRouting>,
     ll_dispatch: Option<LlDispatch>,
     ll_rank_major: Option<LlRankMajor>,
@@ -93,11 +96,21 @@ struct State {
     ll_combine_pending: Option<LlCombinePending>,
 }
 
+/// The flat side of an HT expert-major dispatch, kept for its combine and backward passes:
+/// `[rows, K]` i64 local expert ids and `[rows, K]` i32 slots.
+struct Zones {
+    flat_topk_idx: DeviceBuffer,
+    slot_map: DeviceBuffer,
+    rows: usize,
+}
+
 /// What `ncclEpHandle_t` points to.
 pub struct EpHandle {
     buffer: Arc<Buffer>,
     config: GroupConfig,
     layout: Layout,
+    /// HT expert-major zone alignment (1: none).
+    alignment: usize,
     /// K (LL: fixed at init; HT: from the routing when not given).
     num_topk: Option<usize>,
     memory: Memory,
@@ -126,10 +139,19 @@ fn ll_sizes(cfg: &GroupConfig, layout: Layout, num_ranks: usize, num_topk: usize
     let (r, m) = (num_ranks, cfg.max_dispatch_tokens_per_rank);
     let idx = m * num_topk * 8;
     match layout {
-        Layout::HtFlat => vec![],
+        Layout::HtFlat | Layout::HtExpertMajor => vec![],
         Layout::LlExpertMajor => vec![idx, 8 * (cfg.num_experts / r) * r, 8],
         Layout::LlRankMajor => vec![idx, 4 * r, 4 * r * m, 8],
     }
+}
+
+/// A view of `b` (no ownership).
+///
+/// # Safety
+/// `b` outlives every use of the view.
+unsafe fn lend(dev: &Device, b: &DeviceBuffer) -> DeviceBuffer {
+    // SAFETY: forwarded.
+    unsafe { DeviceBuffer::borrowed(dev, b.ptr(), b.len()) }
 }
 
 fn index_type(t: &Tensor) -> Result<IndexType> {
@@ -157,7 +179,7 @@ impl EpHandle {
     pub fn memory_bytes(group: &EpGroup, layout: Layout, num_topk: usize) -> Result<usize> {
         let r = group.buffer.group().num_ranks();
         match layout {
-            Layout::HtFlat => {
+            Layout::HtFlat | Layout::HtExpertMajor => {
                 Ok(group.buffer.ht_route_bytes(group.config.max_dispatch_tokens_per_rank, num_topk, IndexType::I64)?)
             }
             Layout::LlExpertMajor | Layout::LlRankMajor => {
@@ -170,6 +192,7 @@ impl EpHandle {
     pub fn new(
         group: &EpGroup,
         layout: Layout,
+        alignment: usize,
         num_topk: Option<usize>,
         handle_mem: Option<Tensor>,
     ) -> Result<EpHandle> {
@@ -236,7 +259,8 @@ impl EpHandle {
                 ll_small.push(device.alloc(bytes.next_multiple_of(16))?);
             }
         }
-        Ok(EpHandle { buffer, config: cfg, layout, num_topk: k, memory, ll_small, state: Mutex::new(State::default()) })
+        let state = Mutex::new(State::default());
+        Ok(EpHandle { buffer, config: cfg, layout, alignment, num_topk: k, memory, ll_small, state })
     }
 
     /// The handle's memory, or None for moe-ep's own.
@@ -276,21 +300,20 @@ impl EpHandle {
         let idx = unsafe { topk_idx.buffer(self.device()) };
         let mut st = self.lock()?;
         match self.layout {
-            Layout::HtFlat => {
+            Layout::HtFlat | Layout::HtExpertMajor => {
                 let info = HtLayoutInfo::read(layout_info)?;
                 let call_ = HtRouteCall {
                     topk_idx: &idx,
                     index_type: ty,
                     num_tokens: t,
                     num_topk: k,
-                    expert_alignment: 1,
+                    expert_alignment: self.alignment,
                     shapes: self.config.ht_shapes(),
                     memory: self.caller_memory(),
                 };
-                st.ht_dispatch = None;
-                st.ht_route = None;
+                (st.ht_dispatch, st.ht_route, st.ht_zones) = (None, None, None);
                 let route = self.buffer.ht_route(&call, call_)?;
-                info.write(&self.buffer, &call, &route, self.device())?;
+                info.write(&self.buffer, &call, &route, self.layout)?;
                 st.ht_route = Some(route);
             }
             Layout::LlExpertMajor | Layout::LlRankMajor => {
@@ -362,7 +385,7 @@ impl EpHandle {
             }
             let mut st = self.lock()?;
             match self.layout {
-                Layout::HtFlat => {
+                Layout::HtFlat | Layout::HtExpertMajor => {
                     if cfg.send_only != 0 {
                         return Err(Failure::usage("config.send_only is for LL; HT dispatches complete on their own"));
                     }
@@ -501,6 +524,27 @@ impl EpHandle {
                     h.num_rows
                 )));
             }
+            if self.layout == Layout::HtExpertMajor {
+                // Along the routes into flat rows, then into the zones of the forward pass.
+                let Some(z) = &st.ht_zones else {
+                    return Err(Failure::usage("a backward dispatch follows a forward dispatch of the handle"));
+                };
+                let flat = self.group().stream().alloc_uninit((h.num_rows * hidden_bytes).max(16))?;
+                // SAFETY: `flat` lives until after the permute is queued (stream-ordered free).
+                let out = (unsafe { lend(&dev, &flat) }, None);
+                self.buffer.ht_dispatch_cached(call, h, &xb, hidden_bytes, None, Some(out))?;
+                let em_x = buf(&recv_x);
+                return self.ht_permute(
+                    st,
+                    call,
+                    [&flat, &z.flat_topk_idx],
+                    None,
+                    [&em_x, &z.slot_map],
+                    None,
+                    hidden_bytes,
+                    rows,
+                );
+            }
             let out = (buf(&recv_x), recv_scales.as_ref().map(buf));
             self.buffer.ht_dispatch_cached(call, h, &xb, hidden_bytes, sb.as_ref().zip(s), Some(out))?;
             return Ok(());
@@ -514,6 +558,54 @@ impl EpHandle {
             return Err(Failure::invalid("inputs->topk_weights is required by a forward HT dispatch"));
         };
         weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
+        if self.layout == Layout::HtExpertMajor {
+            let (Some(recv_weights), None, None) = (recv_weights, &recv_idx, &scales) else {
+                return Err(Failure::invalid(
+                    "HT EXPERT_MAJOR: outputs->topk_weights ([slots]) is required; outputs->topk_idx and scales are not taken",
+                ));
+            };
+            recv_weights.expect(&[ncclFloat32], &[Some(rows)])?;
+            // A FLAT dispatch into staging (each received row needs at least one slot, so
+            // `rows` flat rows always fit), then the rows into their zones.
+            let stream = self.group().stream();
+            let flat = [
+                stream.alloc_uninit((rows * hidden_bytes).max(16))?,
+                stream.alloc(rows * k * 8 + 16)?,
+                stream.alloc_uninit(rows * k * 4 + 16)?,
+            ];
+            let wb = buf(&weights);
+            // SAFETY: the staging lives until after the permute is queued (stream-ordered free).
+            let d = unsafe {
+                HtRoutedDispatch {
+                    x: &xb,
+                    hidden_bytes,
+                    x_scales: None,
+                    topk_weights: &wb,
+                    rows,
+                    recv_x: lend(&dev, &flat[0]),
+                    recv_x_scales: None,
+                    recv_topk_idx: lend(&dev, &flat[1]),
+                    recv_topk_weights: lend(&dev, &flat[2]),
+                }
+            };
+            let (handle, _) = self.buffer.ht_dispatch_routed(call, route, d)?;
+            st.ht_dispatch = Some(handle);
+            let slot_map = stream.alloc(rows * k * 4 + 16)?;
+            let [flat_x, flat_idx, flat_w] = flat;
+            let em = [buf(&recv_x), buf(&recv_weights)];
+            self.ht_permute(
+                st,
+                call,
+                [&flat_x, &flat_idx],
+                Some(&flat_w),
+                [&em[0], &slot_map],
+                Some(&em[1]),
+                hidden_bytes,
+                rows,
+            )?;
+            st.ht_zones = Some(Zones { flat_topk_idx: flat_idx, slot_map, rows });
+            return Ok(());
+        }
         let (Some(recv_weights), Some(recv_idx)) = (recv_weights, recv_idx) else {
             return Err(Failure::invalid(
                 "outputs->topk_weights and outputs->topk_idx are required by the HT FLAT layout",
@@ -536,6 +628,91 @@ impl EpHandle {
         let (handle, _) = self.buffer.ht_dispatch_routed(call, route, d)?;
         st.ht_dispatch = Some(handle);
         Ok(())
+    }
+
+    /// Queues the permute of a dispatch's flat rows into the zones `em_x` (`rows` slots).
+    #[allow(clippy::too_many_arguments)]
+    fn ht_permute(
+        &self,
+        st: &State,
+        call: &CallStream,
+        [flat_x, flat_topk_idx]: [&DeviceBuffer; 2],
+        flat_topk_weights: Option<&DeviceBuffer>,
+        [em_x, slot_map]: [&DeviceBuffer; 2],
+        em_weights: Option<&DeviceBuffer>,
+        row_bytes: usize,
+        slots: usize,
+    ) -> Result<()> {
+        let route = st.ht_route.as_ref().ok_or_else(|| Failure::usage("no routing (ncclEpUpdateHandle)"))?;
+        let (num_rows, counts) = self.route_counts(route)?;
+        let io = ExpertMajorIo {
+            flat_x,
+            flat_topk_idx,
+            flat_topk_weights,
+            num_rows: &num_rows,
+            expert_counts: &counts,
+            em_x,
+            em_weights,
+            slot_map,
+            row_bytes,
+            max_rows: flat_x.len() / row_bytes,
+            num_slots: slots,
+            num_topk: route.num_topk,
+            num_local_experts: counts.len() / 4,
+        };
+        Ok(self.buffer.run(call, |_| io.permute(self.group()))?)
+    }
+
+    /// Queues the reduce of the zones `em_x` (`slots` bf16 rows of `hidden`, and their
+    /// weights) back to one flat row (and `[rows, K]` weights) per dispatched row.
+    fn ht_reduce(
+        &self,
+        st: &State,
+        call: &CallStream,
+        em_x: &DeviceBuffer,
+        em_weights: Option<&DeviceBuffer>,
+        slots: usize,
+        hidden: usize,
+    ) -> Result<(DeviceBuffer, Option<DeviceBuffer>)> {
+        let (Some(route), Some(z)) = (&st.ht_route, &st.ht_zones) else {
+            return Err(Failure::usage("a combine follows a forward dispatch of the handle"));
+        };
+        let (num_rows, counts) = self.route_counts(route)?;
+        let stream = self.group().stream();
+        let k = route.num_topk;
+        let flat = stream.alloc_uninit((z.rows * 2 * hidden).max(16))?;
+        let flat_w = em_weights.map(|_| stream.alloc_uninit(z.rows * k * 4 + 16)).transpose()?;
+        let io = ExpertMajorIo {
+            flat_x: &flat,
+            flat_topk_idx: &z.flat_topk_idx,
+            flat_topk_weights: flat_w.as_ref(),
+            num_rows: &num_rows,
+            expert_counts: &counts,
+            em_x,
+            em_weights,
+            slot_map: &z.slot_map,
+            row_bytes: 2 * hidden,
+            max_rows: z.rows,
+            num_slots: slots,
+            num_topk: k,
+            num_local_experts: counts.len() / 4,
+        };
+        self.buffer.run(call, |_| io.reduce(self.group()))?;
+        Ok((flat, flat_w))
+    }
+
+    /// Views of a route's received-row count (`[1]` i32) and zone sizes (`[L]` i32).
+    fn route_counts(&self, route: &HtRoute) -> Result<(DeviceBuffer, DeviceBuffer)> {
+        let (rows, counts) = (route.num_recv_tokens()?, route.num_recv_tokens_per_expert()?);
+        let dev = self.device();
+        // SAFETY: the route's memory, alive while the handle holds the route (every use is
+        // queued before the route can be replaced).
+        Ok(unsafe {
+            (
+                DeviceBuffer::borrowed(dev, rows.ptr(), rows.len()),
+                DeviceBuffer::borrowed(dev, counts.ptr(), counts.len()),
+            )
+        })
     }
 
     /// LL expert-major dispatch; the rows reach `recv_x` when the receive has run.
@@ -711,7 +888,7 @@ impl EpHandle {
             let buf = |t: &Tensor| t.buffer(&dev);
             let mut st = self.lock()?;
             match self.layout {
-                Layout::HtFlat => {
+                Layout::HtFlat | Layout::HtExpertMajor => {
                     if cfg.send_only != 0 {
                         return Err(Failure::usage("config.send_only is for LL; HT combines complete on their own"));
                     }
@@ -723,10 +900,14 @@ impl EpHandle {
                     let Some(h) = &st.ht_dispatch else {
                         return Err(Failure::usage("a combine follows a forward dispatch of the handle"));
                     };
-                    x.expect(&[ncclBfloat16], &[Some(h.num_rows), None])?;
+                    let em = self.layout == Layout::HtExpertMajor;
+                    // Expert-major: the slots of the dispatch (its output's rows); FLAT: its rows.
+                    let slots = if em { x.dims.first().copied().unwrap_or(0) } else { h.num_rows };
+                    x.expect(&[ncclBfloat16], &[Some(slots), None])?;
                     let hidden = x.dims[1];
                     out.expect(&[ncclBfloat16], &[Some(h.num_tokens), Some(hidden)])?;
                     let k = st.ht_route.as_ref().map_or(0, |r| r.num_topk);
+                    let w_rows = if em { None } else { Some(h.num_rows) };
                     let weights = match (bwd, weights, out_weights) {
                         (false, None, None) => None,
                         (false, _, _) => {
@@ -735,7 +916,10 @@ impl EpHandle {
                             ));
                         }
                         (true, Some(w), Some(ow)) => {
-                            w.expect(&[ncclFloat32], &[Some(h.num_rows), Some(k)])?;
+                            match w_rows {
+                                Some(rows) => w.expect(&[ncclFloat32], &[Some(rows), Some(k)])?,
+                                None => w.expect(&[ncclFloat32], &[Some(slots)])?, // one per slot
+                            };
                             ow.expect(&[ncclFloat32], &[Some(h.num_tokens), Some(k)])?;
                             Some((buf(&w), buf(&ow)))
                         }
@@ -745,8 +929,14 @@ impl EpHandle {
                             ));
                         }
                     };
-                    let xb = buf(&x);
-                    let (w_in, w_out) = weights.unzip();
+                    let (mut xb, (mut w_in, w_out)) = (buf(&x), weights.unzip());
+                    let _keep; // expert-major: the flat rows (and weights) the zones reduce to
+                    if em {
+                        let (flat, flat_w) = self.ht_reduce(&st, &call, &xb, w_in.as_ref(), slots, hidden)?;
+                        // Views of the staging, kept alive below until after the combine.
+                        (xb, w_in) = (lend(&dev, &flat), flat_w.as_ref().map(|b| lend(&dev, b)));
+                        _keep = (flat, flat_w);
+                    }
                     let c = HtCombineCall {
                         x: &xb,
                         hidden,
@@ -861,14 +1051,20 @@ impl EpHandle {
 /// The handle-time tensors of an HT `ncclEpLayoutInfo_t`.
 struct HtLayoutInfo {
     expert_counters: Option<Tensor>,
+    expert_offsets: Option<Tensor>,
     recv_total_counter: Option<Tensor>,
-    others: bool,
+    src_rank_counters: bool,
 }
 
 impl HtLayoutInfo {
     fn read(info: Option<&ncclEpLayoutInfo_t>) -> Result<HtLayoutInfo> {
         let Some(i) = info else {
-            return Ok(HtLayoutInfo { expert_counters: None, recv_total_counter: None, others: false });
+            return Ok(HtLayoutInfo {
+                expert_counters: None,
+                expert_offsets: None,
+                recv_total_counter: None,
+                src_rank_counters: false,
+            });
         };
         if i.recv_topk_idx_kind == NCCL_EP_EXPERT_ID_GLOBAL {
             return Err(Failure::usage("recv_topk_idx_kind GLOBAL is not supported by this release (LOCAL ids)"));
@@ -877,43 +1073,77 @@ impl HtLayoutInfo {
         unsafe {
             Ok(HtLayoutInfo {
                 expert_counters: Tensor::from_ptr("layout_info->expert_counters", i.expert_counters)?,
+                expert_offsets: Tensor::from_ptr("layout_info->expert_offsets", i.expert_offsets)?,
                 recv_total_counter: Tensor::from_ptr("layout_info->recv_total_counter", i.recv_total_counter)?,
-                others: !i.expert_offsets.is_null() || !i.src_rank_counters.is_null(),
+                src_rank_counters: !i.src_rank_counters.is_null(),
             })
         }
     }
 
     fn any(&self) -> bool {
-        self.expert_counters.is_some() || self.recv_total_counter.is_some() || self.others
+        self.expert_counters.is_some()
+            || self.expert_offsets.is_some()
+            || self.recv_total_counter.is_some()
+            || self.src_rank_counters
     }
 
-    /// Copies the route's counts into the caller's tensors (after the count exchange).
-    fn write(&self, buffer: &Buffer, call: &CallStream, route: &HtRoute, dev: &Device) -> Result<()> {
-        if self.others {
-            return Err(Failure::invalid(
-                "layout_info: expert_offsets (expert-major) and src_rank_counters (LL rank-major) do not apply to HT FLAT",
-            ));
+    /// Writes the route's counts into the caller's tensors (after the count exchange): FLAT
+    /// gets the per-expert counts (i32) and rows received; expert-major the zone sizes,
+    /// starts and slots in all (i32 or i64 each).
+    fn write(&self, buffer: &Buffer, call: &CallStream, route: &HtRoute, layout: Layout) -> Result<()> {
+        if self.src_rank_counters {
+            return Err(Failure::invalid("layout_info->src_rank_counters is for the LL rank-major layout"));
         }
-        let l = route.num_recv_tokens_per_expert()?.len() / 4;
+        let (per_expert, total) = (route.num_recv_tokens_per_expert()?, route.num_recv_tokens()?);
+        let l = per_expert.len() / 4;
+        let dev = buffer.group().device();
+        // SAFETY: the route's outputs, alive as long as the route (the call is ordered before
+        // anything frees them).
+        let (per_expert, total) = unsafe {
+            (DeviceBuffer::borrowed(dev, per_expert.ptr(), 4 * l), DeviceBuffer::borrowed(dev, total.ptr(), 4))
+        };
+        let ints = [ncclInt32, ncclInt64];
+        if layout == Layout::HtExpertMajor {
+            for (t, n) in [(&self.expert_counters, l), (&self.expert_offsets, l), (&self.recv_total_counter, 1)] {
+                if let Some(t) = t {
+                    t.expect(&ints, &[Some(n)])?;
+                }
+            }
+            // SAFETY: the caller's tensors (checked), alive for the call.
+            let bufs = [&self.expert_counters, &self.expert_offsets, &self.recv_total_counter]
+                .map(|t| t.as_ref().map(|t| (unsafe { t.buffer(dev) }, t.dtype == ncclInt64)));
+            return Ok(buffer.run(call, |_| {
+                for (i, b) in bufs.iter().enumerate() {
+                    if let Some((b, wide)) = b {
+                        let mut outs = [None, None, None];
+                        outs[i] = Some(b);
+                        zone_counts(buffer.group(), &per_expert, l, outs, *wide)?;
+                    }
+                }
+                Ok(())
+            })?);
+        }
+        if self.expert_offsets.is_some() {
+            return Err(Failure::invalid("layout_info->expert_offsets is for the expert-major layout"));
+        }
         if let Some(c) = &self.expert_counters {
             c.expect(&[ncclInt32], &[Some(l)])?;
         }
         if let Some(c) = &self.recv_total_counter {
-            c.expect(&[ncclInt32, ncclInt64], &[Some(1)])?;
+            c.expect(&ints, &[Some(1)])?;
         }
-        let (per_expert, total) = (route.num_recv_tokens_per_expert()?, route.num_recv_tokens()?);
         buffer.run(call, |s| {
-            // SAFETY: (views) the caller's tensors and the route's outputs, alive for the call.
+            // SAFETY: (views) the caller's tensors, alive for the call.
             unsafe {
                 if let Some(c) = &self.expert_counters {
-                    c.buffer(dev).copy_from_async(s, &DeviceBuffer::borrowed(dev, per_expert.ptr(), 4 * l), 4 * l)?;
+                    c.buffer(dev).copy_from_async(s, &per_expert, 4 * l)?;
                 }
                 if let Some(c) = &self.recv_total_counter {
                     let into = c.buffer(dev);
                     if c.dtype == ncclInt64 {
                         into.fill_async(s, 0)?; // the count is >= 0: the i32's bytes, zero-extended
                     }
-                    into.copy_from_async(s, &DeviceBuffer::borrowed(dev, total.ptr(), 4), 4)?;
+                    into.copy_from_async(s, &total, 4)?;
                 }
             }
             Ok(())

@@ -235,14 +235,18 @@ fn init_handle(
     let g = group_ref(ep_group)?;
     // SAFETY: the caller's struct or NULL.
     let cfg = unsafe { read_or_default(config) }?;
-    if cfg.dispatch_output_per_expert_alignment > 1 {
-        // Only the expert-major layouts pad per expert, and this release has none for HT.
-        return Err(Failure::usage("dispatch_output_per_expert_alignment applies to HT expert-major only"));
-    }
     let (layout, k) = handle_args(g, layout, num_topk)?;
+    let alignment = match cfg.dispatch_output_per_expert_alignment {
+        0 | 1 => 1,
+        a if a.is_power_of_two() && layout == Layout::HtExpertMajor => a,
+        a if layout == Layout::HtExpertMajor => {
+            return Err(Failure::invalid(format!("dispatch_output_per_expert_alignment {a} is not a power of two")));
+        }
+        _ => return Err(Failure::invalid("dispatch_output_per_expert_alignment applies to HT EXPERT_MAJOR only")),
+    };
     // SAFETY: the caller's descriptor or NULL.
     let mem = unsafe { Tensor::from_ptr("handle_mem", handle_mem) }?;
-    let h = Box::into_raw(Box::new(EpHandle::new(g, layout, k, mem)?));
+    let h = Box::into_raw(Box::new(EpHandle::new(g, layout, alignment, k, mem)?));
     put(handle, h.cast())?;
     // SAFETY: just made; the caller owns it until ncclEpHandleDestroy.
     Ok(unsafe { &*h })
