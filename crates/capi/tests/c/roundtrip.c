@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 // A C program written against NCCL EP's nccl_ep.h, run on moe-ep's libnccl_ep: NRANKS ranks
 // as threads of one process (moe-ep's bootstrap id instead of an NCCL communicator), HT FLAT
-// and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16, checked
+// and EXPERT_MAJOR and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16, checked
 // against a reference computed here; LL RANK_MAJOR too; send_only + ncclEpComplete; the
 // struct versioning rule.
 //
@@ -265,6 +265,99 @@ static int ht_round_trip(int rank, ncclEpGroup_t group, int call) {
     return 0;
 }
 
+// HT EXPERT_MAJOR with zones aligned to ALIGN slots: zone sizes and starts at update time,
+// the zones (rows in source-rank, token order, then zero padding) and their weights; with
+// identity experts each token comes back once per expert it has anywhere.
+#define ALIGN 4
+static int ht_em_round_trip(int rank, ncclEpGroup_t group, int call) {
+    const int L = NUM_EXPERTS / g_nranks, T = num_tokens(rank, call);
+    const int slots = 2 * g_nranks * MAX_TOKENS + NUM_EXPERTS * ALIGN;
+    int64_t idx[MAX_TOKENS * TOPK];
+    float w[MAX_TOKENS * TOPK];
+    uint16_t x[MAX_TOKENS * HIDDEN];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
+        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
+    }
+    void *d_idx = mem_alloc(sizeof idx), *d_w = mem_alloc(sizeof w), *d_x = mem_alloc(sizeof x);
+    void *d_zones = mem_alloc((size_t)slots * HIDDEN * 2), *d_zw = mem_alloc((size_t)slots * 4);
+    void *d_counts = mem_alloc(8 * (size_t)L), *d_offsets = mem_alloc(8 * (size_t)L), *d_out = mem_alloc((size_t)T * HIDDEN * 2);
+    mem_put(d_idx, idx, sizeof idx);
+    mem_put(d_w, w, sizeof w);
+    mem_put(d_x, x, sizeof x);
+    size_t idx_dims[2] = {(size_t)T, TOPK}, x_dims[2] = {(size_t)T, HIDDEN}, z_dims[2] = {(size_t)slots, HIDDEN};
+    size_t zw_dims[1] = {(size_t)slots}, l_dims[1] = {(size_t)L};
+    ncclEpTensor_t t_idx, t_w, t_x, t_zones, t_zw, t_counts, t_offsets, t_out;
+    make_tensor(&t_idx, idx_dims, 2, ncclInt64, d_idx);
+    make_tensor(&t_w, idx_dims, 2, ncclFloat32, d_w);
+    make_tensor(&t_x, x_dims, 2, ncclBfloat16, d_x);
+    make_tensor(&t_zones, z_dims, 2, ncclBfloat16, d_zones);
+    make_tensor(&t_zw, zw_dims, 1, ncclFloat32, d_zw);
+    make_tensor(&t_counts, l_dims, 1, ncclInt64, d_counts);
+    make_tensor(&t_offsets, l_dims, 1, ncclInt64, d_offsets);
+    make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
+
+    ncclEpHandleConfig_t hc = NCCL_EP_HANDLE_CONFIG_INIT;
+    hc.dispatch_output_per_expert_alignment = ALIGN;
+    ncclEpLayoutInfo_t info = NCCL_EP_LAYOUT_INFO_INIT;
+    info.expert_counters = &t_counts;
+    info.expert_offsets = &t_offsets;
+    ncclEpHandle_t handle = NULL;
+    NCCL_OK(ncclEpCreateHandle(&handle, group, NCCL_EP_LAYOUT_EXPERT_MAJOR, &t_idx, &info, &hc, NULL));
+    ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
+    in.tokens = &t_x;
+    in.topk_weights = &t_w;
+    ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    out.tokens = &t_zones;
+    out.topk_weights = &t_zw;
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, NULL, NULL, NULL));
+
+    int64_t counts[NUM_EXPERTS], offsets[NUM_EXPERTS];
+    uint16_t* zones = malloc((size_t)slots * HIDDEN * 2);
+    float* zw = malloc((size_t)slots * 4);
+    mem_get(counts, d_counts, 8 * (size_t)L);
+    mem_get(offsets, d_offsets, 8 * (size_t)L);
+    mem_get(zones, d_zones, (size_t)slots * HIDDEN * 2);
+    mem_get(zw, d_zw, (size_t)slots * 4);
+    int64_t start = 0;
+    for (int e = 0; e < L; e++) {
+        int filled = 0;
+        CHECK(offsets[e] == start, "rank %d: zone %d starts at %lld, want %lld", rank, e, (long long)offsets[e], (long long)start);
+        for (int s = 0; s < g_nranks; s++)
+            for (int t = 0; t < num_tokens(s, call); t++)
+                for (int k = 0; k < TOPK; k++)
+                    if (expert(s, t, k, call) == rank * L + e) {
+                        int64_t slot = start + filled++;
+                        CHECK(zones[slot * HIDDEN + 1] == bf16(token_value(s, t, 1)), "rank %d: zone %d slot %d", rank, e, filled - 1);
+                        CHECK(zw[slot] == weight(s, t, k), "rank %d: zone %d weight %d", rank, e, filled - 1);
+                    }
+        int64_t size = (filled + ALIGN - 1) / ALIGN * ALIGN;
+        CHECK(counts[e] == size, "rank %d: zone %d size %lld, want %lld", rank, e, (long long)counts[e], (long long)size);
+        for (int64_t slot = start + filled; slot < start + size; slot++)
+            CHECK(zones[slot * HIDDEN] == 0 && zw[slot] == 0.0f, "rank %d: zone %d padding", rank, e);
+        start += size;
+    }
+
+    ncclEpCombineInputs_t cin = NCCL_EP_COMBINE_INPUTS_INIT;
+    cin.tokens = &t_zones;  // identity experts
+    ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
+    cout.tokens = &t_out;
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, NULL, NULL));
+    uint16_t y[MAX_TOKENS * HIDDEN];
+    mem_get(y, d_out, (size_t)T * HIDDEN * 2);
+    for (int t = 0; t < T; t++) {
+        int experts = 0;
+        for (int k = 0; k < TOPK; k++) experts += expert(rank, t, k, call) >= 0;
+        for (int h = 0; h < HIDDEN; h++)
+            CHECK(from_bf16(y[t * HIDDEN + h]) == experts * token_value(rank, t, h), "rank %d: EM combined token %d", rank, t);
+    }
+    NCCL_OK(ncclEpHandleDestroy(handle));
+    free(zones), free(zw);
+    void* bufs[] = {d_idx, d_w, d_x, d_zones, d_zw, d_counts, d_offsets, d_out};
+    for (unsigned i = 0; i < sizeof bufs / sizeof bufs[0]; i++) mem_free(bufs[i]);
+    return 0;
+}
+
 static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, int call) {
     const int L = NUM_EXPERTS / g_nranks, T = num_tokens(rank, call), slots = g_nranks * MAX_TOKENS;
     const int send_only = call % 2;
@@ -480,6 +573,7 @@ static void* run_rank(void* p) {
         return NULL;
     }
     for (int call = 0; call < 3 && !failed; call++) failed = ht_round_trip(rank, ht, call);
+    for (int call = 0; call < 2 && !failed; call++) failed = ht_em_round_trip(rank, ht, call);
     NCCL_OK_VOID(ncclEpGroupDestroy(ht));
     return NULL;
 }
