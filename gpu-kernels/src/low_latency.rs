@@ -47,7 +47,7 @@
 //! (dispatch: one wait per local expert and source; combine: block 0's, one per owner).
 use crate::abi::{
     ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE,
-    LL_SEND, LL_UE8M0, LlLayout, LlParams, WARP_SIZE,
+    LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams, WARP_SIZE,
 };
 use crate::copy::{COPY_STEP_BYTES, copy_warp, copy_warp_n, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
@@ -1011,6 +1011,28 @@ kernel! {
                 }
                 item += warps as u64;
             }
+        }
+    }
+}
+
+kernel! {
+    /// The LL dispatch's fp8 scales, column-major per local expert (`[L, H/128, R*M]`, as TMA
+    /// loads want them), token-major (`[L, R*M, H/128]`, NCCL EP's layout): grid-stride over
+    /// the outputs, reads coalesced along rows.
+    pub unsafe fn ll_scales_token_major(p: ScalesParams) as LL_SCALES_TOKEN_MAJOR {
+        let total = p.batches as u64 * p.rows as u64 * p.cols as u64;
+        let stride = (dev::block_dim_x() * dev::grid_dim_x()) as u64;
+        let mut i = (dev::block_idx_x() * dev::block_dim_x() + dev::thread_idx_x()) as u64;
+        let (rows, cols) = (p.rows as u64, p.cols as u64);
+        while i < total {
+            // `i` walks the source in order: batch, column, row.
+            let (b, rest) = (i / (rows * cols), i % (rows * cols));
+            let (c, r) = (rest / rows, rest % rows);
+            // SAFETY: both arrays hold batches * rows * cols f32 (host-checked).
+            unsafe {
+                *(p.dst as *mut f32).add((b * rows * cols + r * cols + c) as usize) = *(p.src as *const f32).add(i as usize);
+            }
+            i += stride;
         }
     }
 }

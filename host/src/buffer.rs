@@ -51,6 +51,7 @@ use crate::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch
 use crate::limits::MAX_TOPK;
 use crate::low_latency::{
     LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlRankMajorOutputs, LlStats,
+    scales_token_major,
 };
 use crate::{DeviceBuffer, Error, Event, Group, Result, Stream};
 use std::any::Any;
@@ -302,7 +303,7 @@ pub struct LlDispatch {
     generation: u64,
     call: CallStream,
     views: [(u64, usize); 5],
-    recv_into: Option<Arc<DeviceBuffer>>,
+    recv_into: Option<Arc<LlRecvInto>>,
 }
 
 /// The views of an [`LlDispatch`]'s outputs.
@@ -364,9 +365,17 @@ pub struct LlDispatchCall<'a> {
     pub small: Option<[DeviceBuffer; 3]>,
     /// DeepEP's statistics.
     pub stats: LlStats<'a>,
-    /// Caller memory (`[L, R*M, H]` rows, bf16 or fp8 bytes) that `packed_recv_x` is copied
-    /// into once received (NCCL EP's outputs, which are the caller's, not views).
-    pub recv_into: Option<DeviceBuffer>,
+    /// Caller memory the rows (and fp8 scales) are copied into once received (NCCL EP's
+    /// outputs, which are the caller's, not views).
+    pub recv_into: Option<LlRecvInto>,
+}
+
+/// Where an LL dispatch's received rows go besides the buffer ([`LlDispatchCall::recv_into`]).
+pub struct LlRecvInto {
+    /// `[L, R*M, H]` rows (bf16, or fp8 bytes).
+    pub x: DeviceBuffer,
+    /// fp8 without UE8M0: `[L, R*M, H/128]` f32 scales, token-major.
+    pub x_scales: Option<DeviceBuffer>,
 }
 
 /// An LL combine (DeepEP's `low_latency_combine`).
@@ -592,12 +601,22 @@ impl LlPending for LlRankMajorOutputs {
     }
 }
 
-/// Copies an LL dispatch's received rows (a view into the buffer) into the caller's memory.
-fn copy_rows(group: &Group, into: &DeviceBuffer, rows: &DeviceBuffer) -> Result<()> {
-    if into.len() < rows.len() {
-        return Err(Error::invalid("recv_x", format!("{} bytes needed, got {}", rows.len(), into.len())));
+/// Copies an LL dispatch's received rows and scales (views into the buffer) into the
+/// caller's memory, the scales token-major.
+fn deliver(group: &Group, into: &LlRecvInto, out: &LlDispatchOutputs, cfg: &LlConfig) -> Result<()> {
+    let rows = &out.packed_recv_x;
+    if into.x.len() < rows.len() {
+        return Err(Error::invalid("recv_x", format!("{} bytes needed, got {}", rows.len(), into.x.len())));
     }
-    into.copy_from_async(group.stream(), rows, rows.len())
+    into.x.copy_from_async(group.stream(), rows, rows.len())?;
+    match (&into.x_scales, &out.packed_recv_x_scales) {
+        (None, _) => Ok(()),
+        (Some(dst), Some(src)) => {
+            let l = cfg.num_experts / group.num_ranks();
+            scales_token_major(group, src, dst, l, group.num_ranks() * cfg.max_tokens, cfg.hidden / 128)
+        }
+        (Some(_), None) => Err(Error::invalid("recv_x_scales", "given for a dispatch without fp8")),
+    }
 }
 
 impl Buffer {
@@ -1187,7 +1206,7 @@ impl Buffer {
         if let Some(into) = &recv_into
             && !o.send_only
         {
-            copy_rows(&self.group, into, &out.packed_recv_x)?;
+            deliver(&self.group, into, &out, buf.config())?;
         }
         let ev = self.finish(call, "ll_dispatch")?;
         let (r, hidden, use_fp8) = (self.group.num_ranks(), c.hidden, o.use_fp8);
@@ -1253,8 +1272,9 @@ impl Buffer {
 
     /// Runs the receive half of a `send_only` LL dispatch (DeepEP's hook; no-op when done).
     pub fn ll_complete_dispatch(&self, d: &LlDispatch) -> Result<()> {
+        let cfg = *self.lock()?.ll.as_ref().ok_or_else(|| Error::invalid("handle", "no LL buffer"))?.config();
         self.complete_pending(&d.inner, d.generation, &d.call, "ll_dispatch", |out| match &d.recv_into {
-            Some(into) => copy_rows(&self.group, into, &out.packed_recv_x),
+            Some(into) => deliver(&self.group, into, out, &cfg),
             None => Ok(()),
         })
     }

@@ -18,10 +18,11 @@ use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::IndexType;
 use crate::limits::{MAX_EXPERTS, MAX_HIDDEN, MAX_TOPK};
 use crate::{Error, Result};
-use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams};
+use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams};
 use moe_ep_kernels::Kernel;
 use moe_ep_kernels::low_latency::{
-    LL_COMBINE, LL_COMBINE_RANK_MAJOR, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, ll_dispatch_smem_bytes,
+    LL_COMBINE, LL_COMBINE_RANK_MAJOR, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, LL_SCALES_TOKEN_MAJOR,
+    ll_dispatch_smem_bytes,
 };
 
 /// Sizes an [`LlBuffer`] is built for.
@@ -83,6 +84,38 @@ fn stats_ptr(arg: &'static str, b: Option<&DeviceBuffer>, n: usize, elem: usize,
         None => Ok(0),
         Some(b) if b.len() >= n * elem && b.ptr().is_multiple_of(elem as u64) => Ok(b.ptr()),
         Some(b) => Err(Error::invalid(arg, format!("[{n}] {ty} needed ({elem}-aligned), got {} bytes", b.len()))),
+    }
+}
+
+/// Writes an fp8 dispatch's scales (`src`, `[L, S, R*M]` f32 as the dispatch stores them)
+/// token-major into `dst` (`[L, R*M, S]`, NCCL EP's layout), on the group's stream.
+pub fn scales_token_major(
+    group: &Group,
+    src: &DeviceBuffer,
+    dst: &DeviceBuffer,
+    num_local_experts: usize,
+    rows: usize,
+    num_scales: usize,
+) -> Result<()> {
+    let n = num_local_experts * rows * num_scales;
+    for (b, name) in [(src, "src"), (dst, "dst")] {
+        if b.len() < 4 * n || !b.ptr().is_multiple_of(4) {
+            return Err(Error::invalid(name, format!("[{num_local_experts}, {rows}, {num_scales}] f32 needed")));
+        }
+    }
+    let p = ScalesParams {
+        src: src.ptr(),
+        dst: dst.ptr(),
+        batches: num_local_experts as u32,
+        rows: rows as u32,
+        cols: num_scales as u32,
+        reserved: 0,
+    };
+    let block_dim = group.device().block_dim(256);
+    let grid_dim = (n as u32).div_ceil(block_dim).clamp(1, 264);
+    // SAFETY: both buffers hold the n f32 the parameters describe (checked).
+    unsafe {
+        group.stream().launch(&LL_SCALES_TOKEN_MAJOR, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: 0 }, p)
     }
 }
 

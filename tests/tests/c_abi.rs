@@ -407,6 +407,74 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
     });
 }
 
+/// LL expert-major with NCCL EP's DS_FP8E3M4 recipe: e4m3 rows and their f32 scales
+/// (token-major `[L, R*M, H/128]`), each received row with its scales as the reference
+/// quantizes it; plain and power-of-two (`round_scales`) scales, the second send-only.
+#[test]
+fn ll_fp8_recipe_matches_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m) = (4, 8, 256, 3, 6);
+    let case = ll::Case { num_experts: e, hidden: h, num_topk: k, max_tokens: m, calls: 2, hooks: false };
+    let calls = ll::prepare(&case, n, &mut Rng::fresh("c_abi-ll-fp8"));
+    let (l, s) = (e / n, h / 128);
+    on_groups(n, ll_config(e, h, m), |rank, g| unsafe {
+        let mut handle = null_mut();
+        ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, null(), k as i32, null()));
+        for (i, c) in calls.iter().enumerate() {
+            let (t, round, ctx) = (c.tokens[rank], i == 1, format!("rank {rank}, call {i}"));
+            let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), null_mut()));
+            let mut x = Tensor::new(&dev, ncclBfloat16, &[t, h], &c.x[rank]);
+            let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[l, n * m, h], 0xee);
+            let mut scales = Tensor::filled(&dev, ncclFloat32, &[l, n * m, s], 0xee);
+            let mut counters = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
+            let (mut din, mut dout, mut info) =
+                (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT, NCCL_EP_LAYOUT_INFO_INIT);
+            (din.tokens, dout.tokens, dout.scales, info.expert_counters) =
+                (x.ptr(), recv.ptr(), scales.ptr(), counters.ptr());
+            let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+            (cfg.quant_recipe, cfg.round_scales, cfg.send_only) =
+                (NCCL_EP_DISP_QUANT_DS_FP8E3M4, round as u32, round as u32);
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
+            ok(ncclEpComplete(handle, null(), null_mut()));
+            let want = &c.want.ranks[rank];
+            assert_eq!(counters.read::<i32>(&dev)[..l], want.packed_recv_count[..], "{ctx}: counts");
+            let (got_x, got_s): (Vec<u8>, Vec<f32>) = (recv.read(&dev), scales.read(&dev));
+            for ex in 0..l {
+                let rows = want.packed_recv_count[ex] as usize;
+                let base = ex * n * m;
+                let mut got: Vec<(Vec<u8>, Vec<u32>)> = (base..base + rows)
+                    .map(|r| {
+                        (
+                            got_x[r * h..(r + 1) * h].to_vec(),
+                            got_s[r * s..(r + 1) * s].iter().map(|v| v.to_bits()).collect(),
+                        )
+                    })
+                    .collect();
+                let mut exp: Vec<(Vec<u8>, Vec<u32>)> = (base..base + rows)
+                    .map(|r| {
+                        let (q, sc) = reference::quantize_row_fp8(&want.packed_recv_x[r * h..(r + 1) * h], round);
+                        (q, sc.iter().map(|v| v.to_bits()).collect())
+                    })
+                    .collect();
+                got.sort();
+                exp.sort();
+                assert!(got == exp, "{ctx}: fp8 rows and scales of local expert {ex}");
+            }
+        }
+        // The recipe belongs to LL expert-major: scales missing is refused.
+        let mut x = Tensor::filled(&dev, ncclBfloat16, &[1, h], 0);
+        let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[l, n * m, h], 0);
+        let (mut din, mut dout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
+        (din.tokens, dout.tokens) = (x.ptr(), recv.ptr());
+        let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+        cfg.quant_recipe = NCCL_EP_DISP_QUANT_DS_FP8E3M4;
+        assert_eq!(ncclEpDispatch(handle, &din, &dout, null(), &cfg, null_mut()), ncclInvalidArgument);
+        assert!(last_error().contains("outputs->scales"), "{}", last_error());
+        ok(ncclEpHandleDestroy(handle));
+    });
+}
+
 /// LL rank-major: per-source counts (`src_rank_counters`), rows, i32 ids and weights, and
 /// the combine of fresh pre-reduced rows, bit for bit; every other call send-only.
 #[test]

@@ -891,6 +891,26 @@ pub const LL_ROUND_SCALE: u32 = 2;
 /// exponent field), four per `u32`: `[L, R*M, H/512]` i32.
 pub const LL_UE8M0: u32 = 4;
 
+/// Parameters of `ll_scales_token_major`: `src` `[batches, cols, rows]` f32 (the LL
+/// dispatch's column-major fp8 scales: `[L, H/128, R*M]`) into `dst` `[batches, rows, cols]`
+/// (NCCL EP's `[L, R*M, H/128]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ScalesParams {
+    /// `[batches, cols, rows]` f32.
+    pub src: u64,
+    /// `[batches, rows, cols]` f32.
+    pub dst: u64,
+    /// Batches (local experts).
+    pub batches: u32,
+    /// Rows per batch (`R*M`).
+    pub rows: u32,
+    /// Columns (scales per row).
+    pub cols: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 /// Most experts per token in LL mode (rank-major slots carry this many ids and weights).
 pub const LL_MAX_TOPK: u32 = 32;
 

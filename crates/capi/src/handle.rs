@@ -14,7 +14,7 @@ use crate::sys::*;
 use crate::tensor::Tensor;
 use moe_ep::buffer::{
     HtCombineCall, HtDispatchHandle, HtRoute, HtRouteCall, HtRoutedDispatch, LlCombineCall, LlCombinePending,
-    LlDispatch, LlDispatchCall, LlRankMajor, LlRankMajorCall, LlRankMajorCombineCall,
+    LlDispatch, LlDispatchCall, LlRankMajor, LlRankMajorCall, LlRankMajorCombineCall, LlRecvInto,
 };
 use moe_ep::expert_major::{ExpertMajorIo, zone_counts};
 use moe_ep::intranode::HtCombineOutputs;
@@ -366,16 +366,23 @@ impl EpHandle {
             let recv_weights = Tensor::from_ptr("outputs->topk_weights", outputs.topk_weights)?;
             let recv_scales = Tensor::from_ptr("outputs->scales", outputs.scales)?;
             let recv_idx = Tensor::from_ptr("outputs->topk_idx", outputs.topk_idx)?;
-            if cfg.round_scales != 0 {
-                return Err(Failure::usage("config.round_scales: no recipe of this release rounds scales"));
-            }
             let quant = cfg.quant_recipe;
+            if cfg.round_scales != 0 && quant != NCCL_EP_DISP_QUANT_DS_FP8E3M4 {
+                return Err(Failure::invalid("config.round_scales applies to the DS_FP8E3M4 recipe only"));
+            }
             match quant {
                 NCCL_EP_DISP_QUANT_NONE if scales.is_some() || recv_scales.is_some() => {
                     return Err(Failure::invalid("scales given without the QUANT_FWD recipe"));
                 }
                 NCCL_EP_DISP_QUANT_NONE => {}
                 NCCL_EP_DISP_QUANT_FWD if self.layout == Layout::HtFlat => {}
+                NCCL_EP_DISP_QUANT_DS_FP8E3M4 if self.layout == Layout::LlExpertMajor => {
+                    if scales.is_some() || recv_scales.is_none() {
+                        return Err(Failure::invalid(
+                            "DS_FP8E3M4 makes the scales: outputs->scales is required, inputs->scales is not taken",
+                        ));
+                    }
+                }
                 NCCL_EP_DISP_QUANT_FWD | NCCL_EP_DISP_QUANT_DS_FP8E3M4 => {
                     return Err(Failure::usage(format!(
                         "quant_recipe {quant} is not supported by this release for this layout"
@@ -427,7 +434,8 @@ impl EpHandle {
                             "layout_info->expert_counters is required by the LL expert-major layout",
                         ));
                     };
-                    self.ll_dispatch(&mut st, &call, &x, &recv_x, &counters, cfg.send_only != 0)
+                    let fp8 = recv_scales.map(|s| (s, cfg.round_scales != 0));
+                    self.ll_dispatch(&mut st, &call, &x, &recv_x, fp8, &counters, cfg.send_only != 0)
                 }
                 Layout::LlRankMajor => {
                     let (Some(w), Some(rw), Some(ri)) = (weights, recv_weights, recv_idx) else {
@@ -716,12 +724,14 @@ impl EpHandle {
     }
 
     /// LL expert-major dispatch; the rows reach `recv_x` when the receive has run.
+    #[allow(clippy::too_many_arguments)]
     fn ll_dispatch(
         &self,
         st: &mut State,
         call: &CallStream,
         x: &Tensor,
         recv_x: &Tensor,
+        fp8: Option<(Tensor, bool)>,
         counters: &Tensor,
         send_only: bool,
     ) -> Result<()> {
@@ -741,7 +751,15 @@ impl EpHandle {
                 cfg.hidden()
             )));
         }
-        recv_x.expect(&[ncclBfloat16], &[Some(l), Some(r * m), Some(h)])?;
+        // DS_FP8E3M4: e4m3 rows and their f32 scales, one per 128 channels, token-major.
+        let row_type = if fp8.is_some() { ncclFloat8e4m3 } else { ncclBfloat16 };
+        recv_x.expect(&[row_type], &[Some(l), Some(r * m), Some(h)])?;
+        if let Some((scales, _)) = &fp8 {
+            if !h.is_multiple_of(128) {
+                return Err(Failure::invalid(format!("DS_FP8E3M4: hidden {h} is not a multiple of 128")));
+            }
+            scales.expect(&[ncclFloat32], &[Some(l), Some(r * m), Some(h / 128)])?;
+        }
         counters.expect(&[ncclInt32], &[Some(l)])?;
         let dev = self.device();
         let [ranges, epoch] = &self.ll_small[..] else { return Err(Failure::usage("not an LL expert-major handle")) };
@@ -764,10 +782,16 @@ impl EpHandle {
             num_topk: self.num_topk.unwrap_or(0),
             max_tokens: m,
             num_experts: cfg.num_experts,
-            options: LlDispatchOptions { send_only, ..LlDispatchOptions::default() },
+            options: LlDispatchOptions {
+                send_only,
+                use_fp8: fp8.is_some(),
+                round_scale: fp8.as_ref().is_some_and(|f| f.1),
+                use_ue8m0: false,
+            },
             small: Some(small),
             stats: LlStats::default(),
-            recv_into: Some(into),
+            // SAFETY: the caller's scales tensor, alive until the receive has run.
+            recv_into: Some(LlRecvInto { x: into, x_scales: fp8.as_ref().map(|(s, _)| unsafe { s.buffer(dev) }) }),
         };
         let (d, _) = self.buffer.ll_dispatch(call, c)?;
         st.ll_dispatch = Some(d);
