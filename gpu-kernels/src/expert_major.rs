@@ -13,7 +13,7 @@
 use crate::abi::{DeviceError, ErrorSlot, HtExpertMajorParams, WARP_SIZE, error_code};
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
-use crate::num::{bf16_to_f32, f32_to_bf16};
+use crate::num::{add_bf16x8, pack_bf16x8};
 
 /// Sum of the zone sizes before zone `e`, and of all of them.
 ///
@@ -216,17 +216,11 @@ kernel! {
                         let s = dev::shfl_idx_u32(slot as u32, k) as i32;
                         if s >= 0 && v < num_vecs {
                             let y = dev::ld_v4((p.em_x as *const U4).add((s as u64 * num_vecs + v) as usize));
-                            let words = [y.x, y.y, y.z, y.w];
-                            for i in 0..8 {
-                                acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
-                            }
+                            add_bf16x8(&mut acc, [y.x, y.y, y.z, y.w]);
                         }
                     }
                     if v < num_vecs {
-                        let mut out = [0u32; 4];
-                        for i in 0..8 {
-                            out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
-                        }
+                        let out = pack_bf16x8(&acc);
                         let at = (p.flat_x as *mut U4).add((row as u64 * num_vecs + v) as usize);
                         dev::st_v4(at, U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
                     }

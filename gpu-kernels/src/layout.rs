@@ -8,7 +8,7 @@
 //! atomic add per non-zero bin and block: integer sums, so the result is deterministic.
 //! An expert id outside `-1..num_experts` is reported as `BAD_INPUT` (site = token) and
 //! ignored.
-use crate::abi::{DeviceError, ErrorSlot, LayoutParams, error_code};
+use crate::abi::{DeviceError, ErrorSlot, GlobalIdsParams, LayoutParams, error_code};
 use crate::dev;
 
 kernel! {
@@ -90,6 +90,37 @@ kernel! {
                 }
             }
             i += bd;
+        }
+    }
+}
+
+kernel! {
+    /// See [`GlobalIdsParams`]. Grid-stride over the entries.
+    pub unsafe fn global_expert_ids(p: GlobalIdsParams) as GLOBAL_EXPERT_IDS {
+        let per_block = p.rows as u64 * p.num_topk as u64;
+        let total = p.blocks as u64 * per_block;
+        let stride = (dev::block_dim_x() * dev::grid_dim_x()) as u64;
+        let mut i = (dev::block_idx_x() * dev::block_dim_x() + dev::thread_idx_x()) as u64;
+        while i < total {
+            let (b, row) = (i / per_block, (i % per_block) / p.num_topk.max(1) as u64);
+            // SAFETY: `counts` holds `blocks` i32 and `ids` `total` entries (host-checked).
+            unsafe {
+                let valid = p.counts == 0 || (row as i64) < *(p.counts as *const i32).add(b as usize) as i64;
+                if valid {
+                    if p.width == 4 {
+                        let at = (p.ids as *mut i32).add(i as usize);
+                        if *at >= 0 {
+                            *at += p.offset as i32;
+                        }
+                    } else {
+                        let at = (p.ids as *mut i64).add(i as usize);
+                        if *at >= 0 {
+                            *at += p.offset as i64;
+                        }
+                    }
+                }
+            }
+            i += stride;
         }
     }
 }

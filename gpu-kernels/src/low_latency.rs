@@ -51,7 +51,7 @@ use crate::abi::{
 };
 use crate::copy::{COPY_STEP_BYTES, copy_warp, copy_warp_n, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
-use crate::num::{bf16_to_f32, f32_to_bf16};
+use crate::num::{add_bf16x8, bf16_to_f32, pack_bf16x8};
 
 /// Dispatch receiver: waiting for a source rank's flag.
 pub const SITE_LL_DISPATCH_RECV: u32 = 20;
@@ -771,10 +771,7 @@ kernel! {
                         k0 += 8;
                     }
                     let store = |acc: &[f32; 8], v: u64| {
-                        let mut out = [0u32; 4];
-                        for i in 0..8 {
-                            out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
-                        }
+                        let out = pack_bf16x8(acc);
                         let at = (p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize);
                         dev::st_v4(at, U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
                     };
@@ -994,18 +991,12 @@ kernel! {
                     if v < num_vecs {
                         let row = (local + l.combine_slot(next as u64, t as u64)) as *const U4;
                         let y = dev::ld_v4(row.add(v as usize));
-                        let words = [y.x, y.y, y.z, y.w];
-                        for i in 0..8 {
-                            acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
-                        }
+                        add_bf16x8(&mut acc, [y.x, y.y, y.z, y.w]);
                     }
                     after = next + 1;
                 }
                 if v < num_vecs {
-                    let mut out = [0u32; 4];
-                    for i in 0..8 {
-                        out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
-                    }
+                    let out = pack_bf16x8(&acc);
                     let at = (p.combined_x as *mut U4).add((t as u64 * num_vecs + v) as usize);
                     dev::st_v4(at, U4 { x: out[0], y: out[1], z: out[2], w: out[3] });
                 }

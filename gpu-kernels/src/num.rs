@@ -17,6 +17,24 @@ pub fn f32_to_bf16(f: f32) -> u16 {
     (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16
 }
 
+/// Adds the 8 bf16 values packed in `words` (low half first) to `acc`, in f32.
+#[inline(always)]
+pub fn add_bf16x8(acc: &mut [f32; 8], words: [u32; 4]) {
+    for i in 0..8 {
+        acc[i] += bf16_to_f32((words[i / 2] >> (16 * (i % 2))) as u16);
+    }
+}
+
+/// `acc` rounded to bf16, two values per word (low half first).
+#[inline(always)]
+pub fn pack_bf16x8(acc: &[f32; 8]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for i in 0..8 {
+        out[i / 2] |= (f32_to_bf16(acc[i]) as u32) << (16 * (i % 2));
+    }
+    out
+}
+
 /// Shifts `m` right by `shift` bits, rounding to nearest, ties to even.
 #[inline(always)]
 fn shift_round_even(m: u32, shift: u32) -> u32 {

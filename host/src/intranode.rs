@@ -531,16 +531,19 @@ impl HtBuffer {
         a: &HtDispatchArgs,
         out: HtDispatchBuffers,
     ) -> Result<HtDispatchOutputs> {
-        let num_scales = self.check_dispatch(group, a)?;
-        let Some(rows) = a.num_worst_tokens else {
-            return Err(Error::invalid(
-                "num_worst_tokens",
-                "dispatch_into writes padded outputs: pass num_worst_tokens",
-            ));
-        };
-        self.check_buffers(group, a, rows, num_scales, &out)?;
+        let rows = self.check_padded(group, a, &out)?;
         self.launch_notify(group, a.layout, a.num_tokens, a.expert_alignment, &out.maps, false)?;
         self.launch_full_dispatch(group, a, out, rows, true)
+    }
+
+    /// Checks a padded dispatch into `out`; returns its rows.
+    fn check_padded(&self, group: &Group, a: &HtDispatchArgs, out: &HtDispatchBuffers) -> Result<usize> {
+        let num_scales = self.check_dispatch(group, a)?;
+        let Some(rows) = a.num_worst_tokens else {
+            return Err(Error::invalid("num_worst_tokens", "a dispatch into given buffers writes padded outputs"));
+        };
+        self.check_buffers(group, a, rows, num_scales, out)?;
+        Ok(rows)
     }
 
     /// Collective: the count exchange of a padded dispatch on its own (NCCL EP's handle
@@ -585,11 +588,7 @@ impl HtBuffer {
         a: &HtDispatchArgs,
         out: HtDispatchBuffers,
     ) -> Result<HtDispatchOutputs> {
-        let num_scales = self.check_dispatch(group, a)?;
-        let Some(rows) = a.num_worst_tokens else {
-            return Err(Error::invalid("num_worst_tokens", "a notified dispatch writes padded outputs"));
-        };
-        self.check_buffers(group, a, rows, num_scales, &out)?;
+        let rows = self.check_padded(group, a, &out)?;
         self.launch_full_dispatch(group, a, out, rows, true)
     }
 

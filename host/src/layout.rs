@@ -4,8 +4,8 @@ use crate::device::LaunchConfig;
 use crate::limits::MAX_LAYOUT_RANKS;
 pub use crate::limits::{MAX_EXPERTS, MAX_TOPK};
 use crate::{DeviceBuffer, Error, Group, Result};
-use moe_ep_abi::LayoutParams;
-use moe_ep_kernels::layout::GET_DISPATCH_LAYOUT;
+use moe_ep_abi::{GlobalIdsParams, LayoutParams};
+use moe_ep_kernels::layout::{GET_DISPATCH_LAYOUT, GLOBAL_EXPERT_IDS};
 
 /// Element type of `topk_idx`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,4 +154,42 @@ fn check_layout_args(
         return Err(Error::invalid("topk_idx", "must live on the group's device"));
     }
     Ok(())
+}
+
+/// Turns the local expert ids a dispatch wrote (`ids`: `[blocks, rows, K]` integers of
+/// `width` bytes, -1 for experts elsewhere) into global ones (NCCL EP's `GLOBAL`): adds
+/// `rank * num_local_experts` to each id `>= 0`, on the group's stream. With `counts`
+/// (`[blocks]` i32), only the first `counts[b]` rows of block `b` are valid and changed.
+#[allow(clippy::too_many_arguments)]
+pub fn global_expert_ids(
+    group: &Group,
+    ids: &DeviceBuffer,
+    counts: Option<&DeviceBuffer>,
+    blocks: usize,
+    rows: usize,
+    num_topk: usize,
+    width: usize,
+    num_local_experts: usize,
+) -> Result<()> {
+    let n = blocks * rows * num_topk;
+    if (width != 4 && width != 8) || ids.len() < n * width || !ids.ptr().is_multiple_of(width as u64) {
+        return Err(Error::invalid("ids", format!("[{blocks}, {rows}, {num_topk}] {width}-byte ids needed")));
+    }
+    if counts.is_some_and(|c| c.len() < 4 * blocks) {
+        return Err(Error::invalid("counts", format!("[{blocks}] i32 needed")));
+    }
+    let p = GlobalIdsParams {
+        ids: ids.ptr(),
+        counts: counts.map_or(0, |c| c.ptr()),
+        blocks: blocks as u32,
+        rows: rows as u32,
+        num_topk: num_topk as u32,
+        width: width as u32,
+        offset: (group.rank() * num_local_experts) as u32,
+        reserved: 0,
+    };
+    let block_dim = group.device().block_dim(256);
+    let grid_dim = (n as u32).div_ceil(block_dim).clamp(1, 264);
+    // SAFETY: `ids` and `counts` hold what the parameters describe (checked).
+    unsafe { group.stream().launch(&GLOBAL_EXPERT_IDS, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: 0 }, p) }
 }

@@ -133,6 +133,11 @@ fn ht_flat_forward_and_backward_match_the_reference() {
             let mut total = Tensor::filled(&dev, ncclInt64, &[1], 0xff);
             let mut info = NCCL_EP_LAYOUT_INFO_INIT;
             (info.expert_counters, info.recv_total_counter) = (counters.ptr(), total.ptr());
+            // The second routing asks for global expert ids.
+            let global = i == 1;
+            if global {
+                info.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_GLOBAL;
+            }
             let h_ = if i == 0 {
                 ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, null_mut()));
                 handle
@@ -163,7 +168,9 @@ fn ht_flat_forward_and_backward_match_the_reference() {
             ok(ncclEpComplete(h_, null(), null_mut())); // nothing pending: a no-op
             let ctx = format!("rank {rank}, routing {i}");
             assert!(recv.read::<u16>(&dev)[..got_rows * h] == want.recv_x[..], "{ctx}: recv rows");
-            assert_eq!(recv_idx.read::<i64>(&dev)[..got_rows * k], want.recv_topk_idx[..], "{ctx}: recv top-k ids");
+            let lo = if global { (rank * (e / n)) as i64 } else { 0 };
+            let want_ids: Vec<i64> = want.recv_topk_idx.iter().map(|&v| if v >= 0 { v + lo } else { v }).collect();
+            assert_eq!(recv_idx.read::<i64>(&dev)[..got_rows * k], want_ids[..], "{ctx}: recv top-k ids");
             assert_eq!(recv_w.read::<f32>(&dev)[..got_rows * k], want.recv_topk_weights[..], "{ctx}: recv weights");
 
             // Forward combine of the expert outputs (their rows in `recv`'s place).
@@ -517,6 +524,9 @@ fn ll_rank_major_matches_the_reference() {
             (din.tokens, din.topk_weights) = (xt.ptr(), wt.ptr());
             (dout.tokens, dout.topk_weights, dout.topk_idx) = (rx.ptr(), rw.ptr(), ri.ptr());
             info.src_rank_counters = counts.ptr();
+            if send_only {
+                info.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_GLOBAL; // made global after the receive
+            }
             let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
             cfg.send_only = send_only as u32;
             ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
@@ -533,8 +543,11 @@ fn ll_rank_major_matches_the_reference() {
                     "{ctx}: rows from {src}"
                 );
                 assert_eq!(gw[ks.clone()], rv.recv_topk_weights[ks.clone()], "{ctx}: weights from {src}");
+                let lo = if send_only { (rank * (e / n)) as i64 } else { 0 };
                 let ids: Vec<i64> = gi[ks.clone()].iter().map(|&v| v as i64).collect();
-                assert_eq!(ids, rv.recv_topk_idx[ks], "{ctx}: ids from {src}");
+                let want_ids: Vec<i64> =
+                    rv.recv_topk_idx[ks].iter().map(|&v| if v >= 0 { v + lo } else { v }).collect();
+                assert_eq!(ids, want_ids, "{ctx}: ids from {src}");
             }
             let mut yt = Tensor::new(&dev, ncclBfloat16, &[n, m, h], &y[rank]);
             let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);

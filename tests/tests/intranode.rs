@@ -215,9 +215,9 @@ fn ht_bad_arguments_are_rejected_before_launch_and_the_buffer_stays_usable() {
 fn ht_num_worst_tokens_too_small_is_an_error_not_an_overflow() {
     let groups = Group::in_process(&devices(2)).unwrap();
     let results = on_ranks(groups, |_, mut group| {
-        // Long enough that a starved emulated block (CI: 2 cores, tests in parallel) is not
-        // mistaken for a missing peer; only rank 1 waits this long.
-        group.set_timeout(std::time::Duration::from_secs(2)).unwrap();
+        // Long enough that an emulated block starved by a loaded machine (CI: 2 cores, tests in
+        // parallel; seen to stall 2 s) does not time out before the overflow is reported.
+        group.set_timeout(std::time::Duration::from_secs(10)).unwrap();
         let cfg = small_config(1, 0);
         let mut buf = HtBuffer::new(&group, cfg).unwrap();
         // Three tokens per rank, all to expert 0 (rank 0): rank 0 receives 6 rows.
@@ -284,8 +284,9 @@ fn ht_one_pass_missing_peer_is_a_timeout() {
         group.bootstrap().barrier().unwrap();
         if rank == 0 {
             // Long enough that a starved emulated block of rank 0 itself (CI: 2 cores, tests in
-            // parallel) does not time out first on its own mailbox.
-            group.set_timeout(std::time::Duration::from_secs(2)).unwrap();
+            // parallel; seen to stall 2 s) does not time out first on its own mailbox. The two
+            // waits for rank 1 below take this long each.
+            group.set_timeout(std::time::Duration::from_secs(10)).unwrap();
             let recv = buf.alloc_output(&group, 6 * 128).unwrap();
             buf.dispatch_cached_into(&group, &out.handle, &x, 128, None, &recv, None).unwrap();
             group.stream().synchronize().unwrap();

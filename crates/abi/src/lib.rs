@@ -891,6 +891,31 @@ pub const LL_ROUND_SCALE: u32 = 2;
 /// exponent field), four per `u32`: `[L, R*M, H/512]` i32.
 pub const LL_UE8M0: u32 = 4;
 
+/// Parameters of `global_expert_ids`: adds `offset` (`rank * L`) to every local expert id
+/// (`>= 0`) of `ids` (`[blocks, rows, K]`, `width`-byte integers), turning a dispatch's local
+/// ids into NCCL EP's `GLOBAL` ones; with `counts` (`[blocks]` i32), only the first
+/// `counts[b]` rows of block `b`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GlobalIdsParams {
+    /// `[blocks, rows, K]` ids.
+    pub ids: u64,
+    /// `[blocks]` i32 valid rows per block (0: every row).
+    pub counts: u64,
+    /// Blocks.
+    pub blocks: u32,
+    /// Rows per block.
+    pub rows: u32,
+    /// K.
+    pub num_topk: u32,
+    /// 4 or 8.
+    pub width: u32,
+    /// Added to each id `>= 0`.
+    pub offset: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 /// Parameters of `ll_scales_token_major`: `src` `[batches, cols, rows]` f32 (the LL
 /// dispatch's column-major fp8 scales: `[L, H/128, R*M]`) into `dst` `[batches, rows, cols]`
 /// (NCCL EP's `[L, R*M, H/128]`).

@@ -18,7 +18,7 @@ use moe_ep::buffer::{
 };
 use moe_ep::expert_major::{ExpertMajorIo, zone_counts};
 use moe_ep::intranode::HtCombineOutputs;
-use moe_ep::layout::IndexType;
+use moe_ep::layout::{IndexType, global_expert_ids};
 use moe_ep::low_latency::{LlDispatchOptions, LlRankMajorOutputs, LlStats};
 use moe_ep::{Buffer, CallStream, Device, DeviceBuffer, Stream};
 use std::ffi::c_void;
@@ -87,12 +87,16 @@ struct State {
     ht_dispatch: Option<HtDispatchHandle>,
     /// HT expert-major: the last forward dispatch's flat ids and slot map.
     ht_zones: Option<Zones>,
+    /// HT FLAT: write global expert ids (the routing's `recv_topk_idx_kind`).
+    ht_global_ids: bool,
     ll_routing: Option<LlRouting>,
     ll_dispatch: Option<LlDispatch>,
     ll_rank_major: Option<LlRankMajor>,
     ll_dispatch_pending: bool,
     /// Rank-major: the caller's `src_rank_counters`, filled when the receive has run.
     ll_counts_to: Option<Tensor>,
+    /// Rank-major: the caller's `recv_topk_idx`, made global when the receive has run.
+    ll_global_ids: Option<Tensor>,
     ll_combine_pending: Option<LlCombinePending>,
 }
 
@@ -152,6 +156,24 @@ fn ll_sizes(cfg: &GroupConfig, layout: Layout, num_ranks: usize, num_topk: usize
 unsafe fn lend(dev: &Device, b: &DeviceBuffer) -> DeviceBuffer {
     // SAFETY: forwarded.
     unsafe { DeviceBuffer::borrowed(dev, b.ptr(), b.len()) }
+}
+
+/// Whether `recv_topk_idx_kind` asks for global expert ids (AUTO means LOCAL, as in NCCL EP).
+fn id_kind(kind: ncclEpExpertIdKind_t) -> Result<bool> {
+    match kind {
+        NCCL_EP_EXPERT_ID_AUTO | NCCL_EP_EXPERT_ID_LOCAL => Ok(false),
+        NCCL_EP_EXPERT_ID_GLOBAL => Ok(true),
+        other => Err(Failure::invalid(format!("layout_info->recv_topk_idx_kind {other} is unknown"))),
+    }
+}
+
+/// Whether `pass_direction` says backward.
+fn backward(pass_direction: ncclEpPassDir_t) -> Result<bool> {
+    match pass_direction {
+        NCCL_EP_FWD_PASS => Ok(false),
+        NCCL_EP_BWD_PASS => Ok(true),
+        other => Err(Failure::invalid(format!("config.pass_direction {other} is unknown"))),
+    }
 }
 
 fn index_type(t: &Tensor) -> Result<IndexType> {
@@ -312,6 +334,8 @@ impl EpHandle {
                     memory: self.caller_memory(),
                 };
                 (st.ht_dispatch, st.ht_route, st.ht_zones) = (None, None, None);
+                // Expert-major writes no ids: the kind applies to FLAT only.
+                st.ht_global_ids = info.global_ids && self.layout == Layout::HtFlat;
                 let route = self.buffer.ht_route(&call, call_)?;
                 info.write(&self.buffer, &call, &route, self.layout)?;
                 st.ht_route = Some(route);
@@ -337,6 +361,7 @@ impl EpHandle {
                 st.ll_rank_major = None;
                 st.ll_dispatch_pending = false;
                 st.ll_counts_to = None;
+                st.ll_global_ids = None;
                 st.ll_combine_pending = None;
                 st.ll_routing = Some(LlRouting { topk_idx: copy, index_type: ty, num_tokens: t });
             }
@@ -401,11 +426,7 @@ impl EpHandle {
                             "layout_info: HT counters come from ncclEpUpdateHandle (pass NULL)",
                         ));
                     }
-                    let bwd = match cfg.pass_direction {
-                        NCCL_EP_FWD_PASS => false,
-                        NCCL_EP_BWD_PASS => true,
-                        other => return Err(Failure::invalid(format!("config.pass_direction {other} is unknown"))),
-                    };
+                    let bwd = backward(cfg.pass_direction)?;
                     self.ht_dispatch(
                         &mut st,
                         &call,
@@ -453,14 +474,13 @@ impl EpHandle {
                                     "layout_info: the LL rank-major layout fills src_rank_counters only",
                                 ));
                             }
-                            if i.recv_topk_idx_kind == NCCL_EP_EXPERT_ID_GLOBAL {
-                                return Err(Failure::usage(
-                                    "recv_topk_idx_kind GLOBAL is not supported by this release (LOCAL ids)",
-                                ));
-                            }
                             Tensor::from_ptr("layout_info->src_rank_counters", i.src_rank_counters)?
                         }
                         None => None,
+                    };
+                    st.ll_global_ids = match layout_info {
+                        Some(i) if id_kind(i.recv_topk_idx_kind)? => Some(ri.clone()),
+                        _ => None,
                     };
                     self.ll_dispatch_rank_major(
                         &mut st,
@@ -635,6 +655,10 @@ impl EpHandle {
         };
         let (handle, _) = self.buffer.ht_dispatch_routed(call, route, d)?;
         st.ht_dispatch = Some(handle);
+        if st.ht_global_ids {
+            let (ids, l) = (buf(&recv_idx), self.config.num_experts / self.group().num_ranks());
+            self.buffer.run(call, |_| global_expert_ids(self.group(), &ids, None, 1, rows, k, 8, l))?;
+        }
         Ok(())
     }
 
@@ -878,13 +902,28 @@ impl EpHandle {
         Ok(())
     }
 
-    /// Copies a received rank-major dispatch's counts to the caller's `src_rank_counters`.
+    /// After a rank-major dispatch's receive: its counts to the caller's
+    /// `src_rank_counters`, its ids made global when asked.
     fn copy_counts(&self, st: &mut State, call: &CallStream) -> Result<()> {
-        let (Some(to), [count, ..]) = (st.ll_counts_to.take(), &self.ll_small[..]) else { return Ok(()) };
+        let [count, ..] = &self.ll_small[..] else { return Ok(()) };
         let dev = self.device();
-        // SAFETY: the caller's tensor (checked [R] i32 at dispatch) and the handle's counts.
-        let into = unsafe { to.buffer(dev) };
-        Ok(self.buffer.run(call, |s| into.copy_from_async(s, count, into.len()))?)
+        if let Some(to) = st.ll_counts_to.take() {
+            // SAFETY: the caller's tensor (checked [R] i32 at dispatch) and the handle's counts.
+            let into = unsafe { to.buffer(dev) };
+            self.buffer.run(call, |s| into.copy_from_async(s, count, into.len()))?;
+        }
+        if let Some(ids) = st.ll_global_ids.take() {
+            let (r, l, width) = (
+                self.group().num_ranks(),
+                self.config.num_experts / self.group().num_ranks(),
+                ids.bytes() / ids.numel().max(1),
+            );
+            // SAFETY: the caller's recv_topk_idx (checked [R, M, K] at dispatch).
+            let b = unsafe { ids.buffer(dev) };
+            let (m, k) = (ids.dims[1], ids.dims[2]);
+            self.buffer.run(call, |_| global_expert_ids(self.group(), &b, Some(count), r, m, k, width, l))?;
+        }
+        Ok(())
     }
 
     /// `ncclEpCombine`.
@@ -916,11 +955,7 @@ impl EpHandle {
                     if cfg.send_only != 0 {
                         return Err(Failure::usage("config.send_only is for LL; HT combines complete on their own"));
                     }
-                    let bwd = match cfg.pass_direction {
-                        NCCL_EP_FWD_PASS => false,
-                        NCCL_EP_BWD_PASS => true,
-                        other => return Err(Failure::invalid(format!("config.pass_direction {other} is unknown"))),
-                    };
+                    let bwd = backward(cfg.pass_direction)?;
                     let Some(h) = &st.ht_dispatch else {
                         return Err(Failure::usage("a combine follows a forward dispatch of the handle"));
                     };
@@ -1078,6 +1113,8 @@ struct HtLayoutInfo {
     expert_offsets: Option<Tensor>,
     recv_total_counter: Option<Tensor>,
     src_rank_counters: bool,
+    /// `recv_topk_idx_kind` is GLOBAL.
+    global_ids: bool,
 }
 
 impl HtLayoutInfo {
@@ -1088,11 +1125,10 @@ impl HtLayoutInfo {
                 expert_offsets: None,
                 recv_total_counter: None,
                 src_rank_counters: false,
+                global_ids: false,
             });
         };
-        if i.recv_topk_idx_kind == NCCL_EP_EXPERT_ID_GLOBAL {
-            return Err(Failure::usage("recv_topk_idx_kind GLOBAL is not supported by this release (LOCAL ids)"));
-        }
+        let global_ids = id_kind(i.recv_topk_idx_kind)?;
         // SAFETY: the caller's descriptors.
         unsafe {
             Ok(HtLayoutInfo {
@@ -1100,6 +1136,7 @@ impl HtLayoutInfo {
                 expert_offsets: Tensor::from_ptr("layout_info->expert_offsets", i.expert_offsets)?,
                 recv_total_counter: Tensor::from_ptr("layout_info->recv_total_counter", i.recv_total_counter)?,
                 src_rank_counters: !i.src_rank_counters.is_null(),
+                global_ids,
             })
         }
     }

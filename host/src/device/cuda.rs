@@ -1,4 +1,5 @@
-//! CUDA back end: the driver API through `cudarc::driver::sys`, loaded at run time.
+//! CUDA back end: the driver API through `cudarc::driver::sys`, loaded at run time. Every raw
+//! driver call of the crate is made here; `mod.rs` uses the checked wrappers at the end.
 //!
 //! Memory comes from `cuMemAlloc` (never cudarc's stream-ordered pools: pool memory can't
 //! be exported with `cuIpcGetMemHandle` and isn't reachable by peers through
@@ -440,4 +441,349 @@ fn load_ptx(ptx: &str) -> Result<sys::CUmodule> {
         return Err(Error::Driver { call, code, name: format!("{name}; JIT log: {jit}") });
     }
     Ok(m)
+}
+
+// Checked wrappers for `mod.rs`, one driver call each (cudarc's `result` layer). Destroy and
+// free calls return a `Result` too; their callers in `Drop` ignore it.
+
+// ---------------------------------------------------------------------------------------------
+// Memory: copies, fills, allocations and frees
+// ---------------------------------------------------------------------------------------------
+
+/// Queues a copy of `src` to device address `dst` on `stream`.
+///
+/// # Safety
+/// 1. `dst` holds `src.len()` bytes of memory the current context can write.
+/// 2. `src` stays alive and unchanged until the copy is done.
+/// 3. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn memcpy_htod_async(dst: u64, src: &[u8], stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemcpyHtoDAsync", unsafe {
+        sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), stream)
+    })
+}
+
+/// Queues a copy from device address `src` into `dst` on `stream`.
+///
+/// # Safety
+/// 1. `src` holds `dst.len()` bytes of memory the current context can read.
+/// 2. `dst` stays alive, and is neither read nor written, until the copy is done.
+/// 3. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn memcpy_dtoh_async(dst: &mut [u8], src: u64, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemcpyDtoHAsync", unsafe {
+        sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len(), stream)
+    })
+}
+
+/// Queues a copy of `bytes` bytes from device address `src` to `dst` on `stream`.
+///
+/// # Safety
+/// 1. `src` and `dst` each hold `bytes` bytes the current context can read (`src`) and write
+///    (`dst`), until the copy is done.
+/// 2. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn memcpy_dtod_async(dst: u64, src: u64, bytes: usize, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemcpyDtoDAsync", unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream) })
+}
+
+/// Queues setting `bytes` bytes at device address `dst` to `value` on `stream`.
+///
+/// # Safety
+/// 1. `dst` holds `bytes` bytes the current context can write, until the fill is done.
+/// 2. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn memset_d8_async(dst: u64, value: u8, bytes: usize, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(dst, value, bytes, stream) })
+}
+
+/// Allocates `bytes` bytes in `stream` order from the device's default pool.
+///
+/// # Safety
+/// `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn mem_alloc_async(bytes: usize, stream: sys::CUstream) -> Result<u64> {
+    let mut p = 0;
+    // SAFETY: writes one pointer; the stream is the caller's to vouch for.
+    check("cuMemAllocAsync", unsafe { sys::cuMemAllocAsync(&mut p, bytes, stream) })?;
+    Ok(p)
+}
+
+/// Allocates `bytes` bytes in `stream` order from `pool`.
+///
+/// # Safety
+/// 1. `pool` is a live memory pool of the current context's device.
+/// 2. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn mem_alloc_from_pool_async(
+    bytes: usize,
+    pool: sys::CUmemoryPool,
+    stream: sys::CUstream,
+) -> Result<u64> {
+    let mut p = 0;
+    // SAFETY: writes one pointer; pool and stream are the caller's to vouch for.
+    check("cuMemAllocFromPoolAsync", unsafe { sys::cuMemAllocFromPoolAsync(&mut p, bytes, pool, stream) })?;
+    Ok(p)
+}
+
+/// Frees `ptr` in `stream` order (after the work queued on `stream` so far).
+///
+/// # Safety
+/// 1. `ptr` came from a stream-ordered allocation and is freed once.
+/// 2. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn mem_free_async(ptr: u64, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemFreeAsync", unsafe { sys::cuMemFreeAsync(ptr, stream) })
+}
+
+/// Destroys a memory pool.
+///
+/// # Safety
+/// `pool` came from `cuMemPoolCreate`, is destroyed once, and none of its memory is in use.
+pub(crate) unsafe fn mem_pool_destroy(pool: sys::CUmemoryPool) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemPoolDestroy", unsafe { sys::cuMemPoolDestroy(pool) })
+}
+
+/// Releases a VMM allocation handle.
+///
+/// # Safety
+/// `handle` came from `cuMemCreate` or an import and is released once.
+pub(crate) unsafe fn mem_release(handle: sys::CUmemGenericAllocationHandle) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuMemRelease", unsafe { sys::cuMemRelease(handle) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+// ---------------------------------------------------------------------------------------------
+
+/// Waits for everything queued on `stream`.
+///
+/// # Safety
+/// `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn stream_synchronize(stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+}
+
+/// Whether all work queued on `stream` is done (never waits). Also reports errors left by
+/// earlier work (the driver API's "last error").
+///
+/// # Safety
+/// `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn stream_query(stream: sys::CUstream) -> Result<bool> {
+    // SAFETY: forwarded to the caller.
+    match unsafe { sys::cuStreamQuery(stream) } {
+        CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        r => check("cuStreamQuery", r).map(|()| true),
+    }
+}
+
+/// Makes later work on `stream` wait for `event`.
+///
+/// # Safety
+/// `stream` (or null) and `event` are live handles of the current context.
+pub(crate) unsafe fn stream_wait_event(stream: sys::CUstream, event: sys::CUevent) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(stream, event, 0) })
+}
+
+/// Destroys a stream; work already queued on it still completes.
+///
+/// # Safety
+/// `stream` came from `cuStreamCreate` and is destroyed once.
+pub(crate) unsafe fn stream_destroy(stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuStreamDestroy", unsafe { sys::cuStreamDestroy_v2(stream) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------------
+
+/// A new event with default flags (timing enabled, for `event_elapsed_ms`).
+pub(crate) fn event_create() -> Result<sys::CUevent> {
+    let mut e = std::ptr::null_mut();
+    // SAFETY: writes one event handle.
+    check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, 0) })?;
+    Ok(e)
+}
+
+/// Records `event` at the current end of `stream`.
+///
+/// # Safety
+/// `event` and `stream` (or null) are live handles of the current context.
+pub(crate) unsafe fn event_record(event: sys::CUevent, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuEventRecord", unsafe { sys::cuEventRecord(event, stream) })
+}
+
+/// Whether `event` has happened (never waits).
+///
+/// # Safety
+/// `event` is a live event.
+pub(crate) unsafe fn event_query(event: sys::CUevent) -> Result<bool> {
+    // SAFETY: forwarded to the caller.
+    match unsafe { sys::cuEventQuery(event) } {
+        CUresult::CUDA_SUCCESS => Ok(true),
+        CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        r => check("cuEventQuery", r).map(|()| false),
+    }
+}
+
+/// Waits until `event` has happened.
+///
+/// # Safety
+/// `event` is a live event.
+pub(crate) unsafe fn event_synchronize(event: sys::CUevent) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(event) })
+}
+
+/// Milliseconds from `start` to `end`.
+///
+/// # Safety
+/// `start` and `end` are live events (the driver reports incomplete ones as an error).
+pub(crate) unsafe fn event_elapsed_ms(start: sys::CUevent, end: sys::CUevent) -> Result<f32> {
+    let mut ms = 0f32;
+    // SAFETY: writes one float; the events are the caller's to vouch for.
+    check("cuEventElapsedTime", unsafe { sys::cuEventElapsedTime(&mut ms, start, end) })?;
+    Ok(ms)
+}
+
+/// Destroys an event.
+///
+/// # Safety
+/// `event` came from `cuEventCreate` and is destroyed once.
+pub(crate) unsafe fn event_destroy(event: sys::CUevent) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuEventDestroy", unsafe { sys::cuEventDestroy_v2(event) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graphs and stream capture
+// ---------------------------------------------------------------------------------------------
+
+/// Starts capturing the work queued on `stream` into a graph.
+///
+/// # Safety
+/// `stream` is a live stream of the current context.
+pub(crate) unsafe fn stream_begin_capture(stream: sys::CUstream, mode: sys::CUstreamCaptureMode) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuStreamBeginCapture", unsafe { sys::cuStreamBeginCapture_v2(stream, mode) })
+}
+
+/// Ends the capture on `stream` and returns the captured graph.
+///
+/// # Safety
+/// `stream` is a live stream of the current context.
+pub(crate) unsafe fn stream_end_capture(stream: sys::CUstream) -> Result<sys::CUgraph> {
+    let mut g = std::ptr::null_mut();
+    // SAFETY: writes one graph handle; the stream is the caller's to vouch for.
+    check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(stream, &mut g) })?;
+    Ok(g)
+}
+
+/// Whether `stream` is capturing a graph (for any library, not only `stream_begin_capture`).
+///
+/// # Safety
+/// `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn stream_is_capturing(stream: sys::CUstream) -> Result<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: writes one status; the stream is the caller's to vouch for.
+    check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(stream, &mut status) })?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// An executable graph made from `graph` (no flags).
+///
+/// # Safety
+/// `graph` is a live graph.
+pub(crate) unsafe fn graph_instantiate(graph: sys::CUgraph) -> Result<sys::CUgraphExec> {
+    let mut exec = std::ptr::null_mut();
+    // SAFETY: writes one handle; the graph is the caller's to vouch for.
+    check("cuGraphInstantiateWithFlags", unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) })?;
+    Ok(exec)
+}
+
+/// Uploads `exec` to the device in `stream` order, so that its first launch needn't.
+///
+/// # Safety
+/// `exec` and `stream` (or null) are live handles of the current context.
+pub(crate) unsafe fn graph_upload(exec: sys::CUgraphExec, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuGraphUpload", unsafe { sys::cuGraphUpload(exec, stream) })
+}
+
+/// Queues a launch of `exec` on `stream`.
+///
+/// # Safety
+/// `exec` and `stream` (or null) are live handles of the current context.
+pub(crate) unsafe fn graph_launch(exec: sys::CUgraphExec, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(exec, stream) })
+}
+
+/// Destroys an executable graph.
+///
+/// # Safety
+/// `exec` came from `cuGraphInstantiate*` and is destroyed once.
+pub(crate) unsafe fn graph_exec_destroy(exec: sys::CUgraphExec) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuGraphExecDestroy", unsafe { sys::cuGraphExecDestroy(exec) })
+}
+
+/// Destroys a graph.
+///
+/// # Safety
+/// `graph` is a live graph, destroyed once.
+pub(crate) unsafe fn graph_destroy(graph: sys::CUgraph) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuGraphDestroy", unsafe { sys::cuGraphDestroy(graph) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel launch
+// ---------------------------------------------------------------------------------------------
+
+/// Sets an attribute of a kernel function.
+///
+/// # Safety
+/// `f` is a function of a loaded module.
+pub(crate) unsafe fn func_set_attribute(f: sys::CUfunction, attr: sys::CUfunction_attribute, value: i32) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    check("cuFuncSetAttribute", unsafe { sys::cuFuncSetAttribute(f, attr, value) })
+}
+
+/// Queues a 1-D launch of `f` (`grid_dim` blocks of `block_dim` threads) on `stream`.
+///
+/// # Safety
+/// 1. `f` is a function of a module loaded in the current context.
+/// 2. `args` holds one pointer per kernel parameter, each to a value of that parameter's
+///    type (the driver copies them before returning).
+/// 3. Every pointer those values hold is valid for the kernel's accesses until it finishes.
+/// 4. `stream` is a live stream of the current context (or null).
+pub(crate) unsafe fn launch_kernel(
+    f: sys::CUfunction,
+    grid_dim: u32,
+    block_dim: u32,
+    shared_mem_bytes: u32,
+    stream: sys::CUstream,
+    args: &mut [*mut c_void],
+) -> Result<()> {
+    // SAFETY: forwarded to the caller; no `extra` options.
+    check("cuLaunchKernel", unsafe {
+        sys::cuLaunchKernel(
+            f,
+            grid_dim,
+            1,
+            1,
+            block_dim,
+            1,
+            1,
+            shared_mem_bytes,
+            stream,
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    })
 }

@@ -191,8 +191,8 @@ impl Device {
                 let va = match d.vmm_map(handle, size) {
                     Ok(va) => va,
                     Err(e) => {
-                        // SAFETY: release the allocation we just created.
-                        unsafe { sys::cuMemRelease(handle) };
+                        // SAFETY: release the allocation we just created (once).
+                        let _ = unsafe { cuda::mem_release(handle) };
                         return Err(e);
                     }
                 };
@@ -216,8 +216,8 @@ impl Device {
                 match d.vmm_map(handle, bytes) {
                     Ok(va) => Ok(DeviceBuffer::new(self, va, bytes, Memory::CudaVmm { handle, size: bytes })),
                     Err(e) => {
-                        // SAFETY: release the imported handle.
-                        unsafe { sys::cuMemRelease(handle) };
+                        // SAFETY: release the imported handle (once).
+                        let _ = unsafe { cuda::mem_release(handle) };
                         Err(e)
                     }
                 }
@@ -377,15 +377,9 @@ impl DeviceBuffer {
             }
             Some(d) => {
                 d.bind()?;
-                // SAFETY: range checked; the host slice outlives the synchronised copy.
-                cuda::check("cuMemcpyHtoDAsync", unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(
-                        self.ptr + offset as u64,
-                        bytes.as_ptr() as *const _,
-                        bytes.len(),
-                        stream.cu(),
-                    )
-                })?;
+                // SAFETY: range checked; the host slice outlives the synchronised copy; a live
+                // stream.
+                unsafe { cuda::memcpy_htod_async(self.ptr + offset as u64, bytes, stream.cu()) }?;
                 stream.synchronize()
             }
         }
@@ -408,15 +402,8 @@ impl DeviceBuffer {
             }
             Some(d) => {
                 d.bind()?;
-                // SAFETY: range checked; `out` outlives the synchronised copy.
-                cuda::check("cuMemcpyDtoHAsync", unsafe {
-                    sys::cuMemcpyDtoHAsync_v2(
-                        bytes.as_mut_ptr() as *mut _,
-                        self.ptr + offset as u64,
-                        bytes.len(),
-                        stream.cu(),
-                    )
-                })?;
+                // SAFETY: range checked; `out` outlives the synchronised copy; a live stream.
+                unsafe { cuda::memcpy_dtoh_async(bytes, self.ptr + offset as u64, stream.cu()) }?;
                 stream.synchronize()
             }
         }
@@ -444,10 +431,8 @@ impl DeviceBuffer {
             }
             Some(d) => {
                 d.bind()?;
-                // SAFETY: both ranges checked, ordered on `stream`.
-                cuda::check("cuMemcpyDtoDAsync", unsafe {
-                    sys::cuMemcpyDtoDAsync_v2(self.ptr, src.ptr, bytes, stream.cu())
-                })
+                // SAFETY: both ranges checked, ordered on `stream` (live).
+                unsafe { cuda::memcpy_dtod_async(self.ptr, src.ptr, bytes, stream.cu()) }
             }
         }
     }
@@ -474,10 +459,8 @@ impl DeviceBuffer {
             }
             Some(d) => {
                 d.bind()?;
-                // SAFETY: the whole allocation, ordered on `stream`.
-                cuda::check("cuMemsetD8Async", unsafe {
-                    sys::cuMemsetD8Async(self.ptr, value, self.bytes, stream.cu())
-                })
+                // SAFETY: the whole allocation, ordered on `stream` (live).
+                unsafe { cuda::memset_d8_async(self.ptr, value, self.bytes, stream.cu()) }
             }
         }
     }
@@ -518,8 +501,8 @@ impl Drop for DeviceBuffer {
             (Memory::Cuda, Some(d)) => drop(d.free(self.ptr)),
             (Memory::CudaPool { stream }, Some(d)) if d.bind().is_ok() => {
                 // SAFETY: allocated on this stream from its pool; freed once, after the
-                // work queued on it so far.
-                unsafe { sys::cuMemFreeAsync(self.ptr, stream.raw as sys::CUstream) };
+                // work queued on it so far (the handle keeps the stream alive).
+                let _ = unsafe { cuda::mem_free_async(self.ptr, stream.raw as sys::CUstream) };
             }
             (Memory::CudaIpc, Some(d)) => drop(d.ipc_close(self.ptr)),
             (Memory::CudaVmm { handle, size }, Some(d)) => drop(d.vmm_unmap_release(self.ptr, *size, *handle)),
@@ -713,7 +696,7 @@ impl Graph {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: a live executable graph and stream of the same context.
-                cuda::check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(self.exec as sys::CUgraphExec, stream.cu()) })
+                unsafe { cuda::graph_launch(self.exec as sys::CUgraphExec, stream.cu()) }
             }
         }
     }
@@ -726,8 +709,8 @@ impl Drop for Graph {
         {
             // SAFETY: created by end_capture, destroyed once.
             unsafe {
-                sys::cuGraphExecDestroy(self.exec as sys::CUgraphExec);
-                sys::cuGraphDestroy(self.graph as sys::CUgraph);
+                let _ = cuda::graph_exec_destroy(self.exec as sys::CUgraphExec);
+                let _ = cuda::graph_destroy(self.graph as sys::CUgraph);
             }
         }
     }
@@ -751,12 +734,10 @@ impl StreamHandle {
             None => Ok(Event { device: self.device.clone(), raw: 0, cpu_time: Instant::now() }),
             Some(d) => {
                 d.bind()?;
-                let mut e = std::ptr::null_mut();
-                // SAFETY: writes one event handle.
-                cuda::check("cuEventCreate", unsafe { sys::cuEventCreate(&mut e, 0) })?;
+                let e = cuda::event_create()?;
                 let event = Event { device: self.device.clone(), raw: e as usize, cpu_time: Instant::now() };
                 // SAFETY: live event and stream.
-                cuda::check("cuEventRecord", unsafe { sys::cuEventRecord(e, self.raw as sys::CUstream) })?;
+                unsafe { cuda::event_record(e, self.raw as sys::CUstream) }?;
                 Ok(event)
             }
         }
@@ -772,10 +753,10 @@ impl Drop for StreamHandle {
             // hold this handle, so all of them were freed (in stream order) before.
             unsafe {
                 if !self.borrowed {
-                    sys::cuStreamDestroy_v2(self.raw as sys::CUstream);
+                    let _ = cuda::stream_destroy(self.raw as sys::CUstream);
                 }
                 if self.pool != 0 {
-                    sys::cuMemPoolDestroy(self.pool as sys::CUmemoryPool);
+                    let _ = cuda::mem_pool_destroy(self.pool as sys::CUmemoryPool);
                 }
             }
         }
@@ -814,7 +795,7 @@ impl Stream {
             d.bind()?;
             let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
             // SAFETY: a live stream.
-            cuda::check("cuStreamBeginCapture", unsafe { sys::cuStreamBeginCapture_v2(self.cu(), mode) })?;
+            unsafe { cuda::stream_begin_capture(self.cu(), mode) }?;
         }
         *cap = Some(Vec::new());
         Ok(())
@@ -827,18 +808,16 @@ impl Stream {
         let mut graph = Graph { device: self.device.clone(), cpu, graph: 0, exec: 0 };
         if let Some(d) = self.device.cuda_backend() {
             d.bind()?;
-            let mut g = std::ptr::null_mut();
             // SAFETY: the stream is capturing (begin_capture succeeded).
-            cuda::check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(self.cu(), &mut g) })?;
+            let g = unsafe { cuda::stream_end_capture(self.cu()) }?;
             graph.graph = g as usize;
-            let mut exec = std::ptr::null_mut();
             // SAFETY: `g` is the captured graph.
-            cuda::check("cuGraphInstantiateWithFlags", unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, g, 0) })?;
+            let exec = unsafe { cuda::graph_instantiate(g) }?;
             graph.exec = exec as usize;
             // Upload now, in stream order: a first launch that had to upload could otherwise
             // wait while a peer rank's captured kernels spin on this GPU.
             // SAFETY: `exec` was just instantiated; the stream is live.
-            cuda::check("cuGraphUpload", unsafe { sys::cuGraphUpload(exec, self.cu()) })?;
+            unsafe { cuda::graph_upload(exec, self.cu()) }?;
         }
         Ok(graph)
     }
@@ -852,10 +831,9 @@ impl Stream {
         if self.device.cuda_backend().is_none() {
             return false;
         }
-        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        // SAFETY: a live stream; writes one status.
-        let r = unsafe { sys::cuStreamIsCapturing(self.cu(), &mut status) };
-        r != sys::CUresult::CUDA_SUCCESS || status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        // An error counts as capturing.
+        // SAFETY: a live stream.
+        unsafe { cuda::stream_is_capturing(self.cu()) }.unwrap_or(true)
     }
 
     /// CPU back end: runs `op` now, or records it while capturing.
@@ -899,16 +877,15 @@ impl Stream {
             None => self.alloc(bytes),
             Some(d) => {
                 d.bind()?;
-                let mut p = 0;
                 let pool = self.handle.pool as sys::CUmemoryPool;
-                // SAFETY: writes one pointer; ordered on this stream; `pool` is this stream's.
-                cuda::check("cuMemAllocFromPoolAsync", unsafe {
+                // SAFETY: ordered on this live stream; `pool` (when not null) is this stream's.
+                let p = unsafe {
                     if pool.is_null() {
-                        sys::cuMemAllocAsync(&mut p, bytes.max(1), self.cu())
+                        cuda::mem_alloc_async(bytes.max(1), self.cu())
                     } else {
-                        sys::cuMemAllocFromPoolAsync(&mut p, bytes.max(1), pool, self.cu())
+                        cuda::mem_alloc_from_pool_async(bytes.max(1), pool, self.cu())
                     }
-                })?;
+                }?;
                 Ok(DeviceBuffer::new(&self.device, p, bytes, Memory::CudaPool { stream: self.handle.clone() }))
             }
         }
@@ -949,35 +926,21 @@ impl Stream {
                 if cfg.shared_mem_bytes > 48 << 10 {
                     let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
                     // SAFETY: `f` is a loaded function.
-                    cuda::check("cuFuncSetAttribute", unsafe {
-                        sys::cuFuncSetAttribute(f, attr, cfg.shared_mem_bytes as i32)
-                    })?;
+                    unsafe { cuda::func_set_attribute(f, attr, cfg.shared_mem_bytes as i32) }?;
                 }
                 let mut p = params;
                 let mut args = [&mut p as *mut P as *mut std::ffi::c_void];
-                // SAFETY: one by-value struct parameter, matching the kernel's single `.param`.
-                cuda::check("cuLaunchKernel", unsafe {
-                    sys::cuLaunchKernel(
-                        f,
-                        cfg.grid_dim,
-                        1,
-                        1,
-                        cfg.block_dim,
-                        1,
-                        1,
-                        cfg.shared_mem_bytes,
-                        self.cu(),
-                        args.as_mut_ptr(),
-                        std::ptr::null_mut(),
-                    )
-                })?;
+                // SAFETY: one by-value struct parameter, matching the kernel's single `.param`;
+                // its pointers are valid (the caller's contract); a live stream.
+                unsafe {
+                    cuda::launch_kernel(f, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, self.cu(), &mut args)
+                }?;
                 if self.capturing() {
                     return Ok(()); // a query would invalidate the capture
                 }
                 // Surface sticky errors from earlier work (the driver API's "last error").
                 // SAFETY: a live stream.
-                let r = unsafe { sys::cuStreamQuery(self.cu()) };
-                if r == sys::CUresult::CUDA_ERROR_NOT_READY { Ok(()) } else { cuda::check("cuStreamQuery", r) }
+                unsafe { cuda::stream_query(self.cu()) }.map(|_done| ())
             }
         }
     }
@@ -989,7 +952,7 @@ impl Stream {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: a live stream.
-                cuda::check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.cu()) })
+                unsafe { cuda::stream_synchronize(self.cu()) }
             }
         }
     }
@@ -1012,9 +975,7 @@ impl Stream {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: live event and stream.
-                cuda::check("cuStreamWaitEvent", unsafe {
-                    sys::cuStreamWaitEvent(self.cu(), event.raw as sys::CUevent, 0)
-                })
+                unsafe { cuda::stream_wait_event(self.cu(), event.raw as sys::CUevent) }
             }
         }
     }
@@ -1040,11 +1001,7 @@ impl Event {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: a live event.
-                match unsafe { sys::cuEventQuery(self.raw as sys::CUevent) } {
-                    sys::CUresult::CUDA_SUCCESS => Ok(true),
-                    sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-                    r => cuda::check("cuEventQuery", r).map(|()| false),
-                }
+                unsafe { cuda::event_query(self.raw as sys::CUevent) }
             }
         }
     }
@@ -1056,7 +1013,7 @@ impl Event {
             Some(d) => {
                 d.bind()?;
                 // SAFETY: a live event.
-                cuda::check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.raw as sys::CUevent) })
+                unsafe { cuda::event_synchronize(self.raw as sys::CUevent) }
             }
         }
     }
@@ -1067,12 +1024,8 @@ impl Event {
         match self.device.cuda_backend() {
             None => Ok(later.cpu_time.duration_since(self.cpu_time).as_secs_f32() * 1e3),
             Some(_) => {
-                let mut ms = 0f32;
                 // SAFETY: two live, completed events.
-                cuda::check("cuEventElapsedTime", unsafe {
-                    sys::cuEventElapsedTime(&mut ms, self.raw as sys::CUevent, later.raw as sys::CUevent)
-                })?;
-                Ok(ms)
+                unsafe { cuda::event_elapsed_ms(self.raw as sys::CUevent, later.raw as sys::CUevent) }
             }
         }
     }
@@ -1084,7 +1037,7 @@ impl Drop for Event {
             && d.bind().is_ok()
         {
             // SAFETY: destroyed once.
-            unsafe { sys::cuEventDestroy_v2(self.raw as sys::CUevent) };
+            let _ = unsafe { cuda::event_destroy(self.raw as sys::CUevent) };
         }
     }
 }

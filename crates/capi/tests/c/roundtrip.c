@@ -152,6 +152,14 @@ static float token_value(int r, int t, int h) { return (float)((r * 13 + t * 7 +
 
 static float weight(int r, int t, int k) { return k == 0 ? 0.5f : (float)((r + t) % 3) * 0.25f; }
 
+// Rank `rank`'s routing, weights and tokens of call `call` (num_tokens(rank, call) rows).
+static void make_inputs(int rank, int call, int64_t* idx, float* w, uint16_t* x) {
+    for (int t = 0; t < num_tokens(rank, call); t++) {
+        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
+        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
+    }
+}
+
 static void make_tensor(ncclEpTensor_t* t, size_t* dims, unsigned ndim, ncclDataType_t dtype, void* data) {
     *t = NCCL_EP_TENSOR_INIT;
     t->ndim = ndim;
@@ -169,10 +177,7 @@ static int ht_round_trip(int rank, ncclEpGroup_t group, int call) {
     int64_t idx[MAX_TOKENS * TOPK];
     float w[MAX_TOKENS * TOPK];
     uint16_t x[MAX_TOKENS * HIDDEN];
-    for (int t = 0; t < T; t++) {
-        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
-        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
-    }
+    make_inputs(rank, call, idx, w, x);
     void* d_idx = mem_alloc(sizeof idx);
     void* d_w = mem_alloc(sizeof w);
     void* d_x = mem_alloc(sizeof x);
@@ -275,10 +280,7 @@ static int ht_em_round_trip(int rank, ncclEpGroup_t group, int call) {
     int64_t idx[MAX_TOKENS * TOPK];
     float w[MAX_TOKENS * TOPK];
     uint16_t x[MAX_TOKENS * HIDDEN];
-    for (int t = 0; t < T; t++) {
-        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
-        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
-    }
+    make_inputs(rank, call, idx, w, x);
     void *d_idx = mem_alloc(sizeof idx), *d_w = mem_alloc(sizeof w), *d_x = mem_alloc(sizeof x);
     void *d_zones = mem_alloc((size_t)slots * HIDDEN * 2), *d_zw = mem_alloc((size_t)slots * 4);
     void *d_counts = mem_alloc(8 * (size_t)L), *d_offsets = mem_alloc(8 * (size_t)L), *d_out = mem_alloc((size_t)T * HIDDEN * 2);
@@ -364,10 +366,7 @@ static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, i
     int64_t idx[MAX_TOKENS * TOPK];
     float w[MAX_TOKENS * TOPK];
     uint16_t x[MAX_TOKENS * HIDDEN];
-    for (int t = 0; t < T; t++) {
-        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
-        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
-    }
+    make_inputs(rank, call, idx, w, x);
     (void)group;
     size_t recv_bytes = (size_t)L * slots * HIDDEN * 2;
     void *d_idx = mem_alloc(sizeof idx), *d_w = mem_alloc(sizeof w), *d_x = mem_alloc(sizeof x);
@@ -446,10 +445,7 @@ static int ll_rank_major_round_trip(int rank, ncclEpHandle_t handle, int call) {
     int64_t idx[MAX_TOKENS * TOPK];
     float w[MAX_TOKENS * TOPK];
     uint16_t x[MAX_TOKENS * HIDDEN];
-    for (int t = 0; t < T; t++) {
-        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = expert(rank, t, k, call), w[t * TOPK + k] = weight(rank, t, k);
-        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
-    }
+    make_inputs(rank, call, idx, w, x);
     size_t slots = (size_t)R * M;
     void *d_idx = mem_alloc(sizeof idx), *d_w = mem_alloc(sizeof w), *d_x = mem_alloc(sizeof x);
     void *d_recv = mem_alloc(slots * HIDDEN * 2), *d_rw = mem_alloc(slots * TOPK * 4), *d_ri = mem_alloc(slots * TOPK * 4);
