@@ -158,6 +158,14 @@ unsafe fn lend(dev: &Device, b: &DeviceBuffer) -> DeviceBuffer {
     unsafe { DeviceBuffer::borrowed(dev, b.ptr(), b.len()) }
 }
 
+/// An LL op may start only once the handle's send-only op (if any) is complete.
+fn no_pending(st: &State) -> Result<()> {
+    if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
+        return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
+    }
+    Ok(())
+}
+
 /// Whether `recv_topk_idx_kind` asks for global expert ids (AUTO means LOCAL, as in NCCL EP).
 fn id_kind(kind: ncclEpExpertIdKind_t) -> Result<bool> {
     match kind {
@@ -290,7 +298,7 @@ impl EpHandle {
         match &self.memory {
             Memory::Caller(b) | Memory::Allocated { buffer: b, .. } => {
                 // SAFETY: the handle's memory outlives what is made from it (the handle).
-                Some(unsafe { DeviceBuffer::borrowed(self.device(), b.ptr(), b.len()) })
+                Some(unsafe { lend(self.device(), b) })
             }
             Memory::Own => None,
         }
@@ -747,6 +755,22 @@ impl EpHandle {
         })
     }
 
+    /// What every LL dispatch checks first: nothing pending, a routing, and `x` `[T, H]` bf16
+    /// with `H` within the group's rows. Returns the routing, `T` and `H`.
+    fn ll_dispatch_start<'s>(&self, st: &'s State, x: &Tensor) -> Result<(&'s LlRouting, usize, usize)> {
+        no_pending(st)?;
+        let Some(routing) = &st.ll_routing else {
+            return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
+        };
+        let t = routing.num_tokens;
+        x.expect(&[ncclBfloat16], &[Some(t), None])?;
+        let (h, most) = (x.dims[1], self.config.hidden());
+        if h > most {
+            return Err(Failure::invalid(format!("inputs->tokens: hidden {h} > max_token_bytes / 2 = {most}")));
+        }
+        Ok((routing, t, h))
+    }
+
     /// LL expert-major dispatch; the rows reach `recv_x` when the receive has run.
     #[allow(clippy::too_many_arguments)]
     fn ll_dispatch(
@@ -759,22 +783,9 @@ impl EpHandle {
         counters: &Tensor,
         send_only: bool,
     ) -> Result<()> {
-        if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
-            return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
-        }
-        let Some(routing) = &st.ll_routing else {
-            return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
-        };
+        let (routing, t, h) = self.ll_dispatch_start(st, x)?;
         let (r, cfg) = (self.group().num_ranks(), &self.config);
-        let (l, m, t) = (cfg.num_experts / r, cfg.max_dispatch_tokens_per_rank, routing.num_tokens);
-        x.expect(&[ncclBfloat16], &[Some(t), None])?;
-        let h = x.dims[1];
-        if h > cfg.hidden() {
-            return Err(Failure::invalid(format!(
-                "inputs->tokens: hidden {h} > max_token_bytes / 2 = {}",
-                cfg.hidden()
-            )));
-        }
+        let (l, m) = (cfg.num_experts / r, cfg.max_dispatch_tokens_per_rank);
         // DS_FP8E3M4: e4m3 rows and their f32 scales, one per 128 channels, token-major.
         let row_type = if fp8.is_some() { ncclFloat8e4m3 } else { ncclBfloat16 };
         recv_x.expect(&[row_type], &[Some(l), Some(r * m), Some(h)])?;
@@ -790,13 +801,7 @@ impl EpHandle {
         // SAFETY: (views) the caller's live tensors and the handle's memory, on its GPU.
         let (xb, counts, into) = unsafe { (x.buffer(dev), counters.buffer(dev), recv_x.buffer(dev)) };
         // SAFETY: the handle's memory (ll_small), alive as long as the handle.
-        let small = unsafe {
-            [
-                counts,
-                DeviceBuffer::borrowed(dev, ranges.ptr(), ranges.len()),
-                DeviceBuffer::borrowed(dev, epoch.ptr(), epoch.len()),
-            ]
-        };
+        let small = unsafe { [counts, lend(dev, ranges), lend(dev, epoch)] };
         let c = LlDispatchCall {
             x: &xb,
             num_tokens: t,
@@ -835,22 +840,9 @@ impl EpHandle {
         counts: Option<Tensor>,
         send_only: bool,
     ) -> Result<()> {
-        if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
-            return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
-        }
-        let Some(routing) = &st.ll_routing else {
-            return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
-        };
+        let (routing, t, h) = self.ll_dispatch_start(st, x)?;
         let (r, cfg, k) = (self.group().num_ranks(), &self.config, self.num_topk.unwrap_or(0));
-        let (m, t) = (cfg.max_dispatch_tokens_per_rank, routing.num_tokens);
-        x.expect(&[ncclBfloat16], &[Some(t), None])?;
-        let h = x.dims[1];
-        if h > cfg.hidden() {
-            return Err(Failure::invalid(format!(
-                "inputs->tokens: hidden {h} > max_token_bytes / 2 = {}",
-                cfg.hidden()
-            )));
-        }
+        let m = cfg.max_dispatch_tokens_per_rank;
         weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
         recv_x.expect(&[ncclBfloat16], &[Some(r), Some(m), Some(h)])?;
         recv_weights.expect(&[ncclFloat32], &[Some(r), Some(m), Some(k)])?;
@@ -864,18 +856,17 @@ impl EpHandle {
         let dev = self.device();
         // SAFETY: the caller's live tensors on the group's GPU.
         let (xb, wb) = unsafe { (x.buffer(dev), weights.buffer(dev)) };
-        // SAFETY: the handle's memory, alive as long as the handle (and what it holds).
-        let lend = |b: &DeviceBuffer| unsafe { DeviceBuffer::borrowed(dev, b.ptr(), b.len()) };
-        // SAFETY: as above.
+        // SAFETY: the caller's live tensors, and the handle's memory, alive as long as the
+        // handle (and what it holds).
         let outputs = unsafe {
             LlRankMajorOutputs::in_memory(
                 [
                     recv_x.buffer(dev),
-                    lend(count),
-                    lend(src_idx),
+                    lend(dev, count),
+                    lend(dev, src_idx),
                     recv_idx.buffer(dev),
                     recv_weights.buffer(dev),
-                    lend(epoch),
+                    lend(dev, epoch),
                 ],
                 if recv_idx.dtype == ncclInt32 { 4 } else { 8 },
             )
@@ -1012,9 +1003,7 @@ impl EpHandle {
                             "topk_weights: the LL rank-major combine takes none (rows come pre-reduced)",
                         ));
                     }
-                    if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
-                        return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
-                    }
+                    no_pending(&st)?;
                     let (Some(d), Some(routing)) = (&st.ll_rank_major, &st.ll_routing) else {
                         return Err(Failure::usage("a combine follows a dispatch of the handle"));
                     };
@@ -1040,9 +1029,7 @@ impl EpHandle {
                             "inputs->topk_weights: LL takes the weights in outputs->topk_weights",
                         ));
                     }
-                    if st.ll_dispatch_pending || st.ll_combine_pending.is_some() {
-                        return Err(Failure::usage("a send-only op of this handle awaits ncclEpComplete"));
-                    }
+                    no_pending(&st)?;
                     let (Some(d), Some(routing)) = (&st.ll_dispatch, &st.ll_routing) else {
                         return Err(Failure::usage("a combine follows a dispatch of the handle"));
                     };
