@@ -10,6 +10,10 @@
 //! * `ht_expert_major_reduce` (a warp per row): each flat row becomes the f32 sum, k
 //!   ascending, of its slots' rows (bf16, rounded once); weights, if any, go back to
 //!   `[rows, K]` (0 where the expert is elsewhere).
+//!
+//! Zones that need more than `num_slots` in all are an `OVERFLOW` error, or under the DROP
+//! policy (`drop_overflow`) cut there: zone `e` keeps `min(size, num_slots - start)` slots
+//! (see [`kept`]), and its later rows' copies are dropped (`slot_map` -1, nothing summed).
 use crate::abi::{DeviceError, ErrorSlot, HtExpertMajorParams, WARP_SIZE, error_code};
 use crate::copy::copy_warp;
 use crate::dev::{self, U4};
@@ -31,6 +35,13 @@ unsafe fn zone_start(p: &HtExpertMajorParams, e: u32) -> (u64, u64) {
         total += c;
     }
     (before, total)
+}
+
+/// Slots zone `e` (of `size`, starting at `start`) keeps: all of them, or under the DROP
+/// policy those below `num_slots`.
+#[inline(always)]
+fn kept(p: &HtExpertMajorParams, start: u64, size: u64) -> u64 {
+    if p.drop_overflow != 0 { size.min((p.num_slots as u64).saturating_sub(start)) } else { size }
 }
 
 /// Rows of this dispatch, bounded by the flat capacity.
@@ -63,8 +74,9 @@ kernel! {
             let mut offset = 0u64;
             for e in 0..p.num_local_experts {
                 let c = (*(p.expert_counts as *const i32).add(e as usize)).max(0) as u64;
-                put(p.counts_out, e, c);
-                put(p.offsets_out, e, offset);
+                put(p.counts_out, e, kept(&p, offset, c));
+                let cut = if p.drop_overflow != 0 { offset.min(p.num_slots as u64) } else { offset };
+                put(p.offsets_out, e, cut);
                 offset += c;
             }
             put(p.total_out, 0, offset);
@@ -80,13 +92,13 @@ kernel! {
         let counts: *mut u32 = dev::static_smem(); // per-warp hits of the current chunk
         let k_count = p.num_topk;
         // SAFETY (whole body): every array holds what HtExpertMajorParams says (host-checked);
-        // slots stay below num_slots (checked against the total first).
+        // slots stay below num_slots (checked against the total first, or cut there by `kept`).
         unsafe {
             let n = rows(&p);
             let mut e = dev::block_idx_x();
             while e < p.num_local_experts {
                 let (start, total) = zone_start(&p, e);
-                if total > p.num_slots as u64 {
+                if total > p.num_slots as u64 && p.drop_overflow == 0 {
                     if dev::thread_idx_x() == 0 && e == 0 {
                         let rec = DeviceError {
                             code: error_code::OVERFLOW,
@@ -102,7 +114,7 @@ kernel! {
                     }
                     return;
                 }
-                let size = (*(p.expert_counts as *const i32).add(e as usize)).max(0) as u64;
+                let size = kept(&p, start, (*(p.expert_counts as *const i32).add(e as usize)).max(0) as u64);
                 let mut filled = 0u64; // rows placed so far (block-uniform)
                 let mut base = 0u32;
                 while base < n {
@@ -132,6 +144,9 @@ kernel! {
                     }
                     // Slots of this warp's hits, in row order.
                     let mine = before + (mask & ((1u32 << lane) - 1)).count_ones() as u64;
+                    if hit_k != u32::MAX && filled + mine >= size {
+                        *(p.slot_map as *mut i32).add((row * k_count + hit_k) as usize) = -1; // dropped
+                    }
                     if hit_k != u32::MAX && filled + mine < size {
                         let slot = start + filled + mine;
                         *(p.slot_map as *mut i32).add((row * k_count + hit_k) as usize) = slot as i32;

@@ -8,7 +8,13 @@
 //! atomic add per non-zero bin and block: integer sums, so the result is deterministic.
 //! An expert id outside `-1..num_experts` is reported as `BAD_INPUT` (site = token) and
 //! ignored.
-use crate::abi::{DeviceError, ErrorSlot, GlobalIdsParams, LayoutParams, error_code};
+//!
+//! # `ht_drop_overflow`
+//! See [`DropOverflowParams`]. One block; warp `w` takes destinations `w`, `w + warps`, ...
+//! and walks the tokens 32 at a time: a ballot over `is_token_in_rank[.., d]` gives each
+//! token its position among this rank's tokens to `d`, which after the rows of lower
+//! ranks (`rank_prefix_matrix[rank - 1][d]`) is its row at `d`.
+use crate::abi::{DeviceError, DropOverflowParams, ErrorSlot, GlobalIdsParams, LayoutParams, error_code};
 use crate::dev;
 
 kernel! {
@@ -121,6 +127,54 @@ kernel! {
                 }
             }
             i += stride;
+        }
+    }
+}
+
+kernel! {
+    /// See the module docs.
+    pub unsafe fn ht_drop_overflow(p: DropOverflowParams) as HT_DROP_OVERFLOW {
+        let (lane, warp, warps) = (dev::lane_id(), dev::warp_id(), dev::num_warps());
+        let (r, me) = (p.num_ranks, p.rank);
+        let per_rank = p.num_experts.checked_div(r).unwrap_or(1).max(1);
+        // SAFETY (whole body): the arrays hold what DropOverflowParams says (host-checked).
+        unsafe {
+            let rpm = p.rank_prefix_matrix as *const i32;
+            if dev::thread_idx_x() == 0 && p.routed_total != 0 {
+                *(p.routed_total as *mut i32) = *rpm.add(((r - 1) * r + me) as usize);
+            }
+            let mut d = warp;
+            while d < r {
+                let before = if me == 0 { 0 } else { (*rpm.add(((me - 1) * r + d) as usize)).max(0) as u32 };
+                let keep = p.budget.saturating_sub(before);
+                let mut seen = 0u32; // this rank's tokens to `d` so far (warp-uniform)
+                let mut base = 0u32;
+                while base < p.num_tokens {
+                    let tok = base + lane;
+                    let hit = tok < p.num_tokens && *(p.is_token_in_rank as *const u8).add((tok * r + d) as usize) != 0;
+                    let mask = dev::ballot(hit);
+                    let pos = seen + (mask & ((1u32 << lane) - 1)).count_ones();
+                    if hit && pos >= keep {
+                        for k in 0..p.num_topk {
+                            let at = (tok * p.num_topk + k) as usize;
+                            if p.idx_bytes == 4 {
+                                let id = (p.topk_idx as *mut i32).add(at);
+                                if *id >= 0 && *id as u32 / per_rank == d {
+                                    *id = -1;
+                                }
+                            } else {
+                                let id = (p.topk_idx as *mut i64).add(at);
+                                if *id >= 0 && (*id as u64 / per_rank as u64) == d as u64 {
+                                    *id = -1;
+                                }
+                            }
+                        }
+                    }
+                    seen += mask.count_ones();
+                    base += 32;
+                }
+                d += warps;
+            }
         }
     }
 }

@@ -35,7 +35,8 @@
 //! each `y_k` where its owner's flag says.
 //! fp8 (`LlParams::fp8`): the sender casts each row in the kernel (per-128-channel amax
 //! scales, as `reference::quantize_row_fp8`, 512 channels per warp step, one 16-byte store
-//! per lane and owner) and stores the scales column-major.
+//! per lane and owner) and stores the scales column-major. With `LL_FP8_INPUT` the rows
+//! are fp8 already: their bytes and given scales go out as they are, to the same places.
 //! Epochs live on the device (`LlParams::epoch_word`, `call_epoch`): the host passes the
 //! same parameters every time, so a captured CUDA graph replays correctly.
 //! `phases` splits each kernel: a send-only launch returns once its sends and flags are out
@@ -46,8 +47,8 @@
 //! flag wait's `%clock64` cycles to the waited-for rank's `*_wait_recv_cost_stats` entry
 //! (dispatch: one wait per local expert and source; combine: block 0's, one per owner).
 use crate::abi::{
-    ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE,
-    LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams, WARP_SIZE,
+    ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_FP8_INPUT, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV,
+    LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams, WARP_SIZE,
 };
 use crate::copy::{COPY_STEP_BYTES, copy_warp, copy_warp_n, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
@@ -376,6 +377,25 @@ kernel! {
     }
 }
 
+/// [`LL_FP8_INPUT`]: one row's `groups` f32 scales (at `src`) to every destination (lane `k`
+/// holds row `k`'s scales' base in `scale_of_lane`, for each bit `k` of `lanes`), group `g`
+/// at `base + g * stride`, as the fp8 cast places them. Warp-cooperative.
+#[inline(always)]
+unsafe fn forward_scales(scale_of_lane: u64, lanes: u32, src: u64, groups: u64, stride: u64) {
+    let lane = dev::lane_id() as u64;
+    let mut m = lanes; // warp-uniform (a ballot): every lane takes part in every shuffle
+    while m != 0 {
+        let base = shfl_idx_u64(scale_of_lane, m.trailing_zeros());
+        m &= m - 1;
+        let mut g = lane;
+        while g < groups {
+            // SAFETY: `src` holds `groups` f32; `base` places `groups` scales `stride` apart.
+            unsafe { *((base + g * stride) as *mut u32) = *((src + 4 * g) as *const u32) };
+            g += WARP_SIZE as u64;
+        }
+    }
+}
+
 /// Dispatch's send half (module docs, steps 1-4); false after a timeout or another error.
 #[inline(always)]
 unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
@@ -384,7 +404,9 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
     let (lane, warp, nw) = (dev::lane_id(), dev::warp_id(), dev::num_warps());
     let (block, grid, tid, bd) = (dev::block_idx_x(), dev::grid_dim_x(), dev::thread_idx_x(), dev::block_dim_x());
     let fp8 = p.fp8 & LL_FP8 != 0;
+    let fp8_input = p.fp8 & LL_FP8_INPUT != 0;
     let x_bytes = if fp8 { p.row_bytes / 2 } else { p.row_bytes };
+    let in_bytes = if fp8_input { x_bytes } else { p.row_bytes }; // bytes of a row of `x`
     let groups = p.row_bytes / 2 / 128;
     let rows = l.rows_per_expert();
     let sd = ScaleDst { stride: rows * 4, ue8m0: p.fp8 & LL_UE8M0 != 0 };
@@ -461,10 +483,10 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
         // the owner. Each part of the row is read once and stored to all of them.
         let my_tokens = if block < p.num_tokens { (p.num_tokens - 1 - block) / grid + 1 } else { 0 };
         // Units a part is made of: a copy step (2 KB) or four fp8 cast steps.
-        let (unit, units) = if fp8 {
+        let (unit, units) = if fp8 && !fp8_input {
             (FP8_STEPS_IN_FLIGHT, (p.row_bytes / 2).div_ceil(FP8_STEP).div_ceil(FP8_STEPS_IN_FLIGHT))
         } else {
-            (COPY_STEP_BYTES, p.row_bytes.div_ceil(COPY_STEP_BYTES))
+            (COPY_STEP_BYTES, in_bytes.div_ceil(COPY_STEP_BYTES))
         };
         let parts = (nw / my_tokens.max(1)).clamp(1, units as u32) as u64;
         let per_part = units.div_ceil(parts) * unit;
@@ -486,9 +508,15 @@ unsafe fn dispatch_send(p: &LlParams, l: &LlLayout) -> bool {
                 scales = base + l.recv_scales + (le as u64 * (groups / per_word) * rows + row) * 4;
             }
             let lanes = dev::ballot(e >= 0);
-            let src = p.x + t as u64 * p.row_bytes;
+            let src = p.x + t as u64 * in_bytes;
             let from = part * per_part;
-            if fp8 {
+            if fp8_input {
+                let end = (from + per_part).min(in_bytes);
+                copy_warp_to_many(dst + from, lanes, src + from, end.saturating_sub(from));
+                if part == 0 {
+                    forward_scales(scales, lanes, p.x_scales + t as u64 * groups * 4, groups, sd.stride);
+                }
+            } else if fp8 {
                 let end = (from + per_part).min((p.row_bytes / 2).div_ceil(FP8_STEP));
                 cast_row_fp8(dst, scales, lanes, src, p.row_bytes / 2, p.fp8 & LL_ROUND_SCALE != 0, sd, (from, end));
             } else {

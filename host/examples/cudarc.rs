@@ -58,6 +58,7 @@ fn rank_main(ctx: &Arc<CudaContext>, group: Group, ranks: usize) -> Result<(), E
             expert_alignment: 1,
             shapes,
             memory: None,
+            recv_budget: None,
         },
     )?;
     let dispatch = HtRoutedDispatch {

@@ -47,7 +47,7 @@ use crate::intranode::{
     HtBuffer, HtCombineOutputs, HtConfig, HtDispatchArgs, HtDispatchBuffers, HtDispatchOutputs, HtHandle, HtMaps,
     HtMemory,
 };
-use crate::layout::{DispatchLayout, IndexType, get_dispatch_layout, get_dispatch_layout_into};
+use crate::layout::{DispatchLayout, IndexType, drop_overflow, get_dispatch_layout, get_dispatch_layout_into};
 use crate::limits::MAX_TOPK;
 use crate::low_latency::{
     LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlRankMajorOutputs, LlStats,
@@ -359,7 +359,7 @@ pub struct LlDispatchCall<'a> {
     /// E.
     pub num_experts: usize,
     /// fp8, scales, `send_only`.
-    pub options: LlDispatchOptions,
+    pub options: LlDispatchOptions<'a>,
     /// The caller's memory for `packed_recv_count [L]`, `packed_recv_layout_range [L, R]` and
     /// the call's epoch (8 bytes), so a CUDA-graph capture owns them; None: the rank's pool.
     pub small: Option<[DeviceBuffer; 3]>,
@@ -499,6 +499,12 @@ pub struct HtRouteCall<'a> {
     pub shapes: HtShapes,
     /// Memory for the route's state ([`Buffer::ht_route_bytes`]), or None for the rank's pool.
     pub memory: Option<DeviceBuffer>,
+    /// NCCL EP's overflow policy DROP: each rank receives at most this many rows; the
+    /// (token, rank) pairs past it are dropped at the sender ([`crate::layout::drop_overflow`]:
+    /// the lowest source ranks' first tokens are kept), at the cost of a second count
+    /// exchange. Combines then leave the dropped ranks' contributions out. None: every row
+    /// is sent, and more rows than a dispatch's outputs hold is a device-side error.
+    pub recv_budget: Option<usize>,
 }
 
 /// A routing whose counts were exchanged (NCCL EP's HT handle after `ncclEpUpdateHandle`):
@@ -516,12 +522,18 @@ pub struct HtRoute {
     /// As given to [`Buffer::ht_route`].
     pub expert_alignment: usize,
     num_local_experts: usize,
+    /// A `recv_budget` was given.
+    dropping: bool,
 }
 
 struct RouteState {
     topk_idx: DeviceBuffer,
     layout: DispatchLayout,
     maps: HtMaps,
+    /// `[1]` i32 and `[L]` i32: the rows and per-expert counts before a drop (with a
+    /// `recv_budget`).
+    routed_total: DeviceBuffer,
+    routed_per_expert: DeviceBuffer,
     _memory: Option<DeviceBuffer>,
 }
 
@@ -534,6 +546,23 @@ impl HtRoute {
     /// `[1]` i32 on the device: rows this rank receives (after the route's stream work).
     pub fn num_recv_tokens(&self) -> Result<Output> {
         self.view(|r| &r.maps.num_recv_tokens, 4)
+    }
+
+    /// `[1]` i32 on the device: rows this rank would receive without the route's
+    /// `recv_budget` (NCCL EP's `recv_total_counter` under the DROP policy); without one,
+    /// the same as [`HtRoute::num_recv_tokens`].
+    pub fn num_routed_tokens(&self) -> Result<Output> {
+        if self.dropping { self.view(|r| &r.routed_total, 4) } else { self.num_recv_tokens() }
+    }
+
+    /// `[L]` i32 on the device: [`HtRoute::num_recv_tokens_per_expert`] without the route's
+    /// `recv_budget`.
+    pub fn num_routed_tokens_per_expert(&self) -> Result<Output> {
+        if self.dropping {
+            self.view(|r| &r.routed_per_expert, 4 * self.num_local_experts)
+        } else {
+            self.num_recv_tokens_per_expert()
+        }
     }
 
     /// `[L]` i32 on the device: rows per local expert, rounded up to the alignment.
@@ -1062,7 +1091,7 @@ impl Buffer {
         let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
         let (r, e, dev) = (self.group.num_ranks(), buf.config().num_experts, self.group.device());
         let stream = self.group.stream();
-        let (topk_idx, layout, maps) = match &c.memory {
+        let (topk_idx, layout, maps, (routed_total, routed_per_expert)) = match &c.memory {
             Some(mem) => {
                 let need = route_bytes(r, e, t, k * ty.bytes()) + buf.maps_bytes(&self.group, t);
                 if mem.len() < need || !mem.ptr().is_multiple_of(16) {
@@ -1084,13 +1113,15 @@ impl Buffer {
                     num_tokens_per_expert: next(4 * e),
                     is_token_in_rank: next((t * r).max(1)),
                 };
+                let routed = (next(4), next(4 * e));
                 // SAFETY: the rest of `mem`, 16-aligned, sized by maps_bytes (checked above).
                 let maps = unsafe { buf.maps_at(&self.group, at, t) };
-                (topk_idx, Some(layout), maps)
+                (topk_idx, Some(layout), maps, routed)
             }
             None => {
                 let maps = buf.alloc_maps(&self.group, t)?;
-                (stream.alloc_uninit((t * k * ty.bytes()).max(16))?, None, maps)
+                let routed = (stream.alloc_uninit(16)?, stream.alloc_uninit(4 * e)?);
+                (stream.alloc_uninit((t * k * ty.bytes()).max(16))?, None, maps, routed)
             }
         };
         self.begin(call)?;
@@ -1098,23 +1129,30 @@ impl Buffer {
             topk_idx.copy_from_async(stream, c.topk_idx, t * k * ty.bytes())?;
         }
         let layout = match layout {
-            Some(into) => {
-                // SAFETY: views of the same route memory, which outlives the call.
-                let again = unsafe {
-                    DispatchLayout {
-                        num_tokens_per_rank: DeviceBuffer::borrowed(dev, into.num_tokens_per_rank.ptr(), 4 * r),
-                        num_tokens_per_expert: DeviceBuffer::borrowed(dev, into.num_tokens_per_expert.ptr(), 4 * e),
-                        is_token_in_rank: DeviceBuffer::borrowed(dev, into.is_token_in_rank.ptr(), (t * r).max(1)),
-                    }
-                };
-                get_dispatch_layout_into(&self.group, &topk_idx, ty, t, k, e, again)?;
-                into
-            }
+            Some(into) => into,
             None => get_dispatch_layout(&self.group, &topk_idx, ty, t, k, e)?,
         };
+        // SAFETY: views of the layout's own buffers, which outlive the calls.
+        let again = || unsafe {
+            DispatchLayout {
+                num_tokens_per_rank: DeviceBuffer::borrowed(dev, layout.num_tokens_per_rank.ptr(), 4 * r),
+                num_tokens_per_expert: DeviceBuffer::borrowed(dev, layout.num_tokens_per_expert.ptr(), 4 * e),
+                is_token_in_rank: DeviceBuffer::borrowed(dev, layout.is_token_in_rank.ptr(), (t * r).max(1)),
+            }
+        };
+        if c.memory.is_some() {
+            get_dispatch_layout_into(&self.group, &topk_idx, ty, t, k, e, again())?;
+        }
         buf.notify(&self.group, &layout, t, c.expert_alignment, &maps)?;
+        if let Some(budget) = c.recv_budget {
+            let (in_rank, prefix) = (&layout.is_token_in_rank, &maps.rank_prefix_matrix);
+            drop_overflow(&self.group, &topk_idx, ty, t, k, e, in_rank, prefix, budget, Some(&routed_total))?;
+            routed_per_expert.copy_from_async(stream, &maps.num_recv_tokens_per_expert, 4 * (e / r))?;
+            get_dispatch_layout_into(&self.group, &topk_idx, ty, t, k, e, again())?;
+            buf.notify(&self.group, &layout, t, c.expert_alignment, &maps)?;
+        }
         self.finish(call, "ht_notify")?;
-        let state = RouteState { topk_idx, layout, maps, _memory: c.memory };
+        let state = RouteState { topk_idx, layout, maps, routed_total, routed_per_expert, _memory: c.memory };
         Ok(HtRoute {
             inner: self.guard(call, state),
             generation,
@@ -1123,6 +1161,7 @@ impl Buffer {
             index_type: ty,
             expert_alignment: c.expert_alignment,
             num_local_experts: e / r,
+            dropping: c.recv_budget.is_some(),
         })
     }
 
@@ -1384,7 +1423,10 @@ impl Buffer {
 /// to 16, before its maps.
 fn route_bytes(num_ranks: usize, num_experts: usize, num_tokens: usize, idx_row_bytes: usize) -> usize {
     let (r, t) = (num_ranks, num_tokens);
-    [t * idx_row_bytes, 4 * r, 4 * num_experts, t * r].iter().map(|b| b.max(&1).next_multiple_of(16)).sum()
+    [t * idx_row_bytes, 4 * r, 4 * num_experts, t * r, 4, 4 * num_experts]
+        .iter()
+        .map(|b| b.max(&1).next_multiple_of(16))
+        .sum()
 }
 
 /// A relayout synchronises and exchanges with peers: not inside a capture.

@@ -37,6 +37,9 @@ pub struct ExpertMajorIo<'a> {
     pub num_topk: usize,
     /// L.
     pub num_local_experts: usize,
+    /// NCCL EP's overflow policy DROP: zones needing more than `num_slots` in all are cut
+    /// there (later copies dropped) instead of an `OVERFLOW` error.
+    pub drop_overflow: bool,
 }
 
 impl ExpertMajorIo<'_> {
@@ -87,11 +90,14 @@ impl ExpertMajorIo<'_> {
             num_local_experts: l as u32,
             rank: group.rank() as u32,
             out_i64: 0,
+            drop_overflow: self.drop_overflow as u32,
+            reserved: 0,
         })
     }
 
     /// Places the flat rows (and weights) into their zones, zero-pads each zone and records
-    /// the slot map. More slots than `num_slots` needed: a device-side `OVERFLOW` error.
+    /// the slot map. More slots than `num_slots` needed: a device-side `OVERFLOW` error, or
+    /// with `drop_overflow` the zones cut at `num_slots`.
     pub fn permute(&self, group: &Group) -> Result<()> {
         let p = self.params(group)?;
         launch(group, &HT_EXPERT_MAJOR_PERMUTE, p, self.num_local_experts as u32)
@@ -107,13 +113,15 @@ impl ExpertMajorIo<'_> {
 
 /// Writes, from the zone sizes `expert_counts` (`[L]` i32 on the device), the caller's zone
 /// sizes, zone starts and total (each optional; `[L]`, `[L]`, `[1]` of i32, or i64 with
-/// `i64_out`).
+/// `i64_out`). With `cut_at` (the DROP policy's slots), sizes and starts are those of the
+/// zones cut there ([`ExpertMajorIo::permute`]); the total is always the uncut one.
 pub fn zone_counts(
     group: &Group,
     expert_counts: &DeviceBuffer,
     num_local_experts: usize,
     [counts, offsets, total]: [Option<&DeviceBuffer>; 3],
     i64_out: bool,
+    cut_at: Option<usize>,
 ) -> Result<()> {
     let (l, width) = (num_local_experts, if i64_out { 8 } else { 4 });
     for (b, n, name) in [(counts, l, "counts"), (offsets, l, "offsets"), (total, 1, "total")] {
@@ -135,6 +143,8 @@ pub fn zone_counts(
         num_local_experts: l as u32,
         rank: group.rank() as u32,
         out_i64: i64_out as u32,
+        num_slots: cut_at.unwrap_or(0).min(i32::MAX as usize) as u32,
+        drop_overflow: cut_at.is_some() as u32,
         ..HtExpertMajorParams::default()
     };
     launch(group, &HT_EXPERT_MAJOR_COUNTS, p, 1)

@@ -4,8 +4,8 @@ use crate::device::LaunchConfig;
 use crate::limits::MAX_LAYOUT_RANKS;
 pub use crate::limits::{MAX_EXPERTS, MAX_TOPK};
 use crate::{DeviceBuffer, Error, Group, Result};
-use moe_ep_abi::{GlobalIdsParams, LayoutParams};
-use moe_ep_kernels::layout::{GET_DISPATCH_LAYOUT, GLOBAL_EXPERT_IDS};
+use moe_ep_abi::{DropOverflowParams, GlobalIdsParams, LayoutParams};
+use moe_ep_kernels::layout::{GET_DISPATCH_LAYOUT, GLOBAL_EXPERT_IDS, HT_DROP_OVERFLOW};
 
 /// Element type of `topk_idx`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,4 +192,52 @@ pub fn global_expert_ids(
     let grid_dim = (n as u32).div_ceil(block_dim).clamp(1, 264);
     // SAFETY: `ids` and `counts` hold what the parameters describe (checked).
     unsafe { group.stream().launch(&GLOBAL_EXPERT_IDS, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: 0 }, p) }
+}
+
+/// NCCL EP's overflow policy DROP, on the sending side: removes from `topk_idx` (in place,
+/// on the group's stream) the experts of every (token, destination) pair that would land at
+/// row `budget` or later of the destination, given the routing's `is_token_in_rank` and the
+/// `rank_prefix_matrix` its count exchange returned (the same on every rank, so all ranks
+/// agree on what is dropped without another exchange). Rows arrive source-rank-major, each
+/// source's in token order: the lowest ranks' first tokens are kept. With `routed_total`
+/// (`[1]` i32), writes the rows this rank would have received without the drop. A new
+/// layout and count exchange of the changed `topk_idx` then give the dispatch's.
+#[allow(clippy::too_many_arguments)]
+pub fn drop_overflow(
+    group: &Group,
+    topk_idx: &DeviceBuffer,
+    idx: IndexType,
+    num_tokens: usize,
+    num_topk: usize,
+    num_experts: usize,
+    is_token_in_rank: &DeviceBuffer,
+    rank_prefix_matrix: &DeviceBuffer,
+    budget: usize,
+    routed_total: Option<&DeviceBuffer>,
+) -> Result<()> {
+    check_layout_args(group, topk_idx, idx, num_tokens, num_topk, num_experts)?;
+    let r = group.num_ranks();
+    if is_token_in_rank.len() < num_tokens * r || rank_prefix_matrix.len() < 4 * r * r {
+        return Err(Error::invalid("is_token_in_rank", format!("[{num_tokens}, {r}] u8 and [{r}, {r}] i32 needed")));
+    }
+    if routed_total.is_some_and(|b| b.len() < 4 || !b.ptr().is_multiple_of(4)) {
+        return Err(Error::invalid("routed_total", "[1] i32 needed"));
+    }
+    let p = DropOverflowParams {
+        topk_idx: topk_idx.ptr(),
+        is_token_in_rank: is_token_in_rank.ptr(),
+        rank_prefix_matrix: rank_prefix_matrix.ptr(),
+        routed_total: routed_total.map_or(0, |b| b.ptr()),
+        num_tokens: num_tokens as u32,
+        num_topk: num_topk as u32,
+        num_experts: num_experts as u32,
+        num_ranks: r as u32,
+        rank: group.rank() as u32,
+        idx_bytes: idx.bytes() as u32,
+        budget: budget.min(u32::MAX as usize) as u32,
+        reserved: 0,
+    };
+    let block_dim = group.device().block_dim(32 * r.min(8) as u32);
+    // SAFETY: the arrays hold what the parameters describe (checked).
+    unsafe { group.stream().launch(&HT_DROP_OVERFLOW, LaunchConfig { grid_dim: 1, block_dim, shared_mem_bytes: 0 }, p) }
 }

@@ -18,7 +18,7 @@ use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::IndexType;
 use crate::limits::{MAX_EXPERTS, MAX_HIDDEN, MAX_TOPK};
 use crate::{Error, Result};
-use moe_ep_abi::{LL_FP8, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams};
+use moe_ep_abi::{LL_FP8, LL_FP8_INPUT, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams};
 use moe_ep_kernels::Kernel;
 use moe_ep_kernels::low_latency::{
     LL_COMBINE, LL_COMBINE_RANK_MAJOR, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, LL_SCALES_TOKEN_MAJOR,
@@ -38,8 +38,8 @@ pub struct LlConfig {
 
 /// Options of [`LlBuffer::dispatch`] (DeepEP's `use_fp8`, `round_scale`,
 /// `return_recv_hook`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LlDispatchOptions {
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LlDispatchOptions<'a> {
     /// Return once the sends are out, with the receive in `recv_hook`.
     pub send_only: bool,
     /// Cast to fp8 e4m3 in the kernel with per-128-channel f32 scales (`amax / 448`);
@@ -50,6 +50,10 @@ pub struct LlDispatchOptions {
     /// With `use_fp8` and `round_scale`: output the scales as UE8M0 bytes (their exponent
     /// fields), four per i32: `[L, R*M, H/512]`; `hidden` a multiple of 512.
     pub use_ue8m0: bool,
+    /// With `use_fp8` alone: `x` is fp8 already (`[T, H]` e4m3 bytes) and these are its
+    /// `[T, H/128]` f32 scales; rows and scales are sent as they are (NCCL EP's `QUANT_FWD`)
+    /// into the same outputs as the in-kernel cast's.
+    pub x_scales: Option<&'a DeviceBuffer>,
 }
 
 /// DeepEP's optional LL statistics (`low_latency_dispatch`'s
@@ -532,8 +536,17 @@ impl LlBuffer {
     ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
-        if x.len() < num_tokens * 2 * h || !x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] bf16 (16-aligned) needed")));
+        let (x_bytes, x_type) = if opts.x_scales.is_some() { (h, "e4m3") } else { (2 * h, "bf16") };
+        if x.len() < num_tokens * x_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] {x_type} (16-aligned) needed")));
+        }
+        if let Some(sc) = opts.x_scales {
+            if !opts.use_fp8 || opts.round_scale || opts.use_ue8m0 {
+                return Err(Error::invalid("x_scales", "fp8 input goes with use_fp8 alone (no round_scale, no UE8M0)"));
+            }
+            if sc.len() < num_tokens * (h / 128) * 4 || !sc.ptr().is_multiple_of(4) {
+                return Err(Error::invalid("x_scales", format!("[{num_tokens}, {}] f32 needed", h / 128)));
+            }
         }
         if opts.use_fp8 && !h.is_multiple_of(128) {
             return Err(Error::invalid("use_fp8", format!("hidden {h} is not a multiple of 128")));
@@ -567,6 +580,7 @@ impl LlBuffer {
         let wait_stats = stats_ptr("dispatch_wait_recv_cost_stats", stats.dispatch_wait_recv_cost_stats, r, 8, "i64")?;
         let params = LlParams {
             x: x.ptr(),
+            x_scales: opts.x_scales.map_or(0, |b| b.ptr()),
             topk_idx: topk_idx.ptr(),
             packed_recv_layout_range: out.handle.packed_recv_layout_range.ptr(),
             packed_recv_count: out.packed_recv_count.ptr(),
@@ -576,7 +590,10 @@ impl LlBuffer {
             num_topk: num_topk as u32,
             idx_bytes: idx.bytes() as u32,
             fp8: if opts.use_fp8 {
-                LL_FP8 | if opts.round_scale { LL_ROUND_SCALE } else { 0 } | if opts.use_ue8m0 { LL_UE8M0 } else { 0 }
+                LL_FP8
+                    | if opts.round_scale { LL_ROUND_SCALE } else { 0 }
+                    | if opts.use_ue8m0 { LL_UE8M0 } else { 0 }
+                    | if opts.x_scales.is_some() { LL_FP8_INPUT } else { 0 }
             } else {
                 0
             },

@@ -276,6 +276,32 @@ impl Routing {
         self.topk_idx.get(rank).map_or(&[], |idx| idx.as_slice())
     }
 
+    /// NCCL EP's overflow policy DROP: every destination keeps the first `budget` rows in
+    /// the order they arrive (source rank ascending, then token ascending); a token past that
+    /// loses its experts on that destination (-1). Also returns the rows each rank would have
+    /// received without the drop.
+    pub fn drop_overflow(&self, budget: usize) -> (Routing, Vec<usize>) {
+        let k = self.num_topk;
+        let mut topk_idx = self.topk_idx.clone();
+        let mut arrived = vec![0usize; self.num_ranks];
+        for (src, idx) in topk_idx.iter_mut().enumerate() {
+            for token in 0..self.num_tokens(src) {
+                let row = &mut idx[token * k..(token + 1) * k];
+                for (dst, arrived) in arrived.iter_mut().enumerate() {
+                    let to_dst = |e: i64| e >= 0 && self.rank_of_expert(e as usize) == dst;
+                    if !row.iter().any(|&e| to_dst(e)) {
+                        continue;
+                    }
+                    if *arrived >= budget {
+                        row.iter_mut().filter(|e| to_dst(**e)).for_each(|e| *e = -1);
+                    }
+                    *arrived += 1;
+                }
+            }
+        }
+        (Routing { topk_idx, ..self.clone() }, arrived)
+    }
+
     /// The `K` entries of token `token` of rank `rank`.
     fn topk_row(&self, rank: usize, token: usize) -> &[i64] {
         &self.topk_idx[rank][token * self.num_topk..(token + 1) * self.num_topk]
@@ -590,36 +616,65 @@ pub struct HtExpertMajor<T> {
 }
 
 /// NCCL EP's HT `EXPERT_MAJOR` layout of `recv` (one rank's [`ht_dispatch`] output, `L`
-/// local experts, rows `hidden` wide) in `num_slots` slots.
+/// local experts, rows `hidden` wide) in `num_slots` slots; more slots needed is an error.
 pub fn ht_expert_major<T: Copy + Default>(
     recv: &HtRecv<T>,
     num_topk: usize,
     hidden: usize,
     num_slots: usize,
 ) -> Result<HtExpertMajor<T>> {
-    let counts = recv.num_recv_tokens_per_expert.clone();
-    let offsets: Vec<i32> = counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c))).collect();
-    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    let total: usize = recv.num_recv_tokens_per_expert.iter().map(|&c| c as usize).sum();
     if total > num_slots {
         return Err(Error::invalid("num_slots", format!("{total} slots needed, {num_slots} given")));
     }
+    expert_major(recv, num_topk, hidden, num_slots)
+}
+
+/// [`ht_expert_major`] under NCCL EP's overflow policy DROP: the zones are cut at
+/// `num_slots`. Zone `e`, starting at `start` (the uncut sizes before it), keeps
+/// `min(size, num_slots - start)` slots (none past `num_slots`); copies of rows that land
+/// past that are dropped (`slot_of` -1). `counts` and `offsets` are the cut ones.
+pub fn ht_expert_major_dropping<T: Copy + Default>(
+    recv: &HtRecv<T>,
+    num_topk: usize,
+    hidden: usize,
+    num_slots: usize,
+) -> Result<HtExpertMajor<T>> {
+    expert_major(recv, num_topk, hidden, num_slots)
+}
+
+fn expert_major<T: Copy + Default>(
+    recv: &HtRecv<T>,
+    num_topk: usize,
+    hidden: usize,
+    num_slots: usize,
+) -> Result<HtExpertMajor<T>> {
+    let sizes = &recv.num_recv_tokens_per_expert;
+    let starts: Vec<usize> = sizes.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c as usize))).collect();
+    let kept: Vec<usize> =
+        sizes.iter().zip(&starts).map(|(&c, &s)| (c as usize).min(num_slots.saturating_sub(s))).collect();
     let n = recv.num_recv_tokens;
     let mut out = HtExpertMajor {
         x: vec![T::default(); num_slots * hidden],
         weights: vec![0.0; num_slots],
-        counts: counts.clone(),
-        offsets: offsets.clone(),
+        counts: kept.iter().map(|&c| to_i32(c, "slots")).collect::<Result<_>>()?,
+        offsets: starts.iter().map(|&s| to_i32(s.min(num_slots), "slots")).collect::<Result<_>>()?,
         slot_of: vec![-1; n * num_topk],
     };
-    let mut filled = vec![0usize; counts.len()];
+    let mut filled = vec![0usize; sizes.len()];
     for row in 0..n {
         for k in 0..num_topk {
             let e = recv.recv_topk_idx[row * num_topk + k];
             if e < 0 {
                 continue;
             }
-            let slot = offsets[e as usize] as usize + filled[e as usize];
-            filled[e as usize] += 1;
+            let e = e as usize;
+            let at = filled[e];
+            filled[e] += 1;
+            if at >= kept[e] {
+                continue; // dropped
+            }
+            let slot = starts[e] + at;
             out.x[slot * hidden..(slot + 1) * hidden].copy_from_slice(&recv.recv_x[row * hidden..(row + 1) * hidden]);
             out.weights[slot] = recv.recv_topk_weights[row * num_topk + k];
             out.slot_of[row * num_topk + k] = to_i32(slot, "slot")?;

@@ -26,7 +26,8 @@ impl Outcome {
     pub fn describe(&self) -> String {
         let tail =
             |s: &str| s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        let status = self.status.map_or("killed at the deadline".to_string(), |s| s.to_string());
+        let status =
+            self.status.map_or("killed: no rank wrote anything for the time limit".to_string(), |s| s.to_string());
         format!("rank {} ({status}):\n{}\n{}", self.rank, tail(&self.stdout), tail(&self.stderr))
     }
 }
@@ -35,9 +36,12 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Runs this executable with `args` as ranks `0..num_procs` (plus `env`), waits at most
-/// `limit` for all of them, kills the ones still running then, and returns every rank's
-/// outcome. Outputs go to files, not pipes, so a chatty child never blocks on a full pipe.
+/// Runs this executable with `args` as ranks `0..num_procs` (plus `env`), waits for all of
+/// them, kills the ones still running once no rank has written any output for `limit`, and
+/// returns every rank's outcome. The bound is on silence, not on the whole run, so a slow
+/// but progressing run on a loaded machine (each case prints a line) is not cut short,
+/// while a hang still ends. Outputs go to files, not pipes, so a chatty child never blocks
+/// on a full pipe.
 pub fn run_ranks(num_procs: usize, args: &[&str], env: &[(&str, String)], limit: Duration) -> Vec<Outcome> {
     let port = free_port();
     let exe = std::env::current_exe().unwrap();
@@ -65,12 +69,22 @@ pub fn run_ranks(num_procs: usize, args: &[&str], env: &[(&str, String)], limit:
             cmd.spawn().unwrap()
         })
         .collect();
-    let deadline = Instant::now() + limit;
+    let written = || -> u64 {
+        (0..num_procs)
+            .flat_map(|rank| ["out", "err"].map(|what| log(rank, what)))
+            .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+            .sum()
+    };
+    let (mut last_written, mut deadline) = (0, Instant::now() + limit);
     let mut outcomes = Vec::new();
     for (rank, child) in children.iter_mut().enumerate() {
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break Some(s);
+            }
+            let now_written = written();
+            if now_written != last_written {
+                (last_written, deadline) = (now_written, Instant::now() + limit);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

@@ -234,6 +234,219 @@ fn ht_flat_forward_and_backward_match_the_reference() {
     });
 }
 
+/// HT FLAT and EXPERT_MAJOR under the overflow policy DROP (NCCL EP's `test_ht_overflow_drop`
+/// recipe, with random routes besides the skew to expert 0): each rank keeps the first
+/// `max_recv_tokens_per_rank` rows, `recv_total_counter` reports the rows (expert-major:
+/// slots) before the drop, the kept rows, counters and the combine (dropped copies left
+/// out) match the reference of the dropped routing bit for bit; expert-major zones are cut
+/// at the budget too; outputs with fewer rows than the budget are refused.
+#[test]
+fn ht_overflow_drop_matches_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m) = (4, 16, 32, 3, 10);
+    let budget = m; // the smallest the group takes, far below what arrives
+    let mut rng = Rng::fresh("c_abi-drop");
+    // m tokens per rank (the last rank m - 3), k distinct experts each, -1 now and then;
+    // every other token also goes to expert 0, so rank 0 overflows deeply.
+    let tokens: Vec<usize> = (0..n).map(|r| if r == n - 1 { m - 3 } else { m }).collect();
+    let idx: Vec<Vec<i64>> = tokens
+        .iter()
+        .map(|&t| {
+            let mut v = Vec::new();
+            for token in 0..t {
+                let mut row: Vec<i64> = if token % 2 == 0 { vec![0] } else { Vec::new() };
+                while row.len() < k {
+                    let x = rng.below(e as u64) as i64;
+                    if !row.contains(&x) {
+                        row.push(x);
+                    }
+                }
+                if rng.below(6) == 0 {
+                    row[k - 1] = -1;
+                }
+                v.extend(row);
+            }
+            v
+        })
+        .collect();
+    let (kept, routed) = Routing::new(n, e, k, idx.clone()).unwrap().drop_overflow(budget);
+    assert!(routed[0] > budget + m, "the routing must overflow rank 0: {routed:?}");
+    let x: Vec<Vec<u16>> = tokens.iter().map(|&t| rng.bf16(t * h, 8.0)).collect();
+    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|i| i as f32 * 0.5 + 1.0).collect()).collect();
+    let want = reference::ht_dispatch(&kept, &x, &w, h, 1, Some(budget)).unwrap();
+    let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(budget * h, 8.0)).collect();
+    let want_y = reference::ht_combine(&want.handle, &y, None, [None, None], h).unwrap();
+    // Expert-major, zones aligned to 2: along the same dropped routing, cut at the budget.
+    let (align, l) = (2usize, e / n);
+    let want_em = reference::ht_dispatch(&kept, &x, &w, h, align, Some(budget)).unwrap();
+    let ems: Vec<_> =
+        want_em.ranks.iter().map(|r| reference::ht_expert_major_dropping(r, k, h, budget).unwrap()).collect();
+    let uncut = reference::ht_dispatch(&Routing::new(n, e, k, idx.clone()).unwrap(), &x, &w, h, align, None).unwrap();
+    let slots_kept: i32 = want_em.ranks[0].num_recv_tokens_per_expert.iter().sum();
+    assert!(slots_kept > budget as i32, "rank 0's zones must need more than the budget: {slots_kept}");
+    let flats: Vec<Vec<u16>> = (0..n)
+        .map(|r| {
+            let mut v = reference::ht_expert_major_reduce(&ems[r], &y[r], None, k, h).0;
+            v.resize(budget * h, 0);
+            v
+        })
+        .collect();
+    let want_em_out = reference::ht_combine(&want_em.handle, &flats, None, [None, None], h).unwrap();
+    let mut cfg = ht_config(e, h, m, budget);
+    cfg.overflow_policy = NCCL_EP_OVERFLOW_DROP;
+    on_groups(n, cfg, |rank, g| unsafe {
+        let (t, want_r) = (tokens[rank], &want.ranks[rank]);
+        let mut handle = null_mut();
+        ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_FLAT, null(), k as i32, null()));
+        let mut topk = Tensor::new(&dev, ncclInt64, &[t, k], &idx[rank]);
+        let mut counters = Tensor::filled(&dev, ncclInt32, &[e / n], 0xff);
+        let mut total = Tensor::filled(&dev, ncclInt32, &[1], 0xff);
+        let mut info = NCCL_EP_LAYOUT_INFO_INIT;
+        (info.expert_counters, info.recv_total_counter) = (counters.ptr(), total.ptr());
+        ok(ncclEpUpdateHandle(handle, topk.ptr(), &info, null_mut()));
+        assert_eq!(total.read::<i32>(&dev)[0] as usize, routed[rank], "rank {rank}: rows before the drop");
+        assert_eq!(counters.read::<i32>(&dev)[..e / n], want_r.num_recv_tokens_per_expert[..], "rank {rank}: kept");
+
+        let (mut xs, mut ws) =
+            (Tensor::new(&dev, ncclBfloat16, &[t, h], &x[rank]), Tensor::new(&dev, ncclFloat32, &[t, k], &w[rank]));
+        let mut din = NCCL_EP_DISPATCH_INPUTS_INIT;
+        (din.tokens, din.topk_weights) = (xs.ptr(), ws.ptr());
+        // Fewer output rows than the budget: refused before anything runs.
+        let mut short = Tensor::filled(&dev, ncclBfloat16, &[budget - 1, h], 0);
+        let mut short_w = Tensor::filled(&dev, ncclFloat32, &[budget - 1, k], 0);
+        let mut short_idx = Tensor::filled(&dev, ncclInt64, &[budget - 1, k], 0);
+        let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+        (dout.tokens, dout.topk_weights, dout.topk_idx) = (short.ptr(), short_w.ptr(), short_idx.ptr());
+        assert_eq!(ncclEpDispatch(handle, &din, &dout, null(), null(), null_mut()), ncclInvalidArgument);
+        assert!(last_error().contains("max_recv_tokens_per_rank"), "{}", last_error());
+
+        let mut recv = Tensor::filled(&dev, ncclBfloat16, &[budget, h], 0xee);
+        let mut recv_w = Tensor::filled(&dev, ncclFloat32, &[budget, k], 0xee);
+        let mut recv_idx = Tensor::filled(&dev, ncclInt64, &[budget, k], 0xee);
+        (dout.tokens, dout.topk_weights, dout.topk_idx) = (recv.ptr(), recv_w.ptr(), recv_idx.ptr());
+        ok(ncclEpDispatch(handle, &din, &dout, null(), null(), null_mut()));
+        let got = want_r.num_recv_tokens;
+        assert_eq!(got, routed[rank].min(budget), "rank {rank}: the reference keeps the budget");
+        assert!(recv.read::<u16>(&dev)[..got * h] == want_r.recv_x[..got * h], "rank {rank}: kept rows");
+        assert_eq!(recv_idx.read::<i64>(&dev)[..got * k], want_r.recv_topk_idx[..got * k], "rank {rank}: ids");
+        assert_eq!(recv_w.read::<f32>(&dev)[..got * k], want_r.recv_topk_weights[..got * k], "rank {rank}: weights");
+
+        let mut ys = Tensor::new(&dev, ncclBfloat16, &[budget, h], &y[rank]);
+        let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+        let (mut cin, mut cout) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
+        (cin.tokens, cout.tokens) = (ys.ptr(), out.ptr());
+        ok(ncclEpCombine(handle, &cin, &cout, null(), null_mut()));
+        assert!(out.read::<u16>(&dev)[..t * h] == want_y[rank].combined_x[..], "rank {rank}: combined");
+        ok(ncclEpHandleDestroy(handle));
+
+        let mut hcfg = NCCL_EP_HANDLE_CONFIG_INIT;
+        hcfg.dispatch_output_per_expert_alignment = align;
+        let mut em_handle = null_mut();
+        ok(ncclEpInitHandle(&mut em_handle, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hcfg, k as i32, null()));
+        let em = &ems[rank];
+        let mut offsets = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
+        (info.expert_counters, info.expert_offsets, info.recv_total_counter) =
+            (counters.ptr(), offsets.ptr(), total.ptr());
+        ok(ncclEpUpdateHandle(em_handle, topk.ptr(), &info, null_mut()));
+        let want_total: i32 = uncut.ranks[rank].num_recv_tokens_per_expert.iter().sum();
+        assert_eq!(total.read::<i32>(&dev)[0], want_total, "rank {rank}: slots before the drop");
+        assert_eq!(counters.read::<i32>(&dev)[..l], em.counts[..], "rank {rank}: cut zone sizes");
+        assert_eq!(offsets.read::<i32>(&dev)[..l], em.offsets[..], "rank {rank}: cut zone starts");
+        let mut zones = Tensor::filled(&dev, ncclBfloat16, &[budget, h], 0xee);
+        let mut zone_w = Tensor::filled(&dev, ncclFloat32, &[budget], 0xee);
+        let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+        (dout.tokens, dout.topk_weights) = (zones.ptr(), zone_w.ptr());
+        ok(ncclEpDispatch(em_handle, &din, &dout, null(), null(), null_mut()));
+        assert!(zones.read::<u16>(&dev) == em.x, "rank {rank}: cut zones");
+        assert_eq!(zone_w.read::<f32>(&dev), em.weights, "rank {rank}: cut slot weights");
+        let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
+        (cin.tokens, cout.tokens) = (ys.ptr(), out.ptr());
+        ok(ncclEpCombine(em_handle, &cin, &cout, null(), null_mut()));
+        assert!(out.read::<u16>(&dev)[..t * h] == want_em_out[rank].combined_x[..], "rank {rank}: combined, EM");
+        ok(ncclEpHandleDestroy(em_handle));
+    });
+}
+
+/// HT QUANT_FWD: e4m3 rows (bytes) with their f32 scales, FLAT and EXPERT_MAJOR (aligned
+/// zones; the scales rows land in the same slots), forward and the expert-major backward
+/// dispatch, bit for bit against the reference dispatch of the rows and of the scales.
+#[test]
+fn ht_quant_fwd_flat_and_expert_major_match_the_reference() {
+    let dev = device();
+    let (n, e, h, k, m, align) = (4, 16, 512, 3, 8, 2usize);
+    let sc = h / 128;
+    let mut rng = Rng::fresh("c_abi-quant-fwd");
+    let case = ht::Case::new(e, h, k, m);
+    let idx = ht::routing(&mut rng, n, &case, 1);
+    let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
+    let x: Vec<Vec<u8>> =
+        tokens.iter().map(|&t| rng.words(t * h / 4).iter().flat_map(|w| w.to_le_bytes()).collect()).collect();
+    let scales: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * sc).map(|i| i as f32 * 0.5 + 0.25).collect()).collect();
+    let w: Vec<Vec<f32>> = tokens.iter().map(|&t| (0..t * k).map(|i| i as f32 + 1.0).collect()).collect();
+    let routing = Routing::new(n, e, k, idx.clone()).unwrap();
+    let rows = n * m;
+    let slots = rows * 2 + e * align;
+    let flat_x = reference::ht_dispatch(&routing, &x, &w, h, 1, Some(rows)).unwrap();
+    let flat_s = reference::ht_dispatch(&routing, &scales, &w, sc, 1, Some(rows)).unwrap();
+    let em_x = reference::ht_dispatch(&routing, &x, &w, h, align, Some(slots)).unwrap();
+    let em_s = reference::ht_dispatch(&routing, &scales, &w, sc, align, Some(slots)).unwrap();
+    on_groups(n, ht_config(e, h, m, slots), |rank, g| unsafe {
+        let (t, ctx) = (tokens[rank], format!("rank {rank}"));
+        let mut topk = Tensor::new(&dev, ncclInt64, &[t, k], &idx[rank]);
+        let mut xs = Tensor::new(&dev, ncclFloat8e4m3, &[t, h], &x[rank]);
+        let mut ss = Tensor::new(&dev, ncclFloat32, &[t, sc], &scales[rank]);
+        let mut ws = Tensor::new(&dev, ncclFloat32, &[t, k], &w[rank]);
+        let mut din = NCCL_EP_DISPATCH_INPUTS_INIT;
+        (din.tokens, din.scales, din.topk_weights) = (xs.ptr(), ss.ptr(), ws.ptr());
+
+        // FLAT.
+        let mut flat = null_mut();
+        ok(ncclEpCreateHandle(&mut flat, g, NCCL_EP_LAYOUT_FLAT, topk.ptr(), null(), null(), null_mut()));
+        let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[slots, h], 0xee);
+        let mut recv_s = Tensor::filled(&dev, ncclFloat32, &[slots, sc], 0xee);
+        let mut recv_w = Tensor::filled(&dev, ncclFloat32, &[slots, k], 0xee);
+        let mut recv_i = Tensor::filled(&dev, ncclInt64, &[slots, k], 0xee);
+        let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+        (dout.tokens, dout.scales, dout.topk_weights, dout.topk_idx) =
+            (recv.ptr(), recv_s.ptr(), recv_w.ptr(), recv_i.ptr());
+        let mut quant = NCCL_EP_DISPATCH_CONFIG_INIT;
+        quant.quant_recipe = NCCL_EP_DISP_QUANT_FWD;
+        ok(ncclEpDispatch(flat, &din, &dout, null(), &quant, null_mut()));
+        let got = flat_x.ranks[rank].num_recv_tokens;
+        assert!(recv.read::<u8>(&dev)[..got * h] == flat_x.ranks[rank].recv_x[..got * h], "{ctx}: FLAT fp8 rows");
+        assert_eq!(recv_s.read::<f32>(&dev)[..got * sc], flat_s.ranks[rank].recv_x[..got * sc], "{ctx}: FLAT scales");
+        ok(ncclEpHandleDestroy(flat));
+
+        // EXPERT_MAJOR, forward then backward (the same tensors along the cached routes).
+        let mut hcfg = NCCL_EP_HANDLE_CONFIG_INIT;
+        hcfg.dispatch_output_per_expert_alignment = align;
+        let mut em = null_mut();
+        ok(ncclEpCreateHandle(&mut em, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, topk.ptr(), null(), &hcfg, null_mut()));
+        let want_x = reference::ht_expert_major(&em_x.ranks[rank], k, h, slots).unwrap();
+        let want_s = reference::ht_expert_major(&em_s.ranks[rank], k, sc, slots).unwrap();
+        let used: usize = want_x.counts.iter().map(|&c| c as usize).sum();
+        let mut zone_w = Tensor::filled(&dev, ncclFloat32, &[slots], 0xee);
+        for pass in ["forward", "backward"] {
+            let mut zones = Tensor::filled(&dev, ncclFloat8e4m3, &[slots, h], 0xee);
+            let mut zone_s = Tensor::filled(&dev, ncclFloat32, &[slots, sc], 0xee);
+            let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+            (dout.tokens, dout.scales) = (zones.ptr(), zone_s.ptr());
+            let mut cfg = quant;
+            let mut bin = din;
+            if pass == "forward" {
+                dout.topk_weights = zone_w.ptr();
+            } else {
+                cfg.pass_direction = NCCL_EP_BWD_PASS;
+                bin.topk_weights = null_mut();
+            }
+            ok(ncclEpDispatch(em, &bin, &dout, null(), &cfg, null_mut()));
+            assert!(zones.read::<u8>(&dev)[..used * h] == want_x.x[..used * h], "{ctx}: {pass} fp8 zones");
+            assert_eq!(zone_s.read::<f32>(&dev)[..used * sc], want_s.x[..used * sc], "{ctx}: {pass} scale zones");
+        }
+        ok(ncclEpHandleDestroy(em));
+    });
+}
+
 /// HT EXPERT_MAJOR with a zone alignment: zone sizes (i64), starts (i32) and total at update
 /// time, the zones and slot weights, the forward combine of fresh per-slot outputs and both
 /// backward passes, bit for bit against the reference (zones over FLAT rows).
@@ -417,6 +630,7 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
 /// LL expert-major with NCCL EP's DS_FP8E3M4 recipe: e4m3 rows and their f32 scales
 /// (token-major `[L, R*M, H/128]`), each received row with its scales as the reference
 /// quantizes it; plain and power-of-two (`round_scales`) scales, the second send-only.
+/// Before those, QUANT_FWD (send-only): fp8 rows and their scales arrive as they were sent.
 #[test]
 fn ll_fp8_recipe_matches_the_reference() {
     let dev = device();
@@ -424,9 +638,58 @@ fn ll_fp8_recipe_matches_the_reference() {
     let case = ll::Case { num_experts: e, hidden: h, num_topk: k, max_tokens: m, calls: 2, hooks: false };
     let calls = ll::prepare(&case, n, &mut Rng::fresh("c_abi-ll-fp8"));
     let (l, s) = (e / n, h / 128);
+    // QUANT_FWD along the first call's routing: fp8 rows (any bytes) and scales as given.
+    let mut rng = Rng::fresh("c_abi-ll-quant-fwd");
+    let c0 = &calls[0];
+    let xq: Vec<Vec<u8>> =
+        c0.tokens.iter().map(|&t| rng.words(t * h / 4).iter().flat_map(|w| w.to_le_bytes()).collect()).collect();
+    let xs: Vec<Vec<f32>> = c0.tokens.iter().map(|&t| (0..t * s).map(|_| rng.next_u32() as f32).collect()).collect();
+    let routing = Routing::new(n, e, k, c0.idx.clone()).unwrap();
+    let (want_q, want_s) =
+        (reference::ll_dispatch(&routing, &xq, h, m).unwrap(), reference::ll_dispatch(&routing, &xs, s, m).unwrap());
+    // Per local expert, the received (row, scales) pairs in any order: the rows of one expert
+    // from different sources may land in either order.
+    let pairs = |x: &[u8], sc: &[f32], ex: usize, rows: usize| {
+        let mut v: Vec<(Vec<u8>, Vec<u32>)> = (ex * n * m..ex * n * m + rows)
+            .map(|r| (x[r * h..(r + 1) * h].to_vec(), sc[r * s..(r + 1) * s].iter().map(|v| v.to_bits()).collect()))
+            .collect();
+        v.sort();
+        v
+    };
     on_groups(n, ll_config(e, h, m), |rank, g| unsafe {
         let mut handle = null_mut();
         ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, null(), k as i32, null()));
+        {
+            let (t, ctx) = (c0.tokens[rank], format!("rank {rank}, QUANT_FWD"));
+            let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c0.idx[rank]);
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), null_mut()));
+            let mut x = Tensor::new(&dev, ncclFloat8e4m3, &[t, h], &xq[rank]);
+            let mut x_scales = Tensor::new(&dev, ncclFloat32, &[t, s], &xs[rank]);
+            let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[l, n * m, h], 0xee);
+            let mut scales = Tensor::filled(&dev, ncclFloat32, &[l, n * m, s], 0xee);
+            let mut counters = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
+            let (mut din, mut dout, mut info) =
+                (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT, NCCL_EP_LAYOUT_INFO_INIT);
+            (din.tokens, din.scales, dout.tokens, dout.scales, info.expert_counters) =
+                (x.ptr(), x_scales.ptr(), recv.ptr(), scales.ptr(), counters.ptr());
+            let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
+            (cfg.quant_recipe, cfg.send_only) = (NCCL_EP_DISP_QUANT_FWD, 1);
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
+            ok(ncclEpComplete(handle, null(), null_mut()));
+            let (wq, ws) = (&want_q.ranks[rank], &want_s.ranks[rank]);
+            assert_eq!(counters.read::<i32>(&dev)[..l], wq.packed_recv_count[..], "{ctx}: counts");
+            let (got_x, got_s): (Vec<u8>, Vec<f32>) = (recv.read(&dev), scales.read(&dev));
+            for ex in 0..l {
+                let rows = wq.packed_recv_count[ex] as usize;
+                let (got, exp) =
+                    (pairs(&got_x, &got_s, ex, rows), pairs(&wq.packed_recv_x, &ws.packed_recv_x, ex, rows));
+                assert!(got == exp, "{ctx}: fp8 rows and scales of local expert {ex}");
+            }
+            // QUANT_FWD without the input's scales is refused.
+            din.scales = null_mut();
+            assert_eq!(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()), ncclInvalidArgument);
+            assert!(last_error().contains("inputs->scales"), "{}", last_error());
+        }
         for (i, c) in calls.iter().enumerate() {
             let (t, round, ctx) = (c.tokens[rank], i == 1, format!("rank {rank}, call {i}"));
             let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
@@ -600,9 +863,12 @@ fn bad_structs_and_tensors_are_refused_and_the_group_stays_usable() {
         assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &bad), ncclInvalidArgument);
         assert!(last_error().contains("V1 size"), "{}", last_error());
         assert_eq!(moeEpCreateGroup(&mut g2, &id, 2, 2, -1, future.get()), ncclInvalidArgument, "rank >= nranks");
-        let mut overflow = ht_config(e, h, m, n * m);
+        let mut overflow = ht_config(e, h, m, 0);
         overflow.overflow_policy = NCCL_EP_OVERFLOW_DROP;
-        assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &overflow), ncclInvalidUsage);
+        assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &overflow), ncclInvalidArgument, "DROP with AUTO rows");
+        assert!(last_error().contains("max_recv_tokens_per_rank"), "{}", last_error());
+        overflow.overflow_policy = 7;
+        assert_eq!(moeEpCreateGroup(&mut g2, &id, 0, 1, -1, &overflow), ncclInvalidArgument);
 
         // Handles: unset layout, LL layout on an HT group, NULL out-pointer.
         let mut hnd = null_mut();

@@ -369,12 +369,14 @@ fn ht_expert_major_permute_and_reduce_match_the_reference() {
             num_slots: slots,
             num_topk: k,
             num_local_experts: e / n,
+            drop_overflow: false,
         };
         io(slots).permute(&group).unwrap();
         let l = e / n;
         let (counts, offsets, total) = (s.alloc(8 * l).unwrap(), s.alloc(4 * l).unwrap(), s.alloc(8).unwrap());
-        zone_counts(&group, &out.num_recv_tokens_per_expert, l, [Some(&counts), None, Some(&total)], true).unwrap();
-        zone_counts(&group, &out.num_recv_tokens_per_expert, l, [None, Some(&offsets), None], false).unwrap();
+        zone_counts(&group, &out.num_recv_tokens_per_expert, l, [Some(&counts), None, Some(&total)], true, None)
+            .unwrap();
+        zone_counts(&group, &out.num_recv_tokens_per_expert, l, [None, Some(&offsets), None], false, None).unwrap();
         s.synchronize().unwrap();
         group.take_device_error("expert-major permute").unwrap();
         let want_em = &ems[rank];
@@ -420,6 +422,36 @@ fn ht_expert_major_permute_and_reduce_match_the_reference() {
                 other => panic!("{ctx}: expected an overflow error, got {other:?}"),
             }
         }
+
+        // The DROP policy: zones cut at fewer slots than they need (mid-zone), no error.
+        let cut = used * 2 / 3;
+        let want_cut = reference::ht_expert_major_dropping(&want.ranks[rank], k, h, cut).unwrap();
+        em_x.fill_async(s, 0xee).unwrap();
+        em_w.fill_async(s, 0xee).unwrap();
+        let dropping = ExpertMajorIo { drop_overflow: true, ..io(cut) };
+        dropping.permute(&group).unwrap();
+        let per_expert = &out.num_recv_tokens_per_expert;
+        zone_counts(&group, per_expert, l, [Some(&counts), Some(&offsets), None], false, Some(cut)).unwrap();
+        zone_counts(&group, per_expert, l, [None, None, Some(&total)], true, Some(cut)).unwrap();
+        let back = ExpertMajorIo {
+            flat_x: &flat,
+            flat_topk_weights: Some(&flat_w),
+            em_x: &yb,
+            em_weights: Some(&ywb),
+            ..dropping
+        };
+        flat.fill_async(s, 0xee).unwrap();
+        back.reduce(&group).unwrap();
+        s.synchronize().unwrap();
+        group.take_device_error("expert-major permute, dropping").unwrap();
+        assert_eq!(counts.to_vec::<i32>(s).unwrap()[..l], want_cut.counts[..], "{ctx}: cut counts");
+        assert_eq!(offsets.to_vec::<i32>(s).unwrap(), want_cut.offsets, "{ctx}: cut offsets");
+        assert_eq!(total.to_vec::<i64>(s).unwrap(), vec![used as i64], "{ctx}: the uncut total");
+        assert!(em_x.to_vec::<u16>(s).unwrap()[..cut * h] == want_cut.x[..], "{ctx}: cut zones");
+        assert_eq!(em_w.to_vec::<f32>(s).unwrap()[..cut], want_cut.weights[..], "{ctx}: cut slot weights");
+        let (want_x, want_w) = reference::ht_expert_major_reduce(&want_cut, &y[rank], Some(&yw[rank]), k, h);
+        assert!(flat.to_vec::<u16>(s).unwrap()[..nr * h] == want_x[..nr * h], "{ctx}: reduced rows, dropping");
+        assert_eq!(flat_w.to_vec::<f32>(s).unwrap()[..nr * k], want_w.unwrap()[..nr * k], "{ctx}: weights, dropping");
         group.bootstrap().barrier().unwrap();
     });
 }

@@ -230,6 +230,12 @@ pub struct HtExpertMajorParams {
     pub rank: u32,
     /// 1: the counts outputs are i64.
     pub out_i64: u32,
+    /// 1: NCCL EP's overflow policy DROP: zones are cut at `num_slots` (the slots past it,
+    /// and their rows' copies, are dropped; `slot_map` -1) instead of an `OVERFLOW` error;
+    /// the counts kernel reports the cut sizes and starts, and the uncut total.
+    pub drop_overflow: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// Most ranks of one NVLink domain in the HT intranode kernels (a warp per peer).
@@ -801,9 +807,12 @@ impl LlLayout {
 pub struct LlParams {
     /// Device table of the `R` symmetric buffer addresses.
     pub peer_bases: u64,
-    /// Dispatch: `[T, H]` bf16 tokens. Combine: `[L, R*M, H]` bf16 expert outputs
-    /// (rank-major combine: `[R, M, H]`, one pre-reduced row per received token).
+    /// Dispatch: `[T, H]` bf16 tokens (with [`LL_FP8_INPUT`]: e4m3 bytes). Combine:
+    /// `[L, R*M, H]` bf16 expert outputs (rank-major combine: `[R, M, H]`, one pre-reduced
+    /// row per received token).
     pub x: u64,
+    /// Dispatch with [`LL_FP8_INPUT`]: `[T, H/128]` f32, the scales of `x`'s rows.
+    pub x_scales: u64,
     /// `[T, K]` expert ids (`idx_bytes` wide).
     pub topk_idx: u64,
     /// Combine: `[T, K]` f32.
@@ -890,6 +899,9 @@ pub const LL_ROUND_SCALE: u32 = 2;
 /// [`LlParams::fp8`] (with [`LL_ROUND_SCALE`]): scales output as UE8M0 bytes (the f32
 /// exponent field), four per `u32`: `[L, R*M, H/512]` i32.
 pub const LL_UE8M0: u32 = 4;
+/// [`LlParams::fp8`] (with [`LL_FP8`] alone): `x` is fp8 already, e4m3 rows with their f32
+/// scales in [`LlParams::x_scales`]; both are sent as they are (NCCL EP's `QUANT_FWD`).
+pub const LL_FP8_INPUT: u32 = 8;
 
 /// Parameters of `global_expert_ids`: adds `offset` (`rank * L`) to every local expert id
 /// (`>= 0`) of `ids` (`[blocks, rows, K]`, `width`-byte integers), turning a dispatch's local
@@ -912,6 +924,40 @@ pub struct GlobalIdsParams {
     pub width: u32,
     /// Added to each id `>= 0`.
     pub offset: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Parameters of `ht_drop_overflow` (NCCL EP's `NCCL_EP_OVERFLOW_DROP`), run between an
+/// HT route's first count exchange and a second one: the sender removes the (token,
+/// destination) pairs that would land at row `budget` or later of the destination (rows
+/// arrive source-rank-major, each source's in token order), by setting their expert ids
+/// to -1 in `topk_idx`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DropOverflowParams {
+    /// `[T, K]` global expert ids (i32 or i64, -1 = none), changed in place.
+    pub topk_idx: u64,
+    /// `[T, R]` u8 of the routing before the drop.
+    pub is_token_in_rank: u64,
+    /// `[R, R]` i32 of the first exchange: `[s][d]` = tokens ranks `0..=s` send to `d`.
+    pub rank_prefix_matrix: u64,
+    /// `[1]` i32 out: rows this rank would receive without the drop (0: not written).
+    pub routed_total: u64,
+    /// T.
+    pub num_tokens: u32,
+    /// K.
+    pub num_topk: u32,
+    /// E.
+    pub num_experts: u32,
+    /// R.
+    pub num_ranks: u32,
+    /// This rank.
+    pub rank: u32,
+    /// 4 or 8.
+    pub idx_bytes: u32,
+    /// Rows each destination keeps.
+    pub budget: u32,
     /// Zero.
     pub reserved: u32,
 }

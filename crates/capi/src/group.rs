@@ -37,6 +37,8 @@ pub struct GroupConfig {
     pub num_topk: usize,
     /// Allocator of library-owned handle memory.
     pub alloc: ncclEpAllocConfig_t,
+    /// HT overflow policy DROP: rows past `max_recv_tokens_per_rank` are dropped, not an error.
+    pub drop_overflow: bool,
 }
 
 impl GroupConfig {
@@ -83,12 +85,16 @@ impl GroupConfig {
                 "config.zero_copy ON needs NCCL window-backed tensors, which moe-ep does not take: use AUTO or OFF",
             ));
         }
-        if raw.overflow_policy == NCCL_EP_OVERFLOW_DROP {
-            return Err(Failure::usage(
-                "config.overflow_policy DROP is not supported by this moe-ep release: use TRAP (an overflow is then a \
-                 reported error, not a process abort)",
-            ));
-        }
+        let drop_overflow = match raw.overflow_policy {
+            NCCL_EP_OVERFLOW_AUTO | NCCL_EP_OVERFLOW_TRAP => false,
+            NCCL_EP_OVERFLOW_DROP if algorithm == Algorithm::HighThroughput && recv == 0 => {
+                return Err(Failure::invalid(
+                    "config.overflow_policy DROP needs a max_recv_tokens_per_rank (the rows each rank keeps), not AUTO",
+                ));
+            }
+            NCCL_EP_OVERFLOW_DROP => algorithm == Algorithm::HighThroughput,
+            other => return Err(Failure::invalid(format!("config.overflow_policy {other} is not AUTO, TRAP or DROP"))),
+        };
         let timeout = match (raw.timeout_ns, std::env::var("NCCL_EP_TIMEOUT_MS").ok()) {
             (_, Some(ms)) => Some(Duration::from_millis(
                 ms.trim().parse().map_err(|_| Failure::invalid(format!("NCCL_EP_TIMEOUT_MS={ms} is not a number")))?,
@@ -112,6 +118,7 @@ impl GroupConfig {
             timeout,
             num_topk: raw.num_topk as usize,
             alloc: raw.alloc,
+            drop_overflow,
         })
     }
 

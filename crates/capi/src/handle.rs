@@ -340,12 +340,13 @@ impl EpHandle {
                     expert_alignment: self.alignment,
                     shapes: self.config.ht_shapes(),
                     memory: self.caller_memory(),
+                    recv_budget: self.config.drop_overflow.then_some(self.config.max_recv_tokens_per_rank),
                 };
                 (st.ht_dispatch, st.ht_route, st.ht_zones) = (None, None, None);
                 // Expert-major writes no ids: the kind applies to FLAT only.
                 st.ht_global_ids = info.global_ids && self.layout == Layout::HtFlat;
                 let route = self.buffer.ht_route(&call, call_)?;
-                info.write(&self.buffer, &call, &route, self.layout)?;
+                info.write(&self.buffer, &call, &route, self.layout, self.cut_at())?;
                 st.ht_route = Some(route);
             }
             Layout::LlExpertMajor | Layout::LlRankMajor => {
@@ -408,7 +409,7 @@ impl EpHandle {
                     return Err(Failure::invalid("scales given without the QUANT_FWD recipe"));
                 }
                 NCCL_EP_DISP_QUANT_NONE => {}
-                NCCL_EP_DISP_QUANT_FWD if self.layout == Layout::HtFlat => {}
+                NCCL_EP_DISP_QUANT_FWD if self.layout != Layout::LlRankMajor => {}
                 NCCL_EP_DISP_QUANT_DS_FP8E3M4 if self.layout == Layout::LlExpertMajor => {
                     if scales.is_some() || recv_scales.is_none() {
                         return Err(Failure::invalid(
@@ -463,7 +464,14 @@ impl EpHandle {
                             "layout_info->expert_counters is required by the LL expert-major layout",
                         ));
                     };
-                    let fp8 = recv_scales.map(|s| (s, cfg.round_scales != 0));
+                    // DS_FP8E3M4 casts in the kernel; QUANT_FWD sends fp8 rows and their scales.
+                    let fp8 = match (quant, scales, recv_scales) {
+                        (NCCL_EP_DISP_QUANT_FWD, Some(s), Some(rs)) => Some((rs, false, Some(s))),
+                        (NCCL_EP_DISP_QUANT_FWD, ..) => {
+                            return Err(Failure::invalid("QUANT_FWD needs both inputs->scales and outputs->scales"));
+                        }
+                        (_, _, rs) => rs.map(|rs| (rs, cfg.round_scales != 0, None)),
+                    };
                     self.ll_dispatch(&mut st, &call, &x, &recv_x, fp8, &counters, cfg.send_only != 0)
                 }
                 Layout::LlRankMajor => {
@@ -528,6 +536,12 @@ impl EpHandle {
         }
         let rows = recv_x.dims.first().copied().unwrap_or(0);
         recv_x.expect(&[x.dtype], &[None, Some(x.dims[1])])?;
+        let max_recv = self.config.max_recv_tokens_per_rank;
+        if rows < max_recv {
+            return Err(Failure::invalid(format!(
+                "outputs->tokens: {rows} rows, fewer than the group's max_recv_tokens_per_rank {max_recv}"
+            )));
+        }
         let s = match (&scales, &recv_scales) {
             (Some(s), Some(rs)) => {
                 s.expect(&[ncclFloat32], &[Some(x.dims[0]), None])?;
@@ -537,6 +551,14 @@ impl EpHandle {
             (None, None) => None,
             _ => return Err(Failure::invalid("QUANT_FWD needs both inputs->scales and outputs->scales")),
         };
+        if let Some(s) = s
+            && self.layout == Layout::HtExpertMajor
+            && !s.is_multiple_of(4)
+        {
+            return Err(Failure::invalid(format!(
+                "HT EXPERT_MAJOR QUANT_FWD: {s} scales per token; the zones move 16-byte rows, so it must be a multiple of 4"
+            )));
+        }
         // SAFETY: (views below) the caller's live memory on the group's GPU, as described.
         let buf = |t: &Tensor| unsafe { t.buffer(&dev) };
         let (xb, sb) = (buf(&x), scales.as_ref().map(buf));
@@ -565,21 +587,19 @@ impl EpHandle {
                 let Some(z) = &st.ht_zones else {
                     return Err(Failure::usage("a backward dispatch follows a forward dispatch of the handle"));
                 };
-                let flat = self.group().stream().alloc_uninit((h.num_rows * hidden_bytes).max(16))?;
-                // SAFETY: `flat` lives until after the permute is queued (stream-ordered free).
-                let out = (unsafe { lend(&dev, &flat) }, None);
-                self.buffer.ht_dispatch_cached(call, h, &xb, hidden_bytes, None, Some(out))?;
+                let stream = self.group().stream();
+                let flat = stream.alloc_uninit((h.num_rows * hidden_bytes).max(16))?;
+                let flat_scales = s.map(|s| stream.alloc_uninit((h.num_rows * 4 * s).max(16))).transpose()?;
+                // SAFETY: the staging lives until after the permutes are queued (stream-ordered free).
+                let out = unsafe { (lend(&dev, &flat), flat_scales.as_ref().map(|b| lend(&dev, b))) };
+                self.buffer.ht_dispatch_cached(call, h, &xb, hidden_bytes, sb.as_ref().zip(s), Some(out))?;
                 let em_x = buf(&recv_x);
-                return self.ht_permute(
-                    st,
-                    call,
-                    [&flat, &z.flat_topk_idx],
-                    None,
-                    [&em_x, &z.slot_map],
-                    None,
-                    hidden_bytes,
-                    rows,
-                );
+                let (idx, map) = (&z.flat_topk_idx, &z.slot_map);
+                self.ht_permute(st, call, [&flat, idx], None, [&em_x, map], None, hidden_bytes, rows)?;
+                if let (Some(from), Some(to), Some(s)) = (&flat_scales, &recv_scales, s) {
+                    self.ht_permute(st, call, [from, idx], None, [&buf(to), map], None, 4 * s, rows)?;
+                }
+                return Ok(());
             }
             let out = (buf(&recv_x), recv_scales.as_ref().map(buf));
             self.buffer.ht_dispatch_cached(call, h, &xb, hidden_bytes, sb.as_ref().zip(s), Some(out))?;
@@ -595,9 +615,9 @@ impl EpHandle {
         };
         weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
         if self.layout == Layout::HtExpertMajor {
-            let (Some(recv_weights), None, None) = (recv_weights, &recv_idx, &scales) else {
+            let (Some(recv_weights), None) = (recv_weights, &recv_idx) else {
                 return Err(Failure::invalid(
-                    "HT EXPERT_MAJOR: outputs->topk_weights ([slots]) is required; outputs->topk_idx and scales are not taken",
+                    "HT EXPERT_MAJOR: outputs->topk_weights ([slots]) is required; outputs->topk_idx is not taken",
                 ));
             };
             recv_weights.expect(&[ncclFloat32], &[Some(rows)])?;
@@ -609,17 +629,18 @@ impl EpHandle {
                 stream.alloc(rows * k * 8 + 16)?,
                 stream.alloc_uninit(rows * k * 4 + 16)?,
             ];
+            let flat_scales = s.map(|s| stream.alloc_uninit((rows * 4 * s).max(16))).transpose()?;
             let wb = buf(&weights);
-            // SAFETY: the staging lives until after the permute is queued (stream-ordered free).
+            // SAFETY: the staging lives until after the permutes are queued (stream-ordered free).
             let d = unsafe {
                 HtRoutedDispatch {
                     x: &xb,
                     hidden_bytes,
-                    x_scales: None,
+                    x_scales: sb.as_ref().zip(s),
                     topk_weights: &wb,
                     rows,
                     recv_x: lend(&dev, &flat[0]),
-                    recv_x_scales: None,
+                    recv_x_scales: flat_scales.as_ref().map(|b| lend(&dev, b)),
                     recv_topk_idx: lend(&dev, &flat[1]),
                     recv_topk_weights: lend(&dev, &flat[2]),
                 }
@@ -639,6 +660,10 @@ impl EpHandle {
                 hidden_bytes,
                 rows,
             )?;
+            // QUANT_FWD: the scales rows into the same slots (the slot map comes out the same).
+            if let (Some(from), Some(to), Some(s)) = (&flat_scales, &recv_scales, s) {
+                self.ht_permute(st, call, [from, &flat_idx], None, [&buf(to), &slot_map], None, 4 * s, rows)?;
+            }
             st.ht_zones = Some(Zones { flat_topk_idx: flat_idx, slot_map, rows });
             return Ok(());
         }
@@ -696,9 +721,10 @@ impl EpHandle {
             slot_map,
             row_bytes,
             max_rows: flat_x.len() / row_bytes,
-            num_slots: slots,
+            num_slots: self.cut_at().map_or(slots, |c| c.min(slots)),
             num_topk: route.num_topk,
             num_local_experts: counts.len() / 4,
+            drop_overflow: self.cut_at().is_some(),
         };
         Ok(self.buffer.run(call, |_| io.permute(self.group()))?)
     }
@@ -733,12 +759,19 @@ impl EpHandle {
             slot_map: &z.slot_map,
             row_bytes: 2 * hidden,
             max_rows: z.rows,
-            num_slots: slots,
+            num_slots: self.cut_at().map_or(slots, |c| c.min(slots)),
             num_topk: k,
             num_local_experts: counts.len() / 4,
+            drop_overflow: self.cut_at().is_some(),
         };
         self.buffer.run(call, |_| io.reduce(self.group()))?;
         Ok((flat, flat_w))
+    }
+
+    /// Under the DROP policy, the slots HT expert-major zones are cut at (the group's
+    /// `max_recv_tokens_per_rank`, which counts slots there, as in NCCL EP).
+    fn cut_at(&self) -> Option<usize> {
+        self.config.drop_overflow.then_some(self.config.max_recv_tokens_per_rank)
     }
 
     /// Views of a route's received-row count (`[1]` i32) and zone sizes (`[L]` i32).
@@ -755,15 +788,20 @@ impl EpHandle {
         })
     }
 
-    /// What every LL dispatch checks first: nothing pending, a routing, and `x` `[T, H]` bf16
-    /// with `H` within the group's rows. Returns the routing, `T` and `H`.
-    fn ll_dispatch_start<'s>(&self, st: &'s State, x: &Tensor) -> Result<(&'s LlRouting, usize, usize)> {
+    /// What every LL dispatch checks first: nothing pending, a routing, and `x` `[T, H]` of
+    /// `x_type` with `H` within the group's rows. Returns the routing, `T` and `H`.
+    fn ll_dispatch_start<'s>(
+        &self,
+        st: &'s State,
+        x: &Tensor,
+        x_type: ncclDataType_t,
+    ) -> Result<(&'s LlRouting, usize, usize)> {
         no_pending(st)?;
         let Some(routing) = &st.ll_routing else {
             return Err(Failure::usage("ncclEpUpdateHandle must run before the handle's first dispatch"));
         };
         let t = routing.num_tokens;
-        x.expect(&[ncclBfloat16], &[Some(t), None])?;
+        x.expect(&[x_type], &[Some(t), None])?;
         let (h, most) = (x.dims[1], self.config.hidden());
         if h > most {
             return Err(Failure::invalid(format!("inputs->tokens: hidden {h} > max_token_bytes / 2 = {most}")));
@@ -771,7 +809,9 @@ impl EpHandle {
         Ok((routing, t, h))
     }
 
-    /// LL expert-major dispatch; the rows reach `recv_x` when the receive has run.
+    /// LL expert-major dispatch; the rows reach `recv_x` when the receive has run. `fp8`:
+    /// the output scales, `round_scales`, and for QUANT_FWD the input's scales (`x` is then
+    /// e4m3).
     #[allow(clippy::too_many_arguments)]
     fn ll_dispatch(
         &self,
@@ -779,27 +819,34 @@ impl EpHandle {
         call: &CallStream,
         x: &Tensor,
         recv_x: &Tensor,
-        fp8: Option<(Tensor, bool)>,
+        fp8: Option<(Tensor, bool, Option<Tensor>)>,
         counters: &Tensor,
         send_only: bool,
     ) -> Result<()> {
-        let (routing, t, h) = self.ll_dispatch_start(st, x)?;
+        let forward = fp8.as_ref().and_then(|f| f.2.as_ref());
+        let x_type = if forward.is_some() { ncclFloat8e4m3 } else { ncclBfloat16 };
+        let (routing, t, h) = self.ll_dispatch_start(st, x, x_type)?;
         let (r, cfg) = (self.group().num_ranks(), &self.config);
         let (l, m) = (cfg.num_experts / r, cfg.max_dispatch_tokens_per_rank);
         // DS_FP8E3M4: e4m3 rows and their f32 scales, one per 128 channels, token-major.
         let row_type = if fp8.is_some() { ncclFloat8e4m3 } else { ncclBfloat16 };
         recv_x.expect(&[row_type], &[Some(l), Some(r * m), Some(h)])?;
-        if let Some((scales, _)) = &fp8 {
+        if let Some((scales, _, x_scales)) = &fp8 {
             if !h.is_multiple_of(128) {
-                return Err(Failure::invalid(format!("DS_FP8E3M4: hidden {h} is not a multiple of 128")));
+                return Err(Failure::invalid(format!("fp8 rows: hidden {h} is not a multiple of 128")));
             }
             scales.expect(&[ncclFloat32], &[Some(l), Some(r * m), Some(h / 128)])?;
+            if let Some(xs) = x_scales {
+                xs.expect(&[ncclFloat32], &[Some(t), Some(h / 128)])?;
+            }
         }
         counters.expect(&[ncclInt32], &[Some(l)])?;
         let dev = self.device();
         let [ranges, epoch] = &self.ll_small[..] else { return Err(Failure::usage("not an LL expert-major handle")) };
         // SAFETY: (views) the caller's live tensors and the handle's memory, on its GPU.
         let (xb, counts, into) = unsafe { (x.buffer(dev), counters.buffer(dev), recv_x.buffer(dev)) };
+        // SAFETY: the caller's scales tensor, alive for the call (the send reads it).
+        let x_scales = forward.map(|s| unsafe { s.buffer(dev) });
         // SAFETY: the handle's memory (ll_small), alive as long as the handle.
         let small = unsafe { [counts, lend(dev, ranges), lend(dev, epoch)] };
         let c = LlDispatchCall {
@@ -816,11 +863,12 @@ impl EpHandle {
                 use_fp8: fp8.is_some(),
                 round_scale: fp8.as_ref().is_some_and(|f| f.1),
                 use_ue8m0: false,
+                x_scales: x_scales.as_ref(),
             },
             small: Some(small),
             stats: LlStats::default(),
             // SAFETY: the caller's scales tensor, alive until the receive has run.
-            recv_into: Some(LlRecvInto { x: into, x_scales: fp8.as_ref().map(|(s, _)| unsafe { s.buffer(dev) }) }),
+            recv_into: Some(LlRecvInto { x: into, x_scales: fp8.as_ref().map(|(s, ..)| unsafe { s.buffer(dev) }) }),
         };
         let (d, _) = self.buffer.ll_dispatch(call, c)?;
         st.ll_dispatch = Some(d);
@@ -840,7 +888,7 @@ impl EpHandle {
         counts: Option<Tensor>,
         send_only: bool,
     ) -> Result<()> {
-        let (routing, t, h) = self.ll_dispatch_start(st, x)?;
+        let (routing, t, h) = self.ll_dispatch_start(st, x, ncclBfloat16)?;
         let (r, cfg, k) = (self.group().num_ranks(), &self.config, self.num_topk.unwrap_or(0));
         let m = cfg.max_dispatch_tokens_per_rank;
         weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
@@ -1137,18 +1185,29 @@ impl HtLayoutInfo {
 
     /// Writes the route's counts into the caller's tensors (after the count exchange): FLAT
     /// gets the per-expert counts (i32) and rows received; expert-major the zone sizes,
-    /// starts and slots in all (i32 or i64 each).
-    fn write(&self, buffer: &Buffer, call: &CallStream, route: &HtRoute, layout: Layout) -> Result<()> {
+    /// starts and slots in all (i32 or i64 each). Under the DROP policy the totals are those
+    /// before the drop, and expert-major zones are cut at `cut_at` slots.
+    fn write(
+        &self,
+        buffer: &Buffer,
+        call: &CallStream,
+        route: &HtRoute,
+        layout: Layout,
+        cut_at: Option<usize>,
+    ) -> Result<()> {
         if self.src_rank_counters {
             return Err(Failure::invalid("layout_info->src_rank_counters is for the LL rank-major layout"));
         }
-        let (per_expert, total) = (route.num_recv_tokens_per_expert()?, route.num_recv_tokens()?);
+        // Under the DROP policy the totals are those before the drop, so callers see what was lost.
+        let (per_expert, routed, total) =
+            (route.num_recv_tokens_per_expert()?, route.num_routed_tokens_per_expert()?, route.num_routed_tokens()?);
         let l = per_expert.len() / 4;
         let dev = buffer.group().device();
         // SAFETY: the route's outputs, alive as long as the route (the call is ordered before
         // anything frees them).
-        let (per_expert, total) = unsafe {
-            (DeviceBuffer::borrowed(dev, per_expert.ptr(), 4 * l), DeviceBuffer::borrowed(dev, total.ptr(), 4))
+        let (per_expert, routed, total) = unsafe {
+            let view = |o: &moe_ep::buffer::Output, len| DeviceBuffer::borrowed(dev, o.ptr(), len);
+            (view(&per_expert, 4 * l), view(&routed, 4 * l), view(&total, 4))
         };
         let ints = [ncclInt32, ncclInt64];
         if layout == Layout::HtExpertMajor {
@@ -1165,7 +1224,8 @@ impl HtLayoutInfo {
                     if let Some((b, wide)) = b {
                         let mut outs = [None, None, None];
                         outs[i] = Some(b);
-                        zone_counts(buffer.group(), &per_expert, l, outs, *wide)?;
+                        let counts = if i == 2 { &routed } else { &per_expert };
+                        zone_counts(buffer.group(), counts, l, outs, *wide, cut_at)?;
                     }
                 }
                 Ok(())

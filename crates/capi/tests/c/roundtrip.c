@@ -3,7 +3,7 @@
 // as threads of one process (moe-ep's bootstrap id instead of an NCCL communicator), HT FLAT
 // and EXPERT_MAJOR and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16, checked
 // against a reference computed here; LL RANK_MAJOR too; send_only + ncclEpComplete; the
-// struct versioning rule.
+// struct versioning rule; HT under NCCL_EP_OVERFLOW_DROP.
 //
 // Memory: the CPU emulator takes host pointers; with MOE_EP_DEVICE=cuda[:N] the program
 // loads libcuda at run time for device memory (no CUDA headers or link-time dependency).
@@ -23,7 +23,7 @@
 #define MAX_TOKENS 10
 
 static int g_nranks = NRANKS_DEFAULT;
-static moeEpUniqueId g_id;
+static moeEpUniqueId g_id, g_drop_id;
 static int g_failures = 0;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -524,6 +524,88 @@ static int ll_rank_major_round_trip(int rank, ncclEpHandle_t handle, int call) {
     return 0;
 }
 
+// NCCL_EP_OVERFLOW_DROP (NCCL EP's test_ht_overflow_drop recipe): every token of every rank
+// goes to expert 0 alone, rank r has MAX_TOKENS - r tokens and rank 0 keeps DROP_BUDGET
+// rows: all of rank 0's and the first ones of rank 1. recv_total_counter says how many
+// arrived before the drop; with identity experts only the kept tokens come back.
+#define DROP_BUDGET (MAX_TOKENS + 2)
+static int ht_drop_round_trip(int rank, ncclEpGroup_t group) {
+    const int T = MAX_TOKENS - rank;
+    int64_t idx[MAX_TOKENS * TOPK];
+    float w[MAX_TOKENS * TOPK];
+    uint16_t x[MAX_TOKENS * HIDDEN], y[MAX_TOKENS * HIDDEN];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < TOPK; k++) idx[t * TOPK + k] = k == 0 ? 0 : -1, w[t * TOPK + k] = 1.0f;
+        for (int h = 0; h < HIDDEN; h++) x[t * HIDDEN + h] = bf16(token_value(rank, t, h));
+    }
+    void* d_idx = mem_alloc(sizeof idx);
+    void* d_w = mem_alloc(sizeof w);
+    void* d_x = mem_alloc(sizeof x);
+    void* d_recv = mem_alloc((size_t)DROP_BUDGET * HIDDEN * 2);
+    void* d_recv_w = mem_alloc((size_t)DROP_BUDGET * TOPK * 4);
+    void* d_recv_idx = mem_alloc((size_t)DROP_BUDGET * TOPK * 8);
+    void* d_out = mem_alloc(sizeof y);
+    void* d_total = mem_alloc(4);
+    mem_put(d_idx, idx, sizeof idx);
+    mem_put(d_w, w, sizeof w);
+    mem_put(d_x, x, sizeof x);
+    size_t idx_dims[2] = {(size_t)T, TOPK}, x_dims[2] = {(size_t)T, HIDDEN}, one[1] = {1};
+    size_t recv_dims[2] = {DROP_BUDGET, HIDDEN}, rk_dims[2] = {DROP_BUDGET, TOPK};
+    ncclEpTensor_t t_idx, t_x, t_w, t_recv, t_recv_w, t_recv_idx, t_out, t_total;
+    make_tensor(&t_idx, idx_dims, 2, ncclInt64, d_idx);
+    make_tensor(&t_x, x_dims, 2, ncclBfloat16, d_x);
+    make_tensor(&t_w, idx_dims, 2, ncclFloat32, d_w);
+    make_tensor(&t_recv, recv_dims, 2, ncclBfloat16, d_recv);
+    make_tensor(&t_recv_w, rk_dims, 2, ncclFloat32, d_recv_w);
+    make_tensor(&t_recv_idx, rk_dims, 2, ncclInt64, d_recv_idx);
+    make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
+    make_tensor(&t_total, one, 1, ncclInt32, d_total);
+
+    ncclEpHandle_t h = NULL;
+    NCCL_OK(ncclEpInitHandle(&h, group, NCCL_EP_LAYOUT_FLAT, NULL, TOPK, NULL));
+    ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+    li.recv_total_counter = &t_total;
+    NCCL_OK(ncclEpUpdateHandle(h, &t_idx, &li, NULL));
+    int arrived = 0, want_arrived = 0;
+    for (int s = 0; s < g_nranks; s++) want_arrived += MAX_TOKENS - s;
+    mem_get(&arrived, d_total, 4);
+    CHECK(arrived == (rank == 0 ? want_arrived : 0), "rank %d: recv_total_counter %d before the drop", rank, arrived);
+
+    ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
+    in.tokens = &t_x;
+    in.topk_weights = &t_w;
+    ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    out.tokens = &t_recv;
+    out.topk_weights = &t_recv_w;
+    out.topk_idx = &t_recv_idx;
+    NCCL_OK(ncclEpDispatch(h, &in, &out, NULL, NULL, NULL));
+    NCCL_OK(ncclEpComplete(h, NULL, NULL));
+    if (rank == 0) {
+        uint16_t recv[DROP_BUDGET * HIDDEN];
+        mem_get(recv, d_recv, sizeof recv);
+        for (int row = 0; row < DROP_BUDGET; row++) {
+            int s = row < MAX_TOKENS ? 0 : 1, t = row < MAX_TOKENS ? row : row - MAX_TOKENS;
+            for (int c = 0; c < HIDDEN; c++)
+                CHECK(recv[row * HIDDEN + c] == bf16(token_value(s, t, c)), "rank 0: kept row %d (rank %d token %d)", row, s, t);
+        }
+    }
+    ncclEpCombineInputs_t cin = NCCL_EP_COMBINE_INPUTS_INIT;
+    cin.tokens = &t_recv;
+    ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
+    cout.tokens = &t_out;
+    NCCL_OK(ncclEpCombine(h, &cin, &cout, NULL, NULL));
+    mem_get(y, d_out, (size_t)T * HIDDEN * 2);
+    for (int t = 0; t < T; t++) {
+        int kept = rank == 0 || (rank == 1 && t < DROP_BUDGET - MAX_TOKENS);
+        for (int c = 0; c < HIDDEN; c++)
+            CHECK(from_bf16(y[t * HIDDEN + c]) == (kept ? token_value(rank, t, c) : 0.0f), "rank %d: combined token %d (%s)", rank, t, kept ? "kept" : "dropped");
+    }
+    NCCL_OK(ncclEpHandleDestroy(h));
+    void* bufs[] = {d_idx, d_w, d_x, d_recv, d_recv_w, d_recv_idx, d_out, d_total};
+    for (unsigned i = 0; i < sizeof bufs / sizeof bufs[0]; i++) mem_free(bufs[i]);
+    return 0;
+}
+
 static ncclEpGroupConfig_t config(ncclEpAlgorithm_t algorithm) {
     ncclEpGroupConfig_t c = NCCL_EP_GROUP_CONFIG_INIT;
     c.algorithm = algorithm;
@@ -571,6 +653,14 @@ static void* run_rank(void* p) {
     for (int call = 0; call < 3 && !failed; call++) failed = ht_round_trip(rank, ht, call);
     for (int call = 0; call < 2 && !failed; call++) failed = ht_em_round_trip(rank, ht, call);
     NCCL_OK_VOID(ncclEpGroupDestroy(ht));
+    ncclEpGroup_t drop = NULL;
+    ht_cfg.overflow_policy = NCCL_EP_OVERFLOW_DROP;
+    ht_cfg.max_recv_tokens_per_rank = DROP_BUDGET;
+    NCCL_OK_VOID(moeEpCreateGroup(&drop, &g_drop_id, rank, g_nranks, -1, &ht_cfg));
+    if (drop != NULL) {
+        if (!failed) ht_drop_round_trip(rank, drop);
+        NCCL_OK_VOID(ncclEpGroupDestroy(drop));
+    }
     return NULL;
 }
 
@@ -612,7 +702,7 @@ int main(void) {
     pthread_t threads[NUM_EXPERTS];
     struct rank_arg args[NUM_EXPERTS];
     struct ll_arg ll_args[NUM_EXPERTS];
-    if (moeEpGetUniqueId(&g_id) != ncclSuccess) return 2;
+    if (moeEpGetUniqueId(&g_id) != ncclSuccess || moeEpGetUniqueId(&g_drop_id) != ncclSuccess) return 2;
     for (int r = 0; r < g_nranks; r++) args[r].rank = r, pthread_create(&threads[r], NULL, run_rank, &args[r]);
     for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
     moeEpUniqueId ll_id;
