@@ -47,8 +47,8 @@
 //! flag wait's `%clock64` cycles to the waited-for rank's `*_wait_recv_cost_stats` entry
 //! (dispatch: one wait per local expert and source; combine: block 0's, one per owner).
 use crate::abi::{
-    ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_FP8_INPUT, LL_LAST_EPOCH, LL_MAX_TOPK, LL_RECV,
-    LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams, WARP_SIZE,
+    CountedRowsParams, ErrorSlot, LL_COMBINE_COUNTER, LL_DISPATCH_COUNTER, LL_FP8, LL_FP8_INPUT, LL_LAST_EPOCH,
+    LL_MAX_TOPK, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams, WARP_SIZE,
 };
 use crate::copy::{COPY_STEP_BYTES, copy_warp, copy_warp_n, copy_warp_to_many, shfl_idx_u64};
 use crate::dev::{self, U4};
@@ -1047,11 +1047,35 @@ kernel! {
             // `i` walks the source in order: batch, column, row.
             let (b, rest) = (i / (rows * cols), i % (rows * cols));
             let (c, r) = (rest / rows, rest % rows);
-            // SAFETY: both arrays hold batches * rows * cols f32 (host-checked).
+            // SAFETY: both arrays hold batches * rows * cols f32, `counts` batches i32
+            // (host-checked).
             unsafe {
-                *(p.dst as *mut f32).add((b * rows * cols + r * cols + c) as usize) = *(p.src as *const f32).add(i as usize);
+                if p.counts == 0 || (r as i64) < *(p.counts as *const i32).add(b as usize) as i64 {
+                    *(p.dst as *mut f32).add((b * rows * cols + r * cols + c) as usize) =
+                        *(p.src as *const f32).add(i as usize);
+                }
             }
             i += stride;
+        }
+    }
+}
+
+kernel! {
+    /// See [`CountedRowsParams`]. A warp per row (grid-stride over batches * rows).
+    pub unsafe fn ll_copy_counted_rows(p: CountedRowsParams) as LL_COPY_COUNTED_ROWS {
+        let warps = (dev::num_warps() * dev::grid_dim_x()) as u64;
+        let mut i = (dev::block_idx_x() * dev::num_warps() + dev::warp_id()) as u64;
+        let total = p.batches as u64 * p.rows as u64;
+        while i < total {
+            let (b, r) = (i / p.rows as u64, i % p.rows as u64);
+            // SAFETY: both regions hold batches * rows rows of row_bytes, `counts` batches i32
+            // (host-checked); the branch is warp-uniform (one row per warp).
+            unsafe {
+                if (r as i64) < *(p.counts as *const i32).add(b as usize) as i64 {
+                    copy_warp(p.dst + i * p.row_bytes, p.src + i * p.row_bytes, p.row_bytes, true);
+                }
+            }
+            i += warps;
         }
     }
 }

@@ -51,7 +51,7 @@ use crate::layout::{DispatchLayout, IndexType, drop_overflow, get_dispatch_layou
 use crate::limits::MAX_TOPK;
 use crate::low_latency::{
     LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlRankMajorOutputs, LlStats,
-    scales_token_major,
+    copy_counted_rows, scales_token_major,
 };
 use crate::{DeviceBuffer, Error, Event, Group, Result, Stream};
 use std::any::Any;
@@ -637,13 +637,13 @@ fn deliver(group: &Group, into: &LlRecvInto, out: &LlDispatchOutputs, cfg: &LlCo
     if into.x.len() < rows.len() {
         return Err(Error::invalid("recv_x", format!("{} bytes needed, got {}", rows.len(), into.x.len())));
     }
-    into.x.copy_from_async(group.stream(), rows, rows.len())?;
+    // Only the rows that arrived (each expert's count): the rest of `into` is left as it is.
+    let (l, per_expert) = (cfg.num_experts / group.num_ranks(), group.num_ranks() * cfg.max_tokens);
+    let counts = &out.packed_recv_count;
+    copy_counted_rows(group, rows, &into.x, counts, l, per_expert, rows.len() / (l * per_expert).max(1))?;
     match (&into.x_scales, &out.packed_recv_x_scales) {
         (None, _) => Ok(()),
-        (Some(dst), Some(src)) => {
-            let l = cfg.num_experts / group.num_ranks();
-            scales_token_major(group, src, dst, l, group.num_ranks() * cfg.max_tokens, cfg.hidden / 128)
-        }
+        (Some(dst), Some(src)) => scales_token_major(group, src, dst, Some(counts), l, per_expert, cfg.hidden / 128),
         (Some(_), None) => Err(Error::invalid("recv_x_scales", "given for a dispatch without fp8")),
     }
 }

@@ -18,11 +18,14 @@ use crate::group::{Group, Sharing, SymmetricBuffer};
 use crate::layout::IndexType;
 use crate::limits::{MAX_EXPERTS, MAX_HIDDEN, MAX_TOPK};
 use crate::{Error, Result};
-use moe_ep_abi::{LL_FP8, LL_FP8_INPUT, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams, ScalesParams};
+use moe_ep_abi::{
+    CountedRowsParams, LL_FP8, LL_FP8_INPUT, LL_RECV, LL_ROUND_SCALE, LL_SEND, LL_UE8M0, LlLayout, LlParams,
+    ScalesParams,
+};
 use moe_ep_kernels::Kernel;
 use moe_ep_kernels::low_latency::{
-    LL_COMBINE, LL_COMBINE_RANK_MAJOR, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR, LL_SCALES_TOKEN_MAJOR,
-    ll_dispatch_smem_bytes,
+    LL_COMBINE, LL_COMBINE_RANK_MAJOR, LL_COPY_COUNTED_ROWS, LL_DISPATCH, LL_DISPATCH_RANK_MAJOR,
+    LL_SCALES_TOKEN_MAJOR, ll_dispatch_smem_bytes,
 };
 
 /// Sizes an [`LlBuffer`] is built for.
@@ -91,12 +94,22 @@ fn stats_ptr(arg: &'static str, b: Option<&DeviceBuffer>, n: usize, elem: usize,
     }
 }
 
+/// `[L]` i32 on the device, or an error naming `what`.
+fn check_counts(counts: &DeviceBuffer, num_local_experts: usize) -> Result<()> {
+    if counts.len() < 4 * num_local_experts || !counts.ptr().is_multiple_of(4) {
+        return Err(Error::invalid("counts", format!("[{num_local_experts}] i32 needed")));
+    }
+    Ok(())
+}
+
 /// Writes an fp8 dispatch's scales (`src`, `[L, S, R*M]` f32 as the dispatch stores them)
-/// token-major into `dst` (`[L, R*M, S]`, NCCL EP's layout), on the group's stream.
+/// token-major into `dst` (`[L, R*M, S]`, NCCL EP's layout), on the group's stream. With
+/// `counts` (`[L]` i32, the dispatch's `packed_recv_count`) only the received rows.
 pub fn scales_token_major(
     group: &Group,
     src: &DeviceBuffer,
     dst: &DeviceBuffer,
+    counts: Option<&DeviceBuffer>,
     num_local_experts: usize,
     rows: usize,
     num_scales: usize,
@@ -107,9 +120,13 @@ pub fn scales_token_major(
             return Err(Error::invalid(name, format!("[{num_local_experts}, {rows}, {num_scales}] f32 needed")));
         }
     }
+    if let Some(c) = counts {
+        check_counts(c, num_local_experts)?;
+    }
     let p = ScalesParams {
         src: src.ptr(),
         dst: dst.ptr(),
+        counts: counts.map_or(0, |c| c.ptr()),
         batches: num_local_experts as u32,
         rows: rows as u32,
         cols: num_scales as u32,
@@ -120,6 +137,44 @@ pub fn scales_token_major(
     // SAFETY: both buffers hold the n f32 the parameters describe (checked).
     unsafe {
         group.stream().launch(&LL_SCALES_TOKEN_MAJOR, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: 0 }, p)
+    }
+}
+
+/// Copies the first `counts[e]` rows of every local expert `e` of an expert-major dispatch's
+/// rows (`src`, `[L, rows, row_bytes]`) to the same places of `dst`, on the group's stream:
+/// what arrived, not the whole region (at decode sizes most of it is empty).
+pub fn copy_counted_rows(
+    group: &Group,
+    src: &DeviceBuffer,
+    dst: &DeviceBuffer,
+    counts: &DeviceBuffer,
+    num_local_experts: usize,
+    rows: usize,
+    row_bytes: usize,
+) -> Result<()> {
+    let n = num_local_experts * rows * row_bytes;
+    if !row_bytes.is_multiple_of(16) {
+        return Err(Error::invalid("row_bytes", format!("{row_bytes} is not a multiple of 16")));
+    }
+    for (b, name) in [(src, "src"), (dst, "dst")] {
+        if b.len() < n || !b.ptr().is_multiple_of(16) {
+            return Err(Error::invalid(name, format!("[{num_local_experts}, {rows}, {row_bytes} bytes] needed")));
+        }
+    }
+    check_counts(counts, num_local_experts)?;
+    let p = CountedRowsParams {
+        src: src.ptr(),
+        dst: dst.ptr(),
+        counts: counts.ptr(),
+        row_bytes: row_bytes as u64,
+        batches: num_local_experts as u32,
+        rows: rows as u32,
+    };
+    let block_dim = group.device().block_dim(256);
+    let grid_dim = ((num_local_experts * rows) as u32).div_ceil(block_dim / 32).clamp(1, 264);
+    // SAFETY: both regions hold the rows and `counts` the L i32 the parameters describe (checked).
+    unsafe {
+        group.stream().launch(&LL_COPY_COUNTED_ROWS, LaunchConfig { grid_dim, block_dim, shared_mem_bytes: 0 }, p)
     }
 }
 

@@ -607,6 +607,9 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
                     r
                 };
                 assert!(rows_of(&got) == rows_of(&want.packed_recv_x), "{ctx}: rows of local expert {ex}");
+                // Only what arrived is copied out: the rows after it keep the poison.
+                let past = (ex * n * m + want.packed_recv_count[ex] as usize) * h..(ex + 1) * n * m * h;
+                assert!(got[past].iter().all(|&v| v == 0xeeee), "{ctx}: rows past the count of local expert {ex}");
             }
             // Identity experts: combine the received rows themselves.
             let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);

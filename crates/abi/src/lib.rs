@@ -972,6 +972,8 @@ pub struct ScalesParams {
     pub src: u64,
     /// `[batches, rows, cols]` f32.
     pub dst: u64,
+    /// `[batches]` i32: only the first `counts[b]` rows of batch `b` are moved (0: all).
+    pub counts: u64,
     /// Batches (local experts).
     pub batches: u32,
     /// Rows per batch (`R*M`).
@@ -980,6 +982,26 @@ pub struct ScalesParams {
     pub cols: u32,
     /// Zero.
     pub reserved: u32,
+}
+
+/// Parameters of `ll_copy_counted_rows`: the first `counts[b]` rows (`row_bytes` each) of
+/// every batch `b` of `src` (`[batches, rows, row_bytes]`) to the same place in `dst`: the
+/// LL expert-major dispatch's received rows into the caller's output, not the whole region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CountedRowsParams {
+    /// `[batches, rows, row_bytes]`.
+    pub src: u64,
+    /// `[batches, rows, row_bytes]`.
+    pub dst: u64,
+    /// `[batches]` i32.
+    pub counts: u64,
+    /// Bytes per row, a multiple of 16.
+    pub row_bytes: u64,
+    /// Batches (local experts).
+    pub batches: u32,
+    /// Rows per batch (`R*M`).
+    pub rows: u32,
 }
 
 /// Most experts per token in LL mode (rank-major slots carry this many ids and weights).
