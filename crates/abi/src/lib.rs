@@ -1062,6 +1062,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<ErrorSlot>(), 16);
         assert_eq!(core::mem::size_of::<LayoutParams>(), 5 * 8 + 6 * 4);
         assert_eq!(core::mem::size_of::<SelfTestParams>(), 7 * 8);
-        assert_eq!(core::mem::size_of::<LlParams>(), 20 * 8 + 12 * 4);
+        assert_eq!(core::mem::size_of::<LlParams>(), 21 * 8 + 12 * 4);
+        assert_eq!(core::mem::size_of::<DropOverflowParams>(), 4 * 8 + 8 * 4);
+        assert_eq!(core::mem::size_of::<CountedRowsParams>(), 4 * 8 + 2 * 4);
+        assert_eq!(core::mem::size_of::<ScalesParams>(), 3 * 8 + 4 * 4);
+        assert_eq!(core::mem::size_of::<HtExpertMajorParams>(), 13 * 8 + 8 * 4);
     }
 }
