@@ -522,25 +522,25 @@ pub struct HtRoute {
     /// As given to [`Buffer::ht_route`].
     pub expert_alignment: usize,
     num_local_experts: usize,
-    /// A `recv_budget` was given.
-    dropping: bool,
 }
 
 struct RouteState {
     topk_idx: DeviceBuffer,
     layout: DispatchLayout,
     maps: HtMaps,
-    /// `[1]` i32 and `[L]` i32: the rows and per-expert counts before a drop (with a
-    /// `recv_budget`).
-    routed_total: DeviceBuffer,
-    routed_per_expert: DeviceBuffer,
+    /// With a `recv_budget`: `[1]` i32 and `[L]` i32, the rows and per-expert counts
+    /// before the drop.
+    routed: Option<(DeviceBuffer, DeviceBuffer)>,
     _memory: Option<DeviceBuffer>,
 }
 
 impl HtRoute {
     fn view(&self, pick: fn(&RouteState) -> &DeviceBuffer, len: usize) -> Result<Output> {
-        let buf = pick(self.inner.value()?);
-        Ok(Output { _owner: self.inner.clone(), ptr: buf.ptr(), len: len.min(buf.len()) })
+        Ok(self.output_of(pick(self.inner.value()?), len))
+    }
+
+    fn output_of(&self, buf: &DeviceBuffer, len: usize) -> Output {
+        Output { _owner: self.inner.clone(), ptr: buf.ptr(), len: len.min(buf.len()) }
     }
 
     /// `[1]` i32 on the device: rows this rank receives (after the route's stream work).
@@ -552,16 +552,18 @@ impl HtRoute {
     /// `recv_budget` (NCCL EP's `recv_total_counter` under the DROP policy); without one,
     /// the same as [`HtRoute::num_recv_tokens`].
     pub fn num_routed_tokens(&self) -> Result<Output> {
-        if self.dropping { self.view(|r| &r.routed_total, 4) } else { self.num_recv_tokens() }
+        match &self.inner.value()?.routed {
+            Some((total, _)) => Ok(self.output_of(total, 4)),
+            None => self.num_recv_tokens(),
+        }
     }
 
     /// `[L]` i32 on the device: [`HtRoute::num_recv_tokens_per_expert`] without the route's
     /// `recv_budget`.
     pub fn num_routed_tokens_per_expert(&self) -> Result<Output> {
-        if self.dropping {
-            self.view(|r| &r.routed_per_expert, 4 * self.num_local_experts)
-        } else {
-            self.num_recv_tokens_per_expert()
+        match &self.inner.value()?.routed {
+            Some((_, per_expert)) => Ok(self.output_of(per_expert, 4 * self.num_local_experts)),
+            None => self.num_recv_tokens_per_expert(),
         }
     }
 
@@ -1091,7 +1093,7 @@ impl Buffer {
         let buf = st.ht.as_mut().ok_or_else(|| Error::KernelFault("HT buffer missing".into()))?;
         let (r, e, dev) = (self.group.num_ranks(), buf.config().num_experts, self.group.device());
         let stream = self.group.stream();
-        let (topk_idx, layout, maps, (routed_total, routed_per_expert)) = match &c.memory {
+        let (topk_idx, layout, maps, routed) = match &c.memory {
             Some(mem) => {
                 let need = route_bytes(r, e, t, k * ty.bytes()) + buf.maps_bytes(&self.group, t);
                 if mem.len() < need || !mem.ptr().is_multiple_of(16) {
@@ -1113,14 +1115,18 @@ impl Buffer {
                     num_tokens_per_expert: next(4 * e),
                     is_token_in_rank: next((t * r).max(1)),
                 };
-                let routed = (next(4), next(4 * e));
+                let routed = (next(4), next(4 * e)); // (carved whether used or not)
+                let routed = c.recv_budget.map(|_| routed);
                 // SAFETY: the rest of `mem`, 16-aligned, sized by maps_bytes (checked above).
                 let maps = unsafe { buf.maps_at(&self.group, at, t) };
                 (topk_idx, Some(layout), maps, routed)
             }
             None => {
                 let maps = buf.alloc_maps(&self.group, t)?;
-                let routed = (stream.alloc_uninit(16)?, stream.alloc_uninit(4 * e)?);
+                let routed = match c.recv_budget {
+                    Some(_) => Some((stream.alloc_uninit(16)?, stream.alloc_uninit(4 * e)?)),
+                    None => None,
+                };
                 (stream.alloc_uninit((t * k * ty.bytes()).max(16))?, None, maps, routed)
             }
         };
@@ -1144,15 +1150,15 @@ impl Buffer {
             get_dispatch_layout_into(&self.group, &topk_idx, ty, t, k, e, again())?;
         }
         buf.notify(&self.group, &layout, t, c.expert_alignment, &maps)?;
-        if let Some(budget) = c.recv_budget {
+        if let (Some(budget), Some((routed_total, routed_per_expert))) = (c.recv_budget, &routed) {
             let (in_rank, prefix) = (&layout.is_token_in_rank, &maps.rank_prefix_matrix);
-            drop_overflow(&self.group, &topk_idx, ty, t, k, e, in_rank, prefix, budget, Some(&routed_total))?;
+            drop_overflow(&self.group, &topk_idx, ty, t, k, e, in_rank, prefix, budget, Some(routed_total))?;
             routed_per_expert.copy_from_async(stream, &maps.num_recv_tokens_per_expert, 4 * (e / r))?;
             get_dispatch_layout_into(&self.group, &topk_idx, ty, t, k, e, again())?;
             buf.notify(&self.group, &layout, t, c.expert_alignment, &maps)?;
         }
         self.finish(call, "ht_notify")?;
-        let state = RouteState { topk_idx, layout, maps, routed_total, routed_per_expert, _memory: c.memory };
+        let state = RouteState { topk_idx, layout, maps, routed, _memory: c.memory };
         Ok(HtRoute {
             inner: self.guard(call, state),
             generation,
@@ -1161,7 +1167,6 @@ impl Buffer {
             index_type: ty,
             expert_alignment: c.expert_alignment,
             num_local_experts: e / r,
-            dropping: c.recv_budget.is_some(),
         })
     }
 

@@ -21,9 +21,35 @@ fn ll_config() -> LlConfig {
 
 #[test]
 fn ht_and_ll_through_the_session_match_the_reference() {
+    session_round_trips(None); // DeepEP's num_nvl_bytes: rings first, the rest an output heap
+}
+
+#[test]
+fn ht_and_ll_through_the_session_rings_only() {
+    session_round_trips(Some(0));
+}
+
+/// Where `got` rows differ from `want` rows (of `h` elements): how many, the first, and
+/// what it holds instead (zeros, or another row of `want`), for a failure message.
+fn row_diff(got: &[u16], want: &[u16], h: usize) -> String {
+    let bad: Vec<usize> = (0..want.len() / h).filter(|&r| got[r * h..][..h] != want[r * h..][..h]).collect();
+    let Some(&first) = bad.first() else { return "rows equal".into() };
+    let row = &got[first * h..][..h];
+    let holds = if row.iter().all(|&v| v == 0) {
+        "zeros".to_string()
+    } else {
+        match (0..want.len() / h).find(|&r| want[r * h..][..h] == *row) {
+            Some(r) => format!("expected row {r}"),
+            None => format!("{:?}..", &row[..4.min(h)]),
+        }
+    };
+    format!("{} of {} rows differ; first {first} holds {holds}", bad.len(), want.len() / h)
+}
+
+fn session_round_trips(heap_bytes: Option<usize>) {
     let n = num_ranks(&device()).min(8);
     let mut rng = Rng::fresh("buffer");
-    let case = Case { calls: 2, ..Case::new(8, 64, 3, 9) };
+    let case = Case { calls: 3, ..Case::new(8, 64, 3, 9) };
     let calls = ht::prepare(&case, n, &mut rng);
     let ll = ll_config();
     let (lk, lm) = (2, ll.max_tokens);
@@ -33,7 +59,7 @@ fn ht_and_ll_through_the_session_match_the_reference() {
     let ll_w: Vec<Vec<f32>> = ll_idx.iter().map(|i| i.iter().map(|_| rng.below(4) as f32 / 4.0).collect()).collect();
     let rdma_bytes = LlBuffer::size_hint(n, &ll);
     on_ranks(Group::in_process(&devices(n)).unwrap(), |rank, group| {
-        let buffer = Buffer::new(group, BufferConfig { nvl_bytes: NVL_BYTES, heap_bytes: None, rdma_bytes }).unwrap();
+        let buffer = Buffer::new(group, BufferConfig { nvl_bytes: NVL_BYTES, heap_bytes, rdma_bytes }).unwrap();
         let g = buffer.group().clone();
         let s = g.stream();
         let on = CallStream::default();
@@ -70,11 +96,25 @@ fn ht_and_ll_through_the_session_match_the_reference() {
             };
             let (out, ev) = buffer.ht_dispatch(&on, &dc).unwrap();
             assert!(ev.is_none(), "{ctx}: no event without async_finish");
+            // A kernel's error (e.g. a timed-out wait) surfaces here, not as wrong rows.
+            buffer.synchronize().unwrap_or_else(|e| panic!("{ctx}: dispatch: {e}"));
             let want = &c.want.ranks[rank];
             let rows = out.handle.num_rows;
             assert_eq!(rows, want.num_recv_tokens, "{ctx}");
             assert_eq!(out.num_recv_tokens_per_expert_list.as_ref(), Some(&want.num_recv_tokens_per_expert), "{ctx}");
-            assert!(out.recv_x.to_vec::<u16>(&g).unwrap()[..rows * h] == want.recv_x[..], "{ctx}: recv_x");
+            let got_x = out.recv_x.to_vec::<u16>(&g).unwrap();
+            if got_x[..rows * h] != want.recv_x[..] {
+                // Read again a while later: rows that arrive late point at missing ordering.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let later = out.recv_x.to_vec::<u16>(&g).unwrap();
+                panic!(
+                    "{ctx}: recv_x ({} bytes at {:#x}): {}; read again 200 ms later: {}",
+                    out.recv_x.len(),
+                    out.recv_x.ptr(),
+                    row_diff(&got_x, &want.recv_x, h),
+                    row_diff(&later, &want.recv_x, h)
+                );
+            }
             assert_eq!(
                 out.recv_src_idx.to_vec::<i32>(&g).unwrap()[..rows],
                 want.recv_src_idx[..],
@@ -92,6 +132,7 @@ fn ht_and_ll_through_the_session_match_the_reference() {
             g.bootstrap().barrier().unwrap();
             let cc = HtCombineCall { x: &y, hidden: h, topk_weights: Some((&rw, k)), bias: [Some(&b0), Some(&b1)] };
             let (combined, _) = buffer.ht_combine(&on, &out.handle, &cc, None).unwrap();
+            buffer.synchronize().unwrap_or_else(|e| panic!("{ctx}: combine: {e}"));
             let (cx, cw) = combined.unwrap();
             let got: Vec<u16> = cx.to_vec(&g).unwrap();
             assert!(got[..t * h] == c.combined[rank].combined_x[..], "{ctx}: combined_x");
@@ -119,6 +160,7 @@ fn ht_and_ll_through_the_session_match_the_reference() {
             recv_into: None,
         };
         let (d, _) = buffer.ll_dispatch(&on, dc).unwrap();
+        buffer.synchronize().unwrap_or_else(|e| panic!("rank {rank}: LL dispatch: {e}"));
         let views = d.views();
         let routing = Routing::new(n, ll.num_experts, lk, ll_idx.clone()).unwrap();
         let want = reference::ll_dispatch(&routing, &ll_x, ll.hidden, lm).unwrap();
@@ -135,6 +177,7 @@ fn ht_and_ll_through_the_session_match_the_reference() {
             wait_stats: None,
         };
         let (combined, pending, _) = buffer.ll_combine(&on, &d, &cc, None).unwrap();
+        buffer.synchronize().unwrap_or_else(|e| panic!("rank {rank}: LL combine: {e}"));
         assert!(pending.is_none());
         let got: Vec<u16> = combined.unwrap().to_vec(&g).unwrap();
         let ys: Vec<Vec<u16>> = (0..n).map(|r| want.ranks[r].packed_recv_x.clone()).collect();

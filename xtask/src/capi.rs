@@ -94,12 +94,20 @@ pub fn test() -> Result {
     let prefix = root().join("target/c-abi");
     install(false, true, &prefix)?;
     for (name, bin) in build_tests(&prefix, &prefix.join("bin"))? {
-        let mut cmd = Command::new(&bin);
-        cmd.env("LD_LIBRARY_PATH", prefix.join("lib"));
-        if std::env::var_os("MOE_EP_DEVICE").is_none() {
-            cmd.env("MOE_EP_DEVICE", "cpu");
+        // roundtrip runs twice: ranks as threads, then as processes (2, to keep CI short).
+        let modes: &[&[(&str, &str)]] = if name == "roundtrip" {
+            &[&[], &[("MOE_EP_TEST_PROCS", "1"), ("MOE_EP_TEST_RANKS", "2")]]
+        } else {
+            &[&[]]
+        };
+        for mode in modes {
+            let mut cmd = Command::new(&bin);
+            cmd.env("LD_LIBRARY_PATH", prefix.join("lib")).envs(mode.iter().copied());
+            if std::env::var_os("MOE_EP_DEVICE").is_none() {
+                cmd.env("MOE_EP_DEVICE", "cpu");
+            }
+            run_cmd(&mut cmd).map_err(|e| format!("C test {name} {mode:?}: {e}"))?;
         }
-        run_cmd(&mut cmd).map_err(|e| format!("C test {name}: {e}"))?;
     }
     Ok(())
 }

@@ -1,12 +1,22 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-// A C program written against NCCL EP's nccl_ep.h, run on moe-ep's libnccl_ep: NRANKS ranks
-// as threads of one process (moe-ep's bootstrap id instead of an NCCL communicator), HT FLAT
-// and EXPERT_MAJOR and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16, checked
-// against a reference computed here; LL RANK_MAJOR too; send_only + ncclEpComplete; the
-// struct versioning rule; HT under NCCL_EP_OVERFLOW_DROP.
+// A C program written against NCCL EP's nccl_ep.h, run on moe-ep's libnccl_ep: HT FLAT and
+// EXPERT_MAJOR and LL EXPERT_MAJOR round trips with routings whose results are exact in bf16,
+// checked against a reference computed here; LL RANK_MAJOR too; send_only + ncclEpComplete;
+// the struct versioning rule; HT under NCCL_EP_OVERFLOW_DROP.
+//
+// Ranks (MOE_EP_TEST_RANKS, default 4):
+//   default               threads of one process, groups from moe-ep's bootstrap id
+//   MOE_EP_TEST_PROCS=1   one process per rank (fork), groups from moe-ep's bootstrap id
+//   MOE_EP_TEST_NCCL=1    one process per rank, groups from real NCCL communicators
+//                         (ncclEpCreateGroup; NCCL loaded at run time, MOE_EP_NCCL_LIBRARY
+//                         or libnccl.so.2; needs MOE_EP_DEVICE=cuda). Exit status 3 when NCCL
+//                         refuses the communicator itself (e.g. two ranks on one GPU).
+//   MOE_EP_TEST_NCCL_HOSTID=1  with MOE_EP_TEST_NCCL: each rank sets NCCL_HOSTID to its own
+//                         value, so NCCL accepts ranks that share a GPU (as if on other hosts).
 //
 // Memory: the CPU emulator takes host pointers; with MOE_EP_DEVICE=cuda[:N] the program
 // loads libcuda at run time for device memory (no CUDA headers or link-time dependency).
+// With one process per rank and plain MOE_EP_DEVICE=cuda, rank r uses GPU r % device count.
 #include <nccl_ep.h>
 
 #include <dlfcn.h>
@@ -15,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define NRANKS_DEFAULT 4
 #define NUM_EXPERTS 8
@@ -24,6 +36,7 @@
 
 static int g_nranks = NRANKS_DEFAULT;
 static moeEpUniqueId g_id, g_drop_id;
+static ncclComm_t g_comm;  // MOE_EP_TEST_NCCL: this process's (one rank's) communicator
 static int g_failures = 0;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -64,6 +77,7 @@ static struct {
     int ordinal;
     void* ctx;
     int (*init)(unsigned);
+    int (*device_count)(int*);
     int (*device_get)(int*, int);
     int (*retain)(void**, int);
     int (*set_current)(void*);
@@ -74,7 +88,8 @@ static struct {
     int (*sync)(void);
 } cu;
 
-static int mem_init(void) {
+// `process_rank`: the rank of a one-rank process (it picks its GPU), or -1.
+static int mem_init(int process_rank) {
     const char* dev = getenv("MOE_EP_DEVICE");
     if (dev == NULL || strncmp(dev, "cuda", 4) != 0) return 0;
     cu.ordinal = dev[4] == ':' ? atoi(dev + 5) : 0;
@@ -84,6 +99,7 @@ static int mem_init(void) {
         return 1;
     }
     *(void**)&cu.init = dlsym(lib, "cuInit");
+    *(void**)&cu.device_count = dlsym(lib, "cuDeviceGetCount");
     *(void**)&cu.device_get = dlsym(lib, "cuDeviceGet");
     *(void**)&cu.retain = dlsym(lib, "cuDevicePrimaryCtxRetain");
     *(void**)&cu.set_current = dlsym(lib, "cuCtxSetCurrent");
@@ -92,11 +108,18 @@ static int mem_init(void) {
     *(void**)&cu.htod = dlsym(lib, "cuMemcpyHtoD_v2");
     *(void**)&cu.dtoh = dlsym(lib, "cuMemcpyDtoH_v2");
     *(void**)&cu.sync = dlsym(lib, "cuCtxSynchronize");
-    int device = 0;
-    if (cu.init(0) != 0 || cu.device_get(&device, cu.ordinal) != 0 || cu.retain(&cu.ctx, device) != 0) {
+    int device = 0, count = 0;
+    if (cu.init(0) != 0 || cu.device_count(&count) != 0 || count < 1) {
         fprintf(stderr, "CUDA initialisation failed\n");
         return 1;
     }
+    if (process_rank >= 0 && dev[4] != ':') cu.ordinal = process_rank % count;
+    if (cu.device_get(&device, cu.ordinal) != 0 || cu.retain(&cu.ctx, device) != 0) {
+        fprintf(stderr, "CUDA initialisation of GPU %d failed\n", cu.ordinal);
+        return 1;
+    }
+    // Current from here on: NCCL (MOE_EP_TEST_NCCL) takes its GPU from the current context.
+    cu.set_current(cu.ctx);
     cu.cuda = 1;
     return 0;
 }
@@ -583,7 +606,7 @@ static int ht_drop_round_trip(int rank, ncclEpGroup_t group) {
     if (rank == 0) {
         uint16_t recv[DROP_BUDGET * HIDDEN];
         mem_get(recv, d_recv, sizeof recv);
-        for (int row = 0; row < DROP_BUDGET; row++) {
+        for (int row = 0; row < DROP_BUDGET && row < want_arrived; row++) {  // one rank: nothing to drop
             int s = row < MAX_TOKENS ? 0 : 1, t = row < MAX_TOKENS ? row : row - MAX_TOKENS;
             for (int c = 0; c < HIDDEN; c++)
                 CHECK(recv[row * HIDDEN + c] == bf16(token_value(s, t, c)), "rank 0: kept row %d (rank %d token %d)", row, s, t);
@@ -640,12 +663,18 @@ static int struct_rules(int rank, ncclEpGroup_t group) {
     return 0;
 }
 
+// This rank's group: over its NCCL communicator when there is one, else moe-ep's bootstrap.
+static ncclResult_t make_group(ncclEpGroup_t* group, const moeEpUniqueId* id, int rank, const ncclEpGroupConfig_t* cfg) {
+    if (g_comm != NULL) return ncclEpCreateGroup(group, g_comm, cfg);
+    return moeEpCreateGroup(group, id, rank, g_nranks, cu.cuda ? cu.ordinal : -1, cfg);
+}
+
 static void* run_rank(void* p) {
     int rank = ((struct rank_arg*)p)->rank, failed = 0;
     if (cu.cuda) cu.set_current(cu.ctx);
     ncclEpGroup_t ht = NULL;
     ncclEpGroupConfig_t ht_cfg = config(NCCL_EP_ALGO_HIGH_THROUGHPUT);
-    if (moeEpCreateGroup(&ht, &g_id, rank, g_nranks, -1, &ht_cfg) != ncclSuccess) {
+    if (make_group(&ht, &g_id, rank, &ht_cfg) != ncclSuccess) {
         fprintf(stderr, "rank %d: HT group: %s\n", rank, moeEpGetLastError());
         pthread_mutex_lock(&g_lock), g_failures++, pthread_mutex_unlock(&g_lock);
         return NULL;
@@ -656,7 +685,7 @@ static void* run_rank(void* p) {
     ncclEpGroup_t drop = NULL;
     ht_cfg.overflow_policy = NCCL_EP_OVERFLOW_DROP;
     ht_cfg.max_recv_tokens_per_rank = DROP_BUDGET;
-    NCCL_OK_VOID(moeEpCreateGroup(&drop, &g_drop_id, rank, g_nranks, -1, &ht_cfg));
+    NCCL_OK_VOID(make_group(&drop, &g_drop_id, rank, &ht_cfg));
     if (drop != NULL) {
         if (!failed) ht_drop_round_trip(rank, drop);
         NCCL_OK_VOID(ncclEpGroupDestroy(drop));
@@ -674,7 +703,7 @@ static void* run_ll_rank(void* p) {
     if (cu.cuda) cu.set_current(cu.ctx);
     ncclEpGroup_t ll = NULL;
     ncclEpGroupConfig_t cfg = config(NCCL_EP_ALGO_LOW_LATENCY);
-    if (moeEpCreateGroup(&ll, &a->id, a->rank, g_nranks, -1, &cfg) != ncclSuccess) {
+    if (make_group(&ll, &a->id, a->rank, &cfg) != ncclSuccess) {
         fprintf(stderr, "rank %d: LL group: %s\n", a->rank, moeEpGetLastError());
         pthread_mutex_lock(&g_lock), g_failures++, pthread_mutex_unlock(&g_lock);
         return NULL;
@@ -696,23 +725,144 @@ static void* run_ll_rank(void* p) {
     return NULL;
 }
 
+// ---- real NCCL communicators (MOE_EP_TEST_NCCL), NCCL loaded at run time ----
+typedef struct {
+    char internal[128];  // NCCL_UNIQUE_ID_BYTES
+} nccl_unique_id;
+
+static struct {
+    ncclResult_t (*get_unique_id)(nccl_unique_id*);
+    ncclResult_t (*comm_init_rank)(ncclComm_t*, int, nccl_unique_id, int);
+    ncclResult_t (*comm_destroy)(ncclComm_t);
+    const char* (*error_string)(ncclResult_t);
+} nccl;
+
+static int nccl_load(void) {
+    const char* name = getenv("MOE_EP_NCCL_LIBRARY") ? getenv("MOE_EP_NCCL_LIBRARY") : "libnccl.so.2";
+    void* lib = dlopen(name, RTLD_NOW);
+    if (lib == NULL) {
+        fprintf(stderr, "could not load %s: %s\n", name, dlerror());
+        return 1;
+    }
+    *(void**)&nccl.get_unique_id = dlsym(lib, "ncclGetUniqueId");
+    *(void**)&nccl.comm_init_rank = dlsym(lib, "ncclCommInitRank");
+    *(void**)&nccl.comm_destroy = dlsym(lib, "ncclCommDestroy");
+    *(void**)&nccl.error_string = dlsym(lib, "ncclGetErrorString");
+    return !nccl.get_unique_id || !nccl.comm_init_rank || !nccl.comm_destroy || !nccl.error_string;
+}
+
+static int read_all(int fd, void* buf, size_t bytes) {
+    for (size_t got = 0; got < bytes;) {
+        ssize_t n = read(fd, (char*)buf + got, bytes - got);
+        if (n <= 0) return 1;
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+// This process's communicator: rank 0 makes NCCL's id and passes a copy to every other rank
+// through `pipe_fds`. Returns 0, 1 (a failure of the test) or 3 (NCCL refused the communicator).
+static int nccl_comm_init(int rank, int pipe_fds[2]) {
+    nccl_unique_id id;
+    if (nccl_load() != 0) return 1;
+    if (rank == 0) {
+        ncclResult_t r = nccl.get_unique_id(&id);
+        if (r != ncclSuccess) {
+            fprintf(stderr, "ncclGetUniqueId: %s\n", nccl.error_string(r));
+            return 1;
+        }
+        for (int i = 1; i < g_nranks; i++)
+            if (write(pipe_fds[1], &id, sizeof id) != (ssize_t)sizeof id) return 1;
+    } else if (read_all(pipe_fds[0], &id, sizeof id) != 0) {
+        return 1;
+    }
+    if (getenv("MOE_EP_TEST_NCCL_HOSTID") && atoi(getenv("MOE_EP_TEST_NCCL_HOSTID"))) {
+        // NCCL refuses two ranks of a communicator on one GPU of one host; it tells hosts
+        // apart by NCCL_HOSTID when set, so ranks sharing a GPU pose as different hosts.
+        char host[32];
+        snprintf(host, sizeof host, "moe-ep-rank-%d", rank);
+        setenv("NCCL_HOSTID", host, 1);
+    }
+    ncclResult_t r = nccl.comm_init_rank(&g_comm, g_nranks, id, rank);
+    if (r != ncclSuccess) {
+        fprintf(stderr, "rank %d: ncclCommInitRank (%d ranks, GPU %d): %s\n", rank, g_nranks, cu.ordinal,
+                nccl.error_string(r));
+        return 3;
+    }
+    return 0;
+}
+
+// One rank in this (forked) process: its communicator if any, the HT cases, then the LL cases.
+static int run_process(int rank, int use_nccl, int pipe_fds[2], moeEpUniqueId ll_id) {
+    if (mem_init(rank) != 0) return 1;
+    if (use_nccl) {
+        int r = nccl_comm_init(rank, pipe_fds);
+        if (r != 0) return r;
+    }
+    struct rank_arg arg = {rank};
+    struct ll_arg ll_arg = {rank, ll_id};
+    run_rank(&arg);
+    run_ll_rank(&ll_arg);
+    if (g_comm != NULL) nccl.comm_destroy(g_comm);
+    return g_failures ? 1 : 0;
+}
+
+// MOE_EP_TEST_PROCS / MOE_EP_TEST_NCCL: fork a process per rank; the worst exit status wins.
+static int run_processes(int use_nccl, moeEpUniqueId ll_id) {
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) return 2;
+    pid_t pids[NUM_EXPERTS];
+    for (int r = 0; r < g_nranks; r++) {
+        pids[r] = fork();
+        if (pids[r] < 0) return 2;
+        if (pids[r] == 0) {
+            fflush(stdout);
+            _exit(run_process(r, use_nccl, pipe_fds, ll_id));
+        }
+    }
+    int worst = 0;
+    for (int r = 0; r < g_nranks; r++) {
+        int status = 0;
+        waitpid(pids[r], &status, 0);
+        int code = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+        if (code != 0) fprintf(stderr, "rank %d (process %d) exited with %d\n", r, (int)pids[r], code);
+        if (code == 1 || (code != 0 && worst == 0)) worst = code;  // a failure outranks a refusal
+    }
+    return worst;
+}
+
 int main(void) {
     if (getenv("MOE_EP_TEST_RANKS")) g_nranks = atoi(getenv("MOE_EP_TEST_RANKS"));
-    if (g_nranks < 1 || NUM_EXPERTS % g_nranks != 0 || mem_init() != 0) return 2;
+    int use_nccl = getenv("MOE_EP_TEST_NCCL") && atoi(getenv("MOE_EP_TEST_NCCL"));
+    int use_procs = use_nccl || (getenv("MOE_EP_TEST_PROCS") && atoi(getenv("MOE_EP_TEST_PROCS")));
+    if (g_nranks < 1 || NUM_EXPERTS % g_nranks != 0) return 2;
+    moeEpUniqueId ll_id;
+    // The ids are made before any fork, so every process knows them (rank 0's process
+    // inherits the listening sockets).
+    if (moeEpGetUniqueId(&g_id) != ncclSuccess || moeEpGetUniqueId(&g_drop_id) != ncclSuccess ||
+        moeEpGetUniqueId(&ll_id) != ncclSuccess)
+        return 2;
+    const char* how = use_nccl ? "processes, NCCL communicators" : use_procs ? "processes" : "threads";
+    if (use_procs) {
+        // CUDA is initialised in the children only: a context does not survive a fork.
+        int code = run_processes(use_nccl, ll_id);
+        if (code == 3) fprintf(stderr, "roundtrip: NCCL refused the communicator (%d ranks)\n", g_nranks);
+        else if (code != 0) fprintf(stderr, "roundtrip: failed (%d ranks, %s)\n", g_nranks, how);
+        else printf("roundtrip: ok (%d ranks, %s, %s)\n", g_nranks, how, getenv("MOE_EP_DEVICE") && strncmp(getenv("MOE_EP_DEVICE"), "cuda", 4) == 0 ? "GPU" : "CPU emulator");
+        return code;
+    }
+    if (mem_init(-1) != 0) return 2;
     pthread_t threads[NUM_EXPERTS];
     struct rank_arg args[NUM_EXPERTS];
     struct ll_arg ll_args[NUM_EXPERTS];
-    if (moeEpGetUniqueId(&g_id) != ncclSuccess || moeEpGetUniqueId(&g_drop_id) != ncclSuccess) return 2;
     for (int r = 0; r < g_nranks; r++) args[r].rank = r, pthread_create(&threads[r], NULL, run_rank, &args[r]);
     for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
-    moeEpUniqueId ll_id;
-    if (moeEpGetUniqueId(&ll_id) != ncclSuccess) return 2;
     for (int r = 0; r < g_nranks; r++) ll_args[r].rank = r, ll_args[r].id = ll_id, pthread_create(&threads[r], NULL, run_ll_rank, &ll_args[r]);
     for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
     if (g_failures) {
         fprintf(stderr, "roundtrip: %d failure(s)\n", g_failures);
         return 1;
     }
-    printf("roundtrip: ok (%d ranks, %s)\n", g_nranks, cu.cuda ? "GPU" : "CPU emulator");
+    printf("roundtrip: ok (%d ranks, %s, %s)\n", g_nranks, how, cu.cuda ? "GPU" : "CPU emulator");
     return 0;
 }
