@@ -88,10 +88,16 @@ static struct {
     int (*sync)(void);
 } cu;
 
+// Whether environment variable `name` is set to a non-zero number.
+static int env_flag(const char* name) { return getenv(name) != NULL && atoi(getenv(name)) != 0; }
+
+// Whether MOE_EP_DEVICE names a GPU (`cuda` or `cuda:N`).
+static int wants_cuda(void) { return getenv("MOE_EP_DEVICE") && strncmp(getenv("MOE_EP_DEVICE"), "cuda", 4) == 0; }
+
 // `process_rank`: the rank of a one-rank process (it picks its GPU), or -1.
 static int mem_init(int process_rank) {
+    if (!wants_cuda()) return 0;
     const char* dev = getenv("MOE_EP_DEVICE");
-    if (dev == NULL || strncmp(dev, "cuda", 4) != 0) return 0;
     cu.ordinal = dev[4] == ':' ? atoi(dev + 5) : 0;
     void* lib = dlopen("libcuda.so.1", RTLD_NOW);
     if (lib == NULL) {
@@ -776,7 +782,7 @@ static int nccl_comm_init(int rank, int pipe_fds[2]) {
     } else if (read_all(pipe_fds[0], &id, sizeof id) != 0) {
         return 1;
     }
-    if (getenv("MOE_EP_TEST_NCCL_HOSTID") && atoi(getenv("MOE_EP_TEST_NCCL_HOSTID"))) {
+    if (env_flag("MOE_EP_TEST_NCCL_HOSTID")) {
         // NCCL refuses two ranks of a communicator on one GPU of one host; it tells hosts
         // apart by NCCL_HOSTID when set, so ranks sharing a GPU pose as different hosts.
         char host[32];
@@ -831,26 +837,8 @@ static int run_processes(int use_nccl, moeEpUniqueId ll_id) {
     return worst;
 }
 
-int main(void) {
-    if (getenv("MOE_EP_TEST_RANKS")) g_nranks = atoi(getenv("MOE_EP_TEST_RANKS"));
-    int use_nccl = getenv("MOE_EP_TEST_NCCL") && atoi(getenv("MOE_EP_TEST_NCCL"));
-    int use_procs = use_nccl || (getenv("MOE_EP_TEST_PROCS") && atoi(getenv("MOE_EP_TEST_PROCS")));
-    if (g_nranks < 1 || NUM_EXPERTS % g_nranks != 0) return 2;
-    moeEpUniqueId ll_id;
-    // The ids are made before any fork, so every process knows them (rank 0's process
-    // inherits the listening sockets).
-    if (moeEpGetUniqueId(&g_id) != ncclSuccess || moeEpGetUniqueId(&g_drop_id) != ncclSuccess ||
-        moeEpGetUniqueId(&ll_id) != ncclSuccess)
-        return 2;
-    const char* how = use_nccl ? "processes, NCCL communicators" : use_procs ? "processes" : "threads";
-    if (use_procs) {
-        // CUDA is initialised in the children only: a context does not survive a fork.
-        int code = run_processes(use_nccl, ll_id);
-        if (code == 3) fprintf(stderr, "roundtrip: NCCL refused the communicator (%d ranks)\n", g_nranks);
-        else if (code != 0) fprintf(stderr, "roundtrip: failed (%d ranks, %s)\n", g_nranks, how);
-        else printf("roundtrip: ok (%d ranks, %s, %s)\n", g_nranks, how, getenv("MOE_EP_DEVICE") && strncmp(getenv("MOE_EP_DEVICE"), "cuda", 4) == 0 ? "GPU" : "CPU emulator");
-        return code;
-    }
+// Ranks as threads of this process: 0, 1 (a failure) or 2 (no CUDA).
+static int run_threads(moeEpUniqueId ll_id) {
     if (mem_init(-1) != 0) return 2;
     pthread_t threads[NUM_EXPERTS];
     struct rank_arg args[NUM_EXPERTS];
@@ -859,10 +847,26 @@ int main(void) {
     for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
     for (int r = 0; r < g_nranks; r++) ll_args[r].rank = r, ll_args[r].id = ll_id, pthread_create(&threads[r], NULL, run_ll_rank, &ll_args[r]);
     for (int r = 0; r < g_nranks; r++) pthread_join(threads[r], NULL);
-    if (g_failures) {
-        fprintf(stderr, "roundtrip: %d failure(s)\n", g_failures);
-        return 1;
-    }
-    printf("roundtrip: ok (%d ranks, %s, %s)\n", g_nranks, how, cu.cuda ? "GPU" : "CPU emulator");
-    return 0;
+    if (g_failures) fprintf(stderr, "roundtrip: %d failure(s)\n", g_failures);
+    return g_failures ? 1 : 0;
+}
+
+int main(void) {
+    if (getenv("MOE_EP_TEST_RANKS")) g_nranks = atoi(getenv("MOE_EP_TEST_RANKS"));
+    int use_nccl = env_flag("MOE_EP_TEST_NCCL");
+    int use_procs = use_nccl || env_flag("MOE_EP_TEST_PROCS");
+    if (g_nranks < 1 || NUM_EXPERTS % g_nranks != 0) return 2;
+    moeEpUniqueId ll_id;
+    // The ids are made before any fork, so every process knows them (rank 0's process
+    // inherits the listening sockets).
+    if (moeEpGetUniqueId(&g_id) != ncclSuccess || moeEpGetUniqueId(&g_drop_id) != ncclSuccess ||
+        moeEpGetUniqueId(&ll_id) != ncclSuccess)
+        return 2;
+    const char* how = use_nccl ? "processes, NCCL communicators" : use_procs ? "processes" : "threads";
+    // With processes, CUDA is initialised in the children only: a context does not survive a fork.
+    int code = use_procs ? run_processes(use_nccl, ll_id) : run_threads(ll_id);
+    if (code == 3) fprintf(stderr, "roundtrip: NCCL refused the communicator (%d ranks)\n", g_nranks);
+    else if (code != 0) fprintf(stderr, "roundtrip: failed (%d ranks, %s)\n", g_nranks, how);
+    else printf("roundtrip: ok (%d ranks, %s, %s)\n", g_nranks, how, wants_cuda() ? "GPU" : "CPU emulator");
+    return code;
 }
