@@ -22,6 +22,16 @@ pub fn run(args: &[String]) -> Result {
             return Err(format!("test: unexpected argument `{a}` (extra cargo test args go after `--`)"));
         }
     };
+    // The tests run on the CPU emulator, 4 to 8 ranks of many threads each, two tests at once
+    // on a shared 2-core host: a rank's threads can go minutes without the CPU (CI once timed
+    // out a 100 s device wait that way). Longer bounds there; a real deadlock still ends in a
+    // typed timeout, well inside CI's limit.
+    for (var, secs) in [("MOE_EP_TIMEOUT_S", "600"), ("MOE_EP_BOOTSTRAP_TIMEOUT_S", "900")] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: xtask is single-threaded here; the children inherit the variable.
+            unsafe { std::env::set_var(var, secs) };
+        }
+    }
     let mut steps = vec![
         step("cargo fmt --all --check", || run_cmd(cargo().args(["fmt", "--all", "--check"]))),
         step("cargo clippy --workspace --all-targets -- -D warnings", || {
