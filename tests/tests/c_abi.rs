@@ -28,11 +28,13 @@ struct Tensor {
 
 impl Tensor {
     fn new<T: bytemuck::Pod>(dev: &Device, dtype: ncclDataType_t, dims: &[usize], data: &[T]) -> Tensor {
-        let s = stream(dev);
-        let bytes = std::mem::size_of_val(data);
-        let buf = dev.alloc(bytes.max(16)).unwrap();
-        buf.write(&s, 0, data).unwrap();
-        s.synchronize().unwrap();
+        let buf = on_rank_stream(dev, |s| {
+            // Stream-ordered: cuMemFree may wait for the whole GPU, peers' spinning kernels too.
+            let buf = s.alloc_uninit(std::mem::size_of_val(data).max(16)).unwrap();
+            buf.write(s, 0, data).unwrap();
+            s.synchronize().unwrap();
+            buf
+        });
         let mut dims: Box<[usize]> = dims.into();
         let mut desc = NCCL_EP_TENSOR_INIT;
         (desc.ndim, desc.datatype, desc.data, desc.sizes) =
@@ -47,9 +49,7 @@ impl Tensor {
     }
 
     fn read<T: bytemuck::Pod + Default>(&self, dev: &Device) -> Vec<T> {
-        let s = stream(dev);
-        s.synchronize().unwrap();
-        self.buf.to_vec(&s).unwrap()
+        on_rank_stream(dev, |s| self.buf.to_vec(s).unwrap())
     }
 
     fn ptr(&mut self) -> *mut ncclEpTensor_t {
@@ -57,10 +57,21 @@ impl Tensor {
     }
 }
 
-/// The stream C calls pass (NULL: the legacy default stream, which every blocking stream
-/// synchronises with).
-fn stream(dev: &Device) -> Stream {
-    unsafe { Stream::from_raw(dev, 0) }
+thread_local! {
+    static RANK_STREAM: std::cell::OnceCell<Stream> = const { std::cell::OnceCell::new() };
+}
+
+/// Runs `f` on this thread's stream, made at first use. Ranks are threads of one process
+/// here, so each needs a stream of its own: on the shared NULL (legacy) stream one rank's
+/// copy would queue behind another rank's op, whose kernel waits for this rank, until the
+/// device-side timeout.
+fn on_rank_stream<R>(dev: &Device, f: impl FnOnce(&Stream) -> R) -> R {
+    RANK_STREAM.with(|s| f(s.get_or_init(|| dev.new_stream().unwrap())))
+}
+
+/// The `cudaStream_t` this rank's C calls pass (NULL on the CPU emulator).
+fn cs() -> cudaStream_t {
+    on_rank_stream(&device(), |s| s.raw() as cudaStream_t)
 }
 
 /// A config shared by the rank threads (its allocator pointers are NULL).
@@ -139,11 +150,11 @@ fn ht_flat_forward_and_backward_match_the_reference() {
                 info.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_GLOBAL;
             }
             let h_ = if i == 0 {
-                ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, null_mut()));
+                ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, cs()));
                 handle
             } else {
                 let mut other = null_mut();
-                ok(ncclEpCreateHandle(&mut other, g, NCCL_EP_LAYOUT_FLAT, idx.ptr(), &info, null(), null_mut()));
+                ok(ncclEpCreateHandle(&mut other, g, NCCL_EP_LAYOUT_FLAT, idx.ptr(), &info, null(), cs()));
                 other
             };
             assert_eq!(
@@ -164,8 +175,8 @@ fn ht_flat_forward_and_backward_match_the_reference() {
             (din.tokens, din.topk_weights) = (x.ptr(), w.ptr());
             let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
             (dout.tokens, dout.topk_weights, dout.topk_idx) = (recv.ptr(), recv_w.ptr(), recv_idx.ptr());
-            ok(ncclEpDispatch(h_, &din, &dout, null(), null(), null_mut()));
-            ok(ncclEpComplete(h_, null(), null_mut())); // nothing pending: a no-op
+            ok(ncclEpDispatch(h_, &din, &dout, null(), null(), cs()));
+            ok(ncclEpComplete(h_, null(), cs())); // nothing pending: a no-op
             let ctx = format!("rank {rank}, routing {i}");
             assert!(recv.read::<u16>(&dev)[..got_rows * h] == want.recv_x[..], "{ctx}: recv rows");
             let lo = if global { (rank * (e / n)) as i64 } else { 0 };
@@ -182,7 +193,7 @@ fn ht_flat_forward_and_backward_match_the_reference() {
             cin.tokens = y.ptr();
             let mut cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
             cout.tokens = out.ptr();
-            ok(ncclEpCombine(h_, &cin, &cout, null(), null_mut()));
+            ok(ncclEpCombine(h_, &cin, &cout, null(), cs()));
             let want_y = reference::ht_combine(&c.want.handle, &c.y, None, [None, None], h).unwrap();
             assert!(out.read::<u16>(&dev)[..t * h] == want_y[rank].combined_x[..], "{ctx}: combined");
 
@@ -194,7 +205,7 @@ fn ht_flat_forward_and_backward_match_the_reference() {
             (bin.tokens, bout.tokens) = (grad.ptr(), grad_recv.ptr());
             let mut bwd = NCCL_EP_DISPATCH_CONFIG_INIT;
             bwd.pass_direction = NCCL_EP_BWD_PASS;
-            ok(ncclEpDispatch(h_, &bin, &bout, null(), &bwd, null_mut()));
+            ok(ncclEpDispatch(h_, &bin, &bout, null(), &bwd, cs()));
             let want_g =
                 reference::ht_dispatch(&Routing::new(n, e, k, c.idx.clone()).unwrap(), &c.bias[0], &c.w, h, 1, None)
                     .unwrap();
@@ -214,7 +225,7 @@ fn ht_flat_forward_and_backward_match_the_reference() {
                 (y.ptr(), w_grad.ptr(), out2.ptr(), w_out.ptr());
             let mut cbwd = NCCL_EP_COMBINE_CONFIG_INIT;
             cbwd.pass_direction = NCCL_EP_BWD_PASS;
-            ok(ncclEpCombine(h_, &cin2, &cout2, &cbwd, null_mut()));
+            ok(ncclEpCombine(h_, &cin2, &cout2, &cbwd, cs()));
             // Every rank's weight gradients, as the reference takes them.
             let all_wg: Vec<Vec<f32>> = (0..n)
                 .map(|r| (0..c.want.ranks[r].num_recv_tokens * k).map(|j| j as f32 * 0.25 - 3.0).collect())
@@ -303,7 +314,7 @@ fn ht_overflow_drop_matches_the_reference() {
         let mut total = Tensor::filled(&dev, ncclInt32, &[1], 0xff);
         let mut info = NCCL_EP_LAYOUT_INFO_INIT;
         (info.expert_counters, info.recv_total_counter) = (counters.ptr(), total.ptr());
-        ok(ncclEpUpdateHandle(handle, topk.ptr(), &info, null_mut()));
+        ok(ncclEpUpdateHandle(handle, topk.ptr(), &info, cs()));
         assert_eq!(total.read::<i32>(&dev)[0] as usize, routed[rank], "rank {rank}: rows before the drop");
         assert_eq!(counters.read::<i32>(&dev)[..e / n], want_r.num_recv_tokens_per_expert[..], "rank {rank}: kept");
 
@@ -317,14 +328,14 @@ fn ht_overflow_drop_matches_the_reference() {
         let mut short_idx = Tensor::filled(&dev, ncclInt64, &[budget - 1, k], 0);
         let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
         (dout.tokens, dout.topk_weights, dout.topk_idx) = (short.ptr(), short_w.ptr(), short_idx.ptr());
-        assert_eq!(ncclEpDispatch(handle, &din, &dout, null(), null(), null_mut()), ncclInvalidArgument);
+        assert_eq!(ncclEpDispatch(handle, &din, &dout, null(), null(), cs()), ncclInvalidArgument);
         assert!(last_error().contains("max_recv_tokens_per_rank"), "{}", last_error());
 
         let mut recv = Tensor::filled(&dev, ncclBfloat16, &[budget, h], 0xee);
         let mut recv_w = Tensor::filled(&dev, ncclFloat32, &[budget, k], 0xee);
         let mut recv_idx = Tensor::filled(&dev, ncclInt64, &[budget, k], 0xee);
         (dout.tokens, dout.topk_weights, dout.topk_idx) = (recv.ptr(), recv_w.ptr(), recv_idx.ptr());
-        ok(ncclEpDispatch(handle, &din, &dout, null(), null(), null_mut()));
+        ok(ncclEpDispatch(handle, &din, &dout, null(), null(), cs()));
         let got = want_r.num_recv_tokens;
         assert_eq!(got, routed[rank].min(budget), "rank {rank}: the reference keeps the budget");
         assert!(recv.read::<u16>(&dev)[..got * h] == want_r.recv_x[..got * h], "rank {rank}: kept rows");
@@ -335,7 +346,7 @@ fn ht_overflow_drop_matches_the_reference() {
         let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
         let (mut cin, mut cout) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
         (cin.tokens, cout.tokens) = (ys.ptr(), out.ptr());
-        ok(ncclEpCombine(handle, &cin, &cout, null(), null_mut()));
+        ok(ncclEpCombine(handle, &cin, &cout, null(), cs()));
         assert!(out.read::<u16>(&dev)[..t * h] == want_y[rank].combined_x[..], "rank {rank}: combined");
         ok(ncclEpHandleDestroy(handle));
 
@@ -347,7 +358,7 @@ fn ht_overflow_drop_matches_the_reference() {
         let mut offsets = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
         (info.expert_counters, info.expert_offsets, info.recv_total_counter) =
             (counters.ptr(), offsets.ptr(), total.ptr());
-        ok(ncclEpUpdateHandle(em_handle, topk.ptr(), &info, null_mut()));
+        ok(ncclEpUpdateHandle(em_handle, topk.ptr(), &info, cs()));
         let want_total: i32 = uncut.ranks[rank].num_recv_tokens_per_expert.iter().sum();
         assert_eq!(total.read::<i32>(&dev)[0], want_total, "rank {rank}: slots before the drop");
         assert_eq!(counters.read::<i32>(&dev)[..l], em.counts[..], "rank {rank}: cut zone sizes");
@@ -356,12 +367,12 @@ fn ht_overflow_drop_matches_the_reference() {
         let mut zone_w = Tensor::filled(&dev, ncclFloat32, &[budget], 0xee);
         let mut dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
         (dout.tokens, dout.topk_weights) = (zones.ptr(), zone_w.ptr());
-        ok(ncclEpDispatch(em_handle, &din, &dout, null(), null(), null_mut()));
+        ok(ncclEpDispatch(em_handle, &din, &dout, null(), null(), cs()));
         assert!(zones.read::<u16>(&dev) == em.x, "rank {rank}: cut zones");
         assert_eq!(zone_w.read::<f32>(&dev), em.weights, "rank {rank}: cut slot weights");
         let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
         (cin.tokens, cout.tokens) = (ys.ptr(), out.ptr());
-        ok(ncclEpCombine(em_handle, &cin, &cout, null(), null_mut()));
+        ok(ncclEpCombine(em_handle, &cin, &cout, null(), cs()));
         assert!(out.read::<u16>(&dev)[..t * h] == want_em_out[rank].combined_x[..], "rank {rank}: combined, EM");
         ok(ncclEpHandleDestroy(em_handle));
     });
@@ -401,7 +412,7 @@ fn ht_quant_fwd_flat_and_expert_major_match_the_reference() {
 
         // FLAT.
         let mut flat = null_mut();
-        ok(ncclEpCreateHandle(&mut flat, g, NCCL_EP_LAYOUT_FLAT, topk.ptr(), null(), null(), null_mut()));
+        ok(ncclEpCreateHandle(&mut flat, g, NCCL_EP_LAYOUT_FLAT, topk.ptr(), null(), null(), cs()));
         let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[slots, h], 0xee);
         let mut recv_s = Tensor::filled(&dev, ncclFloat32, &[slots, sc], 0xee);
         let mut recv_w = Tensor::filled(&dev, ncclFloat32, &[slots, k], 0xee);
@@ -411,7 +422,7 @@ fn ht_quant_fwd_flat_and_expert_major_match_the_reference() {
             (recv.ptr(), recv_s.ptr(), recv_w.ptr(), recv_i.ptr());
         let mut quant = NCCL_EP_DISPATCH_CONFIG_INIT;
         quant.quant_recipe = NCCL_EP_DISP_QUANT_FWD;
-        ok(ncclEpDispatch(flat, &din, &dout, null(), &quant, null_mut()));
+        ok(ncclEpDispatch(flat, &din, &dout, null(), &quant, cs()));
         let got = flat_x.ranks[rank].num_recv_tokens;
         assert!(recv.read::<u8>(&dev)[..got * h] == flat_x.ranks[rank].recv_x[..got * h], "{ctx}: FLAT fp8 rows");
         assert_eq!(recv_s.read::<f32>(&dev)[..got * sc], flat_s.ranks[rank].recv_x[..got * sc], "{ctx}: FLAT scales");
@@ -421,7 +432,7 @@ fn ht_quant_fwd_flat_and_expert_major_match_the_reference() {
         let mut hcfg = NCCL_EP_HANDLE_CONFIG_INIT;
         hcfg.dispatch_output_per_expert_alignment = align;
         let mut em = null_mut();
-        ok(ncclEpCreateHandle(&mut em, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, topk.ptr(), null(), &hcfg, null_mut()));
+        ok(ncclEpCreateHandle(&mut em, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, topk.ptr(), null(), &hcfg, cs()));
         let want_x = reference::ht_expert_major(&em_x.ranks[rank], k, h, slots).unwrap();
         let want_s = reference::ht_expert_major(&em_s.ranks[rank], k, sc, slots).unwrap();
         let used: usize = want_x.counts.iter().map(|&c| c as usize).sum();
@@ -439,7 +450,7 @@ fn ht_quant_fwd_flat_and_expert_major_match_the_reference() {
                 cfg.pass_direction = NCCL_EP_BWD_PASS;
                 bin.topk_weights = null_mut();
             }
-            ok(ncclEpDispatch(em, &bin, &dout, null(), &cfg, null_mut()));
+            ok(ncclEpDispatch(em, &bin, &dout, null(), &cfg, cs()));
             assert!(zones.read::<u8>(&dev)[..used * h] == want_x.x[..used * h], "{ctx}: {pass} fp8 zones");
             assert_eq!(zone_s.read::<f32>(&dev)[..used * sc], want_s.x[..used * sc], "{ctx}: {pass} scale zones");
         }
@@ -478,7 +489,7 @@ fn ht_expert_major_forward_and_backward_match_the_reference() {
             let mut info = NCCL_EP_LAYOUT_INFO_INIT;
             (info.expert_counters, info.expert_offsets, info.recv_total_counter) =
                 (counts.ptr(), offsets.ptr(), total.ptr());
-            ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, null_mut()));
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), &info, cs()));
             let want_counts: Vec<i64> = em.counts.iter().map(|&c| c as i64).collect();
             assert_eq!(counts.read::<i64>(&dev)[..l], want_counts[..], "{ctx}: zone sizes");
             assert_eq!(offsets.read::<i32>(&dev)[..l], em.offsets[..], "{ctx}: zone starts");
@@ -493,7 +504,7 @@ fn ht_expert_major_forward_and_backward_match_the_reference() {
             let (mut din, mut dout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
             (din.tokens, din.topk_weights, dout.tokens, dout.topk_weights) =
                 (x.ptr(), w.ptr(), zones.ptr(), zone_w.ptr());
-            ok(ncclEpDispatch(handle, &din, &dout, null(), null(), null_mut()));
+            ok(ncclEpDispatch(handle, &din, &dout, null(), null(), cs()));
             assert!(zones.read::<u16>(&dev)[..used * h] == em.x[..used * h], "{ctx}: zones (rows and zero padding)");
             assert_eq!(zone_w.read::<f32>(&dev)[..used], em.weights[..used], "{ctx}: slot weights");
 
@@ -510,7 +521,7 @@ fn ht_expert_major_forward_and_backward_match_the_reference() {
             let mut out = Tensor::filled(&dev, ncclBfloat16, &[t, h], 0xee);
             let (mut cin, mut cout) = (NCCL_EP_COMBINE_INPUTS_INIT, NCCL_EP_COMBINE_OUTPUTS_INIT);
             (cin.tokens, cout.tokens) = (y.ptr(), out.ptr());
-            ok(ncclEpCombine(handle, &cin, &cout, null(), null_mut()));
+            ok(ncclEpCombine(handle, &cin, &cout, null(), cs()));
             assert!(out.read::<u16>(&dev)[..t * h] == want_out[rank].combined_x[..], "{ctx}: combined");
 
             // Backward dispatch: gradients along the routes into the same zones.
@@ -522,7 +533,7 @@ fn ht_expert_major_forward_and_backward_match_the_reference() {
             (bin.tokens, bout.tokens) = (grad.ptr(), grad_zones.ptr());
             let mut bwd = NCCL_EP_DISPATCH_CONFIG_INIT;
             bwd.pass_direction = NCCL_EP_BWD_PASS;
-            ok(ncclEpDispatch(handle, &bin, &bout, null(), &bwd, null_mut()));
+            ok(ncclEpDispatch(handle, &bin, &bout, null(), &bwd, cs()));
             assert!(grad_zones.read::<u16>(&dev)[..used * h] == em_g.x[..used * h], "{ctx}: backward dispatch");
 
             // Backward combine: per-slot weight gradients come home as [T, K].
@@ -544,7 +555,7 @@ fn ht_expert_major_forward_and_backward_match_the_reference() {
                 (y.ptr(), wg.ptr(), out2.ptr(), w_out.ptr());
             let mut cbwd = NCCL_EP_COMBINE_CONFIG_INIT;
             cbwd.pass_direction = NCCL_EP_BWD_PASS;
-            ok(ncclEpCombine(handle, &cin2, &cout2, &cbwd, null_mut()));
+            ok(ncclEpCombine(handle, &cin2, &cout2, &cbwd, cs()));
             assert!(out2.read::<u16>(&dev)[..t * h] == want_b[rank].combined_x[..], "{ctx}: backward combine rows");
             assert_eq!(
                 w_out.read::<f32>(&dev)[..t * k],
@@ -582,7 +593,7 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
             let (t, send_only) = (c.tokens[rank], i % 2 == 1);
             let ctx = format!("rank {rank}, call {i}");
             let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
-            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), null_mut()));
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), cs()));
             let mut x = Tensor::new(&dev, ncclBfloat16, &[t, h], &c.x[rank]);
             let mut recv = Tensor::filled(&dev, ncclBfloat16, &[l, n * m, h], 0xee);
             let mut counters = Tensor::filled(&dev, ncclInt32, &[l], 0xff);
@@ -591,9 +602,9 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
             (din.tokens, dout.tokens, info.expert_counters) = (x.ptr(), recv.ptr(), counters.ptr());
             let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
             cfg.send_only = send_only as u32;
-            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()));
             if send_only {
-                ok(ncclEpComplete(handle, null(), null_mut()));
+                ok(ncclEpComplete(handle, null(), cs()));
             }
             let want = &c.want.ranks[rank];
             assert_eq!(counters.read::<i32>(&dev)[..l], want.packed_recv_count[..], "{ctx}: counts");
@@ -618,9 +629,9 @@ fn ll_expert_major_with_send_only_matches_the_reference() {
             (cin.tokens, cout.tokens, cout.topk_weights) = (recv.ptr(), out.ptr(), w.ptr());
             let mut ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
             ccfg.send_only = send_only as u32;
-            ok(ncclEpCombine(handle, &cin, &cout, &ccfg, null_mut()));
+            ok(ncclEpCombine(handle, &cin, &cout, &ccfg, cs()));
             if send_only {
-                ok(ncclEpComplete(handle, null(), null_mut()));
+                ok(ncclEpComplete(handle, null(), cs()));
             }
             let ys: Vec<Vec<u16>> = c.want.ranks.iter().map(|r| r.packed_recv_x.clone()).collect();
             let want_out = reference::ll_combine(&c.want.handle, &ys, &c.w, h).unwrap();
@@ -665,7 +676,7 @@ fn ll_fp8_recipe_matches_the_reference() {
         {
             let (t, ctx) = (c0.tokens[rank], format!("rank {rank}, QUANT_FWD"));
             let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c0.idx[rank]);
-            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), null_mut()));
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), cs()));
             let mut x = Tensor::new(&dev, ncclFloat8e4m3, &[t, h], &xq[rank]);
             let mut x_scales = Tensor::new(&dev, ncclFloat32, &[t, s], &xs[rank]);
             let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[l, n * m, h], 0xee);
@@ -677,8 +688,8 @@ fn ll_fp8_recipe_matches_the_reference() {
                 (x.ptr(), x_scales.ptr(), recv.ptr(), scales.ptr(), counters.ptr());
             let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
             (cfg.quant_recipe, cfg.send_only) = (NCCL_EP_DISP_QUANT_FWD, 1);
-            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
-            ok(ncclEpComplete(handle, null(), null_mut()));
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()));
+            ok(ncclEpComplete(handle, null(), cs()));
             let (wq, ws) = (&want_q.ranks[rank], &want_s.ranks[rank]);
             assert_eq!(counters.read::<i32>(&dev)[..l], wq.packed_recv_count[..], "{ctx}: counts");
             let (got_x, got_s): (Vec<u8>, Vec<f32>) = (recv.read(&dev), scales.read(&dev));
@@ -690,13 +701,13 @@ fn ll_fp8_recipe_matches_the_reference() {
             }
             // QUANT_FWD without the input's scales is refused.
             din.scales = null_mut();
-            assert_eq!(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()), ncclInvalidArgument);
+            assert_eq!(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()), ncclInvalidArgument);
             assert!(last_error().contains("inputs->scales"), "{}", last_error());
         }
         for (i, c) in calls.iter().enumerate() {
             let (t, round, ctx) = (c.tokens[rank], i == 1, format!("rank {rank}, call {i}"));
             let mut idx = Tensor::new(&dev, ncclInt64, &[t, k], &c.idx[rank]);
-            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), null_mut()));
+            ok(ncclEpUpdateHandle(handle, idx.ptr(), null(), cs()));
             let mut x = Tensor::new(&dev, ncclBfloat16, &[t, h], &c.x[rank]);
             let mut recv = Tensor::filled(&dev, ncclFloat8e4m3, &[l, n * m, h], 0xee);
             let mut scales = Tensor::filled(&dev, ncclFloat32, &[l, n * m, s], 0xee);
@@ -708,8 +719,8 @@ fn ll_fp8_recipe_matches_the_reference() {
             let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
             (cfg.quant_recipe, cfg.round_scales, cfg.send_only) =
                 (NCCL_EP_DISP_QUANT_DS_FP8E3M4, round as u32, round as u32);
-            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
-            ok(ncclEpComplete(handle, null(), null_mut()));
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()));
+            ok(ncclEpComplete(handle, null(), cs()));
             let want = &c.want.ranks[rank];
             assert_eq!(counters.read::<i32>(&dev)[..l], want.packed_recv_count[..], "{ctx}: counts");
             let (got_x, got_s): (Vec<u8>, Vec<f32>) = (recv.read(&dev), scales.read(&dev));
@@ -742,7 +753,7 @@ fn ll_fp8_recipe_matches_the_reference() {
         (din.tokens, dout.tokens) = (x.ptr(), recv.ptr());
         let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
         cfg.quant_recipe = NCCL_EP_DISP_QUANT_DS_FP8E3M4;
-        assert_eq!(ncclEpDispatch(handle, &din, &dout, null(), &cfg, null_mut()), ncclInvalidArgument);
+        assert_eq!(ncclEpDispatch(handle, &din, &dout, null(), &cfg, cs()), ncclInvalidArgument);
         assert!(last_error().contains("outputs->scales"), "{}", last_error());
         ok(ncclEpHandleDestroy(handle));
     });
@@ -778,7 +789,7 @@ fn ll_rank_major_matches_the_reference() {
         for (i, (idx, tokens, x, w, recv, y, want)) in calls.iter().enumerate() {
             let (t, send_only, ctx) = (tokens[rank], i % 2 == 1, format!("rank {rank}, call {i}"));
             let mut idx_t = Tensor::new(&dev, ncclInt64, &[t, k], &idx[rank]);
-            ok(ncclEpUpdateHandle(handle, idx_t.ptr(), null(), null_mut()));
+            ok(ncclEpUpdateHandle(handle, idx_t.ptr(), null(), cs()));
             let (mut xt, mut wt) =
                 (Tensor::new(&dev, ncclBfloat16, &[t, h], &x[rank]), Tensor::new(&dev, ncclFloat32, &[t, k], &w[rank]));
             let mut rx = Tensor::filled(&dev, ncclBfloat16, &[n, m, h], 0xee);
@@ -795,9 +806,9 @@ fn ll_rank_major_matches_the_reference() {
             }
             let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
             cfg.send_only = send_only as u32;
-            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, null_mut()));
+            ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()));
             if send_only {
-                ok(ncclEpComplete(handle, null(), null_mut()));
+                ok(ncclEpComplete(handle, null(), cs()));
             }
             let rv = &recv[rank];
             assert_eq!(counts.read::<i32>(&dev)[..n], rv.recv_count[..], "{ctx}: src_rank_counters");
@@ -821,9 +832,9 @@ fn ll_rank_major_matches_the_reference() {
             (cin.tokens, cout.tokens) = (yt.ptr(), out.ptr());
             let mut ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
             ccfg.send_only = send_only as u32;
-            ok(ncclEpCombine(handle, &cin, &cout, &ccfg, null_mut()));
+            ok(ncclEpCombine(handle, &cin, &cout, &ccfg, cs()));
             if send_only {
-                ok(ncclEpComplete(handle, null(), null_mut()));
+                ok(ncclEpComplete(handle, null(), cs()));
             }
             assert!(out.read::<u16>(&dev)[..t * h] == want[rank][..], "{ctx}: combined");
         }
@@ -892,30 +903,30 @@ fn bad_structs_and_tensors_are_refused_and_the_group_stays_usable() {
         ok(ncclEpInitHandle(&mut hnd, g, NCCL_EP_LAYOUT_FLAT, null(), k as i32, null()));
         let mut idx = Tensor::new(&dev, ncclInt64, &[m, k], &vec![0i64; m * k]);
         idx.desc.magic = 0;
-        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()), ncclInvalidArgument);
+        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), cs()), ncclInvalidArgument);
         idx.desc.magic = NCCL_EP_TENSOR_MAGIC;
         idx.desc.win_hdl = 8 as *mut _;
-        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()), ncclInvalidUsage);
+        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), cs()), ncclInvalidUsage);
         idx.desc.win_hdl = null_mut();
         idx.desc.datatype = ncclFloat32;
-        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()), ncclInvalidArgument);
+        assert_eq!(ncclEpUpdateHandle(hnd, idx.ptr(), null(), cs()), ncclInvalidArgument);
         assert!(last_error().contains("ncclInt32 or ncclInt64"), "{}", last_error());
         idx.desc.datatype = ncclInt64;
         let mut wide = Tensor::new(&dev, ncclInt64, &[m, k + 1], &vec![0i64; m * (k + 1)]);
-        assert_eq!(ncclEpUpdateHandle(hnd, wide.ptr(), null(), null_mut()), ncclInvalidArgument, "top-k above init's");
+        assert_eq!(ncclEpUpdateHandle(hnd, wide.ptr(), null(), cs()), ncclInvalidArgument, "top-k above init's");
         // A dispatch before any routing, a combine before any dispatch.
         let mut x = Tensor::filled(&dev, ncclBfloat16, &[m, h], 0);
         let (mut din, dout) = (NCCL_EP_DISPATCH_INPUTS_INIT, NCCL_EP_DISPATCH_OUTPUTS_INIT);
         din.tokens = x.ptr();
         assert_eq!(
-            ncclEpDispatch(hnd, &din, &dout, null(), null(), null_mut()),
+            ncclEpDispatch(hnd, &din, &dout, null(), null(), cs()),
             ncclInvalidArgument,
             "outputs->tokens missing"
         );
         // Structs: undersized dispatch config, a bigger (future) one is accepted as far as known.
         let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
         cfg.size = 8;
-        assert_eq!(ncclEpDispatch(hnd, &din, &dout, null(), &cfg, null_mut()), ncclInvalidArgument);
+        assert_eq!(ncclEpDispatch(hnd, &din, &dout, null(), &cfg, cs()), ncclInvalidArgument);
         assert_eq!(ncclEpMaskQuery(g, null_mut(), null_mut()), ncclInvalidUsage);
         assert_eq!(ncclEpGetAsyncError(null_mut(), null_mut()), ncclInvalidArgument);
         // Tensor descriptors from the library.
@@ -927,7 +938,7 @@ fn bad_structs_and_tensors_are_refused_and_the_group_stays_usable() {
         ok(ncclEpTensorDestroy(null_mut()));
 
         // Still usable: the routing goes through now.
-        ok(ncclEpUpdateHandle(hnd, idx.ptr(), null(), null_mut()));
+        ok(ncclEpUpdateHandle(hnd, idx.ptr(), null(), cs()));
         assert_eq!(last_error(), "");
         ok(ncclEpHandleDestroy(hnd));
     });

@@ -81,12 +81,31 @@ static struct {
     int (*device_get)(int*, int);
     int (*retain)(void**, int);
     int (*set_current)(void*);
-    int (*alloc)(uint64_t*, size_t);
-    int (*free)(uint64_t);
-    int (*htod)(uint64_t, const void*, size_t);
-    int (*dtoh)(void*, uint64_t, size_t);
-    int (*sync)(void);
+    int (*stream_create)(void**, unsigned);
+    int (*stream_sync)(void*);
+    int (*alloc)(uint64_t*, size_t, void*);
+    int (*free)(uint64_t, void*);
+    int (*htod)(uint64_t, const void*, size_t, void*);
+    int (*dtoh)(void*, uint64_t, size_t, void*);
 } cu;
+
+// This thread's stream (NULL on the emulator), made at first use: every copy, allocation and
+// ncclEp call of a rank goes on it. Ranks that are threads of one process must not share
+// the NULL (legacy) stream, nor wait for the whole context (cuCtxSynchronize) or call
+// cuMemFree: each would wait for a peer's kernel, which waits for this rank, until the
+// device-side timeout.
+static _Thread_local void* t_stream;
+
+static cudaStream_t rank_stream(void) {
+    if (cu.cuda && t_stream == NULL) {
+        cu.set_current(cu.ctx);
+        if (cu.stream_create(&t_stream, 1 /* CU_STREAM_NON_BLOCKING */) != 0) {
+            fprintf(stderr, "cuStreamCreate failed\n");
+            exit(1);
+        }
+    }
+    return (cudaStream_t)t_stream;
+}
 
 // Whether environment variable `name` is set to a non-zero number.
 static int env_flag(const char* name) { return getenv(name) != NULL && atoi(getenv(name)) != 0; }
@@ -109,11 +128,12 @@ static int mem_init(int process_rank) {
     *(void**)&cu.device_get = dlsym(lib, "cuDeviceGet");
     *(void**)&cu.retain = dlsym(lib, "cuDevicePrimaryCtxRetain");
     *(void**)&cu.set_current = dlsym(lib, "cuCtxSetCurrent");
-    *(void**)&cu.alloc = dlsym(lib, "cuMemAlloc_v2");
-    *(void**)&cu.free = dlsym(lib, "cuMemFree_v2");
-    *(void**)&cu.htod = dlsym(lib, "cuMemcpyHtoD_v2");
-    *(void**)&cu.dtoh = dlsym(lib, "cuMemcpyDtoH_v2");
-    *(void**)&cu.sync = dlsym(lib, "cuCtxSynchronize");
+    *(void**)&cu.stream_create = dlsym(lib, "cuStreamCreate");
+    *(void**)&cu.stream_sync = dlsym(lib, "cuStreamSynchronize");
+    *(void**)&cu.alloc = dlsym(lib, "cuMemAllocAsync");
+    *(void**)&cu.free = dlsym(lib, "cuMemFreeAsync");
+    *(void**)&cu.htod = dlsym(lib, "cuMemcpyHtoDAsync_v2");
+    *(void**)&cu.dtoh = dlsym(lib, "cuMemcpyDtoHAsync_v2");
     int device = 0, count = 0;
     if (cu.init(0) != 0 || cu.device_count(&count) != 0 || count < 1) {
         fprintf(stderr, "CUDA initialisation failed\n");
@@ -130,28 +150,33 @@ static int mem_init(int process_rank) {
     return 0;
 }
 
+// Memory and copies, ordered on the rank's stream (stream-ordered allocation and free).
 static void* mem_alloc(size_t bytes) {
     if (!cu.cuda) return calloc(1, bytes < 16 ? 16 : bytes);
     uint64_t p = 0;
     cu.set_current(cu.ctx);
-    return cu.alloc(&p, bytes < 16 ? 16 : bytes) == 0 ? (void*)(uintptr_t)p : NULL;
+    return cu.alloc(&p, bytes < 16 ? 16 : bytes, rank_stream()) == 0 ? (void*)(uintptr_t)p : NULL;
 }
 
 static void mem_free(void* p) {
     if (!cu.cuda) free(p);
-    else cu.free((uint64_t)(uintptr_t)p);
+    else cu.free((uint64_t)(uintptr_t)p, rank_stream());
 }
 
 static void mem_put(void* dst, const void* src, size_t bytes) {
     if (!cu.cuda) memcpy(dst, src, bytes);
-    else cu.htod((uint64_t)(uintptr_t)dst, src, bytes);
+    else {
+        cu.htod((uint64_t)(uintptr_t)dst, src, bytes, rank_stream());
+        cu.stream_sync(rank_stream());  // `src` may be reused at once
+    }
 }
 
+// After the library's work queued on the rank's stream so far.
 static void mem_get(void* dst, const void* src, size_t bytes) {
     if (!cu.cuda) memcpy(dst, src, bytes);
     else {
-        cu.sync();  // the library's work on the caller's (default) stream
-        cu.dtoh(dst, (uint64_t)(uintptr_t)src, bytes);
+        cu.dtoh(dst, (uint64_t)(uintptr_t)src, bytes, rank_stream());
+        cu.stream_sync(rank_stream());
     }
 }
 
@@ -234,7 +259,7 @@ static int ht_round_trip(int rank, ncclEpGroup_t group, int call) {
     ncclEpLayoutInfo_t info = NCCL_EP_LAYOUT_INFO_INIT;
     info.expert_counters = &t_counts;
     ncclEpHandle_t handle = NULL;
-    NCCL_OK(ncclEpCreateHandle(&handle, group, NCCL_EP_LAYOUT_FLAT, &t_idx, &info, NULL, NULL));
+    NCCL_OK(ncclEpCreateHandle(&handle, group, NCCL_EP_LAYOUT_FLAT, &t_idx, &info, NULL, rank_stream()));
 
     ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
     in.tokens = &t_x;
@@ -243,7 +268,7 @@ static int ht_round_trip(int rank, ncclEpGroup_t group, int call) {
     out.tokens = &t_recv;
     out.topk_weights = &t_recv_w;
     out.topk_idx = &t_recv_idx;
-    NCCL_OK(ncclEpDispatch(handle, &in, &out, NULL, NULL, NULL));
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, NULL, NULL, rank_stream()));
 
     // Reference: rows from every source rank s in token order, for tokens with an expert here.
     uint16_t* recv = malloc((size_t)rows * HIDDEN * 2);
@@ -279,7 +304,7 @@ static int ht_round_trip(int rank, ncclEpGroup_t group, int call) {
     cin.tokens = &t_recv;
     ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
     cout.tokens = &t_out;
-    NCCL_OK(ncclEpCombine(handle, &cin, &cout, NULL, NULL));
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, NULL, rank_stream()));
     uint16_t y[MAX_TOKENS * HIDDEN];
     mem_get(y, d_out, (size_t)T * HIDDEN * 2);
     for (int t = 0; t < T; t++) {
@@ -334,14 +359,14 @@ static int ht_em_round_trip(int rank, ncclEpGroup_t group, int call) {
     info.expert_counters = &t_counts;
     info.expert_offsets = &t_offsets;
     ncclEpHandle_t handle = NULL;
-    NCCL_OK(ncclEpCreateHandle(&handle, group, NCCL_EP_LAYOUT_EXPERT_MAJOR, &t_idx, &info, &hc, NULL));
+    NCCL_OK(ncclEpCreateHandle(&handle, group, NCCL_EP_LAYOUT_EXPERT_MAJOR, &t_idx, &info, &hc, rank_stream()));
     ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
     in.tokens = &t_x;
     in.topk_weights = &t_w;
     ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
     out.tokens = &t_zones;
     out.topk_weights = &t_zw;
-    NCCL_OK(ncclEpDispatch(handle, &in, &out, NULL, NULL, NULL));
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, NULL, NULL, rank_stream()));
 
     int64_t counts[NUM_EXPERTS], offsets[NUM_EXPERTS];
     uint16_t* zones = malloc((size_t)slots * HIDDEN * 2);
@@ -373,7 +398,7 @@ static int ht_em_round_trip(int rank, ncclEpGroup_t group, int call) {
     cin.tokens = &t_zones;  // identity experts
     ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
     cout.tokens = &t_out;
-    NCCL_OK(ncclEpCombine(handle, &cin, &cout, NULL, NULL));
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, NULL, rank_stream()));
     uint16_t y[MAX_TOKENS * HIDDEN];
     mem_get(y, d_out, (size_t)T * HIDDEN * 2);
     for (int t = 0; t < T; t++) {
@@ -413,7 +438,7 @@ static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, i
     make_tensor(&t_counts, cnt_dims, 1, ncclInt32, d_counts);
     make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
 
-    NCCL_OK(ncclEpUpdateHandle(handle, &t_idx, NULL, NULL));
+    NCCL_OK(ncclEpUpdateHandle(handle, &t_idx, NULL, rank_stream()));
     ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
     in.tokens = &t_x;
     ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
@@ -422,8 +447,8 @@ static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, i
     info.expert_counters = &t_counts;
     ncclEpDispatchConfig_t dcfg = NCCL_EP_DISPATCH_CONFIG_INIT;
     dcfg.send_only = (unsigned)send_only;
-    NCCL_OK(ncclEpDispatch(handle, &in, &out, &info, &dcfg, NULL));
-    NCCL_OK(ncclEpComplete(handle, NULL, NULL));  // the receive of a send-only call; else a no-op
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, &info, &dcfg, rank_stream()));
+    NCCL_OK(ncclEpComplete(handle, NULL, rank_stream()));  // the receive of a send-only call; else a no-op
 
     int counts[NUM_EXPERTS] = {0}, got[NUM_EXPERTS];
     for (int s = 0; s < g_nranks; s++)
@@ -442,8 +467,8 @@ static int ll_round_trip(int rank, ncclEpGroup_t group, ncclEpHandle_t handle, i
     cout.topk_weights = &t_w;
     ncclEpCombineConfig_t ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
     ccfg.send_only = (unsigned)send_only;
-    NCCL_OK(ncclEpCombine(handle, &cin, &cout, &ccfg, NULL));
-    NCCL_OK(ncclEpComplete(handle, NULL, NULL));
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, &ccfg, rank_stream()));
+    NCCL_OK(ncclEpComplete(handle, NULL, rank_stream()));
     uint16_t y[MAX_TOKENS * HIDDEN];
     mem_get(y, d_out, (size_t)T * HIDDEN * 2);
     for (int t = 0; t < T; t++) {
@@ -494,7 +519,7 @@ static int ll_rank_major_round_trip(int rank, ncclEpHandle_t handle, int call) {
     make_tensor(&t_counts, cnt_dims, 1, ncclInt32, d_counts);
     make_tensor(&t_out, x_dims, 2, ncclBfloat16, d_out);
 
-    NCCL_OK(ncclEpUpdateHandle(handle, &t_idx, NULL, NULL));
+    NCCL_OK(ncclEpUpdateHandle(handle, &t_idx, NULL, rank_stream()));
     ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
     in.tokens = &t_x;
     in.topk_weights = &t_w;
@@ -506,8 +531,8 @@ static int ll_rank_major_round_trip(int rank, ncclEpHandle_t handle, int call) {
     info.src_rank_counters = &t_counts;
     ncclEpDispatchConfig_t dcfg = NCCL_EP_DISPATCH_CONFIG_INIT;
     dcfg.send_only = (unsigned)send_only;
-    NCCL_OK(ncclEpDispatch(handle, &in, &out, &info, &dcfg, NULL));
-    NCCL_OK(ncclEpComplete(handle, NULL, NULL));
+    NCCL_OK(ncclEpDispatch(handle, &in, &out, &info, &dcfg, rank_stream()));
+    NCCL_OK(ncclEpComplete(handle, NULL, rank_stream()));
 
     // Reference: block s holds rank s's tokens with an expert here, in token order.
     int counts[NUM_EXPERTS];
@@ -538,8 +563,8 @@ static int ll_rank_major_round_trip(int rank, ncclEpHandle_t handle, int call) {
     cout.tokens = &t_out;
     ncclEpCombineConfig_t ccfg = NCCL_EP_COMBINE_CONFIG_INIT;
     ccfg.send_only = (unsigned)send_only;
-    NCCL_OK(ncclEpCombine(handle, &cin, &cout, &ccfg, NULL));
-    NCCL_OK(ncclEpComplete(handle, NULL, NULL));
+    NCCL_OK(ncclEpCombine(handle, &cin, &cout, &ccfg, rank_stream()));
+    NCCL_OK(ncclEpComplete(handle, NULL, rank_stream()));
     uint16_t y[MAX_TOKENS * HIDDEN];
     mem_get(y, d_out, (size_t)T * HIDDEN * 2);
     for (int t = 0; t < T; t++) {
@@ -594,7 +619,7 @@ static int ht_drop_round_trip(int rank, ncclEpGroup_t group) {
     NCCL_OK(ncclEpInitHandle(&h, group, NCCL_EP_LAYOUT_FLAT, NULL, TOPK, NULL));
     ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
     li.recv_total_counter = &t_total;
-    NCCL_OK(ncclEpUpdateHandle(h, &t_idx, &li, NULL));
+    NCCL_OK(ncclEpUpdateHandle(h, &t_idx, &li, rank_stream()));
     int arrived = 0, want_arrived = 0;
     for (int s = 0; s < g_nranks; s++) want_arrived += MAX_TOKENS - s;
     mem_get(&arrived, d_total, 4);
@@ -607,8 +632,8 @@ static int ht_drop_round_trip(int rank, ncclEpGroup_t group) {
     out.tokens = &t_recv;
     out.topk_weights = &t_recv_w;
     out.topk_idx = &t_recv_idx;
-    NCCL_OK(ncclEpDispatch(h, &in, &out, NULL, NULL, NULL));
-    NCCL_OK(ncclEpComplete(h, NULL, NULL));
+    NCCL_OK(ncclEpDispatch(h, &in, &out, NULL, NULL, rank_stream()));
+    NCCL_OK(ncclEpComplete(h, NULL, rank_stream()));
     if (rank == 0) {
         uint16_t recv[DROP_BUDGET * HIDDEN];
         mem_get(recv, d_recv, sizeof recv);
@@ -622,7 +647,7 @@ static int ht_drop_round_trip(int rank, ncclEpGroup_t group) {
     cin.tokens = &t_recv;
     ncclEpCombineOutputs_t cout = NCCL_EP_COMBINE_OUTPUTS_INIT;
     cout.tokens = &t_out;
-    NCCL_OK(ncclEpCombine(h, &cin, &cout, NULL, NULL));
+    NCCL_OK(ncclEpCombine(h, &cin, &cout, NULL, rank_stream()));
     mem_get(y, d_out, (size_t)T * HIDDEN * 2);
     for (int t = 0; t < T; t++) {
         int kept = rank == 0 || (rank == 1 && t < DROP_BUDGET - MAX_TOKENS);
