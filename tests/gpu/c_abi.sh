@@ -12,6 +12,9 @@ set -u
 cd "$(dirname "$0")" || exit 1
 export LD_LIBRARY_PATH="$PWD/c/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MOE_EP_DEVICE=${MOE_EP_DEVICE:-cuda}
+# Rank threads: a comm stream and a caller stream each, more than the default 8 hardware
+# queues (a kernel queued behind a peer's spinning one would wait for it).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 pass=0; fail=0
 record() { # NAME STATUS
   if [ "$2" -eq 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAILED: $1 (exit status $2)"; fi
