@@ -827,7 +827,9 @@ kernel! {
     /// every rank. Receivers (a block per source rank) pack the marked slots in token order
     /// into `[R, M, H]`, localising expert ids (-1 and weight 0 for experts elsewhere).
     /// Outputs: `packed_recv_x` `[R, M, H]`, `packed_recv_src_info` `[R, M]`,
-    /// `packed_recv_count` `[R]`, `recv_topk_idx` / `recv_topk_weights` `[R, M, K]`.
+    /// `packed_recv_count` `[R]`, `recv_topk_idx` / `recv_topk_weights` `[R, M, K]`. With
+    /// [`LL_FP8_INPUT`] (NCCL EP's `QUANT_FWD`) rows are e4m3 bytes and their `H/128` f32
+    /// scales travel behind them in the slot, into `packed_recv_x_scales` `[R, M, H/128]`.
     pub unsafe fn ll_dispatch_rank_major(p: LlParams) as LL_DISPATCH_RANK_MAJOR {
         let mut p = p;
         let new_call = p.phases & LL_SEND != 0;
@@ -841,6 +843,9 @@ kernel! {
         let k_count = p.num_topk;
         let epoch32 = p.epoch as u32;
         let meta = p.row_bytes + 16; // ids, then weights
+        // A slot holds a bf16 row; an fp8 row and its scales take less (H + H/32 bytes).
+        let fp8_input = p.fp8 & LL_FP8_INPUT != 0;
+        let (in_bytes, groups) = if fp8_input { (p.row_bytes / 2, p.row_bytes / 256) } else { (p.row_bytes, 0) };
         // SAFETY (whole body): as in ll_dispatch, with the rank-major regions of `l`.
         unsafe {
             let local = base_of(&p, me, &l);
@@ -865,7 +870,11 @@ kernel! {
                     let goes = goes && dst < p.num_ranks;
                     let slot = if goes { base_of(&p, dst, &l) + l.rank_major_slot(me as u64, t as u64) } else { 0 };
                     let lanes = dev::ballot(goes);
-                    copy_warp_to_many(slot, lanes, p.x + t as u64 * p.row_bytes, p.row_bytes);
+                    copy_warp_to_many(slot, lanes, p.x + t as u64 * in_bytes, in_bytes);
+                    if fp8_input {
+                        let scales = p.x_scales + t as u64 * groups * 4;
+                        forward_scales(slot + in_bytes, lanes, scales, groups, 4);
+                    }
                     let mut m = lanes;
                     while m != 0 {
                         let to = shfl_idx_u64(slot, m.trailing_zeros());
@@ -902,7 +911,13 @@ kernel! {
                 let copy = |tok: u32, index: u32| {
                     let from = slot(tok);
                     let out_row = src as u64 * l.max_tokens + index as u64;
-                    copy_warp(p.packed_recv_x + out_row * p.row_bytes, from, p.row_bytes, false);
+                    copy_warp(p.packed_recv_x + out_row * in_bytes, from, in_bytes, false);
+                    let mut g = lane as u64;
+                    while g < groups {
+                        let to = (p.packed_recv_x_scales + (out_row * groups + g) * 4) as *mut u32;
+                        *to = *((from + in_bytes + 4 * g) as *const u32);
+                        g += WARP_SIZE as u64;
+                    }
                     if lane == 0 {
                         *(p.packed_recv_src_info as *mut i32).add(out_row as usize) = tok as i32;
                     }

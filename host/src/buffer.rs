@@ -50,8 +50,8 @@ use crate::intranode::{
 use crate::layout::{DispatchLayout, IndexType, drop_overflow, get_dispatch_layout, get_dispatch_layout_into};
 use crate::limits::MAX_TOPK;
 use crate::low_latency::{
-    LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlRankMajorOutputs, LlStats,
-    copy_counted_rows, scales_token_major,
+    LlBuffer, LlCombineOutputs, LlConfig, LlDispatchOptions, LlDispatchOutputs, LlRankMajorInput, LlRankMajorOutputs,
+    LlStats, copy_counted_rows, scales_token_major,
 };
 use crate::{DeviceBuffer, Error, Event, Group, Result, Stream};
 use std::any::Any;
@@ -407,8 +407,11 @@ pub struct LlCombinePending {
 
 /// A rank-major LL dispatch (NCCL EP's `RANK_MAJOR`) into the caller's outputs.
 pub struct LlRankMajorCall<'a> {
-    /// `[T, H]` bf16.
+    /// `[T, H]` bf16, or e4m3 bytes with `x_scales`.
     pub x: &'a DeviceBuffer,
+    /// `[T, H/128]` f32: `x` is fp8 already (NCCL EP's `QUANT_FWD`); the outputs then need
+    /// `recv_x_scales`.
+    pub x_scales: Option<&'a DeviceBuffer>,
     /// T (<= `max_tokens`).
     pub num_tokens: usize,
     /// H.
@@ -1338,8 +1341,16 @@ impl Buffer {
         let buf = st.ll.as_mut().ok_or_else(|| Error::KernelFault("LL buffer missing".into()))?;
         self.begin(call)?;
         let mut out = c.outputs;
-        let (x, t, idx, ty, w, k) = (c.x, c.num_tokens, c.topk_idx, c.index_type, c.topk_weights, c.num_topk);
-        buf.dispatch_rank_major_into(&self.group, &mut out, x, t, idx, ty, w, k, c.send_only)?;
+        let input = LlRankMajorInput {
+            x: c.x,
+            x_scales: c.x_scales,
+            num_tokens: c.num_tokens,
+            topk_idx: c.topk_idx,
+            index_type: c.index_type,
+            topk_weights: c.topk_weights,
+            num_topk: c.num_topk,
+        };
+        buf.dispatch_rank_major_into(&self.group, &mut out, &input, c.send_only)?;
         self.finish(call, "ll_dispatch_rank_major")?;
         Ok(LlRankMajor { inner: self.guard(call, Mutex::new(out)), generation, call: call.clone() })
     }

@@ -249,11 +249,35 @@ impl LlDispatchOutputs {
     }
 }
 
+/// The inputs of [`LlBuffer::dispatch_rank_major`].
+#[derive(Clone, Copy)]
+pub struct LlRankMajorInput<'a> {
+    /// `[T, H]` bf16, or e4m3 bytes with `x_scales`.
+    pub x: &'a DeviceBuffer,
+    /// `[T, H/128]` f32: `x` is fp8 already, and rows and scales are sent as they are (NCCL
+    /// EP's `QUANT_FWD`).
+    pub x_scales: Option<&'a DeviceBuffer>,
+    /// T (<= `max_tokens`).
+    pub num_tokens: usize,
+    /// `[T, K]` expert ids (-1: none).
+    pub topk_idx: &'a DeviceBuffer,
+    /// Their type.
+    pub index_type: IndexType,
+    /// `[T, K]` f32.
+    pub topk_weights: &'a DeviceBuffer,
+    /// K.
+    pub num_topk: usize,
+}
+
 /// Outputs of [`LlBuffer::dispatch_rank_major`] (NCCL EP's `RANK_MAJOR` layout), and the
 /// handle of its [`LlBuffer::combine_rank_major`].
 pub struct LlRankMajorOutputs {
-    /// `[R, M, H]` bf16: block `s` holds, in token order, rank `s`'s tokens with an expert here.
+    /// `[R, M, H]` bf16 (e4m3 bytes for fp8 input): block `s` holds, in token order, rank
+    /// `s`'s tokens with an expert here.
     pub recv_x: DeviceBuffer,
+    /// `[R, M, H/128]` f32: the received rows' scales, for fp8 input (set it after
+    /// [`LlRankMajorOutputs::in_memory`]; None otherwise).
+    pub recv_x_scales: Option<DeviceBuffer>,
     /// `[R]` i32: rows from each source rank.
     pub recv_count: DeviceBuffer,
     /// `[R, M]` i32: source token of each row.
@@ -282,6 +306,7 @@ impl LlRankMajorOutputs {
     ) -> LlRankMajorOutputs {
         LlRankMajorOutputs {
             recv_x,
+            recv_x_scales: None,
             recv_count,
             recv_src_idx,
             recv_topk_idx,
@@ -661,64 +686,62 @@ impl LlBuffer {
 
     /// Collective: rank-major dispatch — every token once to every rank holding one of its
     /// experts, with its routing (`topk_weights` `[num_tokens, K]` f32) localised there.
-    #[allow(clippy::too_many_arguments)]
     pub fn dispatch_rank_major(
         &mut self,
         group: &Group,
-        x: &DeviceBuffer,
-        num_tokens: usize,
-        topk_idx: &DeviceBuffer,
-        idx: IndexType,
-        topk_weights: &DeviceBuffer,
-        num_topk: usize,
+        input: &LlRankMajorInput<'_>,
         send_only: bool,
     ) -> Result<LlRankMajorOutputs> {
         let s = group.stream();
-        let (r, m) = (group.num_ranks(), self.cfg.max_tokens);
+        let (r, m, h, k) = (group.num_ranks(), self.cfg.max_tokens, self.cfg.hidden, input.num_topk);
+        let fp8 = input.x_scales.is_some();
         let mut out = LlRankMajorOutputs::in_memory(
             [
-                s.alloc_uninit(r * m * 2 * self.cfg.hidden)?,
+                s.alloc_uninit(r * m * if fp8 { h } else { 2 * h })?,
                 s.alloc(4 * r)?,
                 s.alloc(4 * r * m)?,
-                s.alloc(8 * r * m * num_topk)?,
-                s.alloc(4 * r * m * num_topk)?,
+                s.alloc(8 * r * m * k)?,
+                s.alloc(4 * r * m * k)?,
                 s.alloc(8)?,
             ],
             8,
         );
-        self.dispatch_rank_major_into(
-            group,
-            &mut out,
-            x,
-            num_tokens,
-            topk_idx,
-            idx,
-            topk_weights,
-            num_topk,
-            send_only,
-        )?;
+        if fp8 {
+            out.recv_x_scales = Some(s.alloc_uninit(r * m * (h / 128) * 4)?);
+        }
+        self.dispatch_rank_major_into(group, &mut out, input, send_only)?;
         Ok(out)
     }
 
     /// [`LlBuffer::dispatch_rank_major`] into `out` (e.g. [`LlRankMajorOutputs::in_memory`]):
     /// nothing is allocated. Leaves the receive hook of a `send_only` call in `out`.
-    #[allow(clippy::too_many_arguments)]
     pub fn dispatch_rank_major_into(
         &mut self,
         group: &Group,
         out: &mut LlRankMajorOutputs,
-        x: &DeviceBuffer,
-        num_tokens: usize,
-        topk_idx: &DeviceBuffer,
-        idx: IndexType,
-        topk_weights: &DeviceBuffer,
-        num_topk: usize,
+        input: &LlRankMajorInput<'_>,
         send_only: bool,
     ) -> Result<()> {
-        self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
-        let row_bytes = 2 * self.cfg.hidden;
-        if x.len() < num_tokens * row_bytes || !x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("[{num_tokens}, {}] bf16 (16-aligned) needed", self.cfg.hidden)));
+        let &LlRankMajorInput { x, x_scales, num_tokens, topk_idx, index_type, topk_weights, num_topk } = input;
+        self.check_topk(topk_idx, index_type, num_tokens, num_topk)?;
+        let h = self.cfg.hidden;
+        let (x_bytes, x_type) = if x_scales.is_some() { (h, "e4m3") } else { (2 * h, "bf16") };
+        if x.len() < num_tokens * x_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] {x_type} (16-aligned) needed")));
+        }
+        let groups = h / 128;
+        match (x_scales, &out.recv_x_scales) {
+            (None, None) => {}
+            (Some(sc), Some(_)) => {
+                if !h.is_multiple_of(128) {
+                    return Err(Error::invalid("x_scales", format!("fp8 rows need hidden ({h}) a multiple of 128")));
+                }
+                if sc.len() < num_tokens * groups * 4 || !sc.ptr().is_multiple_of(4) {
+                    return Err(Error::invalid("x_scales", format!("[{num_tokens}, {groups}] f32 needed")));
+                }
+            }
+            (Some(_), None) => return Err(Error::invalid("recv_x_scales", "needed for fp8 input (x_scales)")),
+            (None, Some(_)) => return Err(Error::invalid("recv_x_scales", "given for a bf16 dispatch")),
         }
         if topk_weights.len() < num_tokens * num_topk * 4 {
             return Err(Error::invalid("topk_weights", format!("[{num_tokens}, {num_topk}] f32 needed")));
@@ -727,15 +750,18 @@ impl LlBuffer {
         if ib != 4 && ib != 8 {
             return Err(Error::invalid("recv_topk_idx", format!("{ib}-byte ids (expected 4 or 8)")));
         }
-        let checks: [(&DeviceBuffer, usize, u64, &'static str); 6] = [
-            (&out.recv_x, r * m * row_bytes, 16, "recv_x"),
-            (&out.recv_count, 4 * r, 4, "recv_count"),
-            (&out.recv_src_idx, 4 * r * m, 4, "recv_src_idx"),
-            (&out.recv_topk_idx, ib * r * m * k, ib as u64, "recv_topk_idx"),
-            (&out.recv_topk_weights, 4 * r * m * k, 4, "recv_topk_weights"),
-            (&out.epoch, 8, 8, "epoch"),
+        let scales_bytes = if x_scales.is_some() { r * m * groups * 4 } else { 0 };
+        let checks: [(Option<&DeviceBuffer>, usize, u64, &'static str); 7] = [
+            (Some(&out.recv_x), r * m * x_bytes, 16, "recv_x"),
+            (out.recv_x_scales.as_ref(), scales_bytes, 4, "recv_x_scales"),
+            (Some(&out.recv_count), 4 * r, 4, "recv_count"),
+            (Some(&out.recv_src_idx), 4 * r * m, 4, "recv_src_idx"),
+            (Some(&out.recv_topk_idx), ib * r * m * k, ib as u64, "recv_topk_idx"),
+            (Some(&out.recv_topk_weights), 4 * r * m * k, 4, "recv_topk_weights"),
+            (Some(&out.epoch), 8, 8, "epoch"),
         ];
         for (buf, bytes, align, name) in checks {
+            let Some(buf) = buf else { continue };
             if buf.len() < bytes || !buf.ptr().is_multiple_of(align) {
                 return Err(Error::invalid(name, format!("{bytes} bytes ({align}-aligned) needed, got {}", buf.len())));
             }
@@ -743,17 +769,20 @@ impl LlBuffer {
         let set = self.next_set;
         let params = LlParams {
             x: x.ptr(),
+            x_scales: x_scales.map_or(0, |b| b.ptr()),
             topk_idx: topk_idx.ptr(),
             topk_weights: topk_weights.ptr(),
             packed_recv_x: out.recv_x.ptr(),
+            packed_recv_x_scales: out.recv_x_scales.as_ref().map_or(0, |b| b.ptr()),
             packed_recv_src_info: out.recv_src_idx.ptr(),
             packed_recv_count: out.recv_count.ptr(),
             recv_topk_idx: out.recv_topk_idx.ptr(),
             recv_topk_weights: out.recv_topk_weights.ptr(),
             num_tokens: num_tokens as u32,
             num_topk: num_topk as u32,
-            idx_bytes: idx.bytes() as u32,
+            idx_bytes: index_type.bytes() as u32,
             recv_idx_bytes: ib as u32,
+            fp8: if x_scales.is_some() { LL_FP8 | LL_FP8_INPUT } else { 0 },
             ..self.params(group, &out.epoch, set)
         };
         // The rank-major regions of the same LlLayout; outputs checked above.

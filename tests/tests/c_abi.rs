@@ -759,14 +759,19 @@ fn ll_fp8_recipe_matches_the_reference() {
     });
 }
 
+/// fp8 rows (e4m3 bytes, moved as they are) and their f32 scales, per rank.
+type Fp8Rows = (Vec<Vec<u8>>, Vec<Vec<f32>>);
+
 /// LL rank-major: per-source counts (`src_rank_counters`), rows, i32 ids and weights, and
-/// the combine of fresh pre-reduced rows, bit for bit; every other call send-only.
+/// the combine of fresh pre-reduced rows, bit for bit; every other call send-only; the last
+/// two calls QUANT_FWD (fp8 rows and their scales, after a refused call without
+/// `outputs->scales`).
 #[test]
 fn ll_rank_major_matches_the_reference() {
     let dev = device();
-    let (n, e, h, k, m) = (4, 8, 64, 3, 6);
+    let (n, e, h, k, m) = (4, 8, 128, 3, 6);
     let mut rng = Rng::fresh("c_abi-ll-rank-major");
-    let calls: Vec<_> = (0..3)
+    let calls: Vec<_> = (0..4)
         .map(|call| {
             let idx = ll::random_routing(&mut rng, n, (e, k, m), 5, |r| (r + call) % 4 == 3);
             let tokens: Vec<usize> = idx.iter().map(|v| v.len() / k).collect();
@@ -777,7 +782,21 @@ fn ll_rank_major_matches_the_reference() {
             let recv = reference::ll_dispatch_rank_major(&routing, &x, &w, h, m).unwrap();
             let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(n * m * h, 4.0)).collect();
             let want = reference::ll_combine_rank_major(&routing, &recv, &y, h, m).unwrap();
-            (idx, tokens, x, w, recv, y, want)
+            // QUANT_FWD: rows and scales each land where the bf16 rows would.
+            let fp8: Option<(Fp8Rows, Fp8Rows)> = (call >= 2).then(|| {
+                let rows: Vec<Vec<u8>> =
+                    tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
+                let scales: Vec<Vec<f32>> =
+                    tokens.iter().map(|&t| (0..t * h / 128).map(|_| rng.next_u32() as f32 / 3e9).collect()).collect();
+                let moved_rows = reference::ll_dispatch_rank_major(&routing, &rows, &w, h, m).unwrap();
+                let moved_scales = reference::ll_dispatch_rank_major(&routing, &scales, &w, h / 128, m).unwrap();
+                let want = (
+                    moved_rows.into_iter().map(|r| r.recv_x).collect(),
+                    moved_scales.into_iter().map(|r| r.recv_x).collect(),
+                );
+                ((rows, scales), want)
+            });
+            (idx, tokens, x, w, recv, y, want, fp8)
         })
         .collect();
     on_groups(n, ll_config(e, h, m), |rank, g| unsafe {
@@ -786,13 +805,27 @@ fn ll_rank_major_matches_the_reference() {
         let mut mem = Tensor::filled(&dev, ncclUint8, &[size], 0x5a);
         let mut handle = null_mut();
         ok(ncclEpInitHandle(&mut handle, g, NCCL_EP_LAYOUT_RANK_MAJOR, null(), k as i32, mem.ptr()));
-        for (i, (idx, tokens, x, w, recv, y, want)) in calls.iter().enumerate() {
+        for (i, (idx, tokens, x, w, recv, y, want, fp8)) in calls.iter().enumerate() {
             let (t, send_only, ctx) = (tokens[rank], i % 2 == 1, format!("rank {rank}, call {i}"));
             let mut idx_t = Tensor::new(&dev, ncclInt64, &[t, k], &idx[rank]);
             ok(ncclEpUpdateHandle(handle, idx_t.ptr(), null(), cs()));
-            let (mut xt, mut wt) =
-                (Tensor::new(&dev, ncclBfloat16, &[t, h], &x[rank]), Tensor::new(&dev, ncclFloat32, &[t, k], &w[rank]));
-            let mut rx = Tensor::filled(&dev, ncclBfloat16, &[n, m, h], 0xee);
+            let mut wt = Tensor::new(&dev, ncclFloat32, &[t, k], &w[rank]);
+            let (mut xt, mut rx) = match fp8 {
+                None => (
+                    Tensor::new(&dev, ncclBfloat16, &[t, h], &x[rank]),
+                    Tensor::filled(&dev, ncclBfloat16, &[n, m, h], 0xee),
+                ),
+                Some(((rows, _), _)) => (
+                    Tensor::new(&dev, ncclFloat8e4m3, &[t, h], &rows[rank]),
+                    Tensor::filled(&dev, ncclFloat8e4m3, &[n, m, h], 0xee),
+                ),
+            };
+            let mut scales = fp8.as_ref().map(|((_, sc), _)| {
+                (
+                    Tensor::new(&dev, ncclFloat32, &[t, h / 128], &sc[rank]),
+                    Tensor::filled(&dev, ncclFloat32, &[n, m, h / 128], 0xee),
+                )
+            });
             let mut rw = Tensor::filled(&dev, ncclFloat32, &[n, m, k], 0xee);
             let mut ri = Tensor::filled(&dev, ncclInt32, &[n, m, k], 0xee);
             let mut counts = Tensor::filled(&dev, ncclInt32, &[n], 0xff);
@@ -806,19 +839,35 @@ fn ll_rank_major_matches_the_reference() {
             }
             let mut cfg = NCCL_EP_DISPATCH_CONFIG_INIT;
             cfg.send_only = send_only as u32;
+            if let Some((xs, rs)) = &mut scales {
+                cfg.quant_recipe = NCCL_EP_DISP_QUANT_FWD;
+                din.scales = xs.ptr();
+                // Without the output's scales: refused, nothing sent (peers are not waited for).
+                assert_eq!(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()), ncclInvalidArgument, "{ctx}");
+                dout.scales = rs.ptr();
+            }
             ok(ncclEpDispatch(handle, &din, &dout, &info, &cfg, cs()));
             if send_only {
                 ok(ncclEpComplete(handle, null(), cs()));
             }
             let rv = &recv[rank];
             assert_eq!(counts.read::<i32>(&dev)[..n], rv.recv_count[..], "{ctx}: src_rank_counters");
-            let (gx, gw, gi) = (rx.read::<u16>(&dev), rw.read::<f32>(&dev), ri.read::<i32>(&dev));
+            let (gw, gi) = (rw.read::<f32>(&dev), ri.read::<i32>(&dev));
             for (src, &c) in rv.recv_count.iter().enumerate() {
                 let (rows, ks) = (src * m..src * m + c as usize, src * m * k..(src * m + c as usize) * k);
-                assert!(
-                    gx[rows.start * h..rows.end * h] == rv.recv_x[rows.start * h..rows.end * h],
-                    "{ctx}: rows from {src}"
-                );
+                let (a, b) = (rows.start * h, rows.end * h);
+                match (fp8, &scales) {
+                    (Some((_, (want_rows, want_scales))), Some((_, rs))) => {
+                        assert!(rx.read::<u8>(&dev)[a..b] == want_rows[rank][a..b], "{ctx}: fp8 rows from {src}");
+                        let (a, b) = (rows.start * h / 128, rows.end * h / 128);
+                        let got = rs.read::<f32>(&dev);
+                        assert!(
+                            got[a..b].iter().zip(&want_scales[rank][a..b]).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{ctx}: scales from {src}"
+                        );
+                    }
+                    _ => assert!(rx.read::<u16>(&dev)[a..b] == rv.recv_x[a..b], "{ctx}: rows from {src}"),
+                }
                 assert_eq!(gw[ks.clone()], rv.recv_topk_weights[ks.clone()], "{ctx}: weights from {src}");
                 let lo = if send_only { (rank * (e / n)) as i64 } else { 0 };
                 let ids: Vec<i64> = gi[ks.clone()].iter().map(|&v| v as i64).collect();

@@ -5,7 +5,7 @@
 //! process (`multiprocess_ep.rs`).
 use moe_ep::Group;
 use moe_ep::layout::IndexType;
-use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlStats};
+use moe_ep::low_latency::{LlBuffer, LlConfig, LlDispatchOptions, LlRankMajorInput, LlStats};
 use moe_ep::reference::{self, Routing, f32_to_bf16};
 use moe_ep_tests::ll::{self, random_routing};
 use moe_ep_tests::{Rng, device, devices, num_ranks, on_ranks, upload};
@@ -58,13 +58,17 @@ fn ll_many_experts_one_token() {
     run(256, 256, 8, 1, 2, false);
 }
 
+/// fp8 rows (any e4m3 bytes: they are moved, not read) and their f32 scales, per rank.
+type Fp8Rows = (Vec<Vec<u8>>, Vec<Vec<f32>>);
+
 /// Rank-major dispatch against `reference::ll_dispatch_rank_major`, interleaved with
-/// expert-major calls on the same buffer (shared sets and counters), with hooks.
+/// expert-major calls on the same buffer (shared sets and counters), with hooks; the last
+/// two calls send fp8 rows with their scales (NCCL EP's `QUANT_FWD`).
 #[test]
 fn ll_rank_major_interleaved_with_expert_major() {
     let dev = device();
     let n = num_ranks(&dev).min(8);
-    let (e, h, k, m) = (16usize, 64usize, 4usize, if dev.is_cpu() { 10 } else { 128 });
+    let (e, h, k, m) = (16usize, 256usize, 4usize, if dev.is_cpu() { 10 } else { 128 });
     let mut rng = Rng::fresh("low_latency-rank-major");
     let groups = Group::in_process(&devices(n)).unwrap();
     let mut calls = Vec::new();
@@ -77,18 +81,40 @@ fn ll_rank_major_interleaved_with_expert_major() {
         let routing = Routing::new(n, e, k, idx.clone()).unwrap();
         let want = reference::ll_dispatch_rank_major(&routing, &x, &w, h, m).unwrap();
         let want_em = reference::ll_dispatch(&routing, &x, h, m).unwrap();
-        calls.push((idx, tokens, x, w, want, want_em));
+        // fp8 input: the rows and the scales are each moved as the bf16 rows are.
+        let fp8: Option<(Fp8Rows, Fp8Rows)> = (call >= 2).then(|| {
+            let rows: Vec<Vec<u8>> =
+                tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
+            let scales: Vec<Vec<f32>> =
+                tokens.iter().map(|&t| (0..t * h / 128).map(|_| rng.next_u32() as f32 / 3e9).collect()).collect();
+            let got_rows = reference::ll_dispatch_rank_major(&routing, &rows, &w, h, m).unwrap();
+            let got_scales = reference::ll_dispatch_rank_major(&routing, &scales, &w, h / 128, m).unwrap();
+            let want =
+                (got_rows.into_iter().map(|r| r.recv_x).collect(), got_scales.into_iter().map(|r| r.recv_x).collect());
+            ((rows, scales), want)
+        });
+        calls.push((idx, tokens, x, w, want, want_em, fp8));
     }
     on_ranks(groups, |rank, group| {
         let mut buf = LlBuffer::new(&group, LlConfig { num_experts: e, hidden: h, max_tokens: m }).unwrap();
         let s = group.stream();
-        for (call, (idx, tokens, x, w, want, want_em)) in calls.iter().enumerate() {
+        for (call, (idx, tokens, x, w, want, want_em, fp8)) in calls.iter().enumerate() {
             let ctx = format!("rank {rank} call {call}");
             let t = tokens[rank];
             let (topk, weights, xb) = (upload(&group, &idx[rank]), upload(&group, &w[rank]), upload(&group, &x[rank]));
+            let fp8_in =
+                fp8.as_ref().map(|((rows, scales), _)| (upload(&group, &rows[rank]), upload(&group, &scales[rank])));
             group.bootstrap().barrier().unwrap();
-            let mut rm =
-                buf.dispatch_rank_major(&group, &xb, t, &topk, IndexType::I64, &weights, k, call % 2 == 1).unwrap();
+            let input = LlRankMajorInput {
+                x: fp8_in.as_ref().map_or(&xb, |f| &f.0),
+                x_scales: fp8_in.as_ref().map(|f| &f.1),
+                num_tokens: t,
+                topk_idx: &topk,
+                index_type: IndexType::I64,
+                topk_weights: &weights,
+                num_topk: k,
+            };
+            let mut rm = buf.dispatch_rank_major(&group, &input, call % 2 == 1).unwrap();
             rm.complete(&group, &buf).unwrap();
             let em = buf
                 .dispatch(&group, &xb, t, &topk, IndexType::I64, k, LlDispatchOptions::default(), LlStats::default())
@@ -98,15 +124,29 @@ fn ll_rank_major_interleaved_with_expert_major() {
             let rv = &want[rank];
             let counts: Vec<i32> = rm.recv_count.to_vec(s).unwrap();
             assert_eq!(counts, rv.recv_count, "{ctx}: counts");
-            let (gx, gs) = (rm.recv_x.to_vec::<u16>(s).unwrap(), rm.recv_src_idx.to_vec::<i32>(s).unwrap());
+            let gs = rm.recv_src_idx.to_vec::<i32>(s).unwrap();
             let (gi, gw) = (rm.recv_topk_idx.to_vec::<i64>(s).unwrap(), rm.recv_topk_weights.to_vec::<f32>(s).unwrap());
             for (src, &c) in counts.iter().enumerate() {
                 let rows = src * m..src * m + c as usize;
                 assert_eq!(&gs[rows.clone()], &rv.recv_src_idx[rows.clone()], "{ctx}: src idx from {src}");
-                assert!(
-                    gx[rows.start * h..rows.end * h] == rv.recv_x[rows.start * h..rows.end * h],
-                    "{ctx}: rows from {src}"
-                );
+                let (a, b) = (rows.start * h, rows.end * h);
+                match fp8 {
+                    None => {
+                        assert!(rm.recv_x.to_vec::<u16>(s).unwrap()[a..b] == rv.recv_x[a..b], "{ctx}: rows from {src}")
+                    }
+                    Some((_, (want_rows, want_scales))) => {
+                        assert!(
+                            rm.recv_x.to_vec::<u8>(s).unwrap()[a..b] == want_rows[rank][a..b],
+                            "{ctx}: fp8 rows from {src}"
+                        );
+                        let (a, b) = (rows.start * h / 128, rows.end * h / 128);
+                        let got: Vec<f32> = rm.recv_x_scales.as_ref().unwrap().to_vec(s).unwrap();
+                        assert!(
+                            got[a..b].iter().zip(&want_scales[rank][a..b]).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{ctx}: scales from {src}"
+                        );
+                    }
+                }
                 assert_eq!(
                     &gi[rows.start * k..rows.end * k],
                     &rv.recv_topk_idx[rows.start * k..rows.end * k],
@@ -165,8 +205,16 @@ fn ll_rank_major_combine_matches_the_reference() {
                 ],
                 ib,
             );
-            buf.dispatch_rank_major_into(&group, &mut out, &xb, t, &topk, IndexType::I64, &weights, k, send_only)
-                .unwrap();
+            let input = LlRankMajorInput {
+                x: &xb,
+                x_scales: None,
+                num_tokens: t,
+                topk_idx: &topk,
+                index_type: IndexType::I64,
+                topk_weights: &weights,
+                num_topk: k,
+            };
+            buf.dispatch_rank_major_into(&group, &mut out, &input, send_only).unwrap();
             out.complete(&group, &buf).unwrap();
             s.synchronize().unwrap();
             group.take_device_error("ll rank-major dispatch").unwrap();

@@ -817,9 +817,12 @@ pub struct LlParams {
     pub topk_idx: u64,
     /// Combine: `[T, K]` f32.
     pub topk_weights: u64,
-    /// Rank-major dispatch out: `[R, M, H]` bf16. (Expert-major outputs are regions of the
-    /// buffer set: [`LlLayout::recv_x`] and the regions after it.)
+    /// Rank-major dispatch out: `[R, M, H]` bf16 (with [`LL_FP8_INPUT`]: e4m3 bytes).
+    /// (Expert-major outputs are regions of the buffer set: [`LlLayout::recv_x`] and the
+    /// regions after it.)
     pub packed_recv_x: u64,
+    /// Rank-major dispatch out with [`LL_FP8_INPUT`]: `[R, M, H/128]` f32, the rows' scales.
+    pub packed_recv_x_scales: u64,
     /// Rank-major dispatch out (and rank-major combine in): `[R, M]` i32, the source token of
     /// each row.
     pub packed_recv_src_info: u64,
@@ -1062,7 +1065,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ErrorSlot>(), 16);
         assert_eq!(core::mem::size_of::<LayoutParams>(), 5 * 8 + 6 * 4);
         assert_eq!(core::mem::size_of::<SelfTestParams>(), 7 * 8);
-        assert_eq!(core::mem::size_of::<LlParams>(), 21 * 8 + 12 * 4);
+        assert_eq!(core::mem::size_of::<LlParams>(), 22 * 8 + 12 * 4);
         assert_eq!(core::mem::size_of::<DropOverflowParams>(), 4 * 8 + 8 * 4);
         assert_eq!(core::mem::size_of::<CountedRowsParams>(), 4 * 8 + 2 * 4);
         assert_eq!(core::mem::size_of::<ScalesParams>(), 3 * 8 + 4 * 4);

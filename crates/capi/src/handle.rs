@@ -409,7 +409,7 @@ impl EpHandle {
                     return Err(Failure::invalid("scales given without the QUANT_FWD recipe"));
                 }
                 NCCL_EP_DISP_QUANT_NONE => {}
-                NCCL_EP_DISP_QUANT_FWD if self.layout != Layout::LlRankMajor => {}
+                NCCL_EP_DISP_QUANT_FWD => {}
                 NCCL_EP_DISP_QUANT_DS_FP8E3M4 if self.layout == Layout::LlExpertMajor => {
                     if scales.is_some() || recv_scales.is_none() {
                         return Err(Failure::invalid(
@@ -417,7 +417,7 @@ impl EpHandle {
                         ));
                     }
                 }
-                NCCL_EP_DISP_QUANT_FWD | NCCL_EP_DISP_QUANT_DS_FP8E3M4 => {
+                NCCL_EP_DISP_QUANT_DS_FP8E3M4 => {
                     return Err(Failure::usage(format!(
                         "quant_recipe {quant} is not supported by this release for this layout"
                     )));
@@ -498,11 +498,20 @@ impl EpHandle {
                         Some(i) if id_kind(i.recv_topk_idx_kind)? => Some(ri.clone()),
                         _ => None,
                     };
+                    // QUANT_FWD: e4m3 rows and their scales, sent as they are.
+                    let fp8 = match (quant, scales, recv_scales) {
+                        (NCCL_EP_DISP_QUANT_FWD, Some(s), Some(rs)) => Some([s, rs]),
+                        (NCCL_EP_DISP_QUANT_FWD, ..) => {
+                            return Err(Failure::invalid("QUANT_FWD needs both inputs->scales and outputs->scales"));
+                        }
+                        _ => None,
+                    };
                     self.ll_dispatch_rank_major(
                         &mut st,
                         &call,
                         [&x, &w],
                         [&recv_x, &rw, &ri],
+                        fp8,
                         counts,
                         cfg.send_only != 0,
                     )
@@ -878,21 +887,32 @@ impl EpHandle {
 
     /// LL rank-major dispatch into the caller's `[R, M, H]` rows, `[R, M, K]` weights and
     /// ids; the per-source counts stay in the handle (the combine reads them) and are copied
-    /// to `counts` when the receive has run.
+    /// to `counts` when the receive has run. `fp8` (QUANT_FWD): the input's `[T, H/128]` and
+    /// the output's `[R, M, H/128]` f32 scales; the rows are then e4m3.
+    #[allow(clippy::too_many_arguments)]
     fn ll_dispatch_rank_major(
         &self,
         st: &mut State,
         call: &CallStream,
         [x, weights]: [&Tensor; 2],
         [recv_x, recv_weights, recv_idx]: [&Tensor; 3],
+        fp8: Option<[Tensor; 2]>,
         counts: Option<Tensor>,
         send_only: bool,
     ) -> Result<()> {
-        let (routing, t, h) = self.ll_dispatch_start(st, x, ncclBfloat16)?;
+        let row_type = if fp8.is_some() { ncclFloat8e4m3 } else { ncclBfloat16 };
+        let (routing, t, h) = self.ll_dispatch_start(st, x, row_type)?;
         let (r, cfg, k) = (self.group().num_ranks(), &self.config, self.num_topk.unwrap_or(0));
         let m = cfg.max_dispatch_tokens_per_rank;
         weights.expect(&[ncclFloat32], &[Some(t), Some(k)])?;
-        recv_x.expect(&[ncclBfloat16], &[Some(r), Some(m), Some(h)])?;
+        recv_x.expect(&[row_type], &[Some(r), Some(m), Some(h)])?;
+        if let Some([x_scales, recv_scales]) = &fp8 {
+            if !h.is_multiple_of(128) {
+                return Err(Failure::invalid(format!("fp8 rows: hidden {h} is not a multiple of 128")));
+            }
+            x_scales.expect(&[ncclFloat32], &[Some(t), Some(h / 128)])?;
+            recv_scales.expect(&[ncclFloat32], &[Some(r), Some(m), Some(h / 128)])?;
+        }
         recv_weights.expect(&[ncclFloat32], &[Some(r), Some(m), Some(k)])?;
         recv_idx.expect(&[ncclInt32, ncclInt64], &[Some(r), Some(m), Some(k)])?;
         if let Some(c) = &counts {
@@ -904,9 +924,14 @@ impl EpHandle {
         let dev = self.device();
         // SAFETY: the caller's live tensors on the group's GPU.
         let (xb, wb) = unsafe { (x.buffer(dev), weights.buffer(dev)) };
+        let [x_scales, recv_scales] = match &fp8 {
+            // SAFETY: the caller's scales tensors, alive for the call (checked above).
+            Some([xs, rs]) => unsafe { [Some(xs.buffer(dev)), Some(rs.buffer(dev))] },
+            None => [None, None],
+        };
         // SAFETY: the caller's live tensors, and the handle's memory, alive as long as the
         // handle (and what it holds).
-        let outputs = unsafe {
+        let mut outputs = unsafe {
             LlRankMajorOutputs::in_memory(
                 [
                     recv_x.buffer(dev),
@@ -919,8 +944,10 @@ impl EpHandle {
                 if recv_idx.dtype == ncclInt32 { 4 } else { 8 },
             )
         };
+        outputs.recv_x_scales = recv_scales;
         let c = LlRankMajorCall {
             x: &xb,
+            x_scales: x_scales.as_ref(),
             num_tokens: t,
             hidden: h,
             topk_idx: &routing.topk_idx,
