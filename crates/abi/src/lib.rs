@@ -11,6 +11,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod net;
+
 /// Threads per warp.
 pub const WARP_SIZE: u32 = 32;
 
