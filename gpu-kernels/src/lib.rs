@@ -66,6 +66,7 @@ pub mod expert_major;
 pub mod intranode;
 pub mod layout;
 pub mod low_latency;
+pub mod net;
 pub mod num;
 pub mod selftest;
 

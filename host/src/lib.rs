@@ -16,6 +16,7 @@ pub mod intranode;
 pub mod layout;
 pub mod limits;
 pub mod low_latency;
+pub mod net;
 pub mod reference;
 
 pub use buffer::{Buffer, BufferConfig, CallStream, Output};

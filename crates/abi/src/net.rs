@@ -186,6 +186,22 @@ pub struct NetRing {
     pub pad: u32,
 }
 
+/// Parameters of the command-ring self-test kernel (`net_selftest`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct NetTestParams {
+    /// The ring every warp pushes to.
+    pub ring: NetRing,
+    /// The [`crate::ErrorSlot`].
+    pub error: u64,
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// Commands each warp pushes before its quiet.
+    pub commands_per_warp: u32,
+    /// Reserved (0).
+    pub pad: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

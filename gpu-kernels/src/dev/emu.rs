@@ -344,6 +344,15 @@ pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
     // SAFETY: caller's contract.
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
 }
+/// `atom.relaxed.gpu.global.add.u64`.
+///
+/// # Safety
+/// `p` is valid and aligned.
+pub unsafe fn atom_add_relaxed_gpu_u64(p: *mut u64, v: u64) -> u64 {
+    check_device_atomic(p);
+    // SAFETY: caller's contract.
+    unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
+}
 /// `atom.relaxed.sys.global.add.u32`.
 ///
 /// # Safety

@@ -11,7 +11,7 @@
 //! | `st_relaxed_sys_u32/u64`, `ld_relaxed_sys_u32/u64` | `st/ld.relaxed.sys.global` | a `fence_*` on each side |
 //! | `red_add_release_sys_u32/u64` | `red.release.sys.global.add` | `ld_acquire_sys_*` |
 //! | `red_add_relaxed_gpu_u64` | `red.relaxed.gpu.global.add.u64` | statistics (read after the kernel) |
-//! | `atom_add_relaxed_gpu_u32`, `atom_add_release_gpu_u32` | `atom.{relaxed,release}.gpu.global.add` | counters |
+//! | `atom_add_relaxed_gpu_u32/u64`, `atom_add_release_gpu_u32` | `atom.{relaxed,release}.gpu.global.add` | counters, claims |
 //! | `atom_add_relaxed_sys_u32` | `atom.relaxed.sys.global.add` | counters peers add to |
 //! | `atom_cas_acq_rel_sys_u32` | `atom.acq_rel.sys.global.cas` | claims, locks |
 //! | `fence_acq_rel_gpu/sys`, `fence_sc_sys` | `fence.{acq_rel,sc}.{gpu,sys}` | relaxed flags |

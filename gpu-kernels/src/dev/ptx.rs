@@ -159,6 +159,19 @@ pub unsafe fn atom_add_relaxed_gpu_u32(p: *mut u32, v: u32) -> u32 {
     };
     old
 }
+/// `atom.relaxed.gpu.global.add.u64`; returns the old value. A claim counter, orders nothing.
+///
+/// # Safety
+/// `p` is a valid, aligned global address.
+#[inline(always)]
+pub unsafe fn atom_add_relaxed_gpu_u64(p: *mut u64, v: u64) -> u64 {
+    let old: u64;
+    // SAFETY: caller's contract.
+    unsafe {
+        asm!("atom.relaxed.gpu.global.add.u64 {o}, [{p}], {v};", p = in(reg64) p, v = in(reg64) v, o = out(reg64) old, options(nostack))
+    };
+    old
+}
 /// `atom.relaxed.sys.global.add.u32`; returns the old value. A counter any GPU may add to
 /// (a peer's, over NVLink); orders nothing.
 ///
