@@ -13,8 +13,9 @@
 //! # }
 //! ```
 use crate::device::{DeviceBuffer, HostMapped, Stream};
+use crate::group::SymmetricBuffer;
 use crate::{Error, Result};
-use moe_ep_abi::net::{NET_SLOT_BYTES, NET_SLOT_WORDS, NetCmd, NetRing, Slot};
+use moe_ep_abi::net::{NET_SLOT_BYTES, NET_SLOT_WORDS, NetCmd, NetOp, NetRing, Slot};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The most slots of one ring (2^16: 2 MiB of host-mapped memory).
@@ -101,5 +102,151 @@ impl CommandRing {
             return Err(Error::invalid("upto", format!("{upto} is past the positions read ({})", self.next)));
         }
         self.tail.write(0, upto)
+    }
+}
+
+/// What carries commands out between ranks (the transport contract, docs/design.md): puts
+/// land in any order, a signal on (ring, peer) only after that ring's earlier puts to the
+/// peer, nothing is ordered across rings. Back ends: `sim` (in-process, here); `tcp` and
+/// `verbs` follow.
+pub trait Transport: Send {
+    /// Starts `cmd` (a put, put-signal or signal) from this rank's ring `ring`.
+    fn submit(&mut self, ring: usize, cmd: &NetCmd) -> Result<()>;
+    /// Whether everything submitted on `ring` so far is visible at its peers, with its
+    /// sources reusable (what a `QUIET` waits for).
+    fn flushed(&mut self, ring: usize) -> Result<bool>;
+}
+
+/// Ranks of one process on the CPU back end: a put is a copy between their symmetric
+/// buffers, a signal an atomic add on the peer's signal table, both done at `submit` (so
+/// in contract order, and flushed at once).
+pub struct SimTransport {
+    /// Every rank's data buffer base and length.
+    data: Vec<(u64, usize)>,
+    /// Every rank's signal table base and `u64` count.
+    signals: Vec<(u64, usize)>,
+    rank: usize,
+}
+
+impl SimTransport {
+    /// Rank `rank`'s transport over `data` (the symmetric buffer puts address) and `signals`
+    /// (the `u64` signal tables), both made on the CPU back end.
+    pub fn new(
+        rank: usize,
+        data: &crate::group::SymmetricBuffer,
+        signals: &crate::group::SymmetricBuffer,
+    ) -> Result<SimTransport> {
+        if !data.local().device().is_cpu() || !signals.local().device().is_cpu() {
+            return Err(Error::Unsupported("the sim transport moves host memory: the CPU back end only".into()));
+        }
+        let bases = |b: &SymmetricBuffer, len: usize| -> Vec<(u64, usize)> {
+            (0..).map_while(|r| b.peer_ptr(r)).map(|p| (p, len)).collect()
+        };
+        let (data_v, signals_v) = (bases(data, data.len()), bases(signals, signals.len() / 8));
+        if rank >= data_v.len() || data_v.len() != signals_v.len() {
+            return Err(Error::invalid("rank", format!("{rank} of {} ranks", data_v.len())));
+        }
+        Ok(SimTransport { data: data_v, signals: signals_v, rank })
+    }
+
+    fn put(&self, cmd: &NetCmd) -> Result<()> {
+        let peer = cmd.peer as usize;
+        let (Some(&(src, src_len)), Some(&(dst, dst_len))) = (self.data.get(self.rank), self.data.get(peer)) else {
+            return Err(Error::invalid("peer", format!("rank {peer} of {}", self.data.len())));
+        };
+        let len = cmd.len as usize;
+        let fits = |off: u64, size: usize| (off as usize).checked_add(len).is_some_and(|end| end <= size);
+        if !fits(cmd.src_off, src_len) || !fits(cmd.dst_off, dst_len) {
+            return Err(Error::invalid(
+                "put",
+                format!("{len} bytes at {} -> {} leave the buffers", cmd.src_off, cmd.dst_off),
+            ));
+        }
+        // SAFETY: both ranges lie in live symmetric buffers (checked above); `copy` allows overlap.
+        unsafe { std::ptr::copy((src + cmd.src_off) as *const u8, (dst + cmd.dst_off) as *mut u8, len) };
+        Ok(())
+    }
+
+    fn signal(&self, cmd: &NetCmd) -> Result<()> {
+        let peer = cmd.peer as usize;
+        let Some(&(base, count)) = self.signals.get(peer) else {
+            return Err(Error::invalid("peer", format!("rank {peer} of {}", self.signals.len())));
+        };
+        if cmd.sig_idx as usize >= count {
+            return Err(Error::invalid("sig_idx", format!("{} of {count} signals", cmd.sig_idx)));
+        }
+        // SAFETY: word `sig_idx` of the peer's live signal table (checked above), 8-aligned.
+        let word = unsafe { AtomicU64::from_ptr((base + 8 * cmd.sig_idx as u64) as *mut u64) };
+        // Release: the puts before it (this thread's copies) are visible with it.
+        word.fetch_add(cmd.sig_add as i64 as u64, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Transport for SimTransport {
+    fn submit(&mut self, _ring: usize, cmd: &NetCmd) -> Result<()> {
+        match cmd.op {
+            NetOp::Put => self.put(cmd),
+            NetOp::PutSignal => self.put(cmd).and_then(|()| self.signal(cmd)),
+            NetOp::Signal => self.signal(cmd),
+            NetOp::Nop | NetOp::Quiet => Ok(()),
+        }
+    }
+
+    fn flushed(&mut self, _ring: usize) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+/// A rank's proxy: reads its command rings in turn and hands the commands to its transport.
+/// A `QUIET` slot is given back only once its ring is flushed, so the kernel waiting on it
+/// resumes only then.
+pub struct Proxy<T: Transport> {
+    rings: Vec<CommandRing>,
+    transport: T,
+    /// Per ring, a quiet read but not yet given back.
+    quiet_at: Vec<Option<u64>>,
+}
+
+impl<T: Transport> Proxy<T> {
+    /// A proxy over `rings` (ring `i` is the transport's ring `i`).
+    pub fn new(rings: Vec<CommandRing>, transport: T) -> Proxy<T> {
+        let n = rings.len();
+        Proxy { rings, transport, quiet_at: vec![None; n] }
+    }
+
+    /// The rings (what kernels take: `rings()[i].ring()`).
+    pub fn rings(&self) -> &[CommandRing] {
+        &self.rings
+    }
+
+    /// One pass over every ring: submits what has landed, gives slots back. The number of
+    /// commands taken. An error (a bad command, a failed transport) is the peer's or the
+    /// kernel's: the caller reports it; the ring is then out of step.
+    pub fn poll_once(&mut self) -> Result<usize> {
+        let mut taken = 0;
+        for (i, ring) in self.rings.iter_mut().enumerate() {
+            if let Some(pos) = self.quiet_at[i] {
+                if !self.transport.flushed(i)? {
+                    continue; // nothing after a quiet is taken before it completes
+                }
+                ring.release(pos + 1)?;
+                self.quiet_at[i] = None;
+            }
+            while let Some((pos, cmd)) = ring.poll()? {
+                taken += 1;
+                if cmd.op == NetOp::Quiet {
+                    if self.transport.flushed(i)? {
+                        ring.release(pos + 1)?;
+                        continue;
+                    }
+                    self.quiet_at[i] = Some(pos);
+                    break;
+                }
+                self.transport.submit(i, &cmd)?;
+                ring.release(pos + 1)?;
+            }
+        }
+        Ok(taken)
     }
 }

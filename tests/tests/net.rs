@@ -5,10 +5,10 @@
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 use moe_ep::kernels::net::{NET_SELFTEST, SITE_NET_RING_FULL, selftest_cmd};
-use moe_ep::net::CommandRing;
-use moe_ep::{Error, Group, LaunchConfig};
-use moe_ep_abi::net::{NetOp, NetTestParams};
-use moe_ep_tests::device;
+use moe_ep::net::{CommandRing, Proxy, SimTransport};
+use moe_ep::{Error, Group, LaunchConfig, Sharing};
+use moe_ep_abi::net::{NetCmd, NetOp, NetRing, NetTestParams};
+use moe_ep_tests::{Rng, device, on_ranks};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -95,4 +95,68 @@ fn a_stalled_proxy_is_a_typed_timeout() {
     }
     assert_eq!(ring.poll().unwrap(), None);
     assert!(ring.release(5).is_err(), "a slot not read yet can't be given back");
+}
+
+/// The host's stand-in for a kernel's `push` (CPU back end: the ring's device words are host
+/// memory), for proxy tests that choose their own commands.
+fn push_from_host(ring: &NetRing, cmd: NetCmd) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pos = unsafe { AtomicU64::from_ptr(ring.head as *mut u64) }.fetch_add(1, Ordering::Relaxed);
+    let slot = ring.slots + (pos & ((1 << ring.log2_slots) - 1)) * 32;
+    for (i, w) in cmd.encode(pos, ring.log2_slots).into_iter().enumerate() {
+        unsafe { AtomicU64::from_ptr((slot + 8 * i as u64) as *mut u64) }.store(w, Ordering::Release);
+    }
+    pos
+}
+
+/// The proxy over the in-process transport: rank 0's puts land in rank 1's buffer, its
+/// signals add to rank 1's table after the data, a quiet's slot is given back, and a put
+/// past the buffer is an error. (The sim transport moves host memory: on a GPU it must
+/// refuse to be made.)
+#[test]
+fn the_proxy_carries_puts_and_signals_to_the_peer() {
+    let dev = device();
+    let groups = Group::in_process(&[dev.clone(), dev.clone()]).unwrap();
+    let mut rng = Rng::fresh("net-proxy");
+    let payload: Vec<u8> = (0..1024).map(|_| rng.next_u32() as u8).collect();
+    on_ranks(groups, |rank, group| {
+        let s = group.stream();
+        let data = group.alloc_symmetric(4096, Sharing::Auto).unwrap();
+        let signals = group.alloc_symmetric(8 * 16, Sharing::Auto).unwrap();
+        if !dev.is_cpu() {
+            assert!(matches!(SimTransport::new(rank, &data, &signals), Err(Error::Unsupported(_))));
+            return;
+        }
+        if rank == 0 {
+            data.local().write(s, 0, &payload).unwrap();
+            let transport = SimTransport::new(0, &data, &signals).unwrap();
+            let mut proxy = Proxy::new(vec![CommandRing::new(s, 2).unwrap()], transport);
+            let ring = proxy.rings()[0].ring();
+            let put = NetCmd { op: NetOp::Put, peer: 1, len: 512, src_off: 0, dst_off: 2048, ..NetCmd::NOP };
+            push_from_host(&ring, put);
+            push_from_host(
+                &ring,
+                NetCmd { op: NetOp::PutSignal, len: 512, src_off: 512, dst_off: 2560, sig_idx: 3, sig_add: 1, ..put },
+            );
+            push_from_host(&ring, NetCmd { op: NetOp::Signal, peer: 1, sig_idx: 5, sig_add: -2, ..NetCmd::NOP });
+            push_from_host(&ring, NetCmd { op: NetOp::Quiet, ..NetCmd::NOP });
+            assert_eq!(proxy.poll_once().unwrap(), 4);
+            assert_eq!(proxy.poll_once().unwrap(), 0, "nothing more");
+            let tail = unsafe { std::ptr::read_volatile(ring.tail as *const u64) };
+            assert_eq!(tail, 4, "every slot given back, the quiet's too");
+            // 4 slots: the next lap; a put past the peer's buffer is refused.
+            push_from_host(&ring, NetCmd { dst_off: 4096 - 100, ..put });
+            assert!(matches!(proxy.poll_once(), Err(Error::InvalidArgument { .. })));
+        }
+        group.bootstrap().barrier().unwrap();
+        if rank == 1 {
+            let got: Vec<u8> = data.local().to_vec(s).unwrap();
+            assert!(got[2048..3072] == payload[..], "both puts landed");
+            assert!(got[..2048].iter().chain(&got[3072..]).all(|&b| b == 0), "nothing else was written");
+            let sig: Vec<u64> = signals.local().to_vec(s).unwrap();
+            assert_eq!((sig[3], sig[5]), (1, 2u64.wrapping_neg()), "signals added");
+            assert!(sig.iter().enumerate().all(|(i, &v)| i == 3 || i == 5 || v == 0));
+        }
+        group.bootstrap().barrier().unwrap(); // nobody frees a buffer a peer still writes
+    });
 }
