@@ -500,6 +500,25 @@ impl LlBuffer {
         LaunchConfig { grid_dim: self.grid_dim, block_dim, shared_mem_bytes }
     }
 
+    /// Checks a dispatch's `x`: `[num_tokens, H]` bf16, or e4m3 bytes with `x_scales`
+    /// (`[num_tokens, H/128]` f32, H a multiple of 128). Returns the bytes of a row of `x`.
+    fn check_x(&self, x: &DeviceBuffer, x_scales: Option<&DeviceBuffer>, num_tokens: usize) -> Result<usize> {
+        let h = self.cfg.hidden;
+        let (x_bytes, x_type) = if x_scales.is_some() { (h, "e4m3") } else { (2 * h, "bf16") };
+        if x.len() < num_tokens * x_bytes || !x.ptr().is_multiple_of(16) {
+            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] {x_type} (16-aligned) needed")));
+        }
+        if let Some(sc) = x_scales {
+            if !h.is_multiple_of(128) {
+                return Err(Error::invalid("x_scales", format!("fp8 rows need hidden ({h}) a multiple of 128")));
+            }
+            if sc.len() < num_tokens * (h / 128) * 4 || !sc.ptr().is_multiple_of(4) {
+                return Err(Error::invalid("x_scales", format!("[{num_tokens}, {}] f32 needed", h / 128)));
+            }
+        }
+        Ok(x_bytes)
+    }
+
     fn check_topk(&self, topk_idx: &DeviceBuffer, idx: IndexType, num_tokens: usize, num_topk: usize) -> Result<()> {
         if num_tokens > self.cfg.max_tokens {
             return Err(Error::invalid("num_tokens", format!("{num_tokens} > max_tokens {}", self.cfg.max_tokens)));
@@ -616,18 +635,10 @@ impl LlBuffer {
     ) -> Result<Option<LlRecvHook>> {
         self.check_topk(topk_idx, idx, num_tokens, num_topk)?;
         let (l, r, h) = (self.layout.num_local_experts as usize, group.num_ranks(), self.cfg.hidden);
-        let (x_bytes, x_type) = if opts.x_scales.is_some() { (h, "e4m3") } else { (2 * h, "bf16") };
-        if x.len() < num_tokens * x_bytes || !x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] {x_type} (16-aligned) needed")));
+        if opts.x_scales.is_some() && (!opts.use_fp8 || opts.round_scale || opts.use_ue8m0) {
+            return Err(Error::invalid("x_scales", "fp8 input goes with use_fp8 alone (no round_scale, no UE8M0)"));
         }
-        if let Some(sc) = opts.x_scales {
-            if !opts.use_fp8 || opts.round_scale || opts.use_ue8m0 {
-                return Err(Error::invalid("x_scales", "fp8 input goes with use_fp8 alone (no round_scale, no UE8M0)"));
-            }
-            if sc.len() < num_tokens * (h / 128) * 4 || !sc.ptr().is_multiple_of(4) {
-                return Err(Error::invalid("x_scales", format!("[{num_tokens}, {}] f32 needed", h / 128)));
-            }
-        }
+        self.check_x(x, opts.x_scales, num_tokens)?;
         if opts.use_fp8 && !h.is_multiple_of(128) {
             return Err(Error::invalid("use_fp8", format!("hidden {h} is not a multiple of 128")));
         }
@@ -724,25 +735,13 @@ impl LlBuffer {
     ) -> Result<()> {
         let &LlRankMajorInput { x, x_scales, num_tokens, topk_idx, index_type, topk_weights, num_topk } = input;
         self.check_topk(topk_idx, index_type, num_tokens, num_topk)?;
-        let h = self.cfg.hidden;
-        let (x_bytes, x_type) = if x_scales.is_some() { (h, "e4m3") } else { (2 * h, "bf16") };
-        if x.len() < num_tokens * x_bytes || !x.ptr().is_multiple_of(16) {
-            return Err(Error::invalid("x", format!("[{num_tokens}, {h}] {x_type} (16-aligned) needed")));
-        }
-        let groups = h / 128;
+        let x_bytes = self.check_x(x, x_scales, num_tokens)?;
         match (x_scales, &out.recv_x_scales) {
-            (None, None) => {}
-            (Some(sc), Some(_)) => {
-                if !h.is_multiple_of(128) {
-                    return Err(Error::invalid("x_scales", format!("fp8 rows need hidden ({h}) a multiple of 128")));
-                }
-                if sc.len() < num_tokens * groups * 4 || !sc.ptr().is_multiple_of(4) {
-                    return Err(Error::invalid("x_scales", format!("[{num_tokens}, {groups}] f32 needed")));
-                }
-            }
             (Some(_), None) => return Err(Error::invalid("recv_x_scales", "needed for fp8 input (x_scales)")),
             (None, Some(_)) => return Err(Error::invalid("recv_x_scales", "given for a bf16 dispatch")),
+            _ => {}
         }
+        let groups = self.cfg.hidden / 128;
         if topk_weights.len() < num_tokens * num_topk * 4 {
             return Err(Error::invalid("topk_weights", format!("[{num_tokens}, {num_topk}] f32 needed")));
         }

@@ -358,3 +358,27 @@ pub fn hash_u16(v: &[u16]) -> u64 {
     v.hash(&mut hs);
     hs.finish()
 }
+
+/// fp8 rows (any e4m3 bytes: they are moved, never read) and their f32 scales, per rank.
+pub type Fp8Rows = (Vec<Vec<u8>>, Vec<Vec<f32>>);
+
+/// Fresh fp8 input for a rank-major dispatch of `routing` (`tokens[r]` tokens of hidden `h`,
+/// at most `m` per rank, weights `w`), and what each rank receives: rows and scales land
+/// where bf16 rows would (`reference::ll_dispatch_rank_major` over each). (input, received).
+pub fn fp8_rank_major(
+    rng: &mut Rng,
+    routing: &Routing,
+    tokens: &[usize],
+    w: &[Vec<f32>],
+    h: usize,
+    m: usize,
+) -> (Fp8Rows, Fp8Rows) {
+    let rows: Vec<Vec<u8>> = tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
+    let scales: Vec<Vec<f32>> =
+        tokens.iter().map(|&t| (0..t * h / 128).map(|_| rng.next_u32() as f32 / 3e9).collect()).collect();
+    let moved_rows = reference::ll_dispatch_rank_major(routing, &rows, w, h, m).unwrap();
+    let moved_scales = reference::ll_dispatch_rank_major(routing, &scales, w, h / 128, m).unwrap();
+    let received =
+        (moved_rows.into_iter().map(|r| r.recv_x).collect(), moved_scales.into_iter().map(|r| r.recv_x).collect());
+    ((rows, scales), received)
+}

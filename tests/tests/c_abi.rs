@@ -759,9 +759,6 @@ fn ll_fp8_recipe_matches_the_reference() {
     });
 }
 
-/// fp8 rows (e4m3 bytes, moved as they are) and their f32 scales, per rank.
-type Fp8Rows = (Vec<Vec<u8>>, Vec<Vec<f32>>);
-
 /// LL rank-major: per-source counts (`src_rank_counters`), rows, i32 ids and weights, and
 /// the combine of fresh pre-reduced rows, bit for bit; every other call send-only; the last
 /// two calls QUANT_FWD (fp8 rows and their scales, after a refused call without
@@ -783,19 +780,7 @@ fn ll_rank_major_matches_the_reference() {
             let y: Vec<Vec<u16>> = (0..n).map(|_| rng.bf16(n * m * h, 4.0)).collect();
             let want = reference::ll_combine_rank_major(&routing, &recv, &y, h, m).unwrap();
             // QUANT_FWD: rows and scales each land where the bf16 rows would.
-            let fp8: Option<(Fp8Rows, Fp8Rows)> = (call >= 2).then(|| {
-                let rows: Vec<Vec<u8>> =
-                    tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
-                let scales: Vec<Vec<f32>> =
-                    tokens.iter().map(|&t| (0..t * h / 128).map(|_| rng.next_u32() as f32 / 3e9).collect()).collect();
-                let moved_rows = reference::ll_dispatch_rank_major(&routing, &rows, &w, h, m).unwrap();
-                let moved_scales = reference::ll_dispatch_rank_major(&routing, &scales, &w, h / 128, m).unwrap();
-                let want = (
-                    moved_rows.into_iter().map(|r| r.recv_x).collect(),
-                    moved_scales.into_iter().map(|r| r.recv_x).collect(),
-                );
-                ((rows, scales), want)
-            });
+            let fp8 = (call >= 2).then(|| ll::fp8_rank_major(&mut rng, &routing, &tokens, &w, h, m));
             (idx, tokens, x, w, recv, y, want, fp8)
         })
         .collect();

@@ -58,9 +58,6 @@ fn ll_many_experts_one_token() {
     run(256, 256, 8, 1, 2, false);
 }
 
-/// fp8 rows (any e4m3 bytes: they are moved, not read) and their f32 scales, per rank.
-type Fp8Rows = (Vec<Vec<u8>>, Vec<Vec<f32>>);
-
 /// Rank-major dispatch against `reference::ll_dispatch_rank_major`, interleaved with
 /// expert-major calls on the same buffer (shared sets and counters), with hooks; the last
 /// two calls send fp8 rows with their scales (NCCL EP's `QUANT_FWD`).
@@ -82,17 +79,7 @@ fn ll_rank_major_interleaved_with_expert_major() {
         let want = reference::ll_dispatch_rank_major(&routing, &x, &w, h, m).unwrap();
         let want_em = reference::ll_dispatch(&routing, &x, h, m).unwrap();
         // fp8 input: the rows and the scales are each moved as the bf16 rows are.
-        let fp8: Option<(Fp8Rows, Fp8Rows)> = (call >= 2).then(|| {
-            let rows: Vec<Vec<u8>> =
-                tokens.iter().map(|&t| (0..t * h).map(|_| rng.next_u32() as u8).collect()).collect();
-            let scales: Vec<Vec<f32>> =
-                tokens.iter().map(|&t| (0..t * h / 128).map(|_| rng.next_u32() as f32 / 3e9).collect()).collect();
-            let got_rows = reference::ll_dispatch_rank_major(&routing, &rows, &w, h, m).unwrap();
-            let got_scales = reference::ll_dispatch_rank_major(&routing, &scales, &w, h / 128, m).unwrap();
-            let want =
-                (got_rows.into_iter().map(|r| r.recv_x).collect(), got_scales.into_iter().map(|r| r.recv_x).collect());
-            ((rows, scales), want)
-        });
+        let fp8 = (call >= 2).then(|| ll::fp8_rank_major(&mut rng, &routing, &tokens, &w, h, m));
         calls.push((idx, tokens, x, w, want, want_em, fp8));
     }
     on_ranks(groups, |rank, group| {
