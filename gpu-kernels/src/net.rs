@@ -6,13 +6,16 @@
 //! device-memory head, waits (bounded) while the proxy is a whole ring behind, then stores the
 //! slot's four tagged words. Producers keep a cached copy of the proxy's tail in device
 //! memory, so host memory is read only when the ring looks full.
-use crate::abi::net::{NET_SLOT_BYTES, NetCmd, NetOp, NetRing, NetTestParams};
+use crate::abi::net::{NET_SLOT_BYTES, NetCmd, NetExchangeParams, NetOp, NetRing, NetTestParams};
+use crate::copy::copy_warp;
 use crate::dev::{self, Waiting};
 
 /// Net: a producer waiting for room in a command ring (the proxy's tail).
 pub const SITE_NET_RING_FULL: u32 = 40;
 /// Net: a quiet waiting for the proxy to finish the ring's earlier commands.
 pub const SITE_NET_QUIET: u32 = 41;
+/// Net self-test: waiting for a peer's signal.
+pub const SITE_NET_SIGNAL: u32 = 42;
 
 /// One thread: claims the next position of `ring` and writes `cmd` there, waiting while the
 /// ring is full. The position, or `None` after a timeout (reported) or another thread's
@@ -98,6 +101,47 @@ kernel! {
                 if ok {
                     quiet(&p.ring, w);
                 }
+            }
+        }
+    }
+}
+
+kernel! {
+    /// Put/signal exchange self-test ([`NetExchangeParams`]): one block of `R` warps; warp
+    /// `q` puts block `q` of `data` to rank `q` with a signal, waits for rank `q`'s signal,
+    /// copies block `R + q` (what `q` put here) to `out`, then quiets the ring.
+    pub unsafe fn net_exchange_selftest(p: NetExchangeParams) as NET_EXCHANGE_SELFTEST {
+        let q = dev::warp_id();
+        let (r, bytes) = (p.num_ranks, p.bytes as u64);
+        if q >= r || q == p.rank {
+            return;
+        }
+        let w = Waiting { timeout_ns: p.timeout_ns, error: p.error, rank: p.rank, peer: q, site: SITE_NET_RING_FULL };
+        // SAFETY: the ring, buffers and error slot the host set up for this launch.
+        unsafe {
+            let mut pushed = true;
+            if dev::lane_id() == 0 {
+                let cmd = NetCmd {
+                    op: NetOp::PutSignal,
+                    peer: q,
+                    len: bytes,
+                    src_off: q as u64 * bytes,
+                    dst_off: (r + p.rank) as u64 * bytes,
+                    sig_idx: p.rank,
+                    sig_add: 1,
+                    ..NetCmd::NOP
+                };
+                pushed = push(&p.ring, &cmd, w).is_some()
+                    && dev::wait_at_least(Waiting { site: SITE_NET_SIGNAL, ..w }, (p.signals + 8 * q as u64) as *const u64, p.epoch, |v| v).is_some();
+            }
+            if dev::shfl_idx_u32(pushed as u32, 0) == 0 {
+                return;
+            }
+            // The signal's acquire (lane 0) covers the warp after the warp barrier.
+            dev::sync_warp(0xffff_ffff);
+            copy_warp(p.out + q as u64 * bytes, p.data + (r + q) as u64 * bytes, bytes, false);
+            if dev::lane_id() == 0 {
+                quiet(&p.ring, w);
             }
         }
     }

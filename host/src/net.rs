@@ -16,7 +16,7 @@ use crate::device::{DeviceBuffer, HostMapped, Stream};
 use crate::group::SymmetricBuffer;
 use crate::{Error, Result};
 use moe_ep_abi::net::{NET_SLOT_BYTES, NET_SLOT_WORDS, NetCmd, NetOp, NetRing, Slot};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The most slots of one ring (2^16: 2 MiB of host-mapped memory).
 pub const MAX_LOG2_SLOTS: u32 = 16;
@@ -218,6 +218,28 @@ impl<T: Transport> Proxy<T> {
     /// The rings (what kernels take: `rings()[i].ring()`).
     pub fn rings(&self) -> &[CommandRing] {
         &self.rings
+    }
+
+    /// Polls until `stop` is set and a pass finds nothing more, backing off while idle (spin,
+    /// yield, then 50 µs sleeps). An error ends the loop: kernels waiting on this proxy then
+    /// time out, and the caller reports the error.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<()> {
+        let mut idle = 0u32;
+        loop {
+            if self.poll_once()? > 0 {
+                idle = 0;
+                continue;
+            }
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            idle = idle.saturating_add(1);
+            match idle {
+                0..64 => std::hint::spin_loop(),
+                64..1024 => std::thread::yield_now(),
+                _ => std::thread::sleep(std::time::Duration::from_micros(50)),
+            }
+        }
     }
 
     /// One pass over every ring: submits what has landed, gives slots back. The number of

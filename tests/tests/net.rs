@@ -4,10 +4,10 @@
 // Every launch below passes a ring and an error slot made right before it.
 #![allow(clippy::undocumented_unsafe_blocks)]
 
-use moe_ep::kernels::net::{NET_SELFTEST, SITE_NET_RING_FULL, selftest_cmd};
+use moe_ep::kernels::net::{NET_EXCHANGE_SELFTEST, NET_SELFTEST, SITE_NET_RING_FULL, selftest_cmd};
 use moe_ep::net::{CommandRing, Proxy, SimTransport};
 use moe_ep::{Error, Group, LaunchConfig, Sharing};
-use moe_ep_abi::net::{NetCmd, NetOp, NetRing, NetTestParams};
+use moe_ep_abi::net::{NetCmd, NetExchangeParams, NetOp, NetRing, NetTestParams};
 use moe_ep_tests::{Rng, device, on_ranks};
 use std::time::{Duration, Instant};
 
@@ -158,5 +158,76 @@ fn the_proxy_carries_puts_and_signals_to_the_peer() {
             assert!(sig.iter().enumerate().all(|(i, &v)| i == 3 || i == 5 || v == 0));
         }
         group.bootstrap().barrier().unwrap(); // nobody frees a buffer a peer still writes
+    });
+}
+
+/// GPU-initiated puts and signals end to end on the CPU back end: each rank's kernel puts a
+/// block to every peer with a signal through its ring, its proxy thread carries them out
+/// (sim transport), and each kernel copies what a peer put to it only once that peer's
+/// signal arrived, so a signal ahead of its data shows as a wrong block. Three calls on the
+/// same never-reset signals. (On a GPU the sim transport refuses to be made.)
+#[test]
+fn kernels_exchange_blocks_through_their_proxies() {
+    let dev = device();
+    let n = 4usize;
+    let bytes = 512usize;
+    let groups = Group::in_process(&vec![dev.clone(); n]).unwrap();
+    let mut rng = Rng::fresh("net-exchange");
+    let calls: Vec<Vec<Vec<u8>>> =
+        (0..3).map(|_| (0..n).map(|_| (0..n * bytes).map(|_| rng.next_u32() as u8).collect()).collect()).collect();
+    on_ranks(groups, |rank, group| {
+        let s = group.stream();
+        let data = group.alloc_symmetric(2 * n * bytes, Sharing::Auto).unwrap();
+        let signals = group.alloc_symmetric(8 * n, Sharing::Auto).unwrap();
+        let transport = match SimTransport::new(rank, &data, &signals) {
+            Err(Error::Unsupported(_)) if !dev.is_cpu() => return,
+            t => t.unwrap(),
+        };
+        let mut proxy = Proxy::new(vec![CommandRing::new(s, 3).unwrap()], transport);
+        let ring = proxy.rings()[0].ring();
+        let out = s.alloc(n * bytes).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let proxy_thread = scope.spawn(|| proxy.run(&stop));
+            for (call, blocks) in calls.iter().enumerate() {
+                data.local().write(s, 0, &blocks[rank]).unwrap();
+                out.fill(s, 0xee).unwrap();
+                group.bootstrap().barrier().unwrap(); // every rank's blocks are written
+                let p = NetExchangeParams {
+                    ring,
+                    data: data.local().ptr(),
+                    signals: signals.local().ptr(),
+                    out: out.ptr(),
+                    error: group.error_ptr(),
+                    timeout_ns: group.timeout_ns(),
+                    epoch: call as u64 + 1,
+                    bytes: bytes as u32,
+                    rank: rank as u32,
+                    num_ranks: n as u32,
+                    pad: 0,
+                };
+                let cfg = LaunchConfig { grid_dim: 1, block_dim: 32 * n as u32, shared_mem_bytes: 0 };
+                unsafe { s.launch(&NET_EXCHANGE_SELFTEST, cfg, p) }.unwrap();
+                s.synchronize().unwrap();
+                group.take_device_error("net_exchange_selftest").unwrap();
+                let got: Vec<u8> = out.to_vec(s).unwrap();
+                for q in (0..n).filter(|&q| q != rank) {
+                    let want = &calls[call][q][rank * bytes..(rank + 1) * bytes];
+                    assert!(got[q * bytes..(q + 1) * bytes] == *want, "rank {rank} call {call}: block from {q}");
+                }
+                let sig: Vec<u64> = signals.local().to_vec(s).unwrap();
+                for (q, &v) in sig.iter().enumerate() {
+                    assert_eq!(
+                        v,
+                        if q == rank { 0 } else { call as u64 + 1 },
+                        "rank {rank} call {call}: signal of {q}"
+                    );
+                }
+                group.bootstrap().barrier().unwrap(); // no peer's next call adds to the signals checked here
+            }
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            proxy_thread.join().unwrap().unwrap();
+        });
+        group.bootstrap().barrier().unwrap();
     });
 }

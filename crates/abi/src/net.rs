@@ -202,6 +202,37 @@ pub struct NetTestParams {
     pub pad: u32,
 }
 
+/// Parameters of the put/signal exchange self-test (`net_exchange_selftest`): every rank
+/// puts block `q` of its `data` to every peer `q`, signalling each, and copies what each peer
+/// put to it into `out` once that peer's signal says it is there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct NetExchangeParams {
+    /// The rank's command ring.
+    pub ring: NetRing,
+    /// This rank's symmetric data buffer: `[2R, bytes]`, blocks `0..R` to send, `R..2R` where
+    /// peers' blocks land (block `R + q` from rank `q`).
+    pub data: u64,
+    /// This rank's signal table (`u64` per source rank).
+    pub signals: u64,
+    /// `[R, bytes]`: what each peer sent, copied after its signal.
+    pub out: u64,
+    /// The [`crate::ErrorSlot`].
+    pub error: u64,
+    /// Wait bound, ns.
+    pub timeout_ns: u64,
+    /// The signal value that means "call `epoch`'s block is here" (signals are never reset).
+    pub epoch: u64,
+    /// Bytes per block (a multiple of 16).
+    pub bytes: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks.
+    pub num_ranks: u32,
+    /// Reserved (0).
+    pub pad: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
