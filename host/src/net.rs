@@ -112,30 +112,81 @@ impl CommandRing {
 pub trait Transport: Send {
     /// Starts `cmd` (a put, put-signal or signal) from this rank's ring `ring`.
     fn submit(&mut self, ring: usize, cmd: &NetCmd) -> Result<()>;
+    /// Moves submitted work along (a transport that completes at `submit` has none).
+    fn progress(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Whether everything submitted on `ring` so far is visible at its peers, with its
     /// sources reusable (what a `QUIET` waits for).
     fn flushed(&mut self, ring: usize) -> Result<bool>;
 }
 
 /// Ranks of one process on the CPU back end: a put is a copy between their symmetric
-/// buffers, a signal an atomic add on the peer's signal table, both done at `submit` (so
-/// in contract order, and flushed at once).
+/// buffers, a signal an atomic add on the peer's signal table. Without chaos both happen at
+/// `submit`. With [`SimTransport::with_chaos`] they wait and are applied a few at a time, in
+/// a seeded random order that keeps only what the contract promises: puts land in pieces
+/// and in any order, a signal waits only for the earlier puts of its (ring, peer).
 pub struct SimTransport {
     /// Every rank's data buffer base and length.
     data: Vec<(u64, usize)>,
     /// Every rank's signal table base and `u64` count.
     signals: Vec<(u64, usize)>,
     rank: usize,
+    chaos: Option<Chaos>,
+}
+
+/// A put or a signal, checked and resolved to addresses.
+#[derive(Clone, Copy)]
+enum SimOp {
+    Copy { src: u64, dst: u64, len: usize },
+    Add { word: u64, add: u64 },
+}
+
+impl SimOp {
+    fn apply(self) {
+        match self {
+            // SAFETY: resolved inside live symmetric buffers (checked at submit); `copy`
+            // allows overlap.
+            SimOp::Copy { src, dst, len } => unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) },
+            SimOp::Add { word, add } => {
+                // SAFETY: a word of a live signal table (checked at submit), 8-aligned.
+                let word = unsafe { AtomicU64::from_ptr(word as *mut u64) };
+                // Release: the copies applied before it (by this thread) are visible with it.
+                word.fetch_add(add, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The seeded misbehaviour of a [`SimTransport`]: operations waiting to be applied, in
+/// submission order, with their (ring, peer).
+struct Chaos {
+    state: u64,
+    pending: Vec<(usize, u32, SimOp)>,
+}
+
+impl Chaos {
+    /// xorshift64*.
+    fn next(&mut self, below: usize) -> usize {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below.max(1)
+    }
+
+    /// Whether pending operation `i` may be applied now: a copy always; an add once no
+    /// copy of its (ring, peer) submitted before it is pending.
+    fn eligible(&self, i: usize) -> bool {
+        let (ring, peer, op) = self.pending[i];
+        matches!(op, SimOp::Copy { .. })
+            || !self.pending[..i].iter().any(|&(r, p, o)| r == ring && p == peer && matches!(o, SimOp::Copy { .. }))
+    }
 }
 
 impl SimTransport {
     /// Rank `rank`'s transport over `data` (the symmetric buffer puts address) and `signals`
     /// (the `u64` signal tables), both made on the CPU back end.
-    pub fn new(
-        rank: usize,
-        data: &crate::group::SymmetricBuffer,
-        signals: &crate::group::SymmetricBuffer,
-    ) -> Result<SimTransport> {
+    pub fn new(rank: usize, data: &SymmetricBuffer, signals: &SymmetricBuffer) -> Result<SimTransport> {
         if !data.local().device().is_cpu() || !signals.local().device().is_cpu() {
             return Err(Error::Unsupported("the sim transport moves host memory: the CPU back end only".into()));
         }
@@ -146,10 +197,15 @@ impl SimTransport {
         if rank >= data_v.len() || data_v.len() != signals_v.len() {
             return Err(Error::invalid("rank", format!("{rank} of {} ranks", data_v.len())));
         }
-        Ok(SimTransport { data: data_v, signals: signals_v, rank })
+        Ok(SimTransport { data: data_v, signals: signals_v, rank, chaos: None })
     }
 
-    fn put(&self, cmd: &NetCmd) -> Result<()> {
+    /// The same transport, misbehaving as the contract allows, from `seed`.
+    pub fn with_chaos(self, seed: u64) -> SimTransport {
+        SimTransport { chaos: Some(Chaos { state: seed | 1, pending: Vec::new() }), ..self }
+    }
+
+    fn put(&self, cmd: &NetCmd) -> Result<SimOp> {
         let peer = cmd.peer as usize;
         let (Some(&(src, src_len)), Some(&(dst, dst_len))) = (self.data.get(self.rank), self.data.get(peer)) else {
             return Err(Error::invalid("peer", format!("rank {peer} of {}", self.data.len())));
@@ -162,12 +218,10 @@ impl SimTransport {
                 format!("{len} bytes at {} -> {} leave the buffers", cmd.src_off, cmd.dst_off),
             ));
         }
-        // SAFETY: both ranges lie in live symmetric buffers (checked above); `copy` allows overlap.
-        unsafe { std::ptr::copy((src + cmd.src_off) as *const u8, (dst + cmd.dst_off) as *mut u8, len) };
-        Ok(())
+        Ok(SimOp::Copy { src: src + cmd.src_off, dst: dst + cmd.dst_off, len })
     }
 
-    fn signal(&self, cmd: &NetCmd) -> Result<()> {
+    fn signal(&self, cmd: &NetCmd) -> Result<SimOp> {
         let peer = cmd.peer as usize;
         let Some(&(base, count)) = self.signals.get(peer) else {
             return Err(Error::invalid("peer", format!("rank {peer} of {}", self.signals.len())));
@@ -175,26 +229,56 @@ impl SimTransport {
         if cmd.sig_idx as usize >= count {
             return Err(Error::invalid("sig_idx", format!("{} of {count} signals", cmd.sig_idx)));
         }
-        // SAFETY: word `sig_idx` of the peer's live signal table (checked above), 8-aligned.
-        let word = unsafe { AtomicU64::from_ptr((base + 8 * cmd.sig_idx as u64) as *mut u64) };
-        // Release: the puts before it (this thread's copies) are visible with it.
-        word.fetch_add(cmd.sig_add as i64 as u64, Ordering::Release);
-        Ok(())
+        Ok(SimOp::Add { word: base + 8 * cmd.sig_idx as u64, add: cmd.sig_add as i64 as u64 })
     }
 }
 
 impl Transport for SimTransport {
-    fn submit(&mut self, _ring: usize, cmd: &NetCmd) -> Result<()> {
-        match cmd.op {
-            NetOp::Put => self.put(cmd),
-            NetOp::PutSignal => self.put(cmd).and_then(|()| self.signal(cmd)),
-            NetOp::Signal => self.signal(cmd),
-            NetOp::Nop | NetOp::Quiet => Ok(()),
+    fn submit(&mut self, ring: usize, cmd: &NetCmd) -> Result<()> {
+        let ops = match cmd.op {
+            NetOp::Put => vec![self.put(cmd)?],
+            NetOp::PutSignal => vec![self.put(cmd)?, self.signal(cmd)?],
+            NetOp::Signal => vec![self.signal(cmd)?],
+            NetOp::Nop | NetOp::Quiet => Vec::new(),
+        };
+        let Some(chaos) = &mut self.chaos else {
+            ops.into_iter().for_each(SimOp::apply);
+            return Ok(());
+        };
+        for op in ops {
+            match op {
+                // In up to four pieces, each applied on its own.
+                SimOp::Copy { src, dst, len } => {
+                    let mut cuts: Vec<usize> = (0..chaos.next(4)).map(|_| chaos.next(len + 1)).collect();
+                    cuts.extend([0, len]);
+                    cuts.sort_unstable();
+                    for w in cuts.windows(2).filter(|w| w[1] > w[0]) {
+                        let piece = SimOp::Copy { src: src + w[0] as u64, dst: dst + w[0] as u64, len: w[1] - w[0] };
+                        chaos.pending.push((ring, cmd.peer, piece));
+                    }
+                }
+                add => chaos.pending.push((ring, cmd.peer, add)),
+            }
         }
+        Ok(())
     }
 
-    fn flushed(&mut self, _ring: usize) -> Result<bool> {
-        Ok(true)
+    fn progress(&mut self) -> Result<()> {
+        let Some(chaos) = &mut self.chaos else { return Ok(()) };
+        // At least one (the oldest is always eligible), at most half of what waits.
+        for _ in 0..1 + chaos.next(chaos.pending.len() / 2 + 1) {
+            let eligible: Vec<usize> = (0..chaos.pending.len()).filter(|&i| chaos.eligible(i)).collect();
+            if eligible.is_empty() {
+                break;
+            }
+            let i = eligible[chaos.next(eligible.len())];
+            chaos.pending.remove(i).2.apply();
+        }
+        Ok(())
+    }
+
+    fn flushed(&mut self, ring: usize) -> Result<bool> {
+        Ok(self.chaos.as_ref().is_none_or(|c| c.pending.iter().all(|&(r, ..)| r != ring)))
     }
 }
 
@@ -246,6 +330,7 @@ impl<T: Transport> Proxy<T> {
     /// commands taken. An error (a bad command, a failed transport) is the peer's or the
     /// kernel's: the caller reports it; the ring is then out of step.
     pub fn poll_once(&mut self) -> Result<usize> {
+        self.transport.progress()?;
         let mut taken = 0;
         for (i, ring) in self.rings.iter_mut().enumerate() {
             if let Some(pos) = self.quiet_at[i] {

@@ -5,7 +5,7 @@
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 use moe_ep::kernels::net::{NET_EXCHANGE_SELFTEST, NET_SELFTEST, SITE_NET_RING_FULL, selftest_cmd};
-use moe_ep::net::{CommandRing, Proxy, SimTransport};
+use moe_ep::net::{CommandRing, Proxy, SimTransport, Transport};
 use moe_ep::{Error, Group, LaunchConfig, Sharing};
 use moe_ep_abi::net::{NetCmd, NetExchangeParams, NetOp, NetRing, NetTestParams};
 use moe_ep_tests::{Rng, device, on_ranks};
@@ -168,6 +168,17 @@ fn the_proxy_carries_puts_and_signals_to_the_peer() {
 /// same never-reset signals. (On a GPU the sim transport refuses to be made.)
 #[test]
 fn kernels_exchange_blocks_through_their_proxies() {
+    exchange(None);
+}
+
+/// As above, with every transport in chaos mode: puts land in pieces and out of order,
+/// signals late (only the contract's order is kept).
+#[test]
+fn kernels_exchange_blocks_through_chaotic_proxies() {
+    exchange(Some(Rng::fresh("net-chaos").next_u64()));
+}
+
+fn exchange(chaos_seed: Option<u64>) {
     let dev = device();
     let n = 4usize;
     let bytes = 512usize;
@@ -182,6 +193,10 @@ fn kernels_exchange_blocks_through_their_proxies() {
         let transport = match SimTransport::new(rank, &data, &signals) {
             Err(Error::Unsupported(_)) if !dev.is_cpu() => return,
             t => t.unwrap(),
+        };
+        let transport = match chaos_seed {
+            Some(seed) => transport.with_chaos(seed + rank as u64),
+            None => transport,
         };
         let mut proxy = Proxy::new(vec![CommandRing::new(s, 3).unwrap()], transport);
         let ring = proxy.rings()[0].ring();
@@ -228,6 +243,70 @@ fn kernels_exchange_blocks_through_their_proxies() {
             stop.store(true, std::sync::atomic::Ordering::Release);
             proxy_thread.join().unwrap().unwrap();
         });
+        group.bootstrap().barrier().unwrap();
+    });
+}
+
+/// The chaos mode keeps the contract: stepping a put of 4 KiB and its signal on one (ring,
+/// peer), plus a put on another ring, the signal never shows before its put is whole, and
+/// the put lands in pieces in some seeds (seen half-done).
+#[test]
+fn chaos_applies_a_signal_only_after_its_puts() {
+    let dev = device();
+    let groups = Group::in_process(&[dev.clone(), dev.clone()]).unwrap();
+    let mut rng = Rng::fresh("net-chaos-order");
+    let payload: Vec<u8> = (0..4096).map(|_| rng.next_u32() as u8 | 1).collect();
+    let seeds: Vec<u64> = (0..64).map(|_| rng.next_u64()).collect();
+    on_ranks(groups, |rank, group| {
+        let s = group.stream();
+        let data = group.alloc_symmetric(3 * 4096, Sharing::Auto).unwrap();
+        let signals = group.alloc_symmetric(8 * 4, Sharing::Auto).unwrap();
+        let Ok(sim) = SimTransport::new(rank, &data, &signals) else {
+            assert!(!dev.is_cpu(), "the sim transport is made on the CPU back end");
+            return;
+        };
+        if rank == 0 {
+            data.local().write(s, 0, &payload).unwrap();
+            let peer = data.peer_ptr(1).unwrap();
+            let sig = signals.peer_ptr(1).unwrap();
+            let mut seen_partial = false;
+            for (k, &seed) in seeds.iter().enumerate() {
+                let mut t = SimTransport::new(0, &data, &signals).unwrap().with_chaos(seed);
+                let dst = 4096 * (1 + k as u64 % 2);
+                let put = NetCmd {
+                    op: NetOp::PutSignal,
+                    peer: 1,
+                    len: 4096,
+                    src_off: 0,
+                    dst_off: dst,
+                    sig_idx: 0,
+                    sig_add: 1,
+                    ..NetCmd::NOP
+                };
+                t.submit(0, &put).unwrap();
+                t.submit(1, &NetCmd { op: NetOp::Signal, peer: 1, sig_idx: 1, sig_add: 1, ..NetCmd::NOP }).unwrap();
+                let before = unsafe { std::ptr::read_volatile(sig as *const u64) };
+                let landed = || -> usize {
+                    let got = unsafe { std::slice::from_raw_parts((peer + dst) as *const u8, 4096) };
+                    got.iter().zip(&payload).filter(|(a, b)| a == b).count()
+                };
+                let mut steps = 0;
+                while !(t.flushed(0).unwrap() && t.flushed(1).unwrap()) {
+                    t.progress().unwrap();
+                    steps += 1;
+                    assert!(steps < 1000, "seed {seed}: still pending after 1000 steps");
+                    let signalled = unsafe { std::ptr::read_volatile(sig as *const u64) } > before;
+                    let n = landed();
+                    seen_partial |= n > 0 && n < 4096;
+                    assert!(!signalled || n == 4096, "seed {seed}: signal with {n} of 4096 bytes landed");
+                }
+                assert_eq!(landed(), 4096, "seed {seed}");
+                // Clear the destination for the next seed that uses it.
+                unsafe { std::ptr::write_bytes((peer + dst) as *mut u8, 0, 4096) };
+            }
+            assert!(seen_partial, "no seed landed a put in pieces");
+            drop(sim);
+        }
         group.bootstrap().barrier().unwrap();
     });
 }
