@@ -1,6 +1,7 @@
 //! Host side of the inter-node transport's command rings (docs/design.md, "Inter-node
-//! transport"): the ring a GPU's kernels push [`NetCmd`]s into, and the proxy's reading of
-//! it. The transports that carry the commands out come next (issue 16).
+//! transport"): the ring a GPU's kernels push [`NetCmd`]s into, the [`Proxy`] that reads it,
+//! and the [`Transport`]s that carry the commands out (so far the in-process
+//! [`SimTransport`] of the CPU back end, with its chaos mode; `tcp` and `verbs` follow).
 //!
 //! ```
 //! use moe_ep::{Device, net::CommandRing};
