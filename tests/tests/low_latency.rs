@@ -65,7 +65,7 @@ fn ll_many_experts_one_token() {
 fn ll_rank_major_interleaved_with_expert_major() {
     let dev = device();
     let n = num_ranks(&dev).min(8);
-    let (e, h, k, m) = (16usize, 256usize, 4usize, if dev.is_cpu() { 10 } else { 128 });
+    let (e, h, k, m) = (16usize, 128usize, 4usize, if dev.is_cpu() { 10 } else { 128 });
     let mut rng = Rng::fresh("low_latency-rank-major");
     let groups = Group::in_process(&devices(n)).unwrap();
     let mut calls = Vec::new();
