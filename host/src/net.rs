@@ -13,6 +13,9 @@
 //! # Ok(())
 //! # }
 //! ```
+mod tcp;
+pub use tcp::TcpTransport;
+
 use crate::device::{DeviceBuffer, HostMapped, Stream};
 use crate::group::SymmetricBuffer;
 use crate::{Error, Result};
@@ -120,6 +123,18 @@ pub trait Transport: Send {
     /// Whether everything submitted on `ring` so far is visible at its peers, with its
     /// sources reusable (what a `QUIET` waits for).
     fn flushed(&mut self, ring: usize) -> Result<bool>;
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn submit(&mut self, ring: usize, cmd: &NetCmd) -> Result<()> {
+        (**self).submit(ring, cmd)
+    }
+    fn progress(&mut self) -> Result<()> {
+        (**self).progress()
+    }
+    fn flushed(&mut self, ring: usize) -> Result<bool> {
+        (**self).flushed(ring)
+    }
 }
 
 /// Ranks of one process on the CPU back end: a put is a copy between their symmetric

@@ -5,7 +5,7 @@
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 use moe_ep::kernels::net::{NET_EXCHANGE_SELFTEST, NET_SELFTEST, SITE_NET_RING_FULL, selftest_cmd};
-use moe_ep::net::{CommandRing, Proxy, SimTransport, Transport};
+use moe_ep::net::{CommandRing, Proxy, SimTransport, TcpTransport, Transport};
 use moe_ep::{Error, Group, LaunchConfig, Sharing};
 use moe_ep_abi::net::{NetCmd, NetExchangeParams, NetOp, NetRing, NetTestParams};
 use moe_ep_tests::{Rng, device, on_ranks};
@@ -168,17 +168,32 @@ fn the_proxy_carries_puts_and_signals_to_the_peer() {
 /// same never-reset signals. (On a GPU the sim transport refuses to be made.)
 #[test]
 fn kernels_exchange_blocks_through_their_proxies() {
-    exchange(None);
+    exchange(Via::Sim(None));
 }
 
 /// As above, with every transport in chaos mode: puts land in pieces and out of order,
 /// signals late (only the contract's order is kept).
 #[test]
 fn kernels_exchange_blocks_through_chaotic_proxies() {
-    exchange(Some(Rng::fresh("net-chaos").next_u64()));
+    exchange(Via::Sim(Some(Rng::fresh("net-chaos").next_u64())));
 }
 
-fn exchange(chaos_seed: Option<u64>) {
+/// As above, over the tcp transport: a loopback connection per pair of ranks, each frame
+/// applied by the receiving rank's thread and acknowledged.
+#[test]
+fn kernels_exchange_blocks_over_tcp() {
+    exchange(Via::Tcp);
+}
+
+/// Which transport the exchange goes through.
+#[derive(Clone, Copy)]
+enum Via {
+    /// The sim transport, with chaos from this seed.
+    Sim(Option<u64>),
+    Tcp,
+}
+
+fn exchange(via: Via) {
     let dev = device();
     let n = 4usize;
     let bytes = 512usize;
@@ -190,13 +205,18 @@ fn exchange(chaos_seed: Option<u64>) {
         let s = group.stream();
         let data = group.alloc_symmetric(2 * n * bytes, Sharing::Auto).unwrap();
         let signals = group.alloc_symmetric(8 * n, Sharing::Auto).unwrap();
-        let transport = match SimTransport::new(rank, &data, &signals) {
-            Err(Error::Unsupported(_)) if !dev.is_cpu() => return,
-            t => t.unwrap(),
+        let made = match via {
+            Via::Sim(chaos) => SimTransport::new(rank, &data, &signals).map(|t| match chaos {
+                Some(seed) => Box::new(t.with_chaos(seed + rank as u64)) as Box<dyn Transport>,
+                None => Box::new(t),
+            }),
+            Via::Tcp => {
+                TcpTransport::connect(group.bootstrap(), &data, &signals, 1).map(|t| Box::new(t) as Box<dyn Transport>)
+            }
         };
-        let transport = match chaos_seed {
-            Some(seed) => transport.with_chaos(seed + rank as u64),
-            None => transport,
+        let transport = match made {
+            Err(Error::Unsupported(_)) if !dev.is_cpu() => return, // host-memory transports
+            t => t.unwrap(),
         };
         let mut proxy = Proxy::new(vec![CommandRing::new(s, 3).unwrap()], transport);
         let ring = proxy.rings()[0].ring();
@@ -306,6 +326,59 @@ fn chaos_applies_a_signal_only_after_its_puts() {
             }
             assert!(seen_partial, "no seed landed a put in pieces");
             drop(sim);
+        }
+        group.bootstrap().barrier().unwrap();
+    });
+}
+
+/// Over tcp, a put past the receiver's buffer is the receiver's error (its next `progress`
+/// reports it) and is never acknowledged (the sender's ring does not flush); a good put and
+/// signal before it landed.
+#[test]
+fn tcp_reports_a_bad_put_at_the_receiver() {
+    let dev = device();
+    let groups = Group::in_process(&[dev.clone(), dev.clone()]).unwrap();
+    on_ranks(groups, |rank, group| {
+        let s = group.stream();
+        let data = group.alloc_symmetric(1024, Sharing::Auto).unwrap();
+        let signals = group.alloc_symmetric(8 * 2, Sharing::Auto).unwrap();
+        let mut t = match TcpTransport::connect(group.bootstrap(), &data, &signals, 1) {
+            Err(Error::Unsupported(_)) if !dev.is_cpu() => return,
+            t => t.unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        if rank == 0 {
+            data.local().write(s, 0, &[7u8; 256]).unwrap();
+            let good = NetCmd {
+                op: NetOp::PutSignal,
+                peer: 1,
+                len: 256,
+                src_off: 0,
+                dst_off: 512,
+                sig_idx: 0,
+                sig_add: 1,
+                ..NetCmd::NOP
+            };
+            t.submit(0, &good).unwrap();
+            while !t.flushed(0).unwrap() {
+                assert!(Instant::now() < deadline, "the good put was never acknowledged");
+                std::thread::yield_now();
+            }
+            t.submit(0, &NetCmd { dst_off: 1000, ..good }).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!t.flushed(0).unwrap(), "a refused put is never acknowledged");
+        } else {
+            let err = loop {
+                assert!(Instant::now() < deadline, "the receiver never reported the bad put");
+                if let Err(e) = t.progress() {
+                    break e;
+                }
+                std::thread::yield_now();
+            };
+            assert!(matches!(err, Error::Io(ref m) if m.contains("leaves the buffer")), "{err}");
+            let got: Vec<u8> = data.local().to_vec(s).unwrap();
+            assert!(got[512..768].iter().all(|&b| b == 7), "the good put landed");
+            assert_eq!(signals.local().to_vec::<u64>(s).unwrap()[0], 1, "and its signal");
         }
         group.bootstrap().barrier().unwrap();
     });
