@@ -89,41 +89,46 @@ impl TcpTransport {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| io_err("bind", e))?;
         let port = listener.local_addr().map_err(|e| io_err("local_addr", e))?.port();
         let ports = bootstrap.all_gather(&port.to_le_bytes())?;
-        let error: ErrorSlot = Arc::default();
-        let (mut threads, mut sockets) = (Vec::new(), Vec::new());
+        // Built up in place: on an error, its Drop shuts what was opened and joins the threads.
+        let mut t = TcpTransport {
+            local,
+            peers: Vec::with_capacity(n),
+            ring_last: vec![vec![0; n]; rings],
+            error: Arc::default(),
+            threads: Vec::new(),
+            sockets: Vec::new(),
+        };
         // Outgoing: a connection to every peer, opened with this rank's number.
-        let mut peers: Vec<Option<Peer>> = Vec::with_capacity(n);
         for (q, blob) in ports.iter().enumerate() {
             if q == rank {
-                peers.push(None);
+                t.peers.push(None);
                 continue;
             }
             let port =
                 u16::from_le_bytes(blob.as_slice().try_into().map_err(|_| Error::Bootstrap("bad port blob".into()))?);
             let mut stream =
                 TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).map_err(|e| io_err("connect", e))?;
+            t.sockets.push(stream.try_clone().map_err(|e| io_err("clone", e))?);
             stream.set_nodelay(true).map_err(|e| io_err("nodelay", e))?;
             stream.write_all(&(rank as u32).to_le_bytes()).map_err(|e| io_err("hello", e))?;
             let acked = Arc::new(AtomicU64::new(0));
-            let reader = stream.try_clone().map_err(|e| io_err("clone", e))?;
-            sockets.push(stream.try_clone().map_err(|e| io_err("clone", e))?);
-            let acked2 = acked.clone();
-            threads.push(std::thread::spawn(move || read_acks(reader, &acked2)));
-            peers.push(Some(Peer { stream, sent: 0, acked }));
+            let (reader, acked2) = (stream.try_clone().map_err(|e| io_err("clone", e))?, acked.clone());
+            t.threads.push(std::thread::spawn(move || read_acks(reader, &acked2)));
+            t.peers.push(Some(Peer { stream, sent: 0, acked }));
         }
         // Incoming: one connection from every peer; a thread applies its frames.
         for _ in 0..n.saturating_sub(1) {
             let (mut stream, _) = listener.accept().map_err(|e| io_err("accept", e))?;
+            t.sockets.push(stream.try_clone().map_err(|e| io_err("clone", e))?);
             stream.set_nodelay(true).map_err(|e| io_err("nodelay", e))?;
             let mut hello = [0u8; 4];
             stream.read_exact(&mut hello).map_err(|e| io_err("hello", e))?;
-            sockets.push(stream.try_clone().map_err(|e| io_err("clone", e))?);
-            let error2 = error.clone();
-            threads.push(std::thread::spawn(move || apply_frames(stream, local, &error2)));
+            let error = t.error.clone();
+            t.threads.push(std::thread::spawn(move || apply_frames(stream, local, &error)));
         }
         // No rank sends before every rank has accepted its connections.
         bootstrap.barrier()?;
-        Ok(TcpTransport { local, peers, ring_last: vec![vec![0; n]; rings], error, threads, sockets })
+        Ok(t)
     }
 
     fn check(&self) -> Result<()> {
