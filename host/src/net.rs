@@ -50,9 +50,9 @@ impl CommandRing {
         let device = stream.device();
         let slot_bytes = (NET_SLOT_BYTES as usize) << log2_slots;
         let (slots, tail) = (device.alloc_host_mapped(slot_bytes)?, device.alloc_host_mapped(8)?);
-        for offset in (0..slot_bytes).step_by(8) {
-            slots.write(offset, 0u64)?;
-        }
+        // SAFETY: the whole of the fresh allocation, which no kernel uses yet; `tail.write`
+        // below fences after it.
+        unsafe { std::ptr::write_bytes(slots.host_ptr(), 0, slot_bytes) };
         tail.write(0, 0u64)?;
         let (head, tail_cache) = (stream.alloc(8)?, stream.alloc(8)?);
         stream.synchronize()?;

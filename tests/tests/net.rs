@@ -7,7 +7,7 @@
 use moe_ep::kernels::net::{NET_EXCHANGE_SELFTEST, NET_SELFTEST, SITE_NET_RING_FULL, selftest_cmd};
 use moe_ep::net::{CommandRing, Proxy, SimTransport, TcpTransport, Transport};
 use moe_ep::{Error, Group, LaunchConfig, Sharing};
-use moe_ep_abi::net::{NetCmd, NetExchangeParams, NetOp, NetRing, NetTestParams};
+use moe_ep_abi::net::{NET_SLOT_BYTES, NetCmd, NetExchangeParams, NetOp, NetRing, NetTestParams};
 use moe_ep_tests::{Rng, device, on_ranks};
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,7 @@ fn a_stalled_proxy_is_a_typed_timeout() {
 fn push_from_host(ring: &NetRing, cmd: NetCmd) -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     let pos = unsafe { AtomicU64::from_ptr(ring.head as *mut u64) }.fetch_add(1, Ordering::Relaxed);
-    let slot = ring.slots + (pos & ((1 << ring.log2_slots) - 1)) * 32;
+    let slot = ring.slots + (pos & ((1 << ring.log2_slots) - 1)) * NET_SLOT_BYTES;
     for (i, w) in cmd.encode(pos, ring.log2_slots).into_iter().enumerate() {
         unsafe { AtomicU64::from_ptr((slot + 8 * i as u64) as *mut u64) }.store(w, Ordering::Release);
     }
